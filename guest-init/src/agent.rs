@@ -1,0 +1,392 @@
+//! The event loop of PID 1: control messages in, stdio and exits out.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use anyhow::Context;
+use krun_proto::{
+    Decoder, ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM, PROTOCOL_VERSION,
+};
+
+use crate::container::{self, Container, Failure, Pending, Stdio};
+use crate::sys;
+
+/// Output is read and sent in chunks of at most this many bytes.
+const CHUNK: usize = 64 * 1024;
+
+/// One process of the container, by stream number.
+struct Proc {
+    pid: i32,
+    stdio: Stdio,
+    stdin_buf: Vec<u8>,
+    stdin_eof: bool,
+    /// Set until the process is started (the main process between create
+    /// and start).
+    pending: Option<Pending>,
+    status: Option<ExitStatus>,
+    /// False for a process whose failure was already reported.
+    report_exit: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Port,
+    Child,
+    Oom,
+    Stdout(u32),
+    Stderr(u32),
+    Stdin(u32),
+}
+
+pub struct Agent {
+    port: File,
+    decoder: Decoder,
+    sigchld: OwnedFd,
+    procs: BTreeMap<u32, Proc>,
+    container: Option<Container>,
+    started_ns: u64,
+    shutdown: bool,
+}
+
+impl Agent {
+    pub fn new(port: File, started_ns: u64) -> anyhow::Result<Agent> {
+        let sigchld = sys::sigchld_fd().context("creating the SIGCHLD signalfd")?;
+        Ok(Agent {
+            port,
+            decoder: Decoder::new(),
+            sigchld,
+            procs: BTreeMap::new(),
+            container: None,
+            started_ns,
+            shutdown: false,
+        })
+    }
+
+    fn send(&mut self, stream: u32, msg: &ToHost) -> anyhow::Result<()> {
+        Frame::control(stream, msg)
+            .write_to(&mut self.port)
+            .context("writing to the control port")
+    }
+
+    /// Serves the host until it says shutdown or goes away.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let hello = ToHost::Hello {
+            version: PROTOCOL_VERSION,
+            init_started_ns: self.started_ns,
+            sent_ns: sys::boottime_ns(),
+        };
+        self.send(MAIN_STREAM, &hello)?;
+        let mut buf = vec![0u8; CHUNK];
+        while !self.shutdown {
+            let (mut pfds, sources) = self.poll_set();
+            sys::poll(&mut pfds, -1).context("poll")?;
+            for (pfd, source) in pfds.iter().zip(sources) {
+                if pfd.revents != 0 {
+                    self.handle(source, pfd.revents, &mut buf)?;
+                }
+            }
+            self.send_exits()?;
+        }
+        self.kill_all();
+        Ok(())
+    }
+
+    fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Source>) {
+        let mut pfds = Vec::new();
+        let mut sources = Vec::new();
+        let mut add = |fd: RawFd, events: libc::c_short, s: Source| {
+            pfds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            sources.push(s);
+        };
+        add(self.port.as_raw_fd(), libc::POLLIN, Source::Port);
+        add(self.sigchld.as_raw_fd(), libc::POLLIN, Source::Child);
+        if let Some(fd) = self.container.as_ref().and_then(|c| c.oom_fd()) {
+            add(fd, libc::POLLPRI, Source::Oom);
+        }
+        for (&id, p) in &self.procs {
+            if let Some(fd) = &p.stdio.stdout {
+                add(fd.as_raw_fd(), libc::POLLIN, Source::Stdout(id));
+            }
+            if let Some(fd) = &p.stdio.stderr {
+                add(fd.as_raw_fd(), libc::POLLIN, Source::Stderr(id));
+            }
+            if let Some(fd) = &p.stdio.stdin {
+                if !p.stdin_buf.is_empty() {
+                    add(fd.as_raw_fd(), libc::POLLOUT, Source::Stdin(id));
+                }
+            }
+        }
+        (pfds, sources)
+    }
+
+    fn handle(
+        &mut self,
+        source: Source,
+        revents: libc::c_short,
+        buf: &mut [u8],
+    ) -> anyhow::Result<()> {
+        match source {
+            Source::Port => {
+                let n = match self.port.read(buf) {
+                    Ok(n) => n,
+                    Err(e)
+                        if e.kind() == ErrorKind::Interrupted
+                            || e.kind() == ErrorKind::WouldBlock =>
+                    {
+                        return Ok(())
+                    }
+                    Err(e) => return Err(e).context("reading the control port"),
+                };
+                if n == 0 {
+                    // The host closed the channel: nobody is left to serve.
+                    self.shutdown = true;
+                    return Ok(());
+                }
+                self.decoder.feed(&buf[..n]);
+                while let Some(frame) = self
+                    .decoder
+                    .next_frame()
+                    .context("decoding a frame from the host")?
+                {
+                    self.dispatch(frame)?;
+                }
+            }
+            Source::Child => {
+                sys::drain_signalfd(&self.sigchld);
+                while let Some((pid, status)) = sys::reap_any() {
+                    if let Some(p) = self
+                        .procs
+                        .values_mut()
+                        .find(|p| p.pid == pid && p.status.is_none())
+                    {
+                        p.status = Some(status);
+                    }
+                }
+            }
+            Source::Oom => self.check_oom()?,
+            Source::Stdout(id) | Source::Stderr(id) => {
+                let is_out = matches!(source, Source::Stdout(_));
+                let Some(p) = self.procs.get_mut(&id) else {
+                    return Ok(());
+                };
+                let (kind, fd) = if is_out {
+                    (FrameKind::Stdout, &mut p.stdio.stdout)
+                } else {
+                    (FrameKind::Stderr, &mut p.stdio.stderr)
+                };
+                let Some(f) = fd.as_ref() else { return Ok(()) };
+                let n = match (&*f).read(buf) {
+                    Ok(n) => n,
+                    Err(e)
+                        if e.kind() == ErrorKind::WouldBlock
+                            || e.kind() == ErrorKind::Interrupted =>
+                    {
+                        return Ok(())
+                    }
+                    // EIO is how a pty master says the other side is gone.
+                    Err(_) => 0,
+                };
+                if n == 0 {
+                    *fd = None;
+                } else {
+                    self.port
+                        .write_all(&krun_proto::encode_frame(kind, id, &buf[..n]))
+                        .context("writing to the control port")?;
+                }
+                let _ = revents;
+            }
+            Source::Stdin(id) => {
+                if let Some(p) = self.procs.get_mut(&id) {
+                    p.flush_stdin();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, frame: Frame) -> anyhow::Result<()> {
+        let stream = frame.stream;
+        match frame.kind {
+            FrameKind::Stdin => {
+                if let Some(p) = self.procs.get_mut(&stream) {
+                    if frame.payload.is_empty() {
+                        p.stdin_eof = true;
+                    } else {
+                        p.stdin_buf.extend_from_slice(&frame.payload);
+                    }
+                    p.flush_stdin();
+                }
+            }
+            FrameKind::Control => match frame.message::<ToGuest>() {
+                Ok(msg) => self.control(stream, msg)?,
+                Err(e) => sys::console(&format!("ignoring a malformed message from the host: {e}")),
+            },
+            FrameKind::Stdout | FrameKind::Stderr => {}
+        }
+        Ok(())
+    }
+
+    fn control(&mut self, stream: u32, msg: ToGuest) -> anyhow::Result<()> {
+        match msg {
+            ToGuest::Create(setup) => {
+                if self.container.is_some() || self.procs.contains_key(&stream) {
+                    return self.fail(stream, Failure::new(1, "the container was already created"));
+                }
+                if let Err(e) = sys::set_realtime(setup.realtime_ns) {
+                    sys::console(&format!("cannot set the clock: {e}"));
+                }
+                match container::create(&setup) {
+                    Ok((c, stdio, pending)) => {
+                        let pid = c.init_pid;
+                        self.container = Some(c);
+                        self.procs
+                            .insert(stream, Proc::new(pid, stdio, Some(pending)));
+                        self.send(stream, &ToHost::Created { pid })?;
+                    }
+                    Err(f) => self.fail(stream, f)?,
+                }
+            }
+            ToGuest::Start => {
+                let Some(p) = self.procs.get_mut(&stream) else {
+                    return self.fail(stream, Failure::new(1, "no such process to start"));
+                };
+                let Some(pending) = p.pending.take() else {
+                    return self.fail(stream, Failure::new(1, "the process was already started"));
+                };
+                let pid = p.pid;
+                match container::start(pending) {
+                    Ok(()) => self.send(stream, &ToHost::Started { pid })?,
+                    Err(f) => {
+                        p.report_exit = false;
+                        self.fail(stream, f)?;
+                    }
+                }
+            }
+            ToGuest::Exec(_) => {
+                self.fail(
+                    stream,
+                    Failure::new(1, "exec is not supported by this guest-init yet"),
+                )?;
+            }
+            ToGuest::Signal { signal, all } => {
+                if all {
+                    if let Some(c) = &self.container {
+                        c.signal_all(signal);
+                    }
+                } else if let Some(p) = self.procs.get(&stream) {
+                    if p.status.is_none() {
+                        let _ = sys::kill(p.pid, signal);
+                    }
+                }
+            }
+            ToGuest::Resize { rows, cols } => {
+                if let Some(tty) = self.procs.get(&stream).and_then(|p| p.stdio.tty.as_ref()) {
+                    let _ = sys::set_winsize(tty.as_raw_fd(), rows, cols);
+                }
+            }
+            ToGuest::Shutdown => self.shutdown = true,
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, stream: u32, f: Failure) -> anyhow::Result<()> {
+        self.send(
+            stream,
+            &ToHost::Failed {
+                code: f.code,
+                message: f.message,
+            },
+        )
+    }
+
+    fn check_oom(&mut self) -> anyhow::Result<()> {
+        if self.container.as_mut().is_some_and(|c| c.new_oom_kills()) {
+            self.send(MAIN_STREAM, &ToHost::Oom)?;
+        }
+        Ok(())
+    }
+
+    /// Reports every process that has exited and whose output is drained.
+    fn send_exits(&mut self) -> anyhow::Result<()> {
+        let done: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| {
+                p.status.is_some() && p.stdio.stdout.is_none() && p.stdio.stderr.is_none()
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            let p = self.procs.remove(&id).expect("listed above");
+            if id == MAIN_STREAM {
+                self.check_oom()?;
+                // What the workload wrote must be on the host's disk before
+                // anyone learns it has exited.
+                sys::sync();
+            }
+            if p.report_exit {
+                let status = p.status.expect("filtered on status");
+                self.send(id, &ToHost::Exited { status })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn kill_all(&mut self) {
+        for p in self.procs.values() {
+            if p.status.is_none() {
+                let _ = sys::kill(p.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Proc {
+    fn new(pid: i32, stdio: Stdio, pending: Option<Pending>) -> Proc {
+        Proc {
+            pid,
+            stdio,
+            stdin_buf: Vec::new(),
+            stdin_eof: false,
+            pending,
+            status: None,
+            report_exit: true,
+        }
+    }
+
+    /// Writes what the host sent for stdin without blocking; closes stdin
+    /// once the host said EOF and everything is written.
+    fn flush_stdin(&mut self) {
+        let Some(fd) = &self.stdio.stdin else {
+            self.stdin_buf.clear();
+            return;
+        };
+        while !self.stdin_buf.is_empty() {
+            match (&*fd).write(&self.stdin_buf) {
+                Ok(n) => {
+                    self.stdin_buf.drain(..n);
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    return
+                }
+                Err(_) => {
+                    // The reader is gone (EPIPE): drop what it will never read.
+                    self.stdin_buf.clear();
+                    self.stdio.stdin = None;
+                    return;
+                }
+            }
+        }
+        if self.stdin_eof && self.stdio.tty.is_none() {
+            self.stdio.stdin = None;
+        }
+    }
+}

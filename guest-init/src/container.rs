@@ -1,0 +1,340 @@
+//! Creating the container: its cgroup, its stdio, and the child that
+//! becomes its init (PID 1 of new PID, mount, UTS and IPC namespaces),
+//! prepared up to the exec of the workload.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use krun_proto::{CgroupSetup, ContainerSetup};
+
+use crate::{mounts, process, sys};
+
+/// Why a process could not be created or started, with the exit status the
+/// host reports for it.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Adds context to an I/O error as a [`Failure`] with status 1.
+pub trait OrFail<T> {
+    fn or_fail(self, what: impl FnOnce() -> String) -> Result<T, Failure>;
+}
+
+impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
+    fn or_fail(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
+        self.map_err(|e| Failure::new(1, format!("{}: {e}", what())))
+    }
+}
+
+/// guest-init's ends of a process's stdio.
+#[derive(Default)]
+pub struct Stdio {
+    pub stdin: Option<File>,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+    /// The pty master when the process has a terminal (also in stdin/stdout).
+    pub tty: Option<File>,
+}
+
+/// The child's ends, dup'ed onto 0, 1 and 2 before exec.
+struct ChildStdio {
+    fds: [OwnedFd; 3],
+    tty: bool,
+}
+
+/// Pipes to a created, not yet started process.
+pub struct Pending {
+    start: OwnedFd,
+    report: OwnedFd,
+}
+
+/// A created container.
+pub struct Container {
+    pub init_pid: i32,
+    cgroup: PathBuf,
+    oom_events: Option<File>,
+    oom_kills: u64,
+}
+
+impl Container {
+    pub fn oom_fd(&self) -> Option<i32> {
+        self.oom_events.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// True when the kernel OOM-killed something in the container since the
+    /// last call.
+    pub fn new_oom_kills(&mut self) -> bool {
+        let Some(f) = self.oom_events.as_mut() else {
+            return false;
+        };
+        let mut text = String::new();
+        if f.rewind().is_err() || f.read_to_string(&mut text).is_err() {
+            return false;
+        }
+        let kills = text
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        let new = kills > self.oom_kills;
+        self.oom_kills = kills;
+        new
+    }
+
+    /// Sends `signal` to every process in the container's cgroup.
+    pub fn signal_all(&self, signal: i32) {
+        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = sys::kill(pid, signal);
+            }
+        }
+    }
+}
+
+/// The container's cgroup in the guest, with the bundle's limits.
+fn make_cgroup(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
+    let name: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = Path::new("/sys/fs/cgroup").join(format!("krun-{name}"));
+    fs::create_dir_all(&dir).or_fail(|| format!("creating cgroup {}", dir.display()))?;
+    let set = |file: &str, value: String| {
+        fs::write(dir.join(file), &value)
+            .or_fail(|| format!("setting {file} to {value} in the guest's cgroup"))
+    };
+    if let Some(m) = limits.memory_max {
+        set("memory.max", m.to_string())?;
+        // No swap in the guest; say so explicitly for kernels that have it.
+        let _ = fs::write(dir.join("memory.swap.max"), "0");
+    }
+    if let Some(p) = limits.pids_max {
+        set(
+            "pids.max",
+            if p < 0 {
+                "max".to_string()
+            } else {
+                p.to_string()
+            },
+        )?;
+    }
+    if let Some((quota, period)) = limits.cpu_max {
+        let q = if quota < 0 {
+            "max".to_string()
+        } else {
+            quota.to_string()
+        };
+        set("cpu.max", format!("{q} {period}"))?;
+    }
+    if let Some(w) = limits.cpu_weight {
+        set("cpu.weight", w.to_string())?;
+    }
+    Ok(dir)
+}
+
+fn make_stdio(terminal: bool, size: Option<(u16, u16)>) -> Result<(Stdio, ChildStdio), Failure> {
+    if terminal {
+        let (master, slave) = sys::openpty(size).or_fail(|| "allocating a terminal".into())?;
+        sys::set_nonblocking(&master).or_fail(|| "allocating a terminal".into())?;
+        let m = File::from(master);
+        let dup = |f: &File| f.try_clone().or_fail(|| "allocating a terminal".into());
+        let stdio = Stdio {
+            stdin: Some(dup(&m)?),
+            stdout: Some(dup(&m)?),
+            stderr: None,
+            tty: Some(m),
+        };
+        let s1 = slave
+            .try_clone()
+            .or_fail(|| "allocating a terminal".into())?;
+        let s2 = slave
+            .try_clone()
+            .or_fail(|| "allocating a terminal".into())?;
+        return Ok((
+            stdio,
+            ChildStdio {
+                fds: [slave, s1, s2],
+                tty: true,
+            },
+        ));
+    }
+    let pipe = || sys::pipe().or_fail(|| "creating stdio pipes".into());
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    sys::set_nonblocking(&in_w).or_fail(|| "creating stdio pipes".into())?;
+    let stdio = Stdio {
+        stdin: Some(in_w.into()),
+        stdout: Some(out_r.into()),
+        stderr: Some(err_r.into()),
+        tty: None,
+    };
+    Ok((
+        stdio,
+        ChildStdio {
+            fds: [in_r, out_w, err_w],
+            tty: false,
+        },
+    ))
+}
+
+/// Creates the container: returns once its init is ready to exec, or with
+/// the reason it cannot be.
+pub fn create(setup: &ContainerSetup) -> Result<(Container, Stdio, Pending), Failure> {
+    let cgroup = make_cgroup(&setup.id, &setup.cgroup)?;
+    let (stdio, child_stdio) = make_stdio(setup.process.terminal, setup.process.console_size)?;
+    let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
+    let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
+    let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let pid = sys::fork_into(flags).or_fail(|| "creating the container's namespaces".into())?;
+    if pid == 0 {
+        drop((report_r, start_w, stdio));
+        child(setup, &cgroup, child_stdio, report_w, start_r);
+    }
+    drop((report_w, start_r, child_stdio));
+    let mut report = File::from(report_r);
+    read_report(&mut report, false)?;
+    let oom_events = File::open(cgroup.join("memory.events")).ok();
+    let mut c = Container {
+        init_pid: pid,
+        cgroup,
+        oom_events,
+        oom_kills: 0,
+    };
+    c.new_oom_kills();
+    Ok((
+        c,
+        stdio,
+        Pending {
+            start: start_w,
+            report: report.into(),
+        },
+    ))
+}
+
+/// Lets the created process exec; returns once it did, or why it could not.
+pub fn start(pending: Pending) -> Result<(), Failure> {
+    let mut start = File::from(pending.start);
+    start
+        .write_all(b"s")
+        .or_fail(|| "starting the container process".into())?;
+    drop(start);
+    let mut report = File::from(pending.report);
+    match read_report(&mut report, true) {
+        // End of file without a record: the exec succeeded.
+        Ok(()) => Ok(()),
+        Err(f) => Err(f),
+    }
+}
+
+/// Records the child writes on the report pipe: a tag byte (`R`eady or
+/// `E`rror), the exit code (i32 LE), then the message up to end of file.
+fn write_report(fd: &OwnedFd, tag: u8, code: i32, message: &str) {
+    let mut rec = vec![tag];
+    rec.extend_from_slice(&code.to_le_bytes());
+    rec.extend_from_slice(message.as_bytes());
+    let mut f = fs::File::from(fd.try_clone().expect("dup of the report pipe"));
+    let _ = f.write_all(&rec);
+}
+
+/// Reads one record. `eof_ok`: end of file before any record is success
+/// (the exec closed the pipe).
+fn read_report(report: &mut File, eof_ok: bool) -> Result<(), Failure> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match report.read(&mut head[got..]) {
+            Ok(0) if got == 0 && eof_ok => return Ok(()),
+            Ok(0) => {
+                return Err(Failure::new(
+                    1,
+                    "the container process died while being set up",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Failure::new(
+                    1,
+                    format!("reading the container's setup report: {e}"),
+                ))
+            }
+        }
+    }
+    let code = i32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+    match head[0] {
+        b'R' => Ok(()),
+        _ => {
+            let mut message = String::new();
+            let _ = report.read_to_string(&mut message);
+            Err(Failure::new(code, message))
+        }
+    }
+}
+
+/// The container's init, between clone and exec. Never returns.
+fn child(
+    setup: &ContainerSetup,
+    cgroup: &Path,
+    stdio: ChildStdio,
+    report: OwnedFd,
+    start: OwnedFd,
+) -> ! {
+    let exe = match prepare(setup, cgroup, stdio) {
+        Ok(exe) => exe,
+        Err(f) => {
+            write_report(&report, b'E', f.code, &f.message);
+            sys::exit_now(f.code);
+        }
+    };
+    write_report(&report, b'R', 0, "");
+    let mut go = [0u8; 1];
+    if File::from(start).read(&mut go).unwrap_or(0) == 0 {
+        // guest-init is gone, or the host deleted the container unstarted.
+        sys::exit_now(1);
+    }
+    let f = process::exec(&exe, &setup.process);
+    write_report(&report, b'E', f.code, &f.message);
+    sys::exit_now(f.code);
+}
+
+/// Everything up to the exec, in the order runc does it. Returns the
+/// resolved path of the program.
+fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<PathBuf, Failure> {
+    sys::reset_signals();
+    sys::setsid();
+    for (i, fd) in stdio.fds.iter().enumerate() {
+        sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
+    }
+    if stdio.tty {
+        sys::set_controlling_tty(0).or_fail(|| "setting the controlling terminal".into())?;
+    }
+    drop(stdio);
+    fs::write(cgroup.join("cgroup.procs"), "0")
+        .or_fail(|| "joining the container's cgroup".into())?;
+    if let Some(adj) = setup.process.oom_score_adj {
+        fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .or_fail(|| "process.oomScoreAdj".into())?;
+    }
+    mounts::setup_root(setup)?;
+    process::apply(&setup.process)
+}

@@ -1,0 +1,343 @@
+//! The container's filesystem: its root over virtio-fs, the bundle's
+//! mounts, /dev, masked and read-only paths, and the switch into it.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Component, Path, PathBuf};
+
+use krun_proto::{ContainerSetup, MountSetup, MountSource};
+
+use crate::container::{Failure, OrFail};
+use crate::sys;
+
+const MS_BIND: u64 = libc::MS_BIND;
+const MS_REC: u64 = libc::MS_REC;
+const MS_REMOUNT: u64 = libc::MS_REMOUNT;
+const MS_RDONLY: u64 = libc::MS_RDONLY;
+/// Flags that a bind mount only takes on a remount.
+const BIND_REMOUNT_FLAGS: u64 =
+    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// Where, inside guest-init's (private) mount namespace, the container's
+/// root and shares are mounted before the switch.
+fn staging(id: &str) -> PathBuf {
+    let name: String = id.chars().map(|c| if c == '/' { '_' } else { c }).collect();
+    Path::new("/krun/containers").join(name)
+}
+
+/// Builds the container's filesystem and makes it this process's root.
+pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
+    sys::mount(None, Path::new("/"), None, MS_REC | libc::MS_PRIVATE, None)
+        .or_fail(|| "making mounts private".into())?;
+    let base = staging(&setup.id);
+    let root = base.join("root");
+    fs::create_dir_all(&root).or_fail(|| format!("creating {}", root.display()))?;
+    sys::mount(Some(&setup.root.tag), &root, Some("virtiofs"), 0, None).or_fail(|| {
+        format!(
+            "mounting the root filesystem (virtio-fs tag {:?})",
+            setup.root.tag
+        )
+    })?;
+
+    let mut shares = Shares {
+        dir: base.join("shares"),
+        mounted: BTreeSet::new(),
+    };
+    let spec_dev = setup
+        .mounts
+        .iter()
+        .find(|m| is_path(&m.destination, "/dev"));
+    if spec_dev.is_none() {
+        // Without a /dev from the bundle, the container still gets a private
+        // one, rather than device nodes written into the host's rootfs.
+        let dev = resolve_in_root(&root, "/dev").or_fail(|| "resolving /dev".into())?;
+        fs::create_dir_all(&dev).or_fail(|| "creating /dev".into())?;
+        let flags = libc::MS_NOSUID | libc::MS_STRICTATIME;
+        sys::mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            flags,
+            Some("mode=755,size=65536k"),
+        )
+        .or_fail(|| "mounting a tmpfs on /dev".into())?;
+    }
+    for (i, m) in setup.mounts.iter().enumerate() {
+        mount_one(&root, m, &mut shares).map_err(|f| {
+            Failure::new(
+                f.code,
+                format!("mounts[{i}] ({}): {}", m.destination, f.message),
+            )
+        })?;
+    }
+    let dev_is_tmpfs = match spec_dev {
+        None => true,
+        Some(m) => matches!(&m.source, MountSource::Fs { fstype, .. } if fstype == "tmpfs"),
+    };
+    if dev_is_tmpfs {
+        default_devices(&root)?;
+    }
+    for p in &setup.masked_paths {
+        mask(&root, p).or_fail(|| format!("linux.maskedPaths: {p}"))?;
+    }
+    for p in &setup.readonly_paths {
+        make_readonly(&root, p).or_fail(|| format!("linux.readonlyPaths: {p}"))?;
+    }
+    for (key, value) in &setup.sysctl {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        fs::write(&path, value).or_fail(|| format!("linux.sysctl: setting {key} to {value}"))?;
+    }
+    if let Some(h) = &setup.hostname {
+        sys::sethostname(h).or_fail(|| format!("hostname: setting {h:?}"))?;
+    }
+    if let Some(d) = &setup.domainname {
+        sys::setdomainname(d).or_fail(|| format!("domainname: setting {d:?}"))?;
+    }
+    if setup.root.readonly {
+        sys::mount(None, &root, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            .or_fail(|| "root.readonly: remounting /".into())?;
+    }
+    // The initramfs cannot be pivoted away from; move the root over / and
+    // chroot into it (in this private mount namespace, nothing else sees it).
+    std::env::set_current_dir(&root).or_fail(|| "entering the root filesystem".into())?;
+    sys::mount(Some("."), Path::new("/"), None, libc::MS_MOVE, None)
+        .or_fail(|| "moving the root filesystem".into())?;
+    sys::chroot(Path::new(".")).or_fail(|| "chroot into the root filesystem".into())?;
+    std::env::set_current_dir("/").or_fail(|| "entering /".into())?;
+    Ok(())
+}
+
+fn is_path(p: &str, want: &str) -> bool {
+    Path::new(p).components().eq(Path::new(want).components())
+}
+
+/// Shares are mounted once each, on first use.
+struct Shares {
+    dir: PathBuf,
+    mounted: BTreeSet<String>,
+}
+
+impl Shares {
+    fn path(&mut self, tag: &str, readonly: bool) -> Result<PathBuf, Failure> {
+        let dir = self.dir.join(tag);
+        if !self.mounted.contains(tag) {
+            fs::create_dir_all(&dir).or_fail(|| format!("creating {}", dir.display()))?;
+            let flags = if readonly { MS_RDONLY } else { 0 };
+            sys::mount(Some(tag), &dir, Some("virtiofs"), flags, None)
+                .or_fail(|| format!("mounting virtio-fs share {tag:?}"))?;
+            self.mounted.insert(tag.to_string());
+        }
+        Ok(dir)
+    }
+}
+
+fn mount_one(root: &Path, m: &MountSetup, shares: &mut Shares) -> Result<(), Failure> {
+    let dest =
+        resolve_in_root(root, &m.destination).or_fail(|| "resolving the destination".into())?;
+    match &m.source {
+        MountSource::Fs { fstype, source } => {
+            fs::create_dir_all(&dest).or_fail(|| format!("creating {}", m.destination))?;
+            sys::mount(Some(source), &dest, Some(fstype), m.flags, Some(&m.data))
+                .or_fail(|| format!("mounting {fstype}"))?;
+            if fstype == "devpts" {
+                // /dev/ptmx must lead to this devpts instance.
+                let ptmx = dest.parent().map(|d| d.join("ptmx"));
+                if let Some(ptmx) = ptmx.filter(|p| p.parent().is_some_and(|d| d.ends_with("dev")))
+                {
+                    let _ = fs::remove_file(&ptmx);
+                    symlink("pts/ptmx", &ptmx).or_fail(|| "linking /dev/ptmx".into())?;
+                }
+            }
+        }
+        MountSource::Share { tag, path, file } => {
+            let share = shares.path(tag, m.flags & MS_RDONLY != 0)?;
+            let src = if path.is_empty() {
+                share
+            } else {
+                share.join(path)
+            };
+            if *file {
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent)
+                        .or_fail(|| format!("creating the parent of {}", m.destination))?;
+                }
+                if !dest.exists() {
+                    fs::File::create(&dest).or_fail(|| format!("creating {}", m.destination))?;
+                }
+            } else {
+                fs::create_dir_all(&dest).or_fail(|| format!("creating {}", m.destination))?;
+            }
+            sys::mount(
+                Some(&src.to_string_lossy()),
+                &dest,
+                None,
+                MS_BIND | MS_REC,
+                None,
+            )
+            .or_fail(|| "bind mount".into())?;
+            let extra = m.flags & BIND_REMOUNT_FLAGS;
+            if extra != 0 {
+                sys::mount(None, &dest, None, MS_BIND | MS_REMOUNT | extra, None)
+                    .or_fail(|| "remounting the bind mount".into())?;
+            }
+        }
+    }
+    if m.propagation != 0 {
+        sys::mount(None, &dest, None, m.propagation, None)
+            .or_fail(|| "setting mount propagation".into())?;
+    }
+    Ok(())
+}
+
+/// The device nodes every container gets (runc's default set).
+fn default_devices(root: &Path) -> Result<(), Failure> {
+    let dev = resolve_in_root(root, "/dev").or_fail(|| "resolving /dev".into())?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let p = dev.join(name);
+        if fs::symlink_metadata(&p).is_err() {
+            sys::mknod_char(&p, 0o666, major, minor).or_fail(|| format!("creating /dev/{name}"))?;
+            // mknod honours the umask; the mode must be exact.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o666))
+                .or_fail(|| format!("chmod /dev/{name}"))?;
+        }
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(name);
+        if fs::symlink_metadata(&p).is_err() {
+            symlink(target, &p).or_fail(|| format!("linking /dev/{name}"))?;
+        }
+    }
+    let ptmx = dev.join("ptmx");
+    if fs::symlink_metadata(&ptmx).is_err() {
+        symlink("pts/ptmx", &ptmx).or_fail(|| "linking /dev/ptmx".into())?;
+    }
+    Ok(())
+}
+
+fn mask(root: &Path, path: &str) -> io::Result<()> {
+    let p = resolve_in_root(root, path)?;
+    match fs::metadata(&p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(md) if md.is_dir() => sys::mount(Some("tmpfs"), &p, Some("tmpfs"), MS_RDONLY, None),
+        Ok(_) => sys::mount(Some("/dev/null"), &p, None, MS_BIND, None),
+    }
+}
+
+fn make_readonly(root: &Path, path: &str) -> io::Result<()> {
+    let p = resolve_in_root(root, path)?;
+    if !p.exists() {
+        return Ok(());
+    }
+    sys::mount(Some(&p.to_string_lossy()), &p, None, MS_BIND | MS_REC, None)?;
+    sys::mount(
+        None,
+        &p,
+        None,
+        MS_BIND | MS_REMOUNT | MS_RDONLY | MS_REC,
+        None,
+    )
+}
+
+/// Resolves `path` as if `root` were `/`: symlinks are followed but can
+/// never lead outside `root`, and `..` stops at it. Components that do not
+/// exist are taken as they are.
+pub fn resolve_in_root(root: &Path, path: &str) -> io::Result<PathBuf> {
+    let mut todo: Vec<std::ffi::OsString> = Path::new(path)
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(part) = todo.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&part);
+        match fs::symlink_metadata(&candidate) {
+            Ok(md) if md.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let target = fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => todo.push(n.to_owned()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved.push(part),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&resolved);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_cannot_leave_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../etc", root.join("rel")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(
+            resolve_in_root(root, "/abs/passwd").unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/rel/passwd").unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(resolve_in_root(root, "/../../x").unwrap(), root.join("x"));
+        assert_eq!(
+            resolve_in_root(root, "/new/dir").unwrap(),
+            root.join("new/dir")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/loop").unwrap_err().raw_os_error(),
+            Some(libc::ELOOP)
+        );
+    }
+
+    #[test]
+    fn paths_compare_by_components() {
+        assert!(is_path("/dev/", "/dev"));
+        assert!(is_path("//dev", "/dev"));
+        assert!(!is_path("/dev/pts", "/dev"));
+    }
+}

@@ -1,0 +1,427 @@
+//! Thin, safe wrappers over the Linux calls guest-init makes. Every unsafe
+//! block in guest-init lives here.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use krun_proto::ExitStatus;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub fn cstring(s: impl AsRef<OsStr>) -> io::Result<CString> {
+    CString::new(s.as_ref().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in string"))
+}
+
+/// mount(2).
+pub fn mount(
+    source: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: u64,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstring).transpose()?;
+    let target = cstring(target)?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.filter(|d| !d.is_empty()).map(cstring).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either null or a NUL-terminated string that
+    // outlives the call.
+    check(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags as libc::c_ulong,
+            ptr(&data) as *const libc::c_void,
+        )
+    })?;
+    Ok(())
+}
+
+/// mknod(2) for a character device.
+pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let p = cstring(path)?;
+    // SAFETY: `p` is a valid C string; makedev is a pure computation.
+    check(unsafe {
+        libc::mknod(
+            p.as_ptr(),
+            libc::S_IFCHR | mode,
+            libc::makedev(major, minor),
+        )
+    })?;
+    Ok(())
+}
+
+/// chroot(2).
+pub fn chroot(path: &Path) -> io::Result<()> {
+    let p = cstring(path)?;
+    // SAFETY: `p` is a valid C string.
+    check(unsafe { libc::chroot(p.as_ptr()) })?;
+    Ok(())
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Nanoseconds since the guest kernel booted.
+pub fn boottime_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME)
+}
+
+/// Sets the wall clock.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// dup2(2); the new descriptor is not close-on-exec.
+pub fn dup2(fd: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates the descriptor table.
+    check(unsafe { libc::dup2(fd, target) })?;
+    Ok(())
+}
+
+/// fork(2) into new namespaces (`flags` are CLONE_NEW*). Returns 0 in the
+/// child and the child's pid in the parent. guest-init is single-threaded,
+/// so the child's copy of the heap and locks is consistent.
+pub fn fork_into(flags: libc::c_int) -> io::Result<i32> {
+    // SAFETY: a clone without CLONE_VM and with a null stack behaves like
+    // fork(2): the child gets a copy of the address space.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as i32)
+    }
+}
+
+/// Reaps one exited child without blocking.
+pub fn reap_any() -> Option<(i32, ExitStatus)> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid int to write to.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid <= 0 {
+        return None;
+    }
+    let st = if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    };
+    Some((pid, st))
+}
+
+pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill has no memory effects.
+    check(unsafe { libc::kill(pid, signal) })?;
+    Ok(())
+}
+
+/// Blocks SIGCHLD and returns a signalfd that becomes readable on it.
+pub fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; the calls initialise it before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        check(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        let fd = check(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Empties a signalfd.
+pub fn drain_signalfd(fd: &OwnedFd) {
+    let mut buf = [0u8; 128 * 8];
+    // SAFETY: reads into a buffer of the given size; the fd is non-blocking.
+    while unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    } > 0
+    {}
+}
+
+/// Unblocks every signal and resets the handlers a child inherited, so an
+/// exec'd workload starts with a clean signal state.
+pub fn reset_signals() {
+    // SAFETY: sigset_t is plain data; sigprocmask and signal affect only
+    // this process.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in 1..libc::SIGRTMIN() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
+/// poll(2) over raw pollfds.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid slice of pollfd structs of the given length.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) })?;
+    Ok(())
+}
+
+pub fn setdomainname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check(unsafe { libc::setdomainname(name.as_ptr() as *const libc::c_char, name.len()) })?;
+    Ok(())
+}
+
+pub fn setrlimit(resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit; an unknown resource is an EINVAL.
+    check(unsafe { libc::setrlimit(resource as libc::__rlimit_resource_t, &lim) })?;
+    Ok(())
+}
+
+pub fn setgroups(gids: &[u32]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `gids`.
+    check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })?;
+    Ok(())
+}
+
+pub fn setresgid(gid: u32) -> io::Result<()> {
+    // SAFETY: no memory effects.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    Ok(())
+}
+
+pub fn setresuid(uid: u32) -> io::Result<()> {
+    // SAFETY: no memory effects.
+    check(unsafe { libc::setresuid(uid, uid, uid) })?;
+    Ok(())
+}
+
+pub fn set_keepcaps(on: bool) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, on as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
+pub fn umask(mask: u32) {
+    // SAFETY: no memory effects.
+    unsafe { libc::umask(mask as libc::mode_t) };
+}
+
+pub fn setsid() {
+    // SAFETY: no memory effects; failing (already a leader) is harmless.
+    unsafe { libc::setsid() };
+}
+
+/// Sets the effective, permitted and inheritable capability sets of this
+/// thread in one capset(2) call (set one by one, each step would have to be
+/// a valid state on its own). Each set is a bit mask of capability numbers.
+pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let lo = |m: u64| m as u32;
+    let hi = |m: u64| (m >> 32) as u32;
+    let data = [
+        Data {
+            effective: lo(effective),
+            permitted: lo(permitted),
+            inheritable: lo(inheritable),
+        },
+        Data {
+            effective: hi(effective),
+            permitted: hi(permitted),
+            inheritable: hi(inheritable),
+        },
+    ];
+    // SAFETY: header and data are the v3 layouts capset expects (one header,
+    // two data structs) and live across the call.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal: (master, slave).
+pub fn openpty(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut master = -1;
+    let mut slave = -1;
+    let ws = size.map(|(rows, cols)| libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    });
+    let wsp = ws
+        .as_ref()
+        .map_or(std::ptr::null(), |w| w as *const libc::winsize);
+    // SAFETY: master/slave receive descriptors; the name buffer is null;
+    // termios is null (defaults); wsp is null or points to `ws`.
+    check(unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            wsp,
+        )
+    })?;
+    // SAFETY: openpty succeeded, so both are fresh descriptors we own.
+    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&m, &s] {
+        // SAFETY: fcntl on a descriptor we own.
+        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    }
+    Ok((m, s))
+}
+
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// Makes the terminal on `fd` the controlling terminal of this session.
+pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) })?;
+    Ok(())
+}
+
+/// exit(2) without running destructors or atexit handlers (for forked
+/// children).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Flushes every filesystem's dirty data to its backing store (for
+/// virtio-fs: to the host).
+pub fn sync() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// Flushes filesystems and powers the VM off. Never returns.
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot have no memory effects. The kernel is booted
+    // with reboot=t and the VMM treats the reset as the end of the VM.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // Only reached when not PID 1 (reboot needs it), e.g. in tests.
+    std::process::exit(1)
+}
+
+/// Writes a line to the guest console (the kernel log the host keeps).
+pub fn console(msg: &str) {
+    if let Ok(mut f) = File::options().write(true).open("/dev/console") {
+        let _ = writeln!(f, "krun-guest-init: {msg}");
+    } else {
+        eprintln!("krun-guest-init: {msg}");
+    }
+}

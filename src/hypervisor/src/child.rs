@@ -1,0 +1,82 @@
+//! Starting helper processes (the VMM, virtio-fs daemons) so that they can
+//! never outlive the runtime process that started them.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+
+use crate::Error;
+
+/// A file descriptor to hand to a child at a fixed number.
+pub(crate) struct PassFd {
+    pub fd: OwnedFd,
+    pub target: RawFd,
+}
+
+/// Spawns `cmd` in its own process group (a Ctrl-C at the terminal is the
+/// runtime's to forward, not the VMM's to die of) with SIGKILL as its
+/// parent-death signal (a runtime killed with -9 leaves no VM behind).
+/// `pass` fds appear in the child at their target numbers.
+pub(crate) fn spawn(cmd: &mut Command, pass: Vec<PassFd>) -> Result<Child, Error> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let spawn_err = |source| Error::Spawn {
+        program: program.clone(),
+        source,
+    };
+    // Move every fd to be passed above the highest target first, so that no
+    // dup2 below overwrites a source that is still to be copied.
+    let high: RawFd = pass.iter().map(|p| p.target).max().unwrap_or(2) + 1;
+    let mut moved = Vec::with_capacity(pass.len());
+    for p in &pass {
+        let fd = nix::fcntl::fcntl(&p.fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(high))
+            .map_err(|e| spawn_err(io::Error::from(e)))?;
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) returned a new descriptor that
+        // nothing else owns.
+        moved.push((
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            p.target,
+        ));
+    }
+    let pairs: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+    let parent = std::process::id();
+    cmd.stdin(Stdio::null()).process_group(0);
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, dup2, kill) on values
+    // computed before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            for &(src, target) in &pairs {
+                if libc::dup2(src, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(spawn_err)?;
+    drop(moved);
+    Ok(child)
+}
+
+/// Sends SIGKILL to a child that may already have exited, then reaps it.
+pub(crate) fn kill_and_reap(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}

@@ -1,0 +1,107 @@
+//! Hypervisor backends for krun-oci.
+//!
+//! A backend takes a [`VmConfig`] — a kernel, an initramfs, memory, vCPUs,
+//! host directories to share over virtio-fs, and one end of the control
+//! channel — and runs a VM from it. It knows nothing of OCI: the runtime
+//! turns a bundle into a `VmConfig` and talks to guest-init over the
+//! control channel itself.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+mod accel;
+mod child;
+mod qemu;
+mod virtiofsd;
+
+pub use accel::{detect_accel, Accel, AccelChoice};
+pub use qemu::Qemu;
+
+/// A host directory shared into the guest over virtio-fs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// The virtio-fs tag the guest mounts it by.
+    pub tag: String,
+    /// The host directory. The guest can reach nothing outside it.
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// What a VM is made of.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// An ELF vmlinux with a PVH entry point.
+    pub kernel: PathBuf,
+    /// The initramfs (an uncompressed cpio) holding guest-init.
+    pub initrd: PathBuf,
+    /// Kernel command line arguments beyond those the backend adds itself.
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub shares: Vec<Share>,
+    /// The VM's end of a connected stream socket; it appears in the guest
+    /// as the virtio-console port named `control_port_name`.
+    pub control: OwnedFd,
+    pub control_port_name: String,
+    /// Where the guest's serial console (the kernel log) is written.
+    pub console_log: PathBuf,
+    /// A private directory for the backend's sockets and logs; it exists
+    /// and is removed by the caller.
+    pub run_dir: PathBuf,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off or reset (guest-init's normal way out, and also
+    /// what a guest kernel panic leads to).
+    GuestStopped,
+    /// The VMM was killed by a signal (from us, or from someone else).
+    Killed { signal: i32 },
+    /// The VMM failed on its own; `detail` is what it said about why.
+    VmmFailed { code: i32, detail: String },
+}
+
+/// Errors starting or controlling a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the virtio-fs socket for share {tag:?}")]
+    ShareSocket {
+        tag: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("share {tag:?}: {path} is not a directory")]
+    ShareNotDirectory { tag: String, path: PathBuf },
+    #[error("waiting for the VMM failed")]
+    Wait(#[source] std::io::Error),
+    #[error("VM configuration is invalid: {0}")]
+    InvalidConfig(String),
+}
+
+/// A hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    /// A short name for logs and `features` ("qemu", "builtin").
+    fn name(&self) -> &'static str;
+    /// Boots a VM. Returns once the VMM process runs; boot progress is seen
+    /// on the control channel.
+    fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, Error>;
+}
+
+/// A running VM. Dropping it kills whatever of it still runs.
+pub trait Vm: Send {
+    /// The pid of the VMM process.
+    fn pid(&self) -> u32;
+    /// Waits for the VM to end and reaps every host process it used.
+    fn wait(&mut self) -> Result<VmExit, Error>;
+    /// Like `wait`, but returns `None` at once if the VM still runs.
+    fn try_wait(&mut self) -> Result<Option<VmExit>, Error>;
+    /// Kills the VM at once (SIGKILL to every host process it used).
+    fn kill(&mut self);
+}

@@ -1,0 +1,236 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with one virtiofsd per
+//! share, KVM where the host can boot our kernel and TCG where it cannot.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use crate::child::{kill_and_reap, spawn, PassFd};
+use crate::virtiofsd::{self, Virtiofsd};
+use crate::{Accel, Error, Hypervisor, Vm, VmConfig, VmExit};
+
+/// The fd number the control socket gets in QEMU.
+const CONTROL_FD: i32 = 3;
+
+/// QEMU with its helpers.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub accel: Accel,
+}
+
+impl Qemu {
+    /// The QEMU command line for `config`; virtio-fs sockets are given by
+    /// `fs_sockets`, one per share in order.
+    fn args(&self, config: &VmConfig, fs_sockets: &[PathBuf]) -> Vec<String> {
+        let mem = config.memory_mib;
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
+        // No ACPI: with it, microvm stops announcing virtio-mmio devices on
+        // the command line. No option ROMs, no RTC (the guest gets its clock
+        // from the host over the control channel).
+        push(&[
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem",
+        ]);
+        match self.accel {
+            // Not `-cpu host`: it makes QEMU require MSRs (ARCH_CAPABILITIES)
+            // that some KVMs do not offer; `max` is what KVM supports.
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "max"]),
+            Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        }
+        let mem_arg = format!("{mem}M");
+        let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
+        let smp = config.vcpus.to_string();
+        push(&["-smp", &smp, "-m", &mem_arg, "-object", &backend]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        let kernel = config.kernel.to_string_lossy();
+        let initrd = config.initrd.to_string_lossy();
+        let cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
+        push(&[
+            "-kernel",
+            &kernel,
+            "-initrd",
+            &initrd,
+            "-append",
+            cmdline.trim(),
+        ]);
+        let console = format!("file,id=con,path={}", config.console_log.to_string_lossy());
+        push(&["-chardev", &console, "-serial", "chardev:con"]);
+        let ctl = format!("socket,id=ctl,fd={CONTROL_FD}");
+        let port = format!(
+            "virtserialport,chardev=ctl,name={}",
+            config.control_port_name
+        );
+        push(&[
+            "-device",
+            "virtio-serial-device,max_ports=2",
+            "-chardev",
+            &ctl,
+            "-device",
+            &port,
+        ]);
+        for (i, (share, sock)) in config.shares.iter().zip(fs_sockets).enumerate() {
+            let chardev = format!("socket,id=fs{i},path={}", sock.to_string_lossy());
+            let dev = format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag);
+            push(&["-chardev", &chardev, "-device", &dev]);
+        }
+        a
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, Error> {
+        if config.vcpus == 0 || config.memory_mib == 0 {
+            return Err(Error::InvalidConfig(
+                "a VM needs at least one vCPU and some memory".into(),
+            ));
+        }
+        let mut daemons: Vec<Virtiofsd> = Vec::new();
+        for (i, share) in config.shares.iter().enumerate() {
+            // On error, `daemons` is dropped and kills what already runs.
+            daemons.push(virtiofsd::start(
+                &self.virtiofsd,
+                share,
+                &config.run_dir,
+                i,
+            )?);
+        }
+        let sockets: Vec<PathBuf> = daemons.iter().map(|d| d.socket.clone()).collect();
+        let args = self.args(&config, &sockets);
+        tracing::debug!(qemu = %self.qemu.display(), args = ?args, "starting VM");
+        let log_path = config.run_dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(|source| Error::Spawn {
+            program: log_path.display().to_string(),
+            source,
+        })?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args).stdout(Stdio::null()).stderr(log);
+        let child = spawn(
+            &mut cmd,
+            vec![PassFd {
+                fd: config.control,
+                target: CONTROL_FD,
+            }],
+        )?;
+        Ok(Box::new(QemuVm {
+            child: Some(child),
+            daemons,
+            log_path,
+            exit: None,
+        }))
+    }
+}
+
+struct QemuVm {
+    child: Option<Child>,
+    daemons: Vec<Virtiofsd>,
+    log_path: PathBuf,
+    exit: Option<VmExit>,
+}
+
+impl QemuVm {
+    fn finish(&mut self, status: std::process::ExitStatus) -> VmExit {
+        use std::os::unix::process::ExitStatusExt;
+        // virtiofsd exits when QEMU hangs up; make sure, and reap.
+        for d in &mut self.daemons {
+            kill_and_reap(&mut d.child);
+        }
+        self.child = None;
+        let exit = match (status.code(), status.signal()) {
+            (Some(0), _) => VmExit::GuestStopped,
+            (_, Some(signal)) => VmExit::Killed { signal },
+            (Some(code), _) => {
+                let mut detail = String::new();
+                if let Ok(log) = std::fs::read_to_string(&self.log_path) {
+                    for line in log
+                        .lines()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
+                        let _ = writeln!(detail, "{line}");
+                    }
+                }
+                VmExit::VmmFailed {
+                    code,
+                    detail: detail.trim_end().to_string(),
+                }
+            }
+            (None, None) => VmExit::VmmFailed {
+                code: -1,
+                detail: "unknown exit status".into(),
+            },
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn wait(&mut self) -> Result<VmExit, Error> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let child = self
+            .child
+            .as_mut()
+            .expect("a VM without exit status has a child");
+        let status = child.wait().map_err(Error::Wait)?;
+        Ok(self.finish(status))
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>, Error> {
+        if let Some(exit) = &self.exit {
+            return Ok(Some(exit.clone()));
+        }
+        let child = self
+            .child
+            .as_mut()
+            .expect("a VM without exit status has a child");
+        match child.try_wait().map_err(Error::Wait)? {
+            Some(status) => Ok(Some(self.finish(status))),
+            None => Ok(None),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+        for d in &mut self.daemons {
+            let _ = d.child.kill();
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill_and_reap(child);
+        }
+        for d in &mut self.daemons {
+            kill_and_reap(&mut d.child);
+        }
+    }
+}
+
+/// Keeps `CONTROL_FD` honest: it must not collide with stdio.
+const _: () = assert!(CONTROL_FD > 2);

@@ -1,0 +1,67 @@
+//! One virtiofsd (vhost-user-fs backend) per share, for the QEMU backend.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::child::{kill_and_reap, spawn, PassFd};
+use crate::{Error, Share};
+
+/// The fd number virtiofsd gets its listening socket on.
+const LISTEN_FD: i32 = 3;
+
+pub(crate) struct Virtiofsd {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// Starts virtiofsd serving `share`. The socket is bound here, before
+/// virtiofsd runs, so QEMU can connect at once without waiting for it.
+pub(crate) fn start(
+    binary: &Path,
+    share: &Share,
+    run_dir: &Path,
+    index: usize,
+) -> Result<Virtiofsd, Error> {
+    if !share.path.is_dir() {
+        return Err(Error::ShareNotDirectory {
+            tag: share.tag.clone(),
+            path: share.path.clone(),
+        });
+    }
+    let socket = run_dir.join(format!("fs{index}.sock"));
+    let sock_err = |source| Error::ShareSocket {
+        tag: share.tag.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&socket).map_err(sock_err)?;
+    let mut cmd = Command::new(binary);
+    cmd.arg(format!("--fd={LISTEN_FD}"))
+        .arg("--shared-dir")
+        .arg(&share.path)
+        .args([
+            "--cache=auto",
+            "--xattr",
+            "--sandbox=namespace",
+            "--log-level=error",
+        ])
+        .stdout(Stdio::null());
+    if share.readonly {
+        cmd.arg("--readonly");
+    }
+    let child = spawn(
+        &mut cmd,
+        vec![PassFd {
+            fd: OwnedFd::from(listener),
+            target: LISTEN_FD,
+        }],
+    )?;
+    Ok(Virtiofsd { child, socket })
+}

@@ -1,0 +1,239 @@
+//! The control messages. Each travels as JSON in a [`FrameKind::Control`]
+//! frame; the frame's stream number says which process a message is about.
+//!
+//! [`FrameKind::Control`]: crate::FrameKind::Control
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Messages from the host runtime to guest-init.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToGuest {
+    /// Prepare the container (stream 0) up to the exec of its process.
+    /// Answered with [`ToHost::Created`] or [`ToHost::Failed`].
+    Create(Box<ContainerSetup>),
+    /// Exec the prepared process of `stream`. Answered with
+    /// [`ToHost::Started`] or [`ToHost::Failed`].
+    Start,
+    /// Run one more process in the container, numbered by the frame's
+    /// stream. It starts at once; answered like `Start`.
+    Exec(Box<ProcessSetup>),
+    /// Deliver `signal` to the stream's process, or with `all` to every
+    /// process of the container.
+    Signal { signal: i32, all: bool },
+    /// The stream's terminal changed size.
+    Resize { rows: u16, cols: u16 },
+    /// The host is done: flush and power the VM off.
+    Shutdown,
+}
+
+/// Messages from guest-init to the host runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToHost {
+    /// First message on the channel, sent as soon as guest-init runs.
+    Hello {
+        version: u32,
+        /// CLOCK_BOOTTIME when guest-init started, i.e. the kernel's boot time.
+        init_started_ns: u64,
+        /// CLOCK_BOOTTIME when this message was sent.
+        sent_ns: u64,
+    },
+    /// The stream's process is ready to exec; `pid` is its pid in the guest.
+    Created { pid: i32 },
+    /// The stream's process was exec'd.
+    Started { pid: i32 },
+    /// The stream's process could not be created or started. `code` is the
+    /// exit status the runtime reports (126: not executable, 127: not found,
+    /// 1 otherwise); `message` says what went wrong.
+    Failed { code: i32, message: String },
+    /// The stream's process exited and all its output has been sent.
+    Exited { status: ExitStatus },
+    /// The container's memory limit was hit and the kernel killed a process.
+    Oom,
+    /// guest-init itself cannot go on; the VM powers off after this.
+    Fatal { message: String },
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It called exit with this status.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status as a shell (and `runc run`) reports it: the code, or 128+n.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c & 0xff,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Everything guest-init needs to set up the container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSetup {
+    pub id: String,
+    /// The host's wall clock when the message was built (ns since the epoch);
+    /// the guest has no RTC and sets its clock from this.
+    pub realtime_ns: u64,
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    /// The root filesystem: a virtio-fs tag.
+    pub root: RootSetup,
+    /// Mounts in the order the bundle lists them.
+    pub mounts: Vec<MountSetup>,
+    pub process: ProcessSetup,
+    pub cgroup: CgroupSetup,
+    pub sysctl: BTreeMap<String, String>,
+    /// Paths hidden from the container (runtime-spec `linux.maskedPaths`).
+    pub masked_paths: Vec<String>,
+    /// Paths made read-only (runtime-spec `linux.readonlyPaths`).
+    pub readonly_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSetup {
+    pub tag: String,
+    pub readonly: bool,
+}
+
+/// One mount inside the container, destination relative to its root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSetup {
+    pub destination: String,
+    pub source: MountSource,
+    /// MS_* flags (MS_RDONLY, MS_NOSUID, ...), as Linux numbers them.
+    pub flags: u64,
+    /// MS_* propagation flags applied after mounting (MS_PRIVATE, MS_REC, ...).
+    pub propagation: u64,
+    /// Filesystem-specific options (`mode=755,size=65536k`).
+    pub data: String,
+}
+
+/// Where a mount comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MountSource {
+    /// A filesystem the guest kernel makes (proc, sysfs, tmpfs, devpts,
+    /// mqueue, cgroup2).
+    Fs { fstype: String, source: String },
+    /// A host path, reached through the virtio-fs share `tag`; `path` is the
+    /// path inside the share ("" for its top). `file` says whether it is a
+    /// regular file rather than a directory.
+    Share {
+        tag: String,
+        path: String,
+        file: bool,
+    },
+}
+
+/// The process to run, already resolved to numbers where Linux uses numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSetup {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub terminal: bool,
+    /// Initial terminal size (rows, cols).
+    pub console_size: Option<(u16, u16)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
+    pub rlimits: Vec<Rlimit>,
+    /// None: keep every capability (root's full set).
+    pub capabilities: Option<Capabilities>,
+    pub no_new_privileges: bool,
+    pub oom_score_adj: Option<i32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// RLIMIT_* number.
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Capability sets by name (`CAP_CHOWN`, ...).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub bounding: Vec<String>,
+    pub effective: Vec<String>,
+    pub inheritable: Vec<String>,
+    pub permitted: Vec<String>,
+    pub ambient: Vec<String>,
+}
+
+/// Limits applied to the container's cgroup inside the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupSetup {
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<i64>,
+    /// cpu.max as (quota, period) in microseconds.
+    pub cpu_max: Option<(i64, u64)>,
+    pub cpu_weight: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_json_shape() {
+        let m = ToHost::Exited {
+            status: ExitStatus::Signal(9),
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"exited","status":{"signal":9}}"#
+        );
+        let m = ToGuest::Signal {
+            signal: 15,
+            all: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"signal","signal":15,"all":false}"#
+        );
+        let back: ToGuest = serde_json::from_str(r#"{"type":"start"}"#).unwrap();
+        assert_eq!(back, ToGuest::Start);
+    }
+
+    #[test]
+    fn shell_codes_follow_runc() {
+        assert_eq!(ExitStatus::Code(42).shell_code(), 42);
+        assert_eq!(ExitStatus::Code(256 + 3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+
+    #[test]
+    fn setup_roundtrips() {
+        let setup = ContainerSetup {
+            id: "c1".into(),
+            mounts: vec![MountSetup {
+                destination: "/data".into(),
+                source: MountSource::Share {
+                    tag: "s1".into(),
+                    path: "".into(),
+                    file: false,
+                },
+                flags: 1,
+                propagation: 0,
+                data: String::new(),
+            }],
+            ..Default::default()
+        };
+        let msg = ToGuest::Create(Box::new(setup));
+        let json = serde_json::to_vec(&msg).unwrap();
+        assert_eq!(serde_json::from_slice::<ToGuest>(&json).unwrap(), msg);
+    }
+}

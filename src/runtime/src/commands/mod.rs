@@ -1,0 +1,21 @@
+//! One module per subcommand; each is a short function over the library.
+
+use std::path::PathBuf;
+
+pub mod run;
+
+/// What every command gets from the global flags.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The state root (`--root`).
+    pub root: PathBuf,
+}
+
+/// An error that ends the runtime with a specific exit status (the
+/// workload's 126/127 when its program cannot be run).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitCode {
+    pub code: i32,
+    pub message: String,
+}

@@ -1,0 +1,36 @@
+//! krun-oci: an OCI runtime that runs every container in its own microVM.
+//!
+//! The pipeline of one container:
+//! parse args -> [`bundle`] -> [`plan`] (pure `Spec -> VmPlan`) ->
+//! [`state`] (record it) -> [`session`] (boot the VM, create, start) ->
+//! [`relay`] (stdio and signals until exit) -> teardown.
+
+pub mod assets;
+pub mod bundle;
+pub mod commands;
+pub mod logging;
+pub mod plan;
+pub mod relay;
+pub mod session;
+pub mod state;
+pub mod tty;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Marks the moment the runtime started (call first thing in main).
+pub fn mark_start() {
+    let _ = START.set(Instant::now());
+}
+
+/// When the runtime started.
+pub fn started_at() -> Instant {
+    *START.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the runtime started, for timing logs.
+pub fn since_start_ms() -> f64 {
+    started_at().elapsed().as_secs_f64() * 1000.0
+}

@@ -1,0 +1,82 @@
+//! The krun-oci command line: runc's commands and flags over the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use krun_oci::commands::{self, Context, ExitCode};
+use krun_oci::logging::{self, Format};
+use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "krun-oci",
+    version,
+    about = "An OCI runtime that runs each container in its own microVM"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Standard(StandardCmd),
+    #[command(flatten)]
+    Common(Box<CommonCmd>),
+}
+
+fn main() {
+    krun_oci::mark_start();
+    let cli = Cli::parse();
+    let format = match Format::parse(cli.global.log_format.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("krun-oci: {e}");
+            std::process::exit(1);
+        }
+    };
+    let logger = match logging::init(cli.global.log.as_deref(), format, cli.global.debug) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("krun-oci: --log: {e}");
+            std::process::exit(1);
+        }
+    };
+    let ctx = Context {
+        root: cli
+            .global
+            .root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(krun_oci::state::DEFAULT_ROOT)),
+    };
+    let result = match &cli.command {
+        Command::Common(c) => match c.as_ref() {
+            CommonCmd::Run(args) => commands::run::run(&ctx, args),
+            other => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),
+        },
+        Command::Standard(other) => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let (code, msg) = match e.downcast_ref::<ExitCode>() {
+                Some(x) => (x.code, x.message.clone()),
+                None => (1, format!("{e:#}")),
+            };
+            logger.write(tracing::Level::ERROR, &msg);
+            if !logger.logs_to_stderr() {
+                eprintln!("krun-oci: {msg}");
+            }
+            std::process::exit(code);
+        }
+    }
+}
+
+/// The subcommand's name, from its debug form (`Run(Run { .. })` -> run).
+fn name(c: &dyn std::fmt::Debug) -> String {
+    let dbg = format!("{c:?}");
+    dbg.split('(').next().unwrap_or("command").to_lowercase()
+}

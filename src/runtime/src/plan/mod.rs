@@ -1,0 +1,194 @@
+//! The pure translation of a bundle into a VM: `Spec -> VmPlan`.
+//!
+//! Nothing here starts anything. Every field of config.json is either
+//! carried into the plan, deliberately ignored (it has no meaning inside a
+//! VM, e.g. host device cgroup rules), or reported as unsupported — all
+//! problems of a bundle at once, each naming its field.
+
+mod mounts;
+mod process;
+mod sizing;
+
+use std::path::Path;
+
+use krun_hypervisor::Share;
+use krun_proto::{ContainerSetup, RootSetup, ROOTFS_TAG};
+use oci_spec::runtime::Spec;
+
+pub use sizing::{
+    HostInfo, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB,
+};
+
+/// A VM to boot and the container guest-init sets up in it.
+#[derive(Debug, Clone)]
+pub struct VmPlan {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Shares in tag order; the first is the root filesystem.
+    pub shares: Vec<Share>,
+    pub setup: ContainerSetup,
+    /// Fields accepted but not applied inside the VM, for the log.
+    pub warnings: Vec<String>,
+}
+
+/// One thing wrong with a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub problem: String,
+}
+
+/// Everything wrong with a bundle, each problem naming its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|p| format!("{}: {}", p.field, p.problem)).collect::<Vec<_>>().join("; "))]
+pub struct PlanError(pub Vec<Problem>);
+
+impl PlanError {
+    /// The first problem's field, for tests and structured logs.
+    pub fn fields(&self) -> Vec<&str> {
+        self.0.iter().map(|p| p.field.as_str()).collect()
+    }
+}
+
+/// Collects problems while planning.
+#[derive(Default)]
+pub(crate) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            problem: problem.into(),
+        });
+    }
+}
+
+/// Plans the VM for container `id` from the bundle at `bundle` (absolute).
+pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmPlan, PlanError> {
+    let mut problems = Problems::default();
+    let mut warnings = Vec::new();
+
+    // The root filesystem is always the first share.
+    let mut shares = Vec::new();
+    let mut root_setup = RootSetup {
+        tag: ROOTFS_TAG.to_string(),
+        readonly: false,
+    };
+    match spec.root() {
+        None => problems.add("root", "missing: the bundle must name its root filesystem"),
+        Some(root) => {
+            let path = bundle.join(root.path());
+            if !path.is_dir() {
+                problems.add(
+                    "root.path",
+                    format!("{} does not exist or is not a directory", path.display()),
+                );
+            }
+            root_setup.readonly = root.readonly().unwrap_or(false);
+            shares.push(Share {
+                tag: ROOTFS_TAG.to_string(),
+                path,
+                readonly: root_setup.readonly,
+            });
+        }
+    }
+
+    let process = process::plan_process(spec, &mut problems);
+    let mounts = mounts::plan_mounts(spec, bundle, &mut shares, &mut problems);
+    let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
+    let linux = linux_extras(spec, &mut problems, &mut warnings);
+    if spec.hooks().as_ref().is_some_and(|h| !hooks_empty(h)) {
+        problems.add("hooks", "hooks are not supported yet");
+    }
+
+    if !problems.0.is_empty() {
+        return Err(PlanError(problems.0));
+    }
+    let setup = ContainerSetup {
+        id: id.to_string(),
+        realtime_ns: 0,
+        hostname: spec.hostname().clone(),
+        domainname: spec.domainname().clone(),
+        root: root_setup,
+        mounts,
+        process,
+        cgroup,
+        sysctl: linux.sysctl,
+        masked_paths: linux.masked_paths,
+        readonly_paths: linux.readonly_paths,
+    };
+    Ok(VmPlan {
+        vcpus,
+        memory_mib,
+        shares,
+        setup,
+        warnings,
+    })
+}
+
+fn hooks_empty(h: &oci_spec::runtime::Hooks) -> bool {
+    let empty = |v: &Option<Vec<oci_spec::runtime::Hook>>| v.as_ref().is_none_or(|v| v.is_empty());
+    #[allow(deprecated)]
+    let prestart = h.prestart();
+    empty(prestart)
+        && empty(h.create_runtime())
+        && empty(h.create_container())
+        && empty(h.start_container())
+        && empty(h.poststart())
+        && empty(h.poststop())
+}
+
+#[derive(Default)]
+struct LinuxExtras {
+    sysctl: std::collections::BTreeMap<String, String>,
+    masked_paths: Vec<String>,
+    readonly_paths: Vec<String>,
+}
+
+/// The parts of `linux` that are not sizing: sysctls, masked and read-only
+/// paths, and the ones a VM cannot honour.
+fn linux_extras(spec: &Spec, problems: &mut Problems, warnings: &mut Vec<String>) -> LinuxExtras {
+    let mut out = LinuxExtras::default();
+    let Some(linux) = spec.linux() else {
+        return out;
+    };
+    if let Some(s) = linux.sysctl() {
+        out.sysctl = s.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+    out.masked_paths = linux.masked_paths().clone().unwrap_or_default();
+    out.readonly_paths = linux.readonly_paths().clone().unwrap_or_default();
+    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+        || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
+    {
+        problems.add(
+            "linux.uidMappings",
+            "user namespaces with id mappings are not supported",
+        );
+    }
+    if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
+        problems.add("linux.devices", "host devices cannot be passed into the VM");
+    }
+    if linux.intel_rdt().is_some() {
+        problems.add("linux.intelRdt", "not supported inside a VM");
+    }
+    if linux.personality().is_some() {
+        problems.add("linux.personality", "not supported");
+    }
+    if linux.seccomp().is_some() {
+        warnings.push(
+            "linux.seccomp: not applied inside the VM yet; the VM is the isolation boundary".into(),
+        );
+    }
+    if let Some(ns) = linux.namespaces() {
+        use oci_spec::runtime::LinuxNamespaceType;
+        for n in ns {
+            if n.typ() == LinuxNamespaceType::Network && n.path().is_some() {
+                warnings.push("linux.namespaces: the network namespace is not carried into the VM yet; the guest has loopback only".into());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

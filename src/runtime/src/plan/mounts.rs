@@ -1,0 +1,246 @@
+//! `mounts` -> [`MountSetup`]s and the virtio-fs shares bind mounts need.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use krun_hypervisor::Share;
+use krun_proto::{MountSetup, MountSource};
+use oci_spec::runtime::Spec;
+
+use super::Problems;
+
+/// Filesystems the guest kernel makes itself. `cgroup` (v1) is given the
+/// guest's cgroup2 hierarchy.
+const GUEST_FILESYSTEMS: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "ramfs",
+];
+
+/// Options that are flags of mount(2), and what they set or clear.
+const FLAGS: &[(&str, bool, libc::c_ulong)] = &[
+    ("ro", false, libc::MS_RDONLY),
+    ("rw", true, libc::MS_RDONLY),
+    ("nosuid", false, libc::MS_NOSUID),
+    ("suid", true, libc::MS_NOSUID),
+    ("nodev", false, libc::MS_NODEV),
+    ("dev", true, libc::MS_NODEV),
+    ("noexec", false, libc::MS_NOEXEC),
+    ("exec", true, libc::MS_NOEXEC),
+    ("sync", false, libc::MS_SYNCHRONOUS),
+    ("async", true, libc::MS_SYNCHRONOUS),
+    ("dirsync", false, libc::MS_DIRSYNC),
+    ("mand", false, libc::MS_MANDLOCK),
+    ("nomand", true, libc::MS_MANDLOCK),
+    ("noatime", false, libc::MS_NOATIME),
+    ("atime", true, libc::MS_NOATIME),
+    ("nodiratime", false, libc::MS_NODIRATIME),
+    ("diratime", true, libc::MS_NODIRATIME),
+    ("relatime", false, libc::MS_RELATIME),
+    ("norelatime", true, libc::MS_RELATIME),
+    ("strictatime", false, libc::MS_STRICTATIME),
+    ("nostrictatime", true, libc::MS_STRICTATIME),
+];
+
+const PROPAGATION: &[(&str, libc::c_ulong)] = &[
+    ("private", libc::MS_PRIVATE),
+    ("rprivate", libc::MS_PRIVATE | libc::MS_REC),
+    ("shared", libc::MS_SHARED),
+    ("rshared", libc::MS_SHARED | libc::MS_REC),
+    ("slave", libc::MS_SLAVE),
+    ("rslave", libc::MS_SLAVE | libc::MS_REC),
+    ("unbindable", libc::MS_UNBINDABLE),
+    ("runbindable", libc::MS_UNBINDABLE | libc::MS_REC),
+];
+
+/// Options runtimes accept that change nothing here: SELinux relabelling
+/// (podman strips it, others may not), crun's copy-up hints.
+const IGNORED: &[&str] = &[
+    "z",
+    "Z",
+    "tmpcopyup",
+    "notmpcopyup",
+    "copy-symlink",
+    "nocopyup",
+    "remount",
+];
+
+/// Parsed `options` of one mount.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Options {
+    flags: u64,
+    propagation: u64,
+    data: Vec<String>,
+    bind: bool,
+}
+
+fn parse_options(options: &[String]) -> Options {
+    let mut o = Options::default();
+    for opt in options {
+        let opt = opt.as_str();
+        if opt == "bind" || opt == "rbind" {
+            o.bind = true;
+        } else if let Some(&(_, clear, flag)) = FLAGS.iter().find(|(n, _, _)| *n == opt) {
+            if clear {
+                o.flags &= !flag;
+            } else {
+                o.flags |= flag;
+            }
+        } else if let Some(&(_, flag)) = PROPAGATION.iter().find(|(n, _)| *n == opt) {
+            o.propagation = flag;
+        } else if !IGNORED.contains(&opt) {
+            o.data.push(opt.to_string());
+        }
+    }
+    o
+}
+
+/// Finds or adds the share for host directory `dir`.
+fn share_for(shares: &mut Vec<Share>, dir: &Path, readonly: bool) -> String {
+    if let Some(s) = shares
+        .iter()
+        .skip(1)
+        .find(|s| s.path == dir && s.readonly == readonly)
+    {
+        return s.tag.clone();
+    }
+    let tag = format!("share{}", shares.len());
+    shares.push(Share {
+        tag: tag.clone(),
+        path: dir.to_path_buf(),
+        readonly,
+    });
+    tag
+}
+
+pub(super) fn plan_mounts(
+    spec: &Spec,
+    bundle: &Path,
+    shares: &mut Vec<Share>,
+    problems: &mut Problems,
+) -> Vec<MountSetup> {
+    let mut out = Vec::new();
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let field = |f: &str| format!("mounts[{i}].{f}");
+        let dest = m.destination();
+        if !dest.is_absolute() {
+            problems.add(
+                field("destination"),
+                format!("{:?} is not an absolute path", dest.display().to_string()),
+            );
+            continue;
+        }
+        let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
+        let typ = m.typ().as_deref().unwrap_or("");
+        let is_bind = opts.bind || typ == "bind" || typ == "rbind";
+        let source = if is_bind {
+            let Some(src) = m.source() else {
+                problems.add(field("source"), "a bind mount needs a source");
+                continue;
+            };
+            let src = if src.is_absolute() {
+                src.clone()
+            } else {
+                bundle.join(src)
+            };
+            let md = match std::fs::metadata(&src) {
+                Ok(md) => md,
+                Err(_) => {
+                    problems.add(field("source"), format!("{} does not exist", src.display()));
+                    continue;
+                }
+            };
+            let readonly = opts.flags & libc::MS_RDONLY != 0;
+            if md.is_dir() {
+                MountSource::Share {
+                    tag: share_for(shares, &src, readonly),
+                    path: String::new(),
+                    file: false,
+                }
+            } else if md.is_file() {
+                // virtio-fs shares directories: share the file's directory and
+                // bind the one file from it.
+                let (Some(dir), Some(name)) = (src.parent(), src.file_name()) else {
+                    problems.add(
+                        field("source"),
+                        format!("{} has no parent directory", src.display()),
+                    );
+                    continue;
+                };
+                let tag = share_for(shares, &PathBuf::from(dir), readonly);
+                MountSource::Share {
+                    tag,
+                    path: name.to_string_lossy().into_owned(),
+                    file: true,
+                }
+            } else {
+                let kind = if md.file_type().is_char_device() || md.file_type().is_block_device() {
+                    "a device; host devices cannot be bound into a VM"
+                } else {
+                    "neither a file nor a directory; it cannot be shared with a VM"
+                };
+                problems.add(field("source"), format!("{} is {kind}", src.display()));
+                continue;
+            }
+        } else if GUEST_FILESYSTEMS.contains(&typ) {
+            let fstype = if typ == "cgroup" { "cgroup2" } else { typ };
+            let source = m
+                .source()
+                .as_ref()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| fstype.to_string());
+            MountSource::Fs {
+                fstype: fstype.to_string(),
+                source,
+            }
+        } else if typ.is_empty() {
+            problems.add(field("type"), "missing (and the options do not say bind)");
+            continue;
+        } else {
+            problems.add(field("type"), format!("unknown mount type {typ:?}"));
+            continue;
+        };
+        // A cgroup mount never takes data; its v1 controller names do not
+        // apply to cgroup2.
+        let data = match &source {
+            MountSource::Fs { fstype, .. } if fstype == "cgroup2" => String::new(),
+            _ => opts.data.join(","),
+        };
+        if matches!(source, MountSource::Share { .. }) && !data.is_empty() {
+            problems.add(
+                field("options"),
+                format!("unknown option(s) for a bind mount: {data}"),
+            );
+            continue;
+        }
+        out.push(MountSetup {
+            destination: dest.to_string_lossy().into_owned(),
+            source,
+            flags: opts.flags,
+            propagation: opts.propagation,
+            data,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let o = parse_options(&[
+            "nosuid".into(),
+            "noexec".into(),
+            "rprivate".into(),
+            "mode=755".into(),
+            "size=65536k".into(),
+            "ro".into(),
+            "rw".into(),
+        ]);
+        assert_eq!(o.flags, (libc::MS_NOSUID | libc::MS_NOEXEC));
+        assert_eq!(o.propagation, (libc::MS_PRIVATE | libc::MS_REC));
+        assert_eq!(o.data, vec!["mode=755", "size=65536k"]);
+        assert!(!o.bind);
+        assert!(parse_options(&["rbind".into(), "z".into()]).bind);
+    }
+}

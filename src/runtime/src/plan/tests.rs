@@ -1,0 +1,364 @@
+//! The translation over fixture bundles (tests/fixtures/bundles).
+
+use std::path::Path;
+
+use krun_proto::{MountSource, ROOTFS_TAG};
+use serde_json::{json, Value};
+
+use super::*;
+use crate::bundle::Bundle;
+
+const HOST: HostInfo = HostInfo {
+    cpus: 4,
+    memory_mib: 8192,
+};
+
+/// A bundle in a temporary directory from fixture `name`, edited by `edit`,
+/// with the rootfs and the volumes the fixtures bind.
+fn bundle(name: &str, edit: impl FnOnce(&mut Value)) -> (tempfile::TempDir, Bundle) {
+    let text = match name {
+        "full" => include_str!("../../../../tests/fixtures/bundles/full.json"),
+        "runc-spec" => include_str!("../../../../tests/fixtures/bundles/runc-spec.json"),
+        other => panic!("no fixture {other}"),
+    };
+    let mut config: Value = serde_json::from_str(text).unwrap();
+    edit(&mut config);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for sub in ["rootfs", "volumes/data", "volumes/more"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    std::fs::write(d.join("volumes/app.conf"), "x=1\n").unwrap();
+    std::fs::write(d.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+    let b = Bundle::load(d).unwrap();
+    (dir, b)
+}
+
+fn plan_of(name: &str, edit: impl FnOnce(&mut Value)) -> Result<VmPlan, PlanError> {
+    let (_dir, b) = bundle(name, edit);
+    plan("c1", &b.dir, &b.spec, &HOST)
+}
+
+fn problem_fields(name: &str, edit: impl FnOnce(&mut Value)) -> Vec<String> {
+    let err = plan_of(name, edit).expect_err("the plan should fail");
+    let line = err.to_string();
+    assert!(!line.contains('\n'), "errors are one line: {line}");
+    err.0.into_iter().map(|p| p.field).collect()
+}
+
+#[test]
+fn runc_default_spec_plans_with_defaults() {
+    let (_dir, b) = bundle("runc-spec", |_| {});
+    let p = plan("c1", &b.dir, &b.spec, &HOST).unwrap();
+    assert_eq!(p.vcpus, 1);
+    assert_eq!(p.memory_mib, DEFAULT_MEMORY_MIB);
+    assert_eq!(p.shares.len(), 1);
+    assert_eq!(p.shares[0].tag, ROOTFS_TAG);
+    assert_eq!(p.shares[0].path, b.dir.join("rootfs"));
+    assert!(p.setup.root.readonly, "runc spec's root is read-only");
+    assert_eq!(p.setup.process.args, vec!["sh"]);
+    assert_eq!(p.setup.process.cwd, "/");
+    assert_eq!(p.setup.hostname.as_deref(), Some("runc"));
+    let kinds: Vec<String> = p
+        .setup
+        .mounts
+        .iter()
+        .map(|m| match &m.source {
+            MountSource::Fs { fstype, .. } => fstype.clone(),
+            MountSource::Share { .. } => "share".into(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["proc", "tmpfs", "devpts", "tmpfs", "mqueue", "sysfs", "cgroup2"]
+    );
+    assert!(p
+        .setup
+        .process
+        .rlimits
+        .iter()
+        .any(|r| r.resource == libc::RLIMIT_NOFILE && r.soft == 1024));
+    assert!(!p.setup.masked_paths.is_empty() && !p.setup.readonly_paths.is_empty());
+}
+
+#[test]
+fn every_field_reaches_the_guest() {
+    let p = plan_of("full", |_| {}).unwrap();
+    let s = &p.setup;
+    // Sizing: 1.5 CPUs of quota need 2 vCPUs; a 256 MiB limit gets a VM of
+    // 256 MiB plus the guest's overhead, and the limit itself in the guest.
+    assert_eq!(p.vcpus, 2);
+    assert_eq!(p.memory_mib, 256 + GUEST_OVERHEAD_MIB);
+    assert_eq!(s.cgroup.memory_max, Some(256 << 20));
+    assert_eq!(s.cgroup.cpu_max, Some((150_000, 100_000)));
+    assert_eq!(s.cgroup.cpu_weight, Some(39));
+    assert_eq!(s.cgroup.pids_max, Some(100));
+    // Process.
+    let pr = &s.process;
+    assert_eq!(pr.args, vec!["/bin/app", "--flag"]);
+    assert_eq!(pr.env, vec!["PATH=/usr/bin:/bin", "FOO=bar baz"]);
+    assert_eq!(pr.cwd, "/work");
+    assert_eq!((pr.uid, pr.gid), (1000, 1001));
+    assert_eq!(pr.additional_gids, vec![10, 20]);
+    assert_eq!(pr.umask, Some(0o22));
+    assert_eq!(pr.rlimits.len(), 2);
+    assert_eq!(
+        (
+            pr.rlimits[0].resource,
+            pr.rlimits[0].soft,
+            pr.rlimits[0].hard
+        ),
+        (libc::RLIMIT_NOFILE, 1024, 4096)
+    );
+    assert_eq!(pr.rlimits[1].resource, libc::RLIMIT_NPROC);
+    let caps = pr.capabilities.as_ref().unwrap();
+    assert_eq!(caps.bounding, vec!["CAP_CHOWN", "CAP_KILL"]);
+    assert_eq!(caps.effective, vec!["CAP_KILL"]);
+    assert_eq!(caps.ambient, vec!["CAP_KILL"]);
+    assert!(pr.no_new_privileges);
+    assert_eq!(pr.oom_score_adj, Some(100));
+    // Root, names, sysctls, masked and read-only paths.
+    assert!(s.root.readonly && p.shares[0].readonly);
+    assert_eq!(s.hostname.as_deref(), Some("fixture-host"));
+    assert_eq!(s.domainname.as_deref(), Some("example.org"));
+    assert_eq!(
+        s.sysctl.get("net.ipv4.ip_forward").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(s.masked_paths, vec!["/proc/kcore"]);
+    assert_eq!(s.readonly_paths, vec!["/proc/sys"]);
+}
+
+#[test]
+fn mounts_become_guest_filesystems_and_shares() {
+    let p = plan_of("full", |_| {}).unwrap();
+    let m = |dest: &str| {
+        p.setup
+            .mounts
+            .iter()
+            .find(|m| m.destination == dest)
+            .unwrap_or_else(|| panic!("no mount {dest}"))
+    };
+    let ms = |f: libc::c_ulong| f;
+    assert_eq!(
+        m("/sys").flags,
+        ms(libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV | libc::MS_RDONLY)
+    );
+    assert_eq!(m("/dev").data, "mode=755,size=65536k");
+    assert_eq!(m("/dev").flags, ms(libc::MS_NOSUID | libc::MS_STRICTATIME));
+    assert_eq!(
+        m("/dev/pts").data,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    );
+    assert_eq!(m("/scratch").data, "size=1m,mode=1777");
+    assert!(
+        matches!(&m("/dev/mqueue").source, MountSource::Fs { fstype, .. } if fstype == "mqueue")
+    );
+    let cg = m("/sys/fs/cgroup");
+    assert!(matches!(&cg.source, MountSource::Fs { fstype, .. } if fstype == "cgroup2"));
+    assert!(cg.data.is_empty());
+
+    // A directory shared read-write and read-only becomes two shares; a
+    // file is bound out of a share of its directory.
+    let share = |dest: &str| match &m(dest).source {
+        MountSource::Share { tag, path, file } => (tag.clone(), path.clone(), *file),
+        other => panic!("{dest} is not a share: {other:?}"),
+    };
+    let (data_tag, data_path, data_file) = share("/data");
+    assert_eq!((data_path.as_str(), data_file), ("", false));
+    let (config_tag, _, _) = share("/config");
+    assert_ne!(data_tag, config_tag);
+    assert_eq!(
+        m("/config").flags & ms(libc::MS_RDONLY),
+        ms(libc::MS_RDONLY)
+    );
+    let (conf_tag, conf_path, conf_file) = share("/etc/app.conf");
+    assert_eq!((conf_path.as_str(), conf_file), ("app.conf", true));
+    assert_eq!(
+        m("/etc/app.conf").propagation,
+        ms(libc::MS_PRIVATE | libc::MS_REC)
+    );
+    let (more_tag, _, _) = share("/more");
+    assert_eq!(m("/more").flags, ms(libc::MS_NOSUID));
+
+    let by_tag = |t: &str| p.shares.iter().find(|s| s.tag == t).unwrap();
+    assert!(by_tag(&data_tag).path.ends_with("volumes/data") && !by_tag(&data_tag).readonly);
+    assert!(by_tag(&config_tag).path.ends_with("volumes/data") && by_tag(&config_tag).readonly);
+    assert!(by_tag(&conf_tag).path.ends_with("volumes"));
+    assert!(by_tag(&more_tag).path.ends_with("volumes/more"));
+    assert_eq!(p.shares.len(), 5, "rootfs + four distinct shares");
+}
+
+#[test]
+fn cpuset_sizes_the_vm_when_there_is_no_quota() {
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"]["cpu"] = json!({"cpus": "0-2"})
+    })
+    .unwrap();
+    assert_eq!(p.vcpus, 3);
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"]["cpu"] = json!({"cpus": "0-7"})
+    })
+    .unwrap();
+    assert_eq!(p.vcpus, HOST.cpus, "never more vCPUs than host CPUs");
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"]["cpu"] = json!({"quota": 800000, "period": 100000})
+    })
+    .unwrap();
+    assert_eq!(p.vcpus, HOST.cpus);
+    let p = plan_of("full", |c| c["linux"]["resources"] = json!({})).unwrap();
+    assert_eq!((p.vcpus, p.memory_mib), (1, DEFAULT_MEMORY_MIB));
+}
+
+#[test]
+fn annotations_override_sizing() {
+    let p = plan_of("full", |c| {
+        c["annotations"] = json!({ANNOTATION_VCPUS: "3", ANNOTATION_MEMORY_MIB: "1024"})
+    })
+    .unwrap();
+    assert_eq!((p.vcpus, p.memory_mib), (3, 1024));
+}
+
+#[test]
+fn impossible_sizes_are_errors_naming_the_field() {
+    let vcpus = format!("annotations[{ANNOTATION_VCPUS:?}]");
+    let mem = format!("annotations[{ANNOTATION_MEMORY_MIB:?}]");
+    for (value, field) in [("0", &vcpus), ("99", &vcpus), ("two", &vcpus)] {
+        assert_eq!(
+            problem_fields("full", |c| c["annotations"] =
+                json!({ANNOTATION_VCPUS: value})),
+            vec![field.clone()],
+            "{value}"
+        );
+    }
+    for value in ["10", "99999999", "-5"] {
+        assert_eq!(
+            problem_fields("full", |c| c["annotations"] =
+                json!({ANNOTATION_MEMORY_MIB: value})),
+            vec![mem.clone()],
+            "{value}"
+        );
+    }
+    for limit in [json!(1), json!(1u64 << 50)] {
+        let fields = problem_fields("full", |c| {
+            c["linux"]["resources"]["memory"]["limit"] = limit.clone()
+        });
+        assert_eq!(fields, vec!["linux.resources.memory.limit"], "{limit}");
+    }
+    assert_eq!(
+        problem_fields("full", |c| c["linux"]["resources"]["cpu"] =
+            json!({"cpus": "3-1"})),
+        vec!["linux.resources.cpu.cpus"]
+    );
+}
+
+#[test]
+fn bad_bundles_name_every_bad_field() {
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "process.args",
+            Box::new(|c| c["process"]["args"] = json!([])),
+        ),
+        (
+            "process",
+            Box::new(|c| {
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("process")
+                    .map(drop)
+                    .unwrap_or(())
+            }),
+        ),
+        (
+            "process.cwd",
+            Box::new(|c| c["process"]["cwd"] = json!("relative")),
+        ),
+        (
+            "root.path",
+            Box::new(|c| c["root"]["path"] = json!("missing-rootfs")),
+        ),
+        (
+            "root",
+            Box::new(|c| {
+                c.as_object_mut()
+                    .unwrap()
+                    .remove("root")
+                    .map(drop)
+                    .unwrap_or(())
+            }),
+        ),
+        (
+            "mounts[0].type",
+            Box::new(|c| c["mounts"][0]["type"] = json!("weirdfs")),
+        ),
+        (
+            "mounts[7].source",
+            Box::new(|c| c["mounts"][7]["source"] = json!("/no/such/dir")),
+        ),
+        (
+            "mounts[7].source",
+            Box::new(|c| c["mounts"][7]["source"] = json!("/dev/null")),
+        ),
+        (
+            "mounts[0].destination",
+            Box::new(|c| c["mounts"][0]["destination"] = json!("proc")),
+        ),
+        (
+            "process.rlimits[1]",
+            Box::new(|c| {
+                c["process"]["rlimits"][1] = json!({"type": "RLIMIT_NOFILE", "hard": 1, "soft": 1})
+            }),
+        ),
+        (
+            "process.rlimits[0]",
+            Box::new(|c| {
+                c["process"]["rlimits"][0] = json!({"type": "RLIMIT_CORE", "hard": 1, "soft": 2})
+            }),
+        ),
+        (
+            "linux.devices",
+            Box::new(|c| {
+                c["linux"]["devices"] =
+                    json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+            }),
+        ),
+        (
+            "hooks",
+            Box::new(|c| c["hooks"] = json!({"prestart": [{"path": "/bin/true"}]})),
+        ),
+    ];
+    for (field, edit) in cases {
+        assert_eq!(
+            problem_fields("full", edit),
+            vec![field.to_string()],
+            "{field}"
+        );
+    }
+    // Several problems at once are all reported.
+    let fields = problem_fields("full", |c| {
+        c["process"]["args"] = json!([]);
+        c["mounts"][0]["type"] = json!("weirdfs");
+    });
+    assert_eq!(fields, vec!["process.args", "mounts[0].type"]);
+}
+
+#[test]
+fn plan_does_not_touch_the_bundle() {
+    let (dir, b) = bundle("full", |_| {});
+    let before = walk(dir.path());
+    plan("c1", &b.dir, &b.spec, &HOST).unwrap();
+    assert_eq!(walk(dir.path()), before);
+}
+
+fn walk(p: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        out.push(e.path().display().to_string());
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out.sort();
+    out
+}
