@@ -66,8 +66,14 @@ fn main() {
                 Some(x) => (x.code, x.message.clone()),
                 None => (1, format!("{e:#}")),
             };
-            logger.write(tracing::Level::ERROR, &msg);
-            if !logger.logs_to_stderr() {
+            // As runc: the error goes to the log; stderr gets it plainly
+            // too, unless the log is stderr. Plain text on a terminal reads
+            // better than a text log record, so that case prints just once.
+            let plain_stderr = logger.logs_to_stderr() && format == Format::Text;
+            if !plain_stderr {
+                logger.write(tracing::Level::ERROR, &msg);
+            }
+            if !logger.logs_to_stderr() || plain_stderr {
                 eprintln!("krun-oci: {msg}");
             }
             std::process::exit(code);

@@ -98,6 +98,7 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     let exited_ms = crate::since_start_ms();
     let timings = session.timings.clone();
     let vm_exit = session.shutdown(Duration::from_secs(3));
+    copy_console(id, &state_dir.console_log());
     log_timings(id, host_setup_ms, &timings, exited_ms);
     tracing::debug!(container = %id, ?vm_exit, teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
     drop(run_dir);
@@ -129,6 +130,16 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
         exited_ms,
         "timings"
     );
+}
+
+/// Debug aid: with KRUN_OCI_CONSOLE_COPY=DIR, the guest console log of
+/// every run is kept as DIR/ID.log (the state directory, where it lives,
+/// is removed at the end of a run). The tests use it to show a failing
+/// guest's console.
+fn copy_console(id: &str, log: &Path) {
+    if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
+        let _ = std::fs::copy(log, Path::new(&dir).join(format!("{id}.log")));
+    }
 }
 
 /// The directory for the VM's sockets: the state directory when its path is

@@ -85,10 +85,13 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
                 );
             }
             root_setup.readonly = root.readonly().unwrap_or(false);
+            // Shared writable even when root.readonly: as under runc, mount
+            // points for the bundle's mounts are created in the rootfs first,
+            // then the guest makes its view of / read-only.
             shares.push(Share {
                 tag: ROOTFS_TAG.to_string(),
                 path,
-                readonly: root_setup.readonly,
+                readonly: false,
             });
         }
     }

@@ -118,7 +118,10 @@ fn every_field_reaches_the_guest() {
     assert!(pr.no_new_privileges);
     assert_eq!(pr.oom_score_adj, Some(100));
     // Root, names, sysctls, masked and read-only paths.
-    assert!(s.root.readonly && p.shares[0].readonly);
+    assert!(
+        s.root.readonly && !p.shares[0].readonly,
+        "read-only in the guest, writable for mount points"
+    );
     assert_eq!(s.hostname.as_deref(), Some("fixture-host"));
     assert_eq!(s.domainname.as_deref(), Some("example.org"));
     assert_eq!(

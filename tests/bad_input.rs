@@ -1,0 +1,207 @@
+//! Bad bundles and arguments: a one-line error naming what is wrong, a
+//! non-zero exit, and nothing left behind. None of these boot a VM.
+
+mod harness;
+
+use harness::Sandbox;
+use serde_json::json;
+
+/// Runs `run` on a bundle prepared by `prepare` and checks the failure.
+fn fails_naming(
+    name: &str,
+    prepare: impl FnOnce(&Sandbox, &mut harness::TestBundle),
+    needle: &str,
+) {
+    let sb = Sandbox::new(name);
+    let mut b = sb.bundle(&["true"]);
+    b.write();
+    prepare(&sb, &mut b);
+    let out = sb
+        .cmd()
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("bad")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(out.status.code(), Some(0), "{name}: should fail");
+    assert!(
+        stderr.contains(needle),
+        "{name}: error should name {needle:?}: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{name}: one line: {stderr}"
+    );
+    sb.assert_clean();
+}
+
+#[test]
+fn no_config_json() {
+    fails_naming(
+        "noconfig",
+        |_, b| std::fs::remove_file(b.dir.join("config.json")).unwrap(),
+        "config.json",
+    );
+}
+
+#[test]
+fn invalid_json() {
+    fails_naming(
+        "badjson",
+        |_, b| {
+            std::fs::write(
+                b.dir.join("config.json"),
+                "{\"ociVersion\": \"1.0.2\", \"process\": ",
+            )
+            .unwrap()
+        },
+        "invalid JSON at line 1",
+    );
+}
+
+#[test]
+fn wrong_type_names_the_field() {
+    fails_naming(
+        "badtype",
+        |_, b| {
+            std::fs::write(b.dir.join("config.json"), r#"{"ociVersion":"1.0.2","process":{"args":"true","cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#).unwrap()
+        },
+        "process.args",
+    );
+}
+
+#[test]
+fn missing_rootfs() {
+    fails_naming(
+        "norootfs",
+        |_, b| std::fs::remove_dir_all(b.rootfs()).unwrap(),
+        "root.path",
+    );
+}
+
+#[test]
+fn empty_args() {
+    fails_naming(
+        "noargs",
+        |_, b| {
+            b.process()["args"] = json!([]);
+            b.write();
+        },
+        "process.args: must not be empty",
+    );
+}
+
+#[test]
+fn unknown_mount_type() {
+    fails_naming(
+        "mounttype",
+        |_, b| {
+            b.add_mount(json!({"destination": "/x", "type": "weirdfs", "source": "none"}));
+            b.write();
+        },
+        "mounts[7].type: unknown mount type \"weirdfs\"",
+    );
+}
+
+#[test]
+fn bind_source_that_does_not_exist() {
+    fails_naming(
+        "bindsrc",
+        |sb, b| {
+            b.add_mount(json!({"destination": "/x", "type": "bind", "source": sb.path().join("nope"), "options": ["rbind"]}));
+            b.write();
+        },
+        "mounts[7].source",
+    );
+}
+
+#[test]
+fn impossible_vm_size() {
+    fails_naming(
+        "size",
+        |_, b| {
+            b.config["annotations"] = json!({"io.krun-oci.vcpus": "0"});
+            b.write();
+        },
+        "annotations[\"io.krun-oci.vcpus\"]",
+    );
+}
+
+#[test]
+fn invalid_container_id() {
+    let sb = Sandbox::new("badid2");
+    let b = sb.bundle(&["true"]);
+    b.write();
+    let out = sb
+        .cmd()
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("bad/id")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid container id"));
+    sb.assert_clean();
+}
+
+#[test]
+fn errors_in_json_log_format_have_runcs_shape() {
+    let sb = Sandbox::new("jsonerr");
+    let b = sb.bundle(&["true"]);
+    b.write();
+    std::fs::remove_dir_all(b.rootfs()).unwrap();
+    let log = sb.path().join("log.json");
+    let out = sb
+        .cmd()
+        .args(["--log-format", "json", "--log"])
+        .arg(&log)
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("j1")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    // With --log, the log gets the JSON line and stderr the plain message.
+    let line = std::fs::read_to_string(&log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["level"], "error");
+    assert!(v["msg"].as_str().unwrap().contains("root.path"));
+    assert!(v["time"].is_string());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("root.path"));
+    // Without --log, the JSON line goes to stderr.
+    let out = sb
+        .cmd()
+        .args(["--log-format", "json", "run", "--bundle"])
+        .arg(&b.dir)
+        .arg("j2")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert!(v["msg"].as_str().unwrap().contains("root.path"));
+    sb.assert_clean();
+}
+
+#[test]
+fn an_existing_container_id_is_refused_and_kept() {
+    let sb = Sandbox::new("exists");
+    let b = sb.bundle(&["true"]);
+    b.write();
+    std::fs::create_dir_all(sb.root().join("taken")).unwrap();
+    let out = sb
+        .cmd()
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("taken")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    assert!(
+        sb.root().join("taken").exists(),
+        "someone else's state must not be removed"
+    );
+    std::fs::remove_dir(sb.root().join("taken")).unwrap();
+    sb.assert_clean();
+}

@@ -1,0 +1,340 @@
+//! `krun-oci run` end to end: each test boots a real microVM (under TCG on
+//! hosts whose KVM cannot boot our kernel) and checks from inside the guest
+//! that the bundle's config was applied, and that nothing is left after.
+
+mod harness;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use harness::{wait_timeout, Sandbox};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn exit_codes_are_the_workloads() {
+    let sb = Sandbox::new("exit");
+    for (args, code) in [
+        (vec!["true"], 0),
+        (vec!["false"], 1),
+        (vec!["sh", "-c", "exit 42"], 42),
+        // A CPU time limit that runs out ends in SIGKILL from the kernel:
+        // the one signal death a container's PID 1 cannot refuse.
+        (
+            vec!["sh", "-c", "ulimit -t 1; while :; do :; done"],
+            128 + 9,
+        ),
+    ] {
+        let b = sb.bundle(&args);
+        sb.run(&b, "exit", None).expect_code(code);
+    }
+}
+
+#[test]
+fn a_missing_program_is_127_and_a_non_executable_one_126() {
+    let sb = Sandbox::new("notfound");
+    let out = sb.run(&sb.bundle(&["no-such-program"]), "nf", None);
+    out.expect_code(127);
+    assert!(
+        out.stderr()
+            .contains("\"no-such-program\": executable file not found in $PATH"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(
+        out.stderr().trim().lines().count(),
+        1,
+        "one line: {}",
+        out.stderr()
+    );
+
+    let out = sb.run(&sb.bundle(&["/etc/passwd"]), "nx", None);
+    out.expect_code(126);
+    assert!(
+        out.stderr().contains("permission denied"),
+        "{}",
+        out.stderr()
+    );
+
+    let out = sb.run(&sb.bundle(&["/no/such/path"]), "np", None);
+    out.expect_code(127);
+    assert!(
+        out.stderr().contains("no such file or directory"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn stdout_and_stderr_stay_apart_and_stdin_is_piped_through() {
+    let sb = Sandbox::new("stdio");
+    let out = sb.run(
+        &sb.bundle(&["sh", "-c", "echo to-out; echo to-err >&2; echo again-out"]),
+        "s1",
+        None,
+    );
+    out.expect_code(0);
+    assert_eq!(out.stdout(), "to-out\nagain-out\n");
+    assert_eq!(out.stderr(), "to-err\n");
+
+    // Binary stdin, through cat and back, byte for byte.
+    let input: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let out = sb.run(&sb.bundle(&["cat"]), "s2", Some(&input));
+    out.expect_code(0);
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "stdin came back changed");
+
+    // No stdin at all is an immediate EOF for the workload.
+    let out = sb.run(&sb.bundle(&["sh", "-c", "cat; echo done"]), "s3", None);
+    out.expect_code(0);
+    assert_eq!(out.stdout(), "done\n");
+}
+
+#[test]
+fn a_hundred_mib_of_output_arrives_intact() {
+    let sb = Sandbox::new("bulk");
+    let b = sb.bundle(&["sh", "-c", "cat /blob; echo tail; exit 3"]);
+    // Incompressible, deterministic data written into the rootfs.
+    let mut blob = vec![0u8; 100 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in blob.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(b.rootfs().join("blob"), &blob).unwrap();
+    let out = sb.run(&b, "bulk", None);
+    // Exiting right after writing loses nothing.
+    out.expect_code(3);
+    assert_eq!(out.stdout.len(), blob.len() + 5);
+    assert_eq!(&out.stdout[blob.len()..], b"tail\n");
+    assert_eq!(sha256(&out.stdout[..blob.len()]), sha256(&blob));
+}
+
+#[test]
+fn process_env_cwd_user_groups_umask_apply() {
+    let sb = Sandbox::new("proc");
+    let mut b = sb.bundle(&[
+        "sh",
+        "-c",
+        "echo \"$FOO|$(pwd)|$(id -u)|$(id -g)|$(id -G)|$(umask)\"",
+    ]);
+    b.process()["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    b.process()["cwd"] = json!("/home/user/work");
+    b.process()["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
+    let out = sb.run(&b, "p1", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "bar baz|/home/user/work|1000|1000|1000 10 20|0027\n"
+    );
+}
+
+/// The hex capability mask of `name` ("CapEff", ...) in /proc/self/status output.
+fn cap_field(status: &str, name: &str) -> u64 {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("{name} missing: {status}"));
+    u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+const CAP_CHOWN: u64 = 1 << 0;
+const CAP_KILL: u64 = 1 << 5;
+
+#[test]
+fn rlimits_hostname_capabilities_apply() {
+    let sb = Sandbox::new("limits");
+    let script =
+        "ulimit -n; ulimit -Hn; ulimit -c; hostname; grep -E '^(Cap|NoNewPrivs)' /proc/self/status";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.process()["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 4242, "hard": 5000}, {"type": "RLIMIT_CORE", "soft": 0, "hard": 0}]);
+    b.process()["capabilities"] = json!({"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL", "CAP_CHOWN"]});
+    b.config["hostname"] = json!("vm-host-name");
+    let out = sb.run(&b, "l1", None);
+    out.expect_code(0);
+    let stdout = out.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(&lines[..4], &["4242", "5000", "0", "vm-host-name"]);
+    assert_eq!(cap_field(&stdout, "CapBnd"), CAP_KILL | CAP_CHOWN);
+    // As under runc, root's exec gains its whole bounding set.
+    assert_eq!(cap_field(&stdout, "CapEff"), CAP_KILL | CAP_CHOWN);
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+
+    // A non-root user keeps exactly what the config grants, through ambient.
+    let mut b = sb.bundle(&["grep", "^Cap", "/proc/self/status"]);
+    b.process()["user"] = json!({"uid": 1000, "gid": 1000});
+    b.process()["capabilities"] = json!({"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"], "inheritable": ["CAP_KILL"], "ambient": ["CAP_KILL"]});
+    let out = sb.run(&b, "l2", None);
+    out.expect_code(0);
+    let stdout = out.stdout();
+    assert_eq!(cap_field(&stdout, "CapEff"), CAP_KILL, "{stdout}");
+    assert_eq!(cap_field(&stdout, "CapAmb"), CAP_KILL, "{stdout}");
+    assert_eq!(
+        cap_field(&stdout, "CapBnd"),
+        CAP_KILL | CAP_CHOWN,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn readonly_root_tmpfs_and_bind_mounts() {
+    let sb = Sandbox::new("mounts");
+    let host_rw = sb.path().join("rw");
+    let host_ro = sb.path().join("ro");
+    std::fs::create_dir_all(&host_rw).unwrap();
+    std::fs::create_dir_all(&host_ro).unwrap();
+    std::fs::write(host_rw.join("from-host"), "host wrote this\n").unwrap();
+    std::fs::write(host_ro.join("file"), "read only\n").unwrap();
+    let single = sb.path().join("single.conf");
+    std::fs::write(&single, "one file\n").unwrap();
+
+    let script = "touch /rootfile 2>/dev/null && echo root-writable || echo root-readonly; \
+                  echo tmp > /scratch/x && grep -c scratch /proc/mounts; \
+                  cat /rw/from-host; echo guest wrote this > /rw/from-guest; \
+                  cat /ro/file; touch /ro/new 2>/dev/null && echo ro-writable || echo ro-readonly; \
+                  cat /etc/single.conf";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.config["root"]["readonly"] = json!(true);
+    b.add_mount(json!({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["size=1m"]}));
+    b.add_mount(json!({"destination": "/rw", "type": "bind", "source": host_rw, "options": ["rbind", "rw"]}));
+    b.add_mount(json!({"destination": "/ro", "type": "bind", "source": host_ro, "options": ["rbind", "ro"]}));
+    b.add_mount(json!({"destination": "/etc/single.conf", "type": "bind", "source": single, "options": ["bind", "ro"]}));
+    let out = sb.run(&b, "m1", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "root-readonly\n1\nhost wrote this\nread only\nro-readonly\none file\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host_rw.join("from-guest")).unwrap(),
+        "guest wrote this\n"
+    );
+    assert!(!host_ro.join("new").exists());
+    assert!(!b.rootfs().join("rootfile").exists());
+}
+
+#[test]
+fn the_guest_kernel_is_not_the_hosts() {
+    let sb = Sandbox::new("kernel");
+    let out = sb.run(
+        &sb.bundle(&[
+            "sh",
+            "-c",
+            "uname -r; cat /proc/cpuinfo | grep -c ^processor",
+        ]),
+        "k1",
+        None,
+    );
+    out.expect_code(0);
+    let host = String::from_utf8(
+        std::process::Command::new("uname")
+            .arg("-r")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let stdout = out.stdout();
+    let guest = stdout.lines().next().unwrap();
+    assert_ne!(guest, host.trim());
+    assert!(guest.starts_with("6.1."), "guest kernel {guest}");
+}
+
+#[test]
+fn sigterm_and_sigint_to_the_runtime_reach_the_workload() {
+    let sb = Sandbox::new("signals");
+    for (sig, name, code) in [(libc::SIGTERM, "TERM", 7), (libc::SIGINT, "INT", 8)] {
+        let script = format!(
+            "trap 'echo got {name}; exit {code}' {name}; echo ready; while :; do sleep 0.1; done"
+        );
+        let b = sb.bundle(&["sh", "-c", &script]);
+        b.write();
+        let mut c = sb.cmd();
+        c.args(["run", "--bundle"])
+            .arg(&b.dir)
+            .arg("sig")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // Wait for the workload to be up before signalling.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        use std::io::Read;
+        while !String::from_utf8_lossy(&seen).contains("ready") {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "workload ended before it was ready; console: {}",
+                sb.console()
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = wait_timeout(&mut child, Duration::from_secs(60))
+            .expect("runtime did not exit after the signal");
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, format!("got {name}\n"));
+        assert_eq!(status.code(), Some(code));
+        sb.assert_clean();
+    }
+}
+
+#[test]
+fn log_format_json_times_are_reported_with_debug() {
+    let sb = Sandbox::new("debuglog");
+    let b = sb.bundle(&["true"]);
+    b.write();
+    let log = sb.path().join("log.json");
+    let out = sb
+        .cmd()
+        .args(["--debug", "--log-format", "json", "--log"])
+        .arg(&log)
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("d1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let timings = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))
+        })
+        .find(|v| v["msg"] == "timings")
+        .unwrap_or_else(|| panic!("no timings line in {text}"));
+    for f in [
+        "host_setup_ms",
+        "vmm_start_ms",
+        "kernel_boot_ms",
+        "guest_init_ms",
+        "started_ms",
+        "exited_ms",
+    ] {
+        let v: f64 = timings[f].as_str().unwrap().parse().unwrap();
+        assert!(v.is_finite() && v >= 0.0, "{f} = {v}");
+    }
+    sb.assert_clean();
+}
