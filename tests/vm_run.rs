@@ -338,3 +338,40 @@ fn log_format_json_times_are_reported_with_debug() {
     }
     sb.assert_clean();
 }
+
+#[test]
+fn a_terminal_is_the_containers_own_pty() {
+    let sb = Sandbox::new("tty");
+    let mut b = sb.bundle(&[
+        "sh",
+        "-c",
+        "tty; stty size; read line; echo \"got:$line\"; exit 5",
+    ]);
+    b.process()["terminal"] = json!(true);
+    b.write();
+    // `script` gives the runtime a terminal of its own, as a user's shell would.
+    let inner = format!(
+        "stty rows 33 cols 101; {} --root {} run --bundle {} tty1",
+        env!("CARGO_BIN_EXE_krun-oci"),
+        sb.root().display(),
+        b.dir.display()
+    );
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec", &inner, "/dev/null"])
+        .env("KRUN_OCI_LIBDIR", harness::libdir());
+    let out = harness::run_with_timeout(
+        c,
+        Some(b"hello\n"),
+        harness::RUN_TIMEOUT,
+        &sb.path().join("console"),
+    );
+    let text = out.stdout().replace('\r', "");
+    assert!(text.contains("/dev/pts/0\n"), "{text}");
+    assert!(
+        text.contains("33 101\n"),
+        "the host terminal's size reaches the guest: {text}"
+    );
+    assert!(text.contains("got:hello\n"), "{text}");
+    out.expect_code(5);
+    sb.assert_clean();
+}

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use krun_proto::{CgroupSetup, ContainerSetup};
+use krun_proto::{CgroupSetup, ContainerSetup, ProcessSetup};
 
 use crate::{mounts, process, sys};
 
@@ -49,10 +49,24 @@ pub struct Stdio {
     pub tty: Option<File>,
 }
 
-/// The child's ends, dup'ed onto 0, 1 and 2 before exec.
-struct ChildStdio {
-    fds: [OwnedFd; 3],
-    tty: bool,
+/// The child's side of its stdio.
+enum ChildStdio {
+    /// Pipe ends, dup'ed onto 0, 1 and 2.
+    Pipes([OwnedFd; 3]),
+    /// The child allocates a pty in the container's own devpts (so that
+    /// `tty` and job control work inside) and sends the master back.
+    Tty {
+        sock: OwnedFd,
+        size: Option<(u16, u16)>,
+        uid: u32,
+    },
+}
+
+/// guest-init's side until the child is ready.
+enum ParentStdio {
+    Ready(Stdio),
+    /// The pty master arrives over this socket.
+    Tty(OwnedFd),
 }
 
 /// Pipes to a created, not yet started process.
@@ -151,29 +165,15 @@ fn make_cgroup(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
     Ok(dir)
 }
 
-fn make_stdio(terminal: bool, size: Option<(u16, u16)>) -> Result<(Stdio, ChildStdio), Failure> {
-    if terminal {
-        let (master, slave) = sys::openpty(size).or_fail(|| "allocating a terminal".into())?;
-        sys::set_nonblocking(&master).or_fail(|| "allocating a terminal".into())?;
-        let m = File::from(master);
-        let dup = |f: &File| f.try_clone().or_fail(|| "allocating a terminal".into());
-        let stdio = Stdio {
-            stdin: Some(dup(&m)?),
-            stdout: Some(dup(&m)?),
-            stderr: None,
-            tty: Some(m),
-        };
-        let s1 = slave
-            .try_clone()
-            .or_fail(|| "allocating a terminal".into())?;
-        let s2 = slave
-            .try_clone()
-            .or_fail(|| "allocating a terminal".into())?;
+fn make_stdio(p: &ProcessSetup) -> Result<(ParentStdio, ChildStdio), Failure> {
+    if p.terminal {
+        let (parent, child) = sys::socketpair().or_fail(|| "allocating a terminal".into())?;
         return Ok((
-            stdio,
-            ChildStdio {
-                fds: [slave, s1, s2],
-                tty: true,
+            ParentStdio::Tty(parent),
+            ChildStdio::Tty {
+                sock: child,
+                size: p.console_size,
+                uid: p.uid,
             },
         ));
     }
@@ -189,19 +189,37 @@ fn make_stdio(terminal: bool, size: Option<(u16, u16)>) -> Result<(Stdio, ChildS
         tty: None,
     };
     Ok((
-        stdio,
-        ChildStdio {
-            fds: [in_r, out_w, err_w],
-            tty: false,
-        },
+        ParentStdio::Ready(stdio),
+        ChildStdio::Pipes([in_r, out_w, err_w]),
     ))
+}
+
+impl ParentStdio {
+    /// The stdio of a child that reported ready.
+    fn finish(self) -> Result<Stdio, Failure> {
+        match self {
+            ParentStdio::Ready(s) => Ok(s),
+            ParentStdio::Tty(sock) => {
+                let master = sys::recv_fd(&sock).or_fail(|| "receiving the terminal".into())?;
+                sys::set_nonblocking(&master).or_fail(|| "receiving the terminal".into())?;
+                let m = File::from(master);
+                let dup = |f: &File| f.try_clone().or_fail(|| "receiving the terminal".into());
+                Ok(Stdio {
+                    stdin: Some(dup(&m)?),
+                    stdout: Some(dup(&m)?),
+                    stderr: None,
+                    tty: Some(m),
+                })
+            }
+        }
+    }
 }
 
 /// Creates the container: returns once its init is ready to exec, or with
 /// the reason it cannot be.
 pub fn create(setup: &ContainerSetup) -> Result<(Container, Stdio, Pending), Failure> {
     let cgroup = make_cgroup(&setup.id, &setup.cgroup)?;
-    let (stdio, child_stdio) = make_stdio(setup.process.terminal, setup.process.console_size)?;
+    let (stdio, child_stdio) = make_stdio(&setup.process)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
@@ -213,6 +231,7 @@ pub fn create(setup: &ContainerSetup) -> Result<(Container, Stdio, Pending), Fai
     drop((report_w, start_r, child_stdio));
     let mut report = File::from(report_r);
     read_report(&mut report, false)?;
+    let stdio = stdio.finish()?;
     let oom_events = File::open(cgroup.join("memory.events")).ok();
     let mut c = Container {
         init_pid: pid,
@@ -317,18 +336,53 @@ fn child(
     sys::exit_now(f.code);
 }
 
+/// Allocates the container's terminal from its own /dev/ptmx, hands the
+/// master to guest-init and makes the slave this process's controlling
+/// terminal, stdio and /dev/console (as runc does).
+fn attach_terminal(sock: &OwnedFd, size: Option<(u16, u16)>, uid: u32) -> Result<(), Failure> {
+    let (master, slave) = sys::open_pty(Path::new("/dev/ptmx")).or_fail(|| {
+        "process.terminal: opening /dev/ptmx (the bundle needs a devpts mount on /dev/pts)".into()
+    })?;
+    if let Some((rows, cols)) = size {
+        sys::set_winsize(master.as_raw_fd(), rows, cols)
+            .or_fail(|| "process.consoleSize".into())?;
+    }
+    sys::fchown(&slave, uid)
+        .or_fail(|| "process.terminal: handing the terminal to the user".into())?;
+    if let Ok(n) = sys::pty_number(&master) {
+        let console = Path::new("/dev/console");
+        if fs::symlink_metadata(console).is_err() {
+            let _ = fs::File::create(console);
+        }
+        let _ = sys::mount(
+            Some(&format!("/dev/pts/{n}")),
+            console,
+            None,
+            libc::MS_BIND,
+            None,
+        );
+    }
+    sys::send_fd(sock, &master)
+        .or_fail(|| "process.terminal: sending the terminal to guest-init".into())?;
+    drop(master);
+    sys::set_controlling_tty(slave.as_raw_fd())
+        .or_fail(|| "process.terminal: setting the controlling terminal".into())?;
+    for i in 0..3 {
+        sys::dup2(slave.as_raw_fd(), i).or_fail(|| "process.terminal: setting up stdio".into())?;
+    }
+    Ok(())
+}
+
 /// Everything up to the exec, in the order runc does it. Returns the
 /// resolved path of the program.
 fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<PathBuf, Failure> {
     sys::reset_signals();
     sys::setsid();
-    for (i, fd) in stdio.fds.iter().enumerate() {
-        sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
+    if let ChildStdio::Pipes(fds) = &stdio {
+        for (i, fd) in fds.iter().enumerate() {
+            sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
+        }
     }
-    if stdio.tty {
-        sys::set_controlling_tty(0).or_fail(|| "setting the controlling terminal".into())?;
-    }
-    drop(stdio);
     fs::write(cgroup.join("cgroup.procs"), "0")
         .or_fail(|| "joining the container's cgroup".into())?;
     if let Some(adj) = setup.process.oom_score_adj {
@@ -336,5 +390,8 @@ fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<P
             .or_fail(|| "process.oomScoreAdj".into())?;
     }
     mounts::setup_root(setup)?;
+    if let ChildStdio::Tty { sock, size, uid } = stdio {
+        attach_terminal(&sock, size, uid)?;
+    }
     process::apply(&setup.process)
 }

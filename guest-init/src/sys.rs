@@ -339,37 +339,122 @@ pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()
     Ok(())
 }
 
-/// A new pseudo-terminal: (master, slave).
-pub fn openpty(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut master = -1;
-    let mut slave = -1;
-    let ws = size.map(|(rows, cols)| libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    });
-    let wsp = ws
-        .as_ref()
-        .map_or(std::ptr::null(), |w| w as *const libc::winsize);
-    // SAFETY: master/slave receive descriptors; the name buffer is null;
-    // termios is null (defaults); wsp is null or points to `ws`.
-    check(unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            wsp,
+/// Opens a new pseudo-terminal pair through the multiplexer at `ptmx` (the
+/// container's own devpts instance): (master, slave), both close-on-exec.
+pub fn open_pty(ptmx: &Path) -> io::Result<(OwnedFd, OwnedFd)> {
+    let p = cstring(ptmx)?;
+    // SAFETY: `p` is a valid C string.
+    let master =
+        check(unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: open succeeded, so this is a fresh descriptor we own.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from the pointer.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let slave = check(unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
         )
     })?;
-    // SAFETY: openpty succeeded, so both are fresh descriptors we own.
-    let (m, s) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    for fd in [&m, &s] {
-        // SAFETY: fcntl on a descriptor we own.
-        check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    // SAFETY: the ioctl succeeded, so this is a fresh descriptor we own.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
+}
+
+/// The number N of a pty slave, as in /dev/pts/N.
+pub fn pty_number(master: &OwnedFd) -> io::Result<u32> {
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes an unsigned int to the pointer.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) })?;
+    Ok(n)
+}
+
+pub fn fchown(fd: &OwnedFd, uid: u32) -> io::Result<()> {
+    // SAFETY: fchown on a descriptor we own; gid -1 keeps the group.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, u32::MAX) })?;
+    Ok(())
+}
+
+/// A connected pair of unix stream sockets, close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded, so both are fresh descriptors we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Room for one SCM_RIGHTS control message carrying one descriptor.
+const CMSG_SPACE_ONE_FD: usize = 24;
+
+/// Sends `fd` over the unix socket `sock`.
+pub fn send_fd(sock: &OwnedFd, fd: &OwnedFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut control = [0u8; CMSG_SPACE_ONE_FD];
+    // SAFETY: msghdr is plain data; every pointer set below points into
+    // buffers that outlive the sendmsg call, and CMSG_FIRSTHDR/CMSG_DATA
+    // stay within `control`, which is CMSG_SPACE(sizeof(int)) bytes.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd.as_raw_fd());
+        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
-    Ok((m, s))
+    Ok(())
+}
+
+/// Receives one descriptor sent with [`send_fd`].
+pub fn recv_fd(sock: &OwnedFd) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut control = [0u8; CMSG_SPACE_ONE_FD];
+    // SAFETY: as in send_fd; the received descriptor is read only when the
+    // kernel filled in a SCM_RIGHTS message of the expected size.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = control.len();
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if n == 0 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "no descriptor received",
+            ));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
 }
 
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
