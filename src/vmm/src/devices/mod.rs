@@ -1,0 +1,1 @@
+//! The devices of a krun-oci VM.
