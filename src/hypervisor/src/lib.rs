@@ -83,6 +83,8 @@ pub enum Error {
     Wait(#[source] std::io::Error),
     #[error("VM configuration is invalid: {0}")]
     InvalidConfig(String),
+    #[error("the VMM failed to start")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A hypervisor backend.

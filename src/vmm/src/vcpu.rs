@@ -1,0 +1,90 @@
+//! The vCPU run loop: VM exits become device accesses, and the exits
+//! that end a VM become a typed [`VmExit`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use krun_hypervisor::VmExit;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{Action, Bus};
+
+/// The signal that knocks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 2
+}
+
+pub extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Shared by the vCPU threads and the handle of the running VM.
+pub struct Control {
+    pub stopping: AtomicBool,
+    pub exit: Mutex<Option<VmExit>>,
+    pub done: Condvar,
+    /// Readable once the VM stops: device worker threads exit on it.
+    pub stop: EventFd,
+}
+
+impl Control {
+    pub fn new(stop: EventFd) -> Control {
+        Control {
+            stopping: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            done: Condvar::new(),
+            stop,
+        }
+    }
+
+    /// Records how the VM ended (the first reason wins) and stops it.
+    pub fn finish(&self, exit: VmExit) {
+        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_none() {
+            tracing::debug!(?exit, "VM stopping");
+            *e = Some(exit);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
+        self.done.notify_all();
+    }
+}
+
+/// Runs `vcpu` until the VM stops, serving its I/O from `bus`.
+pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
+    while !control.stopping.load(Ordering::SeqCst) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if bus.pio_write(port, data) == Action::Reset {
+                    control.finish(VmExit::GuestStopped);
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            // reboot=t makes a guest reset a triple fault; a power-off or
+            // reset event is the same: the guest is done.
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) | Ok(VcpuExit::Hlt) => {
+                control.finish(VmExit::GuestStopped)
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => control.finish(VmExit::VmmFailed {
+                code: 1,
+                detail: format!(
+                    "KVM could not enter vCPU {cpu} (hardware entry failure reason {reason:#x})"
+                ),
+            }),
+            Ok(VcpuExit::InternalError) => control.finish(VmExit::VmmFailed {
+                code: 1,
+                detail: "KVM internal error (emulation failure)".into(),
+            }),
+            Ok(other) => {
+                let detail = format!("unexpected VM exit {other:?}");
+                control.finish(VmExit::VmmFailed { code: 1, detail });
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => control.finish(VmExit::VmmFailed {
+                code: 1,
+                detail: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+}
