@@ -11,7 +11,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActiveQueue, Activation, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Activation, ActiveQueue, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Size of one device's register window.
 pub const MMIO_LEN: u64 = 0x1000;
@@ -49,12 +49,20 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Wraps `device`; `interrupt` is its (irqfd-backed) interrupt line and
     /// `stop` the VM-wide stop event handed to it on activation.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: Mem, interrupt: Arc<Interrupt>, stop: EventFd) -> std::io::Result<MmioTransport> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        stop: EventFd,
+    ) -> std::io::Result<MmioTransport> {
         let sizes = device.queue_max_sizes();
         let mut queues = Vec::with_capacity(sizes.len());
         let mut notify = Vec::with_capacity(sizes.len());
         for max in sizes {
-            queues.push(Queue::new(max).map_err(|e| std::io::Error::other(format!("queue of size {max}: {e:?}")))?);
+            queues.push(
+                Queue::new(max)
+                    .map_err(|e| std::io::Error::other(format!("queue of size {max}: {e:?}")))?,
+            );
             notify.push(EventFd::new(EFD_NONBLOCK)?);
         }
         Ok(MmioTransport {
@@ -134,7 +142,9 @@ impl MmioTransport {
             return;
         }
         // Registers are 32-bit; other widths are a driver bug, ignored.
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
         let v = u32::from_le_bytes(bytes);
         // Queue set-up is only allowed before the device runs.
         let setting_up = !self.activated;
@@ -142,7 +152,9 @@ impl MmioTransport {
             0x14 => self.device_features_sel = v,
             0x20 => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                1 => {
+                    self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
+                }
                 _ => {}
             },
             0x24 => self.driver_features_sel = v,
@@ -167,7 +179,11 @@ impl MmioTransport {
             0x70 => self.set_status(v),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setting_up => {
                 let Some(q) = self.selected() else { return };
-                let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (lo, hi) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 match offset & !4 {
                     0x80 => q.set_desc_table_address(lo, hi),
                     0x90 => q.set_avail_ring_address(lo, hi),
@@ -193,7 +209,9 @@ impl MmioTransport {
         }
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
             let offered = self.features();
-            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
                 // The driver accepted something never offered, or is legacy.
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
@@ -216,20 +234,35 @@ impl MmioTransport {
                 Err(_) => return self.fail(),
             };
             if !valid && q.ready() {
-                tracing::warn!(device = self.device.device_type(), queue = i, "driver set up an invalid queue");
+                tracing::warn!(
+                    device = self.device.device_type(),
+                    queue = i,
+                    "driver set up an invalid queue"
+                );
                 return self.fail();
             }
             // The device gets its own copy; the registers keep reading ours.
             // A queue the driver left unused stays not ready.
-            let copy = if q.ready() { Queue::try_from(q.state()).ok() } else { Queue::new(q.max_size()).ok() };
-            let Some(queue) = copy else { return self.fail() };
+            let copy = if q.ready() {
+                Queue::try_from(q.state()).ok()
+            } else {
+                Queue::new(q.max_size()).ok()
+            };
+            let Some(queue) = copy else {
+                return self.fail();
+            };
             queues.push(ActiveQueue { queue, notify });
         }
         let stop = match self.stop.try_clone() {
             Ok(e) => e,
             Err(_) => return self.fail(),
         };
-        let activation = Activation { mem: self.mem.clone(), interrupt: self.interrupt.clone(), queues, stop };
+        let activation = Activation {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            stop,
+        };
         if let Err(e) = self.device.activate(activation) {
             tracing::warn!(device = self.device.device_type(), error = %e, "device activation failed");
             self.fail();
@@ -276,9 +309,14 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Option<usize>>>) {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let activated = Arc::new(Mutex::new(None));
-        let dev = Box::new(Dummy { activated: activated.clone() });
+        let dev = Box::new(Dummy {
+            activated: activated.clone(),
+        });
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        (MmioTransport::new(dev, mem, irq, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap(), activated)
+        (
+            MmioTransport::new(dev, mem, irq, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap(),
+            activated,
+        )
     }
 
     fn r32(t: &mut MmioTransport, off: u64) -> u32 {
@@ -315,11 +353,19 @@ mod tests {
         w32(&mut t, 0x20, 1 << 3);
         w32(&mut t, 0x24, 1);
         w32(&mut t, 0x20, 1);
-        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_ne!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         setup_queue(&mut t, 0, 0x1000);
         setup_queue(&mut t, 1, 0x2000);
-        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert_eq!(*activated.lock().unwrap(), Some(2));
         let mut cfg = [0u8; 8];
         t.read(0x102, &mut cfg);

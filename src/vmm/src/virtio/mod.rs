@@ -37,7 +37,10 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(evt: EventFd) -> Interrupt {
-        Interrupt { status: AtomicU32::new(0), evt }
+        Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        }
     }
 
     /// Tells the driver that a queue has new used buffers.
@@ -120,6 +123,11 @@ pub trait VirtioDevice: Send {
 /// Copies `src` (a config space) into `data` at `offset`, zero past its end.
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| src.get(o)).copied().unwrap_or(0);
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| src.get(o))
+            .copied()
+            .unwrap_or(0);
     }
 }
