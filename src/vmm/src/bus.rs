@@ -35,8 +35,13 @@ pub enum Action {
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
+/// The CMOS real-time clock's index and data ports.
+const CMOS_INDEX: u16 = 0x70;
+const CMOS_DATA: u16 = 0x71;
+
 pub struct Bus {
     serial: Mutex<SerialDevice>,
+    cmos_index: std::sync::atomic::AtomicU8,
     virtio: Vec<(u64, Mutex<MmioTransport>)>,
 }
 
@@ -44,6 +49,7 @@ impl Bus {
     pub fn new(serial: SerialDevice, virtio: Vec<(u64, MmioTransport)>) -> Bus {
         Bus {
             serial: Mutex::new(serial),
+            cmos_index: std::sync::atomic::AtomicU8::new(0),
             virtio: virtio
                 .into_iter()
                 .map(|(a, t)| (a, Mutex::new(t)))
@@ -55,6 +61,11 @@ impl Bus {
         if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) && data.len() == 1 {
             let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
             data[0] = s.read((port - SERIAL_PORT) as u8);
+        } else if port == CMOS_DATA && data.len() == 1 {
+            data[0] = cmos_read(
+                self.cmos_index.load(std::sync::atomic::Ordering::Relaxed),
+                std::time::SystemTime::now(),
+            );
         } else {
             // Nothing there: the bus floats high.
             data.fill(0xff);
@@ -66,6 +77,10 @@ impl Bus {
             let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
             // A failed console write must not stop the guest.
             let _ = s.write((port - SERIAL_PORT) as u8, data[0]);
+        } else if port == CMOS_INDEX && data.len() == 1 {
+            // Bit 7 is the NMI mask, not part of the index.
+            self.cmos_index
+                .store(data[0] & 0x7f, std::sync::atomic::Ordering::Relaxed);
         } else if port == I8042_COMMAND && data == [I8042_RESET] {
             return Action::Reset;
         }
@@ -90,5 +105,61 @@ impl Bus {
         if let Some((t, off)) = self.transport(addr) {
             t.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
         }
+    }
+}
+
+/// A read-only CMOS clock showing the host's UTC time. Linux reads it at
+/// boot when it has no kvm-clock wall time; with nothing at these ports it
+/// would wait a second for the "update in progress" bit to clear.
+fn cmos_read(index: u8, now: std::time::SystemTime) -> u8 {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let bcd = |v: i64| -> u8 { (((v / 10) % 10) << 4 | (v % 10)) as u8 };
+    match index {
+        0x00 => bcd((rem % 60) as i64),
+        0x02 => bcd((rem / 60 % 60) as i64),
+        0x04 => bcd((rem / 3600) as i64),
+        0x06 => bcd((days + 4).rem_euclid(7) + 1),
+        0x07 => bcd(day),
+        0x08 => bcd(month),
+        0x09 => bcd(year % 100),
+        0x32 => bcd(year / 100),
+        0x0a => 0x26, // status A: divider set, no update in progress
+        0x0b => 0x02, // status B: 24-hour, BCD
+        0x0d => 0x80, // status D: the clock's battery is fine
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmos_clock_reads_the_time_in_bcd() {
+        // 2026-11-22 07:05:09 UTC, a Sunday.
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_331_109);
+        let r = |i| cmos_read(i, t);
+        assert_eq!(
+            (r(0x32), r(0x09), r(0x08), r(0x07)),
+            (0x20, 0x26, 0x11, 0x22)
+        );
+        assert_eq!((r(0x04), r(0x02), r(0x00)), (0x07, 0x05, 0x09));
+        assert_eq!(r(0x06), 1, "Sunday is day 1");
+        assert_eq!(r(0x0a) & 0x80, 0, "never an update in progress");
     }
 }

@@ -1,1 +1,3 @@
 //! The devices of a krun-oci VM.
+
+pub mod console;
