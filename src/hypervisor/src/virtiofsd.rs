@@ -46,10 +46,14 @@ pub(crate) fn start(
     cmd.arg(format!("--fd={LISTEN_FD}"))
         .arg("--shared-dir")
         .arg(&share.path)
+        // O_PATH fds rather than file handles for inodes: a share on FUSE
+        // (a bundle on sshfs or fuse-overlayfs, or on the virtio-fs of a
+        // nested test host) gives handles that go stale once reopened.
         .args([
             "--cache=auto",
             "--xattr",
             "--sandbox=namespace",
+            "--inode-file-handles=never",
             "--log-level=error",
         ])
         .stdout(Stdio::null());
