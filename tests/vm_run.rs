@@ -351,8 +351,11 @@ fn a_terminal_is_the_containers_own_pty() {
     b.write();
     // `script` gives the runtime a terminal of its own, as a user's shell would.
     let inner = format!(
-        "stty rows 33 cols 101; {} --root {} run --bundle {} tty1",
+        "stty rows 33 cols 101; {} {} --root {} run --bundle {} tty1",
         env!("CARGO_BIN_EXE_krun-oci"),
+        harness::hypervisor()
+            .map(|h| format!("--hypervisor {h}"))
+            .unwrap_or_default(),
         sb.root().display(),
         b.dir.display()
     );

@@ -70,10 +70,22 @@ fn newest_mtime(dir: &Path) -> std::time::SystemTime {
     newest
 }
 
+/// The backend the suite runs on: `KRUN_OCI_TEST_HYPERVISOR` (builtin or
+/// qemu) when set — hack/test runs the suite a second time inside a nested
+/// test host with the built-in VMM — else the runtime's own choice.
+pub fn hypervisor() -> Option<String> {
+    std::env::var("KRUN_OCI_TEST_HYPERVISOR")
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
 /// The krun-oci binary under test.
 pub fn krun_oci() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_krun-oci"));
     c.env("KRUN_OCI_LIBDIR", libdir());
+    if let Some(h) = hypervisor() {
+        c.arg("--hypervisor").arg(h);
+    }
     c
 }
 

@@ -11,8 +11,7 @@ pub const LIBDIR_ENV: &str = "KRUN_OCI_LIBDIR";
 pub struct Assets {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub qemu: PathBuf,
-    pub virtiofsd: PathBuf,
+    dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +68,7 @@ fn join(dirs: &[PathBuf]) -> String {
 }
 
 impl Assets {
+    /// Finds the guest kernel and initramfs.
     pub fn find() -> Result<Assets, AssetError> {
         let dirs = libdirs();
         let dir = dirs
@@ -80,8 +80,17 @@ impl Assets {
         Ok(Assets {
             kernel: dir.join("vmlinux"),
             initrd: dir.join("initramfs.cpio"),
-            qemu: find_program("qemu-system-x86_64", &[])?,
-            virtiofsd: find_program("virtiofsd", &dirs)?,
+            dirs,
         })
+    }
+
+    /// QEMU, for the QEMU backend.
+    pub fn qemu(&self) -> Result<PathBuf, AssetError> {
+        find_program("qemu-system-x86_64", &[])
+    }
+
+    /// virtiofsd, for the QEMU backend.
+    pub fn virtiofsd(&self) -> Result<PathBuf, AssetError> {
+        find_program("virtiofsd", &self.dirs)
     }
 }

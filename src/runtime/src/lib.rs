@@ -6,6 +6,7 @@
 //! [`relay`] (stdio and signals until exit) -> teardown.
 
 pub mod assets;
+pub mod backend;
 pub mod bundle;
 pub mod commands;
 pub mod logging;

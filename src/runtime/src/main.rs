@@ -16,6 +16,10 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 struct Cli {
     #[command(flatten)]
     global: GlobalOpts,
+    /// The hypervisor backend: builtin (krun-oci's own VMM, needs a KVM that
+    /// boots Linux guests) or qemu. Default: builtin where KVM can, else qemu.
+    #[arg(long, global = true, value_parser = ["builtin", "qemu"])]
+    hypervisor: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,7 +49,12 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let hypervisor = cli
+        .hypervisor
+        .as_deref()
+        .map(|h| h.parse().expect("clap checked the value"));
     let ctx = Context {
+        hypervisor,
         root: cli
             .global
             .root

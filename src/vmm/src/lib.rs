@@ -20,6 +20,9 @@ pub mod memory;
 pub mod mptable;
 pub mod vcpu;
 pub mod virtio;
+pub mod vm;
+
+pub use vm::{Builtin, BuiltinVm, VmmError};
 
 #[cfg(test)]
 mod kvm_tests;

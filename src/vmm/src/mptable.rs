@@ -55,10 +55,11 @@ pub fn build(cpus: u32, addr: u64) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
+    // Every ISA interrupt, the timer's included, goes to the IOAPIC pin of
+    // the same number (KVM's default routing); the 8259 reaches the CPU
+    // through LINT0 below. Flags 0: polarity and trigger as the bus says.
     for irq in 0..=MAX_IRQ as u8 {
-        let kind = if irq == 0 { INT_EXTINT } else { INT_INT };
-        // Flags 0: polarity and trigger as the bus defines them.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 carries the 8259's interrupts, LINT1 the NMI, on every CPU.

@@ -9,6 +9,8 @@ pub mod run;
 pub struct Context {
     /// The state root (`--root`).
     pub root: PathBuf,
+    /// The backend asked for with `--hypervisor`.
+    pub hypervisor: Option<crate::plan::HypervisorKind>,
 }
 
 /// An error that ends the runtime with a specific exit status (the

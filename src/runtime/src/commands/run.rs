@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
-use krun_hypervisor::{detect_accel, Qemu};
 
 use super::{Context, ExitCode};
 use crate::assets::Assets;
@@ -44,16 +43,12 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
             .with_context(|| format!("--pid-file {}", p.display()))?;
     }
     let run_dir = RunDir::new(&state_dir.dir)?;
+    let console_copy = ConsoleCopy(id.clone(), state_dir.console_log());
 
-    let accel = detect_accel();
-    tracing::debug!(container = %id, accel = ?accel.accel, reason = %accel.reason, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
-    let hv = Qemu {
-        qemu: assets.qemu.clone(),
-        virtiofsd: assets.virtiofsd.clone(),
-        accel: accel.accel,
-    };
+    tracing::debug!(container = %id, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
+    let hv = crate::backend::choose(ctx.hypervisor.or(plan.hypervisor), &assets)?;
     let host_setup_ms = crate::since_start_ms();
-    let mut session = Session::boot(&hv, &plan, &assets, &state_dir.dir, &run_dir.0)?;
+    let mut session = Session::boot(hv.as_ref(), &plan, &assets, &state_dir.dir, &run_dir.0)?;
 
     let mut setup = plan.setup.clone();
     setup.realtime_ns = SystemTime::now()
@@ -98,9 +93,9 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     let exited_ms = crate::since_start_ms();
     let timings = session.timings.clone();
     let vm_exit = session.shutdown(Duration::from_secs(3));
-    copy_console(id, &state_dir.console_log());
     log_timings(id, host_setup_ms, &timings, exited_ms);
     tracing::debug!(container = %id, ?vm_exit, teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
+    drop(console_copy);
     drop(run_dir);
     drop(state_dir);
     match result {
@@ -133,12 +128,16 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
 }
 
 /// Debug aid: with KRUN_OCI_CONSOLE_COPY=DIR, the guest console log of
-/// every run is kept as DIR/ID.log (the state directory, where it lives,
-/// is removed at the end of a run). The tests use it to show a failing
-/// guest's console.
-fn copy_console(id: &str, log: &Path) {
-    if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
-        let _ = std::fs::copy(log, Path::new(&dir).join(format!("{id}.log")));
+/// every run is kept as DIR/ID.log when the run ends, however it ends (the
+/// state directory, where it lives, is removed). The tests use it to show
+/// a failing guest's console.
+struct ConsoleCopy(String, std::path::PathBuf);
+
+impl Drop for ConsoleCopy {
+    fn drop(&mut self) {
+        if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
+            let _ = std::fs::copy(&self.1, Path::new(&dir).join(format!("{}.log", self.0)));
+        }
     }
 }
 

@@ -19,6 +19,31 @@ pub use sizing::{
     HostInfo, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB,
 };
 
+/// Annotation that picks the hypervisor backend (`builtin` or `qemu`).
+pub const ANNOTATION_HYPERVISOR: &str = "io.krun-oci.hypervisor";
+
+/// The hypervisor backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypervisorKind {
+    /// krun-oci's own VMM on KVM.
+    Builtin,
+    /// QEMU `-M microvm`, with KVM or TCG.
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "builtin" => Ok(HypervisorKind::Builtin),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            other => Err(format!(
+                "unknown hypervisor {other:?} (want builtin or qemu)"
+            )),
+        }
+    }
+}
+
 /// A VM to boot and the container guest-init sets up in it.
 #[derive(Debug, Clone)]
 pub struct VmPlan {
@@ -27,6 +52,8 @@ pub struct VmPlan {
     /// Shares in tag order; the first is the root filesystem.
     pub shares: Vec<Share>,
     pub setup: ContainerSetup,
+    /// The backend the bundle asks for, if it does.
+    pub hypervisor: Option<HypervisorKind>,
     /// Fields accepted but not applied inside the VM, for the log.
     pub warnings: Vec<String>,
 }
@@ -100,6 +127,15 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mounts = mounts::plan_mounts(spec, bundle, &mut shares, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
+    let hypervisor = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_HYPERVISOR))
+        .and_then(|v| {
+            v.parse::<HypervisorKind>()
+                .map_err(|e| problems.add(format!("annotations[{ANNOTATION_HYPERVISOR:?}]"), e))
+                .ok()
+        });
     if spec.hooks().as_ref().is_some_and(|h| !hooks_empty(h)) {
         problems.add("hooks", "hooks are not supported yet");
     }
@@ -125,6 +161,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         memory_mib,
         shares,
         setup,
+        hypervisor,
         warnings,
     })
 }

@@ -223,6 +223,28 @@ fn annotations_override_sizing() {
 }
 
 #[test]
+fn the_hypervisor_annotation_picks_the_backend() {
+    let p = plan_of("full", |c| {
+        c["annotations"] = json!({ANNOTATION_HYPERVISOR: "qemu"})
+    })
+    .unwrap();
+    assert_eq!(p.hypervisor, Some(HypervisorKind::Qemu));
+    let p = plan_of("full", |c| {
+        c["annotations"] = json!({ANNOTATION_HYPERVISOR: "builtin"})
+    })
+    .unwrap();
+    assert_eq!(p.hypervisor, Some(HypervisorKind::Builtin));
+    assert_eq!(plan_of("full", |_| {}).unwrap().hypervisor, None);
+    let fields = problem_fields("full", |c| {
+        c["annotations"] = json!({ANNOTATION_HYPERVISOR: "xen"})
+    });
+    assert_eq!(
+        fields,
+        vec![format!("annotations[{ANNOTATION_HYPERVISOR:?}]")]
+    );
+}
+
+#[test]
 fn impossible_sizes_are_errors_naming_the_field() {
     let vcpus = format!("annotations[{ANNOTATION_VCPUS:?}]");
     let mem = format!("annotations[{ANNOTATION_MEMORY_MIB:?}]");

@@ -1,3 +1,4 @@
 //! The devices of a krun-oci VM.
 
 pub mod console;
+pub mod fs;

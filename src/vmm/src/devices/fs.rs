@@ -1,0 +1,2282 @@
+//! virtio-fs (virtio spec 5.11): a host directory shared with the guest,
+//! served in-process by fuse-backend-rs's passthrough filesystem.
+//!
+//! Queues: 0 = hiprio (FORGET, BATCH_FORGET), 1 = the one request queue.
+//! No virtio feature bits, no DAX window (SETUPMAPPING is refused).
+//!
+//! All the queue logic is [`process_queue`], a plain function over the FUSE
+//! server, a queue and guest memory that tests drive directly; the
+//! `virtio-fs-TAG` worker thread is only its epoll glue.
+//!
+//! # The guest is untrusted
+//!
+//! * Confinement. The passthrough backend holds an `O_PATH` fd per inode
+//!   the guest knows and resolves every name with `openat(parent_fd, name,
+//!   O_PATH | O_NOFOLLOW)`, one component at a time: names containing `/`
+//!   are refused (EINVAL), and so are `.` and `..` (ENOENT; the guest
+//!   kernel resolves those itself), so even a directory moved out of the
+//!   share while the guest holds it leads no further up. A symlink is
+//!   looked up as the link itself, never its target: a name under it
+//!   fails with ENOTDIR, opening it fails (only
+//!   regular files and directories are ever opened, which also keeps device
+//!   nodes and FIFOs the guest creates from being opened on the host), and
+//!   the metadata calls that go through `/proc/self/fd/N` land on the link
+//!   (a magic link is never followed further). A symlink's target is only
+//!   ever resolved by the guest kernel, in the guest. The guest never names
+//!   a host path: the only absolute path used is the share's root, fixed
+//!   here (canonical, so it is not itself a symlink).
+//! * Read-only shares. [`ShareFs`] wraps the backend and answers every
+//!   request that would modify the share with EROFS before the backend sees
+//!   it; everything that only reads is delegated.
+//! * Hostile requests. A chain whose buffers lie outside guest memory is
+//!   completed with nothing written; a request the server cannot parse gets
+//!   an EIO reply (pre-filled before the server runs, so it stands whenever
+//!   the server fails without replying); sizes the guest chooses are bounded
+//!   before they become host allocations (xattr and readdir buffers, and
+//!   FUSE_IOCTL, which the backend does not support, is refused before the
+//!   server copies its input). Nothing on the request path panics on
+//!   guest data, and a bad request never stops the worker.
+//!
+//! What is *not* confined, as with virtiofsd and runc bind mounts: requests
+//! run with the guest's uid/gid (the worker switches its own thread's
+//! credentials), so a guest root can create setuid files, device nodes or
+//! security xattrs inside the share, which host processes could then use.
+//! Unlike virtiofsd there is no mount-namespace sandbox behind the path
+//! checks, and the number of host fds the guest can pin (one per inode it
+//! looked up, one per open file) is only bounded by RLIMIT_NOFILE.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, InHeader, Opcode, OutHeader};
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
+    ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::{
+    read_config_bytes, Activation, ActiveQueue, DeviceError, Interrupt, Mem, VirtioDevice, TYPE_FS,
+};
+
+/// Maximum size of each queue.
+pub const QUEUE_MAX_SIZE: u16 = 1024;
+/// hiprio + one request queue.
+pub const NUM_QUEUES: usize = 2;
+/// Longest tag the configuration space holds.
+pub const TAG_MAX_LEN: usize = 36;
+
+/// Configuration space: tag[36] + num_request_queues (le32).
+const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+const NUM_REQUEST_QUEUES: u32 = 1;
+
+/// How long the guest may cache names and attributes: virtiofsd's
+/// `--cache=auto`, so host changes show within a second.
+const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Linux's XATTR_SIZE_MAX and XATTR_LIST_MAX: no value or name list is
+/// larger, so a bigger guest buffer size only asks for a bigger host
+/// allocation.
+const XATTR_MAX: u32 = 64 * 1024;
+/// The largest directory read handed to the backend (its getdents buffer);
+/// Linux asks for a page at a time.
+const READDIR_MAX: u32 = 1024 * 1024;
+
+const OUT_HEADER_LEN: usize = std::mem::size_of::<OutHeader>();
+
+/// epoll token of the stop event; queues use their index.
+const TOKEN_STOP: u64 = u64::MAX;
+
+/// Errors setting up a share.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("virtio-fs tag {0:?}: it must be 1 to {TAG_MAX_LEN} bytes, without NUL")]
+    InvalidTag(String),
+    #[error("shared directory {path}: {err}")]
+    SharedDir { path: PathBuf, err: io::Error },
+    #[error("shared directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("shared directory {0}: the path is not UTF-8, which the passthrough backend needs")]
+    UnsupportedPath(PathBuf),
+    #[error("serving {path}: {err}")]
+    Backend { path: PathBuf, err: io::Error },
+}
+
+/// The virtio-fs device of one share.
+pub struct Fs {
+    tag: String,
+    config: [u8; CONFIG_LEN],
+    server: Option<Server<ShareFs>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Fs {
+    /// A device the guest mounts as `mount -t virtiofs TAG`, serving
+    /// `shared_dir` (refusing every modification when `readonly`).
+    pub fn new(tag: &str, shared_dir: &Path, readonly: bool) -> Result<Fs, FsError> {
+        let config = config_space(tag)?;
+        let server = Server::new(ShareFs::new(shared_dir, readonly)?);
+        Ok(Fs {
+            tag: tag.to_owned(),
+            config,
+            server: Some(server),
+            worker: None,
+        })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The worker thread, once activated (it exits when the VM's stop
+    /// event becomes readable).
+    pub fn take_worker(&mut self) -> Option<JoinHandle<()>> {
+        self.worker.take()
+    }
+}
+
+fn config_space(tag: &str) -> Result<[u8; CONFIG_LEN], FsError> {
+    let bytes = tag.as_bytes();
+    if bytes.is_empty() || bytes.len() > TAG_MAX_LEN || bytes.contains(&0) {
+        return Err(FsError::InvalidTag(tag.to_owned()));
+    }
+    let mut c = [0u8; CONFIG_LEN];
+    c[..bytes.len()].copy_from_slice(bytes);
+    c[TAG_MAX_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+    Ok(c)
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_MAX_SIZE; NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data)
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
+        let got = activation.queues.len();
+        if got != NUM_QUEUES {
+            return Err(DeviceError::QueueCount {
+                got,
+                want: NUM_QUEUES,
+            });
+        }
+        let server = self.server.take().ok_or_else(|| {
+            DeviceError::Backend(io::Error::other(
+                "the virtio-fs device was already activated",
+            ))
+        })?;
+        let Activation {
+            mem,
+            interrupt,
+            queues,
+            stop,
+        } = activation;
+        let tag = self.tag.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("virtio-fs-{}", self.tag))
+            .spawn(move || run_worker(&tag, &server, &mem, &interrupt, queues, &stop))
+            .map_err(DeviceError::Worker)?;
+        self.worker = Some(handle);
+        Ok(())
+    }
+}
+
+/// The `virtio-fs-TAG` thread.
+fn run_worker(
+    tag: &str,
+    server: &Server<ShareFs>,
+    mem: &Mem,
+    interrupt: &Interrupt,
+    mut queues: Vec<ActiveQueue>,
+    stop: &EventFd,
+) {
+    if let Err(e) = private_fs_attrs() {
+        // fuse-backend-rs clears the umask at FUSE_INIT; without a private
+        // one that is the whole process's umask.
+        tracing::warn!(tag, error = %e, "virtio-fs: cannot give the worker its own umask");
+    }
+    if let Err(e) = event_loop(server, mem, interrupt, &mut queues, stop) {
+        tracing::error!(tag, error = %e, "virtio-fs worker failed");
+    }
+}
+
+fn event_loop(
+    server: &Server<ShareFs>,
+    mem: &Mem,
+    interrupt: &Interrupt,
+    queues: &mut [ActiveQueue],
+    stop: &EventFd,
+) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    for (i, q) in queues.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            q.notify.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i as u64),
+        )?;
+    }
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, TOKEN_STOP),
+    )?;
+    // Anything the driver queued before it set DRIVER_OK.
+    for q in queues.iter_mut() {
+        if process_queue(server, &mut q.queue, mem) {
+            interrupt.signal_used_queue();
+        }
+    }
+    let mut events = [EpollEvent::default(); NUM_QUEUES + 1];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let ready = &events[..n];
+        // The stop event is shared with the other devices: seen, not read.
+        if ready.iter().any(|ev| ev.data() == TOKEN_STOP) {
+            return Ok(());
+        }
+        for ev in ready {
+            let Some(q) = usize::try_from(ev.data())
+                .ok()
+                .and_then(|i| queues.get_mut(i))
+            else {
+                continue;
+            };
+            // Cleared before serving, so a notification that arrives while
+            // the queue is served wakes the loop again.
+            let _ = q.notify.read();
+            if process_queue(server, &mut q.queue, mem) {
+                interrupt.signal_used_queue();
+            }
+        }
+    }
+}
+
+/// Gives the calling thread its own umask, root and working directory
+/// (unshare `CLONE_FS`, which needs no privilege) and clears that umask:
+/// the guest's modes are applied as it asks, its own umask already
+/// applied. Without this, fuse-backend-rs clearing the umask (it does at
+/// every import) would clear the whole runtime process's.
+fn private_fs_attrs() -> io::Result<()> {
+    // SAFETY: unshare(2) takes no pointers; CLONE_FS only detaches this
+    // thread's root, cwd and umask from the other threads'.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: umask(2) touches no memory and cannot fail; after the
+    // unshare it only affects this thread.
+    unsafe { libc::umask(0) };
+    Ok(())
+}
+
+/// Serves every request the driver made available on `queue`: each chain
+/// is handed to the FUSE server and completed, whatever it contains.
+/// Returns whether the driver should be interrupted.
+pub fn process_queue<F: FileSystem + Sync>(
+    server: &Server<F>,
+    queue: &mut Queue,
+    mem: &Mem,
+) -> bool {
+    if !queue.ready() {
+        return false;
+    }
+    let mut completed = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let len = serve_chain(server, mem, chain);
+        match queue.add_used(mem, head, len) {
+            Ok(()) => completed = true,
+            Err(e) => tracing::debug!(head, error = %e, "virtio-fs: cannot complete a chain"),
+        }
+    }
+    completed && queue.needs_notification(mem).unwrap_or(true)
+}
+
+/// Serves one request; returns the number of bytes written to the chain.
+fn serve_chain<F: FileSystem + Sync>(
+    server: &Server<F>,
+    mem: &Mem,
+    chain: DescriptorChain<&Mem>,
+) -> u32 {
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "virtio-fs: unusable request buffers");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "virtio-fs: unusable reply buffers");
+            return 0;
+        }
+    };
+    let capacity = writer.available_bytes();
+    let Ok(header) = reader.clone().read_obj::<InHeader>() else {
+        tracing::debug!("virtio-fs: request shorter than a FUSE header");
+        return 0;
+    };
+    let opcode = header.opcode;
+    let no_reply = [Opcode::Forget, Opcode::BatchForget, Opcode::Interrupt]
+        .iter()
+        .any(|&o| o as u32 == opcode);
+    if no_reply {
+        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+            tracing::debug!(opcode, error = %e, "virtio-fs: bad request");
+        }
+        return 0;
+    }
+    if opcode == Opcode::Ioctl as u32 {
+        // The backend has no ioctls, and the server would first copy the
+        // input into a host buffer as large as the guest makes the chain
+        // (up to 4 GiB, with descriptors that repeat the same memory).
+        return reply_error(mem, &chain, header.unique, libc::ENOTTY);
+    }
+    // Every reply starts with its header at the start of the writable
+    // buffers, so a real reply overwrites this one; it stands when the
+    // server fails without replying.
+    let fallback = reply_error(mem, &chain, header.unique, libc::EIO);
+    match server.handle_message(reader, writer.into(), None, None) {
+        Ok(n) if n > 0 => u32::try_from(n.min(capacity)).unwrap_or(u32::MAX),
+        // DESTROY replies (16 bytes) yet returns 0.
+        Ok(_) => fallback,
+        Err(e) => {
+            tracing::debug!(opcode, error = %e, "virtio-fs: bad request");
+            fallback
+        }
+    }
+}
+
+/// Writes an error reply at the start of the chain's writable buffers;
+/// returns its length, or 0 if it does not fit.
+fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32) -> u32 {
+    let out = OutHeader {
+        len: OUT_HEADER_LEN as u32,
+        error: -errno,
+        unique,
+    };
+    match VirtioFsWriter::new(mem, chain.clone()).map(|mut w| w.write_obj(out)) {
+        Ok(Ok(())) => OUT_HEADER_LEN as u32,
+        _ => 0,
+    }
+}
+
+/// The filesystem the guest sees: fuse-backend-rs's passthrough backend
+/// rooted at the share, with a read-only switch and bounds on the buffer
+/// sizes the guest picks.
+///
+/// Every method of fuse-backend-rs's `FileSystem` has a default (mostly
+/// ENOSYS), so each one is spelled out here: reads are delegated, writes
+/// refused with EROFS on a read-only share.
+pub struct ShareFs {
+    inner: PassthroughFs<()>,
+    readonly: bool,
+}
+
+impl ShareFs {
+    /// The passthrough backend for `shared_dir`, with its root imported.
+    pub fn new(shared_dir: &Path, readonly: bool) -> Result<ShareFs, FsError> {
+        let root = shared_dir
+            .canonicalize()
+            .map_err(|err| FsError::SharedDir {
+                path: shared_dir.to_owned(),
+                err,
+            })?;
+        if !root.is_dir() {
+            return Err(FsError::NotADirectory(root));
+        }
+        let root_dir = root
+            .to_str()
+            .ok_or_else(|| FsError::UnsupportedPath(root.clone()))?
+            .to_owned();
+        let backend_err = |err| FsError::Backend {
+            path: root.clone(),
+            err,
+        };
+        let cfg = Config {
+            root_dir,
+            // Imported here rather than by a VFS layer: this also turns on
+            // the backend's own checks of the names the guest sends.
+            do_import: true,
+            xattr: true,
+            cache_policy: CachePolicy::Auto,
+            writeback: false,
+            entry_timeout: CACHE_TIMEOUT,
+            attr_timeout: CACHE_TIMEOUT,
+            // O_PATH fds: file handles need CAP_DAC_READ_SEARCH and go stale
+            // on some filesystems (FUSE ones among them).
+            inode_file_handles: false,
+            // Guest buffers are not aligned for the host's O_DIRECT.
+            allow_direct_io: false,
+            ..Default::default()
+        };
+        let inner = PassthroughFs::<()>::new(cfg).map_err(backend_err)?;
+        import_root(&inner).map_err(backend_err)?;
+        Ok(ShareFs { inner, readonly })
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.readonly {
+            Err(erofs())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Opens the share's root in the backend (FUSE_INIT does it again), on a
+/// thread of its own: the backend clears the umask as it does.
+fn import_root(fs: &PassthroughFs<()>) -> io::Result<()> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("virtio-fs-import".into())
+            .spawn_scoped(s, || {
+                private_fs_attrs()?;
+                fs.import()
+            })?
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("importing the share panicked")))
+    })
+}
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+/// Whether open(2) flags ask for write access or truncation.
+fn opens_for_writing(flags: u32) -> bool {
+    let flags = flags as i32;
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl FileSystem for ShareFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let mut want = self.inner.init(capable)?
+            // Large requests (1 MiB writes rather than 4 KiB), concurrent
+            // reads and lookups, and page cache invalidation when a
+            // file's mtime or size changes under the guest (host writes).
+            | FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::AUTO_INVAL_DATA;
+        // No DAX window.
+        want.remove(FsOptions::PERFILE_DAX);
+        if self.readonly {
+            want.remove(FsOptions::WRITEBACK_CACHE);
+        }
+        Ok(want)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        // The backend resolves `..` against the host's tree, special-casing
+        // only the root: from a directory moved out of the share (by the
+        // host, or by another guest sharing an overlapping directory) it
+        // would climb on to the host's root. Linux's FUSE client asks for
+        // `.` and `..` only to export over NFS, which virtio-fs does not.
+        if matches!(name.to_bytes(), b"." | b"..") {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        if !valid.is_empty() {
+            self.check_writable()?;
+        }
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if opens_for_writing(flags) {
+            self.check_writable()?;
+        }
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.check_writable()?;
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size.min(XATTR_MAX))
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size.min(XATTR_MAX))
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size.min(READDIR_MAX), offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, add_entry)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if flags & SetupmappingFlags::WRITE.bits() != 0 {
+            self.check_writable()?;
+        }
+        self.inner
+            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.inner.removemapping(ctx, inode, requests, vu_req)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.check_writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn ioctl(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        flags: u32,
+        cmd: u32,
+        data: IoctlData,
+        out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        // An ioctl may modify; the backend implements none anyway.
+        if self.readonly {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        self.inner
+            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+    }
+
+    fn bmap(&self, ctx: &Context, inode: u64, block: u64, blocksize: u32) -> io::Result<u64> {
+        self.inner.bmap(ctx, inode, block, blocksize)
+    }
+
+    fn poll(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        khandle: u64,
+        flags: u32,
+        events: u32,
+    ) -> io::Result<u32> {
+        self.inner.poll(ctx, inode, handle, khandle, flags, events)
+    }
+
+    fn notify_reply(&self) -> io::Result<()> {
+        self.inner.notify_reply()
+    }
+
+    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
+        self.inner.id_remap(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::fs;
+    use std::mem::size_of;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use fuse_backend_rs::abi::fuse_abi::{
+        AccessIn, AttrOut, BatchForgetIn, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn,
+        InitIn, InitOut, IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn,
+        SetattrIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+    };
+    use proptest::prelude::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    const QSIZE: u16 = 16;
+    const MEM_SIZE: usize = 0x10_0000;
+    /// Where requests and replies go in guest memory (the queues sit below
+    /// 0x1000 and at 0x8000).
+    const IN_HDR: u64 = 0x1_0000;
+    const IN_BODY: u64 = 0x1_1000;
+    const OUT_HDR: u64 = 0x4_0000;
+    const OUT_BODY: u64 = 0x4_1000;
+    const OUT_BODY_LEN: u32 = 0x1_0000;
+    const HIPRIO_BASE: u64 = 0x8000;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    const FATTR_MODE: u32 = 0x1;
+    const FATTR_SIZE: u32 = 0x8;
+    const FATTR_MTIME: u32 = 0x20;
+
+    const HELLO: &[u8] = b"hello from the host\n";
+
+    fn test_mem() -> Mem {
+        Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    /// A FUSE structure from the start of `bytes`.
+    fn obj<T: ByteValued + Default>(bytes: &[u8]) -> T {
+        let mut t = T::default();
+        let n = size_of::<T>();
+        assert!(bytes.len() >= n, "reply too short: {} < {n}", bytes.len());
+        t.as_mut_slice().copy_from_slice(&bytes[..n]);
+        t
+    }
+
+    /// A FUSE reply structure, compared by its bytes.
+    #[derive(Clone, Copy, Debug)]
+    struct P<T>(T);
+
+    impl<T: ByteValued> PartialEq for P<T> {
+        fn eq(&self, other: &Self) -> bool {
+            self.0.as_slice() == other.0.as_slice()
+        }
+    }
+
+    impl<T> std::ops::Deref for P<T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    /// The driver side of one split queue.
+    struct Driver<'m> {
+        mem: &'m Mem,
+        mock: MockSplitQueue<'m, Mem>,
+        queue: Queue,
+        used_seen: u16,
+    }
+
+    impl<'m> Driver<'m> {
+        fn new(mem: &'m Mem, base: u64) -> Driver<'m> {
+            let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
+            let queue = mock.create_queue::<Queue>().unwrap();
+            Driver {
+                mem,
+                mock,
+                queue,
+                used_seen: 0,
+            }
+        }
+
+        /// Makes available a chain of (address, length, device-writable)
+        /// descriptors, laid out from index 0.
+        fn post(&self, descs: &[(u64, u32, bool)]) {
+            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+                let mut flags = if writable { F_WRITE } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= F_NEXT;
+                }
+                let d = SplitDescriptor::new(addr, len, flags, i as u16 + 1);
+                self.mock
+                    .desc_table()
+                    .store(i as u16, RawDescriptor::from(d))
+                    .unwrap();
+            }
+            self.post_head(0);
+        }
+
+        fn post_head(&self, head: u16) {
+            let idx = self.mock.avail().idx().load();
+            self.mock
+                .avail()
+                .ring()
+                .ref_at(usize::from(idx % QSIZE))
+                .unwrap()
+                .store(head);
+            self.mock.avail().idx().store(idx.wrapping_add(1));
+        }
+
+        /// The next completed chain: (head, bytes written).
+        fn used(&mut self) -> Option<(u32, u32)> {
+            if self.mock.used().idx().load() == self.used_seen {
+                return None;
+            }
+            let e = self
+                .mock
+                .used()
+                .ring()
+                .ref_at(usize::from(self.used_seen % QSIZE))
+                .unwrap()
+                .load();
+            self.used_seen = self.used_seen.wrapping_add(1);
+            Some((e.id(), e.len()))
+        }
+    }
+
+    /// Writes a request into guest memory, as Linux lays it out (header,
+    /// arguments, then the reply header and the reply body), and returns
+    /// its descriptors.
+    fn stage_request(
+        mem: &Mem,
+        opcode: u32,
+        nodeid: u64,
+        unique: u64,
+        args: &[u8],
+    ) -> Vec<(u64, u32, bool)> {
+        let header = InHeader {
+            len: (size_of::<InHeader>() + args.len()) as u32,
+            opcode,
+            unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        };
+        mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+        mem.write_slice(args, GuestAddress(IN_BODY)).unwrap();
+        // A stale reply must not pass for a new one.
+        mem.write_slice(&[0xa5; OUT_HEADER_LEN], GuestAddress(OUT_HDR))
+            .unwrap();
+        mem.write_slice(&vec![0; OUT_BODY_LEN as usize], GuestAddress(OUT_BODY))
+            .unwrap();
+        let mut descs = vec![(IN_HDR, size_of::<InHeader>() as u32, false)];
+        if !args.is_empty() {
+            descs.push((IN_BODY, args.len() as u32, false));
+        }
+        descs.push((OUT_HDR, OUT_HEADER_LEN as u32, true));
+        descs.push((OUT_BODY, OUT_BODY_LEN, true));
+        descs
+    }
+
+    struct Reply {
+        header: OutHeader,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn read(mem: &Mem, used: u32) -> Reply {
+            let header: OutHeader = mem.read_obj(GuestAddress(OUT_HDR)).unwrap();
+            let n = (header.len as usize)
+                .saturating_sub(OUT_HEADER_LEN)
+                .min(OUT_BODY_LEN as usize)
+                .min((used as usize).saturating_sub(OUT_HEADER_LEN));
+            let mut body = vec![0; n];
+            mem.read_slice(&mut body, GuestAddress(OUT_BODY)).unwrap();
+            Reply { header, body }
+        }
+
+        /// The reply body, or the errno.
+        fn result(&self) -> Result<&[u8], i32> {
+            if self.header.error == 0 {
+                Ok(&self.body)
+            } else {
+                Err(-self.header.error)
+            }
+        }
+    }
+
+    /// A share served over a mock request queue.
+    struct Harness<'m> {
+        /// The share is `base/share`; `base` holds what must stay out of
+        /// reach.
+        _dir: Option<tempfile::TempDir>,
+        root: PathBuf,
+        driver: Driver<'m>,
+        server: Server<ShareFs>,
+        unique: u64,
+    }
+
+    impl<'m> Harness<'m> {
+        /// A fresh share: `hello.txt`, `sub/`, and `../outside.txt`,
+        /// `../outside_dir/secret` next to it.
+        fn new(mem: &'m Mem, readonly: bool) -> Harness<'m> {
+            // INIT clears the umask: keep that to this test's thread.
+            private_fs_attrs().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let base = dir.path();
+            fs::write(base.join("outside.txt"), b"outside secret").unwrap();
+            fs::set_permissions(base.join("outside.txt"), fs::Permissions::from_mode(0o644))
+                .unwrap();
+            fs::create_dir(base.join("outside_dir")).unwrap();
+            fs::write(base.join("outside_dir/secret"), b"secret").unwrap();
+            let root = base.join("share");
+            fs::create_dir(&root).unwrap();
+            fs::write(root.join("hello.txt"), HELLO).unwrap();
+            fs::create_dir(root.join("sub")).unwrap();
+            let mut h = Harness::serving(mem, 0, &root, readonly);
+            h._dir = Some(dir);
+            h
+        }
+
+        /// Serves an existing directory over a queue at `queue_base`.
+        fn serving(mem: &'m Mem, queue_base: u64, root: &Path, readonly: bool) -> Harness<'m> {
+            let mut fs = Fs::new("test", root, readonly).unwrap();
+            let server = fs.server.take().unwrap();
+            Harness {
+                _dir: None,
+                root: root.to_owned(),
+                driver: Driver::new(mem, queue_base),
+                server,
+                unique: 0,
+            }
+        }
+
+        fn base(&self) -> &Path {
+            self.root.parent().unwrap()
+        }
+
+        /// Serves whatever chain is posted; the bytes it got, if completed.
+        fn serve(&mut self) -> Option<u32> {
+            process_queue(&self.server, &mut self.driver.queue, self.driver.mem);
+            let used = self.driver.used().map(|(head, len)| {
+                assert_eq!(head, 0);
+                len
+            });
+            assert_eq!(self.driver.used(), None, "one chain, one completion");
+            used
+        }
+
+        fn submit(&mut self, descs: &[(u64, u32, bool)]) -> Option<u32> {
+            self.driver.post(descs);
+            self.serve()
+        }
+
+        fn call_raw(&mut self, opcode: u32, nodeid: u64, args: &[u8]) -> Reply {
+            self.unique += 1;
+            let descs = stage_request(self.driver.mem, opcode, nodeid, self.unique, args);
+            let used = self.submit(&descs).expect("the request was completed");
+            let reply = Reply::read(self.driver.mem, used);
+            assert!(
+                used as usize >= OUT_HEADER_LEN,
+                "no reply to opcode {opcode}"
+            );
+            assert_eq!(reply.header.unique, self.unique);
+            assert_eq!(reply.header.len, used, "the used length is the reply's");
+            reply
+        }
+
+        fn call(&mut self, opcode: Opcode, nodeid: u64, args: &[u8]) -> Reply {
+            self.call_raw(opcode as u32, nodeid, args)
+        }
+
+        fn init(&mut self) -> InitOut {
+            let flags = FsOptions::ASYNC_READ
+                | FsOptions::BIG_WRITES
+                | FsOptions::MAX_PAGES
+                | FsOptions::DO_READDIRPLUS
+                | FsOptions::READDIRPLUS_AUTO
+                | FsOptions::PARALLEL_DIROPS
+                | FsOptions::AUTO_INVAL_DATA
+                | FsOptions::WRITEBACK_CACHE
+                | FsOptions::PERFILE_DAX;
+            let args = InitIn {
+                major: KERNEL_VERSION,
+                minor: KERNEL_MINOR_VERSION,
+                max_readahead: 0x20000,
+                flags: flags.bits() as u32,
+            };
+            obj(self
+                .call(Opcode::Init, 0, args.as_slice())
+                .result()
+                .unwrap())
+        }
+
+        fn lookup(&mut self, parent: u64, name: &str) -> Result<P<EntryOut>, i32> {
+            self.lookup_bytes(parent, &cstr(name))
+        }
+
+        fn lookup_bytes(&mut self, parent: u64, name: &[u8]) -> Result<P<EntryOut>, i32> {
+            let r = self.call(Opcode::Lookup, parent, name);
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn getattr(&mut self, node: u64) -> Result<P<AttrOut>, i32> {
+            let r = self.call(Opcode::Getattr, node, GetattrIn::default().as_slice());
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn open(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+            let args = OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            };
+            let r = self.call(Opcode::Open, node, args.as_slice());
+            r.result().map(|b| obj::<OpenOut>(b).fh)
+        }
+
+        fn opendir(&mut self, node: u64) -> Result<u64, i32> {
+            let args = OpenIn {
+                flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
+                fuse_flags: 0,
+            };
+            let r = self.call(Opcode::Opendir, node, args.as_slice());
+            r.result().map(|b| obj::<OpenOut>(b).fh)
+        }
+
+        fn read(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+            let args = ReadIn {
+                fh,
+                offset,
+                size,
+                ..Default::default()
+            };
+            let r = self.call(Opcode::Read, node, args.as_slice());
+            r.result().map(<[u8]>::to_vec)
+        }
+
+        fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+            let args = WriteIn {
+                fh,
+                offset,
+                size: data.len() as u32,
+                ..Default::default()
+            };
+            let r = self.call(Opcode::Write, node, &cat(&[args.as_slice(), data]));
+            r.result().map(|b| obj::<WriteOut>(b).size)
+        }
+
+        fn create(
+            &mut self,
+            parent: u64,
+            name: &str,
+            flags: i32,
+        ) -> Result<(P<EntryOut>, u64), i32> {
+            let args = CreateIn {
+                flags: flags as u32,
+                mode: libc::S_IFREG | 0o644,
+                umask: 0o022,
+                fuse_flags: 0,
+            };
+            let r = self.call(
+                Opcode::Create,
+                parent,
+                &cat(&[args.as_slice(), &cstr(name)]),
+            );
+            r.result().map(|b| {
+                let entry: EntryOut = obj(b);
+                let open: OpenOut = obj(&b[size_of::<EntryOut>()..]);
+                (P(entry), open.fh)
+            })
+        }
+
+        fn mkdir(&mut self, parent: u64, name: &str) -> Result<P<EntryOut>, i32> {
+            let args = MkdirIn {
+                mode: 0o755,
+                umask: 0o022,
+            };
+            let r = self.call(Opcode::Mkdir, parent, &cat(&[args.as_slice(), &cstr(name)]));
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn mknod(
+            &mut self,
+            parent: u64,
+            name: &str,
+            mode: u32,
+            rdev: u32,
+        ) -> Result<P<EntryOut>, i32> {
+            let args = MknodIn {
+                mode,
+                rdev,
+                umask: 0,
+                padding: 0,
+            };
+            let r = self.call(Opcode::Mknod, parent, &cat(&[args.as_slice(), &cstr(name)]));
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn symlink(&mut self, parent: u64, name: &str, target: &str) -> Result<P<EntryOut>, i32> {
+            let r = self.call(Opcode::Symlink, parent, &cat(&[&cstr(name), &cstr(target)]));
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn readlink(&mut self, node: u64) -> Result<Vec<u8>, i32> {
+            let r = self.call(Opcode::Readlink, node, &[]);
+            r.result().map(<[u8]>::to_vec)
+        }
+
+        fn unlink(&mut self, parent: u64, name: &str) -> Result<(), i32> {
+            self.call(Opcode::Unlink, parent, &cstr(name))
+                .result()
+                .map(drop)
+        }
+
+        fn rmdir(&mut self, parent: u64, name: &str) -> Result<(), i32> {
+            self.call(Opcode::Rmdir, parent, &cstr(name))
+                .result()
+                .map(drop)
+        }
+
+        fn rename(&mut self, parent: u64, old: &str, newdir: u64, new: &str) -> Result<(), i32> {
+            let args = RenameIn { newdir };
+            let body = cat(&[args.as_slice(), &cstr(old), &cstr(new)]);
+            self.call(Opcode::Rename, parent, &body).result().map(drop)
+        }
+
+        fn link(&mut self, node: u64, newparent: u64, name: &str) -> Result<P<EntryOut>, i32> {
+            let args = LinkIn { oldnodeid: node };
+            let r = self.call(
+                Opcode::Link,
+                newparent,
+                &cat(&[args.as_slice(), &cstr(name)]),
+            );
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn setattr(&mut self, node: u64, args: SetattrIn) -> Result<P<AttrOut>, i32> {
+            let r = self.call(Opcode::Setattr, node, args.as_slice());
+            r.result().map(|b| P(obj(b)))
+        }
+
+        fn setxattr(&mut self, node: u64, name: &str, value: &[u8]) -> Result<(), i32> {
+            let args = SetxattrIn {
+                size: value.len() as u32,
+                flags: 0,
+            };
+            let body = cat(&[args.as_slice(), &cstr(name), value]);
+            self.call(Opcode::Setxattr, node, &body).result().map(drop)
+        }
+
+        fn getxattr(&mut self, node: u64, name: &str, size: u32) -> Result<Vec<u8>, i32> {
+            let args = GetxattrIn { size, padding: 0 };
+            let r = self.call(
+                Opcode::Getxattr,
+                node,
+                &cat(&[args.as_slice(), &cstr(name)]),
+            );
+            r.result().map(<[u8]>::to_vec)
+        }
+
+        fn removexattr(&mut self, node: u64, name: &str) -> Result<(), i32> {
+            self.call(Opcode::Removexattr, node, &cstr(name))
+                .result()
+                .map(drop)
+        }
+
+        fn access(&mut self, node: u64, mask: i32) -> Result<(), i32> {
+            let args = AccessIn {
+                mask: mask as u32,
+                padding: 0,
+            };
+            self.call(Opcode::Access, node, args.as_slice())
+                .result()
+                .map(drop)
+        }
+
+        fn fallocate(&mut self, node: u64, fh: u64, length: u64) -> Result<(), i32> {
+            let args = FallocateIn {
+                fh,
+                offset: 0,
+                length,
+                mode: 0,
+                padding: 0,
+            };
+            self.call(Opcode::Fallocate, node, args.as_slice())
+                .result()
+                .map(drop)
+        }
+    }
+
+    fn is_symlink(mode: u32) -> bool {
+        mode & libc::S_IFMT == libc::S_IFLNK
+    }
+
+    #[test]
+    fn config_space_holds_the_tag_and_one_request_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Fs::new("myshare", dir.path(), false).unwrap();
+        assert_eq!(fs.device_type(), TYPE_FS);
+        assert_eq!(fs.queue_max_sizes(), vec![QUEUE_MAX_SIZE; 2]);
+        assert_eq!(fs.features(), 0);
+        let mut cfg = [0xffu8; 48];
+        fs.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..7], b"myshare");
+        assert!(cfg[7..36].iter().all(|&b| b == 0), "NUL padded");
+        assert_eq!(&cfg[36..40], &1u32.to_le_bytes());
+        assert!(cfg[40..].iter().all(|&b| b == 0), "zero past the end");
+        let mut word = [0u8; 4];
+        fs.read_config(36, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 1);
+
+        let long = "x".repeat(TAG_MAX_LEN);
+        let fs = Fs::new(&long, dir.path(), true).unwrap();
+        let mut cfg = [0u8; 40];
+        fs.read_config(0, &mut cfg);
+        assert_eq!(&cfg[..36], long.as_bytes());
+    }
+
+    #[test]
+    fn bad_tags_and_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for tag in ["", &"x".repeat(TAG_MAX_LEN + 1), "a\0b"] {
+            assert!(
+                matches!(Fs::new(tag, dir.path(), false), Err(FsError::InvalidTag(_))),
+                "{tag:?}"
+            );
+        }
+        assert!(matches!(
+            Fs::new("t", &dir.path().join("missing"), false),
+            Err(FsError::SharedDir { .. })
+        ));
+        fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(matches!(
+            Fs::new("t", &dir.path().join("file"), false),
+            Err(FsError::NotADirectory(_))
+        ));
+        // A symlink to a directory is the directory (resolved once, here).
+        symlink(dir.path(), dir.path().join("link")).unwrap();
+        assert!(Fs::new("t", &dir.path().join("link"), false).is_ok());
+    }
+
+    #[test]
+    fn init_negotiates_large_requests_and_no_dax() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        let out = h.init();
+        assert_eq!(out.major, KERNEL_VERSION);
+        assert_eq!(out.minor, KERNEL_MINOR_VERSION);
+        let flags = FsOptions::from_bits_truncate(u64::from(out.flags));
+        assert!(flags.contains(FsOptions::MAX_PAGES | FsOptions::DO_READDIRPLUS));
+        assert!(!flags.contains(FsOptions::PERFILE_DAX));
+        assert!(!flags.contains(FsOptions::WRITEBACK_CACHE));
+        assert_eq!(out.max_pages, 256);
+        assert_eq!(out.max_write, 1 << 20);
+    }
+
+    #[test]
+    fn lookup_getattr_and_read_a_file() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let e = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        assert!(e.nodeid > ROOT_ID);
+        assert_eq!(e.attr.size, HELLO.len() as u64);
+        assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFREG);
+        assert_eq!(e.attr_valid, 1);
+        let attr = h.getattr(e.nodeid).unwrap();
+        assert_eq!(attr.attr.size, HELLO.len() as u64);
+        assert_eq!(
+            attr.attr.ino,
+            fs::metadata(h.root.join("hello.txt")).unwrap().ino()
+        );
+        let fh = h.open(e.nodeid, libc::O_RDONLY).unwrap();
+        assert_eq!(h.read(e.nodeid, fh, 0, 4096).unwrap(), HELLO);
+        assert_eq!(h.read(e.nodeid, fh, 6, 4).unwrap(), b"from");
+        assert_eq!(h.lookup(ROOT_ID, "missing"), Err(libc::ENOENT));
+        // The root itself and the directory below it.
+        assert_eq!(
+            h.getattr(ROOT_ID).unwrap().attr.ino,
+            fs::metadata(&h.root).unwrap().ino()
+        );
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        assert_eq!(sub.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+        h.opendir(sub.nodeid).unwrap();
+    }
+
+    #[test]
+    fn guest_writes_reach_the_host_and_host_writes_reach_the_guest() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let (e, fh) = h.create(ROOT_ID, "new.txt", libc::O_RDWR).unwrap();
+        assert_eq!(h.write(e.nodeid, fh, 0, b"from the guest").unwrap(), 14);
+        // No write-back cache: the host has it as soon as WRITE returns.
+        assert_eq!(fs::read(h.root.join("new.txt")).unwrap(), b"from the guest");
+        let new_mode = fs::metadata(h.root.join("new.txt")).unwrap().mode();
+        assert_eq!(new_mode & 0o777, 0o644, "the guest's mode and umask");
+
+        fs::write(h.root.join("hello.txt"), b"changed on the host").unwrap();
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        assert_eq!(hello.attr.size, 19);
+        let fh = h.open(hello.nodeid, libc::O_RDONLY).unwrap();
+        assert_eq!(
+            h.read(hello.nodeid, fh, 0, 100).unwrap(),
+            b"changed on the host"
+        );
+
+        let d = h.mkdir(ROOT_ID, "newdir").unwrap();
+        assert!(h.root.join("newdir").is_dir());
+        h.rename(ROOT_ID, "new.txt", d.nodeid, "moved.txt").unwrap();
+        assert!(h.root.join("newdir/moved.txt").is_file());
+        h.unlink(d.nodeid, "moved.txt").unwrap();
+        h.rmdir(ROOT_ID, "newdir").unwrap();
+        assert!(!h.root.join("newdir").exists());
+    }
+
+    #[test]
+    fn dotdot_at_the_root_stays_at_the_root() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let root_ino = fs::metadata(&h.root).unwrap().ino();
+        assert_ne!(root_ino, fs::metadata(h.base()).unwrap().ino());
+
+        // The guest kernel resolves `.` and `..` itself; asked anyway,
+        // neither leads anywhere, at the root or below it.
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        for node in [ROOT_ID, sub.nodeid] {
+            assert_eq!(h.lookup(node, "..").err(), Some(libc::ENOENT));
+            assert_eq!(h.lookup(node, ".").err(), Some(libc::ENOENT));
+        }
+        // What is next to the share is never found from its root.
+        for name in ["outside.txt", "outside_dir", "share"] {
+            assert_eq!(h.lookup(ROOT_ID, name).err(), Some(libc::ENOENT));
+        }
+
+        // Beneath the wrapper, the backend clamps `..` at the root itself.
+        let backend = ShareFs::new(&h.root, false).unwrap().inner;
+        let ctx = Context::default();
+        let up = backend.lookup(&ctx, ROOT_ID, c"..").unwrap();
+        assert_eq!((up.inode, up.attr.st_ino), (ROOT_ID, root_ino));
+        let upup = backend.lookup(&ctx, up.inode, c"..").unwrap();
+        assert_eq!(upup.inode, ROOT_ID);
+        assert!(backend.lookup(&ctx, upup.inode, c"outside.txt").is_err());
+        let sub = backend.lookup(&ctx, ROOT_ID, c"sub").unwrap();
+        assert_eq!(
+            backend.lookup(&ctx, sub.inode, c"..").unwrap().inode,
+            ROOT_ID
+        );
+
+        // Paths are not names.
+        for name in ["../outside.txt", "sub/..", "/etc/passwd", "/"] {
+            assert_eq!(h.lookup(ROOT_ID, name), Err(libc::EINVAL), "{name}");
+        }
+        let abs = h.base().join("outside.txt");
+        assert_eq!(h.lookup(ROOT_ID, abs.to_str().unwrap()), Err(libc::EINVAL));
+        assert!(h.lookup(ROOT_ID, "").is_err());
+        // A name with a NUL inside is cut there, never read past.
+        assert_eq!(
+            h.lookup_bytes(ROOT_ID, b"hello.txt\0/../x\0")
+                .unwrap()
+                .attr
+                .size,
+            HELLO.len() as u64
+        );
+        // Unknown nodeids are refused, not guessed.
+        assert_eq!(h.lookup(0, "hello.txt"), Err(libc::EBADF));
+        assert_eq!(h.lookup(999_999, "outside.txt"), Err(libc::EBADF));
+        assert_eq!(h.getattr(u64::MAX), Err(libc::EBADF));
+    }
+
+    #[test]
+    fn a_directory_moved_out_of_the_share_leads_no_further() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        fs::create_dir(h.root.join("sub/inner")).unwrap();
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        let inner = h.lookup(sub.nodeid, "inner").unwrap();
+        // The host (or another guest sharing the parent directory) moves
+        // the directory the guest holds out of the share.
+        fs::rename(h.root.join("sub/inner"), h.base().join("moved")).unwrap();
+        // The guest keeps the directory it holds, and nothing above it.
+        assert_eq!(h.lookup(inner.nodeid, "..").err(), Some(libc::ENOENT));
+        assert_eq!(
+            h.lookup(inner.nodeid, "outside.txt").err(),
+            Some(libc::ENOENT)
+        );
+        h.opendir(inner.nodeid).unwrap();
+    }
+
+    #[test]
+    fn host_symlinks_are_never_followed() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        symlink("/etc", h.root.join("etc")).unwrap();
+        symlink("..", h.root.join("up")).unwrap();
+        symlink("../outside.txt", h.root.join("out")).unwrap();
+        symlink("../outside_dir", h.root.join("outdir")).unwrap();
+        symlink(h.base().join("outside_dir"), h.root.join("absdir")).unwrap();
+        h.init();
+
+        let etc = h.lookup(ROOT_ID, "etc").unwrap();
+        assert!(is_symlink(etc.attr.mode), "the link itself, not /etc");
+        assert_eq!(etc.attr.size, 4);
+        assert_eq!(h.readlink(etc.nodeid).unwrap(), b"/etc");
+        // A name under a symlink is never resolved through it.
+        assert_eq!(h.lookup(etc.nodeid, "passwd"), Err(libc::ENOTDIR));
+        assert_eq!(h.lookup(etc.nodeid, ".."), Err(libc::ENOENT));
+        assert!(h.opendir(etc.nodeid).is_err());
+
+        let up = h.lookup(ROOT_ID, "up").unwrap();
+        assert!(is_symlink(up.attr.mode));
+        assert_eq!(h.lookup(up.nodeid, "outside.txt"), Err(libc::ENOTDIR));
+        assert_eq!(h.lookup(up.nodeid, "share"), Err(libc::ENOTDIR));
+
+        for name in ["outdir", "absdir"] {
+            let d = h.lookup(ROOT_ID, name).unwrap();
+            assert!(is_symlink(d.attr.mode));
+            assert_eq!(h.lookup(d.nodeid, "secret"), Err(libc::ENOTDIR), "{name}");
+            assert!(h.opendir(d.nodeid).is_err(), "{name}");
+        }
+
+        let out = h.lookup(ROOT_ID, "out").unwrap();
+        assert!(is_symlink(out.attr.mode));
+        assert_eq!(h.getattr(out.nodeid).unwrap().attr.size, 14);
+        // Opening a symlink would open its target: it is refused.
+        assert!(h.open(out.nodeid, libc::O_RDONLY).is_err());
+        assert!(h.open(out.nodeid, libc::O_RDWR).is_err());
+        assert_eq!(
+            fs::read(h.base().join("outside.txt")).unwrap(),
+            b"outside secret"
+        );
+    }
+
+    #[test]
+    fn guest_made_symlinks_are_never_followed() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let esc = h.symlink(ROOT_ID, "esc", "/etc").unwrap();
+        assert!(is_symlink(esc.attr.mode));
+        assert_eq!(
+            fs::read_link(h.root.join("esc")).unwrap(),
+            Path::new("/etc"),
+            "the guest's target, stored as is for the guest to resolve"
+        );
+        assert_eq!(h.lookup(esc.nodeid, "passwd"), Err(libc::ENOTDIR));
+        assert!(h.open(esc.nodeid, libc::O_RDONLY).is_err());
+
+        let up = h.symlink(ROOT_ID, "up", "../outside.txt").unwrap();
+        assert!(h.open(up.nodeid, libc::O_RDONLY).is_err());
+        let upd = h.symlink(ROOT_ID, "upd", "../../../..").unwrap();
+        assert_eq!(h.lookup(upd.nodeid, "outside.txt"), Err(libc::ENOTDIR));
+
+        // /proc/self/fd tricks: links into the VMM's own fd table resolve
+        // nowhere, and a path is not a name.
+        let procfd = h.symlink(ROOT_ID, "procfd", "/proc/self/fd").unwrap();
+        for fd in ["0", "1", "3", "4", "5"] {
+            assert_eq!(h.lookup(procfd.nodeid, fd), Err(libc::ENOTDIR));
+        }
+        let fd3 = h.symlink(ROOT_ID, "fd3", "/proc/self/fd/3").unwrap();
+        assert!(h.open(fd3.nodeid, libc::O_RDONLY).is_err());
+        assert!(h.opendir(fd3.nodeid).is_err());
+        assert_eq!(h.lookup(ROOT_ID, "/proc/self/fd/3"), Err(libc::EINVAL));
+        assert_eq!(h.lookup(ROOT_ID, "/proc/self/root"), Err(libc::EINVAL));
+        // A symlink over an existing name cannot be made, nor one named
+        // like a path.
+        assert_eq!(
+            h.symlink(ROOT_ID, "hello.txt", "/etc/passwd"),
+            Err(libc::EEXIST)
+        );
+        assert_eq!(h.symlink(ROOT_ID, "../x", "/etc"), Err(libc::EINVAL));
+        assert!(!h.base().join("x").exists());
+    }
+
+    #[test]
+    fn metadata_calls_through_a_symlink_stay_on_the_link() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let outside = h.base().join("outside.txt");
+        let before = fs::metadata(&outside).unwrap();
+        symlink("../outside.txt", h.root.join("out")).unwrap();
+        let out = h.lookup(ROOT_ID, "out").unwrap();
+
+        // chmod, truncate and utimes go through /proc/self/fd/N or
+        // reopen the inode: none may reach the target.
+        let _ = h.setattr(
+            out.nodeid,
+            SetattrIn {
+                valid: FATTR_MODE,
+                mode: 0o777,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            h.setattr(
+                out.nodeid,
+                SetattrIn {
+                    valid: FATTR_SIZE,
+                    size: 0,
+                    ..Default::default()
+                },
+            )
+            .map(drop),
+            Err(libc::EBADF)
+        );
+        let _ = h.setattr(
+            out.nodeid,
+            SetattrIn {
+                valid: FATTR_MTIME,
+                mtime: 12345,
+                ..Default::default()
+            },
+        );
+        let after = fs::metadata(&outside).unwrap();
+        assert_eq!(after.mode(), before.mode());
+        assert_eq!(after.len(), before.len());
+        assert_eq!(after.mtime(), before.mtime());
+        assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
+
+        // Extended attributes go through /proc/self/fd/N with calls that
+        // follow symlinks: the magic link must land on the link itself.
+        // A second server rooted one level up can see (and label) the target.
+        let mut admin = Harness::serving(&mem, HIPRIO_BASE, h.base(), false);
+        let target = admin.lookup(ROOT_ID, "outside.txt").unwrap();
+        match admin.setxattr(target.nodeid, "user.secret", b"s3cret") {
+            Ok(()) => {}
+            Err(e) if e == libc::EOPNOTSUPP || e == libc::ENOTSUP => {
+                eprintln!("no user xattrs on this filesystem: xattr part skipped");
+                return;
+            }
+            Err(e) => panic!("setxattr on the target: {e}"),
+        }
+        assert_eq!(
+            admin.getxattr(target.nodeid, "user.secret", 64).unwrap(),
+            b"s3cret"
+        );
+        assert_ne!(
+            h.getxattr(out.nodeid, "user.secret", 64),
+            Ok(b"s3cret".to_vec())
+        );
+        assert_ne!(
+            h.getxattr(out.nodeid, "user.secret", 0),
+            admin.getxattr(target.nodeid, "user.secret", 0)
+        );
+        let _ = h.setxattr(out.nodeid, "user.planted", b"x");
+        let _ = h.removexattr(out.nodeid, "user.secret");
+        assert_eq!(
+            admin.getxattr(target.nodeid, "user.planted", 64),
+            Err(libc::ENODATA)
+        );
+        assert_eq!(
+            admin.getxattr(target.nodeid, "user.secret", 64).unwrap(),
+            b"s3cret"
+        );
+        // A huge buffer size is bounded, not allocated.
+        assert_eq!(
+            admin
+                .getxattr(target.nodeid, "user.secret", u32::MAX)
+                .unwrap(),
+            b"s3cret"
+        );
+    }
+
+    #[test]
+    fn special_files_are_never_opened() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        // A FIFO: opening it on the host could block the worker forever.
+        let fifo = h.mknod(ROOT_ID, "fifo", libc::S_IFIFO | 0o666, 0).unwrap();
+        assert!(h
+            .open(fifo.nodeid, libc::O_RDONLY | libc::O_NONBLOCK)
+            .is_err());
+        assert!(h.open(fifo.nodeid, libc::O_RDWR).is_err());
+        // A block device (loop0): the guest may create it (as a container
+        // with CAP_MKNOD may) but never open the host's device through it.
+        match h.mknod(ROOT_ID, "blk", libc::S_IFBLK | 0o666, 7 << 8) {
+            Ok(blk) => {
+                assert_eq!(blk.attr.mode & libc::S_IFMT, libc::S_IFBLK);
+                assert!(h.open(blk.nodeid, libc::O_RDONLY).is_err());
+                assert!(h.open(blk.nodeid, libc::O_RDWR).is_err());
+            }
+            Err(e) => eprintln!("mknod of a block device: errno {e}, part skipped"),
+        }
+    }
+
+    #[test]
+    fn names_that_are_paths_are_refused_everywhere() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        for bad in ["../escaped", "sub/../../escaped", "..", ".", "/tmp/escaped"] {
+            assert_eq!(
+                h.mkdir(ROOT_ID, bad).map(drop),
+                Err(libc::EINVAL),
+                "mkdir {bad}"
+            );
+            assert_eq!(
+                h.create(ROOT_ID, bad, libc::O_RDWR).map(drop),
+                Err(libc::EINVAL),
+                "create {bad}"
+            );
+            assert_eq!(
+                h.mknod(ROOT_ID, bad, libc::S_IFREG | 0o644, 0).map(drop),
+                Err(libc::EINVAL),
+                "mknod {bad}"
+            );
+            assert_eq!(
+                h.link(hello.nodeid, ROOT_ID, bad).map(drop),
+                Err(libc::EINVAL),
+                "link {bad}"
+            );
+            assert_eq!(
+                h.rename(ROOT_ID, "hello.txt", ROOT_ID, bad),
+                Err(libc::EINVAL),
+                "rename to {bad}"
+            );
+            assert_eq!(h.unlink(ROOT_ID, bad), Err(libc::EINVAL), "unlink {bad}");
+            assert_eq!(h.rmdir(ROOT_ID, bad), Err(libc::EINVAL), "rmdir {bad}");
+        }
+        assert_eq!(
+            h.rename(ROOT_ID, "../outside.txt", ROOT_ID, "stolen"),
+            Err(libc::EINVAL)
+        );
+        assert!(!h.base().join("escaped").exists());
+        assert!(!Path::new("/tmp/escaped").exists());
+        assert!(h.base().join("outside.txt").exists());
+        assert!(h.root.join("hello.txt").exists());
+    }
+
+    #[test]
+    fn a_readonly_share_refuses_every_modification() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, true);
+        let out = h.init();
+        assert!(!FsOptions::from_bits_truncate(u64::from(out.flags))
+            .contains(FsOptions::WRITEBACK_CACHE));
+        let erofs: Result<(), i32> = Err(libc::EROFS);
+
+        // Reads work.
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let fh = h.open(hello.nodeid, libc::O_RDONLY).unwrap();
+        assert_eq!(h.read(hello.nodeid, fh, 0, 4096).unwrap(), HELLO);
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        h.opendir(sub.nodeid).unwrap();
+        h.getattr(ROOT_ID).unwrap();
+        h.access(hello.nodeid, libc::R_OK).unwrap();
+        assert!(matches!(h.getxattr(hello.nodeid, "user.none", 64), Err(e) if e != libc::EROFS));
+
+        // Writes do not.
+        assert_eq!(
+            h.write(hello.nodeid, fh, 0, b"overwritten").map(drop),
+            erofs
+        );
+        assert_eq!(h.open(hello.nodeid, libc::O_RDWR).map(drop), erofs);
+        assert_eq!(h.open(hello.nodeid, libc::O_WRONLY).map(drop), erofs);
+        assert_eq!(
+            h.open(hello.nodeid, libc::O_RDONLY | libc::O_TRUNC)
+                .map(drop),
+            erofs
+        );
+        assert_eq!(h.create(ROOT_ID, "new.txt", libc::O_RDWR).map(drop), erofs);
+        assert_eq!(
+            h.create(ROOT_ID, "new.txt", libc::O_RDONLY).map(drop),
+            erofs
+        );
+        assert_eq!(h.mkdir(ROOT_ID, "newdir").map(drop), erofs);
+        assert_eq!(
+            h.mknod(ROOT_ID, "node", libc::S_IFREG | 0o644, 0).map(drop),
+            erofs
+        );
+        assert_eq!(
+            h.mknod(ROOT_ID, "fifo", libc::S_IFIFO | 0o644, 0).map(drop),
+            erofs
+        );
+        assert_eq!(h.symlink(ROOT_ID, "link", "hello.txt").map(drop), erofs);
+        assert_eq!(h.link(hello.nodeid, ROOT_ID, "hard").map(drop), erofs);
+        assert_eq!(h.unlink(ROOT_ID, "hello.txt"), erofs);
+        assert_eq!(h.rmdir(ROOT_ID, "sub"), erofs);
+        assert_eq!(h.rename(ROOT_ID, "hello.txt", ROOT_ID, "renamed"), erofs);
+        for valid in [FATTR_MODE, FATTR_SIZE, FATTR_MTIME, 0x2, 0x4] {
+            let args = SetattrIn {
+                valid,
+                mode: 0o777,
+                ..Default::default()
+            };
+            assert_eq!(
+                h.setattr(hello.nodeid, args).map(drop),
+                erofs,
+                "valid {valid:#x}"
+            );
+        }
+        assert_eq!(h.setxattr(hello.nodeid, "user.x", b"y"), erofs);
+        assert_eq!(h.removexattr(hello.nodeid, "user.x"), erofs);
+        assert_eq!(h.fallocate(hello.nodeid, fh, 1 << 20), erofs);
+        assert_eq!(h.access(hello.nodeid, libc::W_OK), erofs);
+
+        assert_eq!(fs::read(h.root.join("hello.txt")).unwrap(), HELLO);
+        let meta = fs::metadata(h.root.join("hello.txt")).unwrap();
+        assert_eq!(meta.len(), HELLO.len() as u64);
+        let mut names: Vec<_> = fs::read_dir(&h.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hello.txt", "sub"]);
+    }
+
+    #[test]
+    fn hostile_chains_complete_and_the_device_keeps_working() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let reply_descs = [
+            (OUT_HDR, OUT_HEADER_LEN as u32, true),
+            (OUT_BODY, OUT_BODY_LEN, true),
+        ];
+        let lookup_args = cstr("hello.txt");
+        let stage_lookup = |mem: &Mem, unique: u64| {
+            stage_request(mem, Opcode::Lookup as u32, ROOT_ID, unique, &lookup_args)
+        };
+        let check_alive = |h: &mut Harness| {
+            assert_eq!(
+                h.lookup(ROOT_ID, "hello.txt").unwrap().attr.size,
+                HELLO.len() as u64
+            );
+        };
+
+        // Buffers outside guest memory, or straddling its end.
+        let mut descs = vec![(0xffff_0000, 40, false)];
+        descs.extend_from_slice(&reply_descs);
+        assert_eq!(h.submit(&descs), Some(0));
+        check_alive(&mut h);
+        let mut descs = stage_lookup(&mem, 1000);
+        descs[3] = (MEM_SIZE as u64 - 8, 4096, true);
+        assert_eq!(h.submit(&descs), Some(0));
+        let mut descs = stage_lookup(&mem, 1001);
+        descs[0] = (u64::MAX - 16, 40, false);
+        assert_eq!(h.submit(&descs), Some(0));
+        check_alive(&mut h);
+
+        // A header claiming more than the chain holds, or less than itself.
+        for len in [40 + 4096, u32::MAX, 10, 0] {
+            let descs = stage_lookup(&mem, 2000);
+            let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+            header.len = len;
+            mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+            assert_eq!(h.submit(&descs), Some(16), "len {len}");
+            let r = Reply::read(&mem, 16);
+            assert_eq!(r.header.unique, 2000);
+            assert!(r.header.error < 0, "len {len}: an error reply");
+            check_alive(&mut h);
+        }
+
+        // An unknown opcode.
+        let r = h.call_raw(9999, ROOT_ID, &[]);
+        assert_eq!(r.result(), Err(libc::ENOSYS));
+        check_alive(&mut h);
+
+        // Zero-length chains, a chain with only a reply buffer, a request
+        // shorter than a FUSE header.
+        assert_eq!(h.submit(&[(IN_HDR, 0, false)]), Some(0));
+        assert_eq!(h.submit(&[(IN_HDR, 0, false), (OUT_HDR, 0, true)]), Some(0));
+        assert_eq!(h.submit(&reply_descs), Some(0));
+        assert_eq!(h.submit(&[(IN_HDR, 39, false), reply_descs[0]]), Some(0));
+        check_alive(&mut h);
+
+        // No room for a reply, or no reply buffer at all.
+        let descs = stage_lookup(&mem, 3000);
+        assert_eq!(h.submit(&[descs[0], descs[1], (OUT_HDR, 8, true)]), Some(0));
+        assert_eq!(h.submit(&descs[..2]), Some(0));
+        // Room for the header only: an error rather than a cut reply.
+        let descs = stage_lookup(&mem, 3001);
+        assert_eq!(h.submit(&descs[..3]), Some(16));
+        assert_eq!(Reply::read(&mem, 16).result(), Err(libc::EIO));
+        check_alive(&mut h);
+
+        // A readable descriptor after the writable ones, and a descriptor
+        // that loops onto itself (the chain ends at the queue size).
+        let descs = stage_lookup(&mem, 4000);
+        assert_eq!(
+            h.submit(&[descs[0], descs[2], descs[1], descs[3]]),
+            Some((OUT_HEADER_LEN + size_of::<EntryOut>()) as u32)
+        );
+        let looping = SplitDescriptor::new(IN_HDR, 40, F_NEXT, 0);
+        h.driver
+            .mock
+            .desc_table()
+            .store(0, RawDescriptor::from(looping))
+            .unwrap();
+        h.driver.post_head(0);
+        assert_eq!(h.serve(), Some(0));
+        check_alive(&mut h);
+
+        // A head index past the queue: skipped, nothing to complete.
+        h.driver.post_head(QSIZE + 3);
+        assert_eq!(h.serve(), None);
+        check_alive(&mut h);
+
+        // Guest-chosen sizes that would be host allocations.
+        let ioctl = IoctlIn {
+            in_size: u32::MAX,
+            out_size: u32::MAX,
+            ..Default::default()
+        };
+        let r = h.call(Opcode::Ioctl, ROOT_ID, ioctl.as_slice());
+        assert_eq!(r.result(), Err(libc::ENOTTY));
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let fh = h.open(hello.nodeid, libc::O_RDONLY).unwrap();
+        assert!(h.read(hello.nodeid, fh, 0, u32::MAX).is_err());
+        assert!(h.read(hello.nodeid, fh + 1000, 0, 16).is_err());
+        assert!(
+            h.read(ROOT_ID, fh, 0, 16).is_err(),
+            "a handle of another inode"
+        );
+        let batch = BatchForgetIn {
+            count: u32::MAX,
+            dummy: 0,
+        };
+        let descs = stage_request(&mem, Opcode::BatchForget as u32, 0, 5000, batch.as_slice());
+        assert_eq!(h.submit(&descs), Some(0));
+        // FORGET needs no reply, even malformed; the root is never forgotten.
+        let descs = stage_request(&mem, Opcode::Forget as u32, ROOT_ID, 5001, &[1, 2]);
+        assert_eq!(h.submit(&descs), Some(0));
+        let forget = ForgetIn { nlookup: u64::MAX };
+        let descs = stage_request(
+            &mem,
+            Opcode::Forget as u32,
+            ROOT_ID,
+            5002,
+            forget.as_slice(),
+        );
+        assert_eq!(h.submit(&descs), Some(0));
+        // SETUPMAPPING without a DAX window.
+        let r = h.call(Opcode::SetupMapping, hello.nodeid, &[0; 40]);
+        assert!(r.result().is_err());
+        // DESTROY resets the backend, which keeps serving the root.
+        let r = h.call(Opcode::Destroy, 0, &[]);
+        assert_eq!(r.result(), Ok(&[][..]));
+        check_alive(&mut h);
+    }
+
+    #[test]
+    fn the_worker_serves_notifications_until_stopped() {
+        // This thread shares the process's umask (it does not unshare).
+        let umask = || {
+            fs::read_to_string("/proc/thread-self/status")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_owned()))
+                .unwrap()
+        };
+        let process_umask = umask();
+        let mem = test_mem();
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("hello.txt"), HELLO).unwrap();
+        let mut dev = Fs::new("worker", dir.path(), false).unwrap();
+        let mut hiprio = Driver::new(&mem, HIPRIO_BASE);
+        let mut requests = Driver::new(&mem, 0);
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let notify = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+        let activation = |queues: Vec<Queue>| Activation {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: queues
+                .into_iter()
+                .zip(&notify)
+                .map(|(queue, n)| ActiveQueue {
+                    queue,
+                    notify: n.try_clone().unwrap(),
+                })
+                .collect(),
+            stop: stop.try_clone().unwrap(),
+        };
+        assert!(matches!(
+            dev.activate(activation(vec![Queue::new(QSIZE).unwrap()])),
+            Err(DeviceError::QueueCount { got: 1, want: 2 })
+        ));
+        let queues = vec![
+            hiprio.mock.create_queue::<Queue>().unwrap(),
+            requests.mock.create_queue::<Queue>().unwrap(),
+        ];
+        dev.activate(activation(queues)).unwrap();
+        let worker = dev.take_worker().unwrap();
+        assert_eq!(worker.thread().name(), Some("virtio-fs-worker"));
+
+        let wait_for = |d: &mut Driver| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(used) = d.used() {
+                    return used;
+                }
+                assert!(Instant::now() < deadline, "the worker did not answer");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 0,
+            flags: 0,
+        };
+        let descs = stage_request(&mem, Opcode::Init as u32, 0, 6, init.as_slice());
+        requests.post(&descs);
+        notify[1].write(1).unwrap();
+        let (_, len) = wait_for(&mut requests);
+        assert!(Reply::read(&mem, len).result().is_ok());
+        // INIT made the backend clear the umask: the worker's own only.
+        assert_eq!(umask(), process_umask);
+
+        let descs = stage_request(&mem, Opcode::Lookup as u32, ROOT_ID, 7, &cstr("hello.txt"));
+        requests.post(&descs);
+        notify[1].write(1).unwrap();
+        let (head, len) = wait_for(&mut requests);
+        assert_eq!(head, 0);
+        let r = Reply::read(&mem, len);
+        assert_eq!(r.header.unique, 7);
+        let e: EntryOut = obj(r.result().unwrap());
+        assert_eq!(e.attr.size, HELLO.len() as u64);
+        assert_ne!(interrupt.status() & crate::virtio::INT_VRING, 0);
+        assert!(interrupt.eventfd().read().unwrap() >= 1);
+
+        // FORGET on the hiprio queue: completed, nothing written.
+        let forget = ForgetIn { nlookup: 1 };
+        let mut descs = stage_request(&mem, Opcode::Forget as u32, e.nodeid, 8, forget.as_slice());
+        descs.truncate(2);
+        hiprio.post(&descs);
+        notify[0].write(1).unwrap();
+        assert_eq!(wait_for(&mut hiprio), (0, 0));
+
+        // A malformed request does not stop the worker.
+        requests.post(&[(0xffff_0000, 40, false)]);
+        notify[1].write(1).unwrap();
+        assert_eq!(wait_for(&mut requests), (0, 0));
+        let descs = stage_request(
+            &mem,
+            Opcode::Getattr as u32,
+            ROOT_ID,
+            9,
+            GetattrIn::default().as_slice(),
+        );
+        requests.post(&descs);
+        notify[1].write(1).unwrap();
+        let (_, len) = wait_for(&mut requests);
+        assert!(Reply::read(&mem, len).result().is_ok());
+
+        stop.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !worker.is_finished() {
+            assert!(Instant::now() < deadline, "the worker did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        worker.join().unwrap();
+        // The stop event is the VM's: still readable for the other devices.
+        assert_eq!(stop.read().unwrap(), 1);
+        // A device activates once.
+        let queues = vec![Queue::new(QSIZE).unwrap(), Queue::new(QSIZE).unwrap()];
+        assert!(matches!(
+            dev.activate(activation(queues)),
+            Err(DeviceError::Backend(_))
+        ));
+    }
+
+    /// Opcodes the server knows, and a few it does not.
+    fn any_opcode() -> impl Strategy<Value = u32> {
+        prop_oneof![8 => 1u32..=52, 1 => any::<u32>()]
+    }
+
+    fn any_nodeid() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0u64), Just(ROOT_ID), 2u64..6, any::<u64>()]
+    }
+
+    fn any_reply_room() -> impl Strategy<Value = u32> {
+        prop_oneof![Just(0u32), Just(8), Just(16), Just(200), Just(OUT_BODY_LEN)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        /// Well-framed requests with random opcodes, targets and
+        /// arguments (a few in a row, so later ones see what earlier ones
+        /// made) are all completed, and the device then still works.
+        #[test]
+        fn random_requests_never_panic(
+            reqs in proptest::collection::vec(
+                (any_opcode(), any_nodeid(), proptest::collection::vec(any::<u8>(), 0..160), -48i64..48, any_reply_room()),
+                1..5,
+            ),
+        ) {
+            let mem = test_mem();
+            let mut h = Harness::new(&mem, false);
+            h.init();
+            for (i, (opcode, nodeid, args, len_delta, room)) in reqs.into_iter().enumerate() {
+                let unique = 100 + i as u64;
+                let mut descs = stage_request(&mem, opcode, nodeid, unique, &args);
+                let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+                header.len = (i64::from(header.len) + len_delta).clamp(0, u32::MAX.into()) as u32;
+                header.uid = (nodeid % 3) as u32 * 1000;
+                mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+                let last = descs.len() - 1;
+                descs[last].1 = room;
+                let used = h.submit(&descs);
+                prop_assert!(used.is_some());
+                prop_assert!(used.unwrap() as usize <= OUT_HEADER_LEN + room as usize);
+            }
+            prop_assert!(h.getattr(ROOT_ID).is_ok());
+        }
+
+        /// Arbitrary bytes as a request, split across descriptors anyhow.
+        #[test]
+        fn random_bytes_as_a_request_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            split in 0usize..400,
+            room in any_reply_room(),
+        ) {
+            let mem = test_mem();
+            let mut h = Harness::new(&mem, false);
+            h.init();
+            mem.write_slice(&bytes, GuestAddress(IN_HDR)).unwrap();
+            let split = split.min(bytes.len());
+            let descs = [
+                (IN_HDR, split as u32, false),
+                (IN_HDR + split as u64, (bytes.len() - split) as u32, false),
+                (OUT_HDR, OUT_HEADER_LEN as u32, true),
+                (OUT_BODY, room, true),
+            ];
+            prop_assert!(h.submit(&descs).is_some());
+            prop_assert!(h.getattr(ROOT_ID).is_ok());
+        }
+    }
+}

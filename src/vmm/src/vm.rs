@@ -1,0 +1,289 @@
+//! Building a VM from a [`VmConfig`] and running it: KVM, memory, devices,
+//! boot, vCPU threads, and a typed exit.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use krun_hypervisor::{Hypervisor, Vm, VmConfig, VmExit};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemory, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::{Bus, IrqTrigger};
+use crate::devices::console::Console;
+use crate::devices::fs::Fs;
+use crate::layout::*;
+use crate::vcpu::{kick_signal, on_kick, Control};
+use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::virtio::{Interrupt, Mem, VirtioDevice};
+use crate::{boot, cpu, memory, mptable};
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("KVM: {what}")]
+    KvmCall {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot map {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("vCPU {0}")]
+    Cpu(u8, #[source] cpu::CpuError),
+    #[error("MP table")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("loading the guest")]
+    Boot(#[from] boot::BootError),
+    #[error("device {0}")]
+    Device(String, #[source] std::io::Error),
+    #[error("too many devices for the interrupts available")]
+    TooManyDevices,
+    #[error("a VM needs 1 to 254 vCPUs, not {0}")]
+    Vcpus(u32),
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::KvmCall { what, source }
+}
+
+/// The built-in VMM as a [`Hypervisor`] backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Builtin;
+
+impl Hypervisor for Builtin {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, krun_hypervisor::Error> {
+        start(config)
+            .map(|vm| Box::new(vm) as Box<dyn Vm>)
+            .map_err(|e| krun_hypervisor::Error::Backend(Box::new(e)))
+    }
+}
+
+/// A running VM of the built-in VMM: vCPU threads in this process.
+pub struct BuiltinVm {
+    control: Arc<Control>,
+    vcpus: Vec<JoinHandle<()>>,
+}
+
+/// Builds and boots a VM.
+pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
+    if config.vcpus == 0 || config.vcpus > 254 {
+        return Err(VmmError::Vcpus(config.vcpus));
+    }
+    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_call("setting the TSS address"))?;
+    vm.set_identity_map_address(0xfffb_c000)
+        .map_err(kvm_call("setting the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_call("creating the interrupt controllers"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
+
+    let mem = memory::create(config.memory_mib << 20)
+        .map_err(|e| VmmError::Memory(config.memory_mib, e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the
+        // vCPU threads and devices keep (cloned) for as long as the VM runs.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_call("registering guest memory"))?;
+    }
+
+    let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("stop event".into(), e))?;
+    let control = Arc::new(Control::new(stop));
+
+    // Devices: the serial console for the kernel's log, the control port,
+    // one virtio-fs device per share.
+    let serial_irq =
+        EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("serial".into(), e))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(kvm_call("wiring the serial interrupt"))?;
+    let console_log = File::create(&config.console_log)
+        .map_err(|e| VmmError::Device(config.console_log.display().to_string(), e))?;
+    let serial = vm_superio::Serial::new(IrqTrigger(serial_irq), console_log);
+
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    let control_stream = UnixStream::from(config.control);
+    devices.push((
+        "console".into(),
+        Box::new(Console::new(&config.control_port_name, control_stream)),
+    ));
+    for share in &config.shares {
+        let fs = Fs::new(&share.tag, &share.path, share.readonly).map_err(|e| {
+            VmmError::Device(
+                format!("virtio-fs {}", share.tag),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        devices.push((format!("virtio-fs {}", share.tag), Box::new(fs)));
+    }
+    let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
+    let mut transports = Vec::new();
+    for (n, (name, dev)) in devices.into_iter().enumerate() {
+        let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;
+        let base = virtio_mmio_addr(n);
+        let t = wire(&vm, &mem, dev, irq, base, &control.stop)
+            .map_err(|e| VmmError::Device(name, e))?;
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@0x{base:x}:{irq}"));
+        transports.push((base, t));
+    }
+    let bus = Arc::new(Bus::new(serial, transports));
+
+    mptable::write(&mem, config.vcpus, MPTABLE_ADDR)?;
+    let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline)?;
+
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+    let cpus = config.vcpus as u8;
+    let mut fds = Vec::new();
+    for id in 0..cpus {
+        let vcpu = vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_call("creating a vCPU"))?;
+        cpu::configure(&kvm, &vcpu, id, cpus, (id == 0).then_some(entry))
+            .map_err(|e| VmmError::Cpu(id, e))?;
+        fds.push(vcpu);
+    }
+    // The VM fd must outlive the vCPUs; the threads share it.
+    let vm = Arc::new(vm);
+    let mut vcpus = Vec::new();
+    for (id, vcpu) in fds.into_iter().enumerate() {
+        let (bus, control, vm, mem) = (bus.clone(), control.clone(), vm.clone(), mem.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                crate::vcpu::run(vcpu, &bus, &control);
+                drop((vm, mem));
+            })
+            .map_err(VmmError::Thread)?;
+        vcpus.push(handle);
+    }
+    Ok(BuiltinVm { control, vcpus })
+}
+
+/// Puts `dev` behind an MMIO transport at `base`, its interrupt on `irq`
+/// (an irqfd) and its queue notifications on ioeventfds.
+fn wire(
+    vm: &VmFd,
+    mem: &Mem,
+    dev: Box<dyn VirtioDevice>,
+    irq: u32,
+    base: u64,
+    stop: &EventFd,
+) -> std::io::Result<MmioTransport> {
+    let irq_evt = EventFd::new(EFD_NONBLOCK)?;
+    vm.register_irqfd(&irq_evt, irq)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let t = MmioTransport::new(
+        dev,
+        mem.clone(),
+        Arc::new(Interrupt::new(irq_evt)),
+        stop.try_clone()?,
+    )?;
+    for (q, evt) in t.notify_eventfds().iter().enumerate() {
+        vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(t)
+}
+
+impl BuiltinVm {
+    /// Stops the vCPUs: they see the flag at their next exit, and a signal
+    /// makes sure that exit comes.
+    fn join(&mut self) {
+        for _ in 0..200 {
+            if self.vcpus.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            for h in &self.vcpus {
+                if !h.is_finished() {
+                    // SAFETY: the thread handle is alive (not joined yet);
+                    // the signal's handler does nothing but interrupt KVM_RUN.
+                    unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for h in self.vcpus.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    fn exit(&self) -> Option<VmExit> {
+        self.control
+            .exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Vm for BuiltinVm {
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn wait(&mut self) -> Result<VmExit, krun_hypervisor::Error> {
+        let mut exit = self.control.exit.lock().unwrap_or_else(|e| e.into_inner());
+        while exit.is_none() {
+            exit = self
+                .control
+                .done
+                .wait(exit)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let e = exit.clone().expect("checked above");
+        drop(exit);
+        self.join();
+        Ok(e)
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>, krun_hypervisor::Error> {
+        match self.exit() {
+            Some(e) => {
+                self.join();
+                Ok(Some(e))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn kill(&mut self) {
+        self.control.finish(VmExit::Killed {
+            signal: libc::SIGKILL,
+        });
+        self.join();
+    }
+}
+
+impl Drop for BuiltinVm {
+    fn drop(&mut self) {
+        self.control.finish(VmExit::Killed {
+            signal: libc::SIGKILL,
+        });
+        self.join();
+    }
+}
