@@ -94,7 +94,7 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     let timings = session.timings.clone();
     let vm_exit = session.shutdown(Duration::from_secs(3));
     log_timings(id, host_setup_ms, &timings, exited_ms);
-    tracing::debug!(container = %id, ?vm_exit, teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
+    tracing::debug!(container = %id, ?vm_exit, vm_stopped_ms = crate::since_start_ms(), teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
     drop(console_copy);
     drop(run_dir);
     drop(state_dir);
@@ -118,6 +118,7 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
     tracing::debug!(
         container = %id,
         host_setup_ms,
+        vmm_spawned_ms = ms(t.vmm_spawned),
         vmm_start_ms = kernel_start - host_setup_ms,
         kernel_boot_ms = t.guest_init_ns as f64 / 1e6,
         guest_init_ms = ms(t.started) - kernel_start - t.guest_init_ns as f64 / 1e6,
