@@ -268,12 +268,53 @@ impl Agent {
                     }
                 }
             }
-            ToGuest::Exec(_) => {
-                self.fail(
-                    stream,
-                    Failure::new(1, "exec is not supported by this guest-init yet"),
-                )?;
+            ToGuest::Exec(process) => {
+                let Some(c) = &self.container else {
+                    return self.fail(
+                        stream,
+                        Failure::new(1, "exec: the container does not exist"),
+                    );
+                };
+                if self.procs.contains_key(&stream) {
+                    return self.fail(
+                        stream,
+                        Failure::new(1, "exec: the stream is already in use"),
+                    );
+                }
+                if self
+                    .procs
+                    .get(&MAIN_STREAM)
+                    .is_none_or(|p| p.pending.is_some() || p.status.is_some())
+                {
+                    return self.fail(
+                        stream,
+                        Failure::new(1, "exec: the container is not running"),
+                    );
+                }
+                match container::exec(c, &process) {
+                    Ok((pid, stdio)) => {
+                        self.procs.insert(stream, Proc::new(pid, stdio, None));
+                        self.send(stream, &ToHost::Started { pid })?;
+                    }
+                    Err(f) => self.fail(stream, f)?,
+                }
             }
+            ToGuest::Ps => {
+                let processes = self
+                    .container
+                    .as_ref()
+                    .map(|c| c.processes())
+                    .unwrap_or_default();
+                self.send(stream, &ToHost::Processes { processes })?;
+            }
+            ToGuest::Update(limits) => match self.container.as_ref().map(|c| c.update(&limits)) {
+                Some(Ok(())) => self.send(stream, &ToHost::Updated)?,
+                Some(Err(f)) => self.fail(stream, f)?,
+                None => self.fail(
+                    stream,
+                    Failure::new(1, "update: the container does not exist"),
+                )?,
+            },
             ToGuest::Signal { signal, all } => {
                 if all {
                     if let Some(c) = &self.container {

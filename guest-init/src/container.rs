@@ -7,7 +7,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use krun_proto::{CgroupSetup, ContainerSetup, ProcessSetup};
+use krun_proto::{CgroupSetup, ContainerSetup, ProcessInfo, ProcessSetup};
 
 use crate::{mounts, process, sys};
 
@@ -108,6 +108,22 @@ impl Container {
         new
     }
 
+    /// Changes the container's limits (`update`).
+    pub fn update(&self, limits: &CgroupSetup) -> Result<(), Failure> {
+        apply_limits(&self.cgroup, limits)
+    }
+
+    /// The container's processes, with their pids as the container sees
+    /// them.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        let procs = fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
+        procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .filter_map(process_info)
+            .collect()
+    }
+
     /// Sends `signal` to every process in the container's cgroup.
     pub fn signal_all(&self, signal: i32) {
         if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
@@ -118,20 +134,8 @@ impl Container {
     }
 }
 
-/// The container's cgroup in the guest, with the bundle's limits.
-fn make_cgroup(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
-    let name: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let dir = Path::new("/sys/fs/cgroup").join(format!("krun-{name}"));
-    fs::create_dir_all(&dir).or_fail(|| format!("creating cgroup {}", dir.display()))?;
+/// Writes `limits` into the cgroup at `dir`; limits left unset are kept.
+fn apply_limits(dir: &Path, limits: &CgroupSetup) -> Result<(), Failure> {
     let set = |file: &str, value: String| {
         fs::write(dir.join(file), &value)
             .or_fail(|| format!("setting {file} to {value} in the guest's cgroup"))
@@ -162,6 +166,24 @@ fn make_cgroup(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
     if let Some(w) = limits.cpu_weight {
         set("cpu.weight", w.to_string())?;
     }
+    Ok(())
+}
+
+/// The container's cgroup in the guest, with the bundle's limits.
+fn make_cgroup(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
+    let name: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = Path::new("/sys/fs/cgroup").join(format!("krun-{name}"));
+    fs::create_dir_all(&dir).or_fail(|| format!("creating cgroup {}", dir.display()))?;
+    apply_limits(&dir, limits)?;
     Ok(dir)
 }
 
@@ -394,4 +416,136 @@ fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<P
         attach_terminal(&sock, size, uid)?;
     }
     process::apply(&setup.process)
+}
+
+/// A guest pid's pid as its own (innermost) pid namespace sees it.
+fn ns_pid(status: &str) -> Option<i32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|p| p.parse().ok())
+}
+
+fn process_info(pid: i32) -> Option<ProcessInfo> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let ppid_global: i32 = field("PPid:")?.parse().ok()?;
+    // A parent outside the container (guest-init) shows as 0, as for a
+    // container's init under runc.
+    let ppid = fs::read_to_string(format!("/proc/{ppid_global}/status"))
+        .ok()
+        .filter(|st| ns_pid(st).is_some_and(|p| p != ppid_global) || ppid_global == 0)
+        .and_then(|st| ns_pid(&st))
+        .unwrap_or(0);
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces, in parentheses.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = 100u64; // USER_HZ
+    let num = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut cmd = String::from_utf8_lossy(&cmdline)
+        .replace('\0', " ")
+        .trim_end()
+        .to_string();
+    if cmd.is_empty() {
+        cmd = format!("[{}]", field("Name:").unwrap_or_default());
+    }
+    Some(ProcessInfo {
+        pid: ns_pid(&status).unwrap_or(pid),
+        ppid,
+        uid: field("Uid:")
+            .and_then(|v| v.split_whitespace().next().and_then(|u| u.parse().ok()))
+            .unwrap_or(0),
+        state: rest.first().map(|s| s.to_string()).unwrap_or_default(),
+        start_secs: num(19) / ticks,
+        cpu_secs: (num(11) + num(12)) / ticks,
+        cmd,
+    })
+}
+
+/// Runs one more process in the running container `c`: in its namespaces,
+/// its root and its cgroup. Returns once the program was exec'd.
+pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
+    let open =
+        |path: String| File::open(&path).or_fail(|| format!("entering the container: {path}"));
+    let pid_ns = open(format!("/proc/{}/ns/pid", c.init_pid))?;
+    let own_pid_ns = open("/proc/self/ns/pid".into())?;
+    let others = [
+        (
+            open(format!("/proc/{}/ns/uts", c.init_pid))?,
+            libc::CLONE_NEWUTS,
+        ),
+        (
+            open(format!("/proc/{}/ns/ipc", c.init_pid))?,
+            libc::CLONE_NEWIPC,
+        ),
+        (
+            open(format!("/proc/{}/ns/mnt", c.init_pid))?,
+            libc::CLONE_NEWNS,
+        ),
+    ];
+    let root = open(format!("/proc/{}/root", c.init_pid))?;
+    let (stdio, child_stdio) = make_stdio(p)?;
+    let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
+    // New children of guest-init go into the container's pid namespace
+    // until it switches back right after the fork.
+    sys::setns(&pid_ns, libc::CLONE_NEWPID)
+        .or_fail(|| "entering the container's pid namespace".into())?;
+    let forked = sys::fork_into(0);
+    let restored = sys::setns(&own_pid_ns, libc::CLONE_NEWPID);
+    let pid = forked.or_fail(|| "starting the process".into())?;
+    if pid == 0 {
+        drop((report_r, stdio));
+        let f = match exec_child(c, p, &others, &root, child_stdio) {
+            Ok(exe) => process::exec(&exe, p),
+            Err(f) => f,
+        };
+        write_report(&report_w, b'E', f.code, &f.message);
+        sys::exit_now(f.code);
+    }
+    restored.or_fail(|| "leaving the container's pid namespace".into())?;
+    drop((report_w, child_stdio));
+    let mut report = File::from(report_r);
+    read_report(&mut report, true)?;
+    Ok((pid, stdio.finish()?))
+}
+
+/// The exec'd process between fork and exec: join the container, apply the
+/// process config. Returns the program to exec.
+fn exec_child(
+    c: &Container,
+    p: &ProcessSetup,
+    ns: &[(File, libc::c_int)],
+    root: &File,
+    stdio: ChildStdio,
+) -> Result<PathBuf, Failure> {
+    sys::reset_signals();
+    sys::setsid();
+    if let ChildStdio::Pipes(fds) = &stdio {
+        for (i, fd) in fds.iter().enumerate() {
+            sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
+        }
+    }
+    fs::write(c.cgroup.join("cgroup.procs"), "0")
+        .or_fail(|| "joining the container's cgroup".into())?;
+    if let Some(adj) = p.oom_score_adj {
+        fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .or_fail(|| "process.oomScoreAdj".into())?;
+    }
+    for (f, kind) in ns {
+        sys::setns(f, *kind).or_fail(|| "entering the container's namespaces".into())?;
+    }
+    sys::fchdir(root).or_fail(|| "entering the container's root".into())?;
+    sys::chroot(Path::new(".")).or_fail(|| "entering the container's root".into())?;
+    std::env::set_current_dir("/").or_fail(|| "entering /".into())?;
+    if let ChildStdio::Tty { sock, size, uid } = stdio {
+        attach_terminal(&sock, size, uid)?;
+    }
+    process::apply(p)
 }

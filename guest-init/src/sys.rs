@@ -64,6 +64,20 @@ pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<
     Ok(())
 }
 
+/// setns(2) into the namespace open at `ns`.
+pub fn setns(ns: &impl AsRawFd, kind: libc::c_int) -> io::Result<()> {
+    // SAFETY: setns on a descriptor we hold; no memory is involved.
+    check(unsafe { libc::setns(ns.as_raw_fd(), kind) })?;
+    Ok(())
+}
+
+/// fchdir(2).
+pub fn fchdir(dir: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: fchdir on a descriptor we hold.
+    check(unsafe { libc::fchdir(dir.as_raw_fd()) })?;
+    Ok(())
+}
+
 /// chroot(2).
 pub fn chroot(path: &Path) -> io::Result<()> {
     let p = cstring(path)?;

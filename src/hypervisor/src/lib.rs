@@ -83,6 +83,12 @@ pub enum Error {
     Wait(#[source] std::io::Error),
     #[error("VM configuration is invalid: {0}")]
     InvalidConfig(String),
+    #[error("cannot {what} the VM")]
+    Control {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the VMM failed to start")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -106,4 +112,8 @@ pub trait Vm: Send {
     fn try_wait(&mut self) -> Result<Option<VmExit>, Error>;
     /// Kills the VM at once (SIGKILL to every host process it used).
     fn kill(&mut self);
+    /// Freezes the VM: its vCPUs stop until [`Vm::resume`].
+    fn pause(&mut self) -> Result<(), Error>;
+    /// Thaws a paused VM.
+    fn resume(&mut self) -> Result<(), Error>;
 }

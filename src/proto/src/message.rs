@@ -25,6 +25,11 @@ pub enum ToGuest {
     Signal { signal: i32, all: bool },
     /// The stream's terminal changed size.
     Resize { rows: u16, cols: u16 },
+    /// List the container's processes; answered with [`ToHost::Processes`].
+    Ps,
+    /// Change the container's cgroup limits; answered with
+    /// [`ToHost::Updated`] or [`ToHost::Failed`].
+    Update(CgroupSetup),
     /// The host is done: flush and power the VM off.
     Shutdown,
 }
@@ -53,8 +58,29 @@ pub enum ToHost {
     Exited { status: ExitStatus },
     /// The container's memory limit was hit and the kernel killed a process.
     Oom,
+    /// The container's processes, in answer to [`ToGuest::Ps`].
+    Processes { processes: Vec<ProcessInfo> },
+    /// The cgroup limits were changed.
+    Updated,
     /// guest-init itself cannot go on; the VM powers off after this.
     Fatal { message: String },
+}
+
+/// One process of the container, as `ps` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Pid in the container's pid namespace.
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    /// One-letter state (R, S, D, Z, T...).
+    pub state: String,
+    /// Seconds since the guest booted when the process started.
+    pub start_secs: u64,
+    /// CPU time used, in seconds.
+    pub cpu_secs: u64,
+    /// The command line, arguments separated by spaces.
+    pub cmd: String,
 }
 
 /// How a process ended.

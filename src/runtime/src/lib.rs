@@ -5,11 +5,14 @@
 //! [`state`] (record it) -> [`session`] (boot the VM, create, start) ->
 //! [`relay`] (stdio and signals until exit) -> teardown.
 
+pub mod api;
 pub mod assets;
 pub mod backend;
 pub mod bundle;
 pub mod commands;
+pub mod container;
 pub mod logging;
+pub mod monitor;
 pub mod plan;
 pub mod relay;
 pub mod session;

@@ -142,7 +142,7 @@ impl<S: Subscriber> Layer<S> for LogLayer {
 }
 
 /// The current UTC time as RFC 3339 with nanoseconds, as Go's logrus prints it.
-fn rfc3339_now() -> String {
+pub fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -55,18 +55,28 @@ fn main() {
         .map(|h| h.parse().expect("clap checked the value"));
     let ctx = Context {
         hypervisor,
+        detached: false,
         root: cli
             .global
             .root
             .clone()
             .unwrap_or_else(|| PathBuf::from(krun_oci::state::DEFAULT_ROOT)),
     };
+    use commands::lifecycle;
     let result = match &cli.command {
+        Command::Standard(c) => match c {
+            StandardCmd::Create(a) => commands::create::create(&ctx, a),
+            StandardCmd::Start(a) => lifecycle::start(&ctx, a),
+            StandardCmd::State(a) => lifecycle::state(&ctx, a),
+            StandardCmd::Kill(a) => lifecycle::kill(&ctx, a),
+            StandardCmd::Delete(a) => lifecycle::delete(&ctx, a),
+        },
         Command::Common(c) => match c.as_ref() {
             CommonCmd::Run(args) => commands::run::run(&ctx, args),
+            CommonCmd::Pause(a) => lifecycle::pause(&ctx, a),
+            CommonCmd::Resume(a) => lifecycle::resume(&ctx, a),
             other => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),
         },
-        Command::Standard(other) => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,11 +72,16 @@ fn describe(exit: &VmExit) -> String {
     }
 }
 
-/// What arrives from the guest.
+/// What the loop that owns a session reacts to: what arrives from the
+/// guest, and what arrives from outside (a client request, a signal).
 pub enum Event {
     Frame(Frame),
     /// The channel ended (the VM stopped or guest-init died).
     Closed(Option<ProtoError>),
+    /// A request on the monitor's socket.
+    Request(crate::api::Incoming),
+    /// A signal the runtime process received.
+    Signal(i32),
 }
 
 /// Moments of a container's start, for `--debug` timings and hack/bench.
@@ -121,6 +126,7 @@ pub struct Session {
     vm: Box<dyn Vm>,
     control: Control,
     events: Receiver<Event>,
+    sender: SyncSender<Event>,
     console_log: PathBuf,
     pub timings: Timings,
 }
@@ -152,6 +158,7 @@ impl Session {
         let spawned = Instant::now();
         let reader = host_end.try_clone().map_err(SessionError::Channel)?;
         let (tx, events) = mpsc::sync_channel(64);
+        let sender = tx.clone();
         std::thread::Builder::new()
             .name("ctl-reader".into())
             .spawn(move || {
@@ -173,6 +180,7 @@ impl Session {
             vm,
             control: Control(Arc::new(Mutex::new(host_end))),
             events,
+            sender,
             console_log,
             timings: Timings {
                 vmm_spawned: Some(spawned),
@@ -201,8 +209,8 @@ impl Session {
                         return Ok(s);
                     }
                 }
-                Some(Event::Frame(_)) => {}
                 Some(Event::Closed(e)) => return Err(s.stopped_error(e)),
+                Some(_) => {}
                 None => {
                     return Err(SessionError::BootTimeout(
                         BOOT_TIMEOUT,
@@ -219,6 +227,16 @@ impl Session {
 
     pub fn vmm_pid(&self) -> u32 {
         self.vm.pid()
+    }
+
+    /// Feeds the session's event loop from other threads.
+    pub fn sender(&self) -> SyncSender<Event> {
+        self.sender.clone()
+    }
+
+    /// The VM, for pause and resume.
+    pub fn vm_mut(&mut self) -> &mut dyn Vm {
+        self.vm.as_mut()
     }
 
     /// The next event, or None at the deadline.
@@ -274,8 +292,8 @@ impl Session {
                         _ => {}
                     }
                 }
-                Some(Event::Frame(_)) => {}
                 Some(Event::Closed(e)) => return Err(self.stopped_error(e)),
+                Some(_) => {}
                 None => return Err(self.stopped_error(None)),
             }
         }

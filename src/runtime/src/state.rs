@@ -16,6 +16,14 @@ pub enum StateError {
     InvalidId(String),
     #[error("container {0:?} already exists")]
     Exists(String),
+    #[error("container {0:?} does not exist")]
+    NotFound(String),
+    #[error("container {id:?}: state.json is corrupt")]
+    Corrupt {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("state directory {path}")]
     Io {
         path: PathBuf,
@@ -31,7 +39,63 @@ pub enum Status {
     Creating,
     Created,
     Running,
+    Paused,
     Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        })
+    }
+}
+
+/// The process that runs a container's VM (its pid is the container's pid).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Monitor {
+    pub pid: i32,
+    /// Its start time in clock ticks since boot (/proc/PID/stat field 22),
+    /// so that a recycled pid is not mistaken for it.
+    pub start_time: u64,
+    /// The socket it serves requests on.
+    pub socket: PathBuf,
+}
+
+impl Monitor {
+    /// This process, serving on `socket`.
+    pub fn this(socket: PathBuf) -> Monitor {
+        let pid = std::process::id() as i32;
+        Monitor {
+            pid,
+            start_time: process_start_time(pid).unwrap_or(0),
+            socket,
+        }
+    }
+
+    /// Whether the monitor still runs.
+    pub fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// A process's start time from /proc/PID/stat (None if it is gone).
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    // Field 22 overall is the 20th after the command name and state.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How the container's process ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i32,
+    pub signal: Option<i32>,
 }
 
 /// The runtime-spec state, plus what we need to find the VM again.
@@ -45,6 +109,55 @@ pub struct State {
     pub bundle: PathBuf,
     #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     pub annotations: HashMap<String, String>,
+    /// When the container was created (RFC 3339).
+    #[serde(default)]
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Monitor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+    /// The guest kernel OOM-killed a process of the container.
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+impl State {
+    /// The status, corrected for a monitor that died without saying so
+    /// (killed with -9): then the container is stopped.
+    pub fn effective_status(&self) -> Status {
+        match (&self.status, &self.monitor) {
+            (Status::Stopped, _) => Status::Stopped,
+            (_, Some(m)) if !m.alive() => Status::Stopped,
+            (Status::Creating, None) => Status::Stopped,
+            (s, _) => *s,
+        }
+    }
+
+    /// The runtime-spec `state` document.
+    pub fn to_oci(&self) -> serde_json::Value {
+        let status = self.effective_status();
+        let mut v = serde_json::json!({
+            "ociVersion": self.oci_version,
+            "id": self.id,
+            "status": status.to_string(),
+            "bundle": self.bundle,
+            "rootfs": self.bundle.join("rootfs"),
+            "created": self.created,
+            "owner": "",
+        });
+        if status != Status::Stopped {
+            if let Some(m) = &self.monitor {
+                v["pid"] = m.pid.into();
+            }
+        } else {
+            v["pid"] = 0.into();
+        }
+        if !self.annotations.is_empty() {
+            v["annotations"] =
+                serde_json::to_value(&self.annotations).expect("annotations serialize");
+        }
+        v
+    }
 }
 
 /// runc's rule for container ids.
@@ -88,6 +201,44 @@ impl StateDir {
         }
     }
 
+    /// Opens the state directory of an existing container; dropping it
+    /// keeps it.
+    pub fn open(root: &Path, id: &str) -> Result<StateDir, StateError> {
+        validate_id(id)?;
+        let dir = root.join(id);
+        if !dir.is_dir() {
+            return Err(StateError::NotFound(id.to_string()));
+        }
+        Ok(StateDir { dir, keep: true })
+    }
+
+    /// Reads state.json.
+    pub fn read(&self) -> Result<State, StateError> {
+        let path = self.dir.join("state.json");
+        let id = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::NotFound(id))
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { id, source })
+    }
+
+    /// Removes the directory now.
+    pub fn remove(mut self) -> Result<(), StateError> {
+        self.keep = true;
+        std::fs::remove_dir_all(&self.dir).map_err(|source| StateError::Io {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
     /// Writes state.json atomically.
     pub fn write(&self, state: &State) -> Result<(), StateError> {
         let path = self.dir.join("state.json");
@@ -106,6 +257,29 @@ impl StateDir {
     /// Keeps the directory when this value is dropped.
     pub fn keep(&mut self) {
         self.keep = true;
+    }
+
+    /// Removes the directory when this value is dropped (after an error).
+    pub fn discard_on_drop(&mut self) {
+        self.keep = false;
+    }
+
+    /// Takes an exclusive lock on the container, held until the returned
+    /// guard is dropped, so that two commands never change it at once.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, StateError> {
+        let path = self.dir.join("lock");
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io(e.into()))
     }
 }
 

@@ -20,6 +20,11 @@ pub extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Shared by the vCPU threads and the handle of the running VM.
 pub struct Control {
     pub stopping: AtomicBool,
+    /// While set, vCPUs wait in [`Control::park`] instead of running.
+    pub paused: Mutex<bool>,
+    pub unpaused: Condvar,
+    /// How many vCPUs are parked.
+    pub parked: std::sync::atomic::AtomicUsize,
     pub exit: Mutex<Option<VmExit>>,
     pub done: Condvar,
     /// Readable once the VM stops: device worker threads exit on it.
@@ -30,9 +35,36 @@ impl Control {
     pub fn new(stop: EventFd) -> Control {
         Control {
             stopping: AtomicBool::new(false),
+            paused: Mutex::new(false),
+            unpaused: Condvar::new(),
+            parked: std::sync::atomic::AtomicUsize::new(0),
             exit: Mutex::new(None),
             done: Condvar::new(),
             stop,
+        }
+    }
+
+    /// Blocks the calling vCPU thread while the VM is paused.
+    pub fn park(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if !*paused {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *paused && !self.stopping.load(Ordering::SeqCst) {
+            paused = self
+                .unpaused
+                .wait(paused)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Sets or clears the pause flag (the caller kicks the vCPUs).
+    pub fn set_paused(&self, on: bool) {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        if !on {
+            self.unpaused.notify_all();
         }
     }
 
@@ -46,12 +78,17 @@ impl Control {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.write(1);
         self.done.notify_all();
+        self.unpaused.notify_all();
     }
 }
 
 /// Runs `vcpu` until the VM stops, serving its I/O from `bus`.
 pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
     while !control.stopping.load(Ordering::SeqCst) {
+        control.park();
+        if control.stopping.load(Ordering::SeqCst) {
+            break;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {

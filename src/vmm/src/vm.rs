@@ -211,6 +211,17 @@ fn wire(
 }
 
 impl BuiltinVm {
+    /// Signals every vCPU thread still running, to make it leave KVM_RUN.
+    fn kick(&self) {
+        for h in &self.vcpus {
+            if !h.is_finished() {
+                // SAFETY: the thread handle is alive (not joined yet); the
+                // signal's handler does nothing but interrupt KVM_RUN.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            }
+        }
+    }
+
     /// Stops the vCPUs: they see the flag at their next exit, and a signal
     /// makes sure that exit comes.
     fn join(&mut self) {
@@ -218,13 +229,7 @@ impl BuiltinVm {
             if self.vcpus.iter().all(|h| h.is_finished()) {
                 break;
             }
-            for h in &self.vcpus {
-                if !h.is_finished() {
-                    // SAFETY: the thread handle is alive (not joined yet);
-                    // the signal's handler does nothing but interrupt KVM_RUN.
-                    unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-                }
-            }
+            self.kick();
             std::thread::sleep(Duration::from_millis(5));
         }
         for h in self.vcpus.drain(..) {
@@ -276,6 +281,34 @@ impl Vm for BuiltinVm {
             signal: libc::SIGKILL,
         });
         self.join();
+    }
+
+    fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
+        self.control.set_paused(true);
+        // Wait until every vCPU is out of the guest and parked.
+        let running = |vcpus: &[JoinHandle<()>]| vcpus.iter().filter(|h| !h.is_finished()).count();
+        for _ in 0..400 {
+            if self
+                .control
+                .parked
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= running(&self.vcpus)
+            {
+                return Ok(());
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.control.set_paused(false);
+        Err(krun_hypervisor::Error::Control {
+            what: "pause",
+            source: std::io::Error::other("the vCPUs did not stop"),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), krun_hypervisor::Error> {
+        self.control.set_paused(false);
+        Ok(())
     }
 }
 

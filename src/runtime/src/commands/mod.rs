@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod create;
+pub mod lifecycle;
 pub mod run;
 
 /// What every command gets from the global flags.
@@ -11,6 +13,8 @@ pub struct Context {
     pub root: PathBuf,
     /// The backend asked for with `--hypervisor`.
     pub hypervisor: Option<crate::plan::HypervisorKind>,
+    /// The container will run on after this command returns (create).
+    pub detached: bool,
 }
 
 /// An error that ends the runtime with a specific exit status (the

@@ -1,0 +1,137 @@
+//! `krun-oci create`: boot the VM and prepare the container up to the exec
+//! of its process, in a monitor process whose pid goes into the pid file.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+
+use super::{Context, ExitCode};
+use crate::assets::Assets;
+use crate::bundle::Bundle;
+use crate::monitor::{exit_like, Launch, MainStdio, Monitor};
+use crate::plan::{self, HostInfo};
+use crate::relay::SignalForwarder;
+use crate::state::StateDir;
+
+/// Everything a container needs before its VM boots: the bundle, its plan,
+/// the backend, its state directory. Bad input fails here, before anything
+/// is started.
+pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyhow::Result<Launch> {
+    let bundle = Bundle::load(bundle)?;
+    let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
+    for w in &plan.warnings {
+        tracing::warn!(container = %id, "{w}");
+    }
+    if plan.setup.process.terminal && matches!(stdio, MainStdio::Inherit) && ctx.detached {
+        bail!("process.terminal is set, so create needs --console-socket (it cannot allocate a terminal for a container it leaves running)");
+    }
+    let assets = Assets::find()?;
+    tracing::debug!(container = %id, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
+    let hypervisor = crate::backend::choose(ctx.hypervisor.or(plan.hypervisor), &assets)?;
+    let state_dir = StateDir::create(&ctx.root, id)?;
+    Ok(Launch {
+        id: id.to_string(),
+        bundle,
+        plan,
+        assets,
+        hypervisor,
+        state_dir,
+        stdio,
+    })
+}
+
+pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
+    let id = &args.container_id;
+    let stdio = match &args.console_socket {
+        Some(p) => MainStdio::ConsoleSocket(p.clone()),
+        None => MainStdio::Inherit,
+    };
+    let ctx = Context {
+        detached: true,
+        ..ctx.clone()
+    };
+    let launch = launch(&ctx, id, &args.bundle, stdio)?;
+    let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;
+    // No thread runs yet in this process, so forking is safe.
+    // SAFETY: fork in a single-threaded process; the child only continues
+    // running this program.
+    match unsafe { libc::fork() } {
+        -1 => bail!(
+            "cannot fork the monitor: {}",
+            std::io::Error::last_os_error()
+        ),
+        0 => {
+            drop(ready_r);
+            monitor_main(launch, ready_w)
+        }
+        pid => {
+            drop(ready_w);
+            // The monitor owns the state directory now.
+            let mut launch = launch;
+            launch.state_dir.keep();
+            drop(launch);
+            let mut report = String::new();
+            let _ = ready_r.read_to_string(&mut report);
+            if report.trim() == "ok" {
+                if let Some(p) = &args.pid_file {
+                    write_pid_file(p, pid)?;
+                }
+                return Ok(0);
+            }
+            let mut status = 0;
+            // SAFETY: waitpid on our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            let (code, message) = report
+                .split_once(' ')
+                .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
+                .unwrap_or((1, "the monitor died while creating the container".into()));
+            Err(ExitCode { code, message }.into())
+        }
+    }
+}
+
+/// The pid file: written atomically, as runc does.
+pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("krun-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("--pid-file {}", path.display()))
+}
+
+/// The monitor's life: bring the container to `created`, tell the create
+/// command, serve it, and exit as its process did.
+fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
+    // Its own session: the user's terminal's signals are not its own, and a
+    // console terminal can become its controlling one.
+    // SAFETY: setsid has no memory effects.
+    unsafe { libc::setsid() };
+    let signals = SignalForwarder::install();
+    let id = launch.id.clone();
+    let monitor = match Monitor::prepare(launch) {
+        Ok(m) => m,
+        Err(e) => {
+            let (code, msg) = match e.downcast_ref::<ExitCode>() {
+                Some(x) => (x.code, x.message.clone()),
+                None => (1, format!("{e:#}")),
+            };
+            tracing::debug!(container = %id, error = %msg, "create failed");
+            let _ = write!(ready, "{code} {msg}");
+            std::process::exit(code);
+        }
+    };
+    if let Ok(s) = &signals {
+        s.attach(monitor.sender());
+    }
+    let _ = ready.write_all(b"ok");
+    drop(ready);
+    // Nothing of the create command's stdio but the container's own is
+    // kept (conmon waits for the runtime's pipes to close).
+    match monitor.serve(true) {
+        Ok(outcome) => exit_like(outcome.status),
+        Err(e) => {
+            tracing::error!(container = %id, "{e:#}");
+            exit_like(krun_proto::ExitStatus::Signal(libc::SIGKILL))
+        }
+    }
+}

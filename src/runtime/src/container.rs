@@ -1,0 +1,129 @@
+//! An existing container, as the commands after `create` see it: its state
+//! directory, its state, and a line to its monitor.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _};
+
+use crate::api::{Client, Request, Response};
+use crate::state::{State, StateDir, Status};
+
+pub struct Existing {
+    pub id: String,
+    pub dir: StateDir,
+    pub state: State,
+}
+
+impl Existing {
+    pub fn open(root: &Path, id: &str) -> anyhow::Result<Existing> {
+        let dir = StateDir::open(root, id)?;
+        let state = dir.read()?;
+        Ok(Existing {
+            id: id.to_string(),
+            dir,
+            state,
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        self.state.effective_status()
+    }
+
+    /// A connection to the container's monitor; fails if it is not running.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let status = self.status();
+        let monitor = self
+            .state
+            .monitor
+            .as_ref()
+            .filter(|_| status != Status::Stopped);
+        let Some(m) = monitor else {
+            bail!("container {:?} is not running (status {status})", self.id);
+        };
+        Client::connect(&m.socket)
+            .with_context(|| format!("container {:?}: cannot reach its monitor", self.id))
+    }
+
+    /// Sends one request and turns an error response into an error.
+    pub fn call(&self, req: &Request) -> anyhow::Result<Response> {
+        let resp = self
+            .client()?
+            .call(req)
+            .with_context(|| format!("container {:?}", self.id))?;
+        match resp {
+            Response::Error { code, message } => {
+                Err(crate::commands::ExitCode { code, message }.into())
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Waits up to `timeout` for the monitor to be gone.
+    pub fn wait_monitor_gone(&self, timeout: std::time::Duration) -> bool {
+        let Some(m) = &self.state.monitor else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while m.alive() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Kills the monitor with SIGKILL (its VM goes with it) and waits.
+    pub fn kill_monitor(&self) -> anyhow::Result<()> {
+        if let Some(m) = self.state.monitor.as_ref().filter(|m| m.alive()) {
+            // SAFETY: kill has no memory effects; the pid was checked to be
+            // the monitor (same start time) just above.
+            unsafe { libc::kill(m.pid, libc::SIGKILL) };
+            if !self.wait_monitor_gone(std::time::Duration::from_secs(10)) {
+                return Err(anyhow!(
+                    "container {:?}: its monitor (pid {}) does not die",
+                    self.id,
+                    m.pid
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a signal as runc does: a number, or a name with or without SIG.
+pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("invalid signal number {n}");
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name).to_string();
+    let full = format!("SIG{name}");
+    nix::sys::signal::Signal::iterator()
+        .find(|sig| sig.as_str() == full)
+        .map(|sig| sig as i32)
+        .or_else(|| match name.as_str() {
+            "RTMIN" => Some(libc::SIGRTMIN()),
+            "RTMAX" => Some(libc::SIGRTMAX()),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("unknown signal {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_like_runc() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("TERM").unwrap(), 15);
+        assert_eq!(parse_signal("SIGKILL").unwrap(), 9);
+        assert_eq!(parse_signal("sigusr1").unwrap(), libc::SIGUSR1);
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("0").is_err());
+    }
+}

@@ -1,0 +1,754 @@
+//! The monitor: the process that runs one container's VM for its whole
+//! life. Its pid is the container's pid (the pid file's), it holds the
+//! container's stdio, serves `start`, `kill`, `exec`, `ps`, `pause`,
+//! `update` on a socket, and exits with the workload's status — so conmon,
+//! which waits on that pid, sees the workload's exit.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use krun_hypervisor::{Hypervisor, VmExit};
+use krun_proto::{ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM};
+
+use crate::api::{Conn, Incoming, Request, Response};
+use crate::assets::Assets;
+use crate::bundle::Bundle;
+use crate::plan::VmPlan;
+use crate::relay::pump_stdin;
+use crate::session::{Control, Event, Session, SessionError, Timings};
+use crate::state::{self, State, StateDir, Status};
+use crate::tty;
+
+/// Where the container's own stdio goes.
+pub enum MainStdio {
+    /// This process's stdin, stdout and stderr (conmon's pipes, or the
+    /// user's terminal for `run`).
+    Inherit,
+    /// A terminal made here whose master is sent to a `--console-socket`.
+    ConsoleSocket(PathBuf),
+}
+
+/// Everything needed to bring a container up.
+pub struct Launch {
+    pub id: String,
+    pub bundle: Bundle,
+    pub plan: VmPlan,
+    pub assets: Assets,
+    pub hypervisor: Box<dyn Hypervisor>,
+    /// Freshly created; removed if the launch fails.
+    pub state_dir: StateDir,
+    pub stdio: MainStdio,
+}
+
+/// How the container's process ended, as the monitor reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    pub oom_killed: bool,
+}
+
+struct ExecIo {
+    out: Option<File>,
+    err: Option<File>,
+    reply: Sender<Response>,
+}
+
+/// The host end of the container's process's stdio.
+struct MainIo {
+    input: Option<File>,
+    out: Option<File>,
+    err: Option<File>,
+    /// The terminal whose size changes become resizes.
+    tty: Option<OwnedFd>,
+    /// Restores the user's terminal (foreground `run`).
+    _raw: Option<tty::RawMode>,
+}
+
+pub struct Monitor {
+    id: String,
+    state_dir: StateDir,
+    state: State,
+    session: Session,
+    control: Control,
+    plan_memory_limit: u64,
+    main: MainIo,
+    started: bool,
+    execs: HashMap<u32, ExecIo>,
+    next_stream: u32,
+    pending_start: Option<Sender<Response>>,
+    /// Requests answered by guest-init on stream 0, in order.
+    pending_guest: VecDeque<Sender<Response>>,
+    held_signals: Vec<i32>,
+    host_setup_ms: f64,
+    first_output: bool,
+    _run_dir: RunDir,
+    _console_copy: ConsoleCopy,
+}
+
+/// Fails a launch with the state directory removed.
+pub type LaunchError = anyhow::Error;
+
+impl Monitor {
+    /// Boots the VM, prepares the container in it up to the exec of its
+    /// process, and starts serving requests: the container is `created`.
+    pub fn prepare(l: Launch) -> Result<Monitor, LaunchError> {
+        let Launch {
+            id,
+            bundle,
+            plan,
+            assets,
+            hypervisor,
+            mut state_dir,
+            stdio,
+        } = l;
+        state_dir.discard_on_drop();
+        let run_dir = RunDir::new(&state_dir.dir)?;
+        let console_copy = ConsoleCopy(id.clone(), state_dir.console_log());
+        let mut state = State {
+            oci_version: bundle.spec.version().clone(),
+            id: id.clone(),
+            status: Status::Creating,
+            pid: None,
+            bundle: bundle.dir.clone(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            created: crate::logging::rfc3339_now(),
+            monitor: None,
+            exit: None,
+            oom_killed: false,
+        };
+        state_dir.write(&state)?;
+        let host_setup_ms = crate::since_start_ms();
+        let mut session = Session::boot(
+            hypervisor.as_ref(),
+            &plan,
+            &assets,
+            &state_dir.dir,
+            &run_dir.0,
+        )?;
+
+        let mut setup = plan.setup.clone();
+        setup.realtime_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let main = main_io(
+            &stdio,
+            setup.process.terminal,
+            &mut setup.process.console_size,
+        )?;
+        session.create(setup).map_err(launch_error)?;
+
+        let socket = run_dir.0.join("monitor.sock");
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+        spawn_acceptor(listener, session.sender())?;
+        state.status = Status::Created;
+        let monitor = state::Monitor::this(socket);
+        state.pid = Some(monitor.pid);
+        state.monitor = Some(monitor);
+        state_dir.write(&state)?;
+        let control = session.control();
+        let plan_memory_limit = plan.memory_mib << 20;
+        Ok(Monitor {
+            id,
+            state_dir,
+            state,
+            session,
+            control,
+            plan_memory_limit,
+            main,
+            started: false,
+            execs: HashMap::new(),
+            next_stream: 1,
+            pending_start: None,
+            pending_guest: VecDeque::new(),
+            held_signals: Vec::new(),
+            host_setup_ms,
+            first_output: true,
+            _run_dir: run_dir,
+            _console_copy: console_copy,
+        })
+    }
+
+    /// Where signals for this container should be sent.
+    pub fn sender(&self) -> SyncSender<Event> {
+        self.session.sender()
+    }
+
+    fn save(&mut self) {
+        if let Err(e) = self.state_dir.write(&self.state) {
+            tracing::warn!(container = %self.id, error = %e, "cannot record the container's state");
+        }
+    }
+
+    /// Starts the container's process now (for `run`).
+    pub fn start_now(&mut self) -> Result<(), SessionError> {
+        self.session.start()?;
+        self.on_started();
+        Ok(())
+    }
+
+    fn on_started(&mut self) {
+        self.started = true;
+        self.state.status = Status::Running;
+        self.save();
+        if let Some(input) = self.main.input.take() {
+            pump_stdin(self.control.clone(), MAIN_STREAM, input);
+        }
+        if self.main.tty.is_some() {
+            self.resize_from_tty();
+        }
+        for sig in std::mem::take(&mut self.held_signals) {
+            let _ = self.control.send(
+                MAIN_STREAM,
+                &ToGuest::Signal {
+                    signal: sig,
+                    all: false,
+                },
+            );
+        }
+    }
+
+    fn resize_from_tty(&mut self) {
+        if let Some((rows, cols)) = self.main.tty.as_ref().and_then(|t| tty::size(t.as_fd())) {
+            let _ = self
+                .control
+                .send(MAIN_STREAM, &ToGuest::Resize { rows, cols });
+        }
+    }
+
+    /// Serves the container until its process exits (or the VM stops),
+    /// then stops the VM. `keep_state`: leave the state directory, now
+    /// `stopped`, for `delete` (a detached container); otherwise remove it.
+    pub fn serve(mut self, keep_state: bool) -> Result<Outcome, SessionError> {
+        let result = self.event_loop();
+        let exited_ms = crate::since_start_ms();
+        for (_, e) in self.execs.drain() {
+            let _ = e.reply.send(Response::Error {
+                code: 255,
+                message: "the container stopped".into(),
+            });
+        }
+        if let Some(r) = self.pending_start.take() {
+            let _ = r.send(Response::Error {
+                code: 1,
+                message: "the container stopped".into(),
+            });
+        }
+        let timings = self.session.timings.clone();
+        let Monitor {
+            id,
+            state_dir,
+            mut state,
+            session,
+            host_setup_ms,
+            ..
+        } = self;
+        let vm_exit = session.shutdown(Duration::from_secs(3));
+        log_timings(&id, host_setup_ms, &timings, exited_ms);
+        tracing::debug!(container = %id, ?vm_exit, vm_stopped_ms = crate::since_start_ms(), teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
+        let outcome = match &result {
+            Ok(o) => *o,
+            // The VM died under the container: it is stopped, and was
+            // killed as far as anyone waiting can tell.
+            Err(_) => Outcome {
+                status: vm_death_status(&vm_exit),
+                oom_killed: state.oom_killed,
+            },
+        };
+        state.status = Status::Stopped;
+        state.exit = Some(state::Exit {
+            code: outcome.status.shell_code(),
+            signal: match outcome.status {
+                ExitStatus::Signal(s) => Some(s),
+                ExitStatus::Code(_) => None,
+            },
+        });
+        if keep_state {
+            let _ = state_dir.write(&state);
+            let mut sd = state_dir;
+            sd.keep();
+        } else {
+            drop(state_dir);
+        }
+        result
+    }
+
+    fn event_loop(&mut self) -> Result<Outcome, SessionError> {
+        loop {
+            let event = self.session.next(None)?.unwrap_or(Event::Closed(None));
+            match event {
+                Event::Frame(f) => {
+                    if let Some(outcome) = self.on_frame(f)? {
+                        return Ok(outcome);
+                    }
+                }
+                Event::Closed(e) => return Err(self.session.stopped_error(e)),
+                Event::Request(inc) => {
+                    if let Some(outcome) = self.on_request(inc) {
+                        return Ok(outcome);
+                    }
+                }
+                Event::Signal(sig) => self.on_signal(sig),
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        if sig == libc::SIGWINCH {
+            if self.started {
+                self.resize_from_tty();
+            }
+        } else if self.started {
+            let _ = self.control.send(
+                MAIN_STREAM,
+                &ToGuest::Signal {
+                    signal: sig,
+                    all: false,
+                },
+            );
+        } else {
+            self.held_signals.push(sig);
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<Option<Outcome>, SessionError> {
+        let stream = f.stream;
+        match f.kind {
+            FrameKind::Stdout | FrameKind::Stderr => {
+                if stream == MAIN_STREAM && self.first_output {
+                    self.first_output = false;
+                    tracing::debug!(since_start_ms = crate::since_start_ms(), "first output");
+                }
+                let sink = if stream == MAIN_STREAM {
+                    if f.kind == FrameKind::Stdout {
+                        &mut self.main.out
+                    } else {
+                        &mut self.main.err
+                    }
+                } else {
+                    match self.execs.get_mut(&stream) {
+                        Some(e) if f.kind == FrameKind::Stdout => &mut e.out,
+                        Some(e) => &mut e.err,
+                        None => return Ok(None),
+                    }
+                };
+                if let Some(w) = sink {
+                    // A reader that went away does not stop the container.
+                    if w.write_all(&f.payload).is_err() {
+                        *sink = None;
+                    }
+                }
+            }
+            FrameKind::Control => match f.message::<ToHost>()? {
+                ToHost::Started { pid } => {
+                    if stream == MAIN_STREAM {
+                        self.on_started();
+                        if let Some(r) = self.pending_start.take() {
+                            let _ = r.send(Response::Ok);
+                        }
+                    } else if let Some(e) = self.execs.get(&stream) {
+                        let _ = e.reply.send(Response::Started { stream, pid });
+                    }
+                }
+                ToHost::Failed { code, message } => {
+                    let err = Response::Error {
+                        code,
+                        message: message.clone(),
+                    };
+                    if stream != MAIN_STREAM {
+                        if let Some(e) = self.execs.remove(&stream) {
+                            let _ = e.reply.send(err);
+                        }
+                    } else if let Some(r) = self.pending_start.take() {
+                        // The process could not be started: the container
+                        // is stopped, with the status a shell would give.
+                        let _ = r.send(err);
+                        tracing::debug!(container = %self.id, %message, "start failed");
+                        return Ok(Some(Outcome {
+                            status: ExitStatus::Code(code),
+                            oom_killed: false,
+                        }));
+                    } else if let Some(r) = self.pending_guest.pop_front() {
+                        let _ = r.send(err);
+                    }
+                }
+                ToHost::Exited { status } => {
+                    if stream == MAIN_STREAM {
+                        return Ok(Some(Outcome {
+                            status,
+                            oom_killed: self.state.oom_killed,
+                        }));
+                    }
+                    if let Some(e) = self.execs.remove(&stream) {
+                        let signal = match status {
+                            ExitStatus::Signal(s) => Some(s),
+                            ExitStatus::Code(_) => None,
+                        };
+                        let _ = e.reply.send(Response::Exited {
+                            code: status.shell_code(),
+                            signal,
+                        });
+                    }
+                }
+                ToHost::Oom => {
+                    tracing::warn!(container = %self.id, "the container hit its memory limit and the guest kernel killed a process (OOM)");
+                    self.state.oom_killed = true;
+                    self.save();
+                }
+                ToHost::Processes { processes } => {
+                    if let Some(r) = self.pending_guest.pop_front() {
+                        let _ = r.send(Response::Processes { processes });
+                    }
+                }
+                ToHost::Updated => {
+                    if let Some(r) = self.pending_guest.pop_front() {
+                        let _ = r.send(Response::Ok);
+                    }
+                }
+                ToHost::Fatal { message } => return Err(SessionError::GuestFatal(message)),
+                ToHost::Hello { .. } | ToHost::Created { .. } => {}
+            },
+            FrameKind::Stdin => {}
+        }
+        Ok(None)
+    }
+
+    /// Handles one client request; returns an outcome when the request
+    /// ends the container (shutdown).
+    fn on_request(&mut self, inc: Incoming) -> Option<Outcome> {
+        let Incoming { req, fds, reply } = inc;
+        let error = |code: i32, message: &str| Response::Error {
+            code,
+            message: message.to_string(),
+        };
+        let status = self.state.status;
+        match req {
+            Request::Start => {
+                if self.started || self.pending_start.is_some() {
+                    let _ = reply.send(error(
+                        1,
+                        &format!("cannot start a container that is {status}"),
+                    ));
+                } else if self.control.send(MAIN_STREAM, &ToGuest::Start).is_err() {
+                    let _ = reply.send(error(1, "the VM is gone"));
+                } else {
+                    self.pending_start = Some(reply);
+                }
+            }
+            Request::Kill { signal, all } => {
+                let _ = self
+                    .control
+                    .send(MAIN_STREAM, &ToGuest::Signal { signal, all });
+                let _ = reply.send(Response::Ok);
+            }
+            Request::Exec { process } => {
+                if !self.started {
+                    let _ = reply.send(error(
+                        1,
+                        &format!("cannot exec in a container that is {status}"),
+                    ));
+                    return None;
+                }
+                let stream = self.next_stream;
+                self.next_stream += 1;
+                let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
+                let (input, out, err) = match files.len() {
+                    // One terminal for all three.
+                    1 => {
+                        let t = files.remove(0);
+                        (t.try_clone().ok(), Some(t), None)
+                    }
+                    3 => {
+                        let err = files.pop();
+                        let out = files.pop();
+                        (files.pop(), out, err)
+                    }
+                    n => {
+                        let _ = reply
+                            .send(error(1, &format!("exec needs 1 or 3 descriptors, got {n}")));
+                        return None;
+                    }
+                };
+                if self.control.send(stream, &ToGuest::Exec(process)).is_err() {
+                    let _ = reply.send(error(1, "the VM is gone"));
+                    return None;
+                }
+                if let Some(input) = input {
+                    pump_stdin(self.control.clone(), stream, input);
+                }
+                self.execs.insert(stream, ExecIo { out, err, reply });
+            }
+            Request::SignalExec { stream, signal } => {
+                if self.execs.contains_key(&stream) {
+                    let _ = self
+                        .control
+                        .send(stream, &ToGuest::Signal { signal, all: false });
+                }
+                let _ = reply.send(Response::Ok);
+            }
+            Request::Resize { stream, rows, cols } => {
+                let _ = self.control.send(stream, &ToGuest::Resize { rows, cols });
+                let _ = reply.send(Response::Ok);
+            }
+            Request::Ps => {
+                if self.control.send(MAIN_STREAM, &ToGuest::Ps).is_ok() {
+                    self.pending_guest.push_back(reply);
+                } else {
+                    let _ = reply.send(error(1, "the VM is gone"));
+                }
+            }
+            Request::Update { limits } => {
+                if let Some(m) = limits.memory_max.filter(|m| *m > self.plan_memory_limit) {
+                    let _ = reply.send(error(
+                        1,
+                        &format!(
+                            "memory limit {} MiB: the VM has {} MiB and krun-oci cannot add memory to a running VM",
+                            m >> 20,
+                            self.plan_memory_limit >> 20
+                        ),
+                    ));
+                } else if self
+                    .control
+                    .send(MAIN_STREAM, &ToGuest::Update(limits))
+                    .is_ok()
+                {
+                    self.pending_guest.push_back(reply);
+                } else {
+                    let _ = reply.send(error(1, "the VM is gone"));
+                }
+            }
+            Request::Pause | Request::Resume => {
+                let pause = req == Request::Pause;
+                let vm = self.session.vm_mut();
+                let r = if pause { vm.pause() } else { vm.resume() };
+                match r {
+                    Ok(()) => {
+                        self.state.status = if pause {
+                            Status::Paused
+                        } else if self.started {
+                            Status::Running
+                        } else {
+                            Status::Created
+                        };
+                        self.save();
+                        let _ = reply.send(Response::Ok);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(error(1, &format!("{e}")));
+                    }
+                }
+            }
+            Request::Shutdown => {
+                let _ = reply.send(Response::Ok);
+                // As if the kernel had killed the process.
+                return Some(Outcome {
+                    status: ExitStatus::Signal(libc::SIGKILL),
+                    oom_killed: self.state.oom_killed,
+                });
+            }
+        }
+        None
+    }
+}
+
+fn launch_error(e: SessionError) -> anyhow::Error {
+    match e {
+        SessionError::Process { code, message } => {
+            crate::commands::ExitCode { code, message }.into()
+        }
+        other => other.into(),
+    }
+}
+
+/// The status to report when the VM died before the process exited.
+fn vm_death_status(exit: &VmExit) -> ExitStatus {
+    match exit {
+        VmExit::Killed { signal } => ExitStatus::Signal(*signal),
+        _ => ExitStatus::Signal(libc::SIGKILL),
+    }
+}
+
+/// Sets up the host end of the container's process's stdio.
+fn main_io(
+    stdio: &MainStdio,
+    terminal: bool,
+    console_size: &mut Option<(u16, u16)>,
+) -> anyhow::Result<MainIo> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
+    match stdio {
+        MainStdio::ConsoleSocket(path) if terminal => {
+            let pty = tty::Pty::open(*console_size)?;
+            pty.send_master(path)?;
+            // The monitor is a session leader (create made it one): the
+            // terminal becomes its controlling one, so a resize by whoever
+            // holds the master reaches it as SIGWINCH.
+            pty.make_controlling();
+            let slave = pty.slave;
+            let input = slave.try_clone().ok().map(File::from);
+            let out = slave.try_clone().ok().map(File::from);
+            Ok(MainIo {
+                input,
+                out,
+                err: None,
+                tty: Some(slave),
+                _raw: None,
+            })
+        }
+        MainStdio::ConsoleSocket(_) | MainStdio::Inherit => {
+            let stdin = std::io::stdin();
+            let (raw, tty_fd) = if terminal {
+                *console_size = console_size.or_else(|| tty::size(stdin.as_fd()));
+                let raw = tty::RawMode::enter(stdin.as_fd());
+                let fd = raw
+                    .as_ref()
+                    .and_then(|_| stdin.as_fd().try_clone_to_owned().ok());
+                (raw, fd)
+            } else {
+                (None, None)
+            };
+            Ok(MainIo {
+                input: dup(stdin.as_fd()),
+                out: dup(std::io::stdout().as_fd()),
+                err: if terminal {
+                    None
+                } else {
+                    dup(std::io::stderr().as_fd())
+                },
+                tty: tty_fd,
+                _raw: raw,
+            })
+        }
+    }
+}
+
+/// Accepts connections on the monitor socket; each is served on a thread
+/// that hands its requests to the event loop and writes back the replies.
+fn spawn_acceptor(listener: UnixListener, events: SyncSender<Event>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("monitor-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let events = events.clone();
+                let _ = std::thread::Builder::new()
+                    .name("monitor-client".into())
+                    .spawn(move || serve_client(stream, events));
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_client(stream: UnixStream, events: SyncSender<Event>) {
+    let mut conn = Conn::new(stream);
+    while let Ok((req, fds)) = conn.recv() {
+        let (reply, replies) = mpsc::channel();
+        if events
+            .send(Event::Request(Incoming { req, fds, reply }))
+            .is_err()
+        {
+            let _ = conn.send(&Response::Error {
+                code: 1,
+                message: "the container's monitor is stopping".into(),
+            });
+            return;
+        }
+        // Every response until the loop drops the sender.
+        for r in replies {
+            if conn.send(&r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
+    let start = crate::started_at();
+    let ms = |i: Option<Instant>| {
+        i.map(|i| (i - start).as_secs_f64() * 1000.0)
+            .unwrap_or(f64::NAN)
+    };
+    let hello = ms(t.hello);
+    // Guest boot time runs from the kernel's start: the host saw the hello
+    // `guest_hello_ns` after the guest kernel started.
+    let kernel_start = hello - t.guest_hello_ns as f64 / 1e6;
+    tracing::debug!(
+        container = %id,
+        host_setup_ms,
+        vmm_spawned_ms = ms(t.vmm_spawned),
+        vmm_start_ms = kernel_start - host_setup_ms,
+        kernel_boot_ms = t.guest_init_ns as f64 / 1e6,
+        guest_init_ms = ms(t.started) - kernel_start - t.guest_init_ns as f64 / 1e6,
+        started_ms = ms(t.started),
+        exited_ms,
+        "timings"
+    );
+}
+
+/// Debug aid: with KRUN_OCI_CONSOLE_COPY=DIR, the guest console log of
+/// every container is kept as DIR/ID.log when its monitor ends, however it
+/// ends (the state directory, where it lives, is removed). The tests use
+/// it to show a failing guest's console.
+struct ConsoleCopy(String, PathBuf);
+
+impl Drop for ConsoleCopy {
+    fn drop(&mut self) {
+        if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
+            let _ = std::fs::copy(&self.1, Path::new(&dir).join(format!("{}.log", self.0)));
+        }
+    }
+}
+
+/// The directory for the VM's sockets: the state directory when its path is
+/// short enough for a unix socket address (108 bytes), else a private
+/// directory under /tmp, removed when dropped.
+pub struct RunDir(pub PathBuf, bool);
+
+impl RunDir {
+    pub fn new(state_dir: &Path) -> anyhow::Result<RunDir> {
+        if state_dir.join("monitor.sock").as_os_str().len() < 100 {
+            return Ok(RunDir(state_dir.to_path_buf(), false));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("krun-oci-")
+            .tempdir()
+            .map_err(|e| anyhow::anyhow!("creating a socket directory: {e}"))?;
+        Ok(RunDir(dir.keep(), true))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Ends this process the way the container's process ended: its exit code,
+/// or death by the same signal (so a waiting parent sees 128+n).
+pub fn exit_like(status: ExitStatus) -> ! {
+    if let ExitStatus::Signal(sig) = status {
+        // SAFETY: resetting a disposition and raising a signal at ourselves
+        // have no memory effects; no core dump is wanted from the monitor.
+        unsafe {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+        }
+    }
+    std::process::exit(status.shell_code())
+}
