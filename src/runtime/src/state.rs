@@ -77,18 +77,28 @@ impl Monitor {
         }
     }
 
-    /// Whether the monitor still runs.
+    /// Whether the monitor still runs (a zombie waiting for its parent to
+    /// reap it has finished).
     pub fn alive(&self) -> bool {
-        process_start_time(self.pid) == Some(self.start_time)
+        process_stat(self.pid)
+            .is_some_and(|(state, start)| start == self.start_time && state != 'Z' && state != 'X')
     }
 }
 
-/// A process's start time from /proc/PID/stat (None if it is gone).
-pub fn process_start_time(pid: i32) -> Option<u64> {
+/// A process's state letter and start time from /proc/PID/stat.
+fn process_stat(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
-    // Field 22 overall is the 20th after the command name and state.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 22 overall is the 19th after the state.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// A process's start time in clock ticks since boot (None if it is gone).
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    process_stat(pid).map(|(_, start)| start)
 }
 
 /// How the container's process ended.

@@ -1,0 +1,334 @@
+//! The runtime-spec lifecycle driven by hand: create, state, start, kill,
+//! delete, pause and resume, the invalid transitions, kill -9 of the VM's
+//! process in each phase, and many containers at once. Every test checks
+//! that nothing is left behind.
+
+mod harness;
+
+use std::process::Stdio;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use harness::{Sandbox, TestBundle};
+
+/// The monitor `create` leaves behind is orphaned when `create` exits; as
+/// conmon does, this test process becomes the subreaper that inherits and
+/// reaps it, so it can check the monitor's exit status.
+fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl with integer arguments only.
+        assert_eq!(
+            unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+            0
+        );
+    });
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn krun(sb: &Sandbox, args: &[&str]) -> Out {
+    let mut c = sb.cmd();
+    c.args(args).stdin(Stdio::null());
+    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    Out {
+        code: o.code,
+        stdout: o.stdout(),
+        stderr: o.stderr(),
+    }
+}
+
+#[track_caller]
+fn ok(o: Out) {
+    assert_eq!(o.code, 0, "stdout: {}; stderr: {}", o.stdout, o.stderr);
+}
+
+fn status(sb: &Sandbox, id: &str) -> String {
+    let o = krun(sb, &["state", id]);
+    assert_eq!(o.code, 0, "state {id}: {}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    v["status"].as_str().unwrap().to_string()
+}
+
+/// `create` with the container's stdio in files of the sandbox; returns
+/// the pid from the pid file.
+fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
+    become_subreaper();
+    let pid_file = sb.path().join(format!("{id}.pid"));
+    let out = std::fs::File::create(sb.path().join(format!("{id}.out"))).unwrap();
+    let err = std::fs::File::create(sb.path().join(format!("{id}.err"))).unwrap();
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(id);
+    c.stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut child = c.spawn().unwrap();
+    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
+    let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "create {id}: {stderr}; console: {}",
+        sb.console()
+    );
+    std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
+fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid on a pid that is (or will be) our child.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return if libc::WIFSIGNALED(st) {
+                (None, Some(libc::WTERMSIG(st)))
+            } else {
+                (Some(libc::WEXITSTATUS(st)), None)
+            };
+        }
+        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn out_of(sb: &Sandbox, id: &str) -> String {
+    std::fs::read_to_string(sb.path().join(format!("{id}.out"))).unwrap()
+}
+
+fn wait_for_output(sb: &Sandbox, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out_of(sb, id).contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} in the output of {id}: {:?}",
+            out_of(sb, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const TRAP_TERM: &str =
+    "trap 'echo got TERM; exit 3' TERM; echo started; while :; do sleep 0.1; done";
+
+#[test]
+fn the_lifecycle_by_hand_with_invalid_transitions() {
+    let sb = Sandbox::new("lifecycle");
+    let b = sb.bundle(&["sh", "-c", TRAP_TERM]);
+    b.write();
+    let pid = create(&sb, &b, "c1");
+    assert_eq!(status(&sb, "c1"), "created");
+    let o = krun(&sb, &["state", "c1"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["pid"], pid, "the state's pid is the pid file's");
+    assert_eq!(v["bundle"], b.dir.to_str().unwrap());
+    assert!(out_of(&sb, "c1").is_empty(), "nothing runs before start");
+
+    ok(krun(&sb, &["start", "c1"]));
+    assert_eq!(status(&sb, "c1"), "running");
+    wait_for_output(&sb, "c1", "started\n");
+
+    let o = krun(&sb, &["start", "c1"]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("cannot start a container that is running"),
+        "{}",
+        o.stderr
+    );
+    let o = krun(&sb, &["delete", "c1"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("not stopped: running"), "{}", o.stderr);
+    assert_eq!(
+        status(&sb, "c1"),
+        "running",
+        "a refused delete changes nothing"
+    );
+
+    // SIGTERM reaches the workload's handler; the pid exits with its status.
+    ok(krun(&sb, &["kill", "c1", "TERM"]));
+    assert_eq!(wait_exit(pid), (Some(3), None));
+    assert_eq!(out_of(&sb, "c1"), "started\ngot TERM\n");
+    assert_eq!(status(&sb, "c1"), "stopped");
+    assert_ne!(
+        krun(&sb, &["kill", "c1", "KILL"]).code,
+        0,
+        "kill of a stopped container fails"
+    );
+    assert_ne!(
+        krun(&sb, &["start", "c1"]).code,
+        0,
+        "start of a stopped container fails"
+    );
+    ok(krun(&sb, &["delete", "c1"]));
+    let o = krun(&sb, &["state", "c1"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("does not exist"), "{}", o.stderr);
+    sb.assert_clean();
+}
+
+#[test]
+fn death_by_signal_is_the_pids_death_by_the_same_signal() {
+    let sb = Sandbox::new("sigdeath");
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "s1");
+    ok(krun(&sb, &["start", "s1"]));
+    ok(krun(&sb, &["kill", "s1", "9"]));
+    assert_eq!(wait_exit(pid), (None, Some(libc::SIGKILL)));
+    assert_eq!(status(&sb, "s1"), "stopped");
+    ok(krun(&sb, &["delete", "s1"]));
+    sb.assert_clean();
+}
+
+#[test]
+fn pause_and_resume_freeze_the_vm() {
+    let sb = Sandbox::new("pause");
+    let b = sb.bundle(&[
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done",
+    ]);
+    b.write();
+    let pid = create(&sb, &b, "p1");
+    ok(krun(&sb, &["start", "p1"]));
+    wait_for_output(&sb, "p1", "3\n");
+    ok(krun(&sb, &["pause", "p1"]));
+    assert_eq!(status(&sb, "p1"), "paused");
+    // Let anything already in flight arrive, then nothing more may.
+    std::thread::sleep(Duration::from_millis(500));
+    let frozen = out_of(&sb, "p1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        out_of(&sb, "p1"),
+        frozen,
+        "a paused container made progress"
+    );
+    assert_ne!(krun(&sb, &["pause", "p1"]).code, 0, "pausing twice fails");
+    ok(krun(&sb, &["resume", "p1"]));
+    assert_eq!(status(&sb, "p1"), "running");
+    let n = frozen.lines().count();
+    wait_for_output(&sb, "p1", &format!("\n{}\n", n + 2));
+    ok(krun(&sb, &["delete", "--force", "p1"]));
+    assert_eq!(wait_exit(pid), (None, Some(libc::SIGKILL)));
+    sb.assert_clean();
+}
+
+#[test]
+fn delete_force_takes_down_a_running_container() {
+    let sb = Sandbox::new("force");
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "f1");
+    ok(krun(&sb, &["start", "f1"]));
+    ok(krun(&sb, &["delete", "--force", "f1"]));
+    wait_exit(pid);
+    ok(krun(&sb, &["delete", "--force", "f1"]));
+    assert_ne!(krun(&sb, &["delete", "f1"]).code, 0);
+    sb.assert_clean();
+}
+
+/// kill -9 of the VM's process (the pid file's) in each phase: state says
+/// stopped, delete cleans up, nothing is left.
+#[test]
+fn kill_dash_nine_of_the_vm_process_in_each_phase() {
+    let sb = Sandbox::new("kill9");
+    for (phase, id) in [("created", "k1"), ("running", "k2"), ("paused", "k3")] {
+        let b = sb.bundle(&["sleep", "1000"]);
+        b.write();
+        let pid = create(&sb, &b, id);
+        if phase != "created" {
+            ok(krun(&sb, &["start", id]));
+        }
+        if phase == "paused" {
+            ok(krun(&sb, &["pause", id]));
+        }
+        assert_eq!(status(&sb, id), phase);
+        // SAFETY: kill has no memory effects; pid is our (orphaned) child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(wait_exit(pid), (None, Some(libc::SIGKILL)));
+        assert_eq!(status(&sb, id), "stopped", "{phase}");
+        let o = krun(&sb, &["delete", id]);
+        assert_eq!(o.code, 0, "{phase}: {}", o.stderr);
+        sb.assert_clean();
+    }
+}
+
+#[test]
+fn delete_of_a_created_container_takes_it_down() {
+    let sb = Sandbox::new("delcreated");
+    let b = sb.bundle(&["true"]);
+    b.write();
+    let pid = create(&sb, &b, "d1");
+    ok(krun(&sb, &["delete", "d1"]));
+    wait_exit(pid);
+    sb.assert_clean();
+}
+
+#[test]
+fn twenty_containers_created_and_deleted_at_once() {
+    let sb = Sandbox::new("twenty");
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let ids: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let (sb, b) = (&sb, &b);
+    let pids: Vec<i32> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|id| s.spawn(move || create(sb, b, id)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    std::thread::scope(|s| {
+        for id in &ids {
+            s.spawn(move || {
+                ok(krun(sb, &["start", id]));
+                assert_eq!(status(sb, id), "running");
+            });
+        }
+    });
+    std::thread::scope(|s| {
+        for id in &ids {
+            s.spawn(move || {
+                let o = krun(sb, &["delete", "--force", id]);
+                assert_eq!(o.code, 0, "{id}: {}", o.stderr);
+            });
+        }
+    });
+    for pid in pids {
+        wait_exit(pid);
+    }
+    sb.assert_clean();
+}
+
+#[test]
+fn unknown_containers_are_errors() {
+    let sb = Sandbox::new("unknown");
+    for args in [
+        &["state", "nope"][..],
+        &["start", "nope"],
+        &["kill", "nope", "TERM"],
+        &["delete", "nope"],
+        &["pause", "nope"],
+    ] {
+        let o = krun(&sb, args);
+        assert_ne!(o.code, 0, "{args:?}");
+        assert!(
+            o.stderr.contains("does not exist"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+    sb.assert_clean();
+}
