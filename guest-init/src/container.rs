@@ -407,6 +407,10 @@ fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<P
     }
     fs::write(cgroup.join("cgroup.procs"), "0")
         .or_fail(|| "joining the container's cgroup".into())?;
+    // Its own cgroup namespace, rooted at its cgroup: /sys/fs/cgroup in the
+    // container shows the container's limits, as under runc.
+    sys::unshare(libc::CLONE_NEWCGROUP)
+        .or_fail(|| "creating the container's cgroup namespace".into())?;
     if let Some(adj) = setup.process.oom_score_adj {
         fs::write("/proc/self/oom_score_adj", adj.to_string())
             .or_fail(|| "process.oomScoreAdj".into())?;
@@ -484,6 +488,10 @@ pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
         (
             open(format!("/proc/{}/ns/ipc", c.init_pid))?,
             libc::CLONE_NEWIPC,
+        ),
+        (
+            open(format!("/proc/{}/ns/cgroup", c.init_pid))?,
+            libc::CLONE_NEWCGROUP,
         ),
         (
             open(format!("/proc/{}/ns/mnt", c.init_pid))?,

@@ -71,6 +71,13 @@ pub fn setns(ns: &impl AsRawFd, kind: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// unshare(2).
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare has no memory effects.
+    check(unsafe { libc::unshare(flags) })?;
+    Ok(())
+}
+
 /// fchdir(2).
 pub fn fchdir(dir: &impl AsRawFd) -> io::Result<()> {
     // SAFETY: fchdir on a descriptor we hold.

@@ -10,7 +10,7 @@ use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 #[derive(Parser, Debug)]
 #[command(
     name = "krun-oci",
-    version,
+    disable_version_flag = true,
     about = "An OCI runtime that runs each container in its own microVM"
 )]
 struct Cli {
@@ -20,8 +20,11 @@ struct Cli {
     /// boots Linux guests) or qemu. Default: builtin where KVM can, else qemu.
     #[arg(long, global = true, value_parser = ["builtin", "qemu"])]
     hypervisor: Option<String>,
+    /// Print the version (as runc does: version, commit, spec).
+    #[arg(short = 'v', long = "version")]
+    version: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -35,6 +38,17 @@ enum Command {
 fn main() {
     krun_oci::mark_start();
     let cli = Cli::parse();
+    if cli.version {
+        println!("krun-oci version {}", env!("CARGO_PKG_VERSION"));
+        println!("spec: 1.2.0");
+        println!("hypervisors: builtin (KVM), qemu");
+        std::process::exit(0);
+    }
+    let Some(command) = &cli.command else {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        std::process::exit(1);
+    };
     let format = match Format::parse(cli.global.log_format.as_deref()) {
         Ok(f) => f,
         Err(e) => {
@@ -63,7 +77,7 @@ fn main() {
             .unwrap_or_else(|| PathBuf::from(krun_oci::state::DEFAULT_ROOT)),
     };
     use commands::lifecycle;
-    let result = match &cli.command {
+    let result = match command {
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),
@@ -73,6 +87,12 @@ fn main() {
         },
         Command::Common(c) => match c.as_ref() {
             CommonCmd::Run(args) => commands::run::run(&ctx, args),
+            CommonCmd::Exec(a) => commands::exec::exec(&ctx, a),
+            CommonCmd::Ps(a) => commands::info::ps(&ctx, a),
+            CommonCmd::List(a) => commands::info::list(&ctx, a),
+            CommonCmd::Features(_) => commands::info::features(),
+            CommonCmd::Spec(a) => commands::info::spec(a),
+            CommonCmd::Update(a) => commands::info::update(&ctx, a),
             CommonCmd::Pause(a) => lifecycle::pause(&ctx, a),
             CommonCmd::Resume(a) => lifecycle::resume(&ctx, a),
             other => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 pub mod create;
+pub mod exec;
+pub mod info;
 pub mod lifecycle;
 pub mod run;
 

@@ -90,6 +90,18 @@ impl Problems {
     }
 }
 
+/// The process of an `exec` (a process.json, or the container's own process
+/// adjusted by exec's flags) as guest-init takes it.
+pub fn exec_process(p: &oci_spec::runtime::Process) -> Result<krun_proto::ProcessSetup, PlanError> {
+    let mut problems = Problems::default();
+    let setup = process::process_setup(p, &mut problems);
+    if problems.0.is_empty() {
+        Ok(setup)
+    } else {
+        Err(PlanError(problems.0))
+    }
+}
+
 /// Plans the VM for container `id` from the bundle at `bundle` (absolute).
 pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmPlan, PlanError> {
     let mut problems = Problems::default();

@@ -1,16 +1,22 @@
 //! `process` -> [`ProcessSetup`].
 
 use krun_proto::{Capabilities, ProcessSetup, Rlimit};
-use oci_spec::runtime::{Capability, PosixRlimitType, Spec};
+use oci_spec::runtime::{Capability, PosixRlimitType, Process, Spec};
 
 use super::Problems;
 
 pub(super) fn plan_process(spec: &Spec, problems: &mut Problems) -> ProcessSetup {
-    let mut out = ProcessSetup::default();
     let Some(p) = spec.process() else {
         problems.add("process", "missing: the bundle must say what to run");
-        return out;
+        return ProcessSetup::default();
     };
+    process_setup(p, problems)
+}
+
+/// Any `process` (the container's, or an exec's process.json) as guest-init
+/// takes it. Problems are named `process.<field>`.
+pub(crate) fn process_setup(p: &Process, problems: &mut Problems) -> ProcessSetup {
+    let mut out = ProcessSetup::default();
     match p.args() {
         Some(args) if !args.is_empty() && !args[0].is_empty() => out.args = args.clone(),
         _ => problems.add("process.args", "must not be empty"),
