@@ -30,8 +30,8 @@ pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> anyhow::Result<i32> {
             // As `ps -ef` prints, with the pids the container sees.
             writeln!(
                 out,
-                "{:<8} {:>7} {:>7} {:<5} {:>8} {}",
-                "UID", "PID", "PPID", "STAT", "TIME", "CMD"
+                "{:<8} {:>7} {:>7} {:<5} {:>8} CMD",
+                "UID", "PID", "PPID", "STAT", "TIME"
             )?;
             for p in &processes {
                 let t = p.cpu_secs;
@@ -76,8 +76,8 @@ pub fn list(ctx: &Context, args: &liboci_cli::List) -> anyhow::Result<i32> {
     } else {
         writeln!(
             out,
-            "{:<20} {:<8} {:<10} {:<40} {}",
-            "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+            "{:<20} {:<8} {:<10} {:<40} CREATED",
+            "ID", "PID", "STATUS", "BUNDLE"
         )?;
         for s in &states {
             let oci = s.to_oci();
