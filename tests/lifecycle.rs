@@ -5,7 +5,7 @@
 
 mod harness;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -330,5 +330,223 @@ fn unknown_containers_are_errors() {
             o.stderr
         );
     }
+    sb.assert_clean();
+}
+
+#[test]
+fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
+    let sb = Sandbox::new("exec");
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "x1");
+    ok(krun(&sb, &["start", "x1"]));
+    // In the container: its pid namespace (PID 1 is the workload), its root.
+    let o = krun(
+        &sb,
+        &[
+            "exec",
+            "x1",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; cat /proc/1/cmdline | tr '\\0' ' '; exit 7",
+        ],
+    );
+    assert_eq!(o.code, 7);
+    assert_eq!(o.stdout, "out\nsleep 1000 ");
+    assert_eq!(o.stderr, "err\n");
+    // A missing program fails at once with 127, never hangs.
+    let t = Instant::now();
+    let o = krun(&sb, &["exec", "x1", "no-such-binary"]);
+    assert_eq!(o.code, 127, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("executable file not found"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "exec of a missing binary took {:?}",
+        t.elapsed()
+    );
+    // stdin is piped through.
+    let mut c = sb.cmd();
+    c.args(["exec", "x1", "sh", "-c", "cat; echo done"]);
+    let o = harness::run_with_timeout(
+        c,
+        Some(b"piped in\n"),
+        harness::RUN_TIMEOUT,
+        &sb.path().join("console"),
+    );
+    assert_eq!(o.stdout(), "piped in\ndone\n");
+    // Env, cwd and user flags.
+    let o = krun(
+        &sb,
+        &[
+            "exec",
+            "--env",
+            "FOO=bar",
+            "--cwd",
+            "/tmp",
+            "--user",
+            "1000:1000",
+            "x1",
+            "sh",
+            "-c",
+            "echo $FOO $(pwd) $(id -u):$(id -g)",
+        ],
+    );
+    assert_eq!(o.stdout, "bar /tmp 1000:1000\n", "{}", o.stderr);
+    // A --process file, as conmon passes one.
+    let process = serde_json::json!({"args": ["sh", "-c", "echo from process.json; exit 3"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": false});
+    let pf = sb.path().join("process.json");
+    std::fs::write(&pf, process.to_string()).unwrap();
+    let o = krun(&sb, &["exec", "--process", pf.to_str().unwrap(), "x1"]);
+    assert_eq!((o.code, o.stdout.as_str()), (3, "from process.json\n"));
+    // --detach: the pid file's process exits with the exec'd status.
+    let ep = sb.path().join("exec.pid");
+    ok(krun(
+        &sb,
+        &[
+            "exec",
+            "--detach",
+            "--pid-file",
+            ep.to_str().unwrap(),
+            "x1",
+            "sh",
+            "-c",
+            "sleep 1; exit 5",
+        ],
+    ));
+    let exec_pid: i32 = std::fs::read_to_string(&ep)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(wait_exit(exec_pid), (Some(5), None));
+    // ps shows the workload and a running exec, with the container's pids.
+    let mut bg = sb.cmd();
+    bg.args(["exec", "x1", "sleep", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut bg = bg.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = krun(&sb, &["ps", "x1"]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        if o.stdout.contains("sleep 30") {
+            assert!(
+                o.stdout
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some("1") && l.contains("sleep 1000")),
+                "{}",
+                o.stdout
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ps never showed the exec: {}",
+            o.stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = krun(&sb, &["ps", "--format", "json", "x1"]);
+    let pids: Vec<i32> = serde_json::from_str(&o.stdout).unwrap();
+    assert!(pids.contains(&1) && pids.len() >= 2, "{pids:?}");
+    // update changes the limit the container sees; more than the VM has is refused.
+    ok(krun(&sb, &["update", "--memory", "134217728", "x1"]));
+    let o = krun(&sb, &["exec", "x1", "cat", "/sys/fs/cgroup/memory.max"]);
+    assert_eq!(o.stdout.trim(), "134217728");
+    let o = krun(&sb, &["update", "--memory", "100000000000", "x1"]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains("cannot add memory to a running VM"),
+        "{}",
+        o.stderr
+    );
+    ok(krun(&sb, &["delete", "--force", "x1"]));
+    wait_exit(pid);
+    let _ = bg.wait();
+    // exec into a stopped container fails.
+    let o = krun(&sb, &["exec", "x1", "true"]);
+    assert_ne!(o.code, 0);
+    sb.assert_clean();
+}
+
+#[test]
+fn exec_with_a_terminal_is_interactive() {
+    let sb = Sandbox::new("exectty");
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "t1");
+    ok(krun(&sb, &["start", "t1"]));
+    let inner = format!(
+        "stty rows 40 cols 120; {} {} --root {} exec --tty t1 sh",
+        env!("CARGO_BIN_EXE_krun-oci"),
+        harness::hypervisor()
+            .map(|h| format!("--hypervisor {h}"))
+            .unwrap_or_default(),
+        sb.root().display()
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &inner, "/dev/null"])
+        .env("KRUN_OCI_LIBDIR", harness::libdir());
+    let o = harness::run_with_timeout(
+        c,
+        Some(b"tty; stty size; echo typed-$((6*7))\nexit 4\n"),
+        harness::RUN_TIMEOUT,
+        &sb.path().join("console"),
+    );
+    let text = o.stdout().replace('\r', "");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(
+        text.contains("40 120"),
+        "the terminal's size reaches the exec: {text}"
+    );
+    assert!(text.contains("typed-42"), "{text}");
+    o.expect_code(4);
+    ok(krun(&sb, &["delete", "--force", "t1"]));
+    wait_exit(pid);
+    sb.assert_clean();
+}
+
+#[test]
+fn features_spec_list_and_version() {
+    let sb = Sandbox::new("info");
+    let o = krun(&sb, &["features"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["ociVersionMin"], "1.0.0");
+    assert!(v["annotations"]["io.krun-oci.systemd-cgroup"].is_string());
+    let dir = sb.path().join("specdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(krun(&sb, &["spec", "--bundle", dir.to_str().unwrap()]));
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(spec["process"]["args"][0], "sh");
+    assert_ne!(
+        krun(&sb, &["spec", "--bundle", dir.to_str().unwrap()]).code,
+        0,
+        "spec does not overwrite"
+    );
+    let o = krun(&sb, &["--version"]);
+    assert!(o.stdout.starts_with("krun-oci version "), "{}", o.stdout);
+    let b = sb.bundle(&["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "l1");
+    let o = krun(&sb, &["list"]);
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("l1 ") && l.contains("created")),
+        "{}",
+        o.stdout
+    );
+    let o = krun(&sb, &["list", "--format", "json"]);
+    let l: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(l[0]["id"], "l1");
+    assert_eq!(krun(&sb, &["list", "-q"]).stdout, "l1\n");
+    ok(krun(&sb, &["delete", "l1"]));
+    wait_exit(pid);
     sb.assert_clean();
 }
