@@ -95,6 +95,15 @@ pub struct Sandbox {
     name: String,
 }
 
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("guest consoles of {}:\n{}", self.name, self.console());
+        }
+        self.kill_leftovers();
+    }
+}
+
 impl Sandbox {
     pub fn new(name: &str) -> Sandbox {
         let dir = tempfile::Builder::new()
@@ -176,6 +185,18 @@ impl Sandbox {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
         assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
+    }
+
+    /// Kills whatever of this sandbox still runs (a failed test must not
+    /// leave VMs behind for the next one).
+    fn kill_leftovers(&self) {
+        let needle = self.path().to_string_lossy().into_owned();
+        for p in processes_mentioning(&needle) {
+            if let Some(pid) = p.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 
     /// The guest console logs of this sandbox's runs.

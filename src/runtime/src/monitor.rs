@@ -731,7 +731,9 @@ impl Drop for RunDir {
 }
 
 /// Ends this process the way the container's process ended: its exit code,
-/// or death by the same signal (so a waiting parent sees 128+n).
+/// or death by the same signal (so a waiting parent sees 128+n). The init
+/// of a PID namespace (a detached monitor) cannot kill itself with a
+/// signal; it exits with 128+n, which conmon reports the same way.
 pub fn exit_like(status: ExitStatus) -> ! {
     if let ExitStatus::Signal(sig) = status {
         // SAFETY: resetting a disposition and raising a signal at ourselves

@@ -69,10 +69,10 @@ pub struct Monitor {
 impl Monitor {
     /// This process, serving on `socket`.
     pub fn this(socket: PathBuf) -> Monitor {
-        let pid = std::process::id() as i32;
+        let (pid, start_time) = identity();
         Monitor {
             pid,
-            start_time: process_start_time(pid).unwrap_or(0),
+            start_time,
             socket,
         }
     }
@@ -83,6 +83,26 @@ impl Monitor {
         process_stat(self.pid)
             .is_some_and(|(state, start)| start == self.start_time && state != 'Z' && state != 'X')
     }
+}
+
+static IDENTITY: std::sync::OnceLock<(i32, u64)> = std::sync::OnceLock::new();
+
+/// This process's pid and start time as the host sees them. A monitor that
+/// is the init of its own PID namespace is pid 1 to itself; it captures
+/// this (with [`capture_identity`]) while /proc is still the host's.
+pub fn identity() -> (i32, u64) {
+    *IDENTITY.get_or_init(|| {
+        let pid = std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|p| p.to_str().and_then(|s| s.parse().ok()))
+            .unwrap_or(std::process::id() as i32);
+        (pid, process_start_time(pid).unwrap_or(0))
+    })
+}
+
+/// Records [`identity`] now.
+pub fn capture_identity() {
+    identity();
 }
 
 /// A process's state letter and start time from /proc/PID/stat.

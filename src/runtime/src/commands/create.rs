@@ -53,6 +53,17 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
     };
     let launch = launch(&ctx, id, &args.bundle, stdio)?;
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;
+    // The monitor is the init of a PID namespace of its own: what runs on
+    // the host for this container (the monitor, QEMU, virtiofsd) is all
+    // that `podman top` sees in it, and if the monitor dies the kernel
+    // kills every one of them.
+    // SAFETY: unshare has no memory effects; it only affects children.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        bail!(
+            "cannot create a PID namespace for the monitor: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     // No thread runs yet in this process, so forking is safe.
     // SAFETY: fork in a single-threaded process; the child only continues
     // running this program.
@@ -99,6 +110,30 @@ pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
         .with_context(|| format!("--pid-file {}", path.display()))
 }
 
+/// Gives the monitor (init of its own PID namespace) a mount namespace
+/// with a /proc of that namespace, so that what looks at the container's
+/// pid through /proc (`podman top`) sees the VM's host processes and
+/// nothing else of the host. Host mounts still propagate in.
+fn own_proc() -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
 /// The monitor's life: bring the container to `created`, tell the create
 /// command, serve it, and exit as its process did.
 fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
@@ -106,8 +141,13 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
     // console terminal can become its controlling one.
     // SAFETY: setsid has no memory effects.
     unsafe { libc::setsid() };
-    let signals = SignalForwarder::install();
+    crate::state::capture_identity();
     let id = launch.id.clone();
+    if let Err(e) = own_proc() {
+        let _ = write!(ready, "1 cannot give the monitor its own /proc: {e}");
+        std::process::exit(1);
+    }
+    let signals = SignalForwarder::install();
     let monitor = match Monitor::prepare(launch) {
         Ok(m) => m,
         Err(e) => {
