@@ -5,6 +5,7 @@
 
 mod harness;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -549,5 +550,74 @@ fn features_spec_list_and_version() {
     assert_eq!(krun(&sb, &["list", "-q"]).stdout, "l1\n");
     ok(krun(&sb, &["delete", "l1"]));
     wait_exit(pid);
+    sb.assert_clean();
+}
+
+/// A hook that appends its name and the state's status to `log`.
+fn hook(name: &str, log: &Path) -> serde_json::Value {
+    let script = format!(
+        "s=$(cat); st=${{s#*\\\"status\\\":\\\"}}; echo \"{name} ${{st%%\\\"*}}\" >> {}",
+        log.display()
+    );
+    serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", script]})
+}
+
+#[test]
+fn hooks_run_in_the_runtime_specs_order_with_the_state() {
+    let sb = Sandbox::new("hooks");
+    let log = sb.path().join("hooks.log");
+    let mut b = sb.bundle(&["sleep", "1000"]);
+    let mut hooks = serde_json::Map::new();
+    for name in [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+        "poststart",
+        "poststop",
+    ] {
+        hooks.insert(name.to_string(), serde_json::json!([hook(name, &log)]));
+    }
+    b.config["hooks"] = serde_json::Value::Object(hooks);
+    b.write();
+    let pid = create(&sb, &b, "h1");
+    ok(krun(&sb, &["start", "h1"]));
+    ok(krun(&sb, &["delete", "--force", "h1"]));
+    wait_exit(pid);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text,
+        "prestart creating\ncreateRuntime creating\ncreateContainer creating\nstartContainer created\npoststart running\npoststop stopped\n"
+    );
+    sb.assert_clean();
+
+    // A failing createRuntime hook fails create and leaves nothing.
+    b.config["hooks"] =
+        serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 4"]}]});
+    b.write();
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("h2")
+        .stdin(Stdio::null());
+    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr().contains("hooks.createRuntime[0]"),
+        "{}",
+        o.stderr()
+    );
+    sb.assert_clean();
+
+    // A failing startContainer hook fails start and stops the container.
+    b.config["hooks"] = serde_json::json!({"startContainer": [{"path": "/bin/false"}]});
+    b.write();
+    let pid = create(&sb, &b, "h3");
+    let o = krun(&sb, &["start", "h3"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("hooks.startContainer[0]"), "{}", o.stderr);
+    wait_exit(pid);
+    assert_eq!(status(&sb, "h3"), "stopped");
+    ok(krun(&sb, &["delete", "h3"]));
     sb.assert_clean();
 }

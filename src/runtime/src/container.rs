@@ -25,6 +25,18 @@ impl Existing {
         })
     }
 
+    /// The bundle's config, for its hooks (None, with a warning, if the
+    /// bundle is gone).
+    pub fn spec(&self) -> Option<oci_spec::runtime::Spec> {
+        match crate::bundle::Bundle::load(&self.state.bundle) {
+            Ok(b) => Some(b.spec),
+            Err(e) => {
+                tracing::warn!(container = %self.id, "cannot read the bundle's config for its hooks: {e}");
+                None
+            }
+        }
+    }
+
     pub fn status(&self) -> Status {
         self.state.effective_status()
     }

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bundle;
 pub mod commands;
 pub mod container;
+pub mod hooks;
 pub mod logging;
 pub mod monitor;
 pub mod plan;

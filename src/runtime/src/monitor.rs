@@ -176,6 +176,11 @@ impl Monitor {
         })
     }
 
+    /// The runtime-spec state of the container now.
+    pub fn oci_state(&self) -> serde_json::Value {
+        self.state.to_oci()
+    }
+
     /// Where signals for this container should be sent.
     pub fn sender(&self) -> SyncSender<Event> {
         self.session.sender()

@@ -9,6 +9,8 @@ use anyhow::{bail, Context as _};
 use super::{Context, ExitCode};
 use crate::assets::Assets;
 use crate::bundle::Bundle;
+use crate::container::Existing;
+use crate::hooks;
 use crate::monitor::{exit_like, Launch, MainStdio, Monitor};
 use crate::plan::{self, HostInfo};
 use crate::relay::SignalForwarder;
@@ -52,11 +54,14 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
         ..ctx.clone()
     };
     let launch = launch(&ctx, id, &args.bundle, stdio)?;
+    let spec = launch.bundle.spec.clone();
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;
     // The monitor is the init of a PID namespace of its own: what runs on
     // the host for this container (the monitor, QEMU, virtiofsd) is all
     // that `podman top` sees in it, and if the monitor dies the kernel
     // kills every one of them.
+    let own_pid_ns =
+        std::fs::File::open("/proc/self/ns/pid").context("opening our PID namespace")?;
     // SAFETY: unshare has no memory effects; it only affects children.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         bail!(
@@ -78,6 +83,9 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
         }
         pid => {
             drop(ready_w);
+            // Our own later children (hooks) belong in our namespace.
+            nix::sched::setns(&own_pid_ns, nix::sched::CloneFlags::CLONE_NEWPID)
+                .context("returning to our PID namespace")?;
             // The monitor owns the state directory now.
             let mut launch = launch;
             launch.state_dir.keep();
@@ -85,6 +93,20 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
             let mut report = String::new();
             let _ = ready_r.read_to_string(&mut report);
             if report.trim() == "ok" {
+                if let Err(e) = create_hooks(&ctx, id, &spec) {
+                    // The container is taken down, as the runtime-spec says.
+                    if let Ok(c) = Existing::open(&ctx.root, id) {
+                        let _ = c
+                            .client()
+                            .and_then(|mut cl| Ok(cl.call(&crate::api::Request::Shutdown)?));
+                        c.wait_monitor_gone(std::time::Duration::from_secs(10));
+                        let _ = c.dir.remove();
+                    }
+                    let mut status = 0;
+                    // SAFETY: waitpid on our own child.
+                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                    return Err(e);
+                }
                 if let Some(p) = &args.pid_file {
                     write_pid_file(p, pid)?;
                 }
@@ -100,6 +122,22 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
             Err(ExitCode { code, message }.into())
         }
     }
+}
+
+/// The hooks that run when a container is created, in the runtime-spec's
+/// order, with its state (status `creating`) on stdin.
+pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> anyhow::Result<()> {
+    let c = Existing::open(&ctx.root, id)?;
+    let mut state = c.state.to_oci();
+    state["status"] = "creating".into();
+    for kind in [
+        hooks::Kind::Prestart,
+        hooks::Kind::CreateRuntime,
+        hooks::Kind::CreateContainer,
+    ] {
+        hooks::run(kind, spec, &state)?;
+    }
+    Ok(())
 }
 
 /// The pid file: written atomically, as runc does.

@@ -6,6 +6,7 @@ use anyhow::bail;
 use super::Context;
 use crate::api::Request;
 use crate::container::{parse_signal, Existing};
+use crate::hooks;
 use crate::state::Status;
 
 pub fn start(ctx: &Context, args: &liboci_cli::Start) -> anyhow::Result<i32> {
@@ -15,7 +16,20 @@ pub fn start(ctx: &Context, args: &liboci_cli::Start) -> anyhow::Result<i32> {
     if status != Status::Created {
         bail!("cannot start a container that is {status}");
     }
+    let spec = c.spec();
+    if let Some(spec) = &spec {
+        if let Err(e) = hooks::run(hooks::Kind::StartContainer, spec, &c.state.to_oci()) {
+            // A failed startContainer hook stops the container.
+            let _ = stop_now(&c);
+            return Err(e.into());
+        }
+    }
     c.call(&Request::Start)?;
+    if let Some(spec) = &spec {
+        let mut state = c.state.to_oci();
+        state["status"] = "running".into();
+        hooks::run_warn(hooks::Kind::Poststart, spec, &state);
+    }
     Ok(0)
 }
 
@@ -68,13 +82,19 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> anyhow::Result<i32> {
         ),
     }
     drop(lock);
+    let spec = c.spec();
+    let mut state = c.state.to_oci();
+    state["status"] = "stopped".into();
     let Existing { dir, .. } = c;
     dir.remove()?;
+    if let Some(spec) = spec {
+        hooks::run_warn(hooks::Kind::Poststop, &spec, &state);
+    }
     Ok(0)
 }
 
 /// Stops the container's VM: ask the monitor, and kill it if it does not go.
-fn stop_now(c: &Existing) -> anyhow::Result<()> {
+pub(crate) fn stop_now(c: &Existing) -> anyhow::Result<()> {
     if c.client()
         .and_then(|mut cl| Ok(cl.call(&Request::Shutdown)?))
         .is_ok()

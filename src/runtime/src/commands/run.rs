@@ -6,6 +6,7 @@
 use anyhow::{bail, Context as _};
 
 use super::{Context, ExitCode};
+use crate::hooks;
 use crate::monitor::{MainStdio, Monitor};
 use crate::relay::SignalForwarder;
 use crate::session::SessionError;
@@ -21,19 +22,39 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
         None => MainStdio::Inherit,
     };
     let launch = super::create::launch(ctx, id, &args.bundle, stdio)?;
+    let spec = launch.bundle.spec.clone();
     let mut monitor = Monitor::prepare(launch)?;
+    let hooked = super::create::create_hooks(ctx, id, &spec).and_then(|()| {
+        Ok(hooks::run(
+            hooks::Kind::StartContainer,
+            &spec,
+            &monitor.oci_state(),
+        )?)
+    });
+    if let Err(e) = hooked {
+        let _ = monitor.serve(false);
+        return Err(e);
+    }
     if let Some(p) = &args.pid_file {
         super::create::write_pid_file(p, std::process::id() as i32)?;
     }
     signals.attach(monitor.sender());
-    if let Err(e) = monitor.start_now() {
+    let started = monitor.start_now();
+    if started.is_ok() {
+        hooks::run_warn(hooks::Kind::Poststart, &spec, &monitor.oci_state());
+    }
+    if let Err(e) = started {
         let _ = monitor.serve(false);
         return Err(match e {
             SessionError::Process { code, message } => ExitCode { code, message }.into(),
             e => anyhow::Error::new(e).context(format!("container {id}")),
         });
     }
-    match monitor.serve(false) {
+    let mut stopped = monitor.oci_state();
+    stopped["status"] = "stopped".into();
+    let result = monitor.serve(false);
+    hooks::run_warn(hooks::Kind::Poststop, &spec, &stopped);
+    match result {
         Ok(outcome) => Ok(outcome.status.shell_code()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("container {id}"))),
     }

@@ -148,9 +148,6 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
                 .map_err(|e| problems.add(format!("annotations[{ANNOTATION_HYPERVISOR:?}]"), e))
                 .ok()
         });
-    if spec.hooks().as_ref().is_some_and(|h| !hooks_empty(h)) {
-        problems.add("hooks", "hooks are not supported yet");
-    }
 
     if !problems.0.is_empty() {
         return Err(PlanError(problems.0));
@@ -176,18 +173,6 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         hypervisor,
         warnings,
     })
-}
-
-fn hooks_empty(h: &oci_spec::runtime::Hooks) -> bool {
-    let empty = |v: &Option<Vec<oci_spec::runtime::Hook>>| v.as_ref().is_none_or(|v| v.is_empty());
-    #[allow(deprecated)]
-    let prestart = h.prestart();
-    empty(prestart)
-        && empty(h.create_runtime())
-        && empty(h.create_container())
-        && empty(h.start_container())
-        && empty(h.poststart())
-        && empty(h.poststop())
 }
 
 #[derive(Default)]

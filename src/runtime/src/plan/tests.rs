@@ -348,10 +348,6 @@ fn bad_bundles_name_every_bad_field() {
                     json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
             }),
         ),
-        (
-            "hooks",
-            Box::new(|c| c["hooks"] = json!({"prestart": [{"path": "/bin/true"}]})),
-        ),
     ];
     for (field, edit) in cases {
         assert_eq!(
