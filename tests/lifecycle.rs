@@ -621,3 +621,21 @@ fn hooks_run_in_the_runtime_specs_order_with_the_state() {
     ok(krun(&sb, &["delete", "h3"]));
     sb.assert_clean();
 }
+
+#[test]
+fn an_oom_kill_in_the_guest_is_recorded() {
+    let sb = Sandbox::new("oom");
+    let mut b = sb.bundle(&["awk", "BEGIN { s = \"x\"; while (1) s = s s }"]);
+    b.config["linux"]["resources"] = serde_json::json!({"memory": {"limit": 33554432}});
+    b.write();
+    let pid = create(&sb, &b, "o1");
+    ok(krun(&sb, &["start", "o1"]));
+    let (code, signal) = wait_exit(pid);
+    // The workload was killed by the kernel: 137.
+    assert_eq!((code, signal), (Some(137), None));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.root().join("o1/state.json")).unwrap()).unwrap();
+    assert_eq!(state["oomKilled"], true, "{state}");
+    ok(krun(&sb, &["delete", "o1"]));
+    sb.assert_clean();
+}
