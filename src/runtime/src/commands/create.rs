@@ -45,6 +45,7 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
 
 pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
     let id = &args.container_id;
+    refuse_preserved_fds(args.preserve_fds)?;
     let stdio = match &args.console_socket {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
@@ -136,6 +137,14 @@ pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> 
         hooks::Kind::CreateContainer,
     ] {
         hooks::run(kind, spec, &state)?;
+    }
+    Ok(())
+}
+
+/// `--preserve-fds N`: host file descriptors cannot cross into a VM.
+pub fn refuse_preserved_fds(n: i32) -> anyhow::Result<()> {
+    if n > 0 {
+        bail!("--preserve-fds {n}: host file descriptors cannot be passed into the container's VM");
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::state::Status;
 use crate::tty;
 
 pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> anyhow::Result<i32> {
+    super::create::refuse_preserved_fds(args.preserve_fds)?;
     let c = Existing::open(&ctx.root, &args.container_id)?;
     match c.status() {
         Status::Running => {}

@@ -16,6 +16,7 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     if args.detach {
         bail!("run --detach is not supported yet; use create and start");
     }
+    super::create::refuse_preserved_fds(args.preserve_fds)?;
     let signals = SignalForwarder::install().context("installing signal handlers")?;
     let stdio = match &args.console_socket {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
