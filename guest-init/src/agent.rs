@@ -299,6 +299,14 @@ impl Agent {
                     Err(f) => self.fail(stream, f)?,
                 }
             }
+            ToGuest::Stats => {
+                let stats = self
+                    .container
+                    .as_ref()
+                    .map(|c| c.stats())
+                    .unwrap_or_default();
+                self.send(stream, &ToHost::Stats(stats))?;
+            }
             ToGuest::Ps => {
                 let processes = self
                     .container

@@ -7,7 +7,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use krun_proto::{CgroupSetup, ContainerSetup, ProcessInfo, ProcessSetup};
+use krun_proto::{CgroupSetup, CgroupStats, ContainerSetup, ProcessInfo, ProcessSetup};
 
 use crate::{mounts, process, sys};
 
@@ -106,6 +106,39 @@ impl Container {
         let new = kills > self.oom_kills;
         self.oom_kills = kills;
         new
+    }
+
+    /// What the container has used, from its cgroup.
+    pub fn stats(&self) -> CgroupStats {
+        let read = |f: &str| fs::read_to_string(self.cgroup.join(f)).unwrap_or_default();
+        let keyed = |text: &str, key: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let num = |f: &str, unlimited: u64| -> u64 {
+            let t = read(f);
+            let t = t.trim();
+            if t == "max" {
+                unlimited
+            } else {
+                t.parse().unwrap_or(0)
+            }
+        };
+        let cpu = read("cpu.stat");
+        let mem = read("memory.stat");
+        CgroupStats {
+            cpu_usage_usec: keyed(&cpu, "usage_usec"),
+            cpu_user_usec: keyed(&cpu, "user_usec"),
+            cpu_system_usec: keyed(&cpu, "system_usec"),
+            memory_usage: num("memory.current", 0),
+            memory_limit: num("memory.max", u64::MAX),
+            memory_anon: keyed(&mem, "anon"),
+            memory_file: keyed(&mem, "file"),
+            pids_current: num("pids.current", 0),
+            pids_limit: num("pids.max", 0),
+        }
     }
 
     /// Changes the container's limits (`update`).

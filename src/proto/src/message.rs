@@ -27,6 +27,8 @@ pub enum ToGuest {
     Resize { rows: u16, cols: u16 },
     /// List the container's processes; answered with [`ToHost::Processes`].
     Ps,
+    /// Report the container's resource use; answered with [`ToHost::Stats`].
+    Stats,
     /// Change the container's cgroup limits; answered with
     /// [`ToHost::Updated`] or [`ToHost::Failed`].
     Update(CgroupSetup),
@@ -62,6 +64,8 @@ pub enum ToHost {
     Processes { processes: Vec<ProcessInfo> },
     /// The cgroup limits were changed.
     Updated,
+    /// The container's resource use, in answer to [`ToGuest::Stats`].
+    Stats(CgroupStats),
     /// guest-init itself cannot go on; the VM powers off after this.
     Fatal { message: String },
 }
@@ -81,6 +85,22 @@ pub struct ProcessInfo {
     pub cpu_secs: u64,
     /// The command line, arguments separated by spaces.
     pub cmd: String,
+}
+
+/// What the container's cgroup in the guest has used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub memory_usage: u64,
+    /// u64::MAX when unlimited.
+    pub memory_limit: u64,
+    pub memory_anon: u64,
+    pub memory_file: u64,
+    pub pids_current: u64,
+    /// 0 when unlimited.
+    pub pids_limit: u64,
 }
 
 /// How a process ended.

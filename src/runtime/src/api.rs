@@ -30,6 +30,10 @@ pub enum Request {
     Exec {
         process: Box<ProcessSetup>,
     },
+    /// End of input for a process's stdin (`stream` 0 is the container's).
+    CloseStdin {
+        stream: u32,
+    },
     /// Signal an exec'd process.
     SignalExec {
         stream: u32,
@@ -42,6 +46,8 @@ pub enum Request {
         cols: u16,
     },
     Ps,
+    /// The container's resource use, from inside its VM.
+    Stats,
     Pause,
     Resume,
     Update {
@@ -66,6 +72,9 @@ pub enum Response {
     },
     Processes {
         processes: Vec<ProcessInfo>,
+    },
+    Stats {
+        stats: krun_proto::CgroupStats,
     },
     /// The request failed; `code` is the exit status to report (126/127
     /// for a program that cannot run).

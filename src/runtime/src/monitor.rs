@@ -32,6 +32,21 @@ pub enum MainStdio {
     Inherit,
     /// A terminal made here whose master is sent to a `--console-socket`.
     ConsoleSocket(PathBuf),
+    /// Open files or fifos (a containerd task's stdio). With a terminal,
+    /// `stdin` and `stdout` carry it and `stderr` is unused.
+    Files {
+        stdin: Option<File>,
+        stdout: Option<File>,
+        stderr: Option<File>,
+    },
+}
+
+/// What a monitor tells whoever embeds it (the containerd shim) as it
+/// happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The guest kernel OOM-killed a process of the container.
+    Oom,
 }
 
 /// Everything needed to bring a container up.
@@ -44,6 +59,8 @@ pub struct Launch {
     /// Freshly created; removed if the launch fails.
     pub state_dir: StateDir,
     pub stdio: MainStdio,
+    /// Where [`Notice`]s go, if anyone listens.
+    pub notices: Option<Sender<Notice>>,
 }
 
 /// How the container's process ended, as the monitor reports it.
@@ -85,6 +102,7 @@ pub struct Monitor {
     /// Requests answered by guest-init on stream 0, in order.
     pending_guest: VecDeque<Sender<Response>>,
     held_signals: Vec<i32>,
+    notices: Option<Sender<Notice>>,
     host_setup_ms: f64,
     first_output: bool,
     _run_dir: RunDir,
@@ -106,6 +124,7 @@ impl Monitor {
             hypervisor,
             mut state_dir,
             stdio,
+            notices,
         } = l;
         state_dir.discard_on_drop();
         let run_dir = RunDir::new(&state_dir.dir)?;
@@ -138,7 +157,7 @@ impl Monitor {
             .unwrap_or_default()
             .as_nanos() as u64;
         let main = main_io(
-            &stdio,
+            stdio,
             setup.process.terminal,
             &mut setup.process.console_size,
         )?;
@@ -169,6 +188,7 @@ impl Monitor {
             pending_start: None,
             pending_guest: VecDeque::new(),
             held_signals: Vec::new(),
+            notices,
             host_setup_ms,
             first_output: true,
             _run_dir: run_dir,
@@ -406,10 +426,18 @@ impl Monitor {
                     tracing::warn!(container = %self.id, "the container hit its memory limit and the guest kernel killed a process (OOM)");
                     self.state.oom_killed = true;
                     self.save();
+                    if let Some(n) = &self.notices {
+                        let _ = n.send(Notice::Oom);
+                    }
                 }
                 ToHost::Processes { processes } => {
                     if let Some(r) = self.pending_guest.pop_front() {
                         let _ = r.send(Response::Processes { processes });
+                    }
+                }
+                ToHost::Stats(stats) => {
+                    if let Some(r) = self.pending_guest.pop_front() {
+                        let _ = r.send(Response::Stats { stats });
                     }
                 }
                 ToHost::Updated => {
@@ -490,6 +518,10 @@ impl Monitor {
                 }
                 self.execs.insert(stream, ExecIo { out, err, reply });
             }
+            Request::CloseStdin { stream } => {
+                let _ = self.control.stdin_eof(stream);
+                let _ = reply.send(Response::Ok);
+            }
             Request::SignalExec { stream, signal } => {
                 if self.execs.contains_key(&stream) {
                     let _ = self
@@ -504,6 +536,13 @@ impl Monitor {
             }
             Request::Ps => {
                 if self.control.send(MAIN_STREAM, &ToGuest::Ps).is_ok() {
+                    self.pending_guest.push_back(reply);
+                } else {
+                    let _ = reply.send(error(1, "the VM is gone"));
+                }
+            }
+            Request::Stats => {
+                if self.control.send(MAIN_STREAM, &ToGuest::Stats).is_ok() {
                     self.pending_guest.push_back(reply);
                 } else {
                     let _ = reply.send(error(1, "the VM is gone"));
@@ -582,15 +621,26 @@ fn vm_death_status(exit: &VmExit) -> ExitStatus {
 
 /// Sets up the host end of the container's process's stdio.
 fn main_io(
-    stdio: &MainStdio,
+    stdio: MainStdio,
     terminal: bool,
     console_size: &mut Option<(u16, u16)>,
 ) -> anyhow::Result<MainIo> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
     match stdio {
+        MainStdio::Files {
+            stdin,
+            stdout,
+            stderr,
+        } => Ok(MainIo {
+            input: stdin,
+            out: stdout,
+            err: if terminal { None } else { stderr },
+            tty: None,
+            _raw: None,
+        }),
         MainStdio::ConsoleSocket(path) if terminal => {
             let pty = tty::Pty::open(*console_size)?;
-            pty.send_master(path)?;
+            pty.send_master(&path)?;
             // The monitor is a session leader (create made it one): the
             // terminal becomes its controlling one, so a resize by whoever
             // holds the master reaches it as SIGWINCH.

@@ -33,6 +33,7 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
     let hypervisor = crate::backend::choose(ctx.hypervisor.or(plan.hypervisor), &assets)?;
     let state_dir = StateDir::create(&ctx.root, id)?;
     Ok(Launch {
+        notices: None,
         id: id.to_string(),
         bundle,
         plan,

@@ -1,0 +1,23 @@
+//! containerd-shim-krun-v2: krun-oci for containerd (runtime type
+//! `io.containerd.krun.v2`).
+//!
+//! containerd starts one shim per task — or per pod, grouped by the CRI's
+//! sandbox id — and drives it over ttrpc with the Task API. The shim runs
+//! each container's VM in-process, through the same monitor library the
+//! `krun-oci` CLI uses: it never shells out to the CLI.
+
+mod service;
+mod task;
+
+fn main() {
+    let config = containerd_shim::Config {
+        // The shim reaps its own children (the VMM processes of the QEMU
+        // backend) with their handles; a blanket reaper would steal their
+        // exit statuses. No container process runs on the host, so there is
+        // nothing for a subreaper to adopt.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::run::<service::Service>(service::RUNTIME_ID, Some(config));
+}
