@@ -16,8 +16,10 @@ use crate::sys;
 /// Output is read and sent in chunks of at most this many bytes.
 const CHUNK: usize = 64 * 1024;
 
-/// One process of the container, by stream number.
+/// One process in the VM, by stream number.
 struct Proc {
+    /// The container it runs in.
+    container: String,
     pid: i32,
     stdio: Stdio,
     stdin_buf: Vec<u8>,
@@ -45,7 +47,7 @@ pub struct Agent {
     decoder: Decoder,
     sigchld: OwnedFd,
     procs: BTreeMap<u32, Proc>,
-    container: Option<Container>,
+    containers: BTreeMap<String, Container>,
     started_ns: u64,
     shutdown: bool,
 }
@@ -58,7 +60,7 @@ impl Agent {
             decoder: Decoder::new(),
             sigchld,
             procs: BTreeMap::new(),
-            container: None,
+            containers: BTreeMap::new(),
             started_ns,
             shutdown: false,
         })
@@ -106,8 +108,10 @@ impl Agent {
         };
         add(self.port.as_raw_fd(), libc::POLLIN, Source::Port);
         add(self.sigchld.as_raw_fd(), libc::POLLIN, Source::Child);
-        if let Some(fd) = self.container.as_ref().and_then(|c| c.oom_fd()) {
-            add(fd, libc::POLLPRI, Source::Oom);
+        for c in self.containers.values() {
+            if let Some(fd) = c.oom_fd() {
+                add(fd, libc::POLLPRI, Source::Oom);
+            }
         }
         for (&id, p) in &self.procs {
             if let Some(fd) = &p.stdio.stdout {
@@ -232,21 +236,44 @@ impl Agent {
         Ok(())
     }
 
+    /// The container whose process is on `stream`.
+    fn container_of(&self, stream: u32) -> Option<&Container> {
+        self.procs
+            .get(&stream)
+            .and_then(|p| self.containers.get(&p.container))
+    }
+
     fn control(&mut self, stream: u32, msg: ToGuest) -> anyhow::Result<()> {
         match msg {
             ToGuest::Create(setup) => {
-                if self.container.is_some() || self.procs.contains_key(&stream) {
-                    return self.fail(stream, Failure::new(1, "the container was already created"));
+                if self.containers.contains_key(&setup.id) || self.procs.contains_key(&stream) {
+                    let f = Failure::new(1, format!("container {} already exists", setup.id));
+                    return self.fail(stream, f);
                 }
-                if let Err(e) = sys::set_realtime(setup.realtime_ns) {
-                    sys::console(&format!("cannot set the clock: {e}"));
+                if self.containers.is_empty() {
+                    if let Err(e) = sys::set_realtime(setup.realtime_ns) {
+                        sys::console(&format!("cannot set the clock: {e}"));
+                    }
                 }
-                match container::create(&setup) {
+                let share = match &setup.share_with {
+                    Some(other) => match self.containers.get(other) {
+                        Some(c) => Some(c),
+                        None => {
+                            let f = Failure::new(
+                                1,
+                                format!("cannot share namespaces with {other}: no such container"),
+                            );
+                            return self.fail(stream, f);
+                        }
+                    },
+                    None => None,
+                };
+                match container::create(&setup, share, stream) {
                     Ok((c, stdio, pending)) => {
                         let pid = c.init_pid;
-                        self.container = Some(c);
+                        self.containers.insert(setup.id.clone(), c);
                         self.procs
-                            .insert(stream, Proc::new(pid, stdio, Some(pending)));
+                            .insert(stream, Proc::new(&setup.id, pid, stdio, Some(pending)));
                         self.send(stream, &ToHost::Created { pid })?;
                     }
                     Err(f) => self.fail(stream, f)?,
@@ -268,11 +295,14 @@ impl Agent {
                     }
                 }
             }
-            ToGuest::Exec(process) => {
-                let Some(c) = &self.container else {
+            ToGuest::Exec {
+                container: id,
+                process,
+            } => {
+                let Some(c) = self.containers.get(&id) else {
                     return self.fail(
                         stream,
-                        Failure::new(1, "exec: the container does not exist"),
+                        Failure::new(1, format!("exec: container {id} does not exist")),
                     );
                 };
                 if self.procs.contains_key(&stream) {
@@ -283,17 +313,17 @@ impl Agent {
                 }
                 if self
                     .procs
-                    .get(&MAIN_STREAM)
+                    .get(&c.main_stream)
                     .is_none_or(|p| p.pending.is_some() || p.status.is_some())
                 {
                     return self.fail(
                         stream,
-                        Failure::new(1, "exec: the container is not running"),
+                        Failure::new(1, format!("exec: container {id} is not running")),
                     );
                 }
                 match container::exec(c, &process) {
                     Ok((pid, stdio)) => {
-                        self.procs.insert(stream, Proc::new(pid, stdio, None));
+                        self.procs.insert(stream, Proc::new(&id, pid, stdio, None));
                         self.send(stream, &ToHost::Started { pid })?;
                     }
                     Err(f) => self.fail(stream, f)?,
@@ -301,31 +331,26 @@ impl Agent {
             }
             ToGuest::Stats => {
                 let stats = self
-                    .container
-                    .as_ref()
+                    .container_of(stream)
                     .map(|c| c.stats())
                     .unwrap_or_default();
                 self.send(stream, &ToHost::Stats(stats))?;
             }
             ToGuest::Ps => {
                 let processes = self
-                    .container
-                    .as_ref()
+                    .container_of(stream)
                     .map(|c| c.processes())
                     .unwrap_or_default();
                 self.send(stream, &ToHost::Processes { processes })?;
             }
-            ToGuest::Update(limits) => match self.container.as_ref().map(|c| c.update(&limits)) {
+            ToGuest::Update(limits) => match self.container_of(stream).map(|c| c.update(&limits)) {
                 Some(Ok(())) => self.send(stream, &ToHost::Updated)?,
                 Some(Err(f)) => self.fail(stream, f)?,
-                None => self.fail(
-                    stream,
-                    Failure::new(1, "update: the container does not exist"),
-                )?,
+                None => self.fail(stream, Failure::new(1, "update: no such container"))?,
             },
             ToGuest::Signal { signal, all } => {
                 if all {
-                    if let Some(c) = &self.container {
+                    if let Some(c) = self.container_of(stream) {
                         c.signal_all(signal);
                     }
                 } else if let Some(p) = self.procs.get(&stream) {
@@ -354,14 +379,21 @@ impl Agent {
         )
     }
 
+    /// Reports new OOM kills in any container, on its main stream.
     fn check_oom(&mut self) -> anyhow::Result<()> {
-        if self.container.as_mut().is_some_and(|c| c.new_oom_kills()) {
-            self.send(MAIN_STREAM, &ToHost::Oom)?;
+        let hit: Vec<u32> = self
+            .containers
+            .values_mut()
+            .filter_map(|c| c.new_oom_kills().then_some(c.main_stream))
+            .collect();
+        for stream in hit {
+            self.send(stream, &ToHost::Oom)?;
         }
         Ok(())
     }
 
-    /// Reports every process that has exited and whose output is drained.
+    /// Reports every process that has exited and whose output is drained;
+    /// a container whose main process exited is gone.
     fn send_exits(&mut self) -> anyhow::Result<()> {
         let done: Vec<u32> = self
             .procs
@@ -373,7 +405,11 @@ impl Agent {
             .collect();
         for id in done {
             let p = self.procs.remove(&id).expect("listed above");
-            if id == MAIN_STREAM {
+            let is_main = self
+                .containers
+                .get(&p.container)
+                .is_some_and(|c| c.main_stream == id);
+            if is_main {
                 self.check_oom()?;
                 // What the workload wrote must be on the host's disk before
                 // anyone learns it has exited.
@@ -382,6 +418,11 @@ impl Agent {
             if p.report_exit {
                 let status = p.status.expect("filtered on status");
                 self.send(id, &ToHost::Exited { status })?;
+            }
+            if is_main {
+                if let Some(c) = self.containers.remove(&p.container) {
+                    c.remove();
+                }
             }
         }
         Ok(())
@@ -397,8 +438,9 @@ impl Agent {
 }
 
 impl Proc {
-    fn new(pid: i32, stdio: Stdio, pending: Option<Pending>) -> Proc {
+    fn new(container: &str, pid: i32, stdio: Stdio, pending: Option<Pending>) -> Proc {
         Proc {
+            container: container.to_string(),
             pid,
             stdio,
             stdin_buf: Vec::new(),

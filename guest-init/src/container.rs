@@ -78,12 +78,25 @@ pub struct Pending {
 /// A created container.
 pub struct Container {
     pub init_pid: i32,
+    /// The stream of its main process.
+    pub main_stream: u32,
     cgroup: PathBuf,
     oom_events: Option<File>,
     oom_kills: u64,
 }
 
 impl Container {
+    /// Removes what is left of the container once its processes are gone
+    /// (its cgroup).
+    pub fn remove(self) {
+        for _ in 0..100 {
+            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     pub fn oom_fd(&self) -> Option<i32> {
         self.oom_events.as_ref().map(|f| f.as_raw_fd())
     }
@@ -272,15 +285,48 @@ impl ParentStdio {
 
 /// Creates the container: returns once its init is ready to exec, or with
 /// the reason it cannot be.
-pub fn create(setup: &ContainerSetup) -> Result<(Container, Stdio, Pending), Failure> {
+/// `share`: a running container of the same pod whose IPC and UTS
+/// namespaces this one joins. `stream`: the stream of its main process.
+pub fn create(
+    setup: &ContainerSetup,
+    share: Option<&Container>,
+    stream: u32,
+) -> Result<(Container, Stdio, Pending), Failure> {
+    let joined = match share {
+        Some(c) => {
+            let open = |ns: &str| {
+                File::open(format!("/proc/{}/ns/{ns}", c.init_pid))
+                    .or_fail(|| "joining the pod's namespaces".into())
+            };
+            vec![
+                (open("ipc")?, libc::CLONE_NEWIPC),
+                (open("uts")?, libc::CLONE_NEWUTS),
+            ]
+        }
+        None => Vec::new(),
+    };
     let cgroup = make_cgroup(&setup.id, &setup.cgroup)?;
     let (stdio, child_stdio) = make_stdio(&setup.process)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
-    let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
+    if joined.is_empty() {
+        flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    }
     let pid = sys::fork_into(flags).or_fail(|| "creating the container's namespaces".into())?;
     if pid == 0 {
         drop((report_r, start_w, stdio));
+        for (ns, kind) in &joined {
+            if let Err(e) = sys::setns(ns, *kind) {
+                write_report(
+                    &report_w,
+                    b'E',
+                    1,
+                    &format!("joining the pod's namespaces: {e}"),
+                );
+                sys::exit_now(1);
+            }
+        }
         child(setup, &cgroup, child_stdio, report_w, start_r);
     }
     drop((report_w, start_r, child_stdio));
@@ -290,6 +336,7 @@ pub fn create(setup: &ContainerSetup) -> Result<(Container, Stdio, Pending), Fai
     let oom_events = File::open(cgroup.join("memory.events")).ok();
     let mut c = Container {
         init_pid: pid,
+        main_stream: stream,
         cgroup,
         oom_events,
         oom_kills: 0,

@@ -34,17 +34,36 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
     let base = staging(&setup.id);
     let root = base.join("root");
     fs::create_dir_all(&root).or_fail(|| format!("creating {}", root.display()))?;
-    sys::mount(Some(&setup.root.tag), &root, Some("virtiofs"), 0, None).or_fail(|| {
-        format!(
-            "mounting the root filesystem (virtio-fs tag {:?})",
-            setup.root.tag
-        )
-    })?;
-
     let mut shares = Shares {
         dir: base.join("shares"),
         mounted: BTreeSet::new(),
     };
+    if setup.root.path.is_empty() {
+        sys::mount(Some(&setup.root.tag), &root, Some("virtiofs"), 0, None).or_fail(|| {
+            format!(
+                "mounting the root filesystem (virtio-fs tag {:?})",
+                setup.root.tag
+            )
+        })?;
+    } else {
+        // A pod's containers have their roots in one share: bind this one's.
+        let share = shares.path(&setup.root.tag, false)?;
+        let src =
+            resolve_in_root(&share, &setup.root.path).or_fail(|| "resolving root.path".into())?;
+        sys::mount(
+            Some(&src.to_string_lossy()),
+            &root,
+            None,
+            MS_BIND | MS_REC,
+            None,
+        )
+        .or_fail(|| {
+            format!(
+                "mounting the root filesystem ({} in share {:?})",
+                setup.root.path, setup.root.tag
+            )
+        })?;
+    }
     let spec_dev = setup
         .mounts
         .iter()

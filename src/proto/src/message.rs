@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Messages from the host runtime to guest-init.
+/// Messages from the host runtime to guest-init. A VM holds one container,
+/// or the containers of a pod; a container is named by its id at create and
+/// exec, and otherwise by the stream of its main process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToGuest {
@@ -17,9 +19,12 @@ pub enum ToGuest {
     /// Exec the prepared process of `stream`. Answered with
     /// [`ToHost::Started`] or [`ToHost::Failed`].
     Start,
-    /// Run one more process in the container, numbered by the frame's
+    /// Run one more process in `container`, numbered by the frame's
     /// stream. It starts at once; answered like `Start`.
-    Exec(Box<ProcessSetup>),
+    Exec {
+        container: String,
+        process: Box<ProcessSetup>,
+    },
     /// Deliver `signal` to the stream's process, or with `all` to every
     /// process of the container.
     Signal { signal: i32, all: bool },
@@ -132,6 +137,10 @@ pub struct ContainerSetup {
     pub realtime_ns: u64,
     pub hostname: Option<String>,
     pub domainname: Option<String>,
+    /// Join the IPC and UTS namespaces of this (running) container instead of
+    /// making new ones: the containers of a pod share them.
+    #[serde(default)]
+    pub share_with: Option<String>,
     /// The root filesystem: a virtio-fs tag.
     pub root: RootSetup,
     /// Mounts in the order the bundle lists them.
@@ -148,6 +157,10 @@ pub struct ContainerSetup {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootSetup {
     pub tag: String,
+    /// The root's path inside the share ("" for the share itself): the
+    /// containers of a pod have their roots in one share.
+    #[serde(default)]
+    pub path: String,
     pub readonly: bool,
 }
 

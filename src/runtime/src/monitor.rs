@@ -509,7 +509,17 @@ impl Monitor {
                         return None;
                     }
                 };
-                if self.control.send(stream, &ToGuest::Exec(process)).is_err() {
+                if self
+                    .control
+                    .send(
+                        stream,
+                        &ToGuest::Exec {
+                            container: self.id.clone(),
+                            process,
+                        },
+                    )
+                    .is_err()
+                {
                     let _ = reply.send(error(1, "the VM is gone"));
                     return None;
                 }

@@ -111,6 +111,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mut shares = Vec::new();
     let mut root_setup = RootSetup {
         tag: ROOTFS_TAG.to_string(),
+        path: String::new(),
         readonly: false,
     };
     match spec.root() {
@@ -157,6 +158,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         realtime_ns: 0,
         hostname: spec.hostname().clone(),
         domainname: spec.domainname().clone(),
+        share_with: None,
         root: root_setup,
         mounts,
         process,
