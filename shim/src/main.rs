@@ -6,6 +6,7 @@
 //! each container's VM in-process, through the same monitor library the
 //! `krun-oci` CLI uses: it never shells out to the CLI.
 
+mod pod;
 mod service;
 mod task;
 

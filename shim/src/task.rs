@@ -29,6 +29,7 @@ use krun_oci::session::Event;
 use krun_oci::state::StateDir;
 use krun_proto::{CgroupSetup, ExitStatus, ProcessSetup};
 
+use crate::pod::{self, Role};
 use crate::service::rpc_error;
 
 pub fn timestamp() -> Timestamp {
@@ -93,8 +94,12 @@ struct Container {
     id: String,
     bundle: PathBuf,
     stdio: Stdio,
-    /// The monitor's event loop.
+    /// The monitor's event loop (a pod member shares its sandbox's).
     requests: SyncSender<Event>,
+    /// The stream of its main process in the VM.
+    stream: u32,
+    /// What the CRI says it is.
+    role: Role,
     inner: Mutex<Inner>,
     changed: Condvar,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -191,6 +196,13 @@ pub fn cleanup_after_crash(root: &Path, id: &str, bundle: &Path) {
     }
     let _ =
         containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
+    if let Ok(b) = krun_oci::bundle::Bundle::load(bundle) {
+        match pod::role(&b.spec) {
+            Role::Sandbox => pod::remove(id),
+            Role::Member(sandbox) => pod::remove_member(&sandbox, id),
+            Role::Standalone => {}
+        }
+    }
 }
 
 impl Tasks {
@@ -259,13 +271,31 @@ impl Tasks {
         let undo_mount = || {
             let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
         };
+        let spec = match krun_oci::bundle::Bundle::load(&bundle) {
+            Ok(b) => b.spec,
+            Err(e) => {
+                undo_mount();
+                return Err(rpc_error(Code::INVALID_ARGUMENT, e.to_string()));
+            }
+        };
+        let role = pod::role(&spec);
+        if let Role::Member(sandbox) = &role {
+            let owner = self.get(sandbox).ok().filter(|c| c.role == Role::Sandbox);
+            if let Some(owner) = owner {
+                let r = self.create_member(&req, &spec, &owner, sandbox);
+                if r.is_err() {
+                    undo_mount();
+                }
+                return r;
+            }
+        }
         let stdio = MainStdio::Files {
             stdin: open_fifo(&req.stdin, false)?,
             stdout: open_fifo(&req.stdout, true)?,
             stderr: open_fifo(&req.stderr, true)?,
         };
         let (notices, notice_rx) = mpsc::channel();
-        let launch = match self.launch(&id, &bundle, stdio, notices) {
+        let launch = match self.launch(&id, &bundle, stdio, notices, &role) {
             Ok(l) => l,
             Err(e) => {
                 undo_mount();
@@ -320,6 +350,8 @@ impl Tasks {
             }
         };
         let c = Arc::new(Container {
+            stream: krun_proto::MAIN_STREAM,
+            role: role.clone(),
             id: id.clone(),
             bundle: bundle.clone(),
             stdio: Stdio {
@@ -383,17 +415,140 @@ impl Tasks {
         })
     }
 
+    /// A container of a pod whose VM runs: its root and mounts go into the
+    /// pod directory, and the sandbox's monitor creates it in the VM.
+    fn create_member(
+        self: &Arc<Self>,
+        req: &api::CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        owner: &Arc<Container>,
+        sandbox: &str,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        let host = krun_oci::plan::HostInfo::detect();
+        let plan = krun_oci::plan::plan(&id, &bundle, spec, &host)
+            .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let setup = pod::place_member(sandbox, &plan.shares, plan.setup)
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("placing {id} in its pod: {e}")))?;
+        let undo = || pod::remove_member(sandbox, &id);
+        let fds = (|| -> TtrpcResult<Vec<std::os::fd::OwnedFd>> {
+            Ok(vec![
+                open_fifo(&req.stdin, false)?.unwrap_or(dev_null()?).into(),
+                open_fifo(&req.stdout, true)?.unwrap_or(dev_null()?).into(),
+                open_fifo(&req.stderr, true)?.unwrap_or(dev_null()?).into(),
+            ])
+        })();
+        let fds = match fds {
+            Ok(f) => f,
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
+        let replies = match owner.send(
+            Request::CreateContainer {
+                setup: Box::new(setup),
+            },
+            fds,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
+        let stream = match replies.recv() {
+            Ok(Response::Created { stream, .. }) => stream,
+            Ok(Response::Error { code, message }) => {
+                undo();
+                let code = if code == 126 || code == 127 {
+                    Code::FAILED_PRECONDITION
+                } else {
+                    Code::INTERNAL
+                };
+                return Err(rpc_error(code, message));
+            }
+            _ => {
+                undo();
+                return Err(rpc_error(
+                    Code::NOT_FOUND,
+                    format!("pod {sandbox}: its VM is gone"),
+                ));
+            }
+        };
+        let c = Arc::new(Container {
+            stream,
+            role: Role::Member(sandbox.to_string()),
+            id: id.clone(),
+            bundle: bundle.clone(),
+            stdio: Stdio {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            },
+            requests: owner.requests.clone(),
+            inner: Mutex::new(Inner {
+                phase: Phase::Created,
+                exited: None,
+                execs: HashMap::new(),
+            }),
+            changed: Condvar::new(),
+            thread: Mutex::new(None),
+        });
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), c);
+        // Its end comes on the create request's channel.
+        let tasks = self.clone();
+        let tid = id.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("member-{id}"))
+            .spawn(move || {
+                let code = match replies.recv() {
+                    Ok(Response::Exited { code, .. }) => code as u32,
+                    _ => 128 + libc::SIGKILL as u32,
+                };
+                tasks.on_exit(&tid, code);
+            });
+        let pid = std::process::id();
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id,
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
     fn launch(
         &self,
         id: &str,
         bundle: &Path,
         stdio: MainStdio,
         notices: mpsc::Sender<Notice>,
+        role: &Role,
     ) -> TtrpcResult<Launch> {
         let err = |e: anyhow::Error| rpc_error(Code::INVALID_ARGUMENT, format!("{e:#}"));
         let b = krun_oci::bundle::Bundle::load(bundle).map_err(|e| err(e.into()))?;
         let host = krun_oci::plan::HostInfo::detect();
-        let plan = krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;
+        let mut plan =
+            krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;
+        if *role == Role::Sandbox {
+            // The pod's VM: the pod directory goes in as one more share.
+            let share = pod::prepare(id)
+                .map_err(|e| rpc_error(Code::INTERNAL, format!("pod directory: {e}")))?;
+            plan.shares.push(share);
+        }
         let assets = krun_oci::assets::Assets::find()
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
         let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets)
@@ -460,7 +615,11 @@ impl Tasks {
                     format!("container {id} is not created"),
                 ));
             }
-            c.call(Request::Start)?;
+            if c.stream == krun_proto::MAIN_STREAM {
+                c.call(Request::Start)?;
+            } else {
+                c.call(Request::StartContainer { stream: c.stream })?;
+            }
             c.lock().phase = Phase::Running;
             let pid = std::process::id();
             self.publish(
@@ -509,7 +668,8 @@ impl Tasks {
                 .unwrap_or(dev_null()?)
                 .into(),
         ];
-        let replies = c.send(Request::Exec { process }, fds)?;
+        let container = matches!(c.role, Role::Member(_)).then(|| c.id.clone());
+        let replies = c.send(Request::Exec { process, container }, fds)?;
         let (stream, pid) = match replies.recv() {
             Ok(Response::Started { stream, pid }) => (stream, pid as u32),
             Ok(Response::Error { code, message }) => {
@@ -694,7 +854,11 @@ impl Tasks {
                     format!("container {id}: process already finished"),
                 ));
             }
-            c.call(Request::Kill { signal, all })?;
+            c.call(Request::Kill {
+                signal,
+                all,
+                stream: c.stream,
+            })?;
             return Ok(());
         }
         let stream = {
@@ -772,8 +936,19 @@ impl Tasks {
         match phase {
             Phase::Stopped => {}
             // A task never started is taken down, as runc's shim does.
-            Phase::Created => {
+            Phase::Created if c.stream == krun_proto::MAIN_STREAM => {
                 let _ = c.call(Request::Shutdown);
+            }
+            Phase::Created => {
+                let _ = c.call(Request::Kill {
+                    signal: libc::SIGKILL,
+                    all: false,
+                    stream: c.stream,
+                });
+                let mut inner = c.lock();
+                while inner.exited.is_none() {
+                    inner = c.changed.wait(inner).unwrap_or_else(|e| e.into_inner());
+                }
             }
             _ => {
                 return Err(rpc_error(
@@ -791,6 +966,11 @@ impl Tasks {
         });
         if let Ok(dir) = StateDir::open(&self.root, id) {
             let _ = dir.remove();
+        }
+        match &c.role {
+            Role::Member(sandbox) => pod::remove_member(sandbox, id),
+            Role::Sandbox => pod::remove(id),
+            Role::Standalone => {}
         }
         let _ = containerd_shim::mount::umount_recursive(
             c.bundle.join("rootfs").to_str(),
@@ -822,7 +1002,7 @@ impl Tasks {
 
     pub fn pids(&self, id: &str) -> TtrpcResult<api::PidsResponse> {
         let c = self.get(id)?;
-        let processes = match c.call(Request::Ps)? {
+        let processes = match c.call(Request::Ps { stream: c.stream })? {
             Response::Processes { processes } => processes,
             _ => Vec::new(),
         };
@@ -841,6 +1021,12 @@ impl Tasks {
 
     pub fn pause(&self, id: &str, pause: bool) -> TtrpcResult<()> {
         let c = self.get(id)?;
+        if matches!(c.role, Role::Member(_)) {
+            return Err(rpc_error(
+                Code::UNIMPLEMENTED,
+                "pausing one container of a pod VM is not supported; pause the pod",
+            ));
+        }
         c.call(if pause {
             Request::Pause
         } else {
@@ -869,7 +1055,7 @@ impl Tasks {
 
     fn stream_of(&self, c: &Container, exec_id: &str) -> TtrpcResult<u32> {
         if exec_id.is_empty() {
-            return Ok(krun_proto::MAIN_STREAM);
+            return Ok(c.stream);
         }
         c.lock()
             .execs
@@ -915,7 +1101,10 @@ impl Tasks {
         if let Some(p) = r.pids() {
             limits.pids_max = Some(p.limit());
         }
-        c.call(Request::Update { limits })?;
+        c.call(Request::Update {
+            limits,
+            stream: c.stream,
+        })?;
         Ok(())
     }
 
@@ -926,7 +1115,7 @@ impl Tasks {
             CPUStat, MemoryStat, Metrics, PidsStat,
         };
         let c = self.get(id)?;
-        let Response::Stats { stats } = c.call(Request::Stats)? else {
+        let Response::Stats { stats } = c.call(Request::Stats { stream: c.stream })? else {
             return Err(rpc_error(Code::INTERNAL, "no stats from the guest"));
         };
         let m = Metrics {

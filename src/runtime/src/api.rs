@@ -20,15 +20,32 @@ pub enum Request {
     /// Exec the container's process.
     Start,
     /// Signal the container's process, or with `all` every process of it.
+    /// `stream` names another container of the VM by its main process's
+    /// stream (a pod's); 0 is the VM's first.
     Kill {
         signal: i32,
         all: bool,
+        #[serde(default)]
+        stream: u32,
     },
     /// Run another process; its stdin, stdout and stderr come with the
     /// request (or one terminal for all three). Answered with `Started`,
-    /// then `Exited` when it ends.
+    /// then `Exited` when it ends. `container`: which container of the VM
+    /// (default: the first).
     Exec {
         process: Box<ProcessSetup>,
+        #[serde(default)]
+        container: Option<String>,
+    },
+    /// Prepare one more container in this VM (a pod's), its stdio with the
+    /// request (3 descriptors). Answered with `Created` (its stream), then
+    /// `Exited` when its process ends.
+    CreateContainer {
+        setup: Box<krun_proto::ContainerSetup>,
+    },
+    /// Exec the process of a container made by `CreateContainer`.
+    StartContainer {
+        stream: u32,
     },
     /// End of input for a process's stdin (`stream` 0 is the container's).
     CloseStdin {
@@ -45,13 +62,21 @@ pub enum Request {
         rows: u16,
         cols: u16,
     },
-    Ps,
+    Ps {
+        #[serde(default)]
+        stream: u32,
+    },
     /// The container's resource use, from inside its VM.
-    Stats,
+    Stats {
+        #[serde(default)]
+        stream: u32,
+    },
     Pause,
     Resume,
     Update {
         limits: CgroupSetup,
+        #[serde(default)]
+        stream: u32,
     },
     /// Stop the VM now (delete --force, delete of a created container).
     Shutdown,
@@ -62,6 +87,11 @@ pub enum Request {
 pub enum Response {
     Ok,
     Started {
+        stream: u32,
+        pid: i32,
+    },
+    /// A container made by `CreateContainer`, ready to start.
+    Created {
         stream: u32,
         pid: i32,
     },
@@ -225,6 +255,7 @@ mod tests {
         let req = Request::Kill {
             signal: 15,
             all: true,
+            stream: 0,
         };
         client.send(&req, &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
         let (got, fds) = conn.recv().unwrap();
@@ -243,9 +274,9 @@ mod tests {
             }
         );
         // Two requests in one read are both delivered.
-        client.send(&Request::Ps, &[]).unwrap();
+        client.send(&Request::Ps { stream: 0 }, &[]).unwrap();
         client.send(&Request::Pause, &[]).unwrap();
-        assert_eq!(conn.recv().unwrap().0, Request::Ps);
+        assert_eq!(conn.recv().unwrap().0, Request::Ps { stream: 0 });
         assert_eq!(conn.recv().unwrap().0, Request::Pause);
     }
 }

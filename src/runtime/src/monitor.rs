@@ -5,6 +5,8 @@
 //! which waits on that pid, sees the workload's exit.
 
 use std::collections::{HashMap, VecDeque};
+
+use krun_proto::ContainerSetup;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -99,8 +101,10 @@ pub struct Monitor {
     execs: HashMap<u32, ExecIo>,
     next_stream: u32,
     pending_start: Option<Sender<Response>>,
-    /// Requests answered by guest-init on stream 0, in order.
-    pending_guest: VecDeque<Sender<Response>>,
+    /// Requests guest-init answers on a container's stream, in order.
+    pending_guest: HashMap<u32, VecDeque<Sender<Response>>>,
+    /// Starts of a pod's further containers, by stream.
+    pending_member_start: HashMap<u32, Sender<Response>>,
     held_signals: Vec<i32>,
     notices: Option<Sender<Notice>>,
     host_setup_ms: f64,
@@ -186,7 +190,8 @@ impl Monitor {
             execs: HashMap::new(),
             next_stream: 1,
             pending_start: None,
-            pending_guest: VecDeque::new(),
+            pending_guest: HashMap::new(),
+            pending_member_start: HashMap::new(),
             held_signals: Vec::new(),
             notices,
             host_setup_ms,
@@ -372,8 +377,15 @@ impl Monitor {
                 }
             }
             FrameKind::Control => match f.message::<ToHost>()? {
+                ToHost::Created { pid } => {
+                    if let Some(e) = self.execs.get(&stream) {
+                        let _ = e.reply.send(Response::Created { stream, pid });
+                    }
+                }
                 ToHost::Started { pid } => {
-                    if stream == MAIN_STREAM {
+                    if let Some(r) = self.pending_member_start.remove(&stream) {
+                        let _ = r.send(Response::Ok);
+                    } else if stream == MAIN_STREAM {
                         self.on_started();
                         if let Some(r) = self.pending_start.take() {
                             let _ = r.send(Response::Ok);
@@ -387,7 +399,20 @@ impl Monitor {
                         code,
                         message: message.clone(),
                     };
-                    if stream != MAIN_STREAM {
+                    if let Some(r) = self.pending_member_start.remove(&stream) {
+                        // A pod member's process could not start: it is
+                        // done, with the status a shell would give.
+                        let _ = r.send(err);
+                        if let Some(e) = self.execs.remove(&stream) {
+                            let _ = e.reply.send(Response::Exited { code, signal: None });
+                        }
+                    } else if let Some(r) = self
+                        .pending_guest
+                        .get_mut(&stream)
+                        .and_then(|q| q.pop_front())
+                    {
+                        let _ = r.send(err);
+                    } else if stream != MAIN_STREAM {
                         if let Some(e) = self.execs.remove(&stream) {
                             let _ = e.reply.send(err);
                         }
@@ -400,8 +425,6 @@ impl Monitor {
                             status: ExitStatus::Code(code),
                             oom_killed: false,
                         }));
-                    } else if let Some(r) = self.pending_guest.pop_front() {
-                        let _ = r.send(err);
                     }
                 }
                 ToHost::Exited { status } => {
@@ -431,22 +454,34 @@ impl Monitor {
                     }
                 }
                 ToHost::Processes { processes } => {
-                    if let Some(r) = self.pending_guest.pop_front() {
+                    if let Some(r) = self
+                        .pending_guest
+                        .get_mut(&stream)
+                        .and_then(|q| q.pop_front())
+                    {
                         let _ = r.send(Response::Processes { processes });
                     }
                 }
                 ToHost::Stats(stats) => {
-                    if let Some(r) = self.pending_guest.pop_front() {
+                    if let Some(r) = self
+                        .pending_guest
+                        .get_mut(&stream)
+                        .and_then(|q| q.pop_front())
+                    {
                         let _ = r.send(Response::Stats { stats });
                     }
                 }
                 ToHost::Updated => {
-                    if let Some(r) = self.pending_guest.pop_front() {
+                    if let Some(r) = self
+                        .pending_guest
+                        .get_mut(&stream)
+                        .and_then(|q| q.pop_front())
+                    {
                         let _ = r.send(Response::Ok);
                     }
                 }
                 ToHost::Fatal { message } => return Err(SessionError::GuestFatal(message)),
-                ToHost::Hello { .. } | ToHost::Created { .. } => {}
+                ToHost::Hello { .. } => {}
             },
             FrameKind::Stdin => {}
         }
@@ -475,13 +510,27 @@ impl Monitor {
                     self.pending_start = Some(reply);
                 }
             }
-            Request::Kill { signal, all } => {
-                let _ = self
-                    .control
-                    .send(MAIN_STREAM, &ToGuest::Signal { signal, all });
+            Request::Kill {
+                signal,
+                all,
+                stream,
+            } => {
+                let _ = self.control.send(stream, &ToGuest::Signal { signal, all });
                 let _ = reply.send(Response::Ok);
             }
-            Request::Exec { process } => {
+            Request::CreateContainer { setup } => {
+                self.create_member(setup, fds, reply);
+            }
+            Request::StartContainer { stream } => {
+                if !self.execs.contains_key(&stream)
+                    || self.control.send(stream, &ToGuest::Start).is_err()
+                {
+                    let _ = reply.send(error(1, "no such container to start"));
+                } else {
+                    self.pending_member_start.insert(stream, reply);
+                }
+            }
+            Request::Exec { process, container } => {
                 if !self.started {
                     let _ = reply.send(error(
                         1,
@@ -514,7 +563,7 @@ impl Monitor {
                     .send(
                         stream,
                         &ToGuest::Exec {
-                            container: self.id.clone(),
+                            container: container.unwrap_or_else(|| self.id.clone()),
                             process,
                         },
                     )
@@ -544,21 +593,9 @@ impl Monitor {
                 let _ = self.control.send(stream, &ToGuest::Resize { rows, cols });
                 let _ = reply.send(Response::Ok);
             }
-            Request::Ps => {
-                if self.control.send(MAIN_STREAM, &ToGuest::Ps).is_ok() {
-                    self.pending_guest.push_back(reply);
-                } else {
-                    let _ = reply.send(error(1, "the VM is gone"));
-                }
-            }
-            Request::Stats => {
-                if self.control.send(MAIN_STREAM, &ToGuest::Stats).is_ok() {
-                    self.pending_guest.push_back(reply);
-                } else {
-                    let _ = reply.send(error(1, "the VM is gone"));
-                }
-            }
-            Request::Update { limits } => {
+            Request::Ps { stream } => self.ask_guest(stream, ToGuest::Ps, reply),
+            Request::Stats { stream } => self.ask_guest(stream, ToGuest::Stats, reply),
+            Request::Update { limits, stream } => {
                 if let Some(m) = limits.memory_max.filter(|m| *m > self.plan_memory_limit) {
                     let _ = reply.send(error(
                         1,
@@ -568,14 +605,8 @@ impl Monitor {
                             self.plan_memory_limit >> 20
                         ),
                     ));
-                } else if self
-                    .control
-                    .send(MAIN_STREAM, &ToGuest::Update(limits))
-                    .is_ok()
-                {
-                    self.pending_guest.push_back(reply);
                 } else {
-                    let _ = reply.send(error(1, "the VM is gone"));
+                    self.ask_guest(stream, ToGuest::Update(limits), reply);
                 }
             }
             Request::Pause | Request::Resume => {
@@ -609,6 +640,62 @@ impl Monitor {
             }
         }
         None
+    }
+}
+
+impl Monitor {
+    /// Sends `msg` about the container on `stream`; guest-init's answer
+    /// goes to `reply`.
+    fn ask_guest(&mut self, stream: u32, msg: ToGuest, reply: Sender<Response>) {
+        if self.control.send(stream, &msg).is_ok() {
+            self.pending_guest
+                .entry(stream)
+                .or_default()
+                .push_back(reply);
+        } else {
+            let _ = reply.send(Response::Error {
+                code: 1,
+                message: "the VM is gone".into(),
+            });
+        }
+    }
+
+    /// One more container in this VM (a pod member): its stdio is handled
+    /// as an exec's, its replies are `Created`, then `Exited`.
+    fn create_member(
+        &mut self,
+        mut setup: Box<ContainerSetup>,
+        fds: Vec<OwnedFd>,
+        reply: Sender<Response>,
+    ) {
+        let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
+        if files.len() != 3 {
+            let _ = reply.send(Response::Error {
+                code: 1,
+                message: format!("create needs 3 descriptors, got {}", files.len()),
+            });
+            return;
+        }
+        let err = files.pop();
+        let out = files.pop();
+        let input = files.pop();
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        setup.realtime_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        if self.control.send(stream, &ToGuest::Create(setup)).is_err() {
+            let _ = reply.send(Response::Error {
+                code: 1,
+                message: "the VM is gone".into(),
+            });
+            return;
+        }
+        if let Some(input) = input {
+            pump_stdin(self.control.clone(), stream, input);
+        }
+        self.execs.insert(stream, ExecIo { out, err, reply });
     }
 }
 

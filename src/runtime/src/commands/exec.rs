@@ -197,6 +197,7 @@ impl Exec {
             .send(
                 &Request::Exec {
                     process: Box::new(process),
+                    container: None,
                 },
                 &raw_fds,
             )

@@ -16,7 +16,7 @@ pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> anyhow::Result<i32> {
     if c.status() == Status::Stopped {
         bail!("container {:?} is not running", c.id);
     }
-    let Response::Processes { processes } = c.call(&Request::Ps)? else {
+    let Response::Processes { processes } = c.call(&Request::Ps { stream: 0 })? else {
         bail!("unexpected answer from the monitor")
     };
     let mut out = std::io::stdout().lock();
@@ -227,6 +227,6 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> anyhow::Result<i32> {
     if !cannot.is_empty() {
         bail!("update: cannot change {}", cannot.join("; "));
     }
-    c.call(&Request::Update { limits })?;
+    c.call(&Request::Update { limits, stream: 0 })?;
     Ok(0)
 }

@@ -49,6 +49,7 @@ pub fn kill(ctx: &Context, args: &liboci_cli::Kill) -> anyhow::Result<i32> {
     c.call(&Request::Kill {
         signal,
         all: args.all,
+        stream: 0,
     })?;
     Ok(0)
 }

@@ -12,6 +12,10 @@ use super::Problems;
 pub const ANNOTATION_VCPUS: &str = "io.krun-oci.vcpus";
 /// Annotation that sets the VM's memory in MiB (the whole VM, kernel included).
 pub const ANNOTATION_MEMORY_MIB: &str = "io.krun-oci.memory_mib";
+/// What containerd's CRI tells a pod's sandbox about the whole pod.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// VM memory when the bundle sets no memory limit. Guest RAM is only backed
 /// by host memory as the guest touches it.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -134,6 +138,13 @@ pub(super) fn plan_sizing(
             }
         }
     }
+    // A Kubernetes pod's sandbox: the CRI passes the sum of the pod's
+    // containers' limits; the pod's VM gets that plus the guest's room.
+    if let Some(m) = parse_annotation(spec, CRI_SANDBOX_MEMORY, problems).filter(|m| *m > 0) {
+        memory_mib = (m.div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)
+            .max(MIN_VM_MIB)
+            .min(host.memory_mib);
+    }
     if let Some(m) = parse_annotation(spec, ANNOTATION_MEMORY_MIB, problems) {
         if m < MIN_VM_MIB {
             problems.add(
@@ -170,6 +181,12 @@ pub(super) fn plan_sizing(
         if let Some(shares) = cpu.shares() {
             cgroup.cpu_weight = Some(shares_to_weight(shares));
         }
+    }
+    if let Some(q) = parse_annotation(spec, CRI_SANDBOX_CPU_QUOTA, problems).filter(|q| *q > 0) {
+        let period = parse_annotation(spec, CRI_SANDBOX_CPU_PERIOD, problems)
+            .filter(|p| *p > 0)
+            .unwrap_or(100_000);
+        vcpus = q.div_ceil(period).clamp(1, host.cpus as u64) as u32;
     }
     if let Some(v) = parse_annotation(spec, ANNOTATION_VCPUS, problems) {
         if v == 0 {

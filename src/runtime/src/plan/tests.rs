@@ -214,6 +214,20 @@ fn cpuset_sizes_the_vm_when_there_is_no_quota() {
 }
 
 #[test]
+fn a_pod_sandbox_is_sized_for_the_whole_pod() {
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"] = json!({});
+        c["annotations"] = json!({
+            "io.kubernetes.cri.sandbox-memory": "268435456",
+            "io.kubernetes.cri.sandbox-cpu-quota": "250000",
+            "io.kubernetes.cri.sandbox-cpu-period": "100000"
+        });
+    })
+    .unwrap();
+    assert_eq!((p.vcpus, p.memory_mib), (3, 256 + GUEST_OVERHEAD_MIB));
+}
+
+#[test]
 fn annotations_override_sizing() {
     let p = plan_of("full", |c| {
         c["annotations"] = json!({ANNOTATION_VCPUS: "3", ANNOTATION_MEMORY_MIB: "1024"})
