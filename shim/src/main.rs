@@ -7,6 +7,7 @@
 //! `krun-oci` CLI uses: it never shells out to the CLI.
 
 mod pod;
+mod rootfs;
 mod service;
 mod task;
 

@@ -260,13 +260,12 @@ impl Tasks {
         let rootfs = bundle.join("rootfs");
         for m in &req.rootfs {
             let _ = std::fs::create_dir_all(&rootfs);
-            containerd_shim::mount::mount_rootfs(
-                Some(&m.type_),
-                Some(&m.source),
-                &m.options,
-                &rootfs,
-            )
-            .map_err(|e| rpc_error(Code::INTERNAL, format!("mounting the rootfs of {id}: {e}")))?;
+            crate::rootfs::mount_one(&m.type_, &m.source, &m.options, &rootfs).map_err(|e| {
+                rpc_error(
+                    Code::INTERNAL,
+                    format!("mounting the rootfs of {id}: {e:#}"),
+                )
+            })?;
         }
         let undo_mount = || {
             let _ = containerd_shim::mount::umount_recursive(rootfs.to_str(), libc::MNT_DETACH);
