@@ -30,6 +30,10 @@ pub fn rpc_error(code: Code, msg: impl Into<String>) -> TtrpcError {
 pub struct Service {
     namespace: String,
     id: String,
+    /// containerd's socket (for the address of our own socket).
+    address: String,
+    /// Our ttrpc socket, `unix://PATH` (empty in the `start`/`delete` runs).
+    socket: String,
     exit: Arc<ExitSignal>,
     tasks: Option<Arc<Tasks>>,
 }
@@ -41,6 +45,8 @@ impl containerd_shim::Shim for Service {
         Service {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            address: args.address.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
             tasks: None,
         }
@@ -63,6 +69,13 @@ impl containerd_shim::Shim for Service {
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let bundle = std::env::current_dir().unwrap_or_default();
         crate::task::cleanup_after_crash(&state_root(&self.namespace), &self.id, &bundle);
+        // The dead shim's socket, unless a live shim (of the pod) still serves it.
+        let grouping = sandbox_id(&bundle).unwrap_or_else(|| self.id.clone());
+        let socket = containerd_shim::socket_address(&self.address, &self.namespace, &grouping);
+        let path = socket.trim_start_matches("unix://");
+        if std::os::unix::net::UnixStream::connect(path).is_err() {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
             exited_at: MessageField::some(timestamp()),
@@ -72,6 +85,12 @@ impl containerd_shim::Shim for Service {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // containerd removes the bundle (and the crate's record of our
+        // address in it) before we get here: remove the socket ourselves.
+        // Connections already made are not affected.
+        if let Some(path) = self.socket.strip_prefix("unix://") {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
