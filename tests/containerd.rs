@@ -1,0 +1,256 @@
+//! containerd drives the shim end to end: `ctr` against a private
+//! containerd 2.x (hack/containerd-env) with `--runtime io.containerd.krun.v2`,
+//! each container in a real microVM.
+//!
+//! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2 cargo test --test containerd`
+//! runs the same tests on containerd's runc shim, to validate them.
+
+#[path = "harness/containerd.rs"]
+mod containerd;
+mod harness;
+
+use std::time::Duration;
+
+use containerd::{collect, is_krun, Containerd, CTR_TIMEOUT};
+
+/// A workload that reports SIGTERM and ends with 7 (PID 1 of a container
+/// only sees the signals it has handlers for).
+const SERVE: &[&str] = &[
+    "sh",
+    "-c",
+    "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+];
+
+fn id(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+#[test]
+fn run_relays_output_and_the_exit_status() {
+    let c = Containerd::start("run");
+    let out = c.run_rm(
+        &[],
+        &id("run42"),
+        &["sh", "-c", "echo out; echo err >&2; exit 42"],
+    );
+    out.expect(42);
+    assert_eq!(out.stdout, "out\n");
+    assert!(out.stderr.starts_with("err\n"), "stderr: {:?}", out.stderr);
+
+    let out = c.run_rm(
+        &[],
+        &id("run0"),
+        &["sh", "-c", "uname -r; cat /proc/1/cmdline | tr '\\0' ' '"],
+    );
+    let text = out.ok();
+    let guest_kernel = text.lines().next().unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    if is_krun() {
+        assert_ne!(
+            guest_kernel,
+            host.trim(),
+            "the container runs on the host's kernel"
+        );
+    }
+    assert!(
+        text.contains("sh -c uname -r"),
+        "PID 1 is not the workload: {text}"
+    );
+
+    // Environment and working directory from ctr's flags.
+    let out = c.run_rm(
+        &["--env", "GREETING=hello from ctr", "--cwd", "/tmp"],
+        &id("env"),
+        &["sh", "-c", "echo \"$GREETING in $(pwd)\""],
+    );
+    assert_eq!(out.ok(), "hello from ctr in /tmp");
+    c.finish();
+}
+
+#[test]
+fn a_missing_program_fails_at_once() {
+    let c = Containerd::start("missing");
+    let out = c.run_rm(&[], &id("missing"), &["/no/such/program"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("no such file") || out.stderr.contains("not found"),
+        "the error does not say what is wrong: {}",
+        out.stderr
+    );
+    // The container record is ctr's to remove (--rm only removes it after a
+    // task existed).
+    let _ = c.ctr(&["containers", "rm", &id("missing")]);
+    c.finish();
+}
+
+#[test]
+fn exec_ps_metrics_pause_and_a_graceful_sigterm() {
+    let c = Containerd::start("exec");
+    let cid = id("serve");
+    let child = c.spawn_run(&cid, SERVE);
+
+    // exec: a new process in the same container, its output and status.
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &cid,
+        "sh",
+        "-c",
+        "echo in-vm; ls /proc/1/; exit 5",
+    ]);
+    out.expect(5);
+    assert!(out.stdout.starts_with("in-vm\n"), "{out:?}");
+    // exec of a missing program fails fast, not hangs.
+    let out = c.ctr(&["task", "exec", "--exec-id", "e2", &cid, "/no/such/program"]);
+    assert_ne!(out.code, 0, "{out:?}");
+
+    // ps: the container's processes (the guest's pids under krun).
+    let out = c.ctr(&["task", "ps", &cid]);
+    let listing = out.ok();
+    let pids: Vec<&str> = listing.lines().skip(1).collect();
+    assert!(!pids.is_empty(), "no processes listed: {}", out.stdout);
+
+    // metrics: from the container's cgroup (in the guest under krun).
+    let out = c.ctr(&["task", "metrics", &cid]);
+    let text = out.ok();
+    let usage = text
+        .lines()
+        // cgroup v2 metrics (krun's guest), or runc's on this v1 host.
+        .find(|l| l.starts_with("memory.usage ") || l.starts_with("memory.usage_in_bytes "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no memory.usage in\n{text}"));
+    assert!(usage > 0, "memory.usage is 0:\n{text}");
+    assert!(
+        text.contains("pids.current") || text.contains("pids.limit"),
+        "{text}"
+    );
+
+    // pause and resume.
+    c.ctr(&["task", "pause", &cid]).ok();
+    assert_eq!(c.status(&cid), "PAUSED");
+    c.ctr(&["task", "resume", &cid]).ok();
+    assert_eq!(c.status(&cid), "RUNNING");
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e3",
+        &cid,
+        "echo",
+        "after resume",
+    ]);
+    assert_eq!(out.ok(), "after resume");
+
+    // SIGTERM reaches the workload's handler; ctr run ends with its status.
+    c.ctr(&["task", "kill", "-s", "SIGTERM", &cid]).ok();
+    let out = collect(child, "ctr run (serve)", CTR_TIMEOUT);
+    out.expect(7);
+    assert!(
+        out.stdout.contains("ready\n") && out.stdout.contains("got TERM\n"),
+        "{out:?}"
+    );
+    c.finish();
+}
+
+#[test]
+fn sigkill_ends_the_container_with_137() {
+    let c = Containerd::start("sigkill");
+    let cid = id("sleeper");
+    let child = c.spawn_run(&cid, &["sleep", "1000"]);
+    c.ctr(&["task", "kill", "-s", "SIGKILL", &cid]).ok();
+    collect(child, "ctr run (sleeper)", CTR_TIMEOUT).expect(137);
+    c.finish();
+}
+
+#[test]
+fn a_tty_is_interactive_with_the_window_size() {
+    let c = Containerd::start("tty");
+    let cid = id("tty");
+    c.remember("default", &cid);
+    // ctr -t needs a terminal: script(1) gives it one, 30x100, and types
+    // into it once the shell had time to start.
+    let ctr = c.ctr_cmd(
+        "default",
+        &[
+            "run",
+            "-t",
+            "--rm",
+            "--runtime",
+            &containerd::runtime(),
+            containerd::BUSYBOX,
+            &cid,
+            "sh",
+        ],
+    );
+    let line = format!(
+        "stty rows 30 cols 100; exec {}",
+        std::iter::once(ctr.get_program())
+            .chain(ctr.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut script = std::process::Command::new("sh");
+    script.args([
+        "-c",
+        "(sleep 8; printf 'echo typed-$((6*7)); stty size; [ -t 0 ] && echo is-a-tty\\nexit 3\\n'; sleep 30) | script -qec \"$0\" /dev/null",
+        &line,
+    ]);
+    script
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = collect(script.spawn().unwrap(), "ctr run -t", CTR_TIMEOUT);
+    out.expect(3);
+    let text = out.stdout.replace('\r', "");
+    for want in ["\ntyped-42\n", "\n30 100\n", "\nis-a-tty\n"] {
+        assert!(
+            text.contains(want),
+            "{want:?} not in the terminal's output:\n{text}"
+        );
+    }
+    c.finish();
+}
+
+#[test]
+fn a_shim_killed_with_sigkill_leaves_nothing_behind() {
+    let c = Containerd::start("shimkill");
+    let cid = id("orphan");
+    c.remember("default", &cid);
+    let rt = containerd::runtime();
+    c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        &rt,
+        containerd::BUSYBOX,
+        &cid,
+        "sleep",
+        "1000",
+    ])
+    .ok();
+    c.wait_status(&cid, "RUNNING");
+    let shim = harness::processes_mentioning(&format!("-id {cid} "));
+    let pid: i32 = shim
+        .iter()
+        .find(|p| p.contains("containerd-shim"))
+        .and_then(|p| p.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no shim process for {cid}: {shim:?}"));
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // containerd notices, runs `shim delete`, and the task is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !c.status(&cid).is_empty() && c.status(&cid) != "STOPPED" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task outlived its shim"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = c.ctr(&["task", "delete", "-f", &cid]);
+    c.ctr(&["containers", "rm", &cid]).ok();
+    c.finish();
+}

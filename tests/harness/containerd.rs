@@ -1,0 +1,412 @@
+//! A private containerd 2.x per test (`hack/containerd-env start DIR`), and
+//! `ctr` against it.
+//!
+//! containerd runs the shim from `$KRUN_OCI_DIST/bin` (hack/build puts the
+//! freshly built `containerd-shim-krun-v2` there). Every test ends with
+//! `finish()`, which fails on anything left behind: a task containerd still
+//! knows, a shim or VM process, the shim's state, a mount, the shim's
+//! socket. Drop stops containerd and removes the folder whatever happened.
+//!
+//! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2` runs the same tests
+//! on containerd's runc shim, which validates the tests themselves.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::harness::{libdir, processes_mentioning, wait_timeout};
+
+/// A hard limit on one ctr call (a VM boot under TCG takes seconds; a busy
+/// 2-core CI machine needs more).
+pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub const KRUN: &str = "io.containerd.krun.v2";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn dist() -> PathBuf {
+    std::env::var_os("KRUN_OCI_DIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/dist"))
+}
+
+/// The runtime type under test.
+pub fn runtime() -> String {
+    std::env::var("KRUN_OCI_CONTAINERD_RUNTIME")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| KRUN.to_string())
+}
+
+pub fn is_krun() -> bool {
+    runtime() == KRUN
+}
+
+/// The image every test runs.
+pub const BUSYBOX: &str = "localhost/krun-busybox:latest";
+
+fn newest_mtime(dir: &Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let t = if e.path().is_dir() {
+            newest_mtime(&e.path())
+        } else {
+            e.metadata().and_then(|m| m.modified()).unwrap()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// Fails (never skips) when the shim under test is missing or older than
+/// its sources.
+fn check_shim() {
+    libdir();
+    let shim = dist().join("bin/containerd-shim-krun-v2");
+    let built = std::fs::metadata(&shim)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "CONTAINERD TESTS CANNOT RUN: {} is missing. Run `hack/build` (or `hack/test`) first; \
+                 these tests run real containerd and fail rather than skip.",
+                shim.display()
+            )
+        });
+    for dir in [
+        "shim/src",
+        "src/runtime/src",
+        "src/hypervisor/src",
+        "src/vmm/src",
+        "src/proto/src",
+    ] {
+        assert!(
+            built >= newest_mtime(&workspace().join(dir)),
+            "{} is older than {dir}: run hack/build",
+            shim.display()
+        );
+    }
+}
+
+/// What a command did.
+#[derive(Debug)]
+pub struct Out {
+    pub what: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    #[track_caller]
+    pub fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "`{}` exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The trimmed stdout of a command that must succeed.
+    #[track_caller]
+    pub fn ok(&self) -> String {
+        self.expect(0);
+        self.stdout.trim().to_string()
+    }
+}
+
+/// One private containerd.
+pub struct Containerd {
+    dir: Option<tempfile::TempDir>,
+    /// (namespace, container id) of every container a test made.
+    ids: std::cell::RefCell<Vec<(String, String)>>,
+    finished: bool,
+}
+
+impl Containerd {
+    pub fn start(test: &str) -> Containerd {
+        check_shim();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("krun-ctrd-{}-", &test[..test.len().min(20)]))
+            .tempdir_in("/tmp")
+            .unwrap();
+        let c = Containerd {
+            dir: Some(dir),
+            ids: Default::default(),
+            finished: false,
+        };
+        let out = c.hack(&["start", c.path().to_str().unwrap()]);
+        assert_eq!(
+            out.code, 0,
+            "CONTAINERD TESTS CANNOT RUN: hack/containerd-env start failed:\n{}\n{}",
+            out.stdout, out.stderr
+        );
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
+    pub fn address(&self) -> PathBuf {
+        self.path().join("containerd.sock")
+    }
+
+    fn hack(&self, args: &[&str]) -> Out {
+        let mut c = Command::new(workspace().join("hack/containerd-env"));
+        c.args(args).env("KRUN_OCI_DIST", dist());
+        run(c, &format!("hack/containerd-env {}", args.join(" ")), None)
+    }
+
+    /// `ctr --address ... -n NS ARGS` (not yet run).
+    pub fn ctr_cmd(&self, ns: &str, args: &[&str]) -> Command {
+        let bin = std::env::var_os("KRUN_OCI_CONTAINERD_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let cache = std::env::var("KRUN_OCI_CACHE")
+                    .unwrap_or_else(|_| "/var/cache/krun-oci".into());
+                Path::new(&cache).join("containerd/bin")
+            });
+        let mut c = Command::new(bin.join("ctr"));
+        c.arg("--address")
+            .arg(self.address())
+            .args(["-n", ns])
+            .args(args);
+        c
+    }
+
+    /// Runs ctr in namespace `default`.
+    pub fn ctr(&self, args: &[&str]) -> Out {
+        self.ctr_in("default", args, None)
+    }
+
+    pub fn ctr_in(&self, ns: &str, args: &[&str], stdin: Option<&[u8]>) -> Out {
+        run(
+            self.ctr_cmd(ns, args),
+            &format!("ctr {}", args.join(" ")),
+            stdin,
+        )
+    }
+
+    /// Records a container id for the final checks.
+    pub fn remember(&self, ns: &str, id: &str) {
+        self.ids.borrow_mut().push((ns.to_string(), id.to_string()));
+    }
+
+    /// `ctr run --rm --runtime RT IMAGE ID ARGS...` with optional ctr flags.
+    pub fn run_rm(&self, flags: &[&str], id: &str, args: &[&str]) -> Out {
+        self.remember("default", id);
+        let rt = runtime();
+        let mut a = vec!["run", "--rm", "--runtime", rt.as_str()];
+        a.extend_from_slice(flags);
+        a.push(BUSYBOX);
+        a.push(id);
+        a.extend_from_slice(args);
+        self.ctr(&a)
+    }
+
+    /// Starts `ctr run --runtime RT IMAGE ID ARGS...` in the foreground as a
+    /// child (stdout/stderr piped), and waits until the task runs.
+    pub fn spawn_run(&self, id: &str, args: &[&str]) -> Child {
+        self.remember("default", id);
+        let rt = runtime();
+        let mut a = vec!["run", "--rm", "--runtime", rt.as_str(), BUSYBOX, id];
+        a.extend_from_slice(args);
+        let child = self
+            .ctr_cmd("default", &a)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.wait_status(id, "RUNNING");
+        child
+    }
+
+    /// The task's status as `ctr task ls` prints it (empty: no task).
+    pub fn status(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "ls"]);
+        out.stdout
+            .lines()
+            .skip(1)
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&id)).then(|| f.get(2).unwrap_or(&"").to_string())
+            })
+            .unwrap_or_default()
+    }
+
+    #[track_caller]
+    pub fn wait_status(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + CTR_TIMEOUT;
+        loop {
+            let s = self.status(id);
+            if s == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} never became {want} (last: {s:?})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Fails on anything of this containerd's containers left behind.
+    pub fn finish(mut self) {
+        self.finished = true;
+        for ns in ["default", "k8s.io"] {
+            let tasks = self.ctr_in(ns, &["task", "ls", "-q"], None);
+            assert!(
+                tasks.stdout.trim().is_empty(),
+                "tasks left in {ns}: {}",
+                tasks.stdout
+            );
+        }
+        let needle = self.path().to_string_lossy().into_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // containerd itself names the folder: only its children count.
+            let procs: Vec<String> = processes_mentioning(&needle)
+                .into_iter()
+                .filter(|p| !p.contains("bin/containerd --config"))
+                .collect();
+            if procs.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes left behind: {procs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let address = self.address().to_string_lossy().into_owned();
+        for (ns, id) in self.ids.borrow().iter() {
+            if is_krun() {
+                let state = Path::new("/run/krun-oci/containerd").join(ns).join(id);
+                assert!(
+                    !state.exists(),
+                    "shim state left behind: {}",
+                    state.display()
+                );
+            }
+            // containerd's runc shim leaves its socket when killed with -9;
+            // ours must not.
+            let socket = socket_path(&address, ns, id);
+            if is_krun() {
+                assert!(
+                    !socket.exists(),
+                    "shim socket left behind: {}",
+                    socket.display()
+                );
+            } else if socket.exists() {
+                eprintln!("NOTE: the runc shim left its socket {}", socket.display());
+                let _ = std::fs::remove_file(&socket);
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let leaked: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&needle)))
+            .collect();
+        assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
+    }
+}
+
+/// Where a shim for (namespace, id) listens, as the shim crate derives it.
+pub fn socket_path(address: &str, ns: &str, id: &str) -> PathBuf {
+    let key = Path::new(address).join(ns).join(id);
+    let hash = Sha256::digest(key.to_string_lossy().as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    Path::new("/run/containerd/s").join(hex)
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() || !self.finished {
+            let log =
+                std::fs::read_to_string(self.path().join("containerd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "containerd log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        let p = self.path().to_str().unwrap().to_string();
+        let out = self.hack(&["stop", &p]);
+        if out.code != 0 {
+            eprintln!("hack/containerd-env stop: {}", out.stderr);
+        }
+        // stop removed the folder; keep TempDir from complaining.
+        if let Some(d) = self.dir.take() {
+            let _ = d.keep();
+        }
+    }
+}
+
+/// Runs a command with a hard timeout, feeding `stdin`.
+pub fn run(mut c: Command, what: &str, stdin: Option<&[u8]>) -> Out {
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    if let Some(data) = stdin {
+        let mut s = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = s.write_all(&data);
+        });
+    }
+    collect(child, what, CTR_TIMEOUT)
+}
+
+/// Waits for a child (killing it after `timeout`) and collects its output.
+pub fn collect(mut child: Child, what: &str, timeout: Duration) -> Out {
+    use std::io::Read;
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = wait_timeout(&mut child, timeout);
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Out {
+        what: what.to_string(),
+        code,
+        stdout: String::from_utf8_lossy(&t1.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&t2.join().unwrap()).into_owned(),
+    }
+}
