@@ -268,6 +268,9 @@ impl Agent {
                     },
                     None => None,
                 };
+                if let Err(f) = crate::mounts::keep_shares(&setup) {
+                    return self.fail(stream, f);
+                }
                 match container::create(&setup, share, stream) {
                     Ok((c, stdio, pending)) => {
                         let pid = c.init_pid;

@@ -132,7 +132,45 @@ fn is_path(p: &str, want: &str) -> bool {
     Path::new(p).components().eq(Path::new(want).components())
 }
 
-/// Shares are mounted once each, on first use.
+/// Where guest-init keeps, in its own mount namespace, the shares that
+/// containers take sub-directories of (a pod's share).
+const KEPT: &str = "/krun/shares";
+
+static KEPT_TAGS: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Mounts, in guest-init's own namespace and once per VM, every share whose
+/// sub-directories `setup` uses; containers forked later inherit the mount
+/// and bind from it. Mounting such a share anew for each container goes
+/// wrong: Linux may give the new virtio-fs mount the superblock of one of
+/// the share's submounts (the bind mounts in the share that virtiofsd
+/// announces), so the mount's root would be another directory.
+pub fn keep_shares(setup: &ContainerSetup) -> Result<(), Failure> {
+    let mut tags = Vec::new();
+    if !setup.root.path.is_empty() {
+        tags.push(setup.root.tag.as_str());
+    }
+    for m in &setup.mounts {
+        if let MountSource::Share { tag, path, .. } = &m.source {
+            if !path.is_empty() {
+                tags.push(tag);
+            }
+        }
+    }
+    let mut kept = KEPT_TAGS.lock().unwrap_or_else(|e| e.into_inner());
+    for tag in tags {
+        if kept.contains(tag) {
+            continue;
+        }
+        let dir = Path::new(KEPT).join(tag);
+        fs::create_dir_all(&dir).or_fail(|| format!("creating {}", dir.display()))?;
+        sys::mount(Some(tag), &dir, Some("virtiofs"), 0, None)
+            .or_fail(|| format!("mounting virtio-fs share {tag:?}"))?;
+        kept.insert(tag.to_string());
+    }
+    Ok(())
+}
+
+/// Shares are mounted once each, on first use (or kept by guest-init).
 struct Shares {
     dir: PathBuf,
     mounted: BTreeSet<String>,
@@ -140,6 +178,13 @@ struct Shares {
 
 impl Shares {
     fn path(&mut self, tag: &str, readonly: bool) -> Result<PathBuf, Failure> {
+        if KEPT_TAGS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(tag)
+        {
+            return Ok(Path::new(KEPT).join(tag));
+        }
         let dir = self.dir.join(tag);
         if !self.mounted.contains(tag) {
             fs::create_dir_all(&dir).or_fail(|| format!("creating {}", dir.display()))?;
