@@ -156,7 +156,10 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let setup = ContainerSetup {
         id: id.to_string(),
         realtime_ns: 0,
-        hostname: spec.hostname().clone(),
+        hostname: spec
+            .hostname()
+            .clone()
+            .or_else(|| Some(host.hostname.clone()).filter(|h| !h.is_empty())),
         domainname: spec.domainname().clone(),
         share_with: None,
         root: root_setup,

@@ -28,14 +28,17 @@ const MIN_VM_MIB: u64 = 64;
 const MIN_LIMIT_BYTES: i64 = 6 << 20;
 
 /// What the host offers, for bounds checks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostInfo {
     pub cpus: u32,
     pub memory_mib: u64,
+    /// This machine's hostname: a container whose spec names none sees it,
+    /// as it would under runc (a new UTS namespace starts with the host's).
+    pub hostname: String,
 }
 
 impl HostInfo {
-    /// This machine's CPUs and memory.
+    /// This machine's CPUs, memory and hostname.
     pub fn detect() -> HostInfo {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -51,7 +54,14 @@ impl HostInfo {
             .flatten()
             .map(|kb| kb / 1024)
             .unwrap_or(1024);
-        HostInfo { cpus, memory_mib }
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        HostInfo {
+            cpus,
+            memory_mib,
+            hostname,
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use crate::bundle::Bundle;
 const HOST: HostInfo = HostInfo {
     cpus: 4,
     memory_mib: 8192,
+    hostname: String::new(),
 };
 
 /// A bundle in a temporary directory from fixture `name`, edited by `edit`,
@@ -396,4 +397,21 @@ fn walk(p: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+#[test]
+fn without_a_hostname_the_guest_takes_the_hosts() {
+    let (_dir, b) = bundle("full", |c| {
+        c.as_object_mut().unwrap().remove("hostname");
+    });
+    let host = HostInfo {
+        hostname: "node-1".into(),
+        ..HOST
+    };
+    let p = plan("c1", &b.dir, &b.spec, &host).unwrap();
+    assert_eq!(p.setup.hostname.as_deref(), Some("node-1"));
+    // The spec's own hostname wins.
+    let (_dir, b) = bundle("full", |_| {});
+    let p = plan("c1", &b.dir, &b.spec, &host).unwrap();
+    assert_eq!(p.setup.hostname.as_deref(), Some("fixture-host"));
 }
