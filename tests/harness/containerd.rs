@@ -7,6 +7,9 @@
 //! knows, a shim or VM process, the shim's state, a mount, the shim's
 //! socket. Drop stops containerd and removes the folder whatever happened.
 //!
+//! `KRUN_OCI_TEST_HOLD=SECS` keeps a failed test's containerd (and its VMs)
+//! that long for a look before it is stopped.
+//!
 //! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2` runs the same tests
 //! on containerd's runc shim, which validates the tests themselves.
 #![allow(dead_code)]
@@ -340,6 +343,16 @@ impl Drop for Containerd {
                 "containerd log (last lines):\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
+        }
+        if std::thread::panicking() {
+            if let Ok(secs) = std::env::var("KRUN_OCI_TEST_HOLD").map(|s| s.parse().unwrap_or(600))
+            {
+                eprintln!(
+                    "KRUN_OCI_TEST_HOLD: containerd in {} kept for {secs} s",
+                    self.path().display()
+                );
+                std::thread::sleep(Duration::from_secs(secs));
+            }
         }
         let p = self.path().to_str().unwrap().to_string();
         let out = self.hack(&["stop", &p]);

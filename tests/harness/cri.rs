@@ -1,0 +1,243 @@
+//! A CRI client, as kubelet is one: the k8s-cri crate's generated gRPC
+//! client over containerd's socket, with blocking calls for the tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use cri::*;
+
+/// A CRI client on one containerd socket.
+pub struct Cri {
+    rt: tokio::runtime::Runtime,
+    client: RuntimeServiceClient<Channel>,
+}
+
+impl Cri {
+    pub fn connect(socket: &Path) -> Cri {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let path: PathBuf = socket.to_path_buf();
+        let channel = rt
+            .block_on(async {
+                // The URI is a placeholder: the connector dials the socket.
+                Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+            })
+            .unwrap_or_else(|e| panic!("cannot connect to CRI at {}: {e}", socket.display()));
+        Cri {
+            rt,
+            client: RuntimeServiceClient::new(channel),
+        }
+    }
+
+    /// Runs one call; panics with the gRPC status on failure.
+    fn call<T, F, Fut>(&mut self, what: &str, f: F) -> T
+    where
+        F: FnOnce(RuntimeServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match self.try_call(f) {
+            Ok(r) => r,
+            Err(s) => panic!("CRI {what}: {:?}: {}", s.code(), s.message()),
+        }
+    }
+
+    fn try_call<T, F, Fut>(&mut self, f: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(RuntimeServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client.clone();
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(180), f(client))
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 180 s")))
+            })
+            .map(|r| r.into_inner())
+    }
+
+    pub fn run_pod(&mut self, config: &PodSandboxConfig, handler: &str) -> String {
+        let req = RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.to_string(),
+        };
+        self.call("RunPodSandbox", |mut c| async move {
+            c.run_pod_sandbox(req).await
+        })
+        .pod_sandbox_id
+    }
+
+    pub fn create_container(
+        &mut self,
+        pod: &str,
+        config: ContainerConfig,
+        pod_config: &PodSandboxConfig,
+    ) -> String {
+        let req = CreateContainerRequest {
+            pod_sandbox_id: pod.to_string(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        };
+        self.call("CreateContainer", |mut c| async move {
+            c.create_container(req).await
+        })
+        .container_id
+    }
+
+    pub fn start_container(&mut self, id: &str) {
+        let req = StartContainerRequest {
+            container_id: id.to_string(),
+        };
+        self.call("StartContainer", |mut c| async move {
+            c.start_container(req).await
+        });
+    }
+
+    pub fn exec_sync(&mut self, id: &str, cmd: &[&str]) -> ExecSyncResponse {
+        let req = ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        };
+        self.call("ExecSync", |mut c| async move { c.exec_sync(req).await })
+    }
+
+    pub fn status(&mut self, id: &str) -> ContainerStatus {
+        let req = ContainerStatusRequest {
+            container_id: id.to_string(),
+            verbose: false,
+        };
+        self.call("ContainerStatus", |mut c| async move {
+            c.container_status(req).await
+        })
+        .status
+        .expect("ContainerStatus without a status")
+    }
+
+    /// Waits until the container is in `state`; returns its status.
+    pub fn wait_state(&mut self, id: &str, state: ContainerState) -> ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let s = self.status(id);
+            if s.state == state as i32 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} never reached {state:?}: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn stop_container(&mut self, id: &str, timeout: i64) {
+        let req = StopContainerRequest {
+            container_id: id.to_string(),
+            timeout,
+        };
+        self.call("StopContainer", |mut c| async move {
+            c.stop_container(req).await
+        });
+    }
+
+    pub fn remove_container(&mut self, id: &str) {
+        let req = RemoveContainerRequest {
+            container_id: id.to_string(),
+        };
+        self.call("RemoveContainer", |mut c| async move {
+            c.remove_container(req).await
+        });
+    }
+
+    pub fn stop_pod(&mut self, id: &str) {
+        let req = StopPodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        };
+        self.call("StopPodSandbox", |mut c| async move {
+            c.stop_pod_sandbox(req).await
+        });
+    }
+
+    pub fn remove_pod(&mut self, id: &str) {
+        let req = RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_string(),
+        };
+        self.call("RemovePodSandbox", |mut c| async move {
+            c.remove_pod_sandbox(req).await
+        });
+    }
+
+    pub fn list_pods(&mut self) -> Vec<PodSandbox> {
+        let req = ListPodSandboxRequest { filter: None };
+        self.call("ListPodSandbox", |mut c| async move {
+            c.list_pod_sandbox(req).await
+        })
+        .items
+    }
+}
+
+/// A pod as kubelet describes one: its own network namespace is not asked
+/// for (host network: this suite needs no CNI; networking has its own).
+pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.to_string(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // A host-network pod has the node's hostname (kubelet sets none).
+        log_directory: logs.to_string_lossy().into_owned(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        labels: HashMap::from([("app".to_string(), name.to_string())]),
+        ..Default::default()
+    }
+}
+
+/// A container of `image` running `args`, logging to NAME.log.
+pub fn container_config(name: &str, image: &str, args: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        command: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
