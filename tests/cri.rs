@@ -79,13 +79,14 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
 
     // ExecSync in each; both see the same kernel boot: one VM.
     let mut boots = Vec::new();
+    let mut namespaces = Vec::new();
     for id in &ids {
         let r = cri.exec_sync(
             id,
             &[
                 "sh",
                 "-c",
-                "cat /proc/sys/kernel/random/boot_id; hostname; echo err >&2; exit 4",
+                "cat /proc/sys/kernel/random/boot_id; hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/net; echo err >&2; exit 4",
             ],
         );
         assert_eq!(r.exit_code, 4, "{r:?}");
@@ -100,10 +101,17 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
             Some(node.trim()),
             "hostname of the pod: {out}"
         );
+        namespaces.push(lines.map(str::to_string).collect::<Vec<_>>());
     }
     assert_eq!(
         boots[0], boots[1],
         "the pod's containers ran in different kernels"
+    );
+    // The pod's containers share its IPC and network namespaces.
+    assert_eq!(namespaces[0].len(), 2, "{namespaces:?}");
+    assert_eq!(
+        namespaces[0], namespaces[1],
+        "IPC and network namespaces of the pod's containers"
     );
     let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     if krun {
