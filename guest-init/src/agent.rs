@@ -254,6 +254,10 @@ impl Agent {
                     if let Err(e) = sys::set_realtime(setup.realtime_ns) {
                         sys::console(&format!("cannot set the clock: {e}"));
                     }
+                    // The VM's network, once, before its first container.
+                    if let Err(e) = crate::net::configure(setup.network.as_ref()) {
+                        return self.fail(stream, Failure::new(1, format!("network: {e}")));
+                    }
                 }
                 let share = match &setup.share_with {
                     Some(other) => match self.containers.get(other) {

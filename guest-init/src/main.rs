@@ -11,6 +11,7 @@ mod agent;
 mod boot;
 mod container;
 mod mounts;
+mod net;
 mod process;
 mod sys;
 

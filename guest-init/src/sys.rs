@@ -531,3 +531,208 @@ pub fn console(msg: &str) {
         eprintln!("krun-guest-init: {msg}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Network interfaces and routes, through the classic ioctls (no netlink):
+// enough to put the host namespace's addresses and routes on an interface.
+
+fn inet_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory effects; the fd is owned at once.
+    let fd = check(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
+    }
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in r.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+fn ioctl_ifreq(family: libc::c_int, req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+    let s = inet_socket(family)?;
+    // SAFETY: the request reads/writes one ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), req as _, r as *mut libc::ifreq) })?;
+    Ok(())
+}
+
+/// Sets IFF_UP on interface `name`.
+pub fn if_up(name: &str) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    ioctl_ifreq(libc::AF_INET, libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFFLAGS, &mut r)
+}
+
+pub fn if_set_mtu(name: &str, mtu: u32) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    r.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFMTU, &mut r)
+}
+
+pub fn if_rename(name: &str, new: &str) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    let n = ifreq(new)?;
+    r.ifr_ifru.ifru_newname = n.ifr_name;
+    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFNAME, &mut r)
+}
+
+pub fn if_index(name: &str) -> io::Result<i32> {
+    let mut r = ifreq(name)?;
+    ioctl_ifreq(libc::AF_INET, libc::SIOCGIFINDEX, &mut r)?;
+    // SAFETY: SIOCGIFINDEX filled the ifindex member of the union.
+    Ok(unsafe { r.ifr_ifru.ifru_ifindex })
+}
+
+fn sockaddr_in(a: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; plain data.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn v4_mask(prefix: u8) -> std::net::Ipv4Addr {
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    std::net::Ipv4Addr::from(bits)
+}
+
+/// Sets an IPv4 address with its prefix on interface `name` (an alias
+/// such as "eth0:1" adds a further address).
+pub fn if_set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    r.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFADDR, &mut r)?;
+    let mut r = ifreq(name)?;
+    r.ifr_ifru.ifru_netmask = sockaddr_in(v4_mask(prefix));
+    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFNETMASK, &mut r)
+}
+
+/// Adds an IPv6 address with its prefix to the interface numbered `index`.
+pub fn if_add_ipv6(index: i32, addr: std::net::Ipv6Addr, prefix: u8) -> io::Result<()> {
+    let mut r = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix),
+        ifr6_ifindex: index,
+    };
+    let s = inet_socket(libc::AF_INET6)?;
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq.
+    check(unsafe {
+        libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCSIFADDR as _,
+            &mut r as *mut libc::in6_ifreq,
+        )
+    })?;
+    Ok(())
+}
+
+/// Adds an IPv4 route to `dst/prefix` on `dev`, through `gateway` if given.
+pub fn route_add_v4(
+    dev: &str,
+    dst: std::net::Ipv4Addr,
+    prefix: u8,
+    gateway: Option<std::net::Ipv4Addr>,
+) -> io::Result<()> {
+    let dev = cstring(dev)?;
+    // SAFETY: rtentry is plain data; all zeroes is a valid value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(dst);
+    rt.rt_genmask = sockaddr_in(v4_mask(prefix));
+    rt.rt_flags = libc::RTF_UP;
+    if let Some(gw) = gateway {
+        rt.rt_gateway = sockaddr_in(gw);
+        rt.rt_flags |= libc::RTF_GATEWAY;
+    }
+    if prefix == 32 {
+        rt.rt_flags |= libc::RTF_HOST;
+    }
+    rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+    let s = inet_socket(libc::AF_INET)?;
+    // SAFETY: SIOCADDRT reads one rtentry; rt_dev points to `dev`, alive here.
+    check(unsafe {
+        libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCADDRT as _,
+            &mut rt as *mut libc::rtentry,
+        )
+    })?;
+    Ok(())
+}
+
+/// Linux's struct in6_rtmsg (libc's keeps its fields private).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    typ: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Adds an IPv6 route to `dst/prefix` on interface `index`, through
+/// `gateway` if given.
+pub fn route_add_v6(
+    index: i32,
+    dst: std::net::Ipv6Addr,
+    prefix: u8,
+    gateway: Option<std::net::Ipv6Addr>,
+) -> io::Result<()> {
+    let zero = libc::in6_addr { s6_addr: [0; 16] };
+    let mut rt = In6Rtmsg {
+        dst: libc::in6_addr {
+            s6_addr: dst.octets(),
+        },
+        src: zero,
+        gateway: zero,
+        typ: 0,
+        dst_len: u16::from(prefix),
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: libc::RTF_UP as u32,
+        ifindex: index,
+    };
+    if let Some(gw) = gateway {
+        rt.gateway = libc::in6_addr {
+            s6_addr: gw.octets(),
+        };
+        rt.flags |= libc::RTF_GATEWAY as u32;
+    }
+    let s = inet_socket(libc::AF_INET6)?;
+    // SAFETY: SIOCADDRT on an AF_INET6 socket reads one in6_rtmsg.
+    check(unsafe {
+        libc::ioctl(
+            s.as_raw_fd(),
+            libc::SIOCADDRT as _,
+            &mut rt as *mut In6Rtmsg,
+        )
+    })?;
+    Ok(())
+}

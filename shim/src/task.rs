@@ -191,6 +191,9 @@ pub fn cleanup_after_crash(root: &Path, id: &str, bundle: &Path) {
                 // SAFETY: kill has no memory effects; pid and start time match.
                 unsafe { libc::kill(m.pid, libc::SIGKILL) };
             }
+            if let Some(n) = &state.network {
+                krun_oci::net::release(n);
+            }
         }
         let _ = dir.remove();
     }
@@ -550,7 +553,7 @@ impl Tasks {
         }
         let assets = krun_oci::assets::Assets::find()
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
-        let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets)
+        let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets, plan.netns.is_some())
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
         let state_dir = StateDir::create(&self.root, id).map_err(|e| match e {
             krun_oci::state::StateError::Exists(_) => {

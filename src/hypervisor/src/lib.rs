@@ -48,6 +48,17 @@ pub struct VmConfig {
     /// A private directory for the backend's sockets and logs; it exists
     /// and is removed by the caller.
     pub run_dir: PathBuf,
+    /// virtio-net interfaces, each over a tap.
+    pub nets: Vec<NetDevice>,
+}
+
+/// A virtio-net interface backed by a tap device (opened without packet
+/// information, IFF_TAP | IFF_NO_PI).
+#[derive(Debug)]
+pub struct NetDevice {
+    pub tap: OwnedFd,
+    /// The guest interface's MAC address, "aa:bb:cc:dd:ee:ff".
+    pub mac: String,
 }
 
 /// How a VM ended.

@@ -11,6 +11,8 @@ use crate::{Accel, Error, Hypervisor, Vm, VmConfig, VmExit};
 
 /// The fd number the control socket gets in QEMU.
 const CONTROL_FD: i32 = 3;
+/// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...
+const NET_FD: i32 = 4;
 
 /// QEMU with its helpers.
 #[derive(Clone, Debug)]
@@ -78,6 +80,11 @@ impl Qemu {
             "-device",
             &port,
         ]);
+        for (i, n) in config.nets.iter().enumerate() {
+            let netdev = format!("tap,id=net{i},fd={}", NET_FD + i as i32);
+            let dev = format!("virtio-net-device,netdev=net{i},mac={}", n.mac);
+            push(&["-netdev", &netdev, "-device", &dev]);
+        }
         for (i, (share, sock)) in config.shares.iter().zip(fs_sockets).enumerate() {
             let chardev = format!("socket,id=fs{i},path={}", sock.to_string_lossy());
             let dev = format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag);
@@ -118,13 +125,17 @@ impl Hypervisor for Qemu {
         })?;
         let mut cmd = Command::new(&self.qemu);
         cmd.args(&args).stdout(Stdio::null()).stderr(log);
-        let child = spawn(
-            &mut cmd,
-            vec![PassFd {
-                fd: config.control,
-                target: CONTROL_FD,
-            }],
-        )?;
+        let mut fds = vec![PassFd {
+            fd: config.control,
+            target: CONTROL_FD,
+        }];
+        for (i, n) in config.nets.into_iter().enumerate() {
+            fds.push(PassFd {
+                fd: n.tap,
+                target: NET_FD + i as i32,
+            });
+        }
+        let child = spawn(&mut cmd, fds)?;
         Ok(Box::new(QemuVm {
             child: Some(child),
             daemons,

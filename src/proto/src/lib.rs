@@ -30,7 +30,7 @@ pub use frame::{
 pub use message::*;
 
 /// Bumped whenever a message changes incompatibly. Host and guest must agree.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The name of the virtio-console port that carries the protocol.
 pub const CONTROL_PORT_NAME: &str = "krun.ctl";

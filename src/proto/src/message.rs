@@ -152,6 +152,41 @@ pub struct ContainerSetup {
     pub masked_paths: Vec<String>,
     /// Paths made read-only (runtime-spec `linux.readonlyPaths`).
     pub readonly_paths: Vec<String>,
+    /// The VM's network, carried in from the container's network namespace
+    /// on the host; set by the container that boots the VM. None: the guest
+    /// keeps loopback only.
+    #[serde(default)]
+    pub network: Option<NetworkSetup>,
+}
+
+/// The guest's network: its interfaces and routes, as the host's network
+/// namespace had them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSetup {
+    pub interfaces: Vec<InterfaceSetup>,
+    pub routes: Vec<RouteSetup>,
+}
+
+/// One virtio-net interface, found in the guest by its MAC address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceSetup {
+    /// The name it had on the host (eth0, ...), which it gets in the guest.
+    pub name: String,
+    /// "aa:bb:cc:dd:ee:ff".
+    pub mac: String,
+    pub mtu: u32,
+    /// Addresses with their prefix length: "10.88.0.5/16", "fd00::5/64".
+    pub addresses: Vec<String>,
+}
+
+/// One route: `destination` is "default" or an address with its prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSetup {
+    pub destination: String,
+    pub gateway: Option<String>,
+    /// The interface's name (of `interfaces`).
+    pub interface: String,
+    pub ipv6: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

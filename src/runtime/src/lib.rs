@@ -14,6 +14,7 @@ pub mod container;
 pub mod hooks;
 pub mod logging;
 pub mod monitor;
+pub mod net;
 pub mod plan;
 pub mod relay;
 pub mod session;

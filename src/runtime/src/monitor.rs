@@ -111,6 +111,8 @@ pub struct Monitor {
     first_output: bool,
     _run_dir: RunDir,
     _console_copy: ConsoleCopy,
+    /// Dropped after `session` (the VM): the tap goes with the VMM.
+    _net: Option<crate::net::Guard>,
 }
 
 /// Fails a launch with the state directory removed.
@@ -144,7 +146,30 @@ impl Monitor {
             monitor: None,
             exit: None,
             oom_killed: false,
+            network: None,
         };
+        // The container's network namespace, carried in (released by the
+        // guard when the VM is gone, or by `delete` after a kill -9).
+        let carried = match &plan.netns {
+            Some(ns) => crate::net::carry(ns).map_err(|e| {
+                anyhow::anyhow!(
+                    "linux.namespaces: carrying network namespace {} into the VM: {e:#}",
+                    ns.display()
+                )
+            })?,
+            None => None,
+        };
+        let mut nets = Vec::new();
+        let mut network = None;
+        let net_guard = carried.map(|c| {
+            nets.push(krun_hypervisor::NetDevice {
+                tap: c.tap,
+                mac: c.mac,
+            });
+            network = Some(c.setup);
+            state.network = Some(c.record.clone());
+            crate::net::Guard(c.record)
+        });
         state_dir.write(&state)?;
         let host_setup_ms = crate::since_start_ms();
         let mut session = Session::boot(
@@ -153,9 +178,11 @@ impl Monitor {
             &assets,
             &state_dir.dir,
             &run_dir.0,
+            nets,
         )?;
 
         let mut setup = plan.setup.clone();
+        setup.network = network;
         setup.realtime_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -198,6 +225,7 @@ impl Monitor {
             first_output: true,
             _run_dir: run_dir,
             _console_copy: console_copy,
+            _net: net_guard,
         })
     }
 

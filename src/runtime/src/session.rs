@@ -139,6 +139,7 @@ impl Session {
         assets: &Assets,
         state_dir: &Path,
         run_dir: &Path,
+        nets: Vec<krun_hypervisor::NetDevice>,
     ) -> Result<Session, SessionError> {
         let (host_end, vm_end) = UnixStream::pair().map_err(SessionError::Channel)?;
         let console_log = state_dir.join("console.log");
@@ -153,6 +154,7 @@ impl Session {
             control_port_name: CONTROL_PORT_NAME.into(),
             console_log: console_log.clone(),
             run_dir: run_dir.to_path_buf(),
+            nets,
         };
         let vm = hv.start(config).map_err(SessionError::Start)?;
         let spawned = Instant::now();

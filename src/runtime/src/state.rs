@@ -149,6 +149,10 @@ pub struct State {
     /// The guest kernel OOM-killed a process of the container.
     #[serde(default)]
     pub oom_killed: bool,
+    /// The network namespace carried into the VM, for `delete` to release
+    /// after a monitor that could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::net::NetRecord>,
 }
 
 impl State {

@@ -66,6 +66,11 @@ impl Hypervisor for Builtin {
     }
 
     fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, krun_hypervisor::Error> {
+        if !config.nets.is_empty() {
+            return Err(krun_hypervisor::Error::InvalidConfig(
+                "the built-in VMM has no virtio-net yet: a container with a network runs on QEMU (--hypervisor qemu)".into(),
+            ));
+        }
         start(config)
             .map(|vm| Box::new(vm) as Box<dyn Vm>)
             .map_err(|e| krun_hypervisor::Error::Backend(Box::new(e)))

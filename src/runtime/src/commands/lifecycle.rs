@@ -86,6 +86,10 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> anyhow::Result<i32> {
     let spec = c.spec();
     let mut state = c.state.to_oci();
     state["status"] = "stopped".into();
+    // A monitor killed with -9 could not release the network it carried.
+    if let Some(n) = &c.state.network {
+        crate::net::release(n);
+    }
     let Existing { dir, .. } = c;
     dir.remove()?;
     if let Some(spec) = spec {

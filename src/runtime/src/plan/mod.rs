@@ -54,6 +54,9 @@ pub struct VmPlan {
     pub setup: ContainerSetup,
     /// The backend the bundle asks for, if it does.
     pub hypervisor: Option<HypervisorKind>,
+    /// The network namespace (`linux.namespaces`, type network, with a
+    /// path) whose network the VM carries in; see [`crate::net`].
+    pub netns: Option<std::path::PathBuf>,
     /// Fields accepted but not applied inside the VM, for the log.
     pub warnings: Vec<String>,
 }
@@ -169,6 +172,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         sysctl: linux.sysctl,
         masked_paths: linux.masked_paths,
         readonly_paths: linux.readonly_paths,
+        network: None,
     };
     Ok(VmPlan {
         vcpus,
@@ -176,6 +180,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         shares,
         setup,
         hypervisor,
+        netns: linux.netns,
         warnings,
     })
 }
@@ -185,6 +190,7 @@ struct LinuxExtras {
     sysctl: std::collections::BTreeMap<String, String>,
     masked_paths: Vec<String>,
     readonly_paths: Vec<String>,
+    netns: Option<std::path::PathBuf>,
 }
 
 /// The parts of `linux` that are not sizing: sysctls, masked and read-only
@@ -224,8 +230,8 @@ fn linux_extras(spec: &Spec, problems: &mut Problems, warnings: &mut Vec<String>
     if let Some(ns) = linux.namespaces() {
         use oci_spec::runtime::LinuxNamespaceType;
         for n in ns {
-            if n.typ() == LinuxNamespaceType::Network && n.path().is_some() {
-                warnings.push("linux.namespaces: the network namespace is not carried into the VM yet; the guest has loopback only".into());
+            if n.typ() == LinuxNamespaceType::Network {
+                out.netns = n.path().clone();
             }
         }
     }

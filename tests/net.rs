@@ -1,0 +1,257 @@
+//! A container's network namespace carried into its VM: a plain OCI bundle
+//! whose config names a namespace the test wires (a veth pair to a second
+//! namespace with a server in it), checked from inside the guest: the
+//! address, routes, TCP both ways, ICMP, and UDP through a DNS resolver the
+//! test runs. Afterwards the namespace is as it was: no tap, no tc qdisc.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::Sandbox;
+use serde_json::json;
+
+/// Two named network namespaces joined by a veth pair, removed on drop.
+struct Wiring {
+    container: String,
+    server: String,
+    /// The third octet of 10.231.N.0/24 (and fd00:231:N::/64).
+    n: u8,
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}`: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_out(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Wiring {
+    fn new(tag: &str) -> Wiring {
+        let pid = std::process::id();
+        let n = (pid % 200) as u8 + 20;
+        let w = Wiring {
+            container: format!("krun-{tag}-{pid}-c"),
+            server: format!("krun-{tag}-{pid}-s"),
+            n,
+        };
+        let (c, s) = (&w.container, &w.server);
+        sh(&format!(
+            "set -e
+             ip netns add {c}; ip netns add {s}
+             ip link add kt{pid}c type veth peer name kt{pid}s
+             ip link set kt{pid}c netns {c}; ip link set kt{pid}s netns {s}
+             ip -n {c} link set kt{pid}c name eth0; ip -n {s} link set kt{pid}s name eth0
+             ip -n {s} addr add 10.231.{n}.1/24 dev eth0
+             ip -n {s} addr add fd00:231:{n}::1/64 dev eth0 nodad
+             ip -n {c} addr add 10.231.{n}.2/24 dev eth0
+             ip -n {c} addr add fd00:231:{n}::2/64 dev eth0 nodad
+             for ns in {c} {s}; do ip -n $ns link set lo up; ip -n $ns link set eth0 up; done
+             ip -n {c} route add default via 10.231.{n}.1
+             ip -n {c} route add 10.99.0.0/16 via 10.231.{n}.1"
+        ));
+        w
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.container)
+    }
+}
+
+impl Drop for Wiring {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.container])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.server])
+            .status();
+    }
+}
+
+/// Runs `f` on a thread inside the named network namespace.
+fn in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+/// A DNS answer to `query`: one A record, `addr`, for whatever was asked.
+fn dns_answer(query: &[u8], addr: [u8; 4]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // The question: labels up to a zero byte, then type and class.
+    let mut i = 12;
+    while i < query.len() && query[i] != 0 {
+        i += 1 + query[i] as usize;
+    }
+    let end = i + 5;
+    if end > query.len() {
+        return None;
+    }
+    let qtype = u16::from_be_bytes([query[i + 1], query[i + 2]]);
+    let mut r = Vec::new();
+    r.extend_from_slice(&query[..2]); // id
+    r.extend_from_slice(&[0x81, 0x80]); // response, recursion available
+    r.extend_from_slice(&[0, 1, 0, u8::from(qtype == 1), 0, 0, 0, 0]);
+    r.extend_from_slice(&query[12..end]);
+    if qtype == 1 {
+        r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        r.extend_from_slice(&addr);
+    }
+    Some(r)
+}
+
+#[test]
+fn the_namespace_network_is_the_guests() {
+    let sb = Sandbox::new("net");
+    let w = Wiring::new("net");
+    let n = w.n;
+
+    // Servers in the other namespace: TCP (answers "pong <what it got>"),
+    // DNS over UDP (every name is 10.99.0.77), and a TCP client that
+    // connects to the guest once it listens.
+    let tcp = in_netns(&w.server, move || {
+        let l = TcpListener::bind(format!("10.231.{n}.1:7001")).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let got = s.read(&mut buf).unwrap();
+        let line = String::from_utf8_lossy(&buf[..got]).trim().to_string();
+        s.write_all(format!("pong {line}\n").as_bytes()).unwrap();
+        line
+    });
+    let dns = in_netns(&w.server, move || {
+        let u = UdpSocket::bind(format!("10.231.{n}.1:53")).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        let mut answered = 0;
+        let mut buf = [0u8; 512];
+        while let Ok((len, from)) = u.recv_from(&mut buf) {
+            if let Some(a) = dns_answer(&buf[..len], [10, 99, 0, 77]) {
+                u.send_to(&a, from).unwrap();
+                answered += 1;
+            }
+            if answered >= 1 {
+                // One A query is enough; keep answering a moment for retries.
+                u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            }
+        }
+        answered
+    });
+    let inbound = in_netns(&w.server, move || {
+        let deadline = Instant::now() + Duration::from_secs(170);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(format!("10.231.{n}.2:7003")) {
+                s.write_all(b"from-the-host-side\n").unwrap();
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+
+    let script = format!(
+        "ip addr show eth0; ip -6 addr show eth0; ip route; ip -6 route
+         cat /sys/class/net/eth0/mtu
+         nc -l -p 7003 > /tmp/inbound &
+         echo ping-over-tcp | nc -w 30 10.231.{n}.1 7001
+         ping -c 1 -W 10 10.231.{n}.1 >/dev/null && echo icmp4-ok
+         ping6 -c 1 -W 10 fd00:231:{n}::1 >/dev/null && echo icmp6-ok
+         nslookup any.name.test 10.231.{n}.1
+         wait; echo inbound: $(cat /tmp/inbound)"
+    );
+    let mut b = sb.bundle(&["sh", "-c", &script]);
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": w.path()}));
+    for set in ["bounding", "effective", "permitted"] {
+        b.process()["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_NET_RAW"));
+    }
+    let mac = sh_out(&format!("ip -n {} -j link show eth0", w.container));
+    let mac = serde_json::from_str::<serde_json::Value>(&mac).unwrap()[0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let out = sb.run(&b, "net", None);
+    let text = out.stdout();
+    out.expect_code(0);
+    for want in [
+        format!("inet 10.231.{n}.2/24"),
+        format!("inet6 fd00:231:{n}::2/64"),
+        format!("link/ether {mac}"),
+        format!("default via 10.231.{n}.1 dev eth0"),
+        format!("10.99.0.0/16 via 10.231.{n}.1 dev eth0"),
+        "pong ping-over-tcp".to_string(),
+        "icmp4-ok".into(),
+        "icmp6-ok".into(),
+        "Address: 10.99.0.77".into(),
+        "inbound: from-the-host-side".into(),
+    ] {
+        assert!(
+            text.contains(&want),
+            "{want:?} not in the guest's output:\n{text}\nstderr:\n{}",
+            out.stderr()
+        );
+    }
+    assert_eq!(tcp.join().unwrap(), "ping-over-tcp");
+    assert!(dns.join().unwrap() >= 1, "the resolver was never asked");
+    assert!(
+        inbound.join().unwrap(),
+        "the host side never reached the guest's listener"
+    );
+
+    // The namespace is as the test left it: no tap, no qdisc redirecting.
+    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    assert!(!links.contains("krun0"), "the tap is left: {links}");
+    let qdiscs = sh_out(&format!(
+        "ip netns exec {} tc qdisc show dev eth0",
+        w.container
+    ));
+    assert!(
+        !qdiscs.contains("ingress"),
+        "the ingress qdisc is left: {qdiscs}"
+    );
+}
+
+#[test]
+fn a_namespace_with_only_loopback_gives_loopback_only() {
+    let sb = Sandbox::new("netlo");
+    let name = format!("krun-netlo-{}", std::process::id());
+    sh(&format!("ip netns add {name}"));
+    let mut b = sb.bundle(&[
+        "sh",
+        "-c",
+        "for d in /sys/class/net/*; do [ $(cat $d/type) = 1 ] && echo ether: ${d##*/}; done; ip addr show lo | grep -c 'inet 127.0.0.1'",
+    ]);
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": format!("/run/netns/{name}")}));
+    let out = sb.run(&b, "netlo", None);
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    out.expect_code(0);
+    // No Ethernet interface (ARPHRD_ETHER), and loopback up.
+    assert_eq!(out.stdout(), "1\n");
+}
