@@ -255,3 +255,77 @@ fn a_namespace_with_only_loopback_gives_loopback_only() {
     // No Ethernet interface (ARPHRD_ETHER), and loopback up.
     assert_eq!(out.stdout(), "1\n");
 }
+
+#[test]
+fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
+    let sb = Sandbox::new("net9");
+    let w = Wiring::new("net9");
+    let b = sb.bundle(&["sleep", "1000"]);
+    let mut b = b;
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": w.path()}));
+    b.write();
+    let pid_file = sb.path().join("n9.pid");
+    // The monitor keeps create's stdio: give it files, not pipes.
+    let err_path = sb.path().join("n9.err");
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("n9")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let mut child = c.spawn().unwrap();
+    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
+    assert!(
+        st.success(),
+        "create: {}",
+        std::fs::read_to_string(&err_path).unwrap_or_default()
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // While it runs: the tap and the redirect are in place.
+    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    assert!(
+        links.contains("krun0"),
+        "no tap while the container runs: {links}"
+    );
+    let qdiscs = sh_out(&format!(
+        "ip netns exec {} tc qdisc show dev eth0",
+        w.container
+    ));
+    assert!(
+        qdiscs.contains("ingress"),
+        "no ingress qdisc while the container runs: {qdiscs}"
+    );
+
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sh_out(&format!("ip -n {} -o link show", w.container)).contains("krun0") {
+        assert!(Instant::now() < deadline, "the tap outlived the VM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = sb.cmd().args(["delete", "n9"]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "delete: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let qdiscs = sh_out(&format!(
+        "ip netns exec {} tc qdisc show dev eth0",
+        w.container
+    ));
+    assert!(
+        !qdiscs.contains("ingress"),
+        "delete left the ingress qdisc: {qdiscs}"
+    );
+    sb.assert_clean();
+}
