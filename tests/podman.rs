@@ -734,3 +734,80 @@ fn the_debian_image_runs() {
     assert_eq!(out.ok(), "bookworm\nroot\ninstall ok installed");
     pm.finish();
 }
+
+/// An HTTP GET of `path` on 127.0.0.1:`port`, retried until it answers.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/1") => return body,
+            _ if Instant::now() > deadline => {
+                panic!("nothing answered on 127.0.0.1:{port}: {attempt:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// A web server with a page of its own, in busybox.
+fn serve_page(text: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 80 -h /www"),
+    ]
+}
+
+#[test]
+fn a_published_port_on_the_bridge_network_serves_the_host() {
+    let pm = Podman::new("bridge_port");
+    let args = serve_page("hello-from-the-vm");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pm.run_d(
+        "web",
+        &["--network", "bridge", "-p", "18080:80"],
+        busybox(),
+        &args,
+    );
+    pm.wait_for_status("web", "running", WAIT);
+    let page = http_get(18080, "/");
+    assert!(page.contains("hello-from-the-vm"), "{page}");
+    pm.ok(&["rm", "-f", "web"]);
+    pm.finish();
+}
+
+#[test]
+fn containers_on_one_network_reach_each_other_by_name() {
+    let pm = Podman::new("by_name");
+    // Network configurations are global (CNI's): a name of this run's own.
+    let net = format!("krun-net-{}", std::process::id());
+    pm.ok(&["network", "create", &net]);
+    let args = serve_page("i-am-the-server");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let netarg = format!("--network={net}");
+    pm.run_d("server", &[&netarg], busybox(), &args);
+    pm.wait_for_status("server", "running", WAIT);
+    let out = pm.run_rm(
+        &[&netarg],
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "for i in $(seq 30); do wget -qO- http://server/ && exit 0; sleep 1; done; exit 1",
+        ],
+    );
+    out.expect(0);
+    assert_eq!(out.stdout.trim(), "i-am-the-server");
+    pm.ok(&["rm", "-f", "server"]);
+    pm.ok(&["network", "rm", "-f", &net]);
+    pm.finish();
+}

@@ -417,7 +417,8 @@ impl Podman {
     ) -> Out {
         let cidfile = self.next_file("cid");
         let cid = cidfile.display().to_string();
-        let mut a = vec!["run", "--rm", "--network", "none", "--cidfile", &cid];
+        let mut a = vec!["run", "--rm", "--cidfile", &cid];
+        a.extend(default_network(opts));
         if stdin.is_some() {
             a.push("-i");
         }
@@ -432,7 +433,8 @@ impl Podman {
     /// `podman run -d --network none --name NAME OPTS IMAGE ARGS`: the id.
     #[track_caller]
     pub fn run_d(&self, name: &str, opts: &[&str], image: &str, args: &[&str]) -> String {
-        let mut a = vec!["run", "-d", "--network", "none", "--name", name];
+        let mut a = vec!["run", "-d", "--name", name];
+        a.extend(default_network(opts));
         a.extend_from_slice(opts);
         a.push(image);
         a.extend_from_slice(args);
@@ -444,7 +446,8 @@ impl Podman {
     /// `podman create --network none --name NAME OPTS IMAGE ARGS`: the id.
     #[track_caller]
     pub fn create(&self, name: &str, opts: &[&str], image: &str, args: &[&str]) -> String {
-        let mut a = vec!["create", "--network", "none", "--name", name];
+        let mut a = vec!["create", "--name", name];
+        a.extend(default_network(opts));
         a.extend_from_slice(opts);
         a.push(image);
         a.extend_from_slice(args);
@@ -665,4 +668,17 @@ fn cgroups_named(ids: &[String]) -> Vec<PathBuf> {
 /// `s` quoted for sh.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `--network none` unless the test's own options name a network: tests
+/// do not touch the host's firewall unless they are about networking.
+fn default_network(opts: &[&str]) -> Vec<&'static str> {
+    if opts
+        .iter()
+        .any(|o| *o == "--network" || o.starts_with("--network="))
+    {
+        Vec::new()
+    } else {
+        vec!["--network", "none"]
+    }
 }
