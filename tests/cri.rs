@@ -195,3 +195,125 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
     }
     c.finish();
 }
+
+#[test]
+fn a_pod_on_a_cni_network_serves_the_host() {
+    let c = Containerd::start("cri-cni");
+    // A CNI bridge network of the test's own, in this containerd's conf_dir.
+    let n = (std::process::id() % 200) as u8 + 20;
+    let bridge = format!("kcni{n}");
+    let net_name = format!("krun-test-{n}");
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": net_name,
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": format!("10.232.{n}.0/24")}]],
+                "routes": [{"dst": "0.0.0.0/0"}]
+            }
+        }]
+    });
+    std::fs::write(c.path().join("cni/10-krun-test.conflist"), conf.to_string()).unwrap();
+    // The bridge and the IPAM records outlive the pod in CNI's design.
+    let _cni = CniLeftovers {
+        bridge: bridge.clone(),
+        network: net_name.clone(),
+    };
+
+    let mut cri = Cri::connect(&c.address());
+    let logs = c.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut pod = pod_config("web-pod", &logs);
+    // The pod's own network namespace, wired by CNI (not the host's).
+    pod.linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options
+        .as_mut()
+        .unwrap()
+        .network = cri::NamespaceMode::Pod as i32;
+    pod.hostname = "web-pod".into();
+    // containerd reloads its CNI configuration on its own: retry a moment.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let pod_id = loop {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cri.run_pod(&pod, &handler())
+        })) {
+            Ok(id) => break id,
+            Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    };
+    let ip = cri.pod_ip(&pod_id);
+    assert!(
+        ip.starts_with(&format!("10.232.{n}.")),
+        "the pod's IP: {ip:?}"
+    );
+    let web = cri.create_container(
+        &pod_id,
+        container_config(
+            "web",
+            BUSYBOX,
+            &["sh", "-c", "mkdir -p /www && echo served-from-the-pod > /www/index.html && exec httpd -f -p 80 -h /www"],
+        ),
+        &pod,
+    );
+    cri.start_container(&web);
+    cri.wait_state(&web, ContainerState::ContainerRunning);
+    // The pod answers the host on its IP, through the bridge.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let page = loop {
+        let got = (|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((ip.as_str(), 80))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match got {
+            Ok(b) if b.starts_with("HTTP/1") => break b,
+            _ if Instant::now() > deadline => panic!("the pod at {ip} never answered: {got:?}"),
+            _ => std::thread::sleep(std::time::Duration::from_millis(250)),
+        }
+    };
+    assert!(page.contains("served-from-the-pod"), "{page}");
+    let r = cri.exec_sync(&web, &["sh", "-c", "ip -4 addr show eth0"]);
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        out.contains(&format!("inet {ip}/24")),
+        "the guest's eth0: {out}"
+    );
+
+    cri.stop_container(&web, 10);
+    cri.remove_container(&web);
+    cri.stop_pod(&pod_id);
+    cri.remove_pod(&pod_id);
+    c.remember("k8s.io", &web);
+    c.remember("k8s.io", &pod_id);
+    c.finish();
+}
+
+/// Removes what a CNI bridge network leaves on the host.
+struct CniLeftovers {
+    bridge: String,
+    network: String,
+}
+
+impl Drop for CniLeftovers {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/var/lib/cni/networks/{}", self.network));
+    }
+}

@@ -186,6 +186,21 @@ impl Cri {
         });
     }
 
+    /// The pod's IP address, as the CNI plugins gave it.
+    pub fn pod_ip(&mut self, id: &str) -> String {
+        let req = PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_string(),
+            verbose: false,
+        };
+        self.call("PodSandboxStatus", |mut c| async move {
+            c.pod_sandbox_status(req).await
+        })
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default()
+    }
+
     pub fn list_pods(&mut self) -> Vec<PodSandbox> {
         let req = ListPodSandboxRequest { filter: None };
         self.call("ListPodSandbox", |mut c| async move {
