@@ -143,6 +143,21 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mounts = mounts::plan_mounts(spec, bundle, &mut shares, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
+    let has_netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        });
+    if !has_netns {
+        problems.add(
+            "linux.namespaces",
+            "no network namespace: the container would share the host's network, which a VM \
+             cannot; give it one (podman: not --network host; Kubernetes: not hostNetwork)",
+        );
+    }
     let hypervisor = spec
         .annotations()
         .as_ref()
@@ -159,10 +174,20 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let setup = ContainerSetup {
         id: id.to_string(),
         realtime_ns: 0,
-        hostname: spec
-            .hostname()
-            .clone()
-            .or_else(|| Some(host.hostname.clone()).filter(|h| !h.is_empty())),
+        // Without a name of its own, a container sees the host's, as under
+        // runc; one that joins another's UTS namespace (a pod's) keeps that.
+        hostname: spec.hostname().clone().or_else(|| {
+            let joins_uts = spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.namespaces().as_ref())
+                .is_some_and(|ns| {
+                    ns.iter().any(|n| {
+                        n.typ() == oci_spec::runtime::LinuxNamespaceType::Uts && n.path().is_some()
+                    })
+                });
+            Some(host.hostname.clone()).filter(|h| !h.is_empty() && !joins_uts)
+        }),
         domainname: spec.domainname().clone(),
         share_with: None,
         root: root_setup,

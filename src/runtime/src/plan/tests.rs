@@ -410,8 +410,39 @@ fn without_a_hostname_the_guest_takes_the_hosts() {
     };
     let p = plan("c1", &b.dir, &b.spec, &host).unwrap();
     assert_eq!(p.setup.hostname.as_deref(), Some("node-1"));
+    // A container joining another's UTS namespace (a pod's) keeps its name.
+    let (_dir, b) = bundle("full", |c| {
+        c.as_object_mut().unwrap().remove("hostname");
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "uts");
+        ns.push(serde_json::json!({"type": "uts", "path": "/proc/1/ns/uts"}));
+    });
+    let p = plan("c1", &b.dir, &b.spec, &host).unwrap();
+    assert_eq!(p.setup.hostname, None);
     // The spec's own hostname wins.
     let (_dir, b) = bundle("full", |_| {});
     let p = plan("c1", &b.dir, &b.spec, &host).unwrap();
     assert_eq!(p.setup.hostname.as_deref(), Some("fixture-host"));
+}
+
+#[test]
+fn the_hosts_network_is_refused_clearly() {
+    let fields = problem_fields("full", |c| {
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+    });
+    assert_eq!(fields, vec!["linux.namespaces"]);
+    // A new namespace (loopback only) and a given one are fine.
+    let p = plan_of("full", |_| {}).unwrap();
+    assert_eq!(p.netns, None);
+    let p = plan_of("full", |c| {
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+        ns.push(serde_json::json!({"type": "network", "path": "/run/netns/x"}));
+    })
+    .unwrap();
+    assert_eq!(
+        p.netns.as_deref(),
+        Some(std::path::Path::new("/run/netns/x"))
+    );
 }
