@@ -43,6 +43,7 @@ fn vms_of(c: &Containerd) -> Vec<String> {
 fn a_pod_of_two_containers_runs_in_one_vm() {
     let krun = handler() == "krun";
     let c = Containerd::start("cri-pod");
+    let _net = cri::CniNetwork::install(c.path(), 0);
     let mut cri = Cri::connect(&c.address());
     let logs = c.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -57,7 +58,7 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         ..Default::default()
     });
     let t0 = Instant::now();
-    let pod_id = cri.run_pod(&pod, &handler());
+    let pod_id = cri.run_pod_when_ready(&pod, &handler());
     eprintln!("RunPodSandbox took {:?}", t0.elapsed());
 
     // Two long-running containers and one that exits with 3.
@@ -94,13 +95,7 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         let out = String::from_utf8_lossy(&r.stdout).into_owned();
         let mut lines = out.lines();
         boots.push(lines.next().unwrap_or_default().to_string());
-        // A host-network pod sees the node's hostname, as under runc.
-        let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-        assert_eq!(
-            lines.next(),
-            Some(node.trim()),
-            "hostname of the pod: {out}"
-        );
+        assert_eq!(lines.next(), Some("krun-pod"), "hostname of the pod: {out}");
         namespaces.push(lines.map(str::to_string).collect::<Vec<_>>());
     }
     assert_eq!(
@@ -199,59 +194,14 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
 #[test]
 fn a_pod_on_a_cni_network_serves_the_host() {
     let c = Containerd::start("cri-cni");
-    // A CNI bridge network of the test's own, in this containerd's conf_dir.
-    let n = (std::process::id() % 200) as u8 + 20;
-    let bridge = format!("kcni{n}");
-    let net_name = format!("krun-test-{n}");
-    let conf = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": net_name,
-        "plugins": [{
-            "type": "bridge",
-            "bridge": bridge,
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": format!("10.232.{n}.0/24")}]],
-                "routes": [{"dst": "0.0.0.0/0"}]
-            }
-        }]
-    });
-    std::fs::write(c.path().join("cni/10-krun-test.conflist"), conf.to_string()).unwrap();
-    // The bridge and the IPAM records outlive the pod in CNI's design.
-    let _cni = CniLeftovers {
-        bridge: bridge.clone(),
-        network: net_name.clone(),
-    };
+    let net = cri::CniNetwork::install(c.path(), 1);
+    let n = net.n;
 
     let mut cri = Cri::connect(&c.address());
     let logs = c.path().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let mut pod = pod_config("web-pod", &logs);
-    // The pod's own network namespace, wired by CNI (not the host's).
-    pod.linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .namespace_options
-        .as_mut()
-        .unwrap()
-        .network = cri::NamespaceMode::Pod as i32;
-    pod.hostname = "web-pod".into();
-    // containerd reloads its CNI configuration on its own: retry a moment.
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    let pod_id = loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            cri.run_pod(&pod, &handler())
-        })) {
-            Ok(id) => break id,
-            Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(500)),
-        }
-    };
+    let pod = pod_config("web-pod", &logs);
+    let pod_id = cri.run_pod_when_ready(&pod, &handler());
     let ip = cri.pod_ip(&pod_id);
     assert!(
         ip.starts_with(&format!("10.232.{n}.")),
@@ -301,19 +251,4 @@ fn a_pod_on_a_cni_network_serves_the_host() {
     c.remember("k8s.io", &web);
     c.remember("k8s.io", &pod_id);
     c.finish();
-}
-
-/// Removes what a CNI bridge network leaves on the host.
-struct CniLeftovers {
-    bridge: String,
-    network: String,
-}
-
-impl Drop for CniLeftovers {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-        let _ = std::fs::remove_dir_all(format!("/var/lib/cni/networks/{}", self.network));
-    }
 }

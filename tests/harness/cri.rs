@@ -210,8 +210,8 @@ impl Cri {
     }
 }
 
-/// A pod as kubelet describes one: its own network namespace is not asked
-/// for (host network: this suite needs no CNI; networking has its own).
+/// A pod as kubelet describes one: its own network namespace (wired by the
+/// CNI configuration in containerd's conf_dir), its name as hostname.
 pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -220,12 +220,12 @@ pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
             namespace: "default".into(),
             attempt: 0,
         }),
-        // A host-network pod has the node's hostname (kubelet sets none).
+        hostname: name.to_string(),
         log_directory: logs.to_string_lossy().into_owned(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
+                    network: NamespaceMode::Pod as i32,
                     pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()
@@ -236,6 +236,73 @@ pub fn pod_config(name: &str, logs: &Path) -> PodSandboxConfig {
         }),
         labels: HashMap::from([("app".to_string(), name.to_string())]),
         ..Default::default()
+    }
+}
+
+/// A CNI bridge network of one test's own, written into the conf_dir of
+/// the containerd in `dir` (10.232.N.0/24 on bridge kcniN); dropping it
+/// removes what CNI leaves on the host (the bridge, the IPAM records).
+pub struct CniNetwork {
+    pub bridge: String,
+    pub name: String,
+    pub n: u8,
+}
+
+impl CniNetwork {
+    pub fn install(dir: &Path, test: u8) -> CniNetwork {
+        let n = ((std::process::id() % 100) as u8) * 2 + 20 + test;
+        let net = CniNetwork {
+            bridge: format!("kcni{n}"),
+            name: format!("krun-test-{n}"),
+            n,
+        };
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": net.name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": net.bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": format!("10.232.{n}.0/24")}]],
+                    "routes": [{"dst": "0.0.0.0/0"}]
+                }
+            }]
+        });
+        std::fs::write(dir.join("cni/10-krun-test.conflist"), conf.to_string()).unwrap();
+        net
+    }
+}
+
+impl Drop for CniNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        let _ = std::fs::remove_dir_all(format!("/var/lib/cni/networks/{}", self.name));
+    }
+}
+
+impl Cri {
+    /// RunPodSandbox, retried for a while: containerd loads a CNI
+    /// configuration written after its start on its own, a moment later.
+    pub fn run_pod_when_ready(&mut self, config: &PodSandboxConfig, handler: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let req = RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.to_string(),
+            };
+            match self.try_call(|mut c| async move { c.run_pod_sandbox(req).await }) {
+                Ok(r) => return r.pod_sandbox_id,
+                Err(s) if Instant::now() > deadline || !s.message().contains("cni") => {
+                    panic!("CRI RunPodSandbox: {:?}: {}", s.code(), s.message())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
     }
 }
 
