@@ -378,3 +378,22 @@ fn a_terminal_is_the_containers_own_pty() {
     out.expect_code(5);
     sb.assert_clean();
 }
+
+/// More files than the usual open-file limit (1024): virtio-fs servers keep
+/// a descriptor per inode the guest holds.
+#[test]
+fn a_thousand_files_and_more_in_the_root_filesystem() {
+    let sb = Sandbox::new("files");
+    let b = sb.bundle(&[
+        "sh",
+        "-c",
+        "mkdir /many && cd /many && i=0; while [ $i -lt 1300 ]; do : > f$i || exit 1; i=$((i+1)); done; ls | wc -l; stat -c %s f1299",
+    ]);
+    let out = sb.run(&b, "files", None);
+    out.expect_code(0);
+    assert_eq!(out.stdout(), "1300\n0\n");
+    assert_eq!(
+        std::fs::read_dir(b.rootfs().join("many")).unwrap().count(),
+        1300
+    );
+}

@@ -88,6 +88,7 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
     if config.vcpus == 0 || config.vcpus > 254 {
         return Err(VmmError::Vcpus(config.vcpus));
     }
+    raise_open_file_limit();
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
     vm.set_tss_address(0xfffb_d000)
@@ -323,5 +324,26 @@ impl Drop for BuiltinVm {
             signal: libc::SIGKILL,
         });
         self.join();
+    }
+}
+
+/// virtio-fs keeps a file descriptor for every inode the guest holds (as
+/// virtiofsd does): with the usual soft limit of 1024 a container creating
+/// a thousand files failed with EMFILE. The VMM takes its hard limit, as
+/// virtiofsd raises its own.
+fn raise_open_file_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one rlimit, which outlives
+    // the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                tracing::debug!("cannot raise RLIMIT_NOFILE to {}", l.rlim_max);
+            }
+        }
     }
 }
