@@ -290,6 +290,23 @@ fn memory_limit_is_seen_inside() {
     );
     out.expect(137);
     assert_eq!(out.stdout, "start\n");
+    // ... and podman learns it was an OOM kill.
+    pm.run_d(
+        "oom",
+        &["--memory", "64m", "--memory-swap", "64m"],
+        busybox(),
+        &["tail", "/dev/zero"],
+    );
+    assert_eq!(pm.ok(&["wait", "oom"]), "137");
+    let oom = pm.ok(&["inspect", "--format", "{{.State.OOMKilled}}", "oom"]);
+    if pm.is_runc() && oom != "true" {
+        pm.not_applicable(
+            "OOMKilled: conmon 2.1.6 does not see runc's OOM kills on this host's hybrid cgroups",
+        );
+    } else {
+        assert_eq!(oom, "true", "podman inspect .State.OOMKilled");
+    }
+    pm.ok(&["rm", "-f", "oom"]);
     pm.finish();
 }
 

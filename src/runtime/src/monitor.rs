@@ -477,6 +477,9 @@ impl Monitor {
                     tracing::warn!(container = %self.id, "the container hit its memory limit and the guest kernel killed a process (OOM)");
                     self.state.oom_killed = true;
                     self.save();
+                    // conmon's record of an OOM kill, which podman and
+                    // CRI-O read after the exit: a file `oom` in the bundle.
+                    let _ = std::fs::write(self.state.bundle.join("oom"), b"");
                     if let Some(n) = &self.notices {
                         let _ = n.send(Notice::Oom);
                     }
