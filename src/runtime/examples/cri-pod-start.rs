@@ -9,7 +9,6 @@
 //! removed after each round (not timed). Round 0 is a warm-up.
 
 #[path = "../../../tests/harness/cri.rs"]
-#[allow(dead_code)]
 mod cri;
 
 use std::io::Write;
