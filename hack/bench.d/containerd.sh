@@ -100,21 +100,5 @@ plot_containerd() {
     read -r n med min max < <(awk -F'\t' -v s="$shim" 'NR > 1 && $1 > 0 && $2 == s && $6 == "ok" { print $5 }' "$out/cri-pods.tsv" | stats)
     [ "$n" -eq 0 ] || printf '%s\t%s\t%s\t%s\t%s\n' "$x" "pod start $shim" "$med" "$min" "$max" >>"$out/plot-containerd.dat"
   done
-  [ "$(wc -l <"$out/plot-containerd.dat")" -gt 1 ] || return 0
-  {
-    echo "set terminal pngcairo size 760,520 font \"DejaVu Sans,11\" noenhanced"
-    echo "set output \"$out/bench-containerd.png\""
-    echo "set title \"containerd: ctr run --rm and CRI pod start ($rounds rounds)\""
-    # shellcheck disable=SC2028 # gnuplot reads the \t
-    echo "set datafile separator \"\\t\""
-    echo "set style fill solid 0.5 border -1"
-    echo "set boxwidth 0.6"
-    echo "set xrange [0.4:$x.6]"
-    echo "set ylabel \"ms\""
-    echo "set yrange [0:*]"
-    echo "set grid ytics"
-    echo "plot 'plot-containerd.dat' using 1:3:xtic(2) with boxes notitle, '' using 1:3:4:5 with yerrorbars pt -1 lc rgb \"#222222\" notitle, '' using 1:3:(sprintf('%.0f', \$3)) with labels offset 0,1 notitle"
-  } >"$out/bench-containerd.gp"
-  (cd "$out" && gnuplot bench-containerd.gp) || echo "gnuplot failed on $out/bench-containerd.gp" >&2
-  echo "plot: $out/bench-containerd.png"
+  bar_plot containerd "containerd: ctr run --rm and CRI pod start ($rounds rounds)" "ms"
 }

@@ -111,21 +111,5 @@ plot_net() {
     read -r n med min max < <(net_values "$mode" 3 | stats)
     [ "$n" -eq 0 ] || printf '%s\t%s\t%s\t%s\t%s\n' "$x" "$mode" "$med" "$min" "$max" >>"$out/plot-net.dat"
   done
-  [ "$(wc -l <"$out/plot-net.dat")" -gt 1 ] || return 0
-  {
-    echo "set terminal pngcairo size 640,480 font \"DejaVu Sans,11\" noenhanced"
-    echo "set output \"$out/bench-net.png\""
-    echo "set title \"TCP throughput through the container's namespace ($rounds rounds)\""
-    # shellcheck disable=SC2028 # gnuplot reads the \t
-    echo "set datafile separator \"\\t\""
-    echo "set style fill solid 0.5 border -1"
-    echo "set boxwidth 0.6"
-    echo "set xrange [0.4:$x.6]"
-    echo "set ylabel \"Mbit/s\""
-    echo "set yrange [0:*]"
-    echo "set grid ytics"
-    echo "plot 'plot-net.dat' using 1:3:xtic(2) with boxes notitle, '' using 1:3:4:5 with yerrorbars pt -1 lc rgb \"#222222\" notitle, '' using 1:3:(sprintf('%.0f', \$3)) with labels offset 0,1 notitle"
-  } >"$out/bench-net.gp"
-  (cd "$out" && gnuplot bench-net.gp) || echo "gnuplot failed on $out/bench-net.gp" >&2
-  echo "plot: $out/bench-net.png"
+  bar_plot net "TCP throughput through the container's namespace ($rounds rounds)" "Mbit/s"
 }

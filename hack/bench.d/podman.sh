@@ -97,19 +97,5 @@ plot_podman() {
       printf '%s\t%s\t%s\t%s\t%s\n' "$x" "$what $rt" "$med" "$min" "$max" >>"$out/plot-podman.dat"
     done
   done
-  {
-    echo "set terminal pngcairo size 760,520 font \"DejaVu Sans,11\" noenhanced"
-    echo "set output \"$out/bench-podman.png\""
-    echo "set title \"podman: run --rm true and exec latency ($rounds rounds)\""
-    # shellcheck disable=SC2028 # gnuplot reads the \t
-    echo "set datafile separator \"\\t\""
-    echo "set style fill solid 0.5 border -1"
-    echo "set boxwidth 0.6"
-    echo "set ylabel \"ms\""
-    echo "set yrange [0:*]"
-    echo "set grid ytics"
-    echo "plot 'plot-podman.dat' using 1:3:xtic(2) with boxes notitle, '' using 1:3:4:5 with yerrorbars pt -1 lc rgb \"#222222\" notitle, '' using 1:3:(sprintf('%.0f', \$3)) with labels offset 0,1 notitle"
-  } >"$out/bench-podman.gp"
-  (cd "$out" && gnuplot bench-podman.gp) || echo "gnuplot failed on $out/bench-podman.gp" >&2
-  echo "plot: $out/bench-podman.png"
+  bar_plot podman "podman: run --rm true and exec latency ($rounds rounds)" "ms"
 }
