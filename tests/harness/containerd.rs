@@ -224,15 +224,39 @@ impl Containerd {
         let rt = runtime();
         let mut a = vec!["run", "--rm", "--runtime", rt.as_str(), BUSYBOX, id];
         a.extend_from_slice(args);
-        let child = self
-            .ctr_cmd("default", &a)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        self.wait_status(id, "RUNNING");
-        child
+        let spawn = || {
+            self.ctr_cmd("default", &a)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn();
+        let mut retried = false;
+        let deadline = Instant::now() + CTR_TIMEOUT;
+        loop {
+            if self.status(id) == "RUNNING" {
+                return child;
+            }
+            // ctr gave up before the task ran: say why; once, on a busy
+            // machine, try again.
+            if let Ok(Some(_)) = child.try_wait() {
+                let out = collect(child, &format!("ctr {}", a.join(" ")), CTR_TIMEOUT);
+                assert!(!retried, "ctr run ended before its task ran: {out:?}");
+                eprintln!("NOTE: ctr run ended before its task ran, once more: {out:?}");
+                let _ = self.ctr(&["containers", "rm", id]);
+                retried = true;
+                child = spawn();
+                continue;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = collect(child, "ctr run", Duration::from_secs(10));
+                panic!("task {id} never became RUNNING: {out:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The task's status as `ctr task ls` prints it (empty: no task).
