@@ -553,7 +553,7 @@ impl Tasks {
         }
         let assets = krun_oci::assets::Assets::find()
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
-        let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets, plan.netns.is_some())
+        let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets)
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
         let state_dir = StateDir::create(&self.root, id).map_err(|e| match e {
             krun_oci::state::StateError::Exists(_) => {

@@ -20,11 +20,9 @@ pub enum BackendError {
 pub fn choose(
     requested: Option<HypervisorKind>,
     assets: &Assets,
-    needs_net: bool,
 ) -> Result<Box<dyn Hypervisor>, BackendError> {
     let accel = detect_accel();
-    // The built-in VMM has no virtio-net yet: a network goes to QEMU.
-    let kind = requested.unwrap_or(if accel.accel == Accel::Kvm && !needs_net {
+    let kind = requested.unwrap_or(if accel.accel == Accel::Kvm {
         HypervisorKind::Builtin
     } else {
         HypervisorKind::Qemu

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::{Bus, IrqTrigger};
 use crate::devices::console::Console;
 use crate::devices::fs::Fs;
+use crate::devices::net::Net;
 use crate::layout::*;
 use crate::vcpu::{kick_signal, on_kick, Control};
 use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
@@ -66,11 +67,6 @@ impl Hypervisor for Builtin {
     }
 
     fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, krun_hypervisor::Error> {
-        if !config.nets.is_empty() {
-            return Err(krun_hypervisor::Error::InvalidConfig(
-                "the built-in VMM has no virtio-net yet: a container with a network runs on QEMU (--hypervisor qemu)".into(),
-            ));
-        }
         start(config)
             .map(|vm| Box::new(vm) as Box<dyn Vm>)
             .map_err(|e| krun_hypervisor::Error::Backend(Box::new(e)))
@@ -122,7 +118,7 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
     let control = Arc::new(Control::new(stop));
 
     // Devices: the serial console for the kernel's log, the control port,
-    // one virtio-fs device per share.
+    // one virtio-fs device per share, one virtio-net device per network.
     let serial_irq =
         EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("serial".into(), e))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -145,6 +141,12 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
             )
         })?;
         devices.push((format!("virtio-fs {}", share.tag), Box::new(fs)));
+    }
+    for (i, n) in config.nets.into_iter().enumerate() {
+        let name = format!("virtio-net {i} ({})", n.mac);
+        let net = Net::new(n.tap, &n.mac)
+            .map_err(|e| VmmError::Device(name.clone(), std::io::Error::other(e.to_string())))?;
+        devices.push((name, Box::new(net)));
     }
     let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
     let mut transports = Vec::new();

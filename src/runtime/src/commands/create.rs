@@ -30,11 +30,7 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
     }
     let assets = Assets::find()?;
     tracing::debug!(container = %id, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
-    let hypervisor = crate::backend::choose(
-        ctx.hypervisor.or(plan.hypervisor),
-        &assets,
-        plan.netns.is_some(),
-    )?;
+    let hypervisor = crate::backend::choose(ctx.hypervisor.or(plan.hypervisor), &assets)?;
     let state_dir = StateDir::create(&ctx.root, id)?;
     Ok(Launch {
         notices: None,
