@@ -22,8 +22,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 # The modules the test host loads, by name. modprobe adds what they depend
 # on. KVM (kvm_amd: TCG's `-cpu max` is an AMD CPU with SVM), the virtio-fs
 # share of this machine's root (virtiofs over virtio-pci), and tun, so that
-# the test host has the same /dev/fuse and /dev/net/tun as this machine.
-modules=(irqbypass kvm kvm_amd fuse virtio virtio_ring virtio_pci_modern_dev virtio_pci virtiofs tun)
+# the test host has the same /dev/fuse and /dev/net/tun as this machine;
+# veth and the tc pieces (ingress qdisc, u32, mirred) that tests/net.rs wires
+# and krun-oci redirects a network namespace's frames with.
+modules=(irqbypass kvm kvm_amd fuse virtio virtio_ring virtio_pci_modern_dev virtio_pci virtiofs tun veth sch_ingress cls_u32 act_mirred)
 
 meta=linux-image-cloud-amd64
 init=$here/init
