@@ -63,6 +63,14 @@ impl Wiring {
         w
     }
 
+    /// Sets the MTU of both ends of the veth pair.
+    fn set_mtu(&self, mtu: u32) {
+        sh(&format!(
+            "ip -n {} link set eth0 mtu {mtu} && ip -n {} link set eth0 mtu {mtu}",
+            self.container, self.server
+        ));
+    }
+
     fn path(&self) -> String {
         format!("/run/netns/{}", self.container)
     }
@@ -233,6 +241,72 @@ fn the_namespace_network_is_the_guests() {
         !qdiscs.contains("ingress"),
         "the ingress qdisc is left: {qdiscs}"
     );
+}
+
+/// A jumbo MTU is the guest's too, and frames that big go both ways: a
+/// ping of 8000 bytes (one frame each way) and a TCP stream of 1 MiB from
+/// the other namespace (segments of nearly 9000 bytes into the guest).
+#[test]
+fn a_jumbo_mtu_carries_jumbo_frames() {
+    let sb = Sandbox::new("netjumbo");
+    let w = Wiring::new("netjumbo");
+    w.set_mtu(9000);
+    let n = w.n;
+    const LEN: usize = 1 << 20;
+    let tcp = in_netns(&w.server, move || {
+        let l = TcpListener::bind(format!("10.231.{n}.1:7005")).unwrap();
+        // Never hang the suite: give up when the guest never connects.
+        l.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => panic!("the guest never connected: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // Wait for the guest's close, so every byte was taken.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let script = format!(
+        "echo mtu: $(cat /sys/class/net/eth0/mtu)
+         ping -c 1 -W 10 -s 8000 10.231.{n}.1 >/dev/null && echo big-icmp-ok
+         echo received: $(nc -w 30 10.231.{n}.1 7005 </dev/null | wc -c)"
+    );
+    let mut b = sb.bundle(&["sh", "-c", &script]);
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": w.path()}));
+    for set in ["bounding", "effective", "permitted"] {
+        b.process()["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_NET_RAW"));
+    }
+    let out = sb.run(&b, "netjumbo", None);
+    let text = out.stdout();
+    out.expect_code(0);
+    for want in [
+        "mtu: 9000".to_string(),
+        "big-icmp-ok".into(),
+        format!("received: {LEN}"),
+    ] {
+        assert!(
+            text.contains(&want),
+            "{want:?} not in the guest's output:\n{text}\nstderr:\n{}",
+            out.stderr()
+        );
+    }
+    tcp.join().unwrap();
 }
 
 #[test]
