@@ -1,8 +1,8 @@
 //! A container's network namespace carried into its VM: a plain OCI bundle
 //! whose config names a namespace the test wires (a veth pair to a second
 //! namespace with a server in it), checked from inside the guest: the
-//! address, routes, TCP both ways, ICMP, and UDP through a DNS resolver the
-//! test runs. Afterwards the namespace is as it was: no tap, no tc qdisc.
+//! address, routes, TCP both ways, ICMP, UDP both ways (a DNS resolver the
+//! test runs, and an echo in the guest). Afterwards the namespace is as it was: no tap, no tc qdisc.
 
 mod harness;
 
@@ -161,6 +161,22 @@ fn the_namespace_network_is_the_guests() {
         }
         answered
     });
+    // A datagram to the guest's UDP echo, resent until it comes back.
+    let udp_inbound = in_netns(&w.server, move || {
+        let u = UdpSocket::bind(format!("10.231.{n}.1:0")).unwrap();
+        u.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(170);
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline {
+            u.send_to(b"udp-from-the-host-side", format!("10.231.{n}.2:7004"))
+                .unwrap();
+            if let Ok((len, from)) = u.recv_from(&mut buf) {
+                return Some((String::from_utf8_lossy(&buf[..len]).into_owned(), from));
+            }
+        }
+        None
+    });
     let inbound = in_netns(&w.server, move || {
         let deadline = Instant::now() + Duration::from_secs(170);
         loop {
@@ -179,6 +195,7 @@ fn the_namespace_network_is_the_guests() {
         "ip addr show eth0; ip -6 addr show eth0; ip route; ip -6 route
          cat /sys/class/net/eth0/mtu
          nc -l -p 7003 > /tmp/inbound &
+         netperf udp-echo 0.0.0.0:7004 &
          echo ping-over-tcp | nc -w 30 10.231.{n}.1 7001
          ping -c 1 -W 10 10.231.{n}.1 >/dev/null && echo icmp4-ok
          ping6 -c 1 -W 10 fd00:231:{n}::1 >/dev/null && echo icmp6-ok
@@ -186,6 +203,7 @@ fn the_namespace_network_is_the_guests() {
          wait; echo inbound: $(cat /tmp/inbound)"
     );
     let mut b = sb.bundle(&["sh", "-c", &script]);
+    std::fs::copy(harness::netperf(), b.rootfs().join("bin/netperf")).unwrap();
     b.config["linux"]["namespaces"]
         .as_array_mut()
         .unwrap()
@@ -216,6 +234,7 @@ fn the_namespace_network_is_the_guests() {
         "icmp6-ok".into(),
         "Address: 10.99.0.77".into(),
         "inbound: from-the-host-side".into(),
+        format!("udp echoed 22 bytes to 10.231.{n}.1:"),
     ] {
         assert!(
             text.contains(&want),
@@ -229,6 +248,12 @@ fn the_namespace_network_is_the_guests() {
         inbound.join().unwrap(),
         "the host side never reached the guest's listener"
     );
+    let (echo, from) = udp_inbound
+        .join()
+        .unwrap()
+        .expect("the guest's UDP echo never answered");
+    assert_eq!(echo, "udp-from-the-host-side");
+    assert_eq!(from.to_string(), format!("10.231.{n}.2:7004"));
 
     // The namespace is as the test left it: no tap, no qdisc redirecting.
     let links = sh_out(&format!("ip -n {} -o link show", w.container));

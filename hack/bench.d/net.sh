@@ -2,8 +2,8 @@
 # net            network throughput and latency through the container's
 #                network namespace (issue #6): two namespaces joined by a
 #                veth pair (made, and removed even on Ctrl-C, by the bench);
-#                the example netperf (src/runtime/examples/netperf.rs, built
-#                static into target/netperf) serves in one; its client runs
+#                netperf (guest-init/examples/netperf.rs, built static
+#                into target/dist/tools by hack/build) serves in one; its client runs
 #                in a busybox container in the other, under krun-oci (the
 #                namespace carried into the VM by tap + tc redirect) and
 #                runc (the same bundle and namespace path), and natively in
@@ -58,13 +58,9 @@ scenario_net() {
   [[ $net_seconds =~ ^[1-9][0-9]*$ ]] || die "KRUN_OCI_BENCH_NET_SECONDS wants a positive number of seconds"
   [[ $net_count =~ ^[1-9][0-9]*$ ]] || die "KRUN_OCI_BENCH_NET_COUNT wants a positive number of round trips"
 
-  log "net: building netperf (static, in target/netperf)"
-  # As guest-init is built (hack/build): crt-static with an explicit target,
-  # in its own target directory so that the normal builds stay valid.
-  (cd "$top" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$top/target/netperf" \
-    cargo build --release --locked --example netperf -p krun-oci --target x86_64-unknown-linux-gnu >&2) ||
-    die "cargo build --example netperf failed"
-  bin=$top/target/netperf/x86_64-unknown-linux-gnu/release/examples/netperf
+  bin=$top/target/dist/tools/netperf
+  [ -x "$bin" ] && [ "$bin" -nt "$top/guest-init/examples/netperf.rs" ] ||
+    die "net: $bin is missing or older than its source: run hack/build"
   ! ldd "$bin" 2>/dev/null | grep -q '=>' || die "$bin is not static"
 
   "$here/mkbundle" "$b" sh -c "$(net_client /bin/netperf)"

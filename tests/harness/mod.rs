@@ -53,6 +53,30 @@ pub fn libdir() -> PathBuf {
     .clone()
 }
 
+/// The static netperf tool (guest-init/examples/netperf.rs) that
+/// `hack/build` puts in target/dist/tools, for tests to copy into a busybox
+/// rootfs. Panics with instructions when it is missing or stale.
+#[allow(dead_code)] // Not every suite that includes the harness uses it.
+pub fn netperf() -> PathBuf {
+    let dist = std::env::var_os("KRUN_OCI_DIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/dist"));
+    let bin = dist.join("tools/netperf");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run hack/build",
+        bin.display()
+    );
+    let src = workspace().join("guest-init/examples/netperf.rs");
+    assert!(
+        mtime(&bin) >= mtime(&src),
+        "{} is older than {}: run hack/build",
+        bin.display(),
+        src.display()
+    );
+    bin
+}
+
 fn mtime(p: &Path) -> std::time::SystemTime {
     std::fs::metadata(p).and_then(|m| m.modified()).unwrap()
 }

@@ -1,11 +1,14 @@
-//! A tiny TCP benchmark for hack/bench (scenario net), with nothing but std
-//! so that it links statically and runs in a busybox container, in the
-//! guest of a krun-oci container, or straight in a network namespace.
+//! A tiny TCP benchmark for hack/bench (scenario net), and a UDP echo for
+//! tests/net.rs, with nothing but std so that it links statically and runs
+//! in a busybox container, in the guest of a krun-oci container, or
+//! straight in a network namespace. hack/build builds it (static, as
+//! guest-init) into target/dist/tools/netperf.
 //!
 //! ```text
 //! netperf server ADDR:PORT
 //! netperf client ADDR:PORT throughput SECONDS
 //! netperf client ADDR:PORT latency COUNT
+//! netperf udp-echo ADDR:PORT
 //! ```
 //!
 //! The server accepts connections until it is killed, one thread each. The
@@ -28,16 +31,21 @@
 //!   guest under TCG).
 //!
 //! The server prints `listening on ADDR:PORT` once it accepts connections.
+//!
+//! `udp-echo` binds a UDP socket, waits for one datagram (busybox has no UDP
+//! listener), sends it back to its sender, prints `udp echoed N bytes to
+//! PEER: TEXT` and exits.
 //! Errors go to stderr with a non-zero exit.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: netperf server ADDR:PORT
        netperf client ADDR:PORT throughput SECONDS
-       netperf client ADDR:PORT latency COUNT";
+       netperf client ADDR:PORT latency COUNT
+       netperf udp-echo ADDR:PORT";
 
 /// Round trips done before the timed ones (connection and cache warm-up).
 const LATENCY_WARMUP: usize = 20;
@@ -63,6 +71,7 @@ fn main() -> ExitCode {
                 .ok_or_else(|| format!("COUNT: not a positive integer: {count}"))?;
             latency(a, count)
         }),
+        ["udp-echo", addr] => resolve(addr).and_then(udp_echo),
         ["-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())
@@ -157,6 +166,20 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
             format!("unknown test byte {other:#04x}"),
         )),
     }
+}
+
+fn udp_echo(addr: SocketAddr) -> Result<(), String> {
+    let socket = UdpSocket::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let mut buf = [0u8; 65536];
+    let (len, peer) = socket
+        .recv_from(&mut buf)
+        .map_err(|e| format!("receive on {addr}: {e}"))?;
+    socket
+        .send_to(&buf[..len], peer)
+        .map_err(|e| format!("send to {peer}: {e}"))?;
+    let text = String::from_utf8_lossy(&buf[..len]);
+    println!("udp echoed {len} bytes to {peer}: {}", text.trim());
+    Ok(())
 }
 
 /// Connects, retrying for a few seconds while the server is not up yet.
