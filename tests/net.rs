@@ -99,6 +99,25 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
+/// Accepts one connection on `addr` (in the calling thread's namespace),
+/// giving up after 300 s so that a guest that never connects cannot hang
+/// the suite; reads on it time out after 120 s.
+fn accept_guest(addr: &str) -> TcpStream {
+    let l = TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("the guest never connected to {addr}: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s
+}
+
 /// A DNS answer to `query`: one A record, `addr`, for whatever was asked.
 fn dns_answer(query: &[u8], addr: [u8; 4]) -> Option<Vec<u8>> {
     if query.len() < 12 {
@@ -279,21 +298,7 @@ fn a_jumbo_mtu_carries_jumbo_frames() {
     let n = w.n;
     const LEN: usize = 1 << 20;
     let tcp = in_netns(&w.server, move || {
-        let l = TcpListener::bind(format!("10.231.{n}.1:7005")).unwrap();
-        // Never hang the suite: give up when the guest never connects.
-        l.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let mut s = loop {
-            match l.accept() {
-                Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
-                Err(e) => panic!("the guest never connected: {e}"),
-            }
-        };
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut s = accept_guest(&format!("10.231.{n}.1:7005"));
         let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
         s.write_all(&data).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -332,6 +337,85 @@ fn a_jumbo_mtu_carries_jumbo_frames() {
         );
     }
     tcp.join().unwrap();
+}
+
+/// Checksum and segmentation offloads reach the guest: with TSO both ways
+/// a TCP stream of 4 MiB crosses the guest's interface in segments bigger
+/// than the MTU, so in well under one packet per 1500 bytes (without
+/// offloads it takes at least one per MSS, 1448 bytes; with them a slow
+/// guest still sends segments of at least two MSS, Linux's min_tso_segs,
+/// and receives the host's 64 KiB ones). The data arrives whole: the host
+/// kernel completed every checksum.
+#[test]
+fn offloads_carry_segments_bigger_than_the_mtu_both_ways() {
+    let sb = Sandbox::new("netoffload");
+    let w = Wiring::new("netoffload");
+    let n = w.n;
+    const LEN: usize = 4 << 20;
+    let sink = in_netns(&w.server, move || {
+        let mut s = accept_guest(&format!("10.231.{n}.1:7006"));
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got.iter().filter(|&&b| b != 0).count() == 0 && got.len() == LEN
+    });
+    let source = in_netns(&w.server, move || {
+        let mut s = accept_guest(&format!("10.231.{n}.1:7007"));
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let script = format!(
+        "stat() {{ cat /sys/class/net/eth0/statistics/$1; }}
+         tx=$(stat tx_packets)
+         dd if=/dev/zero bs=65536 count=64 2>/dev/null | nc 10.231.{n}.1 7006
+         echo tx_packets: $(( $(stat tx_packets) - tx ))
+         rx=$(stat rx_packets)
+         echo received: $(nc 10.231.{n}.1 7007 </dev/null | md5sum)
+         echo rx_packets: $(( $(stat rx_packets) - rx ))"
+    );
+    let mut b = sb.bundle(&["sh", "-c", &script]);
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": w.path()}));
+    let out = sb.run(&b, "netoffload", None);
+    let text = out.stdout();
+    out.expect_code(0);
+    assert!(
+        sink.join().unwrap(),
+        "the server did not get 4 MiB of zeros:\n{text}"
+    );
+    source.join().unwrap();
+    // The same bytes' md5sum, by the host's md5sum.
+    let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let mut md5sum = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    md5sum.stdin.take().unwrap().write_all(&data).unwrap();
+    let want_md5 = String::from_utf8(md5sum.wait_with_output().unwrap().stdout).unwrap();
+    let want_md5 = want_md5.split_whitespace().next().unwrap();
+    assert!(
+        text.contains(&format!("received: {want_md5}")),
+        "the guest did not get the 4 MiB the server sent:\n{text}\nstderr:\n{}",
+        out.stderr()
+    );
+    let most = LEN / 1500 * 3 / 4;
+    for key in ["tx_packets", "rx_packets"] {
+        let count: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in the guest's output:\n{text}"));
+        eprintln!("{key}: {count} packets for 4 MiB");
+        assert!(
+            count < most,
+            "{key}: 4 MiB took {count} packets (at most {most} with TSO): no segmentation offload\n{text}"
+        );
+    }
 }
 
 #[test]

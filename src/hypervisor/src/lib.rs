@@ -53,7 +53,8 @@ pub struct VmConfig {
 }
 
 /// A virtio-net interface backed by a tap device (opened without packet
-/// information, IFF_TAP | IFF_NO_PI).
+/// information, IFF_TAP | IFF_NO_PI, and with IFF_VNET_HDR for offloads;
+/// backends work with and without it).
 #[derive(Debug)]
 pub struct NetDevice {
     pub tap: OwnedFd,

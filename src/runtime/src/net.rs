@@ -142,7 +142,11 @@ fn open_tap(netns: &Path) -> anyhow::Result<OwnedFd> {
             for (d, s) in req.ifr_name.iter_mut().zip(TAP_NAME.bytes()) {
                 *d = s as libc::c_char;
             }
-            req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+            // With virtio-net headers: both backends pass them through,
+            // so the guest's checksum and segmentation offloads reach the
+            // host kernel (QEMU finds the flag on the descriptor by itself).
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
             // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
             let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
             if r != 0 {

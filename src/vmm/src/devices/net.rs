@@ -1,12 +1,27 @@
 //! virtio-net (virtio spec 5.1) over a tap device: one receiveq, one
-//! transmitq, a MAC address in the configuration space, no offloads.
+//! transmitq, a MAC address in the configuration space, checksum and TCP
+//! segmentation offloads when the tap carries virtio-net headers.
 //!
-//! The tap is opened `IFF_TAP | IFF_NO_PI` without `IFF_VNET_HDR`: what is
-//! read from or written to it is exactly one Ethernet frame. The guest's
-//! side of every buffer starts with a 12-byte `struct virtio_net_hdr` (the
-//! virtio 1.x layout, `num_buffers` included): the device strips it on the
-//! transmit path and writes a zeroed one (no checksum to complete, no GSO,
-//! `num_buffers` 1) in front of every received frame.
+//! The guest's side of every buffer starts with a 12-byte `struct
+//! virtio_net_hdr` (the virtio 1.x layout, `num_buffers` included). Two
+//! kinds of tap:
+//!
+//! - `IFF_VNET_HDR` (what krun-oci opens): the tap reads and writes the
+//!   same header in front of every frame (its size set to 12 with
+//!   `TUNSETVNETHDRSZ`), so headers pass through untouched, as in
+//!   Firecracker and QEMU. The device then offers checksum offload and TSO
+//!   both ways (`CSUM`, `GUEST_CSUM`, `HOST_TSO4/6`, `GUEST_TSO4/6`): the
+//!   guest sends 64 KiB segments with partial checksums, the host kernel
+//!   finishes them (or hands them on as GSO packets), and the tap is told
+//!   with `TUNSETOFFLOAD` which of those the guest takes, so that the
+//!   kernel segments and checksums only what the guest cannot.
+//!   The host kernel validates every header the guest writes
+//!   (`virtio_net_hdr_to_skb`); a bad one makes the write fail and the
+//!   frame is dropped.
+//! - without it: what is read from or written to the tap is exactly one
+//!   Ethernet frame; the device strips the header on the transmit path and
+//!   writes a zeroed one (no checksum to complete, no GSO, `num_buffers` 1)
+//!   in front of every received frame, and offers no offloads.
 //!
 //! Queues: 0 = receiveq (host -> guest), 1 = transmitq (guest -> host).
 //!
@@ -57,8 +72,25 @@ use crate::virtio::{read_config_bytes, Activation, DeviceError, Interrupt, Mem, 
 /// The virtio device type of a network card.
 pub const TYPE_NET: u32 = 1;
 
+/// Feature bit: the device takes frames with partial checksums.
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+/// Feature bit: the driver takes frames with partial checksums.
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 /// Feature bit: the configuration space holds the MAC address.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Feature bits: the driver takes TCP segments bigger than the MTU.
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+/// Feature bits: the device takes TCP segments bigger than the MTU.
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// The offloads offered over a tap that carries virtio-net headers.
+pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6;
 /// Feature bit: a received frame may span several receive buffers.
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 
@@ -87,6 +119,8 @@ const TOKEN_TAP: u64 = 101;
 pub enum NetError {
     #[error("{0:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")]
     Mac(String),
+    #[error("setting up the tap's virtio-net headers: {0}")]
+    Tap(io::Error),
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff".
@@ -110,17 +144,40 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
 pub struct Net {
     mac: [u8; 6],
     tap: Option<OwnedFd>,
+    /// The tap reads and writes virtio-net headers (`IFF_VNET_HDR`).
+    vnet_hdr: bool,
+    /// ... and takes `TUNSETOFFLOAD`: the offloads are offered.
+    offloads: bool,
     acked_features: u64,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Net {
-    /// A network card with address `mac` whose frames go through `tap`
-    /// (a tap without packet information nor vnet header).
+    /// A network card with address `mac` whose frames go through `tap` (a
+    /// tap without packet information, with or without virtio-net headers;
+    /// anything else that is not a tap passes whole frames, as in tests).
     pub fn new(tap: OwnedFd, mac: &str) -> Result<Net, NetError> {
+        let mac = parse_mac(mac)?;
+        let vnet_hdr = tap_flags(&tap).is_some_and(|f| f & libc::IFF_VNET_HDR != 0);
+        let mut offloads = false;
+        if vnet_hdr {
+            // Headers of the virtio 1.x size, num_buffers included; a tap
+            // whose header size is not ours would shift every frame.
+            let size = NET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads one int, which outlives the call.
+            if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETVNETHDRSZ as _, &size) } != 0 {
+                return Err(NetError::Tap(io::Error::last_os_error()));
+            }
+            // Until the driver says what it takes, the kernel hands over
+            // only whole, checksummed frames.
+            offloads = set_tap_offloads(&tap, TAP_OFFLOADS).is_ok();
+            set_tap_offloads(&tap, 0).map_err(NetError::Tap)?;
+        }
         Ok(Net {
-            mac: parse_mac(mac)?,
+            mac,
             tap: Some(tap),
+            vnet_hdr,
+            offloads,
             acked_features: 0,
             worker: None,
         })
@@ -143,7 +200,8 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF
+        let offloads = if self.offloads { OFFLOAD_FEATURES } else { 0 };
+        VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | offloads
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -168,6 +226,10 @@ impl VirtioDevice for Net {
             DeviceError::Backend(io::Error::other("the network card was already activated"))
         })?;
         set_nonblocking(&tap).map_err(DeviceError::Backend)?;
+        if self.offloads {
+            set_tap_offloads(&tap, tap_offloads(self.acked_features))
+                .map_err(DeviceError::Backend)?;
+        }
         let (queues, notify): (Vec<Queue>, Vec<EventFd>) = activation
             .queues
             .into_iter()
@@ -187,6 +249,7 @@ impl VirtioDevice for Net {
             queues,
             File::from(tap),
             mergeable,
+            self.vnet_hdr,
         );
         let stop = activation.stop;
         let handle = std::thread::Builder::new()
@@ -196,6 +259,52 @@ impl VirtioDevice for Net {
         self.worker = Some(handle);
         Ok(())
     }
+}
+
+/// The `TUNSETOFFLOAD` flags the tap is probed with: checksum offload and
+/// TSO for IPv4 and IPv6.
+const TAP_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+
+/// What the tap may hand the guest, from the features the driver took:
+/// partial checksums with GUEST_CSUM, segments bigger than the MTU with
+/// GUEST_TSO4/6 (which need GUEST_CSUM).
+fn tap_offloads(acked: u64) -> libc::c_uint {
+    if acked & VIRTIO_NET_F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    let mut f = libc::TUN_F_CSUM;
+    if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+        f |= libc::TUN_F_TSO4;
+    }
+    if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+        f |= libc::TUN_F_TSO6;
+    }
+    f
+}
+
+/// The tap's flags (`TUNGETIFF`), None when `fd` is not a tap.
+fn tap_flags(fd: &OwnedFd) -> Option<libc::c_int> {
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one ifreq, which outlives the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF as _, &mut req) };
+    // SAFETY: TUNGETIFF filled in the flags member of the union.
+    (r == 0).then(|| libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags }) & 0xffff)
+}
+
+fn set_tap_offloads(fd: &OwnedFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory.
+    if unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOFFLOAD as _,
+            flags as libc::c_ulong,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
@@ -232,6 +341,8 @@ struct Worker {
     rx_len: Option<usize>,
     /// The driver negotiated VIRTIO_NET_F_MRG_RXBUF.
     mergeable: bool,
+    /// The tap reads and writes the virtio-net header with each frame.
+    vnet_hdr: bool,
     /// Mergeable receive chains popped and not used yet: their heads and
     /// writable segments, and how many bytes they hold in all.
     rx_chains: Vec<(u16, Vec<Segment>)>,
@@ -253,6 +364,7 @@ impl Worker {
         queues: [Queue; NUM_QUEUES],
         tap: File,
         mergeable: bool,
+        vnet_hdr: bool,
     ) -> Worker {
         Worker {
             mem,
@@ -263,6 +375,7 @@ impl Worker {
             rx_buf: vec![0; NET_HDR_LEN + MAX_FRAME_LEN],
             rx_len: None,
             mergeable,
+            vnet_hdr,
             rx_chains: Vec::new(),
             rx_room: 0,
             tx_buf: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME_LEN),
@@ -412,12 +525,17 @@ impl Worker {
         }
     }
 
-    /// Writes `tx_buf` past its header to the tap.
+    /// Writes `tx_buf` to the tap: past its header, or with it when the
+    /// tap takes headers.
     fn send_frame(&mut self) {
-        let frame = &self.tx_buf[NET_HDR_LEN..];
-        if frame.is_empty() {
+        if self.tx_buf.len() == NET_HDR_LEN {
             return;
         }
+        let frame = if self.vnet_hdr {
+            &self.tx_buf[..]
+        } else {
+            &self.tx_buf[NET_HDR_LEN..]
+        };
         loop {
             match self.tap.write(frame) {
                 Ok(_) => {
@@ -594,22 +712,34 @@ impl Worker {
         self.add_used(q, last, last_len);
     }
 
-    /// Reads one frame from the tap into `rx_buf`, header in front; false
-    /// if none came.
+    /// Reads one frame from the tap into `rx_buf`, header in front (the
+    /// tap's, or a zeroed one), `num_buffers` 1; false if none came.
     fn read_frame(&mut self) -> bool {
         if self.tap_dead {
             return false;
         }
+        let start = if self.vnet_hdr { 0 } else { NET_HDR_LEN };
         loop {
-            match self.tap.read(&mut self.rx_buf[NET_HDR_LEN..]) {
+            match self.tap.read(&mut self.rx_buf[start..]) {
                 Ok(0) => {
                     tracing::info!("virtio-net: the tap is gone");
                     self.tap_dead = true;
                     return false;
                 }
+                Ok(n) if start + n <= NET_HDR_LEN => {
+                    // A header without a frame: nothing a tap gives.
+                    tracing::debug!(len = n, "virtio-net: empty frame from the tap dropped");
+                    self.dropped += 1;
+                }
                 Ok(n) => {
-                    self.rx_buf[..NET_HDR_LEN].copy_from_slice(&rx_header());
-                    self.rx_len = Some(NET_HDR_LEN + n);
+                    if self.vnet_hdr {
+                        // The tap leaves num_buffers alone (it is 1 without
+                        // mergeable buffers; deliver_mergeable sets it).
+                        self.rx_buf[10..NET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+                    } else {
+                        self.rx_buf[..NET_HDR_LEN].copy_from_slice(&rx_header());
+                    }
+                    self.rx_len = Some(start + n);
                     return true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -917,9 +1047,26 @@ mod tests {
         g: &Guest,
         mergeable: bool,
     ) -> (Worker, UnixDatagram, Arc<Interrupt>) {
+        worker_full(mem, g, mergeable, false)
+    }
+
+    /// A worker over a "tap" that carries virtio-net headers.
+    fn worker_full(
+        mem: &Mem,
+        g: &Guest,
+        mergeable: bool,
+        vnet_hdr: bool,
+    ) -> (Worker, UnixDatagram, Arc<Interrupt>) {
         let (dev, host) = tap_pair();
         let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let w = Worker::new(mem.clone(), irq.clone(), g.device_queues(), dev, mergeable);
+        let w = Worker::new(
+            mem.clone(),
+            irq.clone(),
+            g.device_queues(),
+            dev,
+            mergeable,
+            vnet_hdr,
+        );
         (w, host, irq)
     }
 
@@ -975,6 +1122,124 @@ mod tests {
         assert_eq!(tail, [0x11, 0xff]);
         n.read_config(u64::MAX, &mut tail);
         assert_eq!(tail, [0, 0]);
+    }
+
+    /// A virtio-net header: flags, gso_type, hdr_len, gso_size,
+    /// csum_start, csum_offset, num_buffers.
+    fn vnet_header(flags: u8, gso_type: u8, gso_size: u16, num_buffers: u16) -> Vec<u8> {
+        let mut h = vec![flags, gso_type];
+        for v in [54u16, gso_size, 34, 16, num_buffers] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h
+    }
+
+    #[test]
+    fn headers_pass_through_a_tap_that_carries_them() {
+        for mergeable in [false, true] {
+            let mem = memory(0x10_0000);
+            let mut g = Guest::new(&mem);
+            let (mut w, host, _irq) = worker_full(&mem, &g, mergeable, true);
+            // Transmit: a TSO segment with a partial checksum goes to the
+            // tap header and all.
+            let seg = frame(20_000, 1);
+            let mut data = vnet_header(1, 1, 1448, 0);
+            data.extend_from_slice(&seg);
+            let a = g.alloc(data.len() as u64);
+            g.write(a, &data);
+            let h = g.post(TX, &[(a, data.len() as u32, 0)]);
+            w.process_all();
+            assert_eq!(g.used(TX), vec![(h, 0)]);
+            assert_eq!(recv(&host), data, "mergeable: {mergeable}");
+            // A header alone is no frame.
+            g.send(&[]);
+            w.process_all();
+            assert_nothing_sent(&host);
+
+            // Receive: the tap's header reaches the guest as it was but for
+            // num_buffers, which the tap leaves alone.
+            let f = frame(1000, 2);
+            let mut from_tap = vnet_header(2, 0, 0, 0xffff);
+            from_tap.extend_from_slice(&f);
+            host.send(&from_tap).unwrap();
+            g.post_in(1526);
+            w.process_all();
+            let mut want = vnet_header(2, 0, 0, 1);
+            want.extend_from_slice(&f);
+            assert_eq!(g.received(RX), vec![want]);
+            // A GSO packet of 30000 bytes: over mergeable buffers, or one
+            // big buffer (Linux's "big packets" without them).
+            let f = frame(30_000, 3);
+            let mut from_tap = vnet_header(1, 1, 1448, 0xffff);
+            from_tap.extend_from_slice(&f);
+            host.send(&from_tap).unwrap();
+            let n = if mergeable {
+                for _ in 0..8 {
+                    g.post_in(4096);
+                }
+                8
+            } else {
+                g.post_in(40_000);
+                1
+            };
+            w.process_all();
+            let mut want = vnet_header(1, 1, 1448, n);
+            want.extend_from_slice(&f);
+            assert_eq!(g.received(RX).concat(), want, "mergeable: {mergeable}");
+            // Something shorter than a header from the tap is dropped.
+            host.send(&[0u8; 5]).unwrap();
+            g.post_in(1526);
+            w.process_all();
+            assert_eq!(w.dropped, 1);
+            assert!(g.used(RX).is_empty(), "the buffer stays for a frame");
+        }
+    }
+
+    #[test]
+    fn the_tap_gets_the_offloads_the_driver_took() {
+        assert_eq!(tap_offloads(0), 0);
+        assert_eq!(tap_offloads(OFFLOAD_FEATURES & !VIRTIO_NET_F_GUEST_CSUM), 0);
+        assert_eq!(tap_offloads(VIRTIO_NET_F_GUEST_CSUM), libc::TUN_F_CSUM);
+        assert_eq!(tap_offloads(OFFLOAD_FEATURES), TAP_OFFLOADS);
+        assert_eq!(
+            tap_offloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO6),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO6
+        );
+    }
+
+    /// A real tap (the kernel names it; it goes when closed): with
+    /// `IFF_VNET_HDR` the offloads are offered, without it not. Needs
+    /// /dev/net/tun and CAP_NET_ADMIN, as the runtime does.
+    #[test]
+    fn offloads_are_offered_over_a_tap_with_headers() {
+        for (flags, offered) in [
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR, true),
+            (libc::IFF_TAP | libc::IFF_NO_PI, false),
+        ] {
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("this test needs /dev/net/tun");
+            // SAFETY: ifreq is plain data; all zeroes is a valid value.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            req.ifr_ifru.ifru_flags = flags as libc::c_short;
+            // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
+            let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
+            assert_eq!(
+                r,
+                0,
+                "TUNSETIFF (needs CAP_NET_ADMIN): {}",
+                io::Error::last_os_error()
+            );
+            let n = Net::new(OwnedFd::from(tun), "02:00:00:00:00:02").unwrap();
+            assert_eq!(n.vnet_hdr, offered);
+            assert_eq!(n.features() & OFFLOAD_FEATURES == OFFLOAD_FEATURES, offered);
+            assert_eq!(
+                n.features() & !OFFLOAD_FEATURES,
+                VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF
+            );
+        }
     }
 
     #[test]
