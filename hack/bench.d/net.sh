@@ -16,12 +16,27 @@
 #                  run's median and p99, timed by the server (a guest's
 #                  clock under TCG moves in 4 ms steps).
 #                Interleaved, the order rotating; 1 warm-up, then -n rounds.
+#                KRUN_OCI_BENCH_NET_HYPERVISORS (e.g. "builtin qemu") runs
+#                krun-oci once per backend named (modes krun-oci/builtin,
+#                krun-oci/qemu; the bundle's io.krun-oci.hypervisor
+#                annotation picks it) instead of once on its own choice.
+#                The built-in VMM needs a KVM that boots Linux; here:
+#                hack/nested run --timeout 1800 -- env
+#                KRUN_OCI_BENCH_NET_HYPERVISORS="builtin qemu" hack/bench -s net
 #                Writes net.tsv, bench-net.png (throughput) and
 #                bench-net-rtt.png (round trip) to DIR.
 
 all_scenarios+=(net)
 
 net_modes=(krun-oci runc native)
+if [ -n "${KRUN_OCI_BENCH_NET_HYPERVISORS:-}" ]; then
+  net_modes=()
+  for h in $KRUN_OCI_BENCH_NET_HYPERVISORS; do
+    [[ $h == builtin || $h == qemu ]] || die "KRUN_OCI_BENCH_NET_HYPERVISORS: $h is not builtin or qemu"
+    net_modes+=("krun-oci/$h")
+  done
+  net_modes+=(runc native)
+fi
 net_seconds=${KRUN_OCI_BENCH_NET_SECONDS:-5}
 net_count=${KRUN_OCI_BENCH_NET_COUNT:-2000}
 # Unique per bench process: two namespaces and the veth pair's two ends.
@@ -54,13 +69,14 @@ net_client() {
 }
 
 scenario_net() {
-  local b=$bundles/net bin r i ns k=${#net_modes[@]}
+  local b=$bundles/net bin r i ns mode k=${#net_modes[@]}
   [[ $net_seconds =~ ^[1-9][0-9]*$ ]] || die "KRUN_OCI_BENCH_NET_SECONDS wants a positive number of seconds"
   [[ $net_count =~ ^[1-9][0-9]*$ ]] || die "KRUN_OCI_BENCH_NET_COUNT wants a positive number of round trips"
 
   bin=$top/target/dist/tools/netperf
-  [ -x "$bin" ] && [ "$bin" -nt "$top/guest-init/examples/netperf.rs" ] ||
+  if [ ! -x "$bin" ] || [ "$top/guest-init/examples/netperf.rs" -nt "$bin" ]; then
     die "net: $bin is missing or older than its source: run hack/build"
+  fi
   ! ldd "$bin" 2>/dev/null | grep -q '=>' || die "$bin is not static"
 
   "$here/mkbundle" "$b" sh -c "$(net_client /bin/netperf)"
@@ -69,6 +85,14 @@ scenario_net() {
   jq --arg ns "/run/netns/$net_c" '
       .linux.namespaces = [.linux.namespaces[] | select(.type != "network")] + [{type: "network", path: $ns}]' \
     "$b/config.json" >"$b/config.json.new" && mv "$b/config.json.new" "$b/config.json"
+  # One config per backend asked for, on the same rootfs.
+  for mode in "${net_modes[@]}"; do
+    [[ $mode == krun-oci/* ]] || continue
+    jq --arg h "${mode#*/}" --arg root "$b/rootfs" '.annotations["io.krun-oci.hypervisor"] = $h | .root.path = $root' \
+      "$b/config.json" >"$b/config-${mode#*/}.json"
+    mkdir -p "$b-${mode#*/}"
+    mv "$b/config-${mode#*/}.json" "$b-${mode#*/}/config.json"
+  done
 
   cleanup_hooks+=(net_cleanup)
   log "net: wiring $net_c <-> $net_s (veth)"
@@ -108,16 +132,19 @@ scenario_net() {
   net_cleanup
 }
 
-# net_run ROUND MODE BUNDLE BIN: one client run, a row of net.tsv.
+# net_run ROUND MODE BUNDLE BIN: one client run, a row of net.tsv. MODE is
+# native, a runtime, or krun-oci/BACKEND (the bundle BUNDLE-BACKEND).
 net_run() {
-  local round=$1 mode=$2 b=$3 bin=$4 id="net-$$-$1-$2" root=$work/state/$2 argv pid rc=0 res mbit med p99 mean error=""
+  local round=$1 mode=$2 b=$3 bin=$4 rt=${2%%/*} id="net-$$-$1-${2//\//-}" root argv pid rc=0 res mbit med p99 mean error=""
+  root=$work/state/$rt
+  [[ $mode != */* ]] || b=$b-${mode#*/}
   if [ "$mode" = native ]; then
     argv=(ip netns exec "$net_c" sh -c "$(net_client "$bin")")
   else
     mkdir -p "$root"
-    rt_run_argv "$mode" "$root" "$b" "$id"
+    rt_run_argv "$rt" "$root" "$b" "$id"
     # shellcheck disable=SC2004,SC2034 # pids and live: the core's associative arrays
-    live[$id]="$mode $root"
+    live[$id]="$rt $root"
   fi
   # timeout: a wedged run fails, it does not hang the bench.
   timeout -k 10 $((net_seconds + net_count / 20 + 120)) "${argv[@]}" \
@@ -128,10 +155,10 @@ net_run() {
   wait "$pid" || rc=$?
   unset "pids[$pid]"
   if [ "$mode" != native ]; then
-    [ "$rc" -eq 0 ] || rt_delete "$mode" "$root" "$id"
+    [ "$rc" -eq 0 ] || rt_delete "$rt" "$root" "$id"
     unset "live[$id]"
   fi
-  [ "$mode" != krun-oci ] || cp "$(rt_log "$id")" "$out/logs/$id.json" 2>/dev/null || true
+  [ "$rt" != krun-oci ] || cp "$(rt_log "$id")" "$out/logs/$id.json" 2>/dev/null || true
   res=$(cat "$work/io/$id.out")
   mbit=$(sed -n 's/^throughput_mbit=\([0-9.]*\).*/\1/p' <<<"$res")
   med=$(sed -n 's/^latency_us_median=\([0-9.]*\).*/\1/p' <<<"$res")
@@ -160,7 +187,7 @@ report_net() {
   echo "timed by the server, on the host's clock."
   echo "$rounds rounds after 1 warm-up, interleaved."
   echo
-  printf '  %-26s %-9s %10s %21s %8s %5s\n' measure mode median min-max "x runc" runs
+  printf '  %-26s %-16s %10s %21s %8s %5s\n' measure mode median min-max "x runc" runs
   for col in "4:TCP throughput, Mbit/s" "5:TCP round trip median, us" "6:TCP round trip p99, us"; do
     name=${col#*:}
     read -r _ base _ _ < <(net_values runc "${col%%:*}" | stats)
@@ -170,22 +197,22 @@ report_net() {
       note=""
       [ "$failed" -eq 0 ] || note="  ($failed failed)"
       if [ "$n" -eq 0 ]; then
-        printf '  %-26s %-9s FAILED: %s\n' "$name" "$mode" \
+        printf '  %-26s %-16s FAILED: %s\n' "$name" "$mode" \
           "$(awk -F'\t' -v m="$mode" '$2 == m && $3 == "failed" { e = $8 } END { print e }' "$out/net.tsv")"
       else
         ratio=$(awk -v a="$med" -v b="$base" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2fx", a / b; else print "n/a" }')
-        printf '  %-26s %-9s %10s %21s %8s %5s%s\n' "$name" "$mode" "$med" "$min-$max" "$ratio" "$n" "$note"
+        printf '  %-26s %-16s %10s %21s %8s %5s%s\n' "$name" "$mode" "$med" "$min-$max" "$ratio" "$n" "$note"
       fi
       name=""
     done
   done
   echo
-  # The accelerator krun-oci chose, from its log.
-  jq -Rrs 'split("\n") | map(fromjson? // empty) | map(select(.msg == "hypervisor chosen")) | .[0]
-           | select(. != null) | "  krun-oci: \(.backend) with \(.accel) (\(.reason))"' \
-    "$out"/logs/net-*-krun-oci.json 2>/dev/null | head -n 1 || true
-  echo "  Under TCG the guest's CPU is emulated: krun-oci's numbers then measure the emulator"
-  echo "  as much as the tap + tc redirect path."
+  # The backend and accelerator krun-oci chose, from its logs.
+  jq -Rrs 'split("\n") | map(fromjson? // empty) | map(select(.msg == "hypervisor chosen"))
+           | unique_by(.backend) | .[] | "  krun-oci: \(.backend) with \(.accel) (\(.reason))"' \
+    "$out"/logs/net-*-krun-oci*.json 2>/dev/null || true
+  echo "  Under TCG (krun-oci's, or the nested test host's) guest CPUs are emulated: the numbers"
+  echo "  then measure the emulator as much as the tap + tc redirect path."
 }
 
 plot_net() {
