@@ -40,19 +40,19 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::virtio::{
-    read_config_bytes, Activation, DeviceError, Interrupt, Mem, VirtioDevice, TYPE_CONSOLE,
+    read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice,
+    TYPE_CONSOLE,
 };
 
 /// Feature bit: the device has a control queue and possibly several ports.
@@ -165,18 +165,7 @@ impl VirtioDevice for Console {
         })?;
         // Reads must never block the worker; writes wait on EPOLLOUT.
         socket.set_nonblocking(true).map_err(DeviceError::Backend)?;
-        let (queues, notify): (Vec<Queue>, Vec<EventFd>) = activation
-            .queues
-            .into_iter()
-            .map(|q| (q.queue, q.notify))
-            .unzip();
-        let queues: [Queue; NUM_QUEUES] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| DeviceError::QueueCount {
-                    got: q.len(),
-                    want: NUM_QUEUES,
-                })?;
+        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let multiport = self.acked_features & VIRTIO_CONSOLE_F_MULTIPORT != 0;
         if !multiport {
             tracing::warn!(
@@ -276,9 +265,8 @@ enum TxProgress {
 
 /// The device side of the console: queues, port state and the socket.
 struct Worker {
-    mem: Mem,
-    interrupt: Arc<Interrupt>,
-    queues: [Queue; NUM_QUEUES],
+    /// The queues, guest memory and interrupt.
+    q: DeviceQueues<NUM_QUEUES>,
     socket: UnixStream,
     port_name: Vec<u8>,
     /// The driver negotiated MULTIPORT (it always does on Linux); without it
@@ -303,8 +291,6 @@ struct Worker {
     tx_pending: Option<TxChain>,
     /// Guest bytes on their way to the socket.
     tx_scratch: Vec<u8>,
-    /// Queues that got used buffers since the last interrupt decision.
-    used: [bool; NUM_QUEUES],
 }
 
 impl Worker {
@@ -317,9 +303,7 @@ impl Worker {
         multiport: bool,
     ) -> Worker {
         Worker {
-            mem,
-            interrupt,
-            queues,
+            q: DeviceQueues::new("virtio-console", mem, interrupt, queues),
             socket,
             port_name: port_name.as_bytes().to_vec(),
             multiport,
@@ -335,7 +319,6 @@ impl Worker {
             rx_end: 0,
             tx_pending: None,
             tx_scratch: vec![0; IO_CHUNK],
-            used: [false; NUM_QUEUES],
         }
     }
 
@@ -405,7 +388,7 @@ impl Worker {
     /// What the worker needs to hear from the socket.
     fn socket_interest(&self) -> EventSet {
         let mut ev = EventSet::empty();
-        if self.wants_socket_data() && self.has_avail(RX) {
+        if self.wants_socket_data() && self.q.has_avail(RX) {
             ev |= EventSet::IN;
         }
         if self.tx_pending.is_some() && !self.host_write_closed {
@@ -427,50 +410,7 @@ impl Worker {
         self.process_rx();
         // The receive path may have queued PORT_OPEN(0) on end of file.
         self.process_control_rx();
-        self.signal_used();
-    }
-
-    fn signal_used(&mut self) {
-        let mut signal = false;
-        for q in 0..NUM_QUEUES {
-            if std::mem::take(&mut self.used[q]) {
-                signal |= self.queues[q].needs_notification(&self.mem).unwrap_or(true);
-            }
-        }
-        if signal {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    /// Whether the driver made buffers available on queue `q`.
-    fn has_avail(&self, q: usize) -> bool {
-        let queue = &self.queues[q];
-        queue.ready()
-            && queue
-                .avail_idx(&self.mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != queue.next_avail())
-    }
-
-    /// The next available chain of queue `q`: its head and descriptors (the
-    /// chain iterator stops loops: at most the table's size).
-    fn pop(&mut self, q: usize) -> Option<(u16, Vec<Descriptor>)> {
-        let queue = &mut self.queues[q];
-        if !queue.ready() {
-            return None;
-        }
-        let chain = queue.pop_descriptor_chain(&self.mem)?;
-        let head = chain.head_index();
-        Some((head, chain.collect()))
-    }
-
-    fn add_used(&mut self, q: usize, head: u16, len: usize) {
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        match self.queues[q].add_used(&self.mem, head, len) {
-            Ok(()) => self.used[q] = true,
-            Err(e) => {
-                tracing::debug!(queue = q, head, error = %e, "virtio-console: add_used failed")
-            }
-        }
+        self.q.signal_used();
     }
 
     fn queue_control(&mut self, msg: Vec<u8>) {
@@ -486,9 +426,9 @@ impl Worker {
         if !self.multiport {
             return;
         }
-        while let Some((head, descs)) = self.pop(CTRL_TX) {
-            let msg = read_control(&self.mem, &descs);
-            self.add_used(CTRL_TX, head, 0);
+        while let Some((head, descs)) = self.q.pop(CTRL_TX) {
+            let msg = read_control(&self.q.mem, &descs);
+            self.q.add_used(CTRL_TX, head, 0);
             match msg {
                 Some(msg) => self.handle_control(msg),
                 None => tracing::debug!("virtio-console: short or unreadable control message"),
@@ -532,14 +472,14 @@ impl Worker {
     /// Control messages to the driver, one per buffer it posted.
     fn process_control_rx(&mut self) {
         while !self.control_out.is_empty() {
-            let Some((head, descs)) = self.pop(CTRL_RX) else {
+            let Some((head, descs)) = self.q.pop(CTRL_RX) else {
                 break;
             };
             let Some(msg) = self.control_out.front() else {
                 break;
             };
-            let n = write_chain(&self.mem, &descs, msg);
-            self.add_used(CTRL_RX, head, n);
+            let n = write_chain(&self.q.mem, &descs, msg);
+            self.q.add_used(CTRL_RX, head, n);
             // A chain with no room for anything does not eat the message.
             if n > 0 {
                 self.control_out.pop_front();
@@ -552,8 +492,8 @@ impl Worker {
         loop {
             let mut chain = match self.tx_pending.take() {
                 Some(c) => c,
-                None => match self.pop(TX) {
-                    Some((head, descs)) => TxChain::new(&self.mem, head, &descs),
+                None => match self.q.pop(TX) {
+                    Some((head, descs)) => TxChain::new(&self.q.mem, head, &descs),
                     None => break,
                 },
             };
@@ -561,7 +501,7 @@ impl Worker {
                 self.tx_pending = Some(chain);
                 break;
             }
-            self.add_used(TX, chain.head, 0);
+            self.q.add_used(TX, chain.head, 0);
         }
     }
 
@@ -581,7 +521,7 @@ impl Worker {
             let buf = &mut self.tx_scratch[..n];
             let read = addr
                 .checked_add(chain.offset as u64)
-                .is_some_and(|a| self.mem.read_slice(buf, a).is_ok());
+                .is_some_and(|a| self.q.mem.read_slice(buf, a).is_ok());
             if !read {
                 tracing::debug!("virtio-console: transmit buffer outside guest memory, skipped");
                 chain.segment += 1;
@@ -622,15 +562,19 @@ impl Worker {
         }
         loop {
             let empty = self.rx_start == self.rx_end;
-            if empty && !(self.host_connected && self.has_avail(RX) && self.fill_rx()) {
+            if empty && !(self.host_connected && self.q.has_avail(RX) && self.fill_rx()) {
                 break;
             }
-            let Some((head, descs)) = self.pop(RX) else {
+            let Some((head, descs)) = self.q.pop(RX) else {
                 break;
             };
-            let n = write_chain(&self.mem, &descs, &self.rx_buf[self.rx_start..self.rx_end]);
+            let n = write_chain(
+                &self.q.mem,
+                &descs,
+                &self.rx_buf[self.rx_start..self.rx_end],
+            );
             self.rx_start += n;
-            self.add_used(RX, head, n);
+            self.q.add_used(RX, head, n);
         }
     }
 
@@ -717,6 +661,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use crate::virtio::ActiveQueue;
@@ -1504,7 +1449,7 @@ mod tests {
             }
             // Still alive: a valid transmit chain goes through, provided the
             // ring itself is sane again (the driver owns it).
-            let next = w.queues[TX].next_avail();
+            let next = w.q.queues[TX].next_avail();
             let av = g.queues[TX].avail();
             let d = SplitDescriptor::new(0x1_1000, 3, 0, 0);
             g.write(0x1_1000, b"end");

@@ -57,7 +57,6 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -67,7 +66,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::virtio::{read_config_bytes, Activation, DeviceError, Interrupt, Mem, VirtioDevice};
+use crate::virtio::{
+    read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice,
+};
 
 /// The virtio device type of a network card.
 pub const TYPE_NET: u32 = 1;
@@ -230,18 +231,7 @@ impl VirtioDevice for Net {
             set_tap_offloads(&tap, tap_offloads(self.acked_features))
                 .map_err(DeviceError::Backend)?;
         }
-        let (queues, notify): (Vec<Queue>, Vec<EventFd>) = activation
-            .queues
-            .into_iter()
-            .map(|q| (q.queue, q.notify))
-            .unzip();
-        let queues: [Queue; NUM_QUEUES] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<Queue>| DeviceError::QueueCount {
-                    got: q.len(),
-                    want: NUM_QUEUES,
-                })?;
+        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let mergeable = self.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let worker = Worker::new(
             activation.mem,
@@ -329,9 +319,8 @@ enum BadChain {
 
 /// The device side of the network card: queues and the tap.
 struct Worker {
-    mem: Mem,
-    interrupt: Arc<Interrupt>,
-    queues: [Queue; NUM_QUEUES],
+    /// The queues, guest memory and interrupt.
+    q: DeviceQueues<NUM_QUEUES>,
     tap: File,
     /// Reading the tap failed for good: nothing more is received.
     tap_dead: bool,
@@ -349,8 +338,6 @@ struct Worker {
     rx_room: usize,
     /// A frame gathered from the guest, header in front.
     tx_buf: Vec<u8>,
-    /// Queues that got used buffers since the last interrupt decision.
-    used: [bool; NUM_QUEUES],
     /// Counters, for tests and logs.
     rx_frames: u64,
     tx_frames: u64,
@@ -367,9 +354,7 @@ impl Worker {
         vnet_hdr: bool,
     ) -> Worker {
         Worker {
-            mem,
-            interrupt,
-            queues,
+            q: DeviceQueues::new("virtio-net", mem, interrupt, queues),
             tap,
             tap_dead: false,
             rx_buf: vec![0; NET_HDR_LEN + MAX_FRAME_LEN],
@@ -379,7 +364,6 @@ impl Worker {
             rx_chains: Vec::new(),
             rx_room: 0,
             tx_buf: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME_LEN),
-            used: [false; NUM_QUEUES],
             rx_frames: 0,
             tx_frames: 0,
             dropped: 0,
@@ -454,7 +438,7 @@ impl Worker {
 
     /// What the worker needs to hear from the tap.
     fn tap_interest(&self) -> EventSet {
-        let room = self.has_avail(RX) || (self.mergeable && !self.rx_chains.is_empty());
+        let room = self.q.has_avail(RX) || (self.mergeable && !self.rx_chains.is_empty());
         if !self.tap_dead && self.rx_len.is_none() && room {
             EventSet::IN
         } else {
@@ -467,61 +451,20 @@ impl Worker {
     fn process_all(&mut self) {
         self.process_tx();
         self.process_rx();
-        self.signal_used();
-    }
-
-    fn signal_used(&mut self) {
-        let mut signal = false;
-        for q in 0..NUM_QUEUES {
-            if std::mem::take(&mut self.used[q]) {
-                signal |= self.queues[q].needs_notification(&self.mem).unwrap_or(true);
-            }
-        }
-        if signal {
-            self.interrupt.signal_used_queue();
-        }
-    }
-
-    /// Whether the driver made buffers available on queue `q`.
-    fn has_avail(&self, q: usize) -> bool {
-        let queue = &self.queues[q];
-        queue.ready()
-            && queue
-                .avail_idx(&self.mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != queue.next_avail())
-    }
-
-    /// The next available chain of queue `q`: its head and descriptors (the
-    /// chain iterator stops loops: at most the table's size).
-    fn pop(&mut self, q: usize) -> Option<(u16, Vec<Descriptor>)> {
-        let queue = &mut self.queues[q];
-        if !queue.ready() {
-            return None;
-        }
-        let chain = queue.pop_descriptor_chain(&self.mem)?;
-        let head = chain.head_index();
-        Some((head, chain.collect()))
-    }
-
-    fn add_used(&mut self, q: usize, head: u16, len: usize) {
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        match self.queues[q].add_used(&self.mem, head, len) {
-            Ok(()) => self.used[q] = true,
-            Err(e) => tracing::debug!(queue = q, head, error = %e, "virtio-net: add_used failed"),
-        }
+        self.q.signal_used();
     }
 
     /// Guest -> tap: one frame per chain.
     fn process_tx(&mut self) {
-        while let Some((head, descs)) = self.pop(TX) {
-            match gather(&self.mem, &descs, &mut self.tx_buf) {
+        while let Some((head, descs)) = self.q.pop(TX) {
+            match gather(&self.q.mem, &descs, &mut self.tx_buf) {
                 Ok(()) => self.send_frame(),
                 Err(e) => {
                     tracing::debug!(reason = ?e, "virtio-net: bad transmit chain dropped");
                     self.dropped += 1;
                 }
             }
-            self.add_used(TX, head, 0);
+            self.q.add_used(TX, head, 0);
         }
     }
 
@@ -560,18 +503,18 @@ impl Worker {
             return self.process_rx_mergeable();
         }
         loop {
-            if self.rx_len.is_none() && !(self.has_avail(RX) && self.read_frame()) {
+            if self.rx_len.is_none() && !(self.q.has_avail(RX) && self.read_frame()) {
                 break;
             }
             let Some(len) = self.rx_len else { break };
-            let Some((head, descs)) = self.pop(RX) else {
+            let Some((head, descs)) = self.q.pop(RX) else {
                 break;
             };
-            match scatter(&self.mem, &descs, &self.rx_buf[..len]) {
+            match scatter(&self.q.mem, &descs, &self.rx_buf[..len]) {
                 Ok(()) => {
                     self.rx_len = None;
                     self.rx_frames += 1;
-                    self.add_used(RX, head, len);
+                    self.q.add_used(RX, head, len);
                 }
                 Err(BadChain::TooShort) => {
                     // A well-formed buffer, only too small for this frame:
@@ -582,14 +525,14 @@ impl Worker {
                     );
                     self.rx_len = None;
                     self.dropped += 1;
-                    let q = &mut self.queues[RX];
+                    let q = &mut self.q.queues[RX];
                     q.set_next_avail(q.next_avail().wrapping_sub(1));
                 }
                 Err(e) => {
                     // A hostile chain: given back empty, the frame waits
                     // for the next one.
                     tracing::debug!(reason = ?e, "virtio-net: bad receive chain");
-                    self.add_used(RX, head, 0);
+                    self.q.add_used(RX, head, 0);
                 }
             }
         }
@@ -599,14 +542,14 @@ impl Worker {
     /// as it takes.
     fn process_rx_mergeable(&mut self) {
         loop {
-            let room = self.has_avail(RX) || !self.rx_chains.is_empty();
+            let room = self.q.has_avail(RX) || !self.rx_chains.is_empty();
             if self.rx_len.is_none() && !(room && self.read_frame()) {
                 break;
             }
             let Some(len) = self.rx_len else { break };
             // Gather chains until the frame fits.
             while self.rx_room < len {
-                if self.rx_chains.len() >= usize::from(self.queues[RX].size()) {
+                if self.rx_chains.len() >= usize::from(self.q.queues[RX].size()) {
                     // Every buffer the ring can hold is too little.
                     tracing::debug!(
                         len,
@@ -616,17 +559,17 @@ impl Worker {
                     self.dropped += 1;
                     break;
                 }
-                let Some((head, descs)) = self.pop(RX) else {
+                let Some((head, descs)) = self.q.pop(RX) else {
                     break;
                 };
-                match writable_segments(&self.mem, &descs) {
+                match writable_segments(&self.q.mem, &descs) {
                     Ok(segs) => {
                         self.rx_room += segs.iter().map(|s| s.1).sum::<usize>();
                         self.rx_chains.push((head, segs));
                     }
                     Err(e) => {
                         tracing::debug!(reason = ?e, "virtio-net: bad receive chain");
-                        self.add_used(RX, head, 0);
+                        self.q.add_used(RX, head, 0);
                     }
                 }
             }
@@ -660,6 +603,7 @@ impl Worker {
                 // Checked when the chain was popped; the guest cannot unmap
                 // memory, but an error is handled all the same.
                 failed |= self
+                    .q
                     .mem
                     .write_slice(&self.rx_buf[written..written + n], addr)
                     .is_err();
@@ -674,7 +618,7 @@ impl Worker {
             // Every chain's first segment holds a header.
             failed |= first
                 .checked_add(10)
-                .is_none_or(|a| self.mem.write_slice(&num_buffers, a).is_err());
+                .is_none_or(|a| self.q.mem.write_slice(&num_buffers, a).is_err());
         }
         if failed {
             tracing::debug!("virtio-net: writing a received frame failed");
@@ -683,33 +627,7 @@ impl Worker {
         self.rx_room = self.rx_chains.iter().flat_map(|c| &c.1).map(|s| s.1).sum();
         self.rx_len = None;
         self.rx_frames += 1;
-        self.add_used_batch(RX, &used);
-    }
-
-    /// Adds several used elements and makes them visible to the driver at
-    /// once: the elements are written first, the index last (add_used's
-    /// release store orders them).
-    fn add_used_batch(&mut self, q: usize, used: &[(u16, usize)]) {
-        let Some((&(last, last_len), rest)) = used.split_last() else {
-            return;
-        };
-        let queue = &mut self.queues[q];
-        let start = queue.next_used();
-        let size = queue.size().max(1);
-        for (i, &(head, len)) in rest.iter().enumerate() {
-            let slot = start.wrapping_add(i as u16) % size;
-            let len = u32::try_from(len).unwrap_or(u32::MAX);
-            let elem = u64::from(head) | (u64::from(len) << 32);
-            let addr = queue
-                .used_ring()
-                .checked_add(4 + 8 * u64::from(slot))
-                .map(GuestAddress);
-            if addr.is_none_or(|a| self.mem.write_obj(elem.to_le(), a).is_err()) {
-                tracing::debug!(queue = q, "virtio-net: writing a used element failed");
-            }
-        }
-        queue.set_next_used(start.wrapping_add(rest.len() as u16));
-        self.add_used(q, last, last_len);
+        self.q.add_used_batch(RX, &used);
     }
 
     /// Reads one frame from the tap into `rx_buf`, header in front (the
@@ -1700,7 +1618,7 @@ mod tests {
             }
             // Still alive: a valid transmit chain goes through, provided the
             // ring itself is sane again (the driver owns it).
-            let next = w.queues[TX].next_avail();
+            let next = w.q.queues[TX].next_avail();
             let av = g.queues[TX].avail();
             let mut data = vec![0u8; NET_HDR_LEN];
             data.extend_from_slice(b"end");
@@ -1714,7 +1632,7 @@ mod tests {
             // And a frame reaches a good receive buffer (one still held or
             // still in the tap, or a new one), unless held chains took it.
             let held = !w.rx_chains.is_empty();
-            let next = w.queues[RX].next_avail();
+            let next = w.q.queues[RX].next_avail();
             let av = g.queues[RX].avail();
             let d = SplitDescriptor::new(0x1_2000, 4000, F_WRITE, 0);
             g.queues[RX].desc_table().store(1, RawDescriptor::from(d)).unwrap();

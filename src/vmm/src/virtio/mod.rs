@@ -6,6 +6,9 @@
 //! notifications (ioeventfds) and the interrupt (an irqfd) to KVM.
 
 pub mod mmio;
+mod queues;
+
+pub use queues::DeviceQueues;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
