@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::Sandbox;
+use harness::{Sandbox, TestBundle};
 use serde_json::json;
 
 /// Two named network namespaces joined by a veth pair, removed on drop.
@@ -74,6 +74,14 @@ impl Wiring {
     fn path(&self) -> String {
         format!("/run/netns/{}", self.container)
     }
+
+    /// Makes bundle `b` join the container side.
+    fn join(&self, b: &mut TestBundle) {
+        b.config["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "network", "path": self.path()}));
+    }
 }
 
 impl Drop for Wiring {
@@ -97,6 +105,16 @@ fn in_netns<T: Send + 'static>(
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         f()
     })
+}
+
+/// Gives the bundle's process CAP_NET_RAW, for ping.
+fn with_cap_net_raw(b: &mut TestBundle) {
+    for set in ["bounding", "effective", "permitted"] {
+        b.process()["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_NET_RAW"));
+    }
 }
 
 /// Accepts one connection on `addr` (in the calling thread's namespace),
@@ -223,16 +241,8 @@ fn the_namespace_network_is_the_guests() {
     );
     let mut b = sb.bundle(&["sh", "-c", &script]);
     std::fs::copy(harness::netperf(), b.rootfs().join("bin/netperf")).unwrap();
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network", "path": w.path()}));
-    for set in ["bounding", "effective", "permitted"] {
-        b.process()["capabilities"][set]
-            .as_array_mut()
-            .unwrap()
-            .push(json!("CAP_NET_RAW"));
-    }
+    w.join(&mut b);
+    with_cap_net_raw(&mut b);
     let mac = sh_out(&format!("ip -n {} -j link show eth0", w.container));
     let mac = serde_json::from_str::<serde_json::Value>(&mac).unwrap()[0]["address"]
         .as_str()
@@ -312,16 +322,8 @@ fn a_jumbo_mtu_carries_jumbo_frames() {
          echo received: $(nc -w 30 10.231.{n}.1 7005 </dev/null | wc -c)"
     );
     let mut b = sb.bundle(&["sh", "-c", &script]);
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network", "path": w.path()}));
-    for set in ["bounding", "effective", "permitted"] {
-        b.process()["capabilities"][set]
-            .as_array_mut()
-            .unwrap()
-            .push(json!("CAP_NET_RAW"));
-    }
+    w.join(&mut b);
+    with_cap_net_raw(&mut b);
     let out = sb.run(&b, "netjumbo", None);
     let text = out.stdout();
     out.expect_code(0);
@@ -376,10 +378,7 @@ fn offloads_carry_segments_bigger_than_the_mtu_both_ways() {
          echo rx_packets: $(( $(stat rx_packets) - rx ))"
     );
     let mut b = sb.bundle(&["sh", "-c", &script]);
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network", "path": w.path()}));
+    w.join(&mut b);
     let out = sb.run(&b, "netoffload", None);
     let text = out.stdout();
     out.expect_code(0);
@@ -443,12 +442,8 @@ fn a_namespace_with_only_loopback_gives_loopback_only() {
 fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
     let sb = Sandbox::new("net9");
     let w = Wiring::new("net9");
-    let b = sb.bundle(&["sleep", "1000"]);
-    let mut b = b;
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "network", "path": w.path()}));
+    let mut b = sb.bundle(&["sleep", "1000"]);
+    w.join(&mut b);
     b.write();
     let pid_file = sb.path().join("n9.pid");
     // The monitor keeps create's stdio: give it files, not pipes.
