@@ -345,9 +345,10 @@ fn a_jumbo_mtu_carries_jumbo_frames() {
 /// a TCP stream of 4 MiB crosses the guest's interface in segments bigger
 /// than the MTU, so in well under one packet per 1500 bytes (without
 /// offloads it takes at least one per MSS, 1448 bytes; with them a slow
-/// guest still sends segments of at least two MSS, Linux's min_tso_segs,
-/// and receives the host's 64 KiB ones). The data arrives whole: the host
-/// kernel completed every checksum.
+/// stack still sends segments of at least two MSS, Linux's min_tso_segs).
+/// Both streams come from 128 KiB writes (netperf send, and the test):
+/// busybox nc's 1 KiB writes make small segments whatever the offloads.
+/// The data arrives whole: the host kernel completed every checksum.
 #[test]
 fn offloads_carry_segments_bigger_than_the_mtu_both_ways() {
     let sb = Sandbox::new("netoffload");
@@ -363,7 +364,9 @@ fn offloads_carry_segments_bigger_than_the_mtu_both_ways() {
     let source = in_netns(&w.server, move || {
         let mut s = accept_guest(&format!("10.231.{n}.1:7007"));
         let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
-        s.write_all(&data).unwrap();
+        for chunk in data.chunks(128 * 1024) {
+            s.write_all(chunk).unwrap();
+        }
         s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
@@ -371,13 +374,14 @@ fn offloads_carry_segments_bigger_than_the_mtu_both_ways() {
     let script = format!(
         "stat() {{ cat /sys/class/net/eth0/statistics/$1; }}
          tx=$(stat tx_packets)
-         dd if=/dev/zero bs=65536 count=64 2>/dev/null | nc 10.231.{n}.1 7006
+         netperf send 10.231.{n}.1:7006 {LEN}
          echo tx_packets: $(( $(stat tx_packets) - tx ))
          rx=$(stat rx_packets)
          echo received: $(nc 10.231.{n}.1 7007 </dev/null | md5sum)
          echo rx_packets: $(( $(stat rx_packets) - rx ))"
     );
     let mut b = sb.bundle(&["sh", "-c", &script]);
+    std::fs::copy(harness::netperf(), b.rootfs().join("bin/netperf")).unwrap();
     w.join(&mut b);
     let out = sb.run(&b, "netoffload", None);
     let text = out.stdout();

@@ -9,6 +9,7 @@
 //! netperf client ADDR:PORT throughput SECONDS
 //! netperf client ADDR:PORT latency COUNT
 //! netperf udp-echo ADDR:PORT
+//! netperf send ADDR:PORT BYTES
 //! ```
 //!
 //! The server accepts connections until it is killed, one thread each. The
@@ -32,6 +33,11 @@
 //!
 //! The server prints `listening on ADDR:PORT` once it accepts connections.
 //!
+//! `send` connects, writes BYTES zeros in 128 KiB writes (as an
+//! application that streams would; busybox nc writes 1 KiB at a time),
+//! shuts its side down, waits for the peer's close and prints `sent N
+//! bytes`.
+//!
 //! `udp-echo` binds a UDP socket, waits for one datagram (busybox has no UDP
 //! listener), sends it back to its sender, prints `udp echoed N bytes to
 //! PEER: TEXT` and exits.
@@ -45,7 +51,8 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: netperf server ADDR:PORT
        netperf client ADDR:PORT throughput SECONDS
        netperf client ADDR:PORT latency COUNT
-       netperf udp-echo ADDR:PORT";
+       netperf udp-echo ADDR:PORT
+       netperf send ADDR:PORT BYTES";
 
 /// Round trips done before the timed ones (connection and cache warm-up).
 const LATENCY_WARMUP: usize = 20;
@@ -72,6 +79,12 @@ fn main() -> ExitCode {
             latency(a, count)
         }),
         ["udp-echo", addr] => resolve(addr).and_then(udp_echo),
+        ["send", addr, bytes] => resolve(addr).and_then(|a| {
+            let bytes: u64 = bytes
+                .parse()
+                .map_err(|_| format!("BYTES: not a number: {bytes}"))?;
+            send(a, bytes)
+        }),
         ["-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())
@@ -166,6 +179,24 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
             format!("unknown test byte {other:#04x}"),
         )),
     }
+}
+
+fn send(addr: SocketAddr, bytes: u64) -> Result<(), String> {
+    let mut s = connect(addr)?;
+    let buf = vec![0u8; 128 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
+        left -= n as u64;
+    }
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .map_err(|e| format!("waiting for the peer's close: {e}"))?;
+    println!("sent {bytes} bytes");
+    Ok(())
 }
 
 fn udp_echo(addr: SocketAddr) -> Result<(), String> {
