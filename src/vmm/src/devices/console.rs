@@ -153,19 +153,13 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        let got = activation.queues.len();
-        if got != NUM_QUEUES {
-            return Err(DeviceError::QueueCount {
-                got,
-                want: NUM_QUEUES,
-            });
-        }
+        // The queue count first: a wrong one leaves the backend in place.
+        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let socket = self.backend.take().ok_or_else(|| {
             DeviceError::Backend(io::Error::other("the console was already activated"))
         })?;
         // Reads must never block the worker; writes wait on EPOLLOUT.
         socket.set_nonblocking(true).map_err(DeviceError::Backend)?;
-        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let multiport = self.acked_features & VIRTIO_CONSOLE_F_MULTIPORT != 0;
         if !multiport {
             tracing::warn!(

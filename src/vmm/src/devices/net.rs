@@ -216,13 +216,8 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        let got = activation.queues.len();
-        if got != NUM_QUEUES {
-            return Err(DeviceError::QueueCount {
-                got,
-                want: NUM_QUEUES,
-            });
-        }
+        // The queue count first: a wrong one leaves the backend in place.
+        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let tap = self.tap.take().ok_or_else(|| {
             DeviceError::Backend(io::Error::other("the network card was already activated"))
         })?;
@@ -231,7 +226,6 @@ impl VirtioDevice for Net {
             set_tap_offloads(&tap, tap_offloads(self.acked_features))
                 .map_err(DeviceError::Backend)?;
         }
-        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let mergeable = self.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let worker = Worker::new(
             activation.mem,
@@ -1158,6 +1152,30 @@ mod tests {
                 VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF
             );
         }
+    }
+
+    #[test]
+    fn a_wrong_queue_count_fails_and_keeps_the_tap() {
+        let mem = memory(0x10_0000);
+        let g = Guest::new(&mem);
+        let (dev, _host) = UnixDatagram::pair().unwrap();
+        let mut net = Net::new(OwnedFd::from(dev), "02:00:00:00:00:03").unwrap();
+        let [queue, _] = g.device_queues();
+        let r = net.activate(Activation {
+            mem: mem.clone(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            queues: vec![ActiveQueue {
+                queue,
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            }],
+            stop: EventFd::new(EFD_NONBLOCK).unwrap(),
+        });
+        assert!(
+            matches!(r, Err(DeviceError::QueueCount { got: 1, want: 2 })),
+            "{:?}",
+            r.err()
+        );
+        assert!(net.tap.is_some(), "the tap stays for a good activation");
     }
 
     #[test]
