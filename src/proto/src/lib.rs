@@ -35,8 +35,10 @@ pub const PROTOCOL_VERSION: u32 = 5;
 /// The name of the virtio-console port that carries the protocol.
 pub const CONTROL_PORT_NAME: &str = "krun.ctl";
 
-/// The virtio-fs tag under which the container's root filesystem is shared.
-pub const ROOTFS_TAG: &str = "rootfs";
+/// The virtio-fs tag of a VM's one share: the directory the runtime
+/// composes of its containers' roots and volumes, each container's under
+/// its id (`ID/rootfs`, `ID/mN` for the source of mounts[N]).
+pub const SHARE_TAG: &str = "krun";
 
 /// Stream number of the container's main process.
 pub const MAIN_STREAM: u32 = 0;

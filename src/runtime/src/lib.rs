@@ -18,6 +18,7 @@ pub mod net;
 pub mod plan;
 pub mod relay;
 pub mod session;
+pub mod staging;
 pub mod state;
 pub mod tty;
 
