@@ -197,8 +197,7 @@ pub fn cleanup_after_crash(root: &Path, id: &str, bundle: &Path) {
         }
         let _ = dir.remove();
     }
-    let _ =
-        containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
+    // Its paths leave the pod's share before its rootfs is unmounted.
     if let Ok(b) = krun_oci::bundle::Bundle::load(bundle) {
         match pod::role(&b.spec) {
             Role::Sandbox => pod::remove(id),
@@ -206,6 +205,8 @@ pub fn cleanup_after_crash(root: &Path, id: &str, bundle: &Path) {
             Role::Standalone => {}
         }
     }
+    let _ =
+        containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
 }
 
 impl Tasks {
@@ -431,7 +432,7 @@ impl Tasks {
         let host = krun_oci::plan::HostInfo::detect();
         let plan = krun_oci::plan::plan(&id, &bundle, spec, &host)
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let setup = pod::place_member(sandbox, &plan.shares, plan.setup)
+        let setup = pod::place_member(sandbox, &plan.paths, plan.setup)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("placing {id} in its pod: {e}")))?;
         let undo = || pod::remove_member(sandbox, &id);
         let fds = (|| -> TtrpcResult<Vec<std::os::fd::OwnedFd>> {
@@ -543,14 +544,10 @@ impl Tasks {
         let err = |e: anyhow::Error| rpc_error(Code::INVALID_ARGUMENT, format!("{e:#}"));
         let b = krun_oci::bundle::Bundle::load(bundle).map_err(|e| err(e.into()))?;
         let host = krun_oci::plan::HostInfo::detect();
-        let mut plan =
-            krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;
-        if *role == Role::Sandbox {
-            // The pod's VM: the pod directory goes in as one more share.
-            let share = pod::prepare(id)
-                .map_err(|e| rpc_error(Code::INTERNAL, format!("pod directory: {e}")))?;
-            plan.shares.push(share);
-        }
+        let plan = krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;
+        // The pod's VM composes its share in the pod directory, where the
+        // pod's later containers are bound in too.
+        let share_dir = (*role == Role::Sandbox).then(|| pod::share_dir(id));
         let assets = krun_oci::assets::Assets::find()
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
         let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets)
@@ -570,6 +567,7 @@ impl Tasks {
             state_dir,
             stdio,
             notices: Some(notices),
+            share_dir,
         })
     }
 

@@ -24,6 +24,7 @@ use crate::bundle::Bundle;
 use crate::plan::VmPlan;
 use crate::relay::pump_stdin;
 use crate::session::{Control, Event, Session, SessionError, Timings};
+use crate::staging::Staging;
 use crate::state::{self, State, StateDir, Status};
 use crate::tty;
 
@@ -63,6 +64,9 @@ pub struct Launch {
     pub stdio: MainStdio,
     /// Where [`Notice`]s go, if anyone listens.
     pub notices: Option<Sender<Notice>>,
+    /// Where the VM's share is composed ([`crate::staging`]); None: the
+    /// state directory's `share`. A pod's sandbox gives the pod directory.
+    pub share_dir: Option<PathBuf>,
 }
 
 /// How the container's process ended, as the monitor reports it.
@@ -113,6 +117,8 @@ pub struct Monitor {
     _console_copy: ConsoleCopy,
     /// Dropped after `session` (the VM): the tap goes with the VMM.
     _net: Option<crate::net::Guard>,
+    /// The VM's share; unmounted once the VM is gone.
+    staging: Option<Staging>,
 }
 
 /// Fails a launch with the state directory removed.
@@ -131,6 +137,7 @@ impl Monitor {
             mut state_dir,
             stdio,
             notices,
+            share_dir,
         } = l;
         state_dir.discard_on_drop();
         let run_dir = RunDir::new(&state_dir.dir)?;
@@ -171,10 +178,15 @@ impl Monitor {
             crate::net::Guard(c.record)
         });
         state_dir.write(&state)?;
+        // What the guest sees of the host: its root and volumes, composed
+        // into one share (torn down when this value goes, after the VM).
+        let staging = Staging::create(&share_dir.unwrap_or_else(|| state_dir.dir.join("share")))?;
+        staging.add(&plan.paths)?;
         let host_setup_ms = crate::since_start_ms();
         let mut session = Session::boot(
             hypervisor.as_ref(),
             &plan,
+            &staging.shared_dir(),
             &assets,
             &state_dir.dir,
             &run_dir.0,
@@ -226,6 +238,7 @@ impl Monitor {
             _run_dir: run_dir,
             _console_copy: console_copy,
             _net: net_guard,
+            staging: Some(staging),
         })
     }
 
@@ -306,9 +319,11 @@ impl Monitor {
             mut state,
             session,
             host_setup_ms,
+            staging,
             ..
         } = self;
         let vm_exit = session.shutdown(Duration::from_secs(3));
+        drop(staging);
         log_timings(&id, host_setup_ms, &timings, exited_ms);
         tracing::debug!(container = %id, ?vm_exit, vm_stopped_ms = crate::since_start_ms(), teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
         let outcome = match &result {

@@ -132,10 +132,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Boots the VM and waits for guest-init's hello.
+    /// Boots the VM, its one share `shared_dir` (composed by
+    /// [`crate::staging`]), and waits for guest-init's hello.
     pub fn boot(
         hv: &dyn Hypervisor,
         plan: &VmPlan,
+        shared_dir: &Path,
         assets: &Assets,
         state_dir: &Path,
         run_dir: &Path,
@@ -153,7 +155,11 @@ impl Session {
             cmdline: "quiet no_timer_check".into(),
             vcpus: plan.vcpus,
             memory_mib: plan.memory_mib,
-            shares: plan.shares.clone(),
+            shares: vec![krun_hypervisor::Share {
+                tag: krun_proto::SHARE_TAG.to_string(),
+                path: shared_dir.to_path_buf(),
+                readonly: false,
+            }],
             control: vm_end.into(),
             control_port_name: CONTROL_PORT_NAME.into(),
             console_log: console_log.clone(),

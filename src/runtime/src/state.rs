@@ -3,6 +3,7 @@
 //! every teardown.
 
 use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -224,9 +225,12 @@ impl StateDir {
             let path = path.to_path_buf();
             move |source| StateError::Io { path, source }
         };
-        std::fs::create_dir_all(root).map_err(io(root))?;
+        private_dir_builder()
+            .recursive(true)
+            .create(root)
+            .map_err(io(root))?;
         let dir = root.join(id);
-        match std::fs::create_dir(&dir) {
+        match private_dir_builder().create(&dir) {
             Ok(()) => Ok(StateDir { dir, keep: false }),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StateError::Exists(id.to_string()))
@@ -267,7 +271,7 @@ impl StateDir {
     /// Removes the directory now.
     pub fn remove(mut self) -> Result<(), StateError> {
         self.keep = true;
-        std::fs::remove_dir_all(&self.dir).map_err(|source| StateError::Io {
+        remove_state_dir(&self.dir).map_err(|source| StateError::Io {
             path: self.dir.clone(),
             source,
         })
@@ -275,12 +279,24 @@ impl StateDir {
 
     /// Writes state.json atomically.
     pub fn write(&self, state: &State) -> Result<(), StateError> {
-        let path = self.dir.join("state.json");
-        let tmp = self.dir.join(".state.json.tmp");
         let json = serde_json::to_vec_pretty(state).expect("state serializes");
-        std::fs::write(&tmp, json)
+        self.write_file("state.json", &json)
+    }
+
+    /// Writes `name` in the state directory atomically, readable by root
+    /// only, never following a link.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        write_private(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|source| StateError::Io { path, source })
+    }
+
+    /// The bundle's config.json as `create` read it: what `start`,
+    /// `delete` and the hooks use, whatever happens to the bundle after.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.json")
     }
 
     /// The guest's serial console log.
@@ -310,6 +326,8 @@ impl StateDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io)?;
         nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
@@ -320,9 +338,40 @@ impl StateDir {
 impl Drop for StateDir {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = remove_state_dir(&self.dir);
         }
     }
+}
+
+/// Directories only root can enter, as runc makes its state directories.
+fn private_dir_builder() -> std::fs::DirBuilder {
+    let mut b = std::fs::DirBuilder::new();
+    b.mode(0o700);
+    b
+}
+
+/// Writes a new file readable by root only; a link at `path` is replaced,
+/// never followed.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// Removes a state directory: its VM share unmounted first, and nothing
+/// deleted through a mount that is still there.
+fn remove_state_dir(dir: &Path) -> std::io::Result<()> {
+    crate::staging::teardown(&dir.join("share"));
+    crate::staging::remove_tree(dir)
 }
 
 #[cfg(test)]

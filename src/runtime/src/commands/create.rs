@@ -41,6 +41,7 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
         hypervisor,
         state_dir,
         stdio,
+        share_dir: None,
     })
 }
 

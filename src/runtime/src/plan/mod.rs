@@ -11,9 +11,10 @@ mod sizing;
 
 use std::path::Path;
 
-use krun_hypervisor::Share;
-use krun_proto::{ContainerSetup, RootSetup, ROOTFS_TAG};
+use krun_proto::{ContainerSetup, RootSetup, SHARE_TAG};
 use oci_spec::runtime::Spec;
+
+use crate::staging::{self, ContainerPaths, HostBind};
 
 pub use sizing::{
     HostInfo, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB,
@@ -49,8 +50,9 @@ impl std::str::FromStr for HypervisorKind {
 pub struct VmPlan {
     pub vcpus: u32,
     pub memory_mib: u64,
-    /// Shares in tag order; the first is the root filesystem.
-    pub shares: Vec<Share>,
+    /// What of the host the container is given (its root, then each bind
+    /// mount's source), to be composed into the VM's one share.
+    pub paths: ContainerPaths,
     pub setup: ContainerSetup,
     /// The backend the bundle asks for, if it does.
     pub hypervisor: Option<HypervisorKind>,
@@ -110,11 +112,11 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mut problems = Problems::default();
     let mut warnings = Vec::new();
 
-    // The root filesystem is always the first share.
-    let mut shares = Vec::new();
+    // The root filesystem first, then the bind sources.
+    let mut binds = Vec::new();
     let mut root_setup = RootSetup {
-        tag: ROOTFS_TAG.to_string(),
-        path: String::new(),
+        tag: SHARE_TAG.to_string(),
+        path: staging::root_path(id),
         readonly: false,
     };
     match spec.root() {
@@ -128,19 +130,21 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
                 );
             }
             root_setup.readonly = root.readonly().unwrap_or(false);
-            // Shared writable even when root.readonly: as under runc, mount
+            // Bound writable even when root.readonly: as under runc, mount
             // points for the bundle's mounts are created in the rootfs first,
             // then the guest makes its view of / read-only.
-            shares.push(Share {
-                tag: ROOTFS_TAG.to_string(),
-                path,
+            binds.push(HostBind {
+                name: "rootfs".into(),
+                field: "root.path".into(),
+                source: path,
                 readonly: false,
+                file: false,
             });
         }
     }
 
     let process = process::plan_process(spec, &mut problems);
-    let mounts = mounts::plan_mounts(spec, bundle, &mut shares, &mut problems);
+    let mounts = mounts::plan_mounts(spec, id, bundle, &mut binds, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
     let has_netns = spec
@@ -202,7 +206,10 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     Ok(VmPlan {
         vcpus,
         memory_mib,
-        shares,
+        paths: ContainerPaths {
+            id: id.to_string(),
+            binds,
+        },
         setup,
         hypervisor,
         netns: linux.netns,

@@ -1,13 +1,13 @@
-//! `mounts` -> [`MountSetup`]s and the virtio-fs shares bind mounts need.
+//! `mounts` -> [`MountSetup`]s and the host paths bind mounts need.
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use krun_hypervisor::Share;
-use krun_proto::{MountSetup, MountSource};
+use krun_proto::{MountSetup, MountSource, SHARE_TAG};
 use oci_spec::runtime::Spec;
 
 use super::Problems;
+use crate::staging::{self, HostBind};
 
 /// Filesystems the guest kernel makes itself. `cgroup` (v1) is given the
 /// guest's cgroup2 hierarchy.
@@ -93,28 +93,13 @@ fn parse_options(options: &[String]) -> Options {
     o
 }
 
-/// Finds or adds the share for host directory `dir`.
-fn share_for(shares: &mut Vec<Share>, dir: &Path, readonly: bool) -> String {
-    if let Some(s) = shares
-        .iter()
-        .skip(1)
-        .find(|s| s.path == dir && s.readonly == readonly)
-    {
-        return s.tag.clone();
-    }
-    let tag = format!("share{}", shares.len());
-    shares.push(Share {
-        tag: tag.clone(),
-        path: dir.to_path_buf(),
-        readonly,
-    });
-    tag
-}
-
+/// The bundle's mounts as guest-init makes them; each bind mount's source
+/// goes into `binds`, to be bound into the VM's share as `ID/mN`.
 pub(super) fn plan_mounts(
     spec: &Spec,
+    id: &str,
     bundle: &Path,
-    shares: &mut Vec<Share>,
+    binds: &mut Vec<HostBind>,
     problems: &mut Problems,
 ) -> Vec<MountSetup> {
     let mut out = Vec::new();
@@ -148,30 +133,7 @@ pub(super) fn plan_mounts(
                     continue;
                 }
             };
-            let readonly = opts.flags & libc::MS_RDONLY != 0;
-            if md.is_dir() {
-                MountSource::Share {
-                    tag: share_for(shares, &src, readonly),
-                    path: String::new(),
-                    file: false,
-                }
-            } else if md.is_file() {
-                // virtio-fs shares directories: share the file's directory and
-                // bind the one file from it.
-                let (Some(dir), Some(name)) = (src.parent(), src.file_name()) else {
-                    problems.add(
-                        field("source"),
-                        format!("{} has no parent directory", src.display()),
-                    );
-                    continue;
-                };
-                let tag = share_for(shares, &PathBuf::from(dir), readonly);
-                MountSource::Share {
-                    tag,
-                    path: name.to_string_lossy().into_owned(),
-                    file: true,
-                }
-            } else {
+            if !md.is_dir() && !md.is_file() {
                 let kind = if md.file_type().is_char_device() || md.file_type().is_block_device() {
                     "a device; host devices cannot be bound into a VM"
                 } else {
@@ -179,6 +141,20 @@ pub(super) fn plan_mounts(
                 };
                 problems.add(field("source"), format!("{} is {kind}", src.display()));
                 continue;
+            }
+            // Bound into the share on its own (symlinks resolved on the
+            // host, as runc does): nothing else of its directory comes along.
+            binds.push(HostBind {
+                name: format!("m{i}"),
+                field: field("source"),
+                source: src,
+                readonly: opts.flags & libc::MS_RDONLY != 0,
+                file: md.is_file(),
+            });
+            MountSource::Share {
+                tag: SHARE_TAG.to_string(),
+                path: staging::bind_path(id, i),
+                file: md.is_file(),
             }
         } else if GUEST_FILESYSTEMS.contains(&typ) {
             let fstype = if typ == "cgroup" { "cgroup2" } else { typ };

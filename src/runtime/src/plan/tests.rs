@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use krun_proto::{MountSource, ROOTFS_TAG};
+use krun_proto::{MountSource, SHARE_TAG};
 use serde_json::{json, Value};
 
 use super::*;
@@ -53,9 +53,12 @@ fn runc_default_spec_plans_with_defaults() {
     let p = plan("c1", &b.dir, &b.spec, &HOST).unwrap();
     assert_eq!(p.vcpus, 1);
     assert_eq!(p.memory_mib, DEFAULT_MEMORY_MIB);
-    assert_eq!(p.shares.len(), 1);
-    assert_eq!(p.shares[0].tag, ROOTFS_TAG);
-    assert_eq!(p.shares[0].path, b.dir.join("rootfs"));
+    assert_eq!(p.paths.id, "c1");
+    assert_eq!(p.paths.binds.len(), 1);
+    assert_eq!(p.paths.binds[0].name, "rootfs");
+    assert_eq!(p.paths.binds[0].source, b.dir.join("rootfs"));
+    assert_eq!(p.setup.root.tag, SHARE_TAG);
+    assert_eq!(p.setup.root.path, "c1/rootfs");
     assert!(p.setup.root.readonly, "runc spec's root is read-only");
     assert_eq!(p.setup.process.args, vec!["sh"]);
     assert_eq!(p.setup.process.cwd, "/");
@@ -120,7 +123,7 @@ fn every_field_reaches_the_guest() {
     assert_eq!(pr.oom_score_adj, Some(100));
     // Root, names, sysctls, masked and read-only paths.
     assert!(
-        s.root.readonly && !p.shares[0].readonly,
+        s.root.readonly && !p.paths.binds[0].readonly,
         "read-only in the guest, writable for mount points"
     );
     assert_eq!(s.hostname.as_deref(), Some("fixture-host"));
@@ -162,35 +165,57 @@ fn mounts_become_guest_filesystems_and_shares() {
     assert!(matches!(&cg.source, MountSource::Fs { fstype, .. } if fstype == "cgroup2"));
     assert!(cg.data.is_empty());
 
-    // A directory shared read-write and read-only becomes two shares; a
-    // file is bound out of a share of its directory.
+    // Every bind mount's source is bound into the VM's one share on its
+    // own, as ID/mN for mounts[N] (a file as a file: nothing else of its
+    // directory), read-only on the host where the mount is.
+    let index = |dest: &str| {
+        p.setup
+            .mounts
+            .iter()
+            .position(|m| m.destination == dest)
+            .unwrap()
+    };
     let share = |dest: &str| match &m(dest).source {
-        MountSource::Share { tag, path, file } => (tag.clone(), path.clone(), *file),
+        MountSource::Share { tag, path, file } => {
+            assert_eq!(tag, SHARE_TAG);
+            assert_eq!(*path, format!("c1/m{}", index(dest)));
+            *file
+        }
         other => panic!("{dest} is not a share: {other:?}"),
     };
-    let (data_tag, data_path, data_file) = share("/data");
-    assert_eq!((data_path.as_str(), data_file), ("", false));
-    let (config_tag, _, _) = share("/config");
-    assert_ne!(data_tag, config_tag);
+    let bind = |dest: &str| {
+        let name = format!("m{}", index(dest));
+        p.paths
+            .binds
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap_or_else(|| panic!("no host bind for {dest}"))
+            .clone()
+    };
+    assert!(!share("/data"));
+    let data = bind("/data");
+    assert!(data.source.ends_with("volumes/data") && !data.readonly && !data.file);
+    assert!(!share("/config"));
+    let config = bind("/config");
+    assert!(config.source.ends_with("volumes/data") && config.readonly);
     assert_eq!(
         m("/config").flags & ms(libc::MS_RDONLY),
         ms(libc::MS_RDONLY)
     );
-    let (conf_tag, conf_path, conf_file) = share("/etc/app.conf");
-    assert_eq!((conf_path.as_str(), conf_file), ("app.conf", true));
+    assert!(share("/etc/app.conf"));
+    let conf = bind("/etc/app.conf");
+    assert!(conf.source.ends_with("volumes/app.conf") && conf.file);
+    assert_eq!(
+        conf.field,
+        format!("mounts[{}].source", index("/etc/app.conf"))
+    );
     assert_eq!(
         m("/etc/app.conf").propagation,
         ms(libc::MS_PRIVATE | libc::MS_REC)
     );
-    let (more_tag, _, _) = share("/more");
+    assert!(bind("/more").source.ends_with("volumes/more"));
     assert_eq!(m("/more").flags, ms(libc::MS_NOSUID));
-
-    let by_tag = |t: &str| p.shares.iter().find(|s| s.tag == t).unwrap();
-    assert!(by_tag(&data_tag).path.ends_with("volumes/data") && !by_tag(&data_tag).readonly);
-    assert!(by_tag(&config_tag).path.ends_with("volumes/data") && by_tag(&config_tag).readonly);
-    assert!(by_tag(&conf_tag).path.ends_with("volumes"));
-    assert!(by_tag(&more_tag).path.ends_with("volumes/more"));
-    assert_eq!(p.shares.len(), 5, "rootfs + four distinct shares");
+    assert_eq!(p.paths.binds.len(), 5, "rootfs + four bind mounts");
 }
 
 #[test]
