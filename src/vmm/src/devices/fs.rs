@@ -47,18 +47,21 @@
 
 use std::ffi::CStr;
 use std::io;
+use std::mem::size_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, InHeader, Opcode, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader,
+};
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
     ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
-use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::server::{Server, MAX_REQ_PAGES};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -92,7 +95,11 @@ const XATTR_MAX: u32 = 64 * 1024;
 /// Linux asks for a page at a time.
 const READDIR_MAX: u32 = 1024 * 1024;
 
-const OUT_HEADER_LEN: usize = std::mem::size_of::<OutHeader>();
+/// The longest request Linux sends: a WRITE of `max_pages` pages (what
+/// INIT offers), its headers in one more page.
+const MAX_REQUEST_LEN: usize = MAX_REQ_PAGES as usize * 4096 + 4096;
+
+const OUT_HEADER_LEN: usize = size_of::<OutHeader>();
 
 /// epoll token of the stop event; queues use their index.
 const TOKEN_STOP: u64 = u64::MAX;
@@ -345,6 +352,18 @@ fn serve_chain<F: FileSystem + Sync>(
     let no_reply = [Opcode::Forget, Opcode::BatchForget, Opcode::Interrupt]
         .iter()
         .any(|&o| o as u32 == opcode);
+    if let Err(errno) = check_request(&header, &reader) {
+        tracing::debug!(
+            opcode,
+            len = header.len,
+            "virtio-fs: request length refused"
+        );
+        return if no_reply {
+            0
+        } else {
+            reply_error(mem, &chain, header.unique, errno)
+        };
+    }
     if no_reply {
         if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
             tracing::debug!(opcode, error = %e, "virtio-fs: bad request");
@@ -370,6 +389,32 @@ fn serve_chain<F: FileSystem + Sync>(
             fallback
         }
     }
+}
+
+/// Refuses (EINVAL) a request whose header claims fewer bytes than itself,
+/// more than the chain holds, or more than Linux ever sends, before the
+/// server allocates `len` bytes for its body; and a BATCH_FORGET whose
+/// count runs past that length (the server reserves room for `count`).
+fn check_request(header: &InHeader, reader: &Reader<'_>) -> Result<(), i32> {
+    let len = header.len as usize;
+    if len < size_of::<InHeader>() || len > reader.available_bytes() || len > MAX_REQUEST_LEN {
+        return Err(libc::EINVAL);
+    }
+    if header.opcode == Opcode::BatchForget as u32 {
+        let mut r = reader.clone();
+        let count = r
+            .read_obj::<InHeader>()
+            .and_then(|_| r.read_obj::<BatchForgetIn>())
+            .map_err(|_| libc::EINVAL)?
+            .count;
+        let need = (count as usize)
+            .checked_mul(size_of::<ForgetOne>())
+            .and_then(|n| n.checked_add(size_of::<InHeader>() + size_of::<BatchForgetIn>()));
+        if need.is_none_or(|n| n > len) {
+            return Err(libc::EINVAL);
+        }
+    }
+    Ok(())
 }
 
 /// Writes an error reply at the start of the chain's writable buffers;
@@ -929,9 +974,9 @@ mod tests {
     use std::time::Instant;
 
     use fuse_backend_rs::abi::fuse_abi::{
-        AccessIn, AttrOut, BatchForgetIn, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn,
-        InitIn, InitOut, IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn,
-        SetattrIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+        AccessIn, AttrOut, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn, InitIn, InitOut,
+        IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn, SetattrIn,
+        SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
     };
     use proptest::prelude::*;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -2210,6 +2255,60 @@ mod tests {
             dev.activate(activation(queues)),
             Err(DeviceError::Backend(_))
         ));
+    }
+
+    #[test]
+    fn request_lengths_past_the_chain_or_the_largest_request_are_refused() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let name = cstr("hello.txt");
+        let stage = |mem: &Mem, unique: u64, len: u32| {
+            let descs = stage_request(mem, Opcode::Lookup as u32, ROOT_ID, unique, &name);
+            let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+            header.len = len;
+            mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+            descs
+        };
+        let exact = (size_of::<InHeader>() + name.len()) as u32;
+        // One byte more than the chain: the server would first allocate
+        // it (EIO once the read fell short).
+        let descs = stage(&mem, 10, exact + 1);
+        assert_eq!(h.submit(&descs), Some(16));
+        assert_eq!(Reply::read(&mem, 16).result(), Err(libc::EINVAL));
+
+        // A chain that really holds more than Linux ever sends (the same
+        // guest memory twice): the largest request passes, one byte more
+        // does not (the server would say ENOMEM).
+        let big = |descs: &[(u64, u32, bool)]| {
+            let mut v = descs[..2].to_vec();
+            v.push((0, MEM_SIZE as u32, false));
+            v.push((0, MEM_SIZE as u32, false));
+            v.extend_from_slice(&descs[2..]);
+            v
+        };
+        let descs = big(&stage(&mem, 11, MAX_REQUEST_LEN as u32));
+        let used = h.submit(&descs).unwrap();
+        let e: EntryOut = obj(Reply::read(&mem, used).result().unwrap());
+        assert_eq!(e.attr.size, HELLO.len() as u64);
+        let descs = big(&stage(&mem, 12, MAX_REQUEST_LEN as u32 + 1));
+        assert_eq!(h.submit(&descs), Some(16));
+        assert_eq!(Reply::read(&mem, 16).result(), Err(libc::EINVAL));
+
+        // FORGETs get no reply, even refused.
+        let batch = BatchForgetIn {
+            count: 1000,
+            dummy: 0,
+        };
+        let body = cat(&[batch.as_slice(), ForgetOne::default().as_slice()]);
+        let descs = stage_request(&mem, Opcode::BatchForget as u32, 0, 13, &body);
+        assert_eq!(h.submit(&descs), Some(0));
+        let descs = stage_request(&mem, Opcode::Forget as u32, 2, 14, &[0; 8]);
+        let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+        header.len = u32::MAX;
+        mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+        assert_eq!(h.submit(&descs), Some(0));
+        assert!(h.lookup(ROOT_ID, "hello.txt").is_ok());
     }
 
     /// Opcodes the server knows, and a few it does not.
