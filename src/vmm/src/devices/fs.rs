@@ -79,7 +79,7 @@ pub const NUM_QUEUES: usize = 2;
 /// Longest tag the configuration space holds.
 pub const TAG_MAX_LEN: usize = 36;
 
-/// Configuration space: tag[36] + num_request_queues (le32).
+/// Configuration space: `tag[36]` + `num_request_queues` (le32).
 const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
 const NUM_REQUEST_QUEUES: u32 = 1;
 
@@ -433,7 +433,7 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 
 /// The filesystem the guest sees: fuse-backend-rs's passthrough backend
 /// rooted at the share, with a read-only switch and bounds on the buffer
-/// sizes the guest picks.
+/// sizes the guest picks and the open flags it passes on.
 ///
 /// Every method of fuse-backend-rs's `FileSystem` has a default (mostly
 /// ENOSYS), so each one is spelled out here: reads are delegated, writes
@@ -441,6 +441,65 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     readonly: bool,
+}
+
+/// What a guest open asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum OpenKind {
+    File,
+    Dir,
+    Create,
+}
+
+/// O_LARGEFILE as the kernel defines it (libc's is 0 on 64-bit hosts, but
+/// the guest kernel sets the real bit on every open).
+#[cfg(target_arch = "aarch64")]
+const KERNEL_O_LARGEFILE: i32 = 0o400000;
+#[cfg(not(target_arch = "aarch64"))]
+const KERNEL_O_LARGEFILE: i32 = 0o100000;
+
+/// The open(2) flags passed on to the backend, besides the access mode.
+const OPEN_FLAGS: i32 = libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_SYNC
+    | libc::O_DSYNC
+    | libc::O_DIRECT
+    | libc::O_NOATIME
+    | libc::O_TRUNC
+    | KERNEL_O_LARGEFILE
+    | libc::O_CLOEXEC
+    | libc::O_NOFOLLOW
+    | libc::O_DIRECTORY
+    | libc::O_ASYNC;
+
+/// Bits of the guest file's `f_flags` that Linux's FUSE client forwards
+/// although they are no open(2) flags: `__FMODE_EXEC` (every exec opens
+/// the binary with it) and `__FMODE_NONOTIFY` (fanotify's own opens).
+/// Accepted, never passed on.
+const KERNEL_INTERNAL_FLAGS: i32 = 0x20 | 0x400_0000;
+
+/// The flags the backend opens with for the guest's `flags`: an invalid
+/// access mode, `O_PATH`, `O_TMPFILE` and anything else outside
+/// [`OPEN_FLAGS`] (plus `O_CREAT`/`O_EXCL` for CREATE) is EINVAL.
+/// `O_NOFOLLOW` and `O_CLOEXEC` are always added, `O_DIRECTORY` for OPENDIR
+/// (as the backend does, so that the flags recorded here are the
+/// backend's); `O_DIRECT` is dropped (guest buffers are not aligned for
+/// it; the backend drops it at OPEN but not at CREATE).
+fn host_open_flags(flags: u32, kind: OpenKind) -> io::Result<u32> {
+    let flags = flags as i32;
+    let mut allowed = OPEN_FLAGS | KERNEL_INTERNAL_FLAGS | libc::O_ACCMODE;
+    if kind == OpenKind::Create {
+        allowed |= libc::O_CREAT | libc::O_EXCL;
+    }
+    if flags & libc::O_ACCMODE == libc::O_ACCMODE || flags & !allowed != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut host =
+        (flags & !(KERNEL_INTERNAL_FLAGS | libc::O_DIRECT)) | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if kind == OpenKind::Dir {
+        host |= libc::O_DIRECTORY;
+    }
+    Ok(host as u32)
 }
 
 impl ShareFs {
@@ -463,24 +522,7 @@ impl ShareFs {
             path: root.clone(),
             err,
         };
-        let cfg = Config {
-            root_dir,
-            // Imported here rather than by a VFS layer: this also turns on
-            // the backend's own checks of the names the guest sends.
-            do_import: true,
-            xattr: true,
-            cache_policy: CachePolicy::Auto,
-            writeback: false,
-            entry_timeout: CACHE_TIMEOUT,
-            attr_timeout: CACHE_TIMEOUT,
-            // O_PATH fds: file handles need CAP_DAC_READ_SEARCH and go stale
-            // on some filesystems (FUSE ones among them).
-            inode_file_handles: false,
-            // Guest buffers are not aligned for the host's O_DIRECT.
-            allow_direct_io: false,
-            ..Default::default()
-        };
-        let inner = PassthroughFs::<()>::new(cfg).map_err(backend_err)?;
+        let inner = PassthroughFs::<()>::new(backend_config(root_dir)).map_err(backend_err)?;
         import_root(&inner).map_err(backend_err)?;
         Ok(ShareFs { inner, readonly })
     }
@@ -491,6 +533,53 @@ impl ShareFs {
         } else {
             Ok(())
         }
+    }
+
+    /// CREATE of a name that exists, for a guest that did not ask for
+    /// O_EXCL: the backend would look the name up, then leak that lookup
+    /// when the open fails, so it is done here with both steps accounted.
+    fn open_existing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        flags: u32,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let entry = self.lookup(ctx, parent, name)?;
+        let flags = flags & !((libc::O_CREAT | libc::O_EXCL) as u32);
+        let opened = if entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            Err(io::Error::from_raw_os_error(libc::EISDIR))
+        } else {
+            self.open(ctx, entry.inode, flags, 0)
+        };
+        match opened {
+            Ok((handle, opts, passthrough)) => Ok((entry, handle, opts, passthrough)),
+            Err(e) => {
+                self.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The backend's configuration for the share rooted at `root_dir`.
+fn backend_config(root_dir: String) -> Config {
+    Config {
+        root_dir,
+        // Imported here rather than by a VFS layer: this also turns on
+        // the backend's own checks of the names the guest sends.
+        do_import: true,
+        xattr: true,
+        cache_policy: CachePolicy::Auto,
+        writeback: false,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
+        // O_PATH fds: file handles need CAP_DAC_READ_SEARCH and go stale
+        // on some filesystems (FUSE ones among them).
+        inode_file_handles: false,
+        // Guest buffers are not aligned for the host's O_DIRECT.
+        allow_direct_io: false,
+        ..Default::default()
     }
 }
 
@@ -667,6 +756,7 @@ impl FileSystem for ShareFs {
         if opens_for_writing(flags) {
             self.check_writable()?;
         }
+        let flags = host_open_flags(flags, OpenKind::File)?;
         self.inner.open(ctx, inode, flags, fuse_flags)
     }
 
@@ -678,7 +768,20 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let flags = host_open_flags(args.flags, OpenKind::Create)?;
+        // Always exclusive in the backend: see open_existing.
+        let excl = CreateIn {
+            flags: flags | libc::O_EXCL as u32,
+            ..args
+        };
+        match self.inner.create(ctx, parent, name, excl) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL as u32 == 0 =>
+            {
+                self.open_existing(ctx, parent, name, flags)
+            }
+            created => created,
+        }
     }
 
     fn read(
@@ -801,6 +904,7 @@ impl FileSystem for ShareFs {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let flags = host_open_flags(flags, OpenKind::Dir)?;
         self.inner.opendir(ctx, inode, flags)
     }
 
@@ -976,7 +1080,7 @@ mod tests {
     use fuse_backend_rs::abi::fuse_abi::{
         AccessIn, AttrOut, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn, InitIn, InitOut,
         IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn, SetattrIn,
-        SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+        SetxattrIn, WriteIn, WriteOut, GETATTR_FH, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
     };
     use proptest::prelude::*;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -1311,11 +1415,69 @@ mod tests {
             r.result().map(|b| obj::<OpenOut>(b).fh)
         }
 
+        /// One READDIRPLUS: (name, entry) for each directory entry.
+        fn readdirplus(
+            &mut self,
+            node: u64,
+            fh: u64,
+            size: u32,
+        ) -> Result<Vec<(String, P<EntryOut>)>, i32> {
+            let args = ReadIn {
+                fh,
+                size,
+                ..Default::default()
+            };
+            let r = self.call(Opcode::Readdirplus, node, args.as_slice());
+            let mut rest = r.result()?;
+            let mut entries = Vec::new();
+            while !rest.is_empty() {
+                let entry: EntryOut = obj(rest);
+                let dirent = &rest[size_of::<EntryOut>()..];
+                let namelen = u32::from_ne_bytes(dirent[16..20].try_into().unwrap()) as usize;
+                let name = String::from_utf8(dirent[24..24 + namelen].to_vec()).unwrap();
+                entries.push((name, P(entry)));
+                rest = &rest[size_of::<EntryOut>() + (24 + namelen).next_multiple_of(8)..];
+            }
+            Ok(entries)
+        }
+
+        fn opendir_flags(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+            let args = OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            };
+            let r = self.call(Opcode::Opendir, node, args.as_slice());
+            r.result().map(|b| obj::<OpenOut>(b).fh)
+        }
+
+        fn getattr_fh(&mut self, node: u64, fh: u64) -> Result<P<AttrOut>, i32> {
+            let args = GetattrIn {
+                flags: GETATTR_FH,
+                dummy: 0,
+                fh,
+            };
+            let r = self.call(Opcode::Getattr, node, args.as_slice());
+            r.result().map(|b| P(obj(b)))
+        }
+
         fn read(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+            self.read_flags(node, fh, offset, size, 0)
+        }
+
+        /// READ as Linux sends it: `flags` are the guest file's f_flags.
+        fn read_flags(
+            &mut self,
+            node: u64,
+            fh: u64,
+            offset: u64,
+            size: u32,
+            flags: i32,
+        ) -> Result<Vec<u8>, i32> {
             let args = ReadIn {
                 fh,
                 offset,
                 size,
+                flags: flags as u32,
                 ..Default::default()
             };
             let r = self.call(Opcode::Read, node, args.as_slice());
@@ -1323,10 +1485,22 @@ mod tests {
         }
 
         fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+            self.write_flags(node, fh, offset, data, 0)
+        }
+
+        fn write_flags(
+            &mut self,
+            node: u64,
+            fh: u64,
+            offset: u64,
+            data: &[u8],
+            flags: i32,
+        ) -> Result<u32, i32> {
             let args = WriteIn {
                 fh,
                 offset,
                 size: data.len() as u32,
+                flags: flags as u32,
                 ..Default::default()
             };
             let r = self.call(Opcode::Write, node, &cat(&[args.as_slice(), data]));
@@ -1477,6 +1651,117 @@ mod tests {
 
     fn is_symlink(mode: u32) -> bool {
         mode & libc::S_IFMT == libc::S_IFLNK
+    }
+
+    /// This process's descriptors that lead to `path`, with their open(2)
+    /// flags (from /proc/self/fdinfo).
+    fn fds_at(path: &Path) -> Vec<(i32, i32)> {
+        fds_where(|target| target == path)
+    }
+
+    fn fds_where(keep: impl Fn(&Path) -> bool) -> Vec<(i32, i32)> {
+        let mut fds = Vec::new();
+        for entry in fs::read_dir("/proc/self/fd").unwrap() {
+            let Some(fd) = entry
+                .ok()
+                .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Other tests open and close descriptors meanwhile.
+            let Ok(target) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
+                continue;
+            };
+            if !keep(&target) {
+                continue;
+            }
+            let Ok(info) = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                continue;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+                .unwrap();
+            fds.push((fd, flags));
+        }
+        fds
+    }
+
+    #[test]
+    fn create_with_o_path_never_follows_a_planted_symlink() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let outside = h.base().join("outside.txt");
+        let shadow = Path::new("/etc/shadow");
+        symlink(&outside, h.root.join("link")).unwrap();
+        symlink(shadow, h.root.join("shadow")).unwrap();
+        let before = fs::metadata(&outside).unwrap();
+        let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
+        for name in ["link", "shadow"] {
+            for flags in [
+                libc::O_PATH,
+                libc::O_PATH | libc::O_RDWR,
+                libc::O_PATH | libc::O_CREAT,
+                libc::O_PATH | libc::O_EXCL,
+                libc::O_PATH | libc::O_NOFOLLOW,
+                libc::O_PATH | libc::O_DIRECTORY,
+                libc::O_PATH | libc::O_CLOEXEC,
+                libc::O_TMPFILE | libc::O_RDWR,
+                tmpfile | libc::O_RDWR,
+                libc::O_ACCMODE,
+                libc::O_RDWR | libc::O_NOCTTY,
+                libc::O_RDWR | 0x4000_0000,
+            ] {
+                assert_eq!(
+                    h.create(ROOT_ID, name, flags).map(drop),
+                    Err(libc::EINVAL),
+                    "CREATE {name} with {flags:#o}"
+                );
+            }
+        }
+        // Without O_PATH the link is not followed either (it exists, so
+        // the file server opens what is there: a symlink, which it refuses).
+        for flags in [libc::O_RDWR, libc::O_RDONLY, libc::O_WRONLY | libc::O_TRUNC] {
+            assert!(h.create(ROOT_ID, "link", flags).is_err(), "{flags:#o}");
+        }
+        assert_eq!(
+            h.create(ROOT_ID, "link", libc::O_RDWR | libc::O_EXCL)
+                .map(drop),
+            Err(libc::EEXIST)
+        );
+        for target in [outside.as_path(), shadow] {
+            assert_eq!(fds_at(target), [], "{} was opened", target.display());
+        }
+        // Whatever handle the guest names, GETATTR on the link stats the
+        // link.
+        let link = h.lookup(ROOT_ID, "link").unwrap();
+        for fh in 0..32 {
+            if let Ok(a) = h.getattr_fh(link.nodeid, fh) {
+                assert!(is_symlink(a.attr.mode), "handle {fh}");
+                assert_ne!(a.attr.ino, before.ino(), "handle {fh}");
+            }
+        }
+        // OPEN and OPENDIR take the same flags.
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        assert_eq!(h.open(hello.nodeid, libc::O_PATH), Err(libc::EINVAL));
+        assert_eq!(h.open(sub.nodeid, libc::O_PATH), Err(libc::EINVAL));
+        assert_eq!(
+            h.open(sub.nodeid, libc::O_TMPFILE | libc::O_RDWR),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            h.opendir_flags(sub.nodeid, libc::O_PATH | libc::O_DIRECTORY),
+            Err(libc::EINVAL)
+        );
+        let after = fs::metadata(&outside).unwrap();
+        assert_eq!(
+            (after.mode(), after.len(), after.mtime()),
+            (before.mode(), before.len(), before.mtime())
+        );
+        assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
     }
 
     #[test]
@@ -2255,6 +2540,54 @@ mod tests {
             dev.activate(activation(queues)),
             Err(DeviceError::Backend(_))
         ));
+    }
+
+    #[test]
+    fn the_flags_linux_sends_still_open_files() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        let path = h.root.join("hello.txt");
+        // execve(2) opens the binary with __FMODE_EXEC in f_flags.
+        let exec = libc::O_RDONLY | KERNEL_O_LARGEFILE | 0x20;
+        let fh = h.open(hello.nodeid, exec).unwrap();
+        assert_eq!(h.read_flags(hello.nodeid, fh, 0, 64, exec).unwrap(), HELLO);
+        let flags = libc::O_RDWR
+            | KERNEL_O_LARGEFILE
+            | libc::O_NONBLOCK
+            | libc::O_NOATIME
+            | libc::O_SYNC
+            | libc::O_DIRECT
+            | libc::O_APPEND;
+        h.open(hello.nodeid, flags).unwrap();
+        // The host descriptors: never O_DIRECT, always close-on-exec.
+        let fds = fds_at(&path);
+        assert!(fds.iter().all(|&(_, f)| f & libc::O_DIRECT == 0), "{fds:?}");
+        let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | KERNEL_O_LARGEFILE;
+        let dh = h.opendir_flags(sub.nodeid, dir_flags).unwrap();
+        assert_eq!(h.readdirplus(sub.nodeid, dh, 4096).unwrap(), []);
+        // CREATE as open(O_CREAT) sends it, exclusive or not.
+        let create = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | KERNEL_O_LARGEFILE;
+        let (new, fh) = h.create(ROOT_ID, "new.txt", create).unwrap();
+        assert_eq!(h.write_flags(new.nodeid, fh, 0, b"new", create), Ok(3));
+        let excl = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+        assert_eq!(
+            h.create(ROOT_ID, "new.txt", excl).map(drop),
+            Err(libc::EEXIST)
+        );
+        // An existing file (another guest or the host made it meanwhile)
+        // is opened, and truncated when asked.
+        let (again, fh) = h.create(ROOT_ID, "new.txt", create).unwrap();
+        assert_eq!(again.nodeid, new.nodeid);
+        assert_eq!(fs::read(h.root.join("new.txt")).unwrap(), b"");
+        assert_eq!(h.write_flags(new.nodeid, fh, 0, b"again", create), Ok(5));
+        assert_eq!(
+            h.create(ROOT_ID, "sub", libc::O_RDONLY | libc::O_CREAT)
+                .map(drop),
+            Err(libc::EISDIR)
+        );
     }
 
     #[test]
