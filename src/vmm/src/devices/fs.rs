@@ -45,11 +45,13 @@
 //! checks, and the number of host fds the guest can pin (one per inode it
 //! looked up, one per open file) is only bounded by RLIMIT_NOFILE.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::mem::size_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -432,8 +434,9 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 }
 
 /// The filesystem the guest sees: fuse-backend-rs's passthrough backend
-/// rooted at the share, with a read-only switch and bounds on the buffer
-/// sizes the guest picks and the open flags it passes on.
+/// rooted at the share, with a read-only switch, bounds on the buffer
+/// sizes the guest picks, and a ledger of the descriptors the backend
+/// holds for the guest.
 ///
 /// Every method of fuse-backend-rs's `FileSystem` has a default (mostly
 /// ENOSYS), so each one is spelled out here: reads are delegated, writes
@@ -441,6 +444,21 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     readonly: bool,
+    ledger: Mutex<Ledger>,
+}
+
+/// What the guest holds of the backend: every handle it opened and not
+/// yet released.
+#[derive(Default)]
+struct Ledger {
+    handles: HashMap<u64, OpenHandle>,
+}
+
+struct OpenHandle {
+    inode: u64,
+    /// The flags the backend recorded at open; every READ and WRITE passes
+    /// exactly these, so the backend never changes the descriptor's flags.
+    flags: u32,
 }
 
 /// What a guest open asks for.
@@ -524,7 +542,25 @@ impl ShareFs {
         };
         let inner = PassthroughFs::<()>::new(backend_config(root_dir)).map_err(backend_err)?;
         import_root(&inner).map_err(backend_err)?;
-        Ok(ShareFs { inner, readonly })
+        Ok(ShareFs {
+            inner,
+            readonly,
+            ledger: Mutex::default(),
+        })
+    }
+
+    /// Files and directories the guest has open.
+    pub fn open_handles(&self) -> usize {
+        self.ledger().handles.len()
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets every handle (the backend has just dropped its own).
+    fn reset_ledger(&self) {
+        *self.ledger() = Ledger::default();
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -532,6 +568,23 @@ impl ShareFs {
             Err(erofs())
         } else {
             Ok(())
+        }
+    }
+
+    /// Records a handle the backend opened with `flags`.
+    fn record_handle(&self, inode: u64, handle: Option<u64>, flags: u32) -> Option<u64> {
+        let handle = handle?;
+        self.ledger()
+            .handles
+            .insert(handle, OpenHandle { inode, flags });
+        Some(handle)
+    }
+
+    /// The flags `handle` was opened with, if it is a handle of `inode`.
+    fn handle_flags(&self, inode: u64, handle: u64) -> io::Result<u32> {
+        match self.ledger().handles.get(&handle) {
+            Some(h) if h.inode == inode => Ok(h.flags),
+            _ => Err(io::Error::from_raw_os_error(libc::EBADF)),
         }
     }
 
@@ -631,7 +684,10 @@ impl FileSystem for ShareFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        // The backend drops every inode and handle and imports the root
+        // again.
+        self.inner.destroy();
+        self.reset_ledger();
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -757,7 +813,9 @@ impl FileSystem for ShareFs {
             self.check_writable()?;
         }
         let flags = host_open_flags(flags, OpenKind::File)?;
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let (handle, opts, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        let handle = self.record_handle(inode, handle, flags);
+        Ok((handle, opts, passthrough))
     }
 
     fn create(
@@ -774,14 +832,16 @@ impl FileSystem for ShareFs {
             flags: flags | libc::O_EXCL as u32,
             ..args
         };
-        match self.inner.create(ctx, parent, name, excl) {
+        let (entry, handle, opts, passthrough) = match self.inner.create(ctx, parent, name, excl) {
             Err(e)
                 if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL as u32 == 0 =>
             {
-                self.open_existing(ctx, parent, name, flags)
+                return self.open_existing(ctx, parent, name, flags);
             }
-            created => created,
-        }
+            created => created?,
+        };
+        let handle = self.record_handle(entry.inode, handle, excl.flags);
+        Ok((entry, handle, opts, passthrough))
     }
 
     fn read(
@@ -793,8 +853,12 @@ impl FileSystem for ShareFs {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        // The flags recorded at open, never the request's: a difference
+        // makes the backend change the descriptor's flags, and when that
+        // fails it closes the descriptor while the handle keeps its number.
+        let flags = self.handle_flags(inode, handle)?;
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -809,10 +873,12 @@ impl FileSystem for ShareFs {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.check_writable()?;
+        // As in read.
+        let flags = self.handle_flags(inode, handle)?;
         self.inner.write(
             ctx,
             inode,
@@ -860,7 +926,9 @@ impl FileSystem for ShareFs {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.ledger().handles.remove(&handle);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -905,7 +973,9 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let flags = host_open_flags(flags, OpenKind::Dir)?;
-        self.inner.opendir(ctx, inode, flags)
+        let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
+        let handle = self.record_handle(inode, handle, flags);
+        Ok((handle, opts))
     }
 
     fn readdir(
@@ -939,7 +1009,9 @@ impl FileSystem for ShareFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.ledger().handles.remove(&handle);
+        Ok(())
     }
 
     fn setupmapping(
@@ -1073,6 +1145,7 @@ mod tests {
 
     use std::fs;
     use std::mem::size_of;
+    use std::os::fd::FromRawFd;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
     use std::sync::Arc;
     use std::time::Instant;
@@ -1284,7 +1357,9 @@ mod tests {
         _dir: Option<tempfile::TempDir>,
         root: PathBuf,
         driver: Driver<'m>,
-        server: Server<ShareFs>,
+        server: Server<Arc<ShareFs>>,
+        /// The server's filesystem, to read its ledger.
+        fs: Arc<ShareFs>,
         unique: u64,
     }
 
@@ -1312,13 +1387,17 @@ mod tests {
 
         /// Serves an existing directory over a queue at `queue_base`.
         fn serving(mem: &'m Mem, queue_base: u64, root: &Path, readonly: bool) -> Harness<'m> {
-            let mut fs = Fs::new("test", root, readonly).unwrap();
-            let server = fs.server.take().unwrap();
+            Harness::sharing(mem, queue_base, root, ShareFs::new(root, readonly).unwrap())
+        }
+
+        fn sharing(mem: &'m Mem, queue_base: u64, root: &Path, share: ShareFs) -> Harness<'m> {
+            let fs = Arc::new(share);
             Harness {
                 _dir: None,
-                root: root.to_owned(),
+                root: root.canonicalize().unwrap(),
                 driver: Driver::new(mem, queue_base),
-                server,
+                server: Server::new(fs.clone()),
+                fs,
                 unique: 0,
             }
         }
@@ -1688,6 +1767,77 @@ mod tests {
         fds
     }
 
+    /// The descriptors at `path` that can read or write (not `O_PATH`).
+    fn io_fds_at(path: &Path) -> Vec<i32> {
+        fds_at(path)
+            .into_iter()
+            .filter(|&(_, flags)| flags & libc::O_PATH == 0)
+            .map(|(fd, _)| fd)
+            .collect()
+    }
+
+    /// A file on which the host refuses a flag change: fcntl(F_SETFL)
+    /// from `open_flags` to `bad_flags` fails.
+    struct FlagTrap {
+        path: PathBuf,
+        append_only: bool,
+        open_flags: i32,
+        bad_flags: i32,
+    }
+
+    /// FS_APPEND_FL (linux/fs.h), which libc does not define.
+    const FS_APPEND_FL: libc::c_int = 0x20;
+
+    impl FlagTrap {
+        /// O_DIRECT where the filesystem has no direct I/O; otherwise
+        /// chattr +a, which makes clearing O_APPEND fail.
+        fn new(path: &Path) -> FlagTrap {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            // SAFETY: fcntl(2) on a descriptor this function owns; no pointers.
+            let direct = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_DIRECT) };
+            if direct != 0 {
+                return FlagTrap {
+                    path: path.to_owned(),
+                    append_only: false,
+                    open_flags: libc::O_RDWR,
+                    bad_flags: libc::O_RDWR | libc::O_DIRECT,
+                };
+            }
+            set_inode_flags(&f, FS_APPEND_FL).expect("chattr +a on the test directory");
+            FlagTrap {
+                path: path.to_owned(),
+                append_only: true,
+                open_flags: libc::O_RDWR | libc::O_APPEND,
+                bad_flags: libc::O_RDWR,
+            }
+        }
+    }
+
+    impl Drop for FlagTrap {
+        fn drop(&mut self) {
+            if self.append_only {
+                // Or the temporary directory could not be removed.
+                let f = fs::File::open(&self.path).unwrap();
+                set_inode_flags(&f, 0).unwrap();
+            }
+        }
+    }
+
+    fn set_inode_flags(f: &fs::File, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: FS_IOC_SETFLAGS reads one int from the pointer, which
+        // points to a live c_int.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     #[test]
     fn create_with_o_path_never_follows_a_planted_symlink() {
         let mem = test_mem();
@@ -1762,6 +1912,53 @@ mod tests {
             (before.mode(), before.len(), before.mtime())
         );
         assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
+    }
+
+    #[test]
+    fn a_failed_flag_change_never_frees_the_handles_descriptor() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let file = h.root.join("log.txt");
+        fs::write(&file, b"share data\n").unwrap();
+        let outside = h.base().join("outside.txt");
+        let trap = FlagTrap::new(&file);
+        let e = h.lookup(ROOT_ID, "log.txt").unwrap();
+        assert_eq!(io_fds_at(&file), []);
+        let fh = h.open(e.nodeid, trap.open_flags).unwrap();
+        let [fd] = io_fds_at(&file)[..] else {
+            panic!("one descriptor for the handle");
+        };
+
+        // The guest asks, in READ and WRITE, for a flag change that the
+        // host refuses.
+        let _ = h.read_flags(e.nodeid, fh, 0, 64, trap.bad_flags);
+        let _ = h.write_flags(e.nodeid, fh, 0, b"", trap.bad_flags);
+        assert_eq!(
+            fs::read_link(format!("/proc/self/fd/{fd}")).ok().as_deref(),
+            Some(file.as_path()),
+            "the handle keeps its descriptor"
+        );
+
+        // The next file the host opens would take a freed number.
+        let victim = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&outside)
+            .unwrap();
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, owned below.
+        let dup = unsafe { libc::fcntl(victim.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` was just made and nothing else owns it.
+        let _dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+        let got = h.read_flags(e.nodeid, fh, 0, 64, trap.open_flags).unwrap();
+        assert_eq!(got, b"share data\n");
+        let n = h.write_flags(e.nodeid, fh, 0, b"guest", trap.open_flags);
+        assert_eq!(n, Ok(5));
+        assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
+        let content = fs::read(&file).unwrap();
+        assert!(content.starts_with(b"share data\n") || content.starts_with(b"guest"));
+        assert!(content.windows(5).any(|w| w == b"guest"));
     }
 
     #[test]
@@ -2568,6 +2765,20 @@ mod tests {
         let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | KERNEL_O_LARGEFILE;
         let dh = h.opendir_flags(sub.nodeid, dir_flags).unwrap();
         assert_eq!(h.readdirplus(sub.nodeid, dh, 4096).unwrap(), []);
+        // READ and WRITE whose flags differ from the handle's still work
+        // (the guest changed them with fcntl).
+        let fh = h.open(hello.nodeid, libc::O_RDWR).unwrap();
+        let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOATIME;
+        assert_eq!(h.write_flags(hello.nodeid, fh, 0, b"HELLO", flags), Ok(5));
+        assert_eq!(
+            &h.read_flags(hello.nodeid, fh, 0, 5, flags).unwrap(),
+            b"HELLO"
+        );
+        // Handles of another inode, or none, are EBADF.
+        assert_eq!(h.read(sub.nodeid, fh, 0, 5), Err(libc::EBADF));
+        assert_eq!(h.read(hello.nodeid, fh + 1000, 0, 5), Err(libc::EBADF));
+        assert_eq!(h.read(hello.nodeid, dh, 0, 5), Err(libc::EBADF));
+
         // CREATE as open(O_CREAT) sends it, exclusive or not.
         let create = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | KERNEL_O_LARGEFILE;
         let (new, fh) = h.create(ROOT_ID, "new.txt", create).unwrap();
@@ -2588,6 +2799,7 @@ mod tests {
                 .map(drop),
             Err(libc::EISDIR)
         );
+        assert_eq!(h.fs.open_handles(), 6);
     }
 
     #[test]
