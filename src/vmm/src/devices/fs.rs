@@ -56,7 +56,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader,
+    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader, ROOT_ID,
 };
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
@@ -134,6 +134,9 @@ impl Fs {
     /// `shared_dir` (refusing every modification when `readonly`).
     pub fn new(tag: &str, shared_dir: &Path, readonly: bool) -> Result<Fs, FsError> {
         let config = config_space(tag)?;
+        if let Err(e) = raise_nofile_limit() {
+            tracing::debug!(tag, error = %e, "virtio-fs: RLIMIT_NOFILE stays as it is");
+        }
         let server = Server::new(ShareFs::new(shared_dir, readonly)?);
         Ok(Fs {
             tag: tag.to_owned(),
@@ -444,14 +447,24 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     readonly: bool,
+    /// How many host descriptors (live inodes plus open handles) the guest
+    /// may pin.
+    fd_budget: usize,
     ledger: Mutex<Ledger>,
 }
 
-/// What the guest holds of the backend: every handle it opened and not
-/// yet released.
+/// What the guest holds of the backend: every inode it was given an entry
+/// for and not yet forgotten, every handle it opened and not yet released.
+/// Each costs the backend one host descriptor.
 #[derive(Default)]
 struct Ledger {
+    inodes: HashMap<u64, LiveInode>,
     handles: HashMap<u64, OpenHandle>,
+}
+
+struct LiveInode {
+    /// Lookups the guest has not yet forgotten.
+    nlookup: u64,
 }
 
 struct OpenHandle {
@@ -459,6 +472,68 @@ struct OpenHandle {
     /// The flags the backend recorded at open; every READ and WRITE passes
     /// exactly these, so the backend never changes the descriptor's flags.
     flags: u32,
+}
+
+impl Ledger {
+    fn fds(&self) -> usize {
+        self.inodes.len() + self.handles.len()
+    }
+
+    /// Takes `count` lookups off `inode`.
+    fn forget(&mut self, inode: u64, count: u64) {
+        let Some(live) = self.inodes.get_mut(&inode) else {
+            return;
+        };
+        live.nlookup = live.nlookup.saturating_sub(count);
+        if live.nlookup == 0 {
+            self.inodes.remove(&inode);
+        }
+    }
+}
+
+/// Descriptors of the VMM's own kept out of the guest's budget.
+const FD_RESERVE: u64 = 1024;
+/// The budget's ceiling whatever RLIMIT_NOFILE says (Linux's default
+/// `fs.nr_open`): it also bounds the ledger's and the backend's maps.
+const FD_BUDGET_MAX: u64 = 1 << 20;
+
+/// RLIMIT_NOFILE's soft limit less a reserve (half of it when it is under
+/// twice the reserve), at most [`FD_BUDGET_MAX`].
+fn default_fd_budget() -> usize {
+    let soft = nofile_limit().map_or(1024, |l| l.rlim_cur);
+    let budget = (soft - FD_RESERVE.min(soft / 2)).min(FD_BUDGET_MAX);
+    usize::try_from(budget).unwrap_or(usize::MAX)
+}
+
+fn nofile_limit() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes one rlimit, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one (which needs no
+/// privilege): the guest's descriptor budget is derived from it, and a
+/// guest that caches a large tree holds one host descriptor per inode.
+fn raise_nofile_limit() -> io::Result<()> {
+    let limit = nofile_limit()?;
+    if limit.rlim_cur >= limit.rlim_max {
+        return Ok(());
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        ..limit
+    };
+    // SAFETY: setrlimit(2) reads one rlimit, which `raised` is.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a guest open asks for.
@@ -545,8 +620,21 @@ impl ShareFs {
         Ok(ShareFs {
             inner,
             readonly,
+            fd_budget: default_fd_budget(),
             ledger: Mutex::default(),
         })
+    }
+
+    /// The same share with room for `budget` host descriptors (live inodes
+    /// plus open handles) instead of the one derived from RLIMIT_NOFILE.
+    pub fn with_fd_budget(mut self, budget: usize) -> ShareFs {
+        self.fd_budget = budget;
+        self
+    }
+
+    /// Inodes the guest holds (looked up and not forgotten), the root aside.
+    pub fn live_inodes(&self) -> usize {
+        self.ledger().inodes.len()
     }
 
     /// Files and directories the guest has open.
@@ -558,7 +646,8 @@ impl ShareFs {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forgets every handle (the backend has just dropped its own).
+    /// Forgets every inode and handle (the backend has just dropped its
+    /// own).
     fn reset_ledger(&self) {
         *self.ledger() = Ledger::default();
     }
@@ -571,13 +660,53 @@ impl ShareFs {
         }
     }
 
-    /// Records a handle the backend opened with `flags`.
-    fn record_handle(&self, inode: u64, handle: Option<u64>, flags: u32) -> Option<u64> {
-        let handle = handle?;
-        self.ledger()
-            .handles
-            .insert(handle, OpenHandle { inode, flags });
-        Some(handle)
+    /// Records the lookup an entry the backend made gives the guest. A new
+    /// inode beyond the budget is forgotten again: ENFILE.
+    fn admit(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        let mut ledger = self.ledger();
+        if entry.inode == ROOT_ID {
+            // Never forgotten by the backend, so never counted.
+            return Ok(entry);
+        }
+        if let Some(live) = ledger.inodes.get_mut(&entry.inode) {
+            live.nlookup = live.nlookup.saturating_add(1);
+            return Ok(entry);
+        }
+        if ledger.fds() >= self.fd_budget {
+            drop(ledger);
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(enfile());
+        }
+        ledger.inodes.insert(entry.inode, LiveInode { nlookup: 1 });
+        Ok(entry)
+    }
+
+    /// Records a handle the backend opened with `flags`; beyond the budget
+    /// it is released again: ENFILE.
+    fn admit_handle(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        flags: u32,
+        kind: OpenKind,
+    ) -> io::Result<Option<u64>> {
+        let Some(handle) = handle else {
+            return Ok(None);
+        };
+        let mut ledger = self.ledger();
+        if ledger.fds() < self.fd_budget {
+            ledger.handles.insert(handle, OpenHandle { inode, flags });
+            return Ok(Some(handle));
+        }
+        drop(ledger);
+        let _ = if kind == OpenKind::Dir {
+            self.inner.releasedir(ctx, inode, 0, handle)
+        } else {
+            self.inner
+                .release(ctx, inode, 0, handle, false, false, None)
+        };
+        Err(enfile())
     }
 
     /// The flags `handle` was opened with, if it is a handle of `inode`.
@@ -632,6 +761,10 @@ fn backend_config(root_dir: String) -> Config {
         inode_file_handles: false,
         // Guest buffers are not aligned for the host's O_DIRECT.
         allow_direct_io: false,
+        // Node ids derived from (device, mount, host inode): FORGET then
+        // drops the backend's whole record of an inode, where its own
+        // numbering keeps an id->node entry for every inode ever seen.
+        use_host_ino: true,
         ..Default::default()
     }
 }
@@ -653,6 +786,10 @@ fn import_root(fs: &PassthroughFs<()>) -> io::Result<()> {
 
 fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
+}
+
+fn enfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENFILE)
 }
 
 /// Whether open(2) flags ask for write access or truncation.
@@ -699,14 +836,22 @@ impl FileSystem for ShareFs {
         if matches!(name.to_bytes(), b"." | b"..") {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.ledger().forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        {
+            let mut ledger = self.ledger();
+            for &(inode, count) in &requests {
+                ledger.forget(inode, count);
+            }
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -745,7 +890,8 @@ impl FileSystem for ShareFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.admit(ctx, entry)
     }
 
     fn mknod(
@@ -758,7 +904,8 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        self.admit(ctx, entry)
     }
 
     fn mkdir(
@@ -770,7 +917,8 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        self.admit(ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -799,7 +947,8 @@ impl FileSystem for ShareFs {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.admit(ctx, entry)
     }
 
     fn open(
@@ -814,7 +963,7 @@ impl FileSystem for ShareFs {
         }
         let flags = host_open_flags(flags, OpenKind::File)?;
         let (handle, opts, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        let handle = self.record_handle(inode, handle, flags);
+        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::File)?;
         Ok((handle, opts, passthrough))
     }
 
@@ -840,7 +989,15 @@ impl FileSystem for ShareFs {
             }
             created => created?,
         };
-        let handle = self.record_handle(entry.inode, handle, excl.flags);
+        let handle = self
+            .admit_handle(ctx, entry.inode, handle, excl.flags, OpenKind::Create)
+            .inspect_err(|_| self.inner.forget(ctx, entry.inode, 1))?;
+        let inode = entry.inode;
+        let entry = self.admit(ctx, entry).inspect_err(|_| {
+            if let Some(h) = handle {
+                let _ = self.release(ctx, inode, 0, h, false, false, None);
+            }
+        })?;
         Ok((entry, handle, opts, passthrough))
     }
 
@@ -974,7 +1131,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let flags = host_open_flags(flags, OpenKind::Dir)?;
         let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
-        let handle = self.record_handle(inode, handle, flags);
+        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::Dir)?;
         Ok((handle, opts))
     }
 
@@ -1000,8 +1157,23 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        // Each entry is a lookup, accounted as LOOKUP's are. The backend
+        // forgets an entry that did not fit (add_entry returned 0) but not
+        // one whose add_entry failed: that one is forgotten here.
+        let mut add = |dirent: DirEntry, entry: Entry| {
+            let entry = self.admit(ctx, entry)?;
+            let node = entry.inode;
+            let added = add_entry(dirent, entry);
+            if !matches!(added, Ok(n) if n > 0) && node != ROOT_ID {
+                self.ledger().forget(node, 1);
+            }
+            if added.is_err() {
+                self.inner.forget(ctx, node, 1);
+            }
+            added
+        };
         self.inner
-            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, add_entry)
+            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, &mut add)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -1152,7 +1324,7 @@ mod tests {
 
     use fuse_backend_rs::abi::fuse_abi::{
         AccessIn, AttrOut, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn, InitIn, InitOut,
-        IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn, SetattrIn,
+        IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, ReleaseIn, RenameIn, SetattrIn,
         SetxattrIn, WriteIn, WriteOut, GETATTR_FH, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
     };
     use proptest::prelude::*;
@@ -1367,6 +1539,11 @@ mod tests {
         /// A fresh share: `hello.txt`, `sub/`, and `../outside.txt`,
         /// `../outside_dir/secret` next to it.
         fn new(mem: &'m Mem, readonly: bool) -> Harness<'m> {
+            Harness::with_budget(mem, readonly, None)
+        }
+
+        /// A fresh share whose guest may pin `budget` host descriptors.
+        fn with_budget(mem: &'m Mem, readonly: bool, budget: Option<usize>) -> Harness<'m> {
             // INIT clears the umask: keep that to this test's thread.
             private_fs_attrs().unwrap();
             let dir = tempfile::tempdir().unwrap();
@@ -1380,7 +1557,11 @@ mod tests {
             fs::create_dir(&root).unwrap();
             fs::write(root.join("hello.txt"), HELLO).unwrap();
             fs::create_dir(root.join("sub")).unwrap();
-            let mut h = Harness::serving(mem, 0, &root, readonly);
+            let mut share = ShareFs::new(&root, readonly).unwrap();
+            if let Some(budget) = budget {
+                share = share.with_fd_budget(budget);
+            }
+            let mut h = Harness::sharing(mem, 0, &root, share);
             h._dir = Some(dir);
             h
         }
@@ -1492,6 +1673,40 @@ mod tests {
             };
             let r = self.call(Opcode::Opendir, node, args.as_slice());
             r.result().map(|b| obj::<OpenOut>(b).fh)
+        }
+
+        /// FORGET, which gets no reply.
+        fn forget(&mut self, node: u64, nlookup: u64) {
+            self.unique += 1;
+            let args = ForgetIn { nlookup };
+            let descs = stage_request(
+                self.driver.mem,
+                Opcode::Forget as u32,
+                node,
+                self.unique,
+                args.as_slice(),
+            );
+            assert_eq!(self.submit(&descs[..2]), Some(0));
+        }
+
+        fn batch_forget(&mut self, forgets: &[(u64, u64)]) {
+            self.unique += 1;
+            let head = BatchForgetIn {
+                count: forgets.len() as u32,
+                dummy: 0,
+            };
+            let mut body = head.as_slice().to_vec();
+            for &(nodeid, nlookup) in forgets {
+                body.extend_from_slice(ForgetOne { nodeid, nlookup }.as_slice());
+            }
+            let descs = stage_request(
+                self.driver.mem,
+                Opcode::BatchForget as u32,
+                0,
+                self.unique,
+                &body,
+            );
+            assert_eq!(self.submit(&descs[..2]), Some(0));
         }
 
         /// One READDIRPLUS: (name, entry) for each directory entry.
@@ -1736,6 +1951,11 @@ mod tests {
     /// flags (from /proc/self/fdinfo).
     fn fds_at(path: &Path) -> Vec<(i32, i32)> {
         fds_where(|target| target == path)
+    }
+
+    /// How many of this process's descriptors lead into `dir`.
+    fn fds_under(dir: &Path) -> usize {
+        fds_where(|target| target.starts_with(dir)).len()
     }
 
     fn fds_where(keep: impl Fn(&Path) -> bool) -> Vec<(i32, i32)> {
@@ -2800,6 +3020,7 @@ mod tests {
             Err(libc::EISDIR)
         );
         assert_eq!(h.fs.open_handles(), 6);
+        assert_eq!(h.fs.live_inodes(), 3, "hello.txt, sub, new.txt");
     }
 
     #[test]
@@ -2854,6 +3075,123 @@ mod tests {
         mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
         assert_eq!(h.submit(&descs), Some(0));
         assert!(h.lookup(ROOT_ID, "hello.txt").is_ok());
+    }
+
+    #[test]
+    fn forgotten_inodes_give_their_descriptors_back() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        for name in &names {
+            fs::write(h.root.join(name), name).unwrap();
+        }
+        let baseline = fds_under(&h.root);
+        let mut nodes = Vec::new();
+        for name in &names {
+            nodes.push(h.lookup(ROOT_ID, name).unwrap().nodeid);
+        }
+        assert_eq!(fds_under(&h.root), baseline + 20);
+        assert_eq!(h.fs.live_inodes(), 20);
+        // Node ids are the host's inode numbers, under the (device, mount)
+        // index: the same file gets the same one back after FORGET.
+        let ino = fs::metadata(h.root.join("f0")).unwrap().ino();
+        assert_eq!(nodes[0] & ((1 << 47) - 1), ino);
+
+        // Two lookups need two forgets.
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        h.forget(nodes[0], 1);
+        assert_eq!(fds_under(&h.root), baseline + 20);
+        for &node in &nodes[..10] {
+            h.forget(node, 1);
+        }
+        let batch: Vec<_> = nodes[10..].iter().map(|&n| (n, 1)).collect();
+        h.batch_forget(&batch);
+        assert_eq!(fds_under(&h.root), baseline);
+        assert_eq!(h.fs.live_inodes(), 0);
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        h.forget(nodes[0], u64::MAX);
+
+        // READDIRPLUS entries are lookups too; a handle is a descriptor
+        // until released.
+        let dh = h.opendir(ROOT_ID).unwrap();
+        assert_eq!(fds_under(&h.root), baseline + 1);
+        let entries = h.readdirplus(ROOT_ID, dh, 64 * 1024).unwrap();
+        assert_eq!(entries.len(), 22, "f0..f19, hello.txt, sub");
+        assert_eq!(h.fs.live_inodes(), 22);
+        assert_eq!(h.fs.open_handles(), 1);
+        let release = ReleaseIn {
+            fh: dh,
+            ..Default::default()
+        };
+        let r = h.call(Opcode::Releasedir, ROOT_ID, release.as_slice());
+        assert_eq!(r.result(), Ok(&[][..]));
+        let batch: Vec<_> = entries.iter().map(|(_, e)| (e.nodeid, 1)).collect();
+        h.batch_forget(&batch);
+        assert_eq!(fds_under(&h.root), baseline);
+        assert_eq!((h.fs.live_inodes(), h.fs.open_handles()), (0, 0));
+        // Forgetting what was never looked up, or more than was, changes
+        // nothing.
+        h.forget(nodes[3], 5);
+        h.forget(ROOT_ID, 5);
+        assert!(h.getattr(ROOT_ID).is_ok());
+        assert_eq!(fds_under(&h.root), baseline);
+    }
+
+    #[test]
+    fn beyond_the_descriptor_budget_new_inodes_get_enfile() {
+        let mem = test_mem();
+        let mut h = Harness::with_budget(&mem, false, Some(4));
+        h.init();
+        for i in 0..8 {
+            fs::write(h.root.join(format!("f{i}")), b"x").unwrap();
+        }
+        let baseline = fds_under(&h.root);
+        let mut nodes = Vec::new();
+        for i in 0..4 {
+            nodes.push(h.lookup(ROOT_ID, &format!("f{i}")).unwrap().nodeid);
+        }
+        assert_eq!(h.lookup(ROOT_ID, "f4"), Err(libc::ENFILE));
+        assert_eq!(h.mkdir(ROOT_ID, "d").map(drop), Err(libc::ENFILE));
+        // What the guest holds still works; opening takes a descriptor too.
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        assert_eq!(h.open(nodes[0], libc::O_RDONLY), Err(libc::ENFILE));
+        assert_eq!(h.opendir(ROOT_ID), Err(libc::ENFILE));
+        assert_eq!(fds_under(&h.root), baseline + 4);
+        assert_eq!(h.fs.live_inodes(), 4);
+
+        // Room for a handle but not for the inode CREATE makes: neither
+        // is kept.
+        h.forget(nodes[0], 2);
+        let dh = h.opendir(ROOT_ID).unwrap();
+        h.forget(nodes[1], 1);
+        assert_eq!(
+            h.create(ROOT_ID, "new", libc::O_RDWR | libc::O_CREAT)
+                .map(drop),
+            Err(libc::ENFILE)
+        );
+        assert_eq!(fds_under(&h.root), baseline + 3);
+        // READDIRPLUS stops at the budget, keeping what it returned.
+        let listed = h.readdirplus(ROOT_ID, dh, 64 * 1024);
+        let listed = listed.unwrap_or_default();
+        assert!(listed.len() < 11, "{} entries", listed.len());
+        assert!(h.fs.live_inodes() <= 3);
+        assert_eq!(fds_under(&h.root), baseline + 1 + h.fs.live_inodes());
+        let batch: Vec<_> = listed.iter().map(|(_, e)| (e.nodeid, 1)).collect();
+        h.batch_forget(&batch);
+        h.forget(nodes[2], 1);
+        h.forget(nodes[3], 1);
+        assert_eq!(h.fs.live_inodes(), 0);
+        assert_eq!(fds_under(&h.root), baseline + 1);
+        assert!(h.lookup(ROOT_ID, "f4").is_ok());
+    }
+
+    #[test]
+    fn the_default_budget_leaves_the_vmm_a_reserve() {
+        let soft = nofile_limit().unwrap().rlim_cur;
+        let budget = default_fd_budget() as u64;
+        assert!(budget < soft && budget >= soft / 2, "{budget} of {soft}");
+        assert!(budget <= FD_BUDGET_MAX);
     }
 
     /// Opcodes the server knows, and a few it does not.
