@@ -56,7 +56,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader, ROOT_ID,
+    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader,
+    ATTR_SUBMOUNT, ROOT_ID,
 };
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
@@ -460,11 +461,17 @@ pub struct ShareFs {
 struct Ledger {
     inodes: HashMap<u64, LiveInode>,
     handles: HashMap<u64, OpenHandle>,
+    /// The share root's device (the root is never forgotten, so it is not
+    /// in `inodes`).
+    root_dev: u64,
 }
 
 struct LiveInode {
     /// Lookups the guest has not yet forgotten.
     nlookup: u64,
+    /// The host device: a directory on another device than its parent is
+    /// announced as a submount.
+    dev: u64,
 }
 
 struct OpenHandle {
@@ -477,6 +484,14 @@ struct OpenHandle {
 impl Ledger {
     fn fds(&self) -> usize {
         self.inodes.len() + self.handles.len()
+    }
+
+    fn dev_of(&self, inode: u64) -> Option<u64> {
+        if inode == ROOT_ID {
+            Some(self.root_dev)
+        } else {
+            self.inodes.get(&inode).map(|i| i.dev)
+        }
     }
 
     /// Takes `count` lookups off `inode`.
@@ -617,12 +632,14 @@ impl ShareFs {
         };
         let inner = PassthroughFs::<()>::new(backend_config(root_dir)).map_err(backend_err)?;
         import_root(&inner).map_err(backend_err)?;
-        Ok(ShareFs {
+        let fs = ShareFs {
             inner,
             readonly,
             fd_budget: default_fd_budget(),
             ledger: Mutex::default(),
-        })
+        };
+        fs.reset_ledger().map_err(backend_err)?;
+        Ok(fs)
     }
 
     /// The same share with room for `budget` host descriptors (live inodes
@@ -647,9 +664,14 @@ impl ShareFs {
     }
 
     /// Forgets every inode and handle (the backend has just dropped its
-    /// own).
-    fn reset_ledger(&self) {
-        *self.ledger() = Ledger::default();
+    /// own) and records the root's device.
+    fn reset_ledger(&self) -> io::Result<()> {
+        let (root, _) = self.inner.getattr(&Context::default(), ROOT_ID, None)?;
+        *self.ledger() = Ledger {
+            root_dev: root.st_dev,
+            ..Ledger::default()
+        };
+        Ok(())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -660,10 +682,19 @@ impl ShareFs {
         }
     }
 
-    /// Records the lookup an entry the backend made gives the guest. A new
-    /// inode beyond the budget is forgotten again: ENFILE.
-    fn admit(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+    /// Records the lookup an entry the backend made gives the guest, and
+    /// marks a directory on another device than its parent as a submount.
+    /// A new inode beyond the budget is forgotten again: ENFILE.
+    fn admit(&self, ctx: &Context, parent: u64, mut entry: Entry) -> io::Result<Entry> {
         let mut ledger = self.ledger();
+        let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir
+            && ledger
+                .dev_of(parent)
+                .is_some_and(|d| d != entry.attr.st_dev)
+        {
+            entry.attr_flags |= ATTR_SUBMOUNT;
+        }
         if entry.inode == ROOT_ID {
             // Never forgotten by the backend, so never counted.
             return Ok(entry);
@@ -677,7 +708,11 @@ impl ShareFs {
             self.inner.forget(ctx, entry.inode, 1);
             return Err(enfile());
         }
-        ledger.inodes.insert(entry.inode, LiveInode { nlookup: 1 });
+        let live = LiveInode {
+            nlookup: 1,
+            dev: entry.attr.st_dev,
+        };
+        ledger.inodes.insert(entry.inode, live);
         Ok(entry)
     }
 
@@ -812,11 +847,21 @@ impl FileSystem for ShareFs {
             | FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::AUTO_INVAL_DATA;
+        // Bind mounts in the share become submounts in the guest, each
+        // with its own st_dev (the server keeps only what the kernel
+        // offered).
+        want |= FsOptions::SUBMOUNTS;
         // No DAX window.
         want.remove(FsOptions::PERFILE_DAX);
         if self.readonly {
             want.remove(FsOptions::WRITEBACK_CACHE);
         }
+        // The backend has imported the root again.
+        self.ledger().root_dev = self
+            .inner
+            .getattr(&Context::default(), ROOT_ID, None)?
+            .0
+            .st_dev;
         Ok(want)
     }
 
@@ -824,7 +869,9 @@ impl FileSystem for ShareFs {
         // The backend drops every inode and handle and imports the root
         // again.
         self.inner.destroy();
-        self.reset_ledger();
+        if let Err(e) = self.reset_ledger() {
+            tracing::warn!(error = %e, "virtio-fs: the share's root is gone after DESTROY");
+        }
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -837,7 +884,7 @@ impl FileSystem for ShareFs {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
         let entry = self.inner.lookup(ctx, parent, name)?;
-        self.admit(ctx, entry)
+        self.admit(ctx, parent, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
@@ -891,7 +938,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
-        self.admit(ctx, entry)
+        self.admit(ctx, parent, entry)
     }
 
     fn mknod(
@@ -905,7 +952,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
-        self.admit(ctx, entry)
+        self.admit(ctx, inode, entry)
     }
 
     fn mkdir(
@@ -918,7 +965,7 @@ impl FileSystem for ShareFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
-        self.admit(ctx, entry)
+        self.admit(ctx, parent, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -948,7 +995,7 @@ impl FileSystem for ShareFs {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
-        self.admit(ctx, entry)
+        self.admit(ctx, newparent, entry)
     }
 
     fn open(
@@ -993,7 +1040,7 @@ impl FileSystem for ShareFs {
             .admit_handle(ctx, entry.inode, handle, excl.flags, OpenKind::Create)
             .inspect_err(|_| self.inner.forget(ctx, entry.inode, 1))?;
         let inode = entry.inode;
-        let entry = self.admit(ctx, entry).inspect_err(|_| {
+        let entry = self.admit(ctx, parent, entry).inspect_err(|_| {
             if let Some(h) = handle {
                 let _ = self.release(ctx, inode, 0, h, false, false, None);
             }
@@ -1161,7 +1208,7 @@ impl FileSystem for ShareFs {
         // forgets an entry that did not fit (add_entry returned 0) but not
         // one whose add_entry failed: that one is forgotten here.
         let mut add = |dirent: DirEntry, entry: Entry| {
-            let entry = self.admit(ctx, entry)?;
+            let entry = self.admit(ctx, inode, entry)?;
             let node = entry.inode;
             let added = add_entry(dirent, entry);
             if !matches!(added, Ok(n) if n > 0) && node != ROOT_ID {
@@ -1630,7 +1677,8 @@ mod tests {
                 | FsOptions::PARALLEL_DIROPS
                 | FsOptions::AUTO_INVAL_DATA
                 | FsOptions::WRITEBACK_CACHE
-                | FsOptions::PERFILE_DAX;
+                | FsOptions::PERFILE_DAX
+                | FsOptions::SUBMOUNTS;
             let args = InitIn {
                 major: KERNEL_VERSION,
                 minor: KERNEL_MINOR_VERSION,
@@ -2237,6 +2285,7 @@ mod tests {
         assert_eq!(out.minor, KERNEL_MINOR_VERSION);
         let flags = FsOptions::from_bits_truncate(u64::from(out.flags));
         assert!(flags.contains(FsOptions::MAX_PAGES | FsOptions::DO_READDIRPLUS));
+        assert!(flags.contains(FsOptions::SUBMOUNTS));
         assert!(!flags.contains(FsOptions::PERFILE_DAX));
         assert!(!flags.contains(FsOptions::WRITEBACK_CACHE));
         assert_eq!(out.max_pages, 256);
@@ -3192,6 +3241,127 @@ mod tests {
         let budget = default_fd_budget() as u64;
         assert!(budget < soft && budget >= soft / 2, "{budget} of {soft}");
         assert!(budget <= FD_BUDGET_MAX);
+    }
+
+    #[test]
+    fn bind_mounts_are_announced_as_submounts() {
+        // A mount namespace of its own: the thread's, which unshare gives.
+        std::thread::spawn(submounts_in_a_private_namespace)
+            .join()
+            .unwrap();
+    }
+
+    fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (source, fstype) = (c(source), c(fstype));
+        let target = c(target.to_str().unwrap());
+        // SAFETY: mount(2) reads the NUL-terminated strings, which outlive
+        // the call; no data argument.
+        let r = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "mount {target:?}: {}", io::Error::last_os_error());
+    }
+
+    fn submounts_in_a_private_namespace() {
+        // SAFETY: unshare(2) takes no pointers; only this thread's mount
+        // namespace (and root, cwd, umask) are detached.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+        mount("none", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE);
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let root = base.join("share");
+        for d in [
+            "share/plain",
+            "share/tmpfs",
+            "share/bind",
+            "share/vol",
+            "src",
+            "other",
+        ] {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        fs::write(root.join("file.txt"), b"x").unwrap();
+        // Another filesystem, a bind of the same one, a bind of another.
+        mount("tmpfs", &root.join("tmpfs"), "tmpfs", 0);
+        fs::create_dir(root.join("tmpfs/inner")).unwrap();
+        fs::create_dir(root.join("tmpfs/nested")).unwrap();
+        fs::write(root.join("tmpfs/f.txt"), b"x").unwrap();
+        mount("tmpfs", &root.join("tmpfs/nested"), "tmpfs", 0);
+        mount(
+            base.join("src").to_str().unwrap(),
+            &root.join("bind"),
+            "",
+            libc::MS_BIND,
+        );
+        mount("tmpfs", &base.join("other"), "tmpfs", 0);
+        fs::create_dir(base.join("other/d")).unwrap();
+        mount(
+            base.join("other/d").to_str().unwrap(),
+            &root.join("vol"),
+            "",
+            libc::MS_BIND,
+        );
+
+        let mem = test_mem();
+        let mut h = Harness::serving(&mem, 0, &root, false);
+        let init = h.init();
+        assert!(FsOptions::from_bits_truncate(u64::from(init.flags)).contains(FsOptions::SUBMOUNTS));
+        let want = [
+            ("plain", 0),
+            ("tmpfs", ATTR_SUBMOUNT),
+            ("bind", 0),
+            ("vol", ATTR_SUBMOUNT),
+            ("file.txt", 0),
+            ("sub_missing", u32::MAX),
+        ];
+        let mut tmpfs = 0;
+        for (name, flags) in want {
+            match h.lookup(ROOT_ID, name) {
+                Ok(e) => {
+                    assert_eq!(e.attr.flags, flags, "LOOKUP {name}");
+                    if name == "tmpfs" {
+                        tmpfs = e.nodeid;
+                    }
+                }
+                Err(e) => assert_eq!((e, flags), (libc::ENOENT, u32::MAX), "{name}"),
+            }
+        }
+        // Below a submount, its parent is the submount.
+        let within = [("inner", 0), ("nested", ATTR_SUBMOUNT), ("f.txt", 0)];
+        for (name, flags) in within {
+            assert_eq!(h.lookup(tmpfs, name).unwrap().attr.flags, flags, "{name}");
+        }
+        assert_eq!(h.mkdir(tmpfs, "made").unwrap().attr.flags, 0);
+        // READDIRPLUS says what LOOKUP says.
+        for (dir, expected) in [(ROOT_ID, &want[..5]), (tmpfs, &within[..])] {
+            let dh = h.opendir(dir).unwrap();
+            let entries = h.readdirplus(dir, dh, 64 * 1024).unwrap();
+            for &(name, flags) in expected {
+                let (_, e) = entries.iter().find(|(n, _)| n == name).unwrap();
+                assert_eq!(e.attr.flags, flags, "READDIRPLUS {name}");
+            }
+        }
+        drop(h);
+        for m in [
+            "share/vol",
+            "other",
+            "share/bind",
+            "share/tmpfs/nested",
+            "share/tmpfs",
+        ] {
+            let target = std::ffi::CString::new(base.join(m).to_str().unwrap()).unwrap();
+            // SAFETY: umount2(2) reads the NUL-terminated path, which
+            // outlives the call.
+            let r = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            assert_eq!(r, 0, "umount {m}");
+        }
     }
 
     /// Opcodes the server knows, and a few it does not.
