@@ -10,6 +10,9 @@
 //!
 //! # The guest is untrusted
 //!
+//! Root in the VM, possibly in control of the guest kernel: every FUSE
+//! request is attacker-chosen. What holds:
+//!
 //! * Confinement. The passthrough backend holds an `O_PATH` fd per inode
 //!   the guest knows and resolves every name with `openat(parent_fd, name,
 //!   O_PATH | O_NOFOLLOW)`, one component at a time: names containing `/`
@@ -17,33 +20,118 @@
 //!   kernel resolves those itself), so even a directory moved out of the
 //!   share while the guest holds it leads no further up. A symlink is
 //!   looked up as the link itself, never its target: a name under it
-//!   fails with ENOTDIR, opening it fails (only
-//!   regular files and directories are ever opened, which also keeps device
-//!   nodes and FIFOs the guest creates from being opened on the host), and
-//!   the metadata calls that go through `/proc/self/fd/N` land on the link
-//!   (a magic link is never followed further). A symlink's target is only
-//!   ever resolved by the guest kernel, in the guest. The guest never names
-//!   a host path: the only absolute path used is the share's root, fixed
-//!   here (canonical, so it is not itself a symlink).
-//! * Read-only shares. [`ShareFs`] wraps the backend and answers every
-//!   request that would modify the share with EROFS before the backend sees
-//!   it; everything that only reads is delegated.
-//! * Hostile requests. A chain whose buffers lie outside guest memory is
-//!   completed with nothing written; a request the server cannot parse gets
-//!   an EIO reply (pre-filled before the server runs, so it stands whenever
-//!   the server fails without replying); sizes the guest chooses are bounded
-//!   before they become host allocations (xattr and readdir buffers, and
-//!   FUSE_IOCTL, which the backend does not support, is refused before the
-//!   server copies its input). Nothing on the request path panics on
-//!   guest data, and a bad request never stops the worker.
+//!   fails with ENOTDIR, opening it fails (only regular files and
+//!   directories are ever opened, which also keeps device nodes and FIFOs
+//!   the guest creates from being opened on the host), and the metadata
+//!   calls that go through `/proc/self/fd/N` land on the link (a magic link
+//!   is never followed further). A symlink's target is only ever resolved
+//!   by the guest kernel, in the guest. The guest never names a host path:
+//!   the only absolute path used is the share's root, fixed here
+//!   (canonical, so it is not itself a symlink).
+//! * No openat2. Where the host has it (Linux 5.6+), `RESOLVE_BENEATH`
+//!   would be the kernel's own guarantee; fuse-backend-rs 0.14 does not use
+//!   it (it is a TODO there) and this wrapper cannot change how the
+//!   backend resolves. What stands in its place is the above: one
+//!   component at a time, with `O_NOFOLLOW`, beneath the backend's own
+//!   `O_PATH` fds, and `.`/`..` refused here.
+//! * Open flags. OPEN, OPENDIR and CREATE pass on only the access mode,
+//!   `O_APPEND`, `O_NONBLOCK`, `O_SYNC`/`O_DSYNC`, `O_NOATIME`, `O_TRUNC`,
+//!   `O_LARGEFILE`, `O_CLOEXEC`, `O_NOFOLLOW`, `O_DIRECTORY` and `FASYNC`
+//!   (plus `O_CREAT`/`O_EXCL` for CREATE), always with `O_NOFOLLOW` and
+//!   `O_CLOEXEC` added. `O_DIRECT` and the kernel-internal `__FMODE_EXEC`
+//!   and `__FMODE_NONOTIFY` (Linux's FUSE client forwards `f_flags`) are
+//!   accepted and dropped; `O_PATH`, `O_TMPFILE`, an invalid access mode
+//!   and anything else are EINVAL. (With `O_PATH` the kernel ignores
+//!   `O_CREAT | O_EXCL`, so the backend's CREATE followed a symlink the
+//!   guest planted and handed out a descriptor of any host file.) CREATE
+//!   is always exclusive in the backend; a name that exists, when the guest
+//!   did not ask for `O_EXCL`, is looked up and opened as OPEN does.
+//! * Descriptors stay owned. [`ShareFs`] records each handle's inode and
+//!   the flags the backend opened it with, and READ and WRITE always pass
+//!   those flags: when a request's flags differ from the handle's, the
+//!   backend calls fcntl(F_SETFL), and when that fails (O_DIRECT where the
+//!   filesystem has none, clearing O_APPEND on an append-only file) it
+//!   returns having closed the handle's descriptor, whose number the next
+//!   host open takes. A handle the guest was not given, or of another
+//!   inode, is EBADF. The consequence: flags the guest changes with
+//!   fcntl(F_SETFL) after open are not mirrored on the host (an O_APPEND
+//!   cleared in the guest still appends on the host; O_NONBLOCK, O_NOATIME
+//!   and FASYNC changes are ignored).
+//! * Read-only shares. Every request that would modify the share gets EROFS
+//!   before the backend sees it; everything that only reads is delegated.
+//! * Bounded memory. A request whose header claims fewer bytes than
+//!   itself, more than its chain holds or more than Linux ever sends
+//!   ([`MAX_REQ_PAGES`] pages and a page of headers) is refused (EINVAL)
+//!   before the server allocates that much for its body, and so is a
+//!   BATCH_FORGET counting past its length. Sizes the guest picks are
+//!   bounded before they become allocations (xattr and readdir buffers);
+//!   FUSE_IOCTL, which the backend does not support, is refused before
+//!   the server copies its input.
+//! * Bounded descriptors. Every inode the guest holds costs the backend one
+//!   `O_PATH` descriptor, every open handle one more. The ledger counts
+//!   them (the lookups of each entry LOOKUP, CREATE, MKDIR, MKNOD, SYMLINK,
+//!   LINK and READDIRPLUS return, less FORGET and BATCH_FORGET; handles
+//!   until RELEASE) against a budget of RLIMIT_NOFILE's soft limit less a
+//!   reserve for the VMM's own (1024, or half a limit under 2048; at most
+//!   2^20, Linux's default `fs.nr_open`; [`Fs::new`] first raises the soft
+//!   limit to the hard one): beyond it a new inode or handle is ENFILE,
+//!   after undoing the backend's lookup or open. FORGET
+//!   is honoured: node ids are the host's inode numbers under a (device,
+//!   mount) index (`use_host_ino`), so the backend drops its whole record
+//!   of a forgotten inode, where its default numbering keeps an id->node
+//!   entry for every inode ever seen. Two limits of that scheme: inode
+//!   numbers above 2^47 (overlayfs with xino) get a virtual number whose
+//!   small id->node entry stays, and at most 254 (device, mount) pairs can
+//!   be served (lookups beyond fail), which the runtime's few bind mounts
+//!   per VM are far from. The budget is per share: a process serving
+//!   several shares would need one shared budget.
+//! * Submounts. A directory whose host device differs from its parent's (a
+//!   bind mount of another filesystem in the composed share) is announced
+//!   with `FUSE_ATTR_SUBMOUNT` in LOOKUP, READDIRPLUS and MKDIR alike, so
+//!   the guest mounts it apart with its own st_dev and its inode numbers
+//!   never collide with another filesystem's.
+//! * Nothing on the request path panics on guest data, and a bad request
+//!   never stops the worker: a chain whose buffers lie outside guest memory
+//!   is completed with nothing written; a request the server cannot parse
+//!   gets an EIO reply (pre-filled before the server runs, so it stands
+//!   whenever the server fails without replying).
 //!
-//! What is *not* confined, as with virtiofsd and runc bind mounts: requests
-//! run with the guest's uid/gid (the worker switches its own thread's
-//! credentials), so a guest root can create setuid files, device nodes or
-//! security xattrs inside the share, which host processes could then use.
-//! Unlike virtiofsd there is no mount-namespace sandbox behind the path
-//! checks, and the number of host fds the guest can pin (one per inode it
-//! looked up, one per open file) is only bounded by RLIMIT_NOFILE.
+//! What was checked in fuse-backend-rs 0.14 (passthrough `sync_io.rs`,
+//! `mod.rs`, `util.rs`, `inode_store.rs`; server `sync_io.rs`), beyond the
+//! two findings above:
+//!
+//! * Descriptor ownership: the only borrowed fds wrapped in a `File` are
+//!   READ's and WRITE's (WRITE's `seal_size` stat has the same early
+//!   return; `seal_size` is off). FLUSH closes a `dup` of its own.
+//!   GETATTR, SETATTR, FSYNC, FALLOCATE and LSEEK with a handle check that
+//!   it belongs to the inode.
+//! * Leaked lookups: CREATE of an existing name looked it up and kept that
+//!   lookup when the open then failed (a FIFO, a symlink): a descriptor per
+//!   name the guest repeats this on. Closed by the exclusive CREATE above.
+//!   READDIRPLUS keeps an entry's lookup when adding it to the reply fails:
+//!   forgotten here. Plain READDIR looks each entry up and forgets it.
+//! * Symlinks: MKDIR, MKNOD, SYMLINK, UNLINK, RMDIR, RENAME and LINK are
+//!   `*at` calls on one validated name under the parent's fd, none of
+//!   which follows a final symlink; LINK's source is the inode's own fd
+//!   (`AT_EMPTY_PATH`); chown uses `AT_SYMLINK_NOFOLLOW`; chmod, utimes and
+//!   the xattr calls go through `/proc/self/fd/N` of the `O_PATH` fd;
+//!   truncate and OPEN reopen only regular files and directories (the type
+//!   recorded at lookup). INIT and DESTROY import the root again by its
+//!   absolute path, which the host chose.
+//! * Allocations sized by the guest: message bodies (`len`, bounded above),
+//!   BATCH_FORGET (`count`, checked above), getxattr/listxattr and readdir
+//!   buffers (bounded here), FUSE_IOCTL's input (refused), readlink
+//!   (PATH_MAX).
+//! * Not closed: an entry whose reply cannot reach the guest (no room for
+//!   it) stays counted, as it stays in the backend; it only uses up the
+//!   guest's own budget.
+//!
+//! What is *not* confined, as with virtiofsd and runc bind mounts: the
+//! requests that create files run with the guest's uid/gid (the worker
+//! switches its own thread's credentials), so a guest root can create
+//! setuid files, device nodes or security xattrs inside the share, which
+//! host processes could then use. Unlike virtiofsd there is no
+//! mount-namespace sandbox behind the path checks.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
