@@ -3119,6 +3119,10 @@ mod tests {
         // The host descriptors: never O_DIRECT, always close-on-exec.
         let fds = fds_at(&path);
         assert!(fds.iter().all(|&(_, f)| f & libc::O_DIRECT == 0), "{fds:?}");
+        assert!(
+            fds.iter().all(|&(_, f)| f & libc::O_CLOEXEC != 0),
+            "{fds:?}"
+        );
         let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | KERNEL_O_LARGEFILE;
         let dh = h.opendir_flags(sub.nodeid, dir_flags).unwrap();
         assert_eq!(h.readdirplus(sub.nodeid, dh, 4096).unwrap(), []);
@@ -3155,6 +3159,11 @@ mod tests {
             h.create(ROOT_ID, "sub", libc::O_RDONLY | libc::O_CREAT)
                 .map(drop),
             Err(libc::EISDIR)
+        );
+        let fds = fds_at(&h.root.join("new.txt"));
+        assert!(
+            fds.iter().all(|&(_, f)| f & libc::O_CLOEXEC != 0),
+            "{fds:?}"
         );
         assert_eq!(h.fs.open_handles(), 6);
         assert_eq!(h.fs.live_inodes(), 3, "hello.txt, sub, new.txt");
@@ -3325,6 +3334,8 @@ mod tests {
 
     #[test]
     fn the_default_budget_leaves_the_vmm_a_reserve() {
+        // As Fs::new, which other tests run meanwhile, does.
+        raise_nofile_limit().unwrap();
         let soft = nofile_limit().unwrap().rlim_cur;
         let budget = default_fd_budget() as u64;
         assert!(budget < soft && budget >= soft / 2, "{budget} of {soft}");
