@@ -10,6 +10,9 @@
 //!
 //! # The guest is untrusted
 //!
+//! Root in the VM, possibly in control of the guest kernel: every FUSE
+//! request is attacker-chosen. What holds:
+//!
 //! * Confinement. The passthrough backend holds an `O_PATH` fd per inode
 //!   the guest knows and resolves every name with `openat(parent_fd, name,
 //!   O_PATH | O_NOFOLLOW)`, one component at a time: names containing `/`
@@ -17,48 +20,139 @@
 //!   kernel resolves those itself), so even a directory moved out of the
 //!   share while the guest holds it leads no further up. A symlink is
 //!   looked up as the link itself, never its target: a name under it
-//!   fails with ENOTDIR, opening it fails (only
-//!   regular files and directories are ever opened, which also keeps device
-//!   nodes and FIFOs the guest creates from being opened on the host), and
-//!   the metadata calls that go through `/proc/self/fd/N` land on the link
-//!   (a magic link is never followed further). A symlink's target is only
-//!   ever resolved by the guest kernel, in the guest. The guest never names
-//!   a host path: the only absolute path used is the share's root, fixed
-//!   here (canonical, so it is not itself a symlink).
-//! * Read-only shares. [`ShareFs`] wraps the backend and answers every
-//!   request that would modify the share with EROFS before the backend sees
-//!   it; everything that only reads is delegated.
-//! * Hostile requests. A chain whose buffers lie outside guest memory is
-//!   completed with nothing written; a request the server cannot parse gets
-//!   an EIO reply (pre-filled before the server runs, so it stands whenever
-//!   the server fails without replying); sizes the guest chooses are bounded
-//!   before they become host allocations (xattr and readdir buffers, and
-//!   FUSE_IOCTL, which the backend does not support, is refused before the
-//!   server copies its input). Nothing on the request path panics on
-//!   guest data, and a bad request never stops the worker.
+//!   fails with ENOTDIR, opening it fails (only regular files and
+//!   directories are ever opened, which also keeps device nodes and FIFOs
+//!   the guest creates from being opened on the host), and the metadata
+//!   calls that go through `/proc/self/fd/N` land on the link (a magic link
+//!   is never followed further). A symlink's target is only ever resolved
+//!   by the guest kernel, in the guest. The guest never names a host path:
+//!   the only absolute path used is the share's root, fixed here
+//!   (canonical, so it is not itself a symlink).
+//! * No openat2. Where the host has it (Linux 5.6+), `RESOLVE_BENEATH`
+//!   would be the kernel's own guarantee; fuse-backend-rs 0.14 does not use
+//!   it (it is a TODO there) and this wrapper cannot change how the
+//!   backend resolves. What stands in its place is the above: one
+//!   component at a time, with `O_NOFOLLOW`, beneath the backend's own
+//!   `O_PATH` fds, and `.`/`..` refused here.
+//! * Open flags. OPEN, OPENDIR and CREATE pass on only the access mode,
+//!   `O_APPEND`, `O_NONBLOCK`, `O_SYNC`/`O_DSYNC`, `O_NOATIME`, `O_TRUNC`,
+//!   `O_LARGEFILE`, `O_CLOEXEC`, `O_NOFOLLOW`, `O_DIRECTORY` and `FASYNC`
+//!   (plus `O_CREAT`/`O_EXCL` for CREATE), always with `O_NOFOLLOW` and
+//!   `O_CLOEXEC` added. `O_DIRECT` and the kernel-internal `__FMODE_EXEC`
+//!   and `__FMODE_NONOTIFY` (Linux's FUSE client forwards `f_flags`) are
+//!   accepted and dropped; `O_PATH`, `O_TMPFILE`, an invalid access mode
+//!   and anything else are EINVAL. (With `O_PATH` the kernel ignores
+//!   `O_CREAT | O_EXCL`, so the backend's CREATE followed a symlink the
+//!   guest planted and handed out a descriptor of any host file.) CREATE
+//!   is always exclusive in the backend; a name that exists, when the guest
+//!   did not ask for `O_EXCL`, is looked up and opened as OPEN does.
+//! * Descriptors stay owned. [`ShareFs`] records each handle's inode and
+//!   the flags the backend opened it with, and READ and WRITE always pass
+//!   those flags: when a request's flags differ from the handle's, the
+//!   backend calls fcntl(F_SETFL), and when that fails (O_DIRECT where the
+//!   filesystem has none, clearing O_APPEND on an append-only file) it
+//!   returns having closed the handle's descriptor, whose number the next
+//!   host open takes. A handle the guest was not given, or of another
+//!   inode, is EBADF. The consequence: flags the guest changes with
+//!   fcntl(F_SETFL) after open are not mirrored on the host (an O_APPEND
+//!   cleared in the guest still appends on the host; O_NONBLOCK, O_NOATIME
+//!   and FASYNC changes are ignored).
+//! * Read-only shares. Every request that would modify the share gets EROFS
+//!   before the backend sees it; everything that only reads is delegated.
+//! * Bounded memory. A request whose header claims fewer bytes than
+//!   itself, more than its chain holds or more than Linux ever sends
+//!   ([`MAX_REQ_PAGES`] pages and a page of headers) is refused (EINVAL)
+//!   before the server allocates that much for its body, and so is a
+//!   BATCH_FORGET counting past its length. Sizes the guest picks are
+//!   bounded before they become allocations (xattr and readdir buffers);
+//!   FUSE_IOCTL, which the backend does not support, is refused before
+//!   the server copies its input.
+//! * Bounded descriptors. Every inode the guest holds costs the backend one
+//!   `O_PATH` descriptor, every open handle one more. The ledger counts
+//!   them (the lookups of each entry LOOKUP, CREATE, MKDIR, MKNOD, SYMLINK,
+//!   LINK and READDIRPLUS return, less FORGET and BATCH_FORGET; handles
+//!   until RELEASE) against a budget of RLIMIT_NOFILE's soft limit less a
+//!   reserve for the VMM's own (1024, or half a limit under 2048; at most
+//!   2^20, Linux's default `fs.nr_open`; [`Fs::new`] first raises the soft
+//!   limit to the hard one): beyond it a new inode or handle is ENFILE,
+//!   after undoing the backend's lookup or open. FORGET
+//!   is honoured: node ids are the host's inode numbers under a (device,
+//!   mount) index (`use_host_ino`), so the backend drops its whole record
+//!   of a forgotten inode, where its default numbering keeps an id->node
+//!   entry for every inode ever seen. Two limits of that scheme: inode
+//!   numbers above 2^47 (overlayfs with xino) get a virtual number whose
+//!   small id->node entry stays, and at most 254 (device, mount) pairs can
+//!   be served (lookups beyond fail), which the runtime's few bind mounts
+//!   per VM are far from. The budget is per share: a process serving
+//!   several shares would need one shared budget.
+//! * Submounts. A directory whose host device differs from its parent's (a
+//!   bind mount of another filesystem in the composed share) is announced
+//!   with `FUSE_ATTR_SUBMOUNT` in LOOKUP, READDIRPLUS and MKDIR alike, so
+//!   the guest mounts it apart with its own st_dev and its inode numbers
+//!   never collide with another filesystem's.
+//! * Nothing on the request path panics on guest data, and a bad request
+//!   never stops the worker: a chain whose buffers lie outside guest memory
+//!   is completed with nothing written; a request the server cannot parse
+//!   gets an EIO reply (pre-filled before the server runs, so it stands
+//!   whenever the server fails without replying).
 //!
-//! What is *not* confined, as with virtiofsd and runc bind mounts: requests
-//! run with the guest's uid/gid (the worker switches its own thread's
-//! credentials), so a guest root can create setuid files, device nodes or
-//! security xattrs inside the share, which host processes could then use.
-//! Unlike virtiofsd there is no mount-namespace sandbox behind the path
-//! checks, and the number of host fds the guest can pin (one per inode it
-//! looked up, one per open file) is only bounded by RLIMIT_NOFILE.
+//! What was checked in fuse-backend-rs 0.14 (passthrough `sync_io.rs`,
+//! `mod.rs`, `util.rs`, `inode_store.rs`; server `sync_io.rs`), beyond the
+//! two findings above:
+//!
+//! * Descriptor ownership: the only borrowed fds wrapped in a `File` are
+//!   READ's and WRITE's (WRITE's `seal_size` stat has the same early
+//!   return; `seal_size` is off). FLUSH closes a `dup` of its own.
+//!   GETATTR, SETATTR, FSYNC, FALLOCATE and LSEEK with a handle check that
+//!   it belongs to the inode.
+//! * Leaked lookups: CREATE of an existing name looked it up and kept that
+//!   lookup when the open then failed (a FIFO, a symlink): a descriptor per
+//!   name the guest repeats this on. Closed by the exclusive CREATE above.
+//!   READDIRPLUS keeps an entry's lookup when adding it to the reply fails:
+//!   forgotten here. Plain READDIR looks each entry up and forgets it.
+//! * Symlinks: MKDIR, MKNOD, SYMLINK, UNLINK, RMDIR, RENAME and LINK are
+//!   `*at` calls on one validated name under the parent's fd, none of
+//!   which follows a final symlink; LINK's source is the inode's own fd
+//!   (`AT_EMPTY_PATH`); chown uses `AT_SYMLINK_NOFOLLOW`; chmod, utimes and
+//!   the xattr calls go through `/proc/self/fd/N` of the `O_PATH` fd;
+//!   truncate and OPEN reopen only regular files and directories (the type
+//!   recorded at lookup). INIT and DESTROY import the root again by its
+//!   absolute path, which the host chose.
+//! * Allocations sized by the guest: message bodies (`len`, bounded above),
+//!   BATCH_FORGET (`count`, checked above), getxattr/listxattr and readdir
+//!   buffers (bounded here), FUSE_IOCTL's input (refused), readlink
+//!   (PATH_MAX).
+//! * Not closed: an entry whose reply cannot reach the guest (no room for
+//!   it) stays counted, as it stays in the backend; it only uses up the
+//!   guest's own budget.
+//!
+//! What is *not* confined, as with virtiofsd and runc bind mounts: the
+//! requests that create files run with the guest's uid/gid (the worker
+//! switches its own thread's credentials), so a guest root can create
+//! setuid files, device nodes or security xattrs inside the share, which
+//! host processes could then use. Unlike virtiofsd there is no
+//! mount-namespace sandbox behind the path checks.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
+use std::mem::size_of;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, InHeader, Opcode, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, BatchForgetIn, CreateIn, ForgetOne, InHeader, Opcode, OutHeader,
+    ATTR_SUBMOUNT, ROOT_ID,
+};
 use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
     ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
 };
-use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::server::{Server, MAX_REQ_PAGES};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -76,7 +170,7 @@ pub const NUM_QUEUES: usize = 2;
 /// Longest tag the configuration space holds.
 pub const TAG_MAX_LEN: usize = 36;
 
-/// Configuration space: tag[36] + num_request_queues (le32).
+/// Configuration space: `tag[36]` + `num_request_queues` (le32).
 const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
 const NUM_REQUEST_QUEUES: u32 = 1;
 
@@ -92,7 +186,11 @@ const XATTR_MAX: u32 = 64 * 1024;
 /// Linux asks for a page at a time.
 const READDIR_MAX: u32 = 1024 * 1024;
 
-const OUT_HEADER_LEN: usize = std::mem::size_of::<OutHeader>();
+/// The longest request Linux sends: a WRITE of `max_pages` pages (what
+/// INIT offers), its headers in one more page.
+const MAX_REQUEST_LEN: usize = MAX_REQ_PAGES as usize * 4096 + 4096;
+
+const OUT_HEADER_LEN: usize = size_of::<OutHeader>();
 
 /// epoll token of the stop event; queues use their index.
 const TOKEN_STOP: u64 = u64::MAX;
@@ -125,6 +223,9 @@ impl Fs {
     /// `shared_dir` (refusing every modification when `readonly`).
     pub fn new(tag: &str, shared_dir: &Path, readonly: bool) -> Result<Fs, FsError> {
         let config = config_space(tag)?;
+        if let Err(e) = raise_nofile_limit() {
+            tracing::debug!(tag, error = %e, "virtio-fs: RLIMIT_NOFILE stays as it is");
+        }
         let server = Server::new(ShareFs::new(shared_dir, readonly)?);
         Ok(Fs {
             tag: tag.to_owned(),
@@ -345,6 +446,18 @@ fn serve_chain<F: FileSystem + Sync>(
     let no_reply = [Opcode::Forget, Opcode::BatchForget, Opcode::Interrupt]
         .iter()
         .any(|&o| o as u32 == opcode);
+    if let Err(errno) = check_request(&header, &reader) {
+        tracing::debug!(
+            opcode,
+            len = header.len,
+            "virtio-fs: request length refused"
+        );
+        return if no_reply {
+            0
+        } else {
+            reply_error(mem, &chain, header.unique, errno)
+        };
+    }
     if no_reply {
         if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
             tracing::debug!(opcode, error = %e, "virtio-fs: bad request");
@@ -372,6 +485,32 @@ fn serve_chain<F: FileSystem + Sync>(
     }
 }
 
+/// Refuses (EINVAL) a request whose header claims fewer bytes than itself,
+/// more than the chain holds, or more than Linux ever sends, before the
+/// server allocates `len` bytes for its body; and a BATCH_FORGET whose
+/// count runs past that length (the server reserves room for `count`).
+fn check_request(header: &InHeader, reader: &Reader<'_>) -> Result<(), i32> {
+    let len = header.len as usize;
+    if len < size_of::<InHeader>() || len > reader.available_bytes() || len > MAX_REQUEST_LEN {
+        return Err(libc::EINVAL);
+    }
+    if header.opcode == Opcode::BatchForget as u32 {
+        let mut r = reader.clone();
+        let count = r
+            .read_obj::<InHeader>()
+            .and_then(|_| r.read_obj::<BatchForgetIn>())
+            .map_err(|_| libc::EINVAL)?
+            .count;
+        let need = (count as usize)
+            .checked_mul(size_of::<ForgetOne>())
+            .and_then(|n| n.checked_add(size_of::<InHeader>() + size_of::<BatchForgetIn>()));
+        if need.is_none_or(|n| n > len) {
+            return Err(libc::EINVAL);
+        }
+    }
+    Ok(())
+}
+
 /// Writes an error reply at the start of the chain's writable buffers;
 /// returns its length, or 0 if it does not fit.
 fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32) -> u32 {
@@ -387,8 +526,9 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 }
 
 /// The filesystem the guest sees: fuse-backend-rs's passthrough backend
-/// rooted at the share, with a read-only switch and bounds on the buffer
-/// sizes the guest picks.
+/// rooted at the share, with a read-only switch, bounds on the buffer
+/// sizes the guest picks, and a ledger of the descriptors the backend
+/// holds for the guest.
 ///
 /// Every method of fuse-backend-rs's `FileSystem` has a default (mostly
 /// ENOSYS), so each one is spelled out here: reads are delegated, writes
@@ -396,6 +536,166 @@ fn reply_error(mem: &Mem, chain: &DescriptorChain<&Mem>, unique: u64, errno: i32
 pub struct ShareFs {
     inner: PassthroughFs<()>,
     readonly: bool,
+    /// How many host descriptors (live inodes plus open handles) the guest
+    /// may pin.
+    fd_budget: usize,
+    ledger: Mutex<Ledger>,
+}
+
+/// What the guest holds of the backend: every inode it was given an entry
+/// for and not yet forgotten, every handle it opened and not yet released.
+/// Each costs the backend one host descriptor.
+#[derive(Default)]
+struct Ledger {
+    inodes: HashMap<u64, LiveInode>,
+    handles: HashMap<u64, OpenHandle>,
+    /// The share root's device (the root is never forgotten, so it is not
+    /// in `inodes`).
+    root_dev: u64,
+}
+
+struct LiveInode {
+    /// Lookups the guest has not yet forgotten.
+    nlookup: u64,
+    /// The host device: a directory on another device than its parent is
+    /// announced as a submount.
+    dev: u64,
+}
+
+struct OpenHandle {
+    inode: u64,
+    /// The flags the backend recorded at open; every READ and WRITE passes
+    /// exactly these, so the backend never changes the descriptor's flags.
+    flags: u32,
+}
+
+impl Ledger {
+    fn fds(&self) -> usize {
+        self.inodes.len() + self.handles.len()
+    }
+
+    fn dev_of(&self, inode: u64) -> Option<u64> {
+        if inode == ROOT_ID {
+            Some(self.root_dev)
+        } else {
+            self.inodes.get(&inode).map(|i| i.dev)
+        }
+    }
+
+    /// Takes `count` lookups off `inode`.
+    fn forget(&mut self, inode: u64, count: u64) {
+        let Some(live) = self.inodes.get_mut(&inode) else {
+            return;
+        };
+        live.nlookup = live.nlookup.saturating_sub(count);
+        if live.nlookup == 0 {
+            self.inodes.remove(&inode);
+        }
+    }
+}
+
+/// Descriptors of the VMM's own kept out of the guest's budget.
+const FD_RESERVE: u64 = 1024;
+/// The budget's ceiling whatever RLIMIT_NOFILE says (Linux's default
+/// `fs.nr_open`): it also bounds the ledger's and the backend's maps.
+const FD_BUDGET_MAX: u64 = 1 << 20;
+
+/// RLIMIT_NOFILE's soft limit less a reserve (half of it when it is under
+/// twice the reserve), at most [`FD_BUDGET_MAX`].
+fn default_fd_budget() -> usize {
+    let soft = nofile_limit().map_or(1024, |l| l.rlim_cur);
+    let budget = (soft - FD_RESERVE.min(soft / 2)).min(FD_BUDGET_MAX);
+    usize::try_from(budget).unwrap_or(usize::MAX)
+}
+
+fn nofile_limit() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes one rlimit, which `limit` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one (which needs no
+/// privilege): the guest's descriptor budget is derived from it, and a
+/// guest that caches a large tree holds one host descriptor per inode.
+fn raise_nofile_limit() -> io::Result<()> {
+    let limit = nofile_limit()?;
+    if limit.rlim_cur >= limit.rlim_max {
+        return Ok(());
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        ..limit
+    };
+    // SAFETY: setrlimit(2) reads one rlimit, which `raised` is.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What a guest open asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum OpenKind {
+    File,
+    Dir,
+    Create,
+}
+
+/// O_LARGEFILE as the kernel defines it (libc's is 0 on 64-bit hosts, but
+/// the guest kernel sets the real bit on every open).
+#[cfg(target_arch = "aarch64")]
+const KERNEL_O_LARGEFILE: i32 = 0o400000;
+#[cfg(not(target_arch = "aarch64"))]
+const KERNEL_O_LARGEFILE: i32 = 0o100000;
+
+/// The open(2) flags passed on to the backend, besides the access mode.
+const OPEN_FLAGS: i32 = libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_SYNC
+    | libc::O_DSYNC
+    | libc::O_DIRECT
+    | libc::O_NOATIME
+    | libc::O_TRUNC
+    | KERNEL_O_LARGEFILE
+    | libc::O_CLOEXEC
+    | libc::O_NOFOLLOW
+    | libc::O_DIRECTORY
+    | libc::O_ASYNC;
+
+/// Bits of the guest file's `f_flags` that Linux's FUSE client forwards
+/// although they are no open(2) flags: `__FMODE_EXEC` (every exec opens
+/// the binary with it) and `__FMODE_NONOTIFY` (fanotify's own opens).
+/// Accepted, never passed on.
+const KERNEL_INTERNAL_FLAGS: i32 = 0x20 | 0x400_0000;
+
+/// The flags the backend opens with for the guest's `flags`: an invalid
+/// access mode, `O_PATH`, `O_TMPFILE` and anything else outside
+/// [`OPEN_FLAGS`] (plus `O_CREAT`/`O_EXCL` for CREATE) is EINVAL.
+/// `O_NOFOLLOW` and `O_CLOEXEC` are always added, `O_DIRECTORY` for OPENDIR
+/// (as the backend does, so that the flags recorded here are the
+/// backend's); `O_DIRECT` is dropped (guest buffers are not aligned for
+/// it; the backend drops it at OPEN but not at CREATE).
+fn host_open_flags(flags: u32, kind: OpenKind) -> io::Result<u32> {
+    let flags = flags as i32;
+    let mut allowed = OPEN_FLAGS | KERNEL_INTERNAL_FLAGS | libc::O_ACCMODE;
+    if kind == OpenKind::Create {
+        allowed |= libc::O_CREAT | libc::O_EXCL;
+    }
+    if flags & libc::O_ACCMODE == libc::O_ACCMODE || flags & !allowed != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut host =
+        (flags & !(KERNEL_INTERNAL_FLAGS | libc::O_DIRECT)) | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if kind == OpenKind::Dir {
+        host |= libc::O_DIRECTORY;
+    }
+    Ok(host as u32)
 }
 
 impl ShareFs {
@@ -418,26 +718,48 @@ impl ShareFs {
             path: root.clone(),
             err,
         };
-        let cfg = Config {
-            root_dir,
-            // Imported here rather than by a VFS layer: this also turns on
-            // the backend's own checks of the names the guest sends.
-            do_import: true,
-            xattr: true,
-            cache_policy: CachePolicy::Auto,
-            writeback: false,
-            entry_timeout: CACHE_TIMEOUT,
-            attr_timeout: CACHE_TIMEOUT,
-            // O_PATH fds: file handles need CAP_DAC_READ_SEARCH and go stale
-            // on some filesystems (FUSE ones among them).
-            inode_file_handles: false,
-            // Guest buffers are not aligned for the host's O_DIRECT.
-            allow_direct_io: false,
-            ..Default::default()
-        };
-        let inner = PassthroughFs::<()>::new(cfg).map_err(backend_err)?;
+        let inner = PassthroughFs::<()>::new(backend_config(root_dir)).map_err(backend_err)?;
         import_root(&inner).map_err(backend_err)?;
-        Ok(ShareFs { inner, readonly })
+        let fs = ShareFs {
+            inner,
+            readonly,
+            fd_budget: default_fd_budget(),
+            ledger: Mutex::default(),
+        };
+        fs.reset_ledger().map_err(backend_err)?;
+        Ok(fs)
+    }
+
+    /// The same share with room for `budget` host descriptors (live inodes
+    /// plus open handles) instead of the one derived from RLIMIT_NOFILE.
+    pub fn with_fd_budget(mut self, budget: usize) -> ShareFs {
+        self.fd_budget = budget;
+        self
+    }
+
+    /// Inodes the guest holds (looked up and not forgotten), the root aside.
+    pub fn live_inodes(&self) -> usize {
+        self.ledger().inodes.len()
+    }
+
+    /// Files and directories the guest has open.
+    pub fn open_handles(&self) -> usize {
+        self.ledger().handles.len()
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets every inode and handle (the backend has just dropped its
+    /// own) and records the root's device.
+    fn reset_ledger(&self) -> io::Result<()> {
+        let (root, _) = self.inner.getattr(&Context::default(), ROOT_ID, None)?;
+        *self.ledger() = Ledger {
+            root_dev: root.st_dev,
+            ..Ledger::default()
+        };
+        Ok(())
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -446,6 +768,127 @@ impl ShareFs {
         } else {
             Ok(())
         }
+    }
+
+    /// Records the lookup an entry the backend made gives the guest, and
+    /// marks a directory on another device than its parent as a submount.
+    /// A new inode beyond the budget is forgotten again: ENFILE.
+    fn admit(&self, ctx: &Context, parent: u64, mut entry: Entry) -> io::Result<Entry> {
+        let mut ledger = self.ledger();
+        let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir
+            && ledger
+                .dev_of(parent)
+                .is_some_and(|d| d != entry.attr.st_dev)
+        {
+            entry.attr_flags |= ATTR_SUBMOUNT;
+        }
+        if entry.inode == ROOT_ID {
+            // Never forgotten by the backend, so never counted.
+            return Ok(entry);
+        }
+        if let Some(live) = ledger.inodes.get_mut(&entry.inode) {
+            live.nlookup = live.nlookup.saturating_add(1);
+            return Ok(entry);
+        }
+        if ledger.fds() >= self.fd_budget {
+            drop(ledger);
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(enfile());
+        }
+        let live = LiveInode {
+            nlookup: 1,
+            dev: entry.attr.st_dev,
+        };
+        ledger.inodes.insert(entry.inode, live);
+        Ok(entry)
+    }
+
+    /// Records a handle the backend opened with `flags`; beyond the budget
+    /// it is released again: ENFILE.
+    fn admit_handle(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        flags: u32,
+        kind: OpenKind,
+    ) -> io::Result<Option<u64>> {
+        let Some(handle) = handle else {
+            return Ok(None);
+        };
+        let mut ledger = self.ledger();
+        if ledger.fds() < self.fd_budget {
+            ledger.handles.insert(handle, OpenHandle { inode, flags });
+            return Ok(Some(handle));
+        }
+        drop(ledger);
+        let _ = if kind == OpenKind::Dir {
+            self.inner.releasedir(ctx, inode, 0, handle)
+        } else {
+            self.inner
+                .release(ctx, inode, 0, handle, false, false, None)
+        };
+        Err(enfile())
+    }
+
+    /// The flags `handle` was opened with, if it is a handle of `inode`.
+    fn handle_flags(&self, inode: u64, handle: u64) -> io::Result<u32> {
+        match self.ledger().handles.get(&handle) {
+            Some(h) if h.inode == inode => Ok(h.flags),
+            _ => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    /// CREATE of a name that exists, for a guest that did not ask for
+    /// O_EXCL: the backend would look the name up, then leak that lookup
+    /// when the open fails, so it is done here with both steps accounted.
+    fn open_existing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        flags: u32,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let entry = self.lookup(ctx, parent, name)?;
+        let flags = flags & !((libc::O_CREAT | libc::O_EXCL) as u32);
+        let opened = if entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            Err(io::Error::from_raw_os_error(libc::EISDIR))
+        } else {
+            self.open(ctx, entry.inode, flags, 0)
+        };
+        match opened {
+            Ok((handle, opts, passthrough)) => Ok((entry, handle, opts, passthrough)),
+            Err(e) => {
+                self.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The backend's configuration for the share rooted at `root_dir`.
+fn backend_config(root_dir: String) -> Config {
+    Config {
+        root_dir,
+        // Imported here rather than by a VFS layer: this also turns on
+        // the backend's own checks of the names the guest sends.
+        do_import: true,
+        xattr: true,
+        cache_policy: CachePolicy::Auto,
+        writeback: false,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
+        // O_PATH fds: file handles need CAP_DAC_READ_SEARCH and go stale
+        // on some filesystems (FUSE ones among them).
+        inode_file_handles: false,
+        // Guest buffers are not aligned for the host's O_DIRECT.
+        allow_direct_io: false,
+        // Node ids derived from (device, mount, host inode): FORGET then
+        // drops the backend's whole record of an inode, where its own
+        // numbering keeps an id->node entry for every inode ever seen.
+        use_host_ino: true,
+        ..Default::default()
     }
 }
 
@@ -468,6 +911,10 @@ fn erofs() -> io::Error {
     io::Error::from_raw_os_error(libc::EROFS)
 }
 
+fn enfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENFILE)
+}
+
 /// Whether open(2) flags ask for write access or truncation.
 fn opens_for_writing(flags: u32) -> bool {
     let flags = flags as i32;
@@ -488,16 +935,31 @@ impl FileSystem for ShareFs {
             | FsOptions::ASYNC_READ
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::AUTO_INVAL_DATA;
+        // Bind mounts in the share become submounts in the guest, each
+        // with its own st_dev (the server keeps only what the kernel
+        // offered).
+        want |= FsOptions::SUBMOUNTS;
         // No DAX window.
         want.remove(FsOptions::PERFILE_DAX);
         if self.readonly {
             want.remove(FsOptions::WRITEBACK_CACHE);
         }
+        // The backend has imported the root again.
+        self.ledger().root_dev = self
+            .inner
+            .getattr(&Context::default(), ROOT_ID, None)?
+            .0
+            .st_dev;
         Ok(want)
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        // The backend drops every inode and handle and imports the root
+        // again.
+        self.inner.destroy();
+        if let Err(e) = self.reset_ledger() {
+            tracing::warn!(error = %e, "virtio-fs: the share's root is gone after DESTROY");
+        }
     }
 
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -509,14 +971,22 @@ impl FileSystem for ShareFs {
         if matches!(name.to_bytes(), b"." | b"..") {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
-        self.inner.lookup(ctx, parent, name)
+        let entry = self.inner.lookup(ctx, parent, name)?;
+        self.admit(ctx, parent, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.ledger().forget(inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        {
+            let mut ledger = self.ledger();
+            for &(inode, count) in &requests {
+                ledger.forget(inode, count);
+            }
+        }
         self.inner.batch_forget(ctx, requests)
     }
 
@@ -555,7 +1025,8 @@ impl FileSystem for ShareFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.admit(ctx, parent, entry)
     }
 
     fn mknod(
@@ -568,7 +1039,8 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        self.admit(ctx, inode, entry)
     }
 
     fn mkdir(
@@ -580,7 +1052,8 @@ impl FileSystem for ShareFs {
         umask: u32,
     ) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        self.admit(ctx, parent, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -609,7 +1082,8 @@ impl FileSystem for ShareFs {
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         self.check_writable()?;
-        self.inner.link(ctx, inode, newparent, newname)
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.admit(ctx, newparent, entry)
     }
 
     fn open(
@@ -622,7 +1096,10 @@ impl FileSystem for ShareFs {
         if opens_for_writing(flags) {
             self.check_writable()?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let flags = host_open_flags(flags, OpenKind::File)?;
+        let (handle, opts, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::File)?;
+        Ok((handle, opts, passthrough))
     }
 
     fn create(
@@ -633,7 +1110,30 @@ impl FileSystem for ShareFs {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let flags = host_open_flags(args.flags, OpenKind::Create)?;
+        // Always exclusive in the backend: see open_existing.
+        let excl = CreateIn {
+            flags: flags | libc::O_EXCL as u32,
+            ..args
+        };
+        let (entry, handle, opts, passthrough) = match self.inner.create(ctx, parent, name, excl) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL as u32 == 0 =>
+            {
+                return self.open_existing(ctx, parent, name, flags);
+            }
+            created => created?,
+        };
+        let handle = self
+            .admit_handle(ctx, entry.inode, handle, excl.flags, OpenKind::Create)
+            .inspect_err(|_| self.inner.forget(ctx, entry.inode, 1))?;
+        let inode = entry.inode;
+        let entry = self.admit(ctx, parent, entry).inspect_err(|_| {
+            if let Some(h) = handle {
+                let _ = self.release(ctx, inode, 0, h, false, false, None);
+            }
+        })?;
+        Ok((entry, handle, opts, passthrough))
     }
 
     fn read(
@@ -645,8 +1145,12 @@ impl FileSystem for ShareFs {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        // The flags recorded at open, never the request's: a difference
+        // makes the backend change the descriptor's flags, and when that
+        // fails it closes the descriptor while the handle keeps its number.
+        let flags = self.handle_flags(inode, handle)?;
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -661,10 +1165,12 @@ impl FileSystem for ShareFs {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.check_writable()?;
+        // As in read.
+        let flags = self.handle_flags(inode, handle)?;
         self.inner.write(
             ctx,
             inode,
@@ -712,7 +1218,9 @@ impl FileSystem for ShareFs {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.ledger().handles.remove(&handle);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -756,7 +1264,10 @@ impl FileSystem for ShareFs {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let flags = host_open_flags(flags, OpenKind::Dir)?;
+        let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
+        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::Dir)?;
+        Ok((handle, opts))
     }
 
     fn readdir(
@@ -781,8 +1292,23 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        // Each entry is a lookup, accounted as LOOKUP's are. The backend
+        // forgets an entry that did not fit (add_entry returned 0) but not
+        // one whose add_entry failed: that one is forgotten here.
+        let mut add = |dirent: DirEntry, entry: Entry| {
+            let entry = self.admit(ctx, inode, entry)?;
+            let node = entry.inode;
+            let added = add_entry(dirent, entry);
+            if !matches!(added, Ok(n) if n > 0) && node != ROOT_ID {
+                self.ledger().forget(node, 1);
+            }
+            if added.is_err() {
+                self.inner.forget(ctx, node, 1);
+            }
+            added
+        };
         self.inner
-            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, add_entry)
+            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, &mut add)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -790,7 +1316,9 @@ impl FileSystem for ShareFs {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.ledger().handles.remove(&handle);
+        Ok(())
     }
 
     fn setupmapping(
@@ -924,14 +1452,15 @@ mod tests {
 
     use std::fs;
     use std::mem::size_of;
+    use std::os::fd::FromRawFd;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
     use std::sync::Arc;
     use std::time::Instant;
 
     use fuse_backend_rs::abi::fuse_abi::{
-        AccessIn, AttrOut, BatchForgetIn, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn,
-        InitIn, InitOut, IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, RenameIn,
-        SetattrIn, SetxattrIn, WriteIn, WriteOut, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
+        AccessIn, AttrOut, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn, InitIn, InitOut,
+        IoctlIn, LinkIn, MkdirIn, MknodIn, OpenIn, OpenOut, ReadIn, ReleaseIn, RenameIn, SetattrIn,
+        SetxattrIn, WriteIn, WriteOut, GETATTR_FH, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
     };
     use proptest::prelude::*;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -1135,7 +1664,9 @@ mod tests {
         _dir: Option<tempfile::TempDir>,
         root: PathBuf,
         driver: Driver<'m>,
-        server: Server<ShareFs>,
+        server: Server<Arc<ShareFs>>,
+        /// The server's filesystem, to read its ledger.
+        fs: Arc<ShareFs>,
         unique: u64,
     }
 
@@ -1143,6 +1674,11 @@ mod tests {
         /// A fresh share: `hello.txt`, `sub/`, and `../outside.txt`,
         /// `../outside_dir/secret` next to it.
         fn new(mem: &'m Mem, readonly: bool) -> Harness<'m> {
+            Harness::with_budget(mem, readonly, None)
+        }
+
+        /// A fresh share whose guest may pin `budget` host descriptors.
+        fn with_budget(mem: &'m Mem, readonly: bool, budget: Option<usize>) -> Harness<'m> {
             // INIT clears the umask: keep that to this test's thread.
             private_fs_attrs().unwrap();
             let dir = tempfile::tempdir().unwrap();
@@ -1156,20 +1692,28 @@ mod tests {
             fs::create_dir(&root).unwrap();
             fs::write(root.join("hello.txt"), HELLO).unwrap();
             fs::create_dir(root.join("sub")).unwrap();
-            let mut h = Harness::serving(mem, 0, &root, readonly);
+            let mut share = ShareFs::new(&root, readonly).unwrap();
+            if let Some(budget) = budget {
+                share = share.with_fd_budget(budget);
+            }
+            let mut h = Harness::sharing(mem, 0, &root, share);
             h._dir = Some(dir);
             h
         }
 
         /// Serves an existing directory over a queue at `queue_base`.
         fn serving(mem: &'m Mem, queue_base: u64, root: &Path, readonly: bool) -> Harness<'m> {
-            let mut fs = Fs::new("test", root, readonly).unwrap();
-            let server = fs.server.take().unwrap();
+            Harness::sharing(mem, queue_base, root, ShareFs::new(root, readonly).unwrap())
+        }
+
+        fn sharing(mem: &'m Mem, queue_base: u64, root: &Path, share: ShareFs) -> Harness<'m> {
+            let fs = Arc::new(share);
             Harness {
                 _dir: None,
-                root: root.to_owned(),
+                root: root.canonicalize().unwrap(),
                 driver: Driver::new(mem, queue_base),
-                server,
+                server: Server::new(fs.clone()),
+                fs,
                 unique: 0,
             }
         }
@@ -1221,7 +1765,8 @@ mod tests {
                 | FsOptions::PARALLEL_DIROPS
                 | FsOptions::AUTO_INVAL_DATA
                 | FsOptions::WRITEBACK_CACHE
-                | FsOptions::PERFILE_DAX;
+                | FsOptions::PERFILE_DAX
+                | FsOptions::SUBMOUNTS;
             let args = InitIn {
                 major: KERNEL_VERSION,
                 minor: KERNEL_MINOR_VERSION,
@@ -1266,11 +1811,103 @@ mod tests {
             r.result().map(|b| obj::<OpenOut>(b).fh)
         }
 
+        /// FORGET, which gets no reply.
+        fn forget(&mut self, node: u64, nlookup: u64) {
+            self.unique += 1;
+            let args = ForgetIn { nlookup };
+            let descs = stage_request(
+                self.driver.mem,
+                Opcode::Forget as u32,
+                node,
+                self.unique,
+                args.as_slice(),
+            );
+            assert_eq!(self.submit(&descs[..2]), Some(0));
+        }
+
+        fn batch_forget(&mut self, forgets: &[(u64, u64)]) {
+            self.unique += 1;
+            let head = BatchForgetIn {
+                count: forgets.len() as u32,
+                dummy: 0,
+            };
+            let mut body = head.as_slice().to_vec();
+            for &(nodeid, nlookup) in forgets {
+                body.extend_from_slice(ForgetOne { nodeid, nlookup }.as_slice());
+            }
+            let descs = stage_request(
+                self.driver.mem,
+                Opcode::BatchForget as u32,
+                0,
+                self.unique,
+                &body,
+            );
+            assert_eq!(self.submit(&descs[..2]), Some(0));
+        }
+
+        /// One READDIRPLUS: (name, entry) for each directory entry.
+        fn readdirplus(
+            &mut self,
+            node: u64,
+            fh: u64,
+            size: u32,
+        ) -> Result<Vec<(String, P<EntryOut>)>, i32> {
+            let args = ReadIn {
+                fh,
+                size,
+                ..Default::default()
+            };
+            let r = self.call(Opcode::Readdirplus, node, args.as_slice());
+            let mut rest = r.result()?;
+            let mut entries = Vec::new();
+            while !rest.is_empty() {
+                let entry: EntryOut = obj(rest);
+                let dirent = &rest[size_of::<EntryOut>()..];
+                let namelen = u32::from_ne_bytes(dirent[16..20].try_into().unwrap()) as usize;
+                let name = String::from_utf8(dirent[24..24 + namelen].to_vec()).unwrap();
+                entries.push((name, P(entry)));
+                rest = &rest[size_of::<EntryOut>() + (24 + namelen).next_multiple_of(8)..];
+            }
+            Ok(entries)
+        }
+
+        fn opendir_flags(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+            let args = OpenIn {
+                flags: flags as u32,
+                fuse_flags: 0,
+            };
+            let r = self.call(Opcode::Opendir, node, args.as_slice());
+            r.result().map(|b| obj::<OpenOut>(b).fh)
+        }
+
+        fn getattr_fh(&mut self, node: u64, fh: u64) -> Result<P<AttrOut>, i32> {
+            let args = GetattrIn {
+                flags: GETATTR_FH,
+                dummy: 0,
+                fh,
+            };
+            let r = self.call(Opcode::Getattr, node, args.as_slice());
+            r.result().map(|b| P(obj(b)))
+        }
+
         fn read(&mut self, node: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+            self.read_flags(node, fh, offset, size, 0)
+        }
+
+        /// READ as Linux sends it: `flags` are the guest file's f_flags.
+        fn read_flags(
+            &mut self,
+            node: u64,
+            fh: u64,
+            offset: u64,
+            size: u32,
+            flags: i32,
+        ) -> Result<Vec<u8>, i32> {
             let args = ReadIn {
                 fh,
                 offset,
                 size,
+                flags: flags as u32,
                 ..Default::default()
             };
             let r = self.call(Opcode::Read, node, args.as_slice());
@@ -1278,10 +1915,22 @@ mod tests {
         }
 
         fn write(&mut self, node: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+            self.write_flags(node, fh, offset, data, 0)
+        }
+
+        fn write_flags(
+            &mut self,
+            node: u64,
+            fh: u64,
+            offset: u64,
+            data: &[u8],
+            flags: i32,
+        ) -> Result<u32, i32> {
             let args = WriteIn {
                 fh,
                 offset,
                 size: data.len() as u32,
+                flags: flags as u32,
                 ..Default::default()
             };
             let r = self.call(Opcode::Write, node, &cat(&[args.as_slice(), data]));
@@ -1434,6 +2083,240 @@ mod tests {
         mode & libc::S_IFMT == libc::S_IFLNK
     }
 
+    /// This process's descriptors that lead to `path`, with their open(2)
+    /// flags (from /proc/self/fdinfo).
+    fn fds_at(path: &Path) -> Vec<(i32, i32)> {
+        fds_where(|target| target == path)
+    }
+
+    /// How many of this process's descriptors lead into `dir`.
+    fn fds_under(dir: &Path) -> usize {
+        fds_where(|target| target.starts_with(dir)).len()
+    }
+
+    fn fds_where(keep: impl Fn(&Path) -> bool) -> Vec<(i32, i32)> {
+        let mut fds = Vec::new();
+        for entry in fs::read_dir("/proc/self/fd").unwrap() {
+            let Some(fd) = entry
+                .ok()
+                .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Other tests open and close descriptors meanwhile.
+            let Ok(target) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
+                continue;
+            };
+            if !keep(&target) {
+                continue;
+            }
+            let Ok(info) = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                continue;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+                .unwrap();
+            fds.push((fd, flags));
+        }
+        fds
+    }
+
+    /// The descriptors at `path` that can read or write (not `O_PATH`).
+    fn io_fds_at(path: &Path) -> Vec<i32> {
+        fds_at(path)
+            .into_iter()
+            .filter(|&(_, flags)| flags & libc::O_PATH == 0)
+            .map(|(fd, _)| fd)
+            .collect()
+    }
+
+    /// A file on which the host refuses a flag change: fcntl(F_SETFL)
+    /// from `open_flags` to `bad_flags` fails.
+    struct FlagTrap {
+        path: PathBuf,
+        append_only: bool,
+        open_flags: i32,
+        bad_flags: i32,
+    }
+
+    /// FS_APPEND_FL (linux/fs.h), which libc does not define.
+    const FS_APPEND_FL: libc::c_int = 0x20;
+
+    impl FlagTrap {
+        /// O_DIRECT where the filesystem has no direct I/O; otherwise
+        /// chattr +a, which makes clearing O_APPEND fail.
+        fn new(path: &Path) -> FlagTrap {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            // SAFETY: fcntl(2) on a descriptor this function owns; no pointers.
+            let direct = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_DIRECT) };
+            if direct != 0 {
+                return FlagTrap {
+                    path: path.to_owned(),
+                    append_only: false,
+                    open_flags: libc::O_RDWR,
+                    bad_flags: libc::O_RDWR | libc::O_DIRECT,
+                };
+            }
+            set_inode_flags(&f, FS_APPEND_FL).expect("chattr +a on the test directory");
+            FlagTrap {
+                path: path.to_owned(),
+                append_only: true,
+                open_flags: libc::O_RDWR | libc::O_APPEND,
+                bad_flags: libc::O_RDWR,
+            }
+        }
+    }
+
+    impl Drop for FlagTrap {
+        fn drop(&mut self) {
+            if self.append_only {
+                // Or the temporary directory could not be removed.
+                let f = fs::File::open(&self.path).unwrap();
+                set_inode_flags(&f, 0).unwrap();
+            }
+        }
+    }
+
+    fn set_inode_flags(f: &fs::File, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: FS_IOC_SETFLAGS reads one int from the pointer, which
+        // points to a live c_int.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    #[test]
+    fn create_with_o_path_never_follows_a_planted_symlink() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let outside = h.base().join("outside.txt");
+        let shadow = Path::new("/etc/shadow");
+        symlink(&outside, h.root.join("link")).unwrap();
+        symlink(shadow, h.root.join("shadow")).unwrap();
+        let before = fs::metadata(&outside).unwrap();
+        let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
+        for name in ["link", "shadow"] {
+            for flags in [
+                libc::O_PATH,
+                libc::O_PATH | libc::O_RDWR,
+                libc::O_PATH | libc::O_CREAT,
+                libc::O_PATH | libc::O_EXCL,
+                libc::O_PATH | libc::O_NOFOLLOW,
+                libc::O_PATH | libc::O_DIRECTORY,
+                libc::O_PATH | libc::O_CLOEXEC,
+                libc::O_TMPFILE | libc::O_RDWR,
+                tmpfile | libc::O_RDWR,
+                libc::O_ACCMODE,
+                libc::O_RDWR | libc::O_NOCTTY,
+                libc::O_RDWR | 0x4000_0000,
+            ] {
+                assert_eq!(
+                    h.create(ROOT_ID, name, flags).map(drop),
+                    Err(libc::EINVAL),
+                    "CREATE {name} with {flags:#o}"
+                );
+            }
+        }
+        // Without O_PATH the link is not followed either (it exists, so
+        // the file server opens what is there: a symlink, which it refuses).
+        for flags in [libc::O_RDWR, libc::O_RDONLY, libc::O_WRONLY | libc::O_TRUNC] {
+            assert!(h.create(ROOT_ID, "link", flags).is_err(), "{flags:#o}");
+        }
+        assert_eq!(
+            h.create(ROOT_ID, "link", libc::O_RDWR | libc::O_EXCL)
+                .map(drop),
+            Err(libc::EEXIST)
+        );
+        for target in [outside.as_path(), shadow] {
+            assert_eq!(fds_at(target), [], "{} was opened", target.display());
+        }
+        // Whatever handle the guest names, GETATTR on the link stats the
+        // link.
+        let link = h.lookup(ROOT_ID, "link").unwrap();
+        for fh in 0..32 {
+            if let Ok(a) = h.getattr_fh(link.nodeid, fh) {
+                assert!(is_symlink(a.attr.mode), "handle {fh}");
+                assert_ne!(a.attr.ino, before.ino(), "handle {fh}");
+            }
+        }
+        // OPEN and OPENDIR take the same flags.
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        assert_eq!(h.open(hello.nodeid, libc::O_PATH), Err(libc::EINVAL));
+        assert_eq!(h.open(sub.nodeid, libc::O_PATH), Err(libc::EINVAL));
+        assert_eq!(
+            h.open(sub.nodeid, libc::O_TMPFILE | libc::O_RDWR),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            h.opendir_flags(sub.nodeid, libc::O_PATH | libc::O_DIRECTORY),
+            Err(libc::EINVAL)
+        );
+        let after = fs::metadata(&outside).unwrap();
+        assert_eq!(
+            (after.mode(), after.len(), after.mtime()),
+            (before.mode(), before.len(), before.mtime())
+        );
+        assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
+    }
+
+    #[test]
+    fn a_failed_flag_change_never_frees_the_handles_descriptor() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let file = h.root.join("log.txt");
+        fs::write(&file, b"share data\n").unwrap();
+        let outside = h.base().join("outside.txt");
+        let trap = FlagTrap::new(&file);
+        let e = h.lookup(ROOT_ID, "log.txt").unwrap();
+        assert_eq!(io_fds_at(&file), []);
+        let fh = h.open(e.nodeid, trap.open_flags).unwrap();
+        let [fd] = io_fds_at(&file)[..] else {
+            panic!("one descriptor for the handle");
+        };
+
+        // The guest asks, in READ and WRITE, for a flag change that the
+        // host refuses.
+        let _ = h.read_flags(e.nodeid, fh, 0, 64, trap.bad_flags);
+        let _ = h.write_flags(e.nodeid, fh, 0, b"", trap.bad_flags);
+        assert_eq!(
+            fs::read_link(format!("/proc/self/fd/{fd}")).ok().as_deref(),
+            Some(file.as_path()),
+            "the handle keeps its descriptor"
+        );
+
+        // The next file the host opens would take a freed number.
+        let victim = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&outside)
+            .unwrap();
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, owned below.
+        let dup = unsafe { libc::fcntl(victim.as_raw_fd(), libc::F_DUPFD_CLOEXEC, fd) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` was just made and nothing else owns it.
+        let _dup = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup) };
+        let got = h.read_flags(e.nodeid, fh, 0, 64, trap.open_flags).unwrap();
+        assert_eq!(got, b"share data\n");
+        let n = h.write_flags(e.nodeid, fh, 0, b"guest", trap.open_flags);
+        assert_eq!(n, Ok(5));
+        assert_eq!(fs::read(&outside).unwrap(), b"outside secret");
+        let content = fs::read(&file).unwrap();
+        assert!(content.starts_with(b"share data\n") || content.starts_with(b"guest"));
+        assert!(content.windows(5).any(|w| w == b"guest"));
+    }
+
     #[test]
     fn config_space_holds_the_tag_and_one_request_queue() {
         let dir = tempfile::tempdir().unwrap();
@@ -1490,6 +2373,7 @@ mod tests {
         assert_eq!(out.minor, KERNEL_MINOR_VERSION);
         let flags = FsOptions::from_bits_truncate(u64::from(out.flags));
         assert!(flags.contains(FsOptions::MAX_PAGES | FsOptions::DO_READDIRPLUS));
+        assert!(flags.contains(FsOptions::SUBMOUNTS));
         assert!(!flags.contains(FsOptions::PERFILE_DAX));
         assert!(!flags.contains(FsOptions::WRITEBACK_CACHE));
         assert_eq!(out.max_pages, 256);
@@ -2210,6 +3094,373 @@ mod tests {
             dev.activate(activation(queues)),
             Err(DeviceError::Backend(_))
         ));
+    }
+
+    #[test]
+    fn the_flags_linux_sends_still_open_files() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
+        let sub = h.lookup(ROOT_ID, "sub").unwrap();
+        let path = h.root.join("hello.txt");
+        // execve(2) opens the binary with __FMODE_EXEC in f_flags.
+        let exec = libc::O_RDONLY | KERNEL_O_LARGEFILE | 0x20;
+        let fh = h.open(hello.nodeid, exec).unwrap();
+        assert_eq!(h.read_flags(hello.nodeid, fh, 0, 64, exec).unwrap(), HELLO);
+        let flags = libc::O_RDWR
+            | KERNEL_O_LARGEFILE
+            | libc::O_NONBLOCK
+            | libc::O_NOATIME
+            | libc::O_SYNC
+            | libc::O_DIRECT
+            | libc::O_APPEND;
+        h.open(hello.nodeid, flags).unwrap();
+        // The host descriptors: never O_DIRECT, always close-on-exec.
+        let fds = fds_at(&path);
+        assert!(fds.iter().all(|&(_, f)| f & libc::O_DIRECT == 0), "{fds:?}");
+        assert!(
+            fds.iter().all(|&(_, f)| f & libc::O_CLOEXEC != 0),
+            "{fds:?}"
+        );
+        let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK | KERNEL_O_LARGEFILE;
+        let dh = h.opendir_flags(sub.nodeid, dir_flags).unwrap();
+        assert_eq!(h.readdirplus(sub.nodeid, dh, 4096).unwrap(), []);
+        // READ and WRITE whose flags differ from the handle's still work
+        // (the guest changed them with fcntl).
+        let fh = h.open(hello.nodeid, libc::O_RDWR).unwrap();
+        let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOATIME;
+        assert_eq!(h.write_flags(hello.nodeid, fh, 0, b"HELLO", flags), Ok(5));
+        assert_eq!(
+            &h.read_flags(hello.nodeid, fh, 0, 5, flags).unwrap(),
+            b"HELLO"
+        );
+        // Handles of another inode, or none, are EBADF.
+        assert_eq!(h.read(sub.nodeid, fh, 0, 5), Err(libc::EBADF));
+        assert_eq!(h.read(hello.nodeid, fh + 1000, 0, 5), Err(libc::EBADF));
+        assert_eq!(h.read(hello.nodeid, dh, 0, 5), Err(libc::EBADF));
+
+        // CREATE as open(O_CREAT) sends it, exclusive or not.
+        let create = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | KERNEL_O_LARGEFILE;
+        let (new, fh) = h.create(ROOT_ID, "new.txt", create).unwrap();
+        assert_eq!(h.write_flags(new.nodeid, fh, 0, b"new", create), Ok(3));
+        let excl = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL;
+        assert_eq!(
+            h.create(ROOT_ID, "new.txt", excl).map(drop),
+            Err(libc::EEXIST)
+        );
+        // An existing file (another guest or the host made it meanwhile)
+        // is opened, and truncated when asked.
+        let (again, fh) = h.create(ROOT_ID, "new.txt", create).unwrap();
+        assert_eq!(again.nodeid, new.nodeid);
+        assert_eq!(fs::read(h.root.join("new.txt")).unwrap(), b"");
+        assert_eq!(h.write_flags(new.nodeid, fh, 0, b"again", create), Ok(5));
+        assert_eq!(
+            h.create(ROOT_ID, "sub", libc::O_RDONLY | libc::O_CREAT)
+                .map(drop),
+            Err(libc::EISDIR)
+        );
+        let fds = fds_at(&h.root.join("new.txt"));
+        assert!(
+            fds.iter().all(|&(_, f)| f & libc::O_CLOEXEC != 0),
+            "{fds:?}"
+        );
+        assert_eq!(h.fs.open_handles(), 6);
+        assert_eq!(h.fs.live_inodes(), 3, "hello.txt, sub, new.txt");
+    }
+
+    #[test]
+    fn request_lengths_past_the_chain_or_the_largest_request_are_refused() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let name = cstr("hello.txt");
+        let stage = |mem: &Mem, unique: u64, len: u32| {
+            let descs = stage_request(mem, Opcode::Lookup as u32, ROOT_ID, unique, &name);
+            let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+            header.len = len;
+            mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+            descs
+        };
+        let exact = (size_of::<InHeader>() + name.len()) as u32;
+        // One byte more than the chain: the server would first allocate
+        // it (EIO once the read fell short).
+        let descs = stage(&mem, 10, exact + 1);
+        assert_eq!(h.submit(&descs), Some(16));
+        assert_eq!(Reply::read(&mem, 16).result(), Err(libc::EINVAL));
+
+        // A chain that really holds more than Linux ever sends (the same
+        // guest memory twice): the largest request passes, one byte more
+        // does not (the server would say ENOMEM).
+        let big = |descs: &[(u64, u32, bool)]| {
+            let mut v = descs[..2].to_vec();
+            v.push((0, MEM_SIZE as u32, false));
+            v.push((0, MEM_SIZE as u32, false));
+            v.extend_from_slice(&descs[2..]);
+            v
+        };
+        let descs = big(&stage(&mem, 11, MAX_REQUEST_LEN as u32));
+        let used = h.submit(&descs).unwrap();
+        let e: EntryOut = obj(Reply::read(&mem, used).result().unwrap());
+        assert_eq!(e.attr.size, HELLO.len() as u64);
+        let descs = big(&stage(&mem, 12, MAX_REQUEST_LEN as u32 + 1));
+        assert_eq!(h.submit(&descs), Some(16));
+        assert_eq!(Reply::read(&mem, 16).result(), Err(libc::EINVAL));
+
+        // FORGETs get no reply, even refused.
+        let batch = BatchForgetIn {
+            count: 1000,
+            dummy: 0,
+        };
+        let body = cat(&[batch.as_slice(), ForgetOne::default().as_slice()]);
+        let descs = stage_request(&mem, Opcode::BatchForget as u32, 0, 13, &body);
+        assert_eq!(h.submit(&descs), Some(0));
+        let descs = stage_request(&mem, Opcode::Forget as u32, 2, 14, &[0; 8]);
+        let mut header: InHeader = mem.read_obj(GuestAddress(IN_HDR)).unwrap();
+        header.len = u32::MAX;
+        mem.write_obj(header, GuestAddress(IN_HDR)).unwrap();
+        assert_eq!(h.submit(&descs), Some(0));
+        assert!(h.lookup(ROOT_ID, "hello.txt").is_ok());
+    }
+
+    #[test]
+    fn forgotten_inodes_give_their_descriptors_back() {
+        let mem = test_mem();
+        let mut h = Harness::new(&mem, false);
+        h.init();
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        for name in &names {
+            fs::write(h.root.join(name), name).unwrap();
+        }
+        let baseline = fds_under(&h.root);
+        let mut nodes = Vec::new();
+        for name in &names {
+            nodes.push(h.lookup(ROOT_ID, name).unwrap().nodeid);
+        }
+        assert_eq!(fds_under(&h.root), baseline + 20);
+        assert_eq!(h.fs.live_inodes(), 20);
+        // Node ids are the host's inode numbers, under the (device, mount)
+        // index: the same file gets the same one back after FORGET.
+        let ino = fs::metadata(h.root.join("f0")).unwrap().ino();
+        assert_eq!(nodes[0] & ((1 << 47) - 1), ino);
+
+        // Two lookups need two forgets.
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        h.forget(nodes[0], 1);
+        assert_eq!(fds_under(&h.root), baseline + 20);
+        for &node in &nodes[..10] {
+            h.forget(node, 1);
+        }
+        let batch: Vec<_> = nodes[10..].iter().map(|&n| (n, 1)).collect();
+        h.batch_forget(&batch);
+        assert_eq!(fds_under(&h.root), baseline);
+        assert_eq!(h.fs.live_inodes(), 0);
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        h.forget(nodes[0], u64::MAX);
+
+        // READDIRPLUS entries are lookups too; a handle is a descriptor
+        // until released.
+        let dh = h.opendir(ROOT_ID).unwrap();
+        assert_eq!(fds_under(&h.root), baseline + 1);
+        let entries = h.readdirplus(ROOT_ID, dh, 64 * 1024).unwrap();
+        assert_eq!(entries.len(), 22, "f0..f19, hello.txt, sub");
+        assert_eq!(h.fs.live_inodes(), 22);
+        assert_eq!(h.fs.open_handles(), 1);
+        let release = ReleaseIn {
+            fh: dh,
+            ..Default::default()
+        };
+        let r = h.call(Opcode::Releasedir, ROOT_ID, release.as_slice());
+        assert_eq!(r.result(), Ok(&[][..]));
+        let batch: Vec<_> = entries.iter().map(|(_, e)| (e.nodeid, 1)).collect();
+        h.batch_forget(&batch);
+        assert_eq!(fds_under(&h.root), baseline);
+        assert_eq!((h.fs.live_inodes(), h.fs.open_handles()), (0, 0));
+        // Forgetting what was never looked up, or more than was, changes
+        // nothing.
+        h.forget(nodes[3], 5);
+        h.forget(ROOT_ID, 5);
+        assert!(h.getattr(ROOT_ID).is_ok());
+        assert_eq!(fds_under(&h.root), baseline);
+    }
+
+    #[test]
+    fn beyond_the_descriptor_budget_new_inodes_get_enfile() {
+        let mem = test_mem();
+        let mut h = Harness::with_budget(&mem, false, Some(4));
+        h.init();
+        for i in 0..8 {
+            fs::write(h.root.join(format!("f{i}")), b"x").unwrap();
+        }
+        let baseline = fds_under(&h.root);
+        let mut nodes = Vec::new();
+        for i in 0..4 {
+            nodes.push(h.lookup(ROOT_ID, &format!("f{i}")).unwrap().nodeid);
+        }
+        assert_eq!(h.lookup(ROOT_ID, "f4"), Err(libc::ENFILE));
+        assert_eq!(h.mkdir(ROOT_ID, "d").map(drop), Err(libc::ENFILE));
+        // What the guest holds still works; opening takes a descriptor too.
+        assert_eq!(h.lookup(ROOT_ID, "f0").unwrap().nodeid, nodes[0]);
+        assert_eq!(h.open(nodes[0], libc::O_RDONLY), Err(libc::ENFILE));
+        assert_eq!(h.opendir(ROOT_ID), Err(libc::ENFILE));
+        assert_eq!(fds_under(&h.root), baseline + 4);
+        assert_eq!(h.fs.live_inodes(), 4);
+
+        // Room for a handle but not for the inode CREATE makes: neither
+        // is kept.
+        h.forget(nodes[0], 2);
+        let dh = h.opendir(ROOT_ID).unwrap();
+        h.forget(nodes[1], 1);
+        assert_eq!(
+            h.create(ROOT_ID, "new", libc::O_RDWR | libc::O_CREAT)
+                .map(drop),
+            Err(libc::ENFILE)
+        );
+        assert_eq!(fds_under(&h.root), baseline + 3);
+        // READDIRPLUS stops at the budget, keeping what it returned.
+        let listed = h.readdirplus(ROOT_ID, dh, 64 * 1024);
+        let listed = listed.unwrap_or_default();
+        assert!(listed.len() < 11, "{} entries", listed.len());
+        assert!(h.fs.live_inodes() <= 3);
+        assert_eq!(fds_under(&h.root), baseline + 1 + h.fs.live_inodes());
+        let batch: Vec<_> = listed.iter().map(|(_, e)| (e.nodeid, 1)).collect();
+        h.batch_forget(&batch);
+        h.forget(nodes[2], 1);
+        h.forget(nodes[3], 1);
+        assert_eq!(h.fs.live_inodes(), 0);
+        assert_eq!(fds_under(&h.root), baseline + 1);
+        assert!(h.lookup(ROOT_ID, "f4").is_ok());
+    }
+
+    #[test]
+    fn the_default_budget_leaves_the_vmm_a_reserve() {
+        // As Fs::new, which other tests run meanwhile, does.
+        raise_nofile_limit().unwrap();
+        let soft = nofile_limit().unwrap().rlim_cur;
+        let budget = default_fd_budget() as u64;
+        assert!(budget < soft && budget >= soft / 2, "{budget} of {soft}");
+        assert!(budget <= FD_BUDGET_MAX);
+    }
+
+    #[test]
+    fn bind_mounts_are_announced_as_submounts() {
+        // A mount namespace of its own: the thread's, which unshare gives.
+        std::thread::spawn(submounts_in_a_private_namespace)
+            .join()
+            .unwrap();
+    }
+
+    fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (source, fstype) = (c(source), c(fstype));
+        let target = c(target.to_str().unwrap());
+        // SAFETY: mount(2) reads the NUL-terminated strings, which outlive
+        // the call; no data argument.
+        let r = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "mount {target:?}: {}", io::Error::last_os_error());
+    }
+
+    fn submounts_in_a_private_namespace() {
+        // SAFETY: unshare(2) takes no pointers; only this thread's mount
+        // namespace (and root, cwd, umask) are detached.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0);
+        mount("none", Path::new("/"), "", libc::MS_REC | libc::MS_PRIVATE);
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let root = base.join("share");
+        for d in [
+            "share/plain",
+            "share/tmpfs",
+            "share/bind",
+            "share/vol",
+            "src",
+            "other",
+        ] {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        fs::write(root.join("file.txt"), b"x").unwrap();
+        // Another filesystem, a bind of the same one, a bind of another.
+        mount("tmpfs", &root.join("tmpfs"), "tmpfs", 0);
+        fs::create_dir(root.join("tmpfs/inner")).unwrap();
+        fs::create_dir(root.join("tmpfs/nested")).unwrap();
+        fs::write(root.join("tmpfs/f.txt"), b"x").unwrap();
+        mount("tmpfs", &root.join("tmpfs/nested"), "tmpfs", 0);
+        mount(
+            base.join("src").to_str().unwrap(),
+            &root.join("bind"),
+            "",
+            libc::MS_BIND,
+        );
+        mount("tmpfs", &base.join("other"), "tmpfs", 0);
+        fs::create_dir(base.join("other/d")).unwrap();
+        mount(
+            base.join("other/d").to_str().unwrap(),
+            &root.join("vol"),
+            "",
+            libc::MS_BIND,
+        );
+
+        let mem = test_mem();
+        let mut h = Harness::serving(&mem, 0, &root, false);
+        let init = h.init();
+        assert!(FsOptions::from_bits_truncate(u64::from(init.flags)).contains(FsOptions::SUBMOUNTS));
+        let want = [
+            ("plain", 0),
+            ("tmpfs", ATTR_SUBMOUNT),
+            ("bind", 0),
+            ("vol", ATTR_SUBMOUNT),
+            ("file.txt", 0),
+            ("sub_missing", u32::MAX),
+        ];
+        let mut tmpfs = 0;
+        for (name, flags) in want {
+            match h.lookup(ROOT_ID, name) {
+                Ok(e) => {
+                    assert_eq!(e.attr.flags, flags, "LOOKUP {name}");
+                    if name == "tmpfs" {
+                        tmpfs = e.nodeid;
+                    }
+                }
+                Err(e) => assert_eq!((e, flags), (libc::ENOENT, u32::MAX), "{name}"),
+            }
+        }
+        // Below a submount, its parent is the submount.
+        let within = [("inner", 0), ("nested", ATTR_SUBMOUNT), ("f.txt", 0)];
+        for (name, flags) in within {
+            assert_eq!(h.lookup(tmpfs, name).unwrap().attr.flags, flags, "{name}");
+        }
+        assert_eq!(h.mkdir(tmpfs, "made").unwrap().attr.flags, 0);
+        // READDIRPLUS says what LOOKUP says.
+        for (dir, expected) in [(ROOT_ID, &want[..5]), (tmpfs, &within[..])] {
+            let dh = h.opendir(dir).unwrap();
+            let entries = h.readdirplus(dir, dh, 64 * 1024).unwrap();
+            for &(name, flags) in expected {
+                let (_, e) = entries.iter().find(|(n, _)| n == name).unwrap();
+                assert_eq!(e.attr.flags, flags, "READDIRPLUS {name}");
+            }
+        }
+        drop(h);
+        for m in [
+            "share/vol",
+            "other",
+            "share/bind",
+            "share/tmpfs/nested",
+            "share/tmpfs",
+        ] {
+            let target = std::ffi::CString::new(base.join(m).to_str().unwrap()).unwrap();
+            // SAFETY: umount2(2) reads the NUL-terminated path, which
+            // outlives the call.
+            let r = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            assert_eq!(r, 0, "umount {m}");
+        }
     }
 
     /// Opcodes the server knows, and a few it does not.
