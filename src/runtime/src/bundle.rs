@@ -35,6 +35,10 @@ pub enum BundleError {
 pub struct Bundle {
     pub dir: PathBuf,
     pub spec: Spec,
+    /// config.json as it was read: `create` keeps it in the state
+    /// directory, and the commands after it use that copy, never the
+    /// bundle's file again.
+    pub raw: Vec<u8>,
 }
 
 impl Bundle {
@@ -50,7 +54,11 @@ impl Bundle {
             source,
         })?;
         let spec = parse_spec(&path, &bytes)?;
-        Ok(Bundle { dir, spec })
+        Ok(Bundle {
+            dir,
+            spec,
+            raw: bytes,
+        })
     }
 }
 

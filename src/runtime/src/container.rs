@@ -25,13 +25,18 @@ impl Existing {
         })
     }
 
-    /// The bundle's config, for its hooks (None, with a warning, if the
-    /// bundle is gone).
+    /// The config `create` read, for the hooks (None, with a warning, if
+    /// it cannot be read). Never the bundle's config.json again: a hook
+    /// runs as root, and the bundle may have changed since.
     pub fn spec(&self) -> Option<oci_spec::runtime::Spec> {
-        match crate::bundle::Bundle::load(&self.state.bundle) {
-            Ok(b) => Some(b.spec),
+        let path = self.dir.config_path();
+        let spec = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::bundle::parse_spec(&path, &b).map_err(|e| e.to_string()));
+        match spec {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(container = %self.id, "cannot read the bundle's config for its hooks: {e}");
+                tracing::warn!(container = %self.id, "cannot read the config create saw, for its hooks: {e}");
                 None
             }
         }

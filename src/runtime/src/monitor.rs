@@ -140,6 +140,8 @@ impl Monitor {
             share_dir,
         } = l;
         state_dir.discard_on_drop();
+        // The config as create saw it, for start, delete and their hooks.
+        state_dir.write_file("config.json", &bundle.raw)?;
         let run_dir = RunDir::new(&state_dir.dir)?;
         let console_copy = ConsoleCopy(id.clone(), state_dir.console_log());
         let mut state = State {
@@ -494,7 +496,10 @@ impl Monitor {
                     self.save();
                     // conmon's record of an OOM kill, which podman and
                     // CRI-O read after the exit: a file `oom` in the bundle.
-                    let _ = std::fs::write(self.state.bundle.join("oom"), b"");
+                    let oom = self.state.bundle.join("oom");
+                    if let Err(e) = state::replace_file(&oom, b"", 0o644) {
+                        tracing::warn!(container = %self.id, error = %e, "cannot write {}", oom.display());
+                    }
                     if let Some(n) = &self.notices {
                         let _ = n.send(Notice::Oom);
                     }

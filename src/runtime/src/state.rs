@@ -3,7 +3,7 @@
 //! every teardown.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -287,10 +287,7 @@ impl StateDir {
     /// only, never following a link.
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        write_private(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| StateError::Io { path, source })
+        replace_file(&path, bytes, 0o600).map_err(|source| StateError::Io { path, source })
     }
 
     /// The bundle's config.json as `create` read it: what `start`,
@@ -350,21 +347,25 @@ fn private_dir_builder() -> std::fs::DirBuilder {
     b
 }
 
-/// Writes a new file readable by root only; a link at `path` is replaced,
-/// never followed.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` atomically, for a directory someone else may
+/// also write (a pid file beside conmon's files, the `oom` file in the
+/// bundle): a temporary file made beside it with O_CREAT|O_EXCL (a name
+/// planted there is never opened, let alone followed), then renamed over
+/// `path` (a link at `path` is replaced, never followed).
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    f.write_all(bytes)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".krun-tmp")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map(drop).map_err(|e| e.error)
 }
 
 /// Removes a state directory: its VM share unmounted first, and nothing

@@ -30,7 +30,11 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
     }
     let assets = Assets::find()?;
     tracing::debug!(container = %id, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
-    let hypervisor = crate::backend::choose(ctx.hypervisor.or(plan.hypervisor), &assets)?;
+    let hypervisor = crate::backend::choose(
+        ctx.hypervisor.or(plan.hypervisor),
+        ctx.require_kvm || plan.require_kvm,
+        &assets,
+    )?;
     let state_dir = StateDir::create(&ctx.root, id)?;
     Ok(Launch {
         notices: None,
@@ -151,11 +155,10 @@ pub fn refuse_preserved_fds(n: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pid file: written atomically, as runc does.
+/// The pid file: written atomically, as runc does, and never through a
+/// link someone planted beside it.
 pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
-    let tmp = path.with_extension("krun-tmp");
-    std::fs::write(&tmp, pid.to_string())
-        .and_then(|()| std::fs::rename(&tmp, path))
+    crate::state::replace_file(path, pid.to_string().as_bytes(), 0o644)
         .with_context(|| format!("--pid-file {}", path.display()))
 }
 
