@@ -397,3 +397,67 @@ fn a_thousand_files_and_more_in_the_root_filesystem() {
         1300
     );
 }
+
+/// Honest about the backend: under TCG emulation (this CI host, whose KVM
+/// is kvm-pvm) the runtime says so in its log and in `features`, and
+/// `--require-kvm` refuses to start with one line naming why, leaving
+/// nothing; on a KVM that boots the guest (the nested test host) the same
+/// container runs and nothing is said.
+#[test]
+fn emulation_is_said_and_can_be_refused() {
+    let tcg = krun_hypervisor::detect_accel().accel == krun_hypervisor::Accel::Tcg;
+    let features = harness::krun_oci().arg("features").output().unwrap();
+    let features: serde_json::Value = serde_json::from_slice(&features.stdout).unwrap();
+    let accel = &features["annotations"]["io.krun-oci.accelerator"];
+    assert_eq!(accel, if tcg { "tcg" } else { "kvm" }, "{features}");
+    let isolation = features["annotations"]["io.krun-oci.isolation"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        isolation.contains("not a security boundary"),
+        tcg,
+        "{isolation}"
+    );
+
+    let sb = Sandbox::new("requirekvm");
+    let b = sb.bundle(&["echo", "ran"]);
+    b.write();
+    let log = sb.path().join("krun.log");
+    let run = |extra: &[&str], id: &str| {
+        sb.cmd()
+            .arg("--log")
+            .arg(&log)
+            .args(extra)
+            .args(["run", "--bundle"])
+            .arg(&b.dir)
+            .arg(id)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[], "plain");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        text.contains("TCG emulation, which is not a security boundary"),
+        tcg,
+        "log: {text}"
+    );
+    sb.assert_clean();
+
+    let out = run(&["--require-kvm"], "strict");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if tcg {
+        assert_ne!(out.status.code(), Some(0), "{out:?}");
+        assert!(
+            stderr.contains("hardware isolation is required"),
+            "{stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(out.stdout.is_empty(), "the workload must not run: {out:?}");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n");
+    }
+    sb.assert_clean();
+}

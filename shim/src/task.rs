@@ -550,7 +550,7 @@ impl Tasks {
         let share_dir = (*role == Role::Sandbox).then(|| pod::share_dir(id));
         let assets = krun_oci::assets::Assets::find()
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
-        let hypervisor = krun_oci::backend::choose(plan.hypervisor, &assets)
+        let hypervisor = krun_oci::backend::choose(plan.hypervisor, plan.require_kvm, &assets)
             .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
         let state_dir = StateDir::create(&self.root, id).map_err(|e| match e {
             krun_oci::state::StateError::Exists(_) => {

@@ -127,9 +127,15 @@ impl Visit for Fields {
     }
 }
 
+/// The target of warnings that go to a log file (or with `--debug`), but
+/// not to a plain stderr: there stderr is the workload's own (`run` in the
+/// foreground), relayed byte for byte.
+pub const FILE_ONLY: &str = "krun_oci::file_only";
+
 impl<S: Subscriber> Layer<S> for LogLayer {
     fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
-        *metadata.level() <= self.0.max && metadata.target().starts_with("krun")
+        let quiet = metadata.target() == FILE_ONLY && self.0.to_stderr && self.0.max < Level::DEBUG;
+        *metadata.level() <= self.0.max && metadata.target().starts_with("krun") && !quiet
     }
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {

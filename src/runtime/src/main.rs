@@ -20,6 +20,11 @@ struct Cli {
     /// boots Linux guests) or qemu. Default: builtin where KVM can, else qemu.
     #[arg(long, global = true, value_parser = ["builtin", "qemu"])]
     hypervisor: Option<String>,
+    /// Refuse to run a container without hardware virtualization: no
+    /// fallback to TCG emulation, which is not a security boundary (also
+    /// annotation io.krun-oci.require_kvm=true).
+    #[arg(long, global = true)]
+    require_kvm: bool,
     /// Print the version (as runc does: version, commit, spec).
     #[arg(short = 'v', long = "version")]
     version: bool,
@@ -70,6 +75,7 @@ fn main() {
     let ctx = Context {
         hypervisor,
         detached: false,
+        require_kvm: cli.require_kvm,
         root: cli
             .global
             .root

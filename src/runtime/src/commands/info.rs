@@ -97,6 +97,18 @@ pub fn list(ctx: &Context, args: &liboci_cli::List) -> anyhow::Result<i32> {
 
 /// What this runtime supports, in the runtime-spec `features` shape.
 pub fn features() -> anyhow::Result<i32> {
+    let accel = krun_hypervisor::detect_accel();
+    let isolation = match accel.accel {
+        krun_hypervisor::Accel::Kvm => format!(
+            "every container runs in its own virtual machine on KVM (hardware virtualization; {})",
+            accel.reason
+        ),
+        krun_hypervisor::Accel::Tcg => format!(
+            "every container runs in its own virtual machine, on this host under TCG emulation ({}): \
+             TCG is not a security boundary; --require-kvm or io.krun-oci.require_kvm=true refuses it",
+            accel.reason
+        ),
+    };
     let v = json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
@@ -120,7 +132,12 @@ pub fn features() -> anyhow::Result<i32> {
             "io.krun-oci.vcpus": "the VM's vCPUs (default: from the CPU quota or cpuset, else 1)",
             "io.krun-oci.memory_mib": "the VM's memory in MiB (default: the memory limit plus 64, else 512)",
             "io.krun-oci.systemd-cgroup": "--systemd-cgroup is accepted and changes nothing: a container's cgroups live inside its VM",
-            "io.krun-oci.isolation": "every container runs in its own virtual machine"
+            "io.krun-oci.require_kvm": "true: refuse to run without hardware virtualization (no TCG fallback)",
+            "io.krun-oci.accelerator": match accel.accel {
+                krun_hypervisor::Accel::Kvm => "kvm",
+                krun_hypervisor::Accel::Tcg => "tcg",
+            },
+            "io.krun-oci.isolation": isolation
         }
     });
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -17,6 +17,8 @@ pub struct Context {
     pub hypervisor: Option<crate::plan::HypervisorKind>,
     /// The container will run on after this command returns (create).
     pub detached: bool,
+    /// `--require-kvm`: never fall back to TCG emulation.
+    pub require_kvm: bool,
 }
 
 /// An error that ends the runtime with a specific exit status (the

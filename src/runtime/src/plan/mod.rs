@@ -23,6 +23,10 @@ pub use sizing::{
 /// Annotation that picks the hypervisor backend (`builtin` or `qemu`).
 pub const ANNOTATION_HYPERVISOR: &str = "io.krun-oci.hypervisor";
 
+/// Annotation that refuses to run the container without hardware
+/// virtualization (`true`): no fallback to TCG emulation.
+pub const ANNOTATION_REQUIRE_KVM: &str = "io.krun-oci.require_kvm";
+
 /// The hypervisor backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HypervisorKind {
@@ -56,6 +60,8 @@ pub struct VmPlan {
     pub setup: ContainerSetup,
     /// The backend the bundle asks for, if it does.
     pub hypervisor: Option<HypervisorKind>,
+    /// The bundle refuses TCG emulation ([`ANNOTATION_REQUIRE_KVM`]).
+    pub require_kvm: bool,
     /// The network namespace (`linux.namespaces`, type network, with a
     /// path) whose network the VM carries in; see [`crate::net`].
     pub netns: Option<std::path::PathBuf>,
@@ -171,6 +177,22 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
                 .map_err(|e| problems.add(format!("annotations[{ANNOTATION_HYPERVISOR:?}]"), e))
                 .ok()
         });
+    let require_kvm = match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_REQUIRE_KVM))
+        .map(String::as_str)
+    {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            problems.add(
+                format!("annotations[{ANNOTATION_REQUIRE_KVM:?}]"),
+                format!("{other:?} is neither true nor false"),
+            );
+            false
+        }
+    };
 
     if !problems.0.is_empty() {
         return Err(PlanError(problems.0));
@@ -212,6 +234,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         },
         setup,
         hypervisor,
+        require_kvm,
         netns: linux.netns,
         warnings,
     })

@@ -471,3 +471,18 @@ fn the_hosts_network_is_refused_clearly() {
         Some(std::path::Path::new("/run/netns/x"))
     );
 }
+
+#[test]
+fn the_require_kvm_annotation_is_true_or_false() {
+    assert!(!plan_of("full", |_| {}).unwrap().require_kvm);
+    let p = plan_of("full", |c| {
+        c["annotations"] = json!({ANNOTATION_REQUIRE_KVM: "true"})
+    });
+    assert!(p.unwrap().require_kvm);
+    assert_eq!(
+        problem_fields("full", |c| {
+            c["annotations"] = json!({ANNOTATION_REQUIRE_KVM: "yes"})
+        }),
+        vec![format!("annotations[{ANNOTATION_REQUIRE_KVM:?}]")]
+    );
+}
