@@ -4,119 +4,15 @@
 //! that nothing is left behind.
 
 mod harness;
+#[path = "harness/lifecycle.rs"]
+mod lifecycle;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use harness::{Sandbox, TestBundle};
-
-/// The monitor `create` leaves behind is orphaned when `create` exits; as
-/// conmon does, this test process becomes the subreaper that inherits and
-/// reaps it, so it can check the monitor's exit status.
-fn become_subreaper() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: prctl with integer arguments only.
-        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        assert_eq!(r, 0);
-    });
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn krun(sb: &Sandbox, args: &[&str]) -> Out {
-    let mut c = sb.cmd();
-    c.args(args).stdin(Stdio::null());
-    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
-    Out {
-        code: o.code,
-        stdout: o.stdout(),
-        stderr: o.stderr(),
-    }
-}
-
-#[track_caller]
-fn ok(o: Out) {
-    assert_eq!(o.code, 0, "stdout: {}; stderr: {}", o.stdout, o.stderr);
-}
-
-fn status(sb: &Sandbox, id: &str) -> String {
-    let o = krun(sb, &["state", id]);
-    assert_eq!(o.code, 0, "state {id}: {}", o.stderr);
-    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    v["status"].as_str().unwrap().to_string()
-}
-
-/// `create` with the container's stdio in files of the sandbox; returns
-/// the pid from the pid file.
-fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
-    become_subreaper();
-    let pid_file = sb.path().join(format!("{id}.pid"));
-    let out = std::fs::File::create(sb.path().join(format!("{id}.out"))).unwrap();
-    let err = std::fs::File::create(sb.path().join(format!("{id}.err"))).unwrap();
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(id);
-    c.stdin(Stdio::null()).stdout(out).stderr(err);
-    let mut child = c.spawn().unwrap();
-    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
-    let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "create {id}: {stderr}; console: {}",
-        sb.console()
-    );
-    std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
-fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut st = 0;
-        // SAFETY: waitpid on a pid that is (or will be) our child.
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-        if r == pid {
-            return if libc::WIFSIGNALED(st) {
-                (None, Some(libc::WTERMSIG(st)))
-            } else {
-                (Some(libc::WEXITSTATUS(st)), None)
-            };
-        }
-        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn out_of(sb: &Sandbox, id: &str) -> String {
-    std::fs::read_to_string(sb.path().join(format!("{id}.out"))).unwrap()
-}
-
-fn wait_for_output(sb: &Sandbox, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out_of(sb, id).contains(want) {
-        assert!(
-            Instant::now() < deadline,
-            "no {want:?} in the output of {id}: {:?}",
-            out_of(sb, id)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use harness::Sandbox;
+use lifecycle::{create, krun, ok, out_of, status, wait_exit, wait_for_output};
 
 const TRAP_TERM: &str =
     "trap 'echo got TERM; exit 3' TERM; echo started; while :; do sleep 0.1; done";

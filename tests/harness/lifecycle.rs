@@ -1,0 +1,117 @@
+//! The runtime-spec lifecycle by hand, for suites that drive
+//! `create`/`start`/`delete` themselves: the runtime's commands with their
+//! output, `create` with a pid file, and the monitor's exit status (the
+//! test process is the subreaper that inherits it, as conmon is).
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use crate::harness::{self, Sandbox, TestBundle};
+
+/// The monitor `create` leaves behind is orphaned when `create` exits; as
+/// conmon does, this test process becomes the subreaper that inherits and
+/// reaps it, so it can check the monitor's exit status.
+pub fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0);
+    });
+}
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn krun(sb: &Sandbox, args: &[&str]) -> Out {
+    let mut c = sb.cmd();
+    c.args(args).stdin(Stdio::null());
+    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    Out {
+        code: o.code,
+        stdout: o.stdout(),
+        stderr: o.stderr(),
+    }
+}
+
+#[track_caller]
+pub fn ok(o: Out) {
+    assert_eq!(o.code, 0, "stdout: {}; stderr: {}", o.stdout, o.stderr);
+}
+
+pub fn status(sb: &Sandbox, id: &str) -> String {
+    let o = krun(sb, &["state", id]);
+    assert_eq!(o.code, 0, "state {id}: {}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    v["status"].as_str().unwrap().to_string()
+}
+
+/// `create` with the container's stdio in files of the sandbox; returns
+/// the pid from the pid file.
+pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
+    become_subreaper();
+    let pid_file = sb.path().join(format!("{id}.pid"));
+    let out = std::fs::File::create(sb.path().join(format!("{id}.out"))).unwrap();
+    let err = std::fs::File::create(sb.path().join(format!("{id}.err"))).unwrap();
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(id);
+    c.stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut child = c.spawn().unwrap();
+    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
+    let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "create {id}: {stderr}; console: {}",
+        sb.console()
+    );
+    std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
+pub fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid on a pid that is (or will be) our child.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return if libc::WIFSIGNALED(st) {
+                (None, Some(libc::WTERMSIG(st)))
+            } else {
+                (Some(libc::WEXITSTATUS(st)), None)
+            };
+        }
+        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn out_of(sb: &Sandbox, id: &str) -> String {
+    std::fs::read_to_string(sb.path().join(format!("{id}.out"))).unwrap()
+}
+
+pub fn wait_for_output(sb: &Sandbox, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out_of(sb, id).contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} in the output of {id}: {:?}",
+            out_of(sb, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,259 @@
+//! A hostile guest: a container that is root in its VM with every
+//! capability tries to reach what the host did not give it, and to make
+//! the host write where it should not. Each test states the property it
+//! proves; the suite runs on QEMU here and on the built-in VMM in the
+//! nested test host (`hack/test`).
+
+mod harness;
+#[path = "harness/lifecycle.rs"]
+mod lifecycle;
+
+use std::path::Path;
+use std::process::Stdio;
+
+use harness::{Sandbox, TestBundle};
+use lifecycle::{krun, ok, wait_exit};
+use serde_json::{json, Value};
+
+/// Every capability there is: what a privileged container (or a guest
+/// kernel's attacker) has.
+fn all_caps() -> Value {
+    let caps: Vec<String> = caps::all().iter().map(|c| c.to_string()).collect();
+    json!({"bounding": caps, "effective": caps, "permitted": caps})
+}
+
+/// A bundle running `script` with every capability, no masked paths.
+fn hostile_bundle(sb: &Sandbox, script: &str) -> TestBundle {
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.process()["capabilities"] = all_caps();
+    b.process()["noNewPrivileges"] = json!(false);
+    b.config["linux"]["maskedPaths"] = json!([]);
+    b.config["linux"]["readonlyPaths"] = json!([]);
+    b
+}
+
+fn bind(src: &Path, dest: &str, ro: bool) -> Value {
+    let mut opts = vec!["rbind", "nosuid", "nodev"];
+    if ro {
+        opts.push("ro");
+    }
+    json!({"destination": dest, "type": "bind", "source": src, "options": opts})
+}
+
+fn write(p: &Path, text: &str) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, text).unwrap();
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Host files a container is given and what sits beside them: an engine's
+/// run directory (a file of it is bound as /etc/hosts, the rest is not the
+/// container's) and a file reached through a symlink, as podman's
+/// catatonit is.
+struct HostFiles {
+    vol: std::path::PathBuf,
+    ro: std::path::PathBuf,
+    run: std::path::PathBuf,
+    init_link: std::path::PathBuf,
+}
+
+fn host_files(sb: &Sandbox) -> HostFiles {
+    let base = sb.path().join("host");
+    write(&base.join("vol/data"), "volume\n");
+    write(&base.join("ro/data"), "read-only\n");
+    write(&base.join("run/hosts"), "10.0.0.1 host-given\n");
+    write(&base.join("run/pidfile"), "4242");
+    write(&base.join("run/conmon.pid"), "4241");
+    write(&base.join("run/secret"), "not the container's\n");
+    write(&base.join("bin/real-init"), "#!real init\n");
+    let init_link = base.join("init-link");
+    std::os::unix::fs::symlink(base.join("bin/real-init"), &init_link).unwrap();
+    HostFiles {
+        vol: base.join("vol"),
+        ro: base.join("ro"),
+        run: base.join("run"),
+        init_link,
+    }
+}
+
+/// Every tag a guest could guess: the share's, and those of earlier
+/// layouts (one share per directory, a pod's).
+const TAGS: &str = "krun rootfs pod share0 share1 share2 share3 share4 share5 share6 share7 share8";
+
+/// What the guest sees when it mounts every virtio-fs tag it can name:
+/// exactly its root and its volumes, each bind source alone (not its
+/// directory), a symlinked source resolved on the host, nothing else.
+#[test]
+fn a_guest_that_mounts_every_tag_sees_only_its_root_and_volumes() {
+    let sb = Sandbox::new("tags");
+    let h = host_files(&sb);
+    let script = format!(
+        "cat /sbin/given-init; cat /etc/hosts; \
+         for t in {TAGS}; do mkdir -p /mnt/$t; \
+           if mount -t virtiofs $t /mnt/$t 2>/dev/null; then echo mounted $t; \
+             (cd /mnt/$t && find . -maxdepth 2 | sort | sed \"s|^|$t:|\"); fi; done; \
+         echo found: $(find /mnt -name secret -o -name conmon.pid -o -name pidfile | wc -l)"
+    );
+    let mut b = hostile_bundle(&sb, &script);
+    b.add_mount(bind(&h.vol, "/vol", false));
+    b.add_mount(bind(&h.run.join("hosts"), "/etc/hosts", false));
+    b.add_mount(bind(&h.ro, "/ro", true));
+    b.add_mount(bind(&h.init_link, "/sbin/given-init", true));
+    let n = b.config["mounts"].as_array().unwrap().len();
+    let out = sb.run(&b, "t1", None);
+    out.expect_code(0);
+    let stdout = out.stdout();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("#!real init"), "{stdout}");
+    assert_eq!(lines.next(), Some("10.0.0.1 host-given"), "{stdout}");
+    let mounted: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("mounted "))
+        .collect();
+    assert_eq!(mounted, ["krun"], "only the one share has a tag: {stdout}");
+    // Linux 6.1 gives a fresh mount of the tag the superblock of whichever
+    // part of the share it mounted last (a root or a volume), so what the
+    // guest sees is some subtree of the share: every path it lists must
+    // exist in the share the runtime composed, which holds the root and
+    // the volumes and nothing else.
+    let share_path = |p: &str| -> Vec<std::path::PathBuf> {
+        let p = p.trim_start_matches("./");
+        let mut roots = vec![
+            b.rootfs(),
+            h.vol.clone(),
+            h.ro.clone(),
+            h.run.join("hosts"),
+            h.init_link.clone(),
+        ];
+        roots.retain(|_| !p.is_empty());
+        roots.iter().map(|r| r.join(p)).collect()
+    };
+    let staging: Vec<String> = [".", "./t1", "./t1/rootfs"]
+        .into_iter()
+        .map(String::from)
+        .chain((n - 4..n).map(|i| format!("./t1/m{i}")))
+        .collect();
+    let seen: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("krun:"))
+        .collect();
+    assert!(!seen.is_empty(), "{stdout}");
+    for p in &seen {
+        let given = staging.iter().any(|s| s == p)
+            || share_path(p).iter().any(|q| q.symlink_metadata().is_ok());
+        assert!(given, "{p} is not the container's: {stdout}");
+    }
+    assert!(stdout.contains("found: 0"), "{stdout}");
+}
+
+/// A volume bound read-only stays read-only on the host side: a guest
+/// that remounts it read-write, or reaches it again through a fresh mount
+/// of the share, still cannot change the host's file.
+#[test]
+fn a_read_only_volume_cannot_be_written_even_after_a_remount() {
+    let sb = Sandbox::new("rovol");
+    let h = host_files(&sb);
+    let script = "mount -o remount,rw,bind /ro && echo remounted; \
+         echo changed > /ro/data || echo write refused; \
+         mkdir -p /mnt/s && mount -t virtiofs krun /mnt/s && \
+         for f in /mnt/s/*/m*/data; do echo changed > $f || echo share write refused; done; \
+         touch /mnt/s/planted || echo plant refused; cat /ro/data";
+    let mut b = hostile_bundle(&sb, script);
+    b.add_mount(bind(&h.ro, "/ro", true));
+    let out = sb.run(&b, "r1", None);
+    out.expect_code(0);
+    let stdout = out.stdout();
+    assert!(stdout.contains("remounted"), "{stdout}");
+    assert!(stdout.contains("write refused"), "{stdout}");
+    assert!(stdout.contains("share write refused"), "{stdout}");
+    assert!(stdout.contains("plant refused"), "{stdout}");
+    assert!(stdout.ends_with("read-only\n"), "{stdout}");
+    assert_eq!(read(&h.ro.join("data")), "read-only\n");
+}
+
+/// Links a guest plants at the names the host writes later — the pid
+/// file beside a volume, the bundle's `oom` file — are replaced, never
+/// followed: the host file they point at stays untouched.
+#[test]
+fn links_planted_where_the_host_writes_are_not_followed() {
+    let sb = Sandbox::new("plant");
+    let victim = sb.path().join("victim");
+    write(&victim, "untouched\n");
+    let shared = sb.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    // The hostile container: its bundle directory is one of its volumes
+    // (the worst case), and so is the directory the next pid file goes in.
+    let v = victim.display();
+    let script = format!(
+        "ln -s {v} /shared/pidfile; ln -s {v} /shared/pidfile.krun-tmp; \
+         ln -s {v} /bundle/oom; \
+         awk 'BEGIN {{ s = \"x\"; while (1) s = s s }}'"
+    );
+    let mut b = hostile_bundle(&sb, &script);
+    b.add_mount(bind(&shared, "/shared", false));
+    b.add_mount(bind(&sb.path().join("bundle"), "/bundle", false));
+    b.config["linux"]["resources"] = json!({"memory": {"limit": 33554432}});
+    let out = sb.run(&b, "p1", None);
+    out.expect_code(137);
+    assert_eq!(read(&victim), "untouched\n");
+    let oom = sb.path().join("bundle/oom");
+    let md = std::fs::symlink_metadata(&oom).unwrap();
+    assert!(md.is_file(), "the oom file replaced the planted link");
+
+    // The next container's pid file goes where the links are.
+    let b2 = sb.bundle(&["true"]);
+    b2.write();
+    lifecycle::become_subreaper();
+    let pid_file = shared.join("pidfile");
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b2.dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("p2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let st = c.status().unwrap();
+    assert!(st.success());
+    assert_eq!(read(&victim), "untouched\n");
+    assert!(std::fs::symlink_metadata(&pid_file).unwrap().is_file());
+    let pid: i32 = read(&pid_file).trim().parse().unwrap();
+    ok(krun(&sb, &["delete", "p2"]));
+    wait_exit(pid);
+    sb.assert_clean();
+}
+
+/// `start`, `delete` and their hooks use the config `create` read: a
+/// guest that rewrites the bundle's config.json (here it can, the bundle
+/// is its volume) cannot get its own hook run as root on the host.
+#[test]
+fn the_config_create_saw_is_what_start_and_delete_use() {
+    let sb = Sandbox::new("config");
+    let given = sb.path().join("given-hook-ran");
+    let injected = sb.path().join("injected-hook-ran");
+    let script = format!(
+        "sed -i 's|{}|{}|' /bundle/config.json && echo rewritten",
+        given.display(),
+        injected.display()
+    );
+    let mut b = hostile_bundle(&sb, &script);
+    b.add_mount(bind(&sb.path().join("bundle"), "/bundle", false));
+    let hook = |marker: &Path| json!([{"path": "/bin/sh", "args": ["sh", "-c", format!("echo ran > {}", marker.display())]}]);
+    b.config["hooks"] = json!({"poststart": hook(&given), "poststop": hook(&given)});
+    b.write();
+    let pid = lifecycle::create(&sb, &b, "k1");
+    ok(krun(&sb, &["start", "k1"]));
+    assert_eq!(wait_exit(pid), (Some(0), None));
+    assert!(lifecycle::out_of(&sb, "k1").contains("rewritten"));
+    assert!(read(&b.dir.join("config.json")).contains("injected-hook-ran"));
+    std::fs::remove_file(&given).unwrap();
+    ok(krun(&sb, &["delete", "k1"]));
+    assert_eq!(read(&given), "ran\n", "the poststop hook create saw ran");
+    assert!(!injected.exists(), "the guest's hook must not run");
+    sb.assert_clean();
+}
