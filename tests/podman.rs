@@ -828,3 +828,51 @@ fn containers_on_one_network_reach_each_other_by_name() {
     pm.ok(&["network", "rm", "-f", &net]);
     pm.finish();
 }
+
+/// `podman run --init` binds its catatonit (`/usr/libexec/podman/catatonit`,
+/// a relative symlink to /usr/bin/catatonit) at /run/podman-init and makes
+/// it PID 1; the bind source is resolved on the host, as runc does.
+#[test]
+fn run_init_runs_catatonit_as_pid_1() {
+    let pm = Podman::new("init");
+    let out = pm.run_rm(
+        &["--init"],
+        busybox(),
+        &["sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline; echo; exit 3"],
+    );
+    out.expect(3);
+    let text = out.stdout.clone();
+    assert!(
+        text.starts_with("/run/podman-init -- sh -c"),
+        "PID 1 is {text:?}"
+    );
+    pm.finish();
+}
+
+/// A container with CAP_SYS_ADMIN looks for what the engine keeps beside the
+/// files it binds (/etc/hosts, /etc/hostname and /run/.containerenv come
+/// from podman's run directory, which also holds the pid file and
+/// conmon's): through every virtio-fs tag it can mount, it finds none of
+/// it.
+#[test]
+fn a_privileged_container_cannot_reach_the_engines_run_directory() {
+    let pm = Podman::new("rundir");
+    let script = "for t in krun rootfs share0 share1 share2 share3 share4 share5 pod; do \
+                    mkdir -p /mnt/$t; mount -t virtiofs $t /mnt/$t 2>/dev/null && echo mounted $t; \
+                  done; \
+                  echo found: $(find /mnt -name conmon.pid -o -name pidfile -o -name config.json \
+                    -o -name ctr.log -o -name oci-log | wc -l); \
+                  echo hosts: $(wc -l < /etc/hosts)";
+    let out = pm.run_rm(&["--cap-add", "SYS_ADMIN"], busybox(), &["sh", "-c", script]);
+    let text = out.ok();
+    if pm.is_runc() {
+        pm.not_applicable("no virtio-fs under runc: nothing to mount");
+        assert!(!text.contains("mounted"), "{text}");
+    } else {
+        assert!(text.contains("mounted krun"), "{text}");
+        assert!(!text.contains("mounted rootfs") && !text.contains("mounted share"), "{text}");
+    }
+    assert!(text.contains("found: 0"), "{text}");
+    assert!(text.contains("hosts: "), "{text}");
+    pm.finish();
+}
