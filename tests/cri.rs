@@ -136,6 +136,28 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
             "MemTotal {kib} kB for a 384 MiB pod: {out}"
         );
         assert_eq!(out.lines().nth(1), Some("2"), "vCPUs of a 2-CPU pod: {out}");
+        // What the pod's guest sees of the host is the pod directory's
+        // share: exactly the pod's containers, each under its id, in a
+        // directory the guest cannot write (so it cannot redirect where a
+        // later member's mounts go).
+        let share = std::path::Path::new("/run/krun-oci/pods")
+            .join(&pod_id)
+            .join("s");
+        let mut seen: Vec<String> = std::fs::read_dir(&share)
+            .unwrap_or_else(|e| panic!("{}: {e}", share.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        seen.sort();
+        let mut want: Vec<String> = ids.iter().chain([&quitter, &pod_id]).cloned().collect();
+        want.sort();
+        assert_eq!(seen, want, "the pod's share holds its containers");
+        assert_eq!(
+            std::fs::write(share.join("planted"), "x")
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EROFS),
+            "the pod's share is read-only where the guest could plant names"
+        );
     } else {
         eprintln!(
             "NOTE: handler {} runs no VM: the one-VM, kernel and sizing checks are krun's",
