@@ -174,7 +174,11 @@ fn a_read_only_volume_cannot_be_written_even_after_a_remount() {
     assert!(stdout.contains("write refused"), "{stdout}");
     let tried = stdout.matches("tried").count();
     assert!(tried > 0, "the volume was not found in the share: {stdout}");
-    assert_eq!(stdout.matches("share write refused").count(), tried, "{stdout}");
+    assert_eq!(
+        stdout.matches("share write refused").count(),
+        tried,
+        "{stdout}"
+    );
     assert!(stdout.ends_with("read-only\n"), "{stdout}");
     assert_eq!(read(&h.ro.join("data")), "read-only\n");
 }

@@ -863,14 +863,21 @@ fn a_privileged_container_cannot_reach_the_engines_run_directory() {
                   echo found: $(find /mnt -name conmon.pid -o -name pidfile -o -name config.json \
                     -o -name ctr.log -o -name oci-log | wc -l); \
                   echo hosts: $(wc -l < /etc/hosts)";
-    let out = pm.run_rm(&["--cap-add", "SYS_ADMIN"], busybox(), &["sh", "-c", script]);
+    let out = pm.run_rm(
+        &["--cap-add", "SYS_ADMIN"],
+        busybox(),
+        &["sh", "-c", script],
+    );
     let text = out.ok();
     if pm.is_runc() {
         pm.not_applicable("no virtio-fs under runc: nothing to mount");
         assert!(!text.contains("mounted"), "{text}");
     } else {
         assert!(text.contains("mounted krun"), "{text}");
-        assert!(!text.contains("mounted rootfs") && !text.contains("mounted share"), "{text}");
+        assert!(
+            !text.contains("mounted rootfs") && !text.contains("mounted share"),
+            "{text}"
+        );
     }
     assert!(text.contains("found: 0"), "{text}");
     assert!(text.contains("hosts: "), "{text}");

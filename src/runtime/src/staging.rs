@@ -40,6 +40,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 pub use krun_proto::SHARE_TAG;
@@ -130,6 +131,13 @@ impl Staging {
             move |source| StagingError::Prepare { path, what, source }
         };
         teardown(dir);
+        if let Some(parent) = dir.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(err("creating its parent directory"))?;
+        }
         mkdir(dir, 0o700).map_err(err("creating the directory"))?;
         let (w, s) = (dir.join("w"), dir.join("s"));
         let made = (|| {
