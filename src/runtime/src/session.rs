@@ -8,7 +8,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use krun_hypervisor::{Hypervisor, Vm, VmConfig, VmExit};
+use krun_hypervisor::{CappedLog, Hypervisor, Vm, VmConfig, VmExit};
 use krun_proto::{
     encode_frame, ContainerSetup, Frame, FrameKind, FrameReader, ProtoError, ToGuest, ToHost,
     CONTROL_PORT_NAME, MAIN_STREAM, PROTOCOL_VERSION,
@@ -20,6 +20,25 @@ use crate::plan::VmPlan;
 /// How long a guest may take to boot to guest-init. Generous: under TCG on
 /// a loaded 2-core host, twenty VMs booting at once take tens of seconds.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Operator knob: the most bytes kept of a guest's console log (and of
+/// QEMU's own log); the rest is dropped with a note.
+pub const CONSOLE_LOG_LIMIT_VAR: &str = "KRUN_OCI_CONSOLE_LOG_LIMIT";
+
+/// How long the console log may take to catch up once the VM is gone.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(1);
+
+/// A numeric knob from the environment, or `default` (with a warning when
+/// it is set but not a number).
+fn knob(name: &str, default: u64) -> u64 {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    v.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!("{name}={v:?} is not a number; using {default}");
+        default
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -128,6 +147,7 @@ pub struct Session {
     events: Receiver<Event>,
     sender: SyncSender<Event>,
     console_log: PathBuf,
+    console: CappedLog,
     pub timings: Timings,
 }
 
@@ -143,6 +163,9 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let (host_end, vm_end) = UnixStream::pair().map_err(SessionError::Channel)?;
         let console_log = state_dir.join("console.log");
+        let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
+        let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
+            .map_err(SessionError::Channel)?;
         let config = VmConfig {
             kernel: assets.kernel.clone(),
             initrd: assets.initrd.clone(),
@@ -156,7 +179,8 @@ impl Session {
             shares: plan.shares.clone(),
             control: vm_end.into(),
             control_port_name: CONTROL_PORT_NAME.into(),
-            console_log: console_log.clone(),
+            console: console_pipe,
+            log_limit,
             run_dir: run_dir.to_path_buf(),
             nets,
         };
@@ -188,6 +212,7 @@ impl Session {
             events,
             sender,
             console_log,
+            console,
             timings: Timings {
                 vmm_spawned: Some(spawned),
                 ..Default::default()
@@ -278,6 +303,7 @@ impl Session {
                 Err(e) => break e.to_string(),
             }
         };
+        self.console.finish(CONSOLE_FLUSH);
         SessionError::VmStopped {
             exit,
             tail: console_tail(&self.console_log),
@@ -332,15 +358,20 @@ impl Session {
         let deadline = Instant::now() + grace;
         loop {
             match self.vm.try_wait() {
-                Ok(Some(exit)) => return exit,
+                Ok(Some(exit)) => {
+                    self.console.finish(CONSOLE_FLUSH);
+                    return exit;
+                }
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
                 _ => {
                     self.vm.kill();
-                    return self.vm.wait().unwrap_or(VmExit::Killed {
+                    let exit = self.vm.wait().unwrap_or(VmExit::Killed {
                         signal: libc::SIGKILL,
                     });
+                    self.console.finish(CONSOLE_FLUSH);
+                    return exit;
                 }
             }
         }
