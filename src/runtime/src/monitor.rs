@@ -354,6 +354,7 @@ impl Monitor {
                     }
                 }
                 Event::Signal(sig) => self.on_signal(sig),
+                Event::Unresponsive(u) => return Err(SessionError::Unresponsive(u)),
             }
         }
     }
