@@ -1,7 +1,8 @@
 //! What a hostile guest cannot make the host do: grow its console log
 //! without bound, or hang the host by no longer reading what the host
-//! writes to it. Each test boots a real microVM and checks that nothing is
-//! left behind.
+//! writes to it — and what a guest is not blamed for (a pause, a host that
+//! stops taking its output). Each test boots a real microVM and checks
+//! that nothing is left behind.
 //!
 //! The tests that freeze the VM with SIGSTOP run on QEMU whatever backend
 //! the suite is on: the built-in VMM runs inside the monitor process and
@@ -131,21 +132,23 @@ fn signal(pid: i32, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
 }
 
-/// Writes zeros into a pipe for as long as it is open, counting what went
-/// through and whether a write is under way.
+/// Writes `chunks` chunks of 64 KiB into a pipe (or until it fails), then
+/// closes it, counting what went through and whether a write is under way.
 struct Feeder {
     written: Arc<AtomicU64>,
     writing: Arc<AtomicBool>,
 }
 
+const CHUNK: usize = 64 * 1024;
+
 impl Feeder {
-    fn start(mut w: impl Write + Send + 'static) -> Feeder {
+    fn start(mut w: impl Write + Send + 'static, chunks: usize) -> Feeder {
         let written = Arc::new(AtomicU64::new(0));
         let writing = Arc::new(AtomicBool::new(false));
         let (n, busy) = (written.clone(), writing.clone());
         std::thread::spawn(move || {
-            let chunk = vec![0u8; 64 * 1024];
-            loop {
+            let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+            for _ in 0..chunks {
                 busy.store(true, Ordering::SeqCst);
                 let r = w.write_all(&chunk);
                 busy.store(false, Ordering::SeqCst);
@@ -170,7 +173,7 @@ impl Feeder {
             } else if since.0.elapsed() >= window {
                 return;
             }
-            assert!(Instant::now() < deadline, "stdin kept flowing");
+            assert!(Instant::now() < deadline, "stdin did not stay stuck");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -242,7 +245,7 @@ fn a_guest_that_stops_reading_is_killed_at_the_deadline() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let _feeder = Feeder::start(child.stdin.take().unwrap());
+    let _feeder = Feeder::start(child.stdin.take().unwrap(), usize::MAX);
     let mut stdout = child.stdout.take().unwrap();
     let mut ready = [0u8; 6];
     std::io::Read::read_exact(&mut stdout, &mut ready).unwrap();
@@ -286,7 +289,7 @@ fn kill_and_delete_of_a_frozen_vm_do_not_hang() {
     c.args(["start", "fz"]);
     timed(c, Duration::from_secs(60), &sb);
     wait_for_file(&sb.path().join("fz.out"), "ready\n");
-    let feeder = Feeder::start(w);
+    let feeder = Feeder::start(w, usize::MAX);
     signal(qemu_pid(&sb), libc::SIGSTOP);
     feeder.wait_stuck(Duration::from_millis(500));
 
@@ -303,5 +306,85 @@ fn kill_and_delete_of_a_frozen_vm_do_not_hang() {
         "delete took {delete:?}"
     );
     assert_eq!(wait_exit(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
+    sb.assert_clean();
+}
+
+/// The deadline's exceptions, end to end. A host that stops reading the
+/// container's stdout (conmon or a pipeline reader falling behind) stalls
+/// guest-init on its own writes, so it stops reading stdin: that is the
+/// host's doing, and the guest is not killed for it, however long it lasts.
+#[test]
+fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
+    const CHUNKS: usize = 1024; // 64 MiB through `cat` and back
+    let sb = Sandbox::new("hostbackpressure");
+    let b = sb.bundle(&["cat"]);
+    b.write();
+    let mut c = sb.cmd();
+    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "2000")
+        .args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg("bp")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let feeder = Feeder::start(child.stdin.take().unwrap(), CHUNKS);
+    // Nobody reads stdout: everything backs up to the feeder, and stays
+    // so for three deadlines.
+    feeder.wait_stuck(Duration::from_secs(6));
+    let stdout = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut n = 0u64;
+        let mut r = std::io::BufReader::new(stdout);
+        loop {
+            let got = std::io::BufRead::fill_buf(&mut r).unwrap().len();
+            if got == 0 {
+                return n;
+            }
+            std::io::BufRead::consume(&mut r, got);
+            n += got as u64;
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    let status = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("run hung");
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout.join().unwrap(), (CHUNKS * CHUNK) as u64);
+    sb.assert_clean();
+}
+
+/// A paused container's guest reads nothing, for as long as it is paused:
+/// that is not held against it, and it carries on when resumed.
+#[test]
+fn a_paused_guest_is_not_killed_for_not_reading() {
+    const CHUNKS: usize = 256; // 16 MiB into `cat`
+    let sb = Sandbox::new("pausedreading");
+    let b = sb.bundle(&["sh", "-c", "echo ready; cat > /dev/null; echo done"]);
+    let (r, w) = std::io::pipe().unwrap();
+    let mut c = sb.cmd();
+    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "2000");
+    let pid = create(&sb, c, &b, "pr", Stdio::from(r));
+    let mut c = sb.cmd();
+    c.args(["start", "pr"]);
+    timed(c, Duration::from_secs(60), &sb);
+    wait_for_file(&sb.path().join("pr.out"), "ready\n");
+    let feeder = Feeder::start(w, CHUNKS);
+    let mut c = sb.cmd();
+    c.args(["pause", "pr"]);
+    timed(c, Duration::from_secs(60), &sb);
+    feeder.wait_stuck(Duration::from_secs(6));
+    let mut c = sb.cmd();
+    c.args(["resume", "pr"]);
+    timed(c, Duration::from_secs(60), &sb);
+    assert_eq!(wait_exit(pid, harness::RUN_TIMEOUT), 0);
+    assert_eq!(
+        feeder.written.load(Ordering::SeqCst),
+        (CHUNKS * CHUNK) as u64
+    );
+    wait_for_file(&sb.path().join("pr.out"), "ready\ndone\n");
+    let mut c = sb.cmd();
+    c.args(["delete", "pr"]);
+    timed(c, Duration::from_secs(60), &sb);
     sb.assert_clean();
 }
