@@ -2,7 +2,7 @@
 //! share, KVM where the host can boot our kernel and TCG where it cannot.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -119,6 +119,7 @@ impl Hypervisor for Qemu {
                 share,
                 &config.run_dir,
                 i,
+                config.log_limit,
             )?);
         }
         let sockets: Vec<PathBuf> = daemons.iter().map(|d| d.socket.clone()).collect();
@@ -183,18 +184,12 @@ impl QemuVm {
             (Some(0), _) => VmExit::GuestStopped,
             (_, Some(signal)) => VmExit::Killed { signal },
             (Some(code), _) => {
-                let mut detail = String::new();
                 self.log.finish(LOG_FLUSH);
-                if let Ok(log) = std::fs::read_to_string(&self.log_path) {
-                    for line in log
-                        .lines()
-                        .rev()
-                        .take(5)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                    {
-                        let _ = writeln!(detail, "{line}");
+                let mut detail = last_lines(&self.log_path, 5);
+                for d in &mut self.daemons {
+                    d.log.finish(LOG_FLUSH);
+                    for line in last_lines(&d.log_path, 3).lines() {
+                        let _ = writeln!(detail, "virtiofsd: {line}");
                     }
                 }
                 VmExit::VmmFailed {
@@ -210,6 +205,17 @@ impl QemuVm {
         self.exit = Some(exit.clone());
         exit
     }
+}
+
+/// The last `n` lines of the log at `path`, each ending in a newline.
+fn last_lines(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        let _ = writeln!(out, "{line}");
+    }
+    out
 }
 
 impl Vm for QemuVm {
