@@ -10,11 +10,13 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 mod accel;
+mod capped;
 mod child;
 mod qemu;
 mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
+pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
 pub use qemu::Qemu;
 
 /// A host directory shared into the guest over virtio-fs.
@@ -43,8 +45,14 @@ pub struct VmConfig {
     /// as the virtio-console port named `control_port_name`.
     pub control: OwnedFd,
     pub control_port_name: String,
-    /// Where the guest's serial console (the kernel log) is written.
-    pub console_log: PathBuf,
+    /// The write end of a pipe (or any writable descriptor) for the
+    /// guest's serial console, the kernel log. The backend only writes to
+    /// it; whoever holds the other end must keep reading, or the guest
+    /// stalls on its console (see [`CappedLog`]).
+    pub console: OwnedFd,
+    /// The most bytes a backend keeps of a log of its own that the guest
+    /// can make it write (QEMU's stderr).
+    pub log_limit: u64,
     /// A private directory for the backend's sockets and logs; it exists
     /// and is removed by the caller.
     pub run_dir: PathBuf,

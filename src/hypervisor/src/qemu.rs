@@ -2,17 +2,22 @@
 //! share, KVM where the host can boot our kernel and TCG where it cannot.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use crate::child::{kill_and_reap, spawn, PassFd};
 use crate::virtiofsd::{self, Virtiofsd};
-use crate::{Accel, Error, Hypervisor, Vm, VmConfig, VmExit};
+use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig, VmExit};
 
 /// The fd number the control socket gets in QEMU.
 const CONTROL_FD: i32 = 3;
+/// The fd number of the serial console's pipe in QEMU.
+const CONSOLE_FD: i32 = 4;
 /// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...
-const NET_FD: i32 = 4;
+const NET_FD: i32 = 5;
+/// How long QEMU's log may take to reach its file once QEMU has exited.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
 
 /// QEMU with its helpers.
 #[derive(Clone, Debug)]
@@ -65,7 +70,8 @@ impl Qemu {
             "-append",
             cmdline.trim(),
         ]);
-        let console = format!("file,id=con,path={}", config.console_log.to_string_lossy());
+        // The console's pipe, which QEMU opens anew by its /proc path.
+        let console = format!("file,id=con,path=/dev/fd/{CONSOLE_FD}");
         push(&["-chardev", &console, "-serial", "chardev:con"]);
         let ctl = format!("socket,id=ctl,fd={CONTROL_FD}");
         let port = format!(
@@ -113,22 +119,34 @@ impl Hypervisor for Qemu {
                 share,
                 &config.run_dir,
                 i,
+                config.log_limit,
             )?);
         }
         let sockets: Vec<PathBuf> = daemons.iter().map(|d| d.socket.clone()).collect();
         let args = self.args(&config, &sockets);
         tracing::debug!(qemu = %self.qemu.display(), args = ?args, "starting VM");
+        // QEMU reports some of what the guest does wrong on stderr: its
+        // log is capped like the guest's console.
         let log_path = config.run_dir.join("qemu.log");
-        let log = std::fs::File::create(&log_path).map_err(|source| Error::Spawn {
-            program: log_path.display().to_string(),
-            source,
-        })?;
+        let (log, stderr) =
+            CappedLog::create(&log_path, config.log_limit, "QEMU log").map_err(|source| {
+                Error::Spawn {
+                    program: log_path.display().to_string(),
+                    source,
+                }
+            })?;
         let mut cmd = Command::new(&self.qemu);
-        cmd.args(&args).stdout(Stdio::null()).stderr(log);
-        let mut fds = vec![PassFd {
-            fd: config.control,
-            target: CONTROL_FD,
-        }];
+        cmd.args(&args).stdout(Stdio::null()).stderr(stderr);
+        let mut fds = vec![
+            PassFd {
+                fd: config.control,
+                target: CONTROL_FD,
+            },
+            PassFd {
+                fd: config.console,
+                target: CONSOLE_FD,
+            },
+        ];
         for (i, n) in config.nets.into_iter().enumerate() {
             fds.push(PassFd {
                 fd: n.tap,
@@ -140,6 +158,7 @@ impl Hypervisor for Qemu {
             child: Some(child),
             daemons,
             log_path,
+            log,
             exit: None,
         }))
     }
@@ -149,6 +168,7 @@ struct QemuVm {
     child: Option<Child>,
     daemons: Vec<Virtiofsd>,
     log_path: PathBuf,
+    log: CappedLog,
     exit: Option<VmExit>,
 }
 
@@ -164,17 +184,12 @@ impl QemuVm {
             (Some(0), _) => VmExit::GuestStopped,
             (_, Some(signal)) => VmExit::Killed { signal },
             (Some(code), _) => {
-                let mut detail = String::new();
-                if let Ok(log) = std::fs::read_to_string(&self.log_path) {
-                    for line in log
-                        .lines()
-                        .rev()
-                        .take(5)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                    {
-                        let _ = writeln!(detail, "{line}");
+                self.log.finish(LOG_FLUSH);
+                let mut detail = last_lines(&self.log_path, 5);
+                for d in &mut self.daemons {
+                    d.log.finish(LOG_FLUSH);
+                    for line in last_lines(&d.log_path, 3).lines() {
+                        let _ = writeln!(detail, "virtiofsd: {line}");
                     }
                 }
                 VmExit::VmmFailed {
@@ -190,6 +205,17 @@ impl QemuVm {
         self.exit = Some(exit.clone());
         exit
     }
+}
+
+/// The last `n` lines of the log at `path`, each ending in a newline.
+fn last_lines(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        let _ = writeln!(out, "{line}");
+    }
+    out
 }
 
 impl Vm for QemuVm {
@@ -273,5 +299,5 @@ impl Drop for QemuVm {
     }
 }
 
-/// Keeps `CONTROL_FD` honest: it must not collide with stdio.
-const _: () = assert!(CONTROL_FD > 2);
+/// Keeps the fd numbers honest: none collides with stdio or another.
+const _: () = assert!(CONTROL_FD > 2 && CONSOLE_FD > CONTROL_FD && NET_FD > CONSOLE_FD);

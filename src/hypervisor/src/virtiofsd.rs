@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use crate::child::{kill_and_reap, spawn, PassFd};
-use crate::{Error, Share};
+use crate::{CappedLog, Error, Share};
 
 /// The fd number virtiofsd gets its listening socket on.
 const LISTEN_FD: i32 = 3;
@@ -14,6 +14,9 @@ const LISTEN_FD: i32 = 3;
 pub(crate) struct Virtiofsd {
     pub child: Child,
     pub socket: PathBuf,
+    /// Its stderr: what the guest's requests make it report is capped.
+    pub log: CappedLog,
+    pub log_path: PathBuf,
 }
 
 impl Drop for Virtiofsd {
@@ -24,11 +27,14 @@ impl Drop for Virtiofsd {
 
 /// Starts virtiofsd serving `share`. The socket is bound here, before
 /// virtiofsd runs, so QEMU can connect at once without waiting for it.
+/// Its stderr goes to `fsN.log` in `run_dir`, at most `log_limit` bytes:
+/// a guest's malformed requests each make it log an error.
 pub(crate) fn start(
     binary: &Path,
     share: &Share,
     run_dir: &Path,
     index: usize,
+    log_limit: u64,
 ) -> Result<Virtiofsd, Error> {
     if !share.path.is_dir() {
         return Err(Error::ShareNotDirectory {
@@ -42,6 +48,14 @@ pub(crate) fn start(
         source,
     };
     let listener = UnixListener::bind(&socket).map_err(sock_err)?;
+    let log_path = run_dir.join(format!("fs{index}.log"));
+    let (log, stderr) =
+        CappedLog::create(&log_path, log_limit, "virtiofsd log").map_err(|source| {
+            Error::Spawn {
+                program: log_path.display().to_string(),
+                source,
+            }
+        })?;
     let mut cmd = Command::new(binary);
     cmd.arg(format!("--fd={LISTEN_FD}"))
         .arg("--shared-dir")
@@ -56,7 +70,8 @@ pub(crate) fn start(
             "--inode-file-handles=never",
             "--log-level=error",
         ])
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(stderr);
     if share.readonly {
         cmd.arg("--readonly");
     }
@@ -67,5 +82,10 @@ pub(crate) fn start(
             target: LISTEN_FD,
         }],
     )?;
-    Ok(Virtiofsd { child, socket })
+    Ok(Virtiofsd {
+        child,
+        socket,
+        log,
+        log_path,
+    })
 }

@@ -10,15 +10,15 @@ use krun_proto::ContainerSetup;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::mpsc::{Sender, SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use krun_hypervisor::{Hypervisor, VmExit};
 use krun_proto::{ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM};
 
-use crate::api::{Conn, Incoming, Request, Response};
+use crate::api::{Incoming, Request, Response};
 use crate::assets::Assets;
 use crate::bundle::Bundle;
 use crate::plan::VmPlan;
@@ -27,6 +27,9 @@ use crate::session::{Control, Event, Session, SessionError, Timings};
 use crate::staging::Staging;
 use crate::state::{self, State, StateDir, Status};
 use crate::tty;
+
+mod acceptor;
+use acceptor::Acceptor;
 
 /// Where the container's own stdio goes.
 pub enum MainStdio {
@@ -115,6 +118,8 @@ pub struct Monitor {
     first_output: bool,
     _run_dir: RunDir,
     _console_copy: ConsoleCopy,
+    /// Stops accepting on the monitor socket when the monitor is done.
+    _acceptor: Acceptor,
     /// Dropped after `session` (the VM): the tap goes with the VMM.
     _net: Option<crate::net::Guard>,
     /// The VM's share; unmounted once the VM is gone.
@@ -211,7 +216,7 @@ impl Monitor {
         let socket = run_dir.0.join("monitor.sock");
         let listener = UnixListener::bind(&socket)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
-        spawn_acceptor(listener, session.sender())?;
+        let acceptor = Acceptor::spawn(listener, session.sender())?;
         state.status = Status::Created;
         let monitor = state::Monitor::this(socket);
         state.pid = Some(monitor.pid);
@@ -239,6 +244,7 @@ impl Monitor {
             first_output: true,
             _run_dir: run_dir,
             _console_copy: console_copy,
+            _acceptor: acceptor,
             _net: net_guard,
             staging: Some(staging),
         })
@@ -371,6 +377,7 @@ impl Monitor {
                     }
                 }
                 Event::Signal(sig) => self.on_signal(sig),
+                Event::Unresponsive(u) => return Err(SessionError::Unresponsive(u)),
             }
         }
     }
@@ -827,45 +834,6 @@ fn main_io(
                 tty: tty_fd,
                 _raw: raw,
             })
-        }
-    }
-}
-
-/// Accepts connections on the monitor socket; each is served on a thread
-/// that hands its requests to the event loop and writes back the replies.
-fn spawn_acceptor(listener: UnixListener, events: SyncSender<Event>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("monitor-accept".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let events = events.clone();
-                let _ = std::thread::Builder::new()
-                    .name("monitor-client".into())
-                    .spawn(move || serve_client(stream, events));
-            }
-        })?;
-    Ok(())
-}
-
-fn serve_client(stream: UnixStream, events: SyncSender<Event>) {
-    let mut conn = Conn::new(stream);
-    while let Ok((req, fds)) = conn.recv() {
-        let (reply, replies) = mpsc::channel();
-        if events
-            .send(Event::Request(Incoming { req, fds, reply }))
-            .is_err()
-        {
-            let _ = conn.send(&Response::Error {
-                code: 1,
-                message: "the container's monitor is stopping".into(),
-            });
-            return;
-        }
-        // Every response until the loop drops the sender.
-        for r in replies {
-            if conn.send(&r).is_err() {
-                return;
-            }
         }
     }
 }

@@ -1,25 +1,58 @@
 //! One VM and the control channel to its guest-init: boot, create, start,
 //! and the stream of frames that follows.
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use krun_hypervisor::{Hypervisor, Vm, VmConfig, VmExit};
+use krun_hypervisor::{CappedLog, Hypervisor, Vm, VmConfig, VmExit};
 use krun_proto::{
-    encode_frame, ContainerSetup, Frame, FrameKind, FrameReader, ProtoError, ToGuest, ToHost,
-    CONTROL_PORT_NAME, MAIN_STREAM, PROTOCOL_VERSION,
+    ContainerSetup, Frame, FrameKind, FrameReader, ProtoError, ToGuest, ToHost, CONTROL_PORT_NAME,
+    MAIN_STREAM, PROTOCOL_VERSION,
 };
 
 use crate::assets::Assets;
 use crate::plan::VmPlan;
 
+mod control;
+pub use control::{Control, Limits, Unresponsive};
+
 /// How long a guest may take to boot to guest-init. Generous: under TCG on
 /// a loaded 2-core host, twenty VMs booting at once take tens of seconds.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Operator knob: the most bytes kept of a guest's console log (and of
+/// QEMU's own log); the rest is dropped with a note.
+pub const CONSOLE_LOG_LIMIT_VAR: &str = "KRUN_OCI_CONSOLE_LOG_LIMIT";
+/// Operator knob: how many milliseconds a guest may take no byte of what
+/// the host writes to it (while its VM runs and the host takes its output)
+/// before its VM is killed. Generous by default: a loaded TCG host is slow.
+pub const CONTROL_DEADLINE_VAR: &str = "KRUN_OCI_CONTROL_DEADLINE_MS";
+
+/// How long the console log may take to catch up once the VM is gone.
+const CONSOLE_FLUSH: Duration = Duration::from_secs(1);
+
+/// A numeric knob from the environment, or `default` (with a warning when
+/// it is set but not a number).
+fn knob(name: &str, default: u64) -> u64 {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    v.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!("{name}={v:?} is not a number; using {default}");
+        default
+    })
+}
+
+fn control_limits() -> Limits {
+    let default = Limits::default();
+    let ms = knob(CONTROL_DEADLINE_VAR, default.deadline.as_millis() as u64);
+    Limits {
+        deadline: Duration::from_millis(ms),
+        ..default
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -35,6 +68,9 @@ pub enum SessionError {
     Version { guest: u32, host: u32 },
     #[error("control channel")]
     Protocol(#[from] ProtoError),
+    /// The guest stopped taking what the host writes to it.
+    #[error("{0}; its VM was killed")]
+    Unresponsive(Unresponsive),
     #[error("guest-init failed: {0}")]
     GuestFatal(String),
     /// The container process could not be created or started.
@@ -82,6 +118,9 @@ pub enum Event {
     Request(crate::api::Incoming),
     /// A signal the runtime process received.
     Signal(i32),
+    /// The guest stopped taking what the host writes to it; [`Session::next`]
+    /// turns this into an error.
+    Unresponsive(Unresponsive),
 }
 
 /// Moments of a container's start, for `--debug` timings and hack/bench.
@@ -96,38 +135,13 @@ pub struct Timings {
     pub started: Option<Instant>,
 }
 
-/// A shareable writer of frames to the guest.
-#[derive(Clone)]
-pub struct Control(Arc<Mutex<UnixStream>>);
-
-impl Control {
-    pub fn send(&self, stream: u32, msg: &ToGuest) -> std::io::Result<()> {
-        self.write(&Frame::control(stream, msg).encode())
-    }
-
-    pub fn stdin(&self, stream: u32, data: &[u8]) -> std::io::Result<()> {
-        for chunk in data.chunks(krun_proto::MAX_PAYLOAD) {
-            self.write(&encode_frame(FrameKind::Stdin, stream, chunk))?;
-        }
-        Ok(())
-    }
-
-    pub fn stdin_eof(&self, stream: u32) -> std::io::Result<()> {
-        self.write(&encode_frame(FrameKind::Stdin, stream, &[]))
-    }
-
-    fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        s.write_all(bytes)
-    }
-}
-
 pub struct Session {
-    vm: Box<dyn Vm>,
+    vm: PausableVm,
     control: Control,
     events: Receiver<Event>,
     sender: SyncSender<Event>,
     console_log: PathBuf,
+    console: CappedLog,
     pub timings: Timings,
 }
 
@@ -145,6 +159,9 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let (host_end, vm_end) = UnixStream::pair().map_err(SessionError::Channel)?;
         let console_log = state_dir.join("console.log");
+        let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
+        let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
+            .map_err(SessionError::Channel)?;
         let config = VmConfig {
             kernel: assets.kernel.clone(),
             initrd: assets.initrd.clone(),
@@ -162,7 +179,8 @@ impl Session {
             }],
             control: vm_end.into(),
             control_port_name: CONTROL_PORT_NAME.into(),
-            console_log: console_log.clone(),
+            console: console_pipe,
+            log_limit,
             run_dir: run_dir.to_path_buf(),
             nets,
         };
@@ -171,29 +189,26 @@ impl Session {
         let reader = host_end.try_clone().map_err(SessionError::Channel)?;
         let (tx, events) = mpsc::sync_channel(64);
         let sender = tx.clone();
+        let report = tx.clone();
+        let control = Control::start(host_end, control_limits(), move |u| {
+            let _ = report.send(Event::Unresponsive(u));
+        })
+        .map_err(SessionError::Channel)?;
+        let flag = control.clone();
         std::thread::Builder::new()
             .name("ctl-reader".into())
-            .spawn(move || {
-                let mut r = FrameReader::new(reader);
-                loop {
-                    match r.read_frame() {
-                        Ok(Some(f)) => {
-                            if tx.send(Event::Frame(f)).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => return drop(tx.send(Event::Closed(None))),
-                        Err(e) => return drop(tx.send(Event::Closed(Some(e)))),
-                    }
-                }
-            })
+            .spawn(move || read_frames(FrameReader::new(reader), tx, flag))
             .map_err(SessionError::Channel)?;
         let mut s = Session {
-            vm,
-            control: Control(Arc::new(Mutex::new(host_end))),
+            vm: PausableVm {
+                vm,
+                control: control.clone(),
+            },
+            control,
             events,
             sender,
             console_log,
+            console,
             timings: Timings {
                 vmm_spawned: Some(spawned),
                 ..Default::default()
@@ -248,7 +263,7 @@ impl Session {
 
     /// The VM, for pause and resume.
     pub fn vm_mut(&mut self) -> &mut dyn Vm {
-        self.vm.as_mut()
+        &mut self.vm
     }
 
     /// The next event, or None at the deadline.
@@ -264,6 +279,10 @@ impl Session {
                 Err(RecvTimeoutError::Disconnected) => Ok(Some(Event::Closed(None))),
             },
         }
+        .and_then(|e| match e {
+            Some(Event::Unresponsive(u)) => Err(SessionError::Unresponsive(u)),
+            e => Ok(e),
+        })
     }
 
     /// The error for a channel that closed: what the VM's exit says, and
@@ -284,6 +303,7 @@ impl Session {
                 Err(e) => break e.to_string(),
             }
         };
+        self.console.finish(CONSOLE_FLUSH);
         SessionError::VmStopped {
             exit,
             tail: console_tail(&self.console_log),
@@ -332,9 +352,24 @@ impl Session {
     }
 
     /// Asks the guest to power off and waits for the VM to end; kills it if
-    /// it takes longer than `grace`. Every host process of the VM is reaped.
+    /// it takes longer than `grace`, or at once if the guest was found
+    /// unresponsive. Every host process of the VM is reaped.
     pub fn shutdown(mut self, grace: Duration) -> VmExit {
-        let _ = self.control.send(MAIN_STREAM, &ToGuest::Shutdown);
+        let exit = self.stop_vm(grace);
+        self.control.close();
+        self.console.finish(CONSOLE_FLUSH);
+        exit
+    }
+
+    fn stop_vm(&mut self, grace: Duration) -> VmExit {
+        let grace = match self.control.unresponsive() {
+            Some(_) => Duration::ZERO,
+            // Queued, never waited for: the grace runs from now.
+            None => match self.control.send(MAIN_STREAM, &ToGuest::Shutdown) {
+                Ok(()) => grace,
+                Err(_) => Duration::ZERO,
+            },
+        };
         let deadline = Instant::now() + grace;
         loop {
             match self.vm.try_wait() {
@@ -350,5 +385,226 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Drop for Session {
+    /// The writer thread goes with the session (the VM goes with `vm`).
+    fn drop(&mut self) {
+        self.control.close();
+    }
+}
+
+/// The ctl-reader thread: frames from the guest into the event loop. When
+/// the loop is not taking them (it is blocked writing the guest's output
+/// to a reader that is not reading), guest-init soon blocks writing to the
+/// port and reads nothing: the control writer is told, so as not to blame
+/// the guest.
+fn read_frames(mut r: FrameReader<UnixStream>, tx: SyncSender<Event>, control: Control) {
+    loop {
+        let event = match r.read_frame() {
+            Ok(Some(f)) => Event::Frame(f),
+            Ok(None) => return drop(tx.send(Event::Closed(None))),
+            Err(e) => return drop(tx.send(Event::Closed(Some(e)))),
+        };
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(event)) => {
+                control.set_inbound_blocked(true);
+                let sent = tx.send(event);
+                control.set_inbound_blocked(false);
+                if sent.is_err() {
+                    return;
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// The VM, with pauses known to the control writer: a paused guest reads
+/// nothing, and is not to blame for it.
+struct PausableVm {
+    vm: Box<dyn Vm>,
+    control: Control,
+}
+
+impl Vm for PausableVm {
+    fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    fn wait(&mut self) -> Result<VmExit, krun_hypervisor::Error> {
+        self.vm.wait()
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>, krun_hypervisor::Error> {
+        self.vm.try_wait()
+    }
+
+    fn kill(&mut self) {
+        self.vm.kill()
+    }
+
+    fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
+        self.control.set_paused(true);
+        let r = self.vm.pause();
+        if r.is_err() {
+            self.control.set_paused(false);
+        }
+        r
+    }
+
+    fn resume(&mut self) -> Result<(), krun_hypervisor::Error> {
+        self.vm.resume()?;
+        self.control.set_paused(false);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A VM that runs until it is killed.
+    struct FakeVm(Arc<AtomicBool>);
+
+    impl Vm for FakeVm {
+        fn pid(&self) -> u32 {
+            0
+        }
+        fn wait(&mut self) -> Result<VmExit, krun_hypervisor::Error> {
+            assert!(self.0.load(Ordering::SeqCst), "would wait forever");
+            Ok(VmExit::Killed { signal: 9 })
+        }
+        fn try_wait(&mut self) -> Result<Option<VmExit>, krun_hypervisor::Error> {
+            Ok(self
+                .0
+                .load(Ordering::SeqCst)
+                .then_some(VmExit::Killed { signal: 9 }))
+        }
+        fn kill(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+        fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), krun_hypervisor::Error> {
+            Ok(())
+        }
+    }
+
+    fn limits(deadline_ms: u64) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(deadline_ms),
+            tick: Duration::from_millis(10),
+            ..Limits::default()
+        }
+    }
+
+    /// A session over a fake VM whose guest never reads the control
+    /// channel (its end is returned, to keep it open); stdin is being
+    /// pumped, so the writer is stuck mid-frame.
+    fn silent_session(dir: &Path, limits: Limits) -> (Session, Arc<AtomicBool>, UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let (sender, events) = mpsc::sync_channel(64);
+        let report = sender.clone();
+        let control = Control::start(host, limits, move |u| {
+            let _ = report.send(Event::Unresponsive(u));
+        })
+        .unwrap();
+        let pump = control.clone();
+        std::thread::spawn(move || while pump.stdin(MAIN_STREAM, &[0; 65536]).is_ok() {});
+        let killed = Arc::new(AtomicBool::new(false));
+        let console_log = dir.join("console.log");
+        let (console, _) = CappedLog::create(&console_log, 1000, "console log").unwrap();
+        let session = Session {
+            vm: PausableVm {
+                vm: Box::new(FakeVm(killed.clone())),
+                control: control.clone(),
+            },
+            control,
+            events,
+            sender,
+            console_log,
+            console,
+            timings: Timings::default(),
+        };
+        (session, killed, guest)
+    }
+
+    #[test]
+    fn shutdown_kills_a_silent_guest_after_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (session, killed, _guest) = silent_session(dir.path(), limits(60_000));
+        let grace = Duration::from_millis(300);
+        let start = Instant::now();
+        let exit = session.shutdown(grace);
+        let took = start.elapsed();
+        assert_eq!(exit, VmExit::Killed { signal: 9 });
+        assert!(killed.load(Ordering::SeqCst));
+        assert!(took >= grace, "{took:?}");
+        assert!(took < grace + Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn an_unresponsive_guest_is_an_error_and_killed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut session, killed, _guest) = silent_session(dir.path(), limits(200));
+        let start = Instant::now();
+        let err = match session.next(None) {
+            Err(e) => e,
+            Ok(_) => panic!("an event instead of the error"),
+        };
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert_eq!(
+            err.to_string(),
+            "the guest stopped reading its control channel for 200 ms; its VM was killed"
+        );
+        let start = Instant::now();
+        session.shutdown(Duration::from_secs(30));
+        assert!(killed.load(Ordering::SeqCst));
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    /// While the event loop does not take the guest's frames, the guest is
+    /// not blamed for not reading; once it does, the clock runs again.
+    #[test]
+    fn the_reader_blocked_on_the_event_loop_excuses_the_guest() {
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let (tx, reports) = mpsc::channel();
+        let control = Control::start(host, limits(200), move |u| tx.send(u).unwrap()).unwrap();
+        let (events_tx, events) = mpsc::sync_channel(1);
+        let (from_guest, mut guest_out) = UnixStream::pair().unwrap();
+        let flag = control.clone();
+        std::thread::spawn(move || read_frames(FrameReader::new(from_guest), events_tx, flag));
+        for _ in 0..3 {
+            let f = Frame::control(MAIN_STREAM, &ToHost::Oom).encode();
+            guest_out.write_all(&f).unwrap();
+        }
+        // One event fits in the channel; the reader blocks on the second.
+        let _first = events.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !control.inbound_blocked() {
+            assert!(Instant::now() < deadline, "the reader did not block");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pump = control.clone();
+        std::thread::spawn(move || while pump.stdin(MAIN_STREAM, &[0; 65536]).is_ok() {});
+        assert!(
+            reports.recv_timeout(Duration::from_millis(600)).is_err(),
+            "blamed while the host held the guest back"
+        );
+        let released = Instant::now();
+        events.recv().unwrap();
+        events.recv().unwrap();
+        assert_eq!(
+            reports.recv_timeout(Duration::from_secs(20)).unwrap(),
+            Unresponsive::Stalled(Duration::from_millis(200))
+        );
+        assert!(released.elapsed() >= Duration::from_millis(200));
     }
 }
