@@ -135,6 +135,11 @@ impl Client {
         Ok(Client { stream, reader })
     }
 
+    /// Bounds how long [`Client::recv`] waits (None: for ever).
+    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+
     /// Sends `req` with `fds`.
     pub fn send(&mut self, req: &Request, fds: &[RawFd]) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(req).expect("requests serialize");

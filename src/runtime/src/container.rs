@@ -61,12 +61,26 @@ impl Existing {
             .with_context(|| format!("container {:?}: cannot reach its monitor", self.id))
     }
 
-    /// Sends one request and turns an error response into an error.
+    /// Sends one request and turns an error response into an error. A
+    /// monitor whose guest never answers (a request the guest must reply
+    /// to: start, ps, stats, update) does not hang the command.
     pub fn call(&self, req: &Request) -> anyhow::Result<Response> {
-        let resp = self
-            .client()?
-            .call(req)
-            .with_context(|| format!("container {:?}", self.id))?;
+        let mut client = self.client()?;
+        client.set_timeout(Some(crate::session::BOOT_TIMEOUT))?;
+        let resp = client.call(req).map_err(|e| {
+            let e = if e.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {:?} (the guest may have stopped answering)",
+                        crate::session::BOOT_TIMEOUT
+                    ),
+                )
+            } else {
+                e
+            };
+            anyhow::Error::from(e).context(format!("container {:?}", self.id))
+        })?;
         match resp {
             Response::Error { code, message } => {
                 Err(crate::commands::ExitCode { code, message }.into())

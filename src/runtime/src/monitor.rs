@@ -328,10 +328,13 @@ impl Monitor {
             session,
             host_setup_ms,
             staging,
+            _console_copy: console_copy,
             ..
         } = self;
         let vm_exit = session.shutdown(Duration::from_secs(3));
         drop(staging);
+        // Before the state directory (and the log in it) may go.
+        drop(console_copy);
         log_timings(&id, host_setup_ms, &timings, exited_ms);
         tracing::debug!(container = %id, ?vm_exit, vm_stopped_ms = crate::since_start_ms(), teardown_ms = crate::since_start_ms() - exited_ms, "VM stopped");
         let outcome = match &result {

@@ -73,6 +73,12 @@ pub enum SessionError {
     Unresponsive(Unresponsive),
     #[error("guest-init failed: {0}")]
     GuestFatal(String),
+    #[error("the guest did not answer {what} within {after:?}; its VM was killed{tail}")]
+    NoAnswer {
+        what: &'static str,
+        after: Duration,
+        tail: ConsoleTail,
+    },
     /// The container process could not be created or started.
     #[error("{message}")]
     Process { code: i32, message: String },
@@ -311,9 +317,12 @@ impl Session {
     }
 
     /// Waits for the reply to a create or start of `stream`.
-    fn await_reply(&mut self, stream: u32) -> Result<i32, SessionError> {
+    fn await_reply(&mut self, stream: u32, what: &'static str) -> Result<i32, SessionError> {
+        // A guest that takes the request but never answers must not hang
+        // the runtime: as long as a boot may take, then the VM goes.
+        let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
-            match self.next(None)? {
+            match self.next(Some(deadline))? {
                 Some(Event::Frame(f)) if f.kind == FrameKind::Control && f.stream == stream => {
                     match f.message()? {
                         ToHost::Created { pid } | ToHost::Started { pid } => return Ok(pid),
@@ -326,7 +335,13 @@ impl Session {
                 }
                 Some(Event::Closed(e)) => return Err(self.stopped_error(e)),
                 Some(_) => {}
-                None => return Err(self.stopped_error(None)),
+                None => {
+                    return Err(SessionError::NoAnswer {
+                        what,
+                        after: BOOT_TIMEOUT,
+                        tail: console_tail(&self.console_log),
+                    })
+                }
             }
         }
     }
@@ -336,7 +351,7 @@ impl Session {
         self.control
             .send(MAIN_STREAM, &ToGuest::Create(Box::new(setup)))
             .map_err(|e| SessionError::Protocol(e.into()))?;
-        let pid = self.await_reply(MAIN_STREAM)?;
+        let pid = self.await_reply(MAIN_STREAM, "create")?;
         self.timings.created = Some(Instant::now());
         Ok(pid)
     }
@@ -346,7 +361,7 @@ impl Session {
         self.control
             .send(MAIN_STREAM, &ToGuest::Start)
             .map_err(|e| SessionError::Protocol(e.into()))?;
-        let pid = self.await_reply(MAIN_STREAM)?;
+        let pid = self.await_reply(MAIN_STREAM, "start")?;
         self.timings.started = Some(Instant::now());
         Ok(pid)
     }

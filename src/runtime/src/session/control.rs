@@ -437,6 +437,27 @@ mod tests {
         })
     }
 
+    /// Waits until the bytes queued on `guest`'s side of the socket stop
+    /// growing: the writer can move nothing more into it.
+    fn wait_until_full(guest: &UnixStream) {
+        let queued = || {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int through the pointer, which
+            // is valid for the call; the descriptor is open.
+            unsafe { libc::ioctl(guest.as_raw_fd(), libc::FIONREAD, &mut n) };
+            n
+        };
+        let (mut last, mut since) = (queued(), Instant::now());
+        while since.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = queued();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        assert!(last > 0, "nothing reached the socket");
+    }
+
     fn signal() -> ToGuest {
         ToGuest::Signal {
             signal: libc::SIGTERM,
@@ -502,7 +523,7 @@ mod tests {
 
     #[test]
     fn a_full_control_queue_is_an_unresponsive_guest_unless_excused() {
-        let (host, _guest) = UnixStream::pair().unwrap();
+        let (host, guest) = UnixStream::pair().unwrap();
         let (tx, reports) = mpsc::channel();
         let small = Limits {
             control_frames: 10,
@@ -512,6 +533,9 @@ mod tests {
         let control = Control::start(host, small, move |u| tx.send(u).unwrap()).unwrap();
         let _pump = pump(&control);
         control.set_paused(true);
+        // Until the socket is full, the writer still moves frames out of
+        // the queue; the count below is only exact once it cannot.
+        wait_until_full(&guest);
         let mut sent = 0;
         while control.send(MAIN_STREAM, &signal()).is_ok() {
             sent += 1;
