@@ -19,18 +19,23 @@
 #                  container (rootfs on disk) and natively in the test host
 #                  on the same folder; KRUN_OCI_BENCH_VMM_FS_ROUNDS rounds
 #                  (default 1).
+#                With KRUN_OCI_BASE (see above) the backends are builtin,
+#                qemu, builtin@base and qemu@base, interleaved, the @base
+#                ones run by KRUN_OCI_BASE's krun-oci; a column each.
 #                Writes vmm-overhead.tsv, vmm-memory.tsv, vmm-fs.tsv,
 #                vmm-logs/ and vmm.png to DIR.
 
 all_scenarios+=(vmm)
 
+# BACKEND@base: the backend of the build in KRUN_OCI_BASE (before a change).
 vmm_backends=(builtin qemu)
+[ -z "${KRUN_OCI_BASE:-}" ] || vmm_backends=(builtin qemu builtin@base qemu@base)
 
 # ---------------------------------------------------------------------------
 # Outside: run the inner part in one test host, then report.
 
 scenario_vmm() {
-  local r fs_rounds fs_mib fs_files budget t0 rc=0
+  local r fs_rounds fs_mib fs_files budget t0 rc=0 k=${#vmm_backends[@]}
   r=$((rounds < ${KRUN_OCI_BENCH_VMM_ROUNDS:-3} ? rounds : ${KRUN_OCI_BENCH_VMM_ROUNDS:-3}))
   fs_rounds=${KRUN_OCI_BENCH_VMM_FS_ROUNDS:-1}
   fs_mib=${KRUN_OCI_BENCH_FS_MIB:-256}
@@ -47,12 +52,14 @@ scenario_vmm() {
   rm -rf "$out/vmm-logs" "$out"/vmm-*.tsv
   mkdir -p "$out/vmm-logs"
   # A generous limit: ~60 s a round for overhead and memory, and the file
-  # system at a pessimistic 1 MB/s and 50 ms a file operation.
-  budget=$((300 + (r + 1) * 120 + fs_rounds * (120 + fs_mib * 3 * 2 + fs_files * 3 * 3 / 20)))
-  log "vmm: builtin vs qemu in a nested test host: 1 warm-up + $r rounds; fs: $fs_rounds round(s), $fs_mib MiB, $fs_files files (limit $budget s)"
+  # system at a pessimistic 1 MB/s and 50 ms a file operation (for two
+  # backends; more take longer).
+  budget=$((300 + ((r + 1) * 120 + fs_rounds * (120 + fs_mib * 3 * 2 + fs_files * 3 * 3 / 20)) * k / 2))
+  log "vmm: ${vmm_backends[*]} in a nested test host: 1 warm-up + $r rounds; fs: $fs_rounds round(s), $fs_mib MiB, $fs_files files (limit $budget s)"
   t0=$EPOCHSECONDS
   "$here/nested" run --timeout "$budget" -- \
-    bash "$here/bench.d/vmm.sh" inner "$KRUN_OCI" "$out" "$bundles" "$work/vmm" "$r" "$fs_rounds" "$fs_mib" "$fs_files" || rc=$?
+    bash "$here/bench.d/vmm.sh" inner "$KRUN_OCI" "$out" "$bundles" "$work/vmm" "$r" "$fs_rounds" "$fs_mib" "$fs_files" \
+    "$KRUN_OCI_BASE" "${krun_libdir:-}" || rc=$?
   vmm_wall=$((EPOCHSECONDS - t0))
   [ "$rc" -eq 0 ] || log "vmm: the test host run failed (exit $rc); reporting what was measured"
   rm -rf "$bundles/vmm-fs/rootfs/vmm-data"
@@ -77,10 +84,23 @@ vmm_cell() {
   if [ "$n" -eq 0 ]; then echo "-"; elif [ "$n" -eq 1 ]; then echo "$med"; else echo "$med ($min-$max)"; fi
 }
 
+# vmm_fmt_cols WIDTH0 WIDTH N: a printf format, a WIDTH0 column and N of WIDTH.
+vmm_fmt_cols() {
+  local i f="  %-$1s"
+  for ((i = 0; i < $3; i++)); do f+=" %-$2s"; done
+  printf '%s\\n\n' "$f"
+}
+
 report_vmm() {
-  local f=$out/vmm-overhead.tsv row name col b cells
+  local f=$out/vmm-overhead.tsv row name col b cells fmt
+  fmt=$(vmm_fmt_cols 48 22 "${#vmm_backends[@]}")
   echo "Built-in VMM vs QEMU backend (issue #3), both on real KVM inside a nested test host"
   echo "(QEMU/TCG, 1 CPU: every number is far slower than on a real KVM host, compare side by side)."
+  if [ -n "${KRUN_OCI_BASE:-}" ]; then
+    echo "BACKEND@base: the build in $KRUN_OCI_BASE (before the change), run as"
+    echo "env KRUN_OCI_LIBDIR=$KRUN_OCI_BASE/lib/krun-oci $KRUN_OCI_BASE/bin/krun-oci; the others: $KRUN_OCI"
+    echo "through env with KRUN_OCI_LIBDIR=${krun_libdir:-?}."
+  fi
   echo "Wall time of the scenario ${vmm_wall:-?} s."
   if [ ! -s "$f" ]; then
     echo "  no results (see the messages above)"
@@ -91,7 +111,8 @@ report_vmm() {
   echo "after a warm-up round, backends interleaved; ms, median (min-max); moments from the test"
   echo "host's kernel trace events (clock mono):"
   echo
-  printf '  %-48s %-22s %-22s\n' "" "builtin" "qemu"
+  # shellcheck disable=SC2059 # the format is built for the backends
+  printf "$fmt" "" "${vmm_backends[@]}"
   for row in \
     "exec krun-oci -> first KVM entry (guest starts)|pre_ms" \
     "  of which exec -> VMM process exec|vmm_exec_ms" \
@@ -105,7 +126,8 @@ report_vmm() {
     IFS='|' read -r name col <<<"$row"
     cells=()
     for b in "${vmm_backends[@]}"; do cells+=("$(vmm_col "$f" "$col" backend "$b" | vmm_cell)"); done
-    printf '  %-48s %-22s %-22s\n' "$name" "${cells[@]}"
+    # shellcheck disable=SC2059
+    printf "$fmt" "$name" "${cells[@]}"
   done
   awk -F'\t' 'NR > 1 && $4 != "ok" { printf "  failed: %s round %s: %s\n", $2, $1, $NF }' "$f"
   echo
@@ -147,7 +169,9 @@ report_vmm_memory() {
     function cell(n, a,   m) { if (n == 0) return "-"; m = med(a, n); return n == 1 ? sprintf("%.1f", m / 1024) : sprintf("%.1f (%.1f-%.1f)", m / 1024, a[1] / 1024, a[n] / 1024) }
     END {
       k = split(order, bs, " ")
-      printf "  %-34s %-22s %-22s\n", "", bs[1], bs[2]
+      line = sprintf("  %-34s", "")
+      for (j = 1; j <= k; j++) line = line sprintf(" %-22s", bs[j])
+      print line
       split("VmHWM sum|Pss total|guest RAM Pss (touched)|Pss beyond guest RAM", names, "|")
       for (m = 1; m <= 4; m++) {
         line = sprintf("  %-34s", names[m])
@@ -167,25 +191,27 @@ report_vmm_memory() {
     NR == 1 { for (i = 1; i <= NF; i++) h[$i] = i; next }
     { r = $h["round"]; b = $h["backend"]; if (r > last[b]) last[b] = r; rows[NR] = $0 }
     END {
-      printf "    %-9s %-26s %8s %8s %10s %8s\n", "backend", "process (pid)", "VmHWM", "Pss", "guest Pss", "beyond"
+      printf "    %-12s %-26s %8s %8s %10s %8s\n", "backend", "process (pid)", "VmHWM", "Pss", "guest Pss", "beyond"
       for (i = 2; i <= NR; i++) {
         split(rows[i], f, "\t")
         if (f[h["round"]] != last[f[h["backend"]]]) continue
-        if (f[h["pid"]] == "-") { printf "    %-9s %s\n", f[h["backend"]], f[h["process"]]; continue }
-        printf "    %-9s %-26s %8.1f %8.1f %10.1f %8.1f\n", f[h["backend"]], f[h["process"]] " (" f[h["pid"]] ")",
+        if (f[h["pid"]] == "-") { printf "    %-12s %s\n", f[h["backend"]], f[h["process"]]; continue }
+        printf "    %-12s %-26s %8.1f %8.1f %10.1f %8.1f\n", f[h["backend"]], f[h["process"]] " (" f[h["pid"]] ")",
           f[h["vmhwm_kb"]] / 1024, f[h["pss_kb"]] / 1024, f[h["guest_pss_kb"]] / 1024, (f[h["pss_kb"]] - f[h["guest_pss_kb"]]) / 1024
       }
     }' "$f"
 }
 
 report_vmm_fs() {
-  local f=$out/vmm-fs.tsv op unit t cells
+  local f=$out/vmm-fs.tsv op unit t cells fmt
+  fmt=$(vmm_fmt_cols 26 20 $((${#vmm_backends[@]} + 1)))
   [ -s "$f" ] || { echo "virtio-fs: no results."; return 0; }
   echo "virtio-fs, the container's rootfs ($bundles/vmm-fs/rootfs, this machine's disk, which the"
   echo "test host itself reaches over its own virtio-fs) against the same folder natively in the"
   echo "test host; $(awk -F'\t' 'NR > 1 && $3 == "write" { print $6 / 1048576; exit }' "$f") MiB file, $(awk -F'\t' 'NR > 1 && $3 == "create" { print $6; exit }' "$f") small files; median (min-max) of $(awk -F'\t' 'NR > 1 { if ($1 > m) m = $1 } END { print m + 0 }' "$f") round(s):"
   echo
-  printf '  %-26s %-20s %-20s %-20s\n' "" "${vmm_backends[@]}" native
+  # shellcheck disable=SC2059 # the format is built for the backends
+  printf "$fmt" "" "${vmm_backends[@]}" native
   for op in "write|MB/s" "read|MB/s" "write|s" "read|s" "create|s" "stat|s" "delete|s" "create|files/s"; do
     IFS='|' read -r op unit <<<"$op"
     cells=()
@@ -194,7 +220,8 @@ report_vmm_fs() {
         NR > 1 && $2 == t && $3 == op && $4 == "ok" && $5 > 0 {
           print u == "s" ? $5 : u == "MB/s" ? $6 / $5 / 1e6 : $6 / $5 }' "$f" | vmm_cell)")
     done
-    printf '  %-26s %-20s %-20s %-20s\n' "$op ($unit)" "${cells[@]}"
+    # shellcheck disable=SC2059
+    printf "$fmt" "$op ($unit)" "${cells[@]}"
   done
   awk -F'\t' 'NR > 1 && $4 != "ok" { printf "  failed: %s %s round %s: %s\n", $2, $3, $1, $NF }
     NR > 1 && $4 == "ok" && $7 != "" { printf "  %s %s round %s %s\n", $2, $3, $1, $7 }' "$f"
@@ -208,7 +235,7 @@ report_vmm_fs() {
 }
 
 plot_vmm() {
-  local f=$out/vmm-overhead.tsv gp=$out/vmm.gp
+  local f=$out/vmm-overhead.tsv gp=$out/vmm.gp k=${#vmm_backends[@]}
   [ -s "$f" ] || return 0
   {
     for b in "${vmm_backends[@]}"; do
@@ -219,12 +246,12 @@ plot_vmm() {
     done
   } >"$out/plot-vmm.dat"
   {
-    echo "set terminal pngcairo size 1000,520 font \"DejaVu Sans,11\" noenhanced"
+    echo "set terminal pngcairo size $((800 + 100 * k)),520 font \"DejaVu Sans,11\" noenhanced"
     echo "set output \"$out/vmm.png\""
-    echo "set multiplot layout 1,2 title \"built-in VMM vs QEMU, nested test host (TCG), $(date -u '+%Y-%m-%d')\""
+    echo "set multiplot layout 1,2 title \"$(if [ "$k" -gt 2 ]; then echo "built-in VMM vs QEMU, before (@base) and after"; else echo "built-in VMM vs QEMU"; fi), nested test host (TCG), $(date -u '+%Y-%m-%d')\""
     # shellcheck disable=SC2028 # gnuplot reads the \t
     echo "set datafile separator \"\\t\"; set style data histograms; set style fill solid 0.7 border -1"
-    echo "set grid ytics; set yrange [0:*]; set key top left; set xrange [-0.6:1.6]; set boxwidth 0.6; set offsets 0, 0, graph 0.25, 0"
+    echo "set grid ytics; set yrange [0:*]; set key top left; set xrange [-0.6:$((k - 1)).6]; set boxwidth 0.6; set offsets 0, 0, graph 0.25, 0"
     echo "set title \"host-side overhead (median ms)\"; set style histogram rowstacked"
     echo "plot 'plot-vmm.dat' using 2:xtic(1) title 'exec -> first KVM entry', '' using 3 title 'shutdown -> exit'"
     echo "set title \"Pss beyond guest RAM (median MiB)\"; set style histogram clustered"
@@ -286,12 +313,15 @@ SH
 
 # ---------------------------------------------------------------------------
 # Inside the test host: `bash vmm.sh inner KRUN_OCI OUT BUNDLES WORK ROUNDS
-# FS_ROUNDS FS_MIB FS_FILES`.
+# FS_ROUNDS FS_MIB FS_FILES [BASE LIBDIR]`: BASE, a krun-oci prefix, adds
+# the backends BACKEND@base; LIBDIR is then KRUN_OCI's libdir.
 
 vmm_inner() {
   set -euo pipefail
   export LC_ALL=C
-  krun=$1 out=$2 bundles=$3 vwork=$4 rounds=$5 fs_rounds=$6 fs_mib=$7 fs_files=$8
+  krun=$1 out=$2 bundles=$3 vwork=$4 rounds=$5 fs_rounds=$6 fs_mib=$7 fs_files=$8 base=${9:-} libdir=${10:-}
+  vmm_backends=(builtin qemu)
+  [ -z "$base" ] || vmm_backends=(builtin qemu builtin@base qemu@base)
   tr=/sys/kernel/tracing
   mkdir -p "$vwork"
   trap vmm_inner_cleanup EXIT
@@ -371,15 +401,38 @@ vmm_trace() { # on|off
   done
 }
 
-# vmm_argv BACKEND ID [RUN-ARGS]: sets `argv` to krun-oci running BUNDLE.
+# vmm_krun BACKEND: sets `kargv` to the krun-oci build of BACKEND with its
+# --root (BACKEND@base: the build in BASE, with its own state root) and
+# `kroot` to that root. With BASE both builds run through env, each with
+# its KRUN_OCI_LIBDIR, so that both pay the same exec.
+vmm_krun() {
+  if [[ $1 == *@base ]]; then
+    kroot=$vwork/state-base
+    kargv=(env "KRUN_OCI_LIBDIR=$base/lib/krun-oci" "$base/bin/krun-oci" --root "$kroot")
+  elif [ -n "$base" ]; then
+    kroot=$vwork/state
+    kargv=(env "KRUN_OCI_LIBDIR=$libdir" "$krun" --root "$kroot")
+  else
+    kroot=$vwork/state
+    kargv=("$krun" --root "$kroot")
+  fi
+}
+
+# vmm_id PREFIX ROUND BACKEND [SUFFIX]: a container id ('@' is not allowed).
+vmm_id() { echo "$1-$2-${3//@/-}${4:+-$4}"; }
+
+# vmm_argv BACKEND ID BUNDLE: sets `argv` to krun-oci running BUNDLE.
 vmm_argv() {
-  argv=("$krun" --root "$vwork/state" --hypervisor "$1" --debug --log-format json
+  local kargv kroot
+  vmm_krun "$1"
+  argv=("${kargv[@]}" --hypervisor "${1%@base}" --debug --log-format json
     --log "$out/vmm-logs/$2.json" run --bundle "$3" "$2")
 }
 
 # vmm_overhead_once ROUND BACKEND: one traced run of `true`.
 vmm_overhead_once() {
-  local round=$1 b=$2 id="vmm-$1-$2" argv t0 t1 rc=0 err="" moments timings
+  local round=$1 b=$2 id argv t0 t1 rc=0 err="" moments timings
+  id=$(vmm_id vmm "$1" "$2")
   vmm_argv "$b" "$id" "$bundles/vmm-true"
   vmm_trace on
   t0=${EPOCHREALTIME/./}
@@ -458,13 +511,15 @@ vmm_tree() {
 # vmm_memory_once ROUND BACKEND: samples every host process of an idle
 # container 3 s after it is running.
 vmm_memory_once() {
-  local round=$1 b=$2 id="vmm-mem-$1-$2" argv pid st="" i p comm hwm sm rows="" err="" gkb=$((512 * 1024))
+  local round=$1 b=$2 id argv pid st="" i p comm hwm sm rows="" err="" gkb=$((512 * 1024)) kargv kroot
+  id=$(vmm_id vmm-mem "$1" "$2")
+  vmm_krun "$b"
   vmm_argv "$b" "$id" "$bundles/vmm-sleep"
   "${argv[@]}" </dev/null >"$vwork/$id.out" 2>"$vwork/$id.err" &
   pid=$!
   for ((i = 0; i < 600; i++)); do
     kill -0 "$pid" 2>/dev/null || break
-    st=$(jq -r '.status // empty' "$vwork/state/$id/state.json" 2>/dev/null || true)
+    st=$(jq -r '.status // empty' "$kroot/$id/state.json" 2>/dev/null || true)
     [ "$st" != running ] || break
     sleep 0.1
   done
@@ -480,7 +535,7 @@ vmm_memory_once() {
     err="never reported running (last status '${st:-none}')"
   fi
   # The workload is `sleep 3600`: end it.
-  "$krun" --root "$vwork/state" kill "$id" KILL >/dev/null 2>&1 || kill -KILL "$pid" 2>/dev/null || true
+  "${kargv[@]}" kill "$id" KILL >/dev/null 2>&1 || kill -KILL "$pid" 2>/dev/null || true
   local rc=0
   wait "$pid" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 137 ] || err="${err:-exit $rc: $(tail -n 1 "$vwork/$id.err" | cut -c1-160)}"
@@ -507,7 +562,8 @@ vmm_fs_once() {
 # vmm_fs_phase ROUND TARGET PHASE ROOT [NOFILE]: one phase; NOFILE raises
 # krun-oci's RLIMIT_NOFILE first (the retry after "Too many open files").
 vmm_fs_phase() {
-  local round=$1 t=$2 phase=$3 root=$4 nofile=${5:-} id="vmm-fs-$1-$2-$3${5:+-nofile}" argv rc=0 err="" note=""
+  local round=$1 t=$2 phase=$3 root=$4 nofile=${5:-} id argv rc=0 err="" note=""
+  id=$(vmm_id vmm-fs "$1" "$2" "$3${5:+-nofile}")
   if [ "$t" = native ]; then
     "$root/bin/busybox" sh "$root/vmm-fs.sh" "$root" </dev/null >"$vwork/$id.out" 2>"$vwork/$id.err" || rc=$?
   else
