@@ -300,9 +300,11 @@ fn kill_and_delete_of_a_frozen_vm_do_not_hang() {
     c.args(["delete", "--force", "fz"]);
     let delete = timed(c, Duration::from_secs(30), &sb);
     eprintln!("kill took {kill:?}, delete --force {delete:?}");
-    assert!(kill < Duration::from_secs(2), "kill took {kill:?}");
+    // Generous bounds (a nested test host runs a command in seconds): what
+    // they rule out is waiting for the 600 s control deadline.
+    assert!(kill < Duration::from_secs(20), "kill took {kill:?}");
     assert!(
-        delete < Duration::from_secs(3 + 5),
+        delete < Duration::from_secs(3 + 20),
         "delete took {delete:?}"
     );
     assert_eq!(wait_exit(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
