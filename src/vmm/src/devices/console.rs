@@ -258,7 +258,8 @@ enum TxProgress {
 }
 
 /// The device side of the console: queues, port state and the socket.
-struct Worker {
+#[doc(hidden)] // pub for the fuzz targets (src/fuzz) only
+pub struct Worker {
     /// The queues, guest memory and interrupt.
     q: DeviceQueues<NUM_QUEUES>,
     socket: UnixStream,
@@ -288,7 +289,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
+    #[doc(hidden)]
+    pub fn new(
         mem: Mem,
         interrupt: Arc<Interrupt>,
         queues: [Queue; NUM_QUEUES],
@@ -397,7 +399,8 @@ impl Worker {
 
     /// Serves every queue and the socket as far as they go, then interrupts
     /// the guest if it needs it.
-    fn process_all(&mut self) {
+    #[doc(hidden)]
+    pub fn process_all(&mut self) {
         self.process_control_tx();
         self.process_control_rx();
         self.process_tx();

@@ -312,7 +312,8 @@ enum BadChain {
 }
 
 /// The device side of the network card: queues and the tap.
-struct Worker {
+#[doc(hidden)] // pub for the fuzz targets (src/fuzz) only
+pub struct Worker {
     /// The queues, guest memory and interrupt.
     q: DeviceQueues<NUM_QUEUES>,
     tap: File,
@@ -339,7 +340,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(
+    #[doc(hidden)]
+    pub fn new(
         mem: Mem,
         interrupt: Arc<Interrupt>,
         queues: [Queue; NUM_QUEUES],
@@ -442,7 +444,8 @@ impl Worker {
 
     /// Serves both queues as far as they go, then interrupts the guest if
     /// it needs it.
-    fn process_all(&mut self) {
+    #[doc(hidden)]
+    pub fn process_all(&mut self) {
         self.process_tx();
         self.process_rx();
         self.q.signal_used();
