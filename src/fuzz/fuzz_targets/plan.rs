@@ -1,0 +1,122 @@
+//! `plan`: a bundle's config.json, as whoever wrote the bundle wrote it,
+//! through the runtime's bundle loading and planning.
+//!
+//! Drives: `krun_oci::bundle::parse_spec` on the input bytes, then, for a
+//! spec that parses, `krun_oci::plan::plan` for a bundle directory holding
+//! a `rootfs/` and a few bind-mount sources, with a fixed fake `HostInfo`
+//! (4 CPUs, 8 GiB), and `krun_oci::plan::exec_process` on its process.
+//!
+//! Invariants:
+//! * no panic (arithmetic overflow included: fuzz builds check it);
+//! * a spec that does not parse is an error that names config.json;
+//! * a plan that fails is a `PlanError` with at least one problem, each
+//!   naming a field of the runtime spec (its first component is one of
+//!   the spec's top-level keys) and saying something;
+//! * a plan that succeeds sizes the VM within the host (1 to 4 vCPUs,
+//!   64 MiB to 8 GiB), shares the root filesystem first, and its
+//!   container setup survives the JSON trip to the guest unchanged.
+#![no_main]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use krun_oci::bundle::parse_spec;
+use krun_oci::plan::{exec_process, plan, HostInfo, PlanError};
+use krun_proto::{ToGuest, ROOTFS_TAG};
+use libfuzzer_sys::fuzz_target;
+
+/// The runtime spec's top-level keys: every problem's field starts with
+/// one of them.
+const TOP_LEVEL: &[&str] = &[
+    "ociVersion",
+    "process",
+    "root",
+    "hostname",
+    "domainname",
+    "mounts",
+    "hooks",
+    "annotations",
+    "linux",
+    "solaris",
+    "windows",
+    "vm",
+    "zos",
+];
+
+fn host() -> HostInfo {
+    HostInfo {
+        cpus: 4,
+        memory_mib: 8192,
+        hostname: "fuzz-host".into(),
+    }
+}
+
+/// A bundle directory: `rootfs/`, `volumes/{data,more}/`, `volumes/app.conf`
+/// (what the test fixtures bind).
+fn bundle_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("krun-oci-fuzz-plan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["rootfs", "volumes/data", "volumes/more"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("the bundle");
+        }
+        std::fs::write(dir.join("volumes/app.conf"), "x=1\n").expect("the bundle");
+        dir
+    })
+}
+
+fn check_error(e: &PlanError) {
+    assert!(!e.0.is_empty(), "a PlanError without problems");
+    for p in &e.0 {
+        let top = p
+            .field
+            .split(['.', '['])
+            .next()
+            .expect("split yields at least one piece");
+        assert!(
+            TOP_LEVEL.contains(&top),
+            "problem field {:?} names no field of the spec",
+            p.field
+        );
+        assert!(!p.problem.is_empty(), "problem {:?} says nothing", p.field);
+    }
+}
+
+fn run(data: &[u8]) {
+    let dir = bundle_dir();
+    let config = dir.join("config.json");
+    let spec = match parse_spec(&config, data) {
+        Ok(spec) => spec,
+        Err(e) => {
+            assert!(
+                e.to_string().contains("config.json"),
+                "a bundle error names the file: {e}"
+            );
+            return;
+        }
+    };
+    if let Some(p) = spec.process() {
+        if let Err(e) = exec_process(p) {
+            check_error(&e);
+        }
+    }
+    match plan("fuzz", dir, &spec, &host()) {
+        Err(e) => check_error(&e),
+        Ok(p) => {
+            assert!((1..=4).contains(&p.vcpus), "{} vCPUs", p.vcpus);
+            assert!(
+                (64..=8192).contains(&p.memory_mib),
+                "{} MiB of memory",
+                p.memory_mib
+            );
+            assert_eq!(p.shares.first().map(|s| s.tag.as_str()), Some(ROOTFS_TAG));
+            let msg = ToGuest::Create(Box::new(p.setup));
+            let json = serde_json::to_vec(&msg).expect("a setup serializes");
+            let back: ToGuest = serde_json::from_slice(&json).expect("a setup parses back");
+            assert_eq!(back, msg, "the setup changed on its way to the guest");
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| run(data));
