@@ -39,8 +39,8 @@
 //! `/dev/null`'s only, and FALLOCATE lengths are capped: a confinement bug
 //! found here must not let the fuzzer itself damage the machine.
 //!
-//! The share lives under `$KRUN_FUZZ_TMPDIR`, else `/dev/shm`, else the
-//! temporary directory.
+//! The share lives in the scratch directory (`$KRUN_FUZZ_TMPDIR`, else
+//! `/dev/shm`, else the temporary directory).
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -58,6 +58,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 use fuse_backend_rs::api::server::Server;
 use krun_oci_fuzz::fds::{self, Canaries};
 use krun_oci_fuzz::ring::{Mem, Ring};
+use krun_oci_fuzz::scratch;
 use krun_vmm::devices::fs::{process_queue, ShareFs};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -93,15 +94,7 @@ struct World {
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
-        let tmp = std::env::var_os("KRUN_FUZZ_TMPDIR")
-            .map(PathBuf::from)
-            .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
-            .unwrap_or_else(std::env::temp_dir);
-        remove_stale(&tmp);
-        let base = tmp.join(format!("krun-oci-fuzz-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
-        fs::create_dir_all(&base).expect("the harness directory");
-        let base = base.canonicalize().expect("the harness directory resolves");
+        let base = scratch::dir();
         let outside_dir = base.join("outside");
         fs::create_dir(&outside_dir).expect("outside/");
         let outside_file = outside_dir.join("secret.txt");
@@ -140,24 +133,6 @@ fn world() -> &'static World {
             mem: Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory"),
         }
     })
-}
-
-/// Removes the harness directories of fuzzer processes that are gone.
-fn remove_stale(tmp: &Path) {
-    let Ok(dir) = fs::read_dir(tmp) else { return };
-    for e in dir.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("krun-oci-fuzz-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
 }
 
 /// A fresh share: `hello.txt`, `empty`, `sub/nested.txt`, and symlinks

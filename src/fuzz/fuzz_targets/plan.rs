@@ -56,7 +56,7 @@ fn host() -> HostInfo {
 fn bundle_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("krun-oci-fuzz-plan-{}", std::process::id()));
+        let dir = krun_oci_fuzz::scratch::dir().join("bundle");
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["rootfs", "volumes/data", "volumes/more"] {
             std::fs::create_dir_all(dir.join(sub)).expect("the bundle");

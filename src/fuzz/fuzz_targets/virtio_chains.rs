@@ -38,6 +38,7 @@ use std::sync::{Arc, OnceLock};
 
 use fuse_backend_rs::api::server::Server;
 use krun_oci_fuzz::ring::{Mem, Ring};
+use krun_oci_fuzz::scratch;
 use krun_vmm::devices::fs::{process_queue, Fs, ShareFs};
 use krun_vmm::devices::{console, fs as vfs, net};
 use krun_vmm::virtio::{Interrupt, VirtioDevice};
@@ -200,11 +201,7 @@ enum Dut {
 
 /// A fresh share for the fs device: one file, one directory.
 fn share_dir() -> PathBuf {
-    let tmp = std::env::var_os("KRUN_FUZZ_TMPDIR")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tmp.join(format!("krun-oci-fuzz-chains-{}", std::process::id()));
+    let dir = scratch::dir().join("chains");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("sub")).expect("the share");
     std::fs::write(dir.join("file"), b"contents\n").expect("the share's file");
