@@ -32,7 +32,9 @@
 //!   errno in 0..4096, FORGET-like requests complete with nothing written;
 //!
 //! and at the end of the session, once the server is dropped: no
-//! descriptor leaked.
+//! descriptor leaked, and a read-only share is as it was (every entry's
+//! type, mode, owner, size, link count, mtime, ctime and symlink target;
+//! only atimes may move).
 //!
 //! For the host's sake the guest's symlink targets come from a fixed list
 //! (all of them inside this harness's directory), device nodes are
@@ -184,6 +186,29 @@ fn stamp(p: &Path) -> Stamp {
 
 fn sentinel_stamps(w: &World) -> [Stamp; 2] {
     [stamp(&w.outside_file), stamp(&w.outside_dir)]
+}
+
+/// Every entry beneath `root` with its metadata (all but atime, which
+/// reads move) and, for symlinks, its target.
+fn tree(root: &Path) -> BTreeMap<PathBuf, (Stamp, Option<PathBuf>)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let mut st = stamp(&p);
+            st.atime = (0, 0);
+            let link = fs::read_link(&p).ok();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(p.clone());
+            }
+            out.insert(p, (st, link));
+        }
+    }
+    out
 }
 
 /// The sentinel's contents, read without moving its atime.
@@ -1139,6 +1164,7 @@ fn run(s: Input) {
     make_share(w);
     let baseline = fds::table();
     let stamps = sentinel_stamps(w);
+    let before = s.readonly.then(|| tree(&w.share));
     let server = Server::new(ShareFs::new(&w.share, s.readonly).expect("the share serves"));
     let ring = Ring::new(&w.mem, QSIZE, DESC, AVAIL, USED);
     let queue = ring.device_queue(QSIZE);
@@ -1221,6 +1247,17 @@ fn run(s: Input) {
         SECRET,
         "the sentinel's contents changed"
     );
+    if let Some(before) = before {
+        let after = tree(&w.share);
+        if after != before {
+            let changed: Vec<_> = before
+                .keys()
+                .chain(after.keys())
+                .filter(|p| before.get(*p) != after.get(*p))
+                .collect();
+            panic!("the read-only share changed: {changed:?}\nrequests:\n{history}");
+        }
+    }
     let _ = fs::remove_dir_all(&w.share);
 }
 
