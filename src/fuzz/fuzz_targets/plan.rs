@@ -13,8 +13,9 @@
 //!   naming a field of the runtime spec (its first component is one of
 //!   the spec's top-level keys) and saying something;
 //! * a plan that succeeds sizes the VM within the host (1 to 4 vCPUs,
-//!   64 MiB to 8 GiB), shares the root filesystem first, and its
-//!   container setup survives the JSON trip to the guest unchanged.
+//!   64 MiB to 8 GiB), gives the container its root filesystem first and
+//!   each host path under a name of its own, and its container setup
+//!   survives the JSON trip to the guest unchanged.
 #![no_main]
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use std::sync::OnceLock;
 
 use krun_oci::bundle::parse_spec;
 use krun_oci::plan::{exec_process, plan, HostInfo, PlanError};
-use krun_proto::{ToGuest, ROOTFS_TAG};
+use krun_proto::ToGuest;
 use libfuzzer_sys::fuzz_target;
 
 /// The runtime spec's top-level keys: every problem's field starts with
@@ -110,7 +111,23 @@ fn run(data: &[u8]) {
                 "{} MiB of memory",
                 p.memory_mib
             );
-            assert_eq!(p.shares.first().map(|s| s.tag.as_str()), Some(ROOTFS_TAG));
+            assert_eq!(p.paths.id, "fuzz");
+            assert_eq!(
+                p.paths
+                    .binds
+                    .first()
+                    .map(|b| (b.name.as_str(), b.field.as_str())),
+                Some(("rootfs", "root.path")),
+                "the root filesystem comes first"
+            );
+            let mut names: Vec<_> = p.paths.binds.iter().map(|b| b.name.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(
+                names.len(),
+                p.paths.binds.len(),
+                "two host paths share a name"
+            );
             let msg = ToGuest::Create(Box::new(p.setup));
             let json = serde_json::to_vec(&msg).expect("a setup serializes");
             let back: ToGuest = serde_json::from_slice(&json).expect("a setup parses back");
