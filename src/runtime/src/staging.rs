@@ -448,7 +448,7 @@ fn mount_setattr(tree: &OwnedFd, attrs: u64, propagation: libc::c_ulong) -> io::
     let attr = libc::mount_attr {
         attr_set: attrs,
         attr_clr: 0,
-        propagation: propagation as u64,
+        propagation,
         userns_fd: 0,
     };
     let empty = c"";

@@ -95,11 +95,13 @@ fn cpuset_count(list: &str) -> Option<u32> {
                 if b < a {
                     return None;
                 }
-                n += b - a + 1;
+                // A list that counts past u32 is no cpuset (found by the
+                // plan fuzz target: "0-4294967295" overflowed).
+                n = n.checked_add((b - a).checked_add(1)?)?;
             }
             None => {
                 part.parse::<u32>().ok()?;
-                n += 1;
+                n = n.checked_add(1)?;
             }
         }
     }
@@ -232,6 +234,9 @@ mod tests {
         assert_eq!(cpuset_count("2"), Some(1));
         assert_eq!(cpuset_count("3-1"), None);
         assert_eq!(cpuset_count("x"), None);
+        assert_eq!(cpuset_count("0-4294967295"), None);
+        assert_eq!(cpuset_count("0-4294967294,7"), None);
+        assert_eq!(cpuset_count("0-4294967294"), Some(u32::MAX));
     }
 
     #[test]
