@@ -8,6 +8,21 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY,
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
+    VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID,
+    VIRTIO_MMIO_VERSION,
+};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -16,19 +31,31 @@ use super::{Activation, ActiveQueue, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERS
 /// Size of one device's register window.
 pub const MMIO_LEN: u64 = 0x1000;
 /// Offset of QueueNotify, where ioeventfds are registered.
-pub const NOTIFY_OFFSET: u64 = 0x50;
+pub const NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+/// Where the device's configuration space starts in the window.
+const CONFIG_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e55_524b; // "KRUN"
 
 /// Device status bits (virtio spec 2.1).
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
+pub const STATUS_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+pub const STATUS_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+pub const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+pub const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+pub const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+pub const STATUS_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// The register at `offset` in the window (a `VIRTIO_MMIO_*` offset), or
+/// None past the registers, in the configuration space.
+fn register(offset: u64) -> Option<u32> {
+    if offset >= CONFIG_OFFSET {
+        None
+    } else {
+        u32::try_from(offset).ok()
+    }
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -106,27 +133,27 @@ impl MmioTransport {
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+        let Some(register) = register(offset) else {
+            self.device.read_config(offset - CONFIG_OFFSET, data);
             return;
-        }
-        let v: u32 = match offset {
-            0x00 => MAGIC,
-            0x04 => VERSION,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR,
-            0x10 => match self.device_features_sel {
+        };
+        let v: u32 = match register {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.features() as u32,
                 1 => (self.features() >> 32) as u32,
                 _ => 0,
             },
-            0x34 => self.selected().map_or(0, |q| q.max_size() as u32),
-            0x44 => self.selected().map_or(0, |q| q.ready() as u32),
-            0x60 => self.interrupt.status(),
-            0x70 => self.status,
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |q| q.max_size() as u32),
+            VIRTIO_MMIO_QUEUE_READY => self.selected().map_or(0, |q| q.ready() as u32),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
             // No shared memory regions: their length reads as all ones.
-            0xb0 | 0xb4 => u32::MAX,
-            0xfc => self.config_generation,
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         };
         let bytes = v.to_le_bytes();
@@ -137,10 +164,10 @@ impl MmioTransport {
 
     /// A guest write of `data` at `offset` in the window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= 0x100 {
-            self.device.write_config(offset - 0x100, data);
+        let Some(register) = register(offset) else {
+            self.device.write_config(offset - CONFIG_OFFSET, data);
             return;
-        }
+        };
         // Registers are 32-bit; other widths are a driver bug, ignored.
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
@@ -148,45 +175,53 @@ impl MmioTransport {
         let v = u32::from_le_bytes(bytes);
         // Queue set-up is only allowed before the device runs.
         let setting_up = !self.activated;
-        match offset {
-            0x14 => self.device_features_sel = v,
-            0x20 => match self.driver_features_sel {
+        match register {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
                 1 => {
                     self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
                 }
                 _ => {}
             },
-            0x24 => self.driver_features_sel = v,
-            0x30 => self.queue_sel = v,
-            0x38 if setting_up => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if setting_up => {
                 if let Some(q) = self.selected() {
                     q.set_size(v.min(u16::MAX as u32) as u16);
                 }
             }
-            0x44 if setting_up => {
+            VIRTIO_MMIO_QUEUE_READY if setting_up => {
                 if let Some(q) = self.selected() {
                     q.set_ready(v == 1);
                 }
             }
-            0x50 => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 // Without an ioeventfd the notification lands here.
                 if let Some(e) = self.notify.get(v as usize) {
                     let _ = e.write(1);
                 }
             }
-            0x64 => self.interrupt.ack(v),
-            0x70 => self.set_status(v),
-            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setting_up => {
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            VIRTIO_MMIO_STATUS => self.set_status(v),
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH
+                if setting_up =>
+            {
                 let Some(q) = self.selected() else { return };
-                let (lo, hi) = if offset & 4 == 0 {
+                // Each address is a low and a high word, 4 bytes apart.
+                let (lo, hi) = if register & 4 == 0 {
                     (Some(v), None)
                 } else {
                     (None, Some(v))
                 };
-                match offset & !4 {
-                    0x80 => q.set_desc_table_address(lo, hi),
-                    0x90 => q.set_avail_ring_address(lo, hi),
+                match register & !4 {
+                    VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
                     _ => q.set_used_ring_address(lo, hi),
                 }
             }

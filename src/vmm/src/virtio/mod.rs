@@ -13,6 +13,7 @@ pub use queues::DeviceQueues;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::{virtio_config, virtio_ids, virtio_mmio};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -21,15 +22,16 @@ use vmm_sys_util::eventfd::EventFd;
 pub type Mem = GuestMemoryMmap<()>;
 
 /// Feature bit: the device conforms to virtio 1.x.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
-/// Device type numbers (virtio spec 5).
-pub const TYPE_CONSOLE: u32 = 3;
-pub const TYPE_FS: u32 = 26;
+/// Device type numbers (virtio spec 5), one per device of [`crate::devices`].
+pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_CONSOLE: u32 = virtio_ids::VIRTIO_ID_CONSOLE;
+pub const TYPE_FS: u32 = virtio_ids::VIRTIO_ID_FS;
 
 /// Interrupt status bits (virtio spec 4.2.2, InterruptStatus).
-pub const INT_VRING: u32 = 0x1;
-pub const INT_CONFIG: u32 = 0x2;
+pub const INT_VRING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// A device's interrupt line: the status register the driver reads and
 /// acknowledges, and the eventfd that injects the interrupt (an irqfd).
@@ -104,7 +106,7 @@ pub enum DeviceError {
 
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device type (TYPE_CONSOLE, TYPE_FS, ...).
+    /// The virtio device type ([`TYPE_CONSOLE`], [`TYPE_FS`], ...).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;

@@ -56,10 +56,12 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::mem::{offset_of, size_of};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use virtio_bindings::virtio_net::{self, virtio_net_hdr_v1};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -68,23 +70,26 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice,
+    TYPE_NET,
 };
 
-/// The virtio device type of a network card.
-pub const TYPE_NET: u32 = 1;
+/// A feature bit as the driver sees it.
+const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// Feature bit: the device takes frames with partial checksums.
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_CSUM: u64 = feature(virtio_net::VIRTIO_NET_F_CSUM);
 /// Feature bit: the driver takes frames with partial checksums.
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = feature(virtio_net::VIRTIO_NET_F_GUEST_CSUM);
 /// Feature bit: the configuration space holds the MAC address.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_MAC: u64 = feature(virtio_net::VIRTIO_NET_F_MAC);
 /// Feature bits: the driver takes TCP segments bigger than the MTU.
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = feature(virtio_net::VIRTIO_NET_F_GUEST_TSO4);
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = feature(virtio_net::VIRTIO_NET_F_GUEST_TSO6);
 /// Feature bits: the device takes TCP segments bigger than the MTU.
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = feature(virtio_net::VIRTIO_NET_F_HOST_TSO4);
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = feature(virtio_net::VIRTIO_NET_F_HOST_TSO6);
 /// The offloads offered over a tap that carries virtio-net headers.
 pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_GUEST_CSUM
@@ -93,7 +98,7 @@ pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_HOST_TSO4
     | VIRTIO_NET_F_HOST_TSO6;
 /// Feature bit: a received frame may span several receive buffers.
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = feature(virtio_net::VIRTIO_NET_F_MRG_RXBUF);
 
 /// Maximum size of each of the device's queues.
 pub const QUEUE_MAX_SIZE: u16 = 256;
@@ -105,8 +110,10 @@ pub const NUM_QUEUES: usize = 2;
 const RX: usize = 0;
 const TX: usize = 1;
 
-/// `struct virtio_net_hdr` with `num_buffers` (virtio 1.x).
-pub const NET_HDR_LEN: usize = 12;
+/// `struct virtio_net_hdr` with `num_buffers` (virtio 1.x): 12 bytes.
+pub const NET_HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
+/// Where `num_buffers` (le16) sits in the header.
+const NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// The largest frame a tap gives or takes: a 64 KiB IP packet plus an
 /// Ethernet header with a VLAN tag.
 pub const MAX_FRAME_LEN: usize = 65535 + 18;
@@ -614,7 +621,7 @@ impl Worker {
         if let Some(&(first, _)) = self.rx_chains.first().and_then(|c| c.1.first()) {
             // Every chain's first segment holds a header.
             failed |= first
-                .checked_add(10)
+                .checked_add(NUM_BUFFERS as u64)
                 .is_none_or(|a| self.q.mem.write_slice(&num_buffers, a).is_err());
         }
         if failed {
@@ -650,7 +657,7 @@ impl Worker {
                     if self.vnet_hdr {
                         // The tap leaves num_buffers alone (it is 1 without
                         // mergeable buffers; deliver_mergeable sets it).
-                        self.rx_buf[10..NET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+                        self.rx_buf[NUM_BUFFERS..NET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
                     } else {
                         self.rx_buf[..NET_HDR_LEN].copy_from_slice(&rx_header());
                     }
@@ -673,7 +680,7 @@ impl Worker {
 /// buffer.
 fn rx_header() -> [u8; NET_HDR_LEN] {
     let mut h = [0u8; NET_HDR_LEN];
-    h[10..12].copy_from_slice(&1u16.to_le_bytes());
+    h[NUM_BUFFERS..].copy_from_slice(&1u16.to_le_bytes());
     h
 }
 
@@ -726,7 +733,7 @@ fn writable_segments(mem: &Mem, descs: &[Descriptor]) -> Result<Vec<Segment>, Ba
         }
         segs.push((d.addr(), len));
     }
-    // num_buffers is written at offset 10 of the first segment.
+    // num_buffers is written into the first segment.
     if segs.first().is_none_or(|s| s.1 < NET_HDR_LEN) {
         return Err(BadChain::TooShort);
     }
@@ -988,7 +995,7 @@ mod tests {
     /// `f` behind the header a mergeable receive gives: `n` buffers.
     fn with_header_n(f: &[u8], n: u16) -> Vec<u8> {
         let mut v = with_header(f);
-        v[10..12].copy_from_slice(&n.to_le_bytes());
+        v[NUM_BUFFERS..NET_HDR_LEN].copy_from_slice(&n.to_le_bytes());
         v
     }
 
