@@ -7,6 +7,7 @@
 
 pub mod mmio;
 mod queues;
+pub mod worker;
 
 pub use queues::DeviceQueues;
 

@@ -28,8 +28,8 @@
 //! so the device does not even read the socket until the guest opened it.
 //!
 //! All the device logic lives in [`Worker`], plain methods over the queues,
-//! guest memory and the socket that tests drive directly; [`Worker::run`] is
-//! only the epoll glue of the `virtio-console` thread.
+//! guest memory and the socket that tests drive directly; the
+//! `virtio-console` thread is the one loop of [`crate::virtio::worker`].
 //!
 //! Every descriptor chain comes from the guest and is treated as hostile:
 //! direction flags are checked, memory errors are handled (a chain is
@@ -38,7 +38,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,10 +46,10 @@ use std::thread::JoinHandle;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::virtio::worker::{self, QueueHandler};
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice,
     TYPE_CONSOLE,
@@ -89,10 +89,6 @@ const CONTROL_LEN: usize = 8;
 const MAX_PENDING_CONTROL: usize = 32;
 /// Bytes moved between guest memory and the socket at a time.
 const IO_CHUNK: usize = 64 * 1024;
-
-/// epoll tokens: queue notifications use their queue index.
-const TOKEN_STOP: u64 = 100;
-const TOKEN_SOCKET: u64 = 101;
 
 /// The virtio-console device.
 pub struct Console {
@@ -174,11 +170,7 @@ impl VirtioDevice for Console {
             &self.port_name,
             multiport,
         );
-        let stop = activation.stop;
-        let handle = std::thread::Builder::new()
-            .name("virtio-console".into())
-            .spawn(move || worker.run(&notify, &stop))
-            .map_err(DeviceError::Worker)?;
+        let handle = worker::spawn("virtio-console".into(), worker, notify, activation.stop)?;
         self.worker = Some(handle);
         Ok(())
     }
@@ -315,69 +307,6 @@ impl Worker {
             rx_end: 0,
             tx_pending: None,
             tx_scratch: vec![0; IO_CHUNK],
-        }
-    }
-
-    /// The event loop of the worker thread.
-    fn run(mut self, notify: &[EventFd], stop: &EventFd) {
-        if let Err(e) = self.event_loop(notify, stop) {
-            tracing::error!(error = %e, "virtio-console worker failed");
-        }
-    }
-
-    fn event_loop(&mut self, notify: &[EventFd], stop: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        for (i, evt) in notify.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
-        let mut registered = EventSet::empty();
-        let mut events = [EpollEvent::default(); 8];
-        loop {
-            self.process_all();
-            // Level-triggered: the socket is watched only for what can make
-            // progress now, and not at all otherwise (HUP would spin).
-            let want = self.socket_interest();
-            if want != registered {
-                let op = if registered.is_empty() {
-                    ControlOperation::Add
-                } else if want.is_empty() {
-                    ControlOperation::Delete
-                } else {
-                    ControlOperation::Modify
-                };
-                epoll.ctl(
-                    op,
-                    self.socket.as_raw_fd(),
-                    EpollEvent::new(want, TOKEN_SOCKET),
-                )?;
-                registered = want;
-            }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in events.iter().take(n) {
-                match ev.data() {
-                    TOKEN_STOP => return Ok(()),
-                    i => {
-                        if let Some(evt) = usize::try_from(i).ok().and_then(|i| notify.get(i)) {
-                            // Only clears the counter: the queues are served at the
-                            // top of the loop.
-                            let _ = evt.read();
-                        }
-                    }
-                }
-            }
         }
     }
 
@@ -602,6 +531,18 @@ impl Worker {
     }
 }
 
+/// The `virtio-console` thread: every wake-up serves every queue, and the
+/// socket is watched only for what can make progress.
+impl QueueHandler for Worker {
+    fn serve(&mut self, _notified: &[usize]) {
+        self.process_all();
+    }
+
+    fn backend(&self) -> Option<(RawFd, EventSet)> {
+        Some((self.socket.as_raw_fd(), self.socket_interest()))
+    }
+}
+
 /// The first `CONTROL_LEN` readable bytes of a chain, if it has them.
 fn read_control(mem: &Mem, descs: &[Descriptor]) -> Option<ControlMsg> {
     let mut buf = [0u8; CONTROL_LEN];
@@ -659,7 +600,7 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use crate::virtio::ActiveQueue;
 

@@ -137,9 +137,8 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -156,11 +155,10 @@ use fuse_backend_rs::api::server::{Server, MAX_REQ_PAGES};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
+use crate::virtio::worker::{self, QueueHandler};
 use crate::virtio::{
-    read_config_bytes, Activation, ActiveQueue, DeviceError, Interrupt, Mem, VirtioDevice, TYPE_FS,
+    read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice, TYPE_FS,
 };
 
 /// Maximum size of each queue.
@@ -191,9 +189,6 @@ const READDIR_MAX: u32 = 1024 * 1024;
 const MAX_REQUEST_LEN: usize = MAX_REQ_PAGES as usize * 4096 + 4096;
 
 const OUT_HEADER_LEN: usize = size_of::<OutHeader>();
-
-/// epoll token of the stop event; queues use their index.
-const TOKEN_STOP: u64 = u64::MAX;
 
 /// Errors setting up a share.
 #[derive(Debug, thiserror::Error)]
@@ -275,104 +270,54 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
-        let got = activation.queues.len();
-        if got != NUM_QUEUES {
-            return Err(DeviceError::QueueCount {
-                got,
-                want: NUM_QUEUES,
-            });
-        }
+        // The queue count first: a wrong one leaves the server in place.
+        let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         let server = self.server.take().ok_or_else(|| {
             DeviceError::Backend(io::Error::other(
                 "the virtio-fs device was already activated",
             ))
         })?;
-        let Activation {
-            mem,
-            interrupt,
+        let worker = Worker {
+            tag: self.tag.clone(),
+            server,
+            mem: activation.mem,
+            interrupt: activation.interrupt,
             queues,
-            stop,
-        } = activation;
-        let tag = self.tag.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("virtio-fs-{}", self.tag))
-            .spawn(move || run_worker(&tag, &server, &mem, &interrupt, queues, &stop))
-            .map_err(DeviceError::Worker)?;
-        self.worker = Some(handle);
+        };
+        let name = format!("virtio-fs-{}", self.tag);
+        self.worker = Some(worker::spawn(name, worker, notify, activation.stop)?);
         Ok(())
     }
 }
 
-/// The `virtio-fs-TAG` thread.
-fn run_worker(
-    tag: &str,
-    server: &Server<ShareFs>,
-    mem: &Mem,
-    interrupt: &Interrupt,
-    mut queues: Vec<ActiveQueue>,
-    stop: &EventFd,
-) {
-    if let Err(e) = private_fs_attrs() {
-        // fuse-backend-rs clears the umask at FUSE_INIT; without a private
-        // one that is the whole process's umask.
-        tracing::warn!(tag, error = %e, "virtio-fs: cannot give the worker its own umask");
-    }
-    if let Err(e) = event_loop(server, mem, interrupt, &mut queues, stop) {
-        tracing::error!(tag, error = %e, "virtio-fs worker failed");
-    }
+/// The `virtio-fs-TAG` thread's side: the FUSE server and the queues.
+struct Worker {
+    tag: String,
+    server: Server<ShareFs>,
+    mem: Mem,
+    interrupt: Arc<Interrupt>,
+    queues: [Queue; NUM_QUEUES],
 }
 
-fn event_loop(
-    server: &Server<ShareFs>,
-    mem: &Mem,
-    interrupt: &Interrupt,
-    queues: &mut [ActiveQueue],
-    stop: &EventFd,
-) -> io::Result<()> {
-    let epoll = Epoll::new()?;
-    for (i, q) in queues.iter().enumerate() {
-        epoll.ctl(
-            ControlOperation::Add,
-            q.notify.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
-        )?;
-    }
-    epoll.ctl(
-        ControlOperation::Add,
-        stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, TOKEN_STOP),
-    )?;
-    // Anything the driver queued before it set DRIVER_OK.
-    for q in queues.iter_mut() {
-        if process_queue(server, &mut q.queue, mem) {
-            interrupt.signal_used_queue();
-        }
-    }
-    let mut events = [EpollEvent::default(); NUM_QUEUES + 1];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let ready = &events[..n];
-        // The stop event is shared with the other devices: seen, not read.
-        if ready.iter().any(|ev| ev.data() == TOKEN_STOP) {
-            return Ok(());
-        }
-        for ev in ready {
-            let Some(q) = usize::try_from(ev.data())
-                .ok()
-                .and_then(|i| queues.get_mut(i))
-            else {
+impl QueueHandler for Worker {
+    /// Serves the queues that were notified, each as far as it goes.
+    fn serve(&mut self, notified: &[usize]) {
+        for &q in notified {
+            let Some(queue) = self.queues.get_mut(q) else {
                 continue;
             };
-            // Cleared before serving, so a notification that arrives while
-            // the queue is served wakes the loop again.
-            let _ = q.notify.read();
-            if process_queue(server, &mut q.queue, mem) {
-                interrupt.signal_used_queue();
+            if process_queue(&self.server, queue, &self.mem) {
+                self.interrupt.signal_used_queue();
             }
+        }
+    }
+
+    fn on_start(&mut self) {
+        if let Err(e) = private_fs_attrs() {
+            // fuse-backend-rs clears the umask at FUSE_INIT; without a
+            // private one that is the whole process's umask.
+            let tag = &self.tag;
+            tracing::warn!(tag, error = %e, "virtio-fs: cannot give the worker its own umask");
         }
     }
 }
@@ -1452,7 +1397,7 @@ mod tests {
 
     use std::fs;
     use std::mem::size_of;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
     use std::sync::Arc;
     use std::time::Instant;
@@ -1467,7 +1412,9 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{ByteValued, Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use crate::virtio::ActiveQueue;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const QSIZE: u16 = 16;
     const MEM_SIZE: usize = 0x10_0000;

@@ -51,13 +51,13 @@
 //! data.
 //!
 //! As in the console, the device logic is in [`Worker`], plain methods
-//! that tests drive directly; [`Worker::run`] is the epoll glue of the
-//! `virtio-net` thread.
+//! that tests drive directly; the `virtio-net` thread is the one loop of
+//! [`crate::virtio::worker`].
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem::{offset_of, size_of};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -65,9 +65,9 @@ use virtio_bindings::virtio_net::{self, virtio_net_hdr_v1};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EventSet;
 
+use crate::virtio::worker::{self, QueueHandler};
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, Interrupt, Mem, VirtioDevice,
     TYPE_NET,
@@ -117,10 +117,6 @@ const NUM_BUFFERS: usize = offset_of!(virtio_net_hdr_v1, num_buffers);
 /// The largest frame a tap gives or takes: a 64 KiB IP packet plus an
 /// Ethernet header with a VLAN tag.
 pub const MAX_FRAME_LEN: usize = 65535 + 18;
-
-/// epoll tokens: queue notifications use their queue index.
-const TOKEN_STOP: u64 = 100;
-const TOKEN_TAP: u64 = 101;
 
 /// Errors making a device.
 #[derive(Debug, thiserror::Error)]
@@ -242,11 +238,7 @@ impl VirtioDevice for Net {
             mergeable,
             self.vnet_hdr,
         );
-        let stop = activation.stop;
-        let handle = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || worker.run(&notify, &stop))
-            .map_err(DeviceError::Worker)?;
+        let handle = worker::spawn("virtio-net".into(), worker, notify, activation.stop)?;
         self.worker = Some(handle);
         Ok(())
     }
@@ -370,72 +362,6 @@ impl Worker {
             rx_frames: 0,
             tx_frames: 0,
             dropped: 0,
-        }
-    }
-
-    /// The event loop of the worker thread.
-    fn run(mut self, notify: &[EventFd], stop: &EventFd) {
-        if let Err(e) = self.event_loop(notify, stop) {
-            tracing::error!(error = %e, "virtio-net worker failed");
-        }
-        tracing::debug!(
-            rx = self.rx_frames,
-            tx = self.tx_frames,
-            dropped = self.dropped,
-            "virtio-net worker done"
-        );
-    }
-
-    fn event_loop(&mut self, notify: &[EventFd], stop: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        for (i, evt) in notify.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
-        let mut registered = EventSet::empty();
-        let mut events = [EpollEvent::default(); 8];
-        loop {
-            self.process_all();
-            // Level-triggered: the tap is watched only while a frame read
-            // from it can go somewhere.
-            let want = self.tap_interest();
-            if want != registered {
-                let op = if registered.is_empty() {
-                    ControlOperation::Add
-                } else if want.is_empty() {
-                    ControlOperation::Delete
-                } else {
-                    ControlOperation::Modify
-                };
-                epoll.ctl(op, self.tap.as_raw_fd(), EpollEvent::new(want, TOKEN_TAP))?;
-                registered = want;
-            }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in events.iter().take(n) {
-                match ev.data() {
-                    TOKEN_STOP => return Ok(()),
-                    TOKEN_TAP => {}
-                    i => {
-                        if let Some(evt) = usize::try_from(i).ok().and_then(|i| notify.get(i)) {
-                            // Only clears the counter: the queues are served
-                            // at the top of the loop.
-                            let _ = evt.read();
-                        }
-                    }
-                }
-            }
         }
     }
 
@@ -676,6 +602,27 @@ impl Worker {
     }
 }
 
+/// The `virtio-net` thread: every wake-up serves both queues, and the tap
+/// is watched only while a frame read from it can go somewhere.
+impl QueueHandler for Worker {
+    fn serve(&mut self, _notified: &[usize]) {
+        self.process_all();
+    }
+
+    fn backend(&self) -> Option<(RawFd, EventSet)> {
+        Some((self.tap.as_raw_fd(), self.tap_interest()))
+    }
+
+    fn on_exit(&mut self) {
+        tracing::debug!(
+            rx = self.rx_frames,
+            tx = self.tx_frames,
+            dropped = self.dropped,
+            "virtio-net worker done"
+        );
+    }
+}
+
 /// The header in front of every received frame: no flags, no GSO, one
 /// buffer.
 fn rx_header() -> [u8; NET_HDR_LEN] {
@@ -789,7 +736,7 @@ mod tests {
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::{MockSplitQueue, UsedRing};
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use crate::virtio::ActiveQueue;
 
