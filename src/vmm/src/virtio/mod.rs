@@ -7,6 +7,8 @@
 
 pub mod mmio;
 mod queues;
+#[cfg(test)]
+pub mod test_utils;
 pub mod worker;
 
 pub use queues::DeviceQueues;

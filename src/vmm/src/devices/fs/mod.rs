@@ -1399,8 +1399,6 @@ mod tests {
     use std::mem::size_of;
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-    use std::sync::Arc;
-    use std::time::Instant;
 
     use fuse_backend_rs::abi::fuse_abi::{
         AccessIn, AttrOut, EntryOut, FallocateIn, ForgetIn, GetattrIn, GetxattrIn, InitIn, InitOut,
@@ -1408,27 +1406,20 @@ mod tests {
         SetxattrIn, WriteIn, WriteOut, GETATTR_FH, KERNEL_MINOR_VERSION, KERNEL_VERSION, ROOT_ID,
     };
     use proptest::prelude::*;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-    use crate::virtio::ActiveQueue;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::virtio::test_utils::*;
 
-    const QSIZE: u16 = 16;
     const MEM_SIZE: usize = 0x10_0000;
     /// Where requests and replies go in guest memory (the queues sit below
-    /// 0x1000 and at 0x8000).
+    /// 0x2000, and a second share's at 0x8000).
     const IN_HDR: u64 = 0x1_0000;
     const IN_BODY: u64 = 0x1_1000;
     const OUT_HDR: u64 = 0x4_0000;
     const OUT_BODY: u64 = 0x4_1000;
     const OUT_BODY_LEN: u32 = 0x1_0000;
-    const HIPRIO_BASE: u64 = 0x8000;
-
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
+    /// Where the queue of a second share goes.
+    const SECOND_QUEUE: u64 = 0x8000;
 
     const FATTR_MODE: u32 = 0x1;
     const FATTR_SIZE: u32 = 0x8;
@@ -1437,7 +1428,7 @@ mod tests {
     const HELLO: &[u8] = b"hello from the host\n";
 
     fn test_mem() -> Mem {
-        Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+        memory(MEM_SIZE)
     }
 
     fn cstr(s: &str) -> Vec<u8> {
@@ -1476,81 +1467,10 @@ mod tests {
         }
     }
 
-    /// The driver side of one split queue.
-    struct Driver<'m> {
-        mem: &'m Mem,
-        mock: MockSplitQueue<'m, Mem>,
-        queue: Queue,
-        used_seen: u16,
-    }
-
-    impl<'m> Driver<'m> {
-        fn new(mem: &'m Mem, base: u64) -> Driver<'m> {
-            let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-            let queue = mock.create_queue::<Queue>().unwrap();
-            Driver {
-                mem,
-                mock,
-                queue,
-                used_seen: 0,
-            }
-        }
-
-        /// Makes available a chain of (address, length, device-writable)
-        /// descriptors, laid out from index 0.
-        fn post(&self, descs: &[(u64, u32, bool)]) {
-            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-                let mut flags = if writable { F_WRITE } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= F_NEXT;
-                }
-                let d = SplitDescriptor::new(addr, len, flags, i as u16 + 1);
-                self.mock
-                    .desc_table()
-                    .store(i as u16, RawDescriptor::from(d))
-                    .unwrap();
-            }
-            self.post_head(0);
-        }
-
-        fn post_head(&self, head: u16) {
-            let idx = self.mock.avail().idx().load();
-            self.mock
-                .avail()
-                .ring()
-                .ref_at(usize::from(idx % QSIZE))
-                .unwrap()
-                .store(head);
-            self.mock.avail().idx().store(idx.wrapping_add(1));
-        }
-
-        /// The next completed chain: (head, bytes written).
-        fn used(&mut self) -> Option<(u32, u32)> {
-            if self.mock.used().idx().load() == self.used_seen {
-                return None;
-            }
-            let e = self
-                .mock
-                .used()
-                .ring()
-                .ref_at(usize::from(self.used_seen % QSIZE))
-                .unwrap()
-                .load();
-            self.used_seen = self.used_seen.wrapping_add(1);
-            Some((e.id(), e.len()))
-        }
-    }
-
     /// Writes a request into guest memory, as Linux lays it out (header,
     /// arguments, then the reply header and the reply body), and returns
     /// its descriptors.
-    fn stage_request(
-        mem: &Mem,
-        opcode: u32,
-        nodeid: u64,
-        unique: u64,
-        args: &[u8],
-    ) -> Vec<(u64, u32, bool)> {
+    fn stage_request(mem: &Mem, opcode: u32, nodeid: u64, unique: u64, args: &[u8]) -> Vec<Desc> {
         let header = InHeader {
             len: (size_of::<InHeader>() + args.len()) as u32,
             opcode,
@@ -1568,12 +1488,12 @@ mod tests {
             .unwrap();
         mem.write_slice(&vec![0; OUT_BODY_LEN as usize], GuestAddress(OUT_BODY))
             .unwrap();
-        let mut descs = vec![(IN_HDR, size_of::<InHeader>() as u32, false)];
+        let mut descs = vec![(IN_HDR, size_of::<InHeader>() as u32, 0)];
         if !args.is_empty() {
-            descs.push((IN_BODY, args.len() as u32, false));
+            descs.push((IN_BODY, args.len() as u32, 0));
         }
-        descs.push((OUT_HDR, OUT_HEADER_LEN as u32, true));
-        descs.push((OUT_BODY, OUT_BODY_LEN, true));
+        descs.push((OUT_HDR, OUT_HEADER_LEN as u32, F_WRITE));
+        descs.push((OUT_BODY, OUT_BODY_LEN, F_WRITE));
         descs
     }
 
@@ -1610,7 +1530,9 @@ mod tests {
         /// reach.
         _dir: Option<tempfile::TempDir>,
         root: PathBuf,
-        driver: Driver<'m>,
+        /// The request queue, the driver's side and the device's.
+        guest: Guest<'m>,
+        queue: Queue,
         server: Server<Arc<ShareFs>>,
         /// The server's filesystem, to read its ledger.
         fs: Arc<ShareFs>,
@@ -1655,10 +1577,12 @@ mod tests {
 
         fn sharing(mem: &'m Mem, queue_base: u64, root: &Path, share: ShareFs) -> Harness<'m> {
             let fs = Arc::new(share);
+            let guest = Guest::at(mem, queue_base, 1);
             Harness {
                 _dir: None,
                 root: root.canonicalize().unwrap(),
-                driver: Driver::new(mem, queue_base),
+                queue: guest.queue(0),
+                guest,
                 server: Server::new(fs.clone()),
                 fs,
                 unique: 0,
@@ -1669,27 +1593,33 @@ mod tests {
             self.root.parent().unwrap()
         }
 
-        /// Serves whatever chain is posted; the bytes it got, if completed.
-        fn serve(&mut self) -> Option<u32> {
-            process_queue(&self.server, &mut self.driver.queue, self.driver.mem);
-            let used = self.driver.used().map(|(head, len)| {
-                assert_eq!(head, 0);
-                len
-            });
-            assert_eq!(self.driver.used(), None, "one chain, one completion");
-            used
+        /// Serves whatever chain is posted: its head and the bytes it
+        /// got, if completed.
+        fn complete(&mut self) -> Option<(u16, u32)> {
+            process_queue(&self.server, &mut self.queue, self.guest.mem);
+            let used = self.guest.used(0);
+            assert!(used.len() <= 1, "one chain, one completion: {used:?}");
+            used.first().copied()
         }
 
-        fn submit(&mut self, descs: &[(u64, u32, bool)]) -> Option<u32> {
-            self.driver.post(descs);
-            self.serve()
+        /// Serves whatever chain is posted; the bytes it got, if completed.
+        fn serve(&mut self) -> Option<u32> {
+            self.complete().map(|(_, len)| len)
+        }
+
+        fn submit(&mut self, descs: &[Desc]) -> Option<u32> {
+            let head = self.guest.post(0, descs);
+            self.complete().map(|(used, len)| {
+                assert_eq!(used, head);
+                len
+            })
         }
 
         fn call_raw(&mut self, opcode: u32, nodeid: u64, args: &[u8]) -> Reply {
             self.unique += 1;
-            let descs = stage_request(self.driver.mem, opcode, nodeid, self.unique, args);
+            let descs = stage_request(self.guest.mem, opcode, nodeid, self.unique, args);
             let used = self.submit(&descs).expect("the request was completed");
-            let reply = Reply::read(self.driver.mem, used);
+            let reply = Reply::read(self.guest.mem, used);
             assert!(
                 used as usize >= OUT_HEADER_LEN,
                 "no reply to opcode {opcode}"
@@ -1763,7 +1693,7 @@ mod tests {
             self.unique += 1;
             let args = ForgetIn { nlookup };
             let descs = stage_request(
-                self.driver.mem,
+                self.guest.mem,
                 Opcode::Forget as u32,
                 node,
                 self.unique,
@@ -1783,7 +1713,7 @@ mod tests {
                 body.extend_from_slice(ForgetOne { nodeid, nlookup }.as_slice());
             }
             let descs = stage_request(
-                self.driver.mem,
+                self.guest.mem,
                 Opcode::BatchForget as u32,
                 0,
                 self.unique,
@@ -2596,7 +2526,7 @@ mod tests {
         // Extended attributes go through /proc/self/fd/N with calls that
         // follow symlinks: the magic link must land on the link itself.
         // A second server rooted one level up can see (and label) the target.
-        let mut admin = Harness::serving(&mem, HIPRIO_BASE, h.base(), false);
+        let mut admin = Harness::serving(&mem, SECOND_QUEUE, h.base(), false);
         let target = admin.lookup(ROOT_ID, "outside.txt").unwrap();
         match admin.setxattr(target.nodeid, "user.secret", b"s3cret") {
             Ok(()) => {}
@@ -2789,8 +2719,8 @@ mod tests {
         let mut h = Harness::new(&mem, false);
         h.init();
         let reply_descs = [
-            (OUT_HDR, OUT_HEADER_LEN as u32, true),
-            (OUT_BODY, OUT_BODY_LEN, true),
+            (OUT_HDR, OUT_HEADER_LEN as u32, F_WRITE),
+            (OUT_BODY, OUT_BODY_LEN, F_WRITE),
         ];
         let lookup_args = cstr("hello.txt");
         let stage_lookup = |mem: &Mem, unique: u64| {
@@ -2804,15 +2734,15 @@ mod tests {
         };
 
         // Buffers outside guest memory, or straddling its end.
-        let mut descs = vec![(0xffff_0000, 40, false)];
+        let mut descs = vec![(0xffff_0000, 40, 0)];
         descs.extend_from_slice(&reply_descs);
         assert_eq!(h.submit(&descs), Some(0));
         check_alive(&mut h);
         let mut descs = stage_lookup(&mem, 1000);
-        descs[3] = (MEM_SIZE as u64 - 8, 4096, true);
+        descs[3] = (MEM_SIZE as u64 - 8, 4096, F_WRITE);
         assert_eq!(h.submit(&descs), Some(0));
         let mut descs = stage_lookup(&mem, 1001);
-        descs[0] = (u64::MAX - 16, 40, false);
+        descs[0] = (u64::MAX - 16, 40, 0);
         assert_eq!(h.submit(&descs), Some(0));
         check_alive(&mut h);
 
@@ -2836,15 +2766,18 @@ mod tests {
 
         // Zero-length chains, a chain with only a reply buffer, a request
         // shorter than a FUSE header.
-        assert_eq!(h.submit(&[(IN_HDR, 0, false)]), Some(0));
-        assert_eq!(h.submit(&[(IN_HDR, 0, false), (OUT_HDR, 0, true)]), Some(0));
+        assert_eq!(h.submit(&[(IN_HDR, 0, 0)]), Some(0));
+        assert_eq!(h.submit(&[(IN_HDR, 0, 0), (OUT_HDR, 0, F_WRITE)]), Some(0));
         assert_eq!(h.submit(&reply_descs), Some(0));
-        assert_eq!(h.submit(&[(IN_HDR, 39, false), reply_descs[0]]), Some(0));
+        assert_eq!(h.submit(&[(IN_HDR, 39, 0), reply_descs[0]]), Some(0));
         check_alive(&mut h);
 
         // No room for a reply, or no reply buffer at all.
         let descs = stage_lookup(&mem, 3000);
-        assert_eq!(h.submit(&[descs[0], descs[1], (OUT_HDR, 8, true)]), Some(0));
+        assert_eq!(
+            h.submit(&[descs[0], descs[1], (OUT_HDR, 8, F_WRITE)]),
+            Some(0)
+        );
         assert_eq!(h.submit(&descs[..2]), Some(0));
         // Room for the header only: an error rather than a cut reply.
         let descs = stage_lookup(&mem, 3001);
@@ -2859,18 +2792,14 @@ mod tests {
             h.submit(&[descs[0], descs[2], descs[1], descs[3]]),
             Some((OUT_HEADER_LEN + size_of::<EntryOut>()) as u32)
         );
-        let looping = SplitDescriptor::new(IN_HDR, 40, F_NEXT, 0);
-        h.driver
-            .mock
-            .desc_table()
-            .store(0, RawDescriptor::from(looping))
-            .unwrap();
-        h.driver.post_head(0);
+        let looping = h.guest.next_desc[0];
+        h.guest.set_desc(0, looping, (IN_HDR, 40, F_NEXT), looping);
+        h.guest.make_avail(0, looping);
         assert_eq!(h.serve(), Some(0));
         check_alive(&mut h);
 
         // A head index past the queue: skipped, nothing to complete.
-        h.driver.post_head(QSIZE + 3);
+        h.guest.make_avail(0, QSIZE + 3);
         assert_eq!(h.serve(), None);
         check_alive(&mut h);
 
@@ -2932,49 +2861,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("hello.txt"), HELLO).unwrap();
         let mut dev = Fs::new("worker", dir.path(), false).unwrap();
-        let mut hiprio = Driver::new(&mem, HIPRIO_BASE);
-        let mut requests = Driver::new(&mem, 0);
-        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let notify = [
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        ];
-        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
-        let activation = |queues: Vec<Queue>| Activation {
-            mem: mem.clone(),
-            interrupt: interrupt.clone(),
-            queues: queues
-                .into_iter()
-                .zip(&notify)
-                .map(|(queue, n)| ActiveQueue {
-                    queue,
-                    notify: n.try_clone().unwrap(),
-                })
-                .collect(),
-            stop: stop.try_clone().unwrap(),
-        };
+        // Queue 0 is hiprio, queue 1 the request queue.
+        let (hiprio, requests) = (0, 1);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
+        let interrupt = interrupt();
+        let notify = [eventfd(), eventfd()];
+        let stop = eventfd();
+        let activation = |queues| activation(&mem, &interrupt, queues, &notify, &stop);
         assert!(matches!(
             dev.activate(activation(vec![Queue::new(QSIZE).unwrap()])),
             Err(DeviceError::QueueCount { got: 1, want: 2 })
         ));
-        let queues = vec![
-            hiprio.mock.create_queue::<Queue>().unwrap(),
-            requests.mock.create_queue::<Queue>().unwrap(),
-        ];
-        dev.activate(activation(queues)).unwrap();
+        dev.activate(activation(g.device_queues::<NUM_QUEUES>().into()))
+            .unwrap();
         let worker = dev.take_worker().unwrap();
         assert_eq!(worker.thread().name(), Some("virtio-fs-worker"));
-
-        let wait_for = |d: &mut Driver| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(used) = d.used() {
-                    return used;
-                }
-                assert!(Instant::now() < deadline, "the worker did not answer");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
+        let completed = |g: &mut Guest, q: usize| wait_for("virtio-fs", || g.used(q).pop());
 
         let init = InitIn {
             major: KERNEL_VERSION,
@@ -2983,18 +2885,18 @@ mod tests {
             flags: 0,
         };
         let descs = stage_request(&mem, Opcode::Init as u32, 0, 6, init.as_slice());
-        requests.post(&descs);
-        notify[1].write(1).unwrap();
-        let (_, len) = wait_for(&mut requests);
+        g.post(requests, &descs);
+        notify[requests].write(1).unwrap();
+        let (_, len) = completed(&mut g, requests);
         assert!(Reply::read(&mem, len).result().is_ok());
         // INIT made the backend clear the umask: the worker's own only.
         assert_eq!(umask(), process_umask);
 
         let descs = stage_request(&mem, Opcode::Lookup as u32, ROOT_ID, 7, &cstr("hello.txt"));
-        requests.post(&descs);
-        notify[1].write(1).unwrap();
-        let (head, len) = wait_for(&mut requests);
-        assert_eq!(head, 0);
+        let posted = g.post(requests, &descs);
+        notify[requests].write(1).unwrap();
+        let (head, len) = completed(&mut g, requests);
+        assert_eq!(head, posted);
         let r = Reply::read(&mem, len);
         assert_eq!(r.header.unique, 7);
         let e: EntryOut = obj(r.result().unwrap());
@@ -3006,14 +2908,14 @@ mod tests {
         let forget = ForgetIn { nlookup: 1 };
         let mut descs = stage_request(&mem, Opcode::Forget as u32, e.nodeid, 8, forget.as_slice());
         descs.truncate(2);
-        hiprio.post(&descs);
-        notify[0].write(1).unwrap();
-        assert_eq!(wait_for(&mut hiprio), (0, 0));
+        let posted = g.post(hiprio, &descs);
+        notify[hiprio].write(1).unwrap();
+        assert_eq!(completed(&mut g, hiprio), (posted, 0));
 
         // A malformed request does not stop the worker.
-        requests.post(&[(0xffff_0000, 40, false)]);
-        notify[1].write(1).unwrap();
-        assert_eq!(wait_for(&mut requests), (0, 0));
+        let posted = g.post(requests, &[(0xffff_0000, 40, 0)]);
+        notify[requests].write(1).unwrap();
+        assert_eq!(completed(&mut g, requests), (posted, 0));
         let descs = stage_request(
             &mem,
             Opcode::Getattr as u32,
@@ -3021,17 +2923,13 @@ mod tests {
             9,
             GetattrIn::default().as_slice(),
         );
-        requests.post(&descs);
-        notify[1].write(1).unwrap();
-        let (_, len) = wait_for(&mut requests);
+        g.post(requests, &descs);
+        notify[requests].write(1).unwrap();
+        let (_, len) = completed(&mut g, requests);
         assert!(Reply::read(&mem, len).result().is_ok());
 
         stop.write(1).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !worker.is_finished() {
-            assert!(Instant::now() < deadline, "the worker did not stop");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for("stop", || worker.is_finished().then_some(()));
         worker.join().unwrap();
         // The stop event is the VM's: still readable for the other devices.
         assert_eq!(stop.read().unwrap(), 1);
@@ -3139,10 +3037,10 @@ mod tests {
         // A chain that really holds more than Linux ever sends (the same
         // guest memory twice): the largest request passes, one byte more
         // does not (the server would say ENOMEM).
-        let big = |descs: &[(u64, u32, bool)]| {
+        let big = |descs: &[Desc]| {
             let mut v = descs[..2].to_vec();
-            v.push((0, MEM_SIZE as u32, false));
-            v.push((0, MEM_SIZE as u32, false));
+            v.push((0, MEM_SIZE as u32, 0));
+            v.push((0, MEM_SIZE as u32, 0));
             v.extend_from_slice(&descs[2..]);
             v
         };
@@ -3468,10 +3366,10 @@ mod tests {
             mem.write_slice(&bytes, GuestAddress(IN_HDR)).unwrap();
             let split = split.min(bytes.len());
             let descs = [
-                (IN_HDR, split as u32, false),
-                (IN_HDR + split as u64, (bytes.len() - split) as u32, false),
-                (OUT_HDR, OUT_HEADER_LEN as u32, true),
-                (OUT_BODY, room, true),
+                (IN_HDR, split as u32, 0),
+                (IN_HDR + split as u64, (bytes.len() - split) as u32, 0),
+                (OUT_HDR, OUT_HEADER_LEN as u32, F_WRITE),
+                (OUT_BODY, room, F_WRITE),
             ];
             prop_assert!(h.submit(&descs).is_some());
             prop_assert!(h.getattr(ROOT_ID).is_ok());

@@ -728,173 +728,19 @@ fn scatter(mem: &Mem, descs: &[Descriptor], data: &[u8]) -> Result<(), BadChain>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use std::os::unix::net::UnixDatagram;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use proptest::prelude::*;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::{MockSplitQueue, UsedRing};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::eventfd::EventFd;
 
-    use crate::virtio::ActiveQueue;
+    use crate::virtio::test_utils::*;
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
-    const F_INDIRECT: u16 = 4;
-    const QSIZE: u16 = 16;
-
-    type Desc = (u64, u32, u16);
-
-    /// The driver's side of the two queues, over virtio-queue's mock.
-    ///
-    /// The mock (0.17) puts its used ring over the second half of its
-    /// available ring (it takes the ring's length in bytes for its entry
-    /// count): the used rings are elsewhere, ours.
-    struct Guest<'a> {
-        mem: &'a Mem,
-        queues: Vec<MockSplitQueue<'a, Mem>>,
-        used_rings: Vec<UsedRing<'a, Mem>>,
-        next_desc: [u16; NUM_QUEUES],
-        used_seen: [u16; NUM_QUEUES],
-        chains: HashMap<(usize, u16), Vec<Desc>>,
-        next_buf: u64,
-    }
-
-    impl<'a> Guest<'a> {
-        fn new(mem: &'a Mem) -> Guest<'a> {
-            let queues = (0..NUM_QUEUES)
-                .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1000 * i as u64), QSIZE))
-                .collect();
-            let used_rings = (0..NUM_QUEUES)
-                .map(|i| UsedRing::new(mem, used_ring_addr(i), QSIZE))
-                .collect();
-            Guest {
-                mem,
-                queues,
-                used_rings,
-                next_desc: [0; NUM_QUEUES],
-                used_seen: [0; NUM_QUEUES],
-                chains: HashMap::new(),
-                next_buf: 0x1_0000,
-            }
-        }
-
-        fn device_queues(&self) -> [Queue; NUM_QUEUES] {
-            std::array::from_fn(|i| {
-                let mut q = self.queues[i].create_queue::<Queue>().unwrap();
-                let a = used_ring_addr(i).0;
-                q.set_used_ring_address(Some(a as u32), Some((a >> 32) as u32));
-                assert!(q.is_valid(self.mem));
-                q
-            })
-        }
-
-        fn alloc(&mut self, len: u64) -> u64 {
-            let a = self.next_buf;
-            self.next_buf += len.next_multiple_of(0x100);
-            a
-        }
-
-        fn post(&mut self, q: usize, descs: &[Desc]) -> u16 {
-            let n = descs.len() as u16;
-            let idx: Vec<u16> = (0..n).map(|k| (self.next_desc[q] + k) % QSIZE).collect();
-            self.next_desc[q] = (self.next_desc[q] + n) % QSIZE;
-            for (k, &(addr, len, flags)) in descs.iter().enumerate() {
-                let (flags, next) = match idx.get(k + 1) {
-                    Some(&next) => (flags | F_NEXT, next),
-                    None => (flags, 0),
-                };
-                let d = SplitDescriptor::new(addr, len, flags, next);
-                self.queues[q]
-                    .desc_table()
-                    .store(idx[k], RawDescriptor::from(d))
-                    .unwrap();
-            }
-            self.chains.insert((q, idx[0]), descs.to_vec());
-            self.make_avail(q, idx[0]);
-            idx[0]
-        }
-
-        fn make_avail(&self, q: usize, head: u16) {
-            let avail = self.queues[q].avail();
-            let i = avail.idx().load();
-            avail
-                .ring()
-                .ref_at((i % QSIZE) as usize)
-                .unwrap()
-                .store(head);
-            avail.idx().store(i.wrapping_add(1));
-        }
-
-        fn used(&mut self, q: usize) -> Vec<(u16, u32)> {
-            let used = &self.used_rings[q];
-            let idx = used.idx().load();
-            let mut out = Vec::new();
-            while self.used_seen[q] != idx {
-                let e = used
-                    .ring()
-                    .ref_at((self.used_seen[q] % QSIZE) as usize)
-                    .unwrap()
-                    .load();
-                out.push((e.id() as u16, e.len()));
-                self.used_seen[q] = self.used_seen[q].wrapping_add(1);
-            }
-            out
-        }
-
-        /// The bytes of each new used buffer of `q`.
-        fn received(&mut self, q: usize) -> Vec<Vec<u8>> {
-            let mut out = Vec::new();
-            for (head, len) in self.used(q) {
-                let mut left = len as usize;
-                let mut data = Vec::new();
-                for &(addr, dlen, flags) in &self.chains[&(q, head)] {
-                    if flags & F_WRITE == 0 || left == 0 {
-                        continue;
-                    }
-                    let n = left.min(dlen as usize);
-                    data.extend(self.read(addr, n));
-                    left -= n;
-                }
-                assert_eq!(left, 0, "used length beyond the buffers");
-                out.push(data);
-            }
-            out
-        }
-
-        fn write(&self, addr: u64, data: &[u8]) {
-            self.mem.write_slice(data, GuestAddress(addr)).unwrap();
-        }
-
-        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-            let mut v = vec![0; len];
-            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
-            v
-        }
-
-        fn post_in(&mut self, len: u32) -> u16 {
-            let a = self.alloc(len as u64);
-            self.post(RX, &[(a, len, F_WRITE)])
-        }
-
-        /// Transmits `frame` behind a header, in one descriptor.
-        fn send(&mut self, frame: &[u8]) -> u16 {
-            let mut data = vec![0u8; NET_HDR_LEN];
-            data.extend_from_slice(frame);
-            let a = self.alloc(data.len() as u64);
-            self.write(a, &data);
-            self.post(TX, &[(a, data.len() as u32, 0)])
-        }
-    }
-
-    fn used_ring_addr(q: usize) -> GuestAddress {
-        GuestAddress(0x1000 * q as u64 + 0x800)
-    }
-
-    fn memory(size: usize) -> Mem {
-        Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    /// Transmits `frame` behind a header, in one descriptor.
+    fn send(g: &mut Guest, frame: &[u8]) -> u16 {
+        let mut data = vec![0u8; NET_HDR_LEN];
+        data.extend_from_slice(frame);
+        g.post_out(TX, &data)
     }
 
     /// A datagram socket pair stands in for the tap: one frame per
@@ -927,7 +773,7 @@ mod tests {
         vnet_hdr: bool,
     ) -> (Worker, UnixDatagram, Arc<Interrupt>) {
         let (dev, host) = tap_pair();
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let irq = interrupt();
         let w = Worker::new(
             mem.clone(),
             irq.clone(),
@@ -1007,7 +853,7 @@ mod tests {
     fn headers_pass_through_a_tap_that_carries_them() {
         for mergeable in [false, true] {
             let mem = memory(0x10_0000);
-            let mut g = Guest::new(&mem);
+            let mut g = Guest::new(&mem, NUM_QUEUES);
             let (mut w, host, _irq) = worker_full(&mem, &g, mergeable, true);
             // Transmit: a TSO segment with a partial checksum goes to the
             // tap header and all.
@@ -1021,7 +867,7 @@ mod tests {
             assert_eq!(g.used(TX), vec![(h, 0)]);
             assert_eq!(recv(&host), data, "mergeable: {mergeable}");
             // A header alone is no frame.
-            g.send(&[]);
+            send(&mut g, &[]);
             w.process_all();
             assert_nothing_sent(&host);
 
@@ -1031,7 +877,7 @@ mod tests {
             let mut from_tap = vnet_header(2, 0, 0, 0xffff);
             from_tap.extend_from_slice(&f);
             host.send(&from_tap).unwrap();
-            g.post_in(1526);
+            g.post_in(RX, 1526);
             w.process_all();
             let mut want = vnet_header(2, 0, 0, 1);
             want.extend_from_slice(&f);
@@ -1044,11 +890,11 @@ mod tests {
             host.send(&from_tap).unwrap();
             let n = if mergeable {
                 for _ in 0..8 {
-                    g.post_in(4096);
+                    g.post_in(RX, 4096);
                 }
                 8
             } else {
-                g.post_in(40_000);
+                g.post_in(RX, 40_000);
                 1
             };
             w.process_all();
@@ -1057,7 +903,7 @@ mod tests {
             assert_eq!(g.received(RX).concat(), want, "mergeable: {mergeable}");
             // Something shorter than a header from the tap is dropped.
             host.send(&[0u8; 5]).unwrap();
-            g.post_in(1526);
+            g.post_in(RX, 1526);
             w.process_all();
             assert_eq!(w.dropped, 1);
             assert!(g.used(RX).is_empty(), "the buffer stays for a frame");
@@ -1114,19 +960,17 @@ mod tests {
     #[test]
     fn a_wrong_queue_count_fails_and_keeps_the_tap() {
         let mem = memory(0x10_0000);
-        let g = Guest::new(&mem);
+        let g = Guest::new(&mem, NUM_QUEUES);
         let (dev, _host) = UnixDatagram::pair().unwrap();
         let mut net = Net::new(OwnedFd::from(dev), "02:00:00:00:00:03").unwrap();
         let [queue, _] = g.device_queues();
-        let r = net.activate(Activation {
-            mem: mem.clone(),
-            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-            queues: vec![ActiveQueue {
-                queue,
-                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-            }],
-            stop: EventFd::new(EFD_NONBLOCK).unwrap(),
-        });
+        let r = net.activate(activation(
+            &mem,
+            &interrupt(),
+            vec![queue],
+            &[eventfd()],
+            &eventfd(),
+        ));
         assert!(
             matches!(r, Err(DeviceError::QueueCount { got: 1, want: 2 })),
             "{:?}",
@@ -1158,10 +1002,10 @@ mod tests {
     #[test]
     fn transmit_strips_the_header() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, irq) = worker(&mem, &g);
         let f1 = frame(60, 1);
-        let h1 = g.send(&f1);
+        let h1 = send(&mut g, &f1);
         // A frame over three descriptors, the header split across two.
         let f2 = frame(1514, 2);
         let mut data = vec![0xeeu8; NET_HDR_LEN];
@@ -1186,7 +1030,7 @@ mod tests {
     #[test]
     fn receive_puts_a_header_in_front() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, irq) = worker(&mem, &g);
         let f = frame(98, 7);
         host.send(&f).unwrap();
@@ -1195,7 +1039,7 @@ mod tests {
         assert!(w.tap_interest().is_empty(), "the tap is not watched");
         assert_eq!(w.rx_len, None, "and not read either");
 
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         assert_eq!(w.tap_interest(), EventSet::IN);
         w.process_all();
         let got = g.received(RX);
@@ -1221,14 +1065,14 @@ mod tests {
     #[test]
     fn frames_wait_for_buffers_in_order() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker(&mem, &g);
         let frames: Vec<_> = (0..5).map(|i| frame(60 + i * 10, i as u8)).collect();
         for f in &frames {
             host.send(f).unwrap();
         }
-        g.post_in(1526);
-        g.post_in(1526);
+        g.post_in(RX, 1526);
+        g.post_in(RX, 1526);
         w.process_all();
         assert_eq!(
             g.received(RX),
@@ -1236,7 +1080,7 @@ mod tests {
         );
         assert!(w.tap_interest().is_empty());
         for _ in 0..4 {
-            g.post_in(1526);
+            g.post_in(RX, 1526);
         }
         w.process_all();
         assert_eq!(
@@ -1252,9 +1096,9 @@ mod tests {
     #[test]
     fn a_frame_too_big_for_the_buffers_is_dropped_and_the_buffer_kept() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker(&mem, &g);
-        let h = g.post_in(1526);
+        let h = g.post_in(RX, 1526);
         host.send(&frame(4000, 1)).unwrap();
         let small = frame(64, 2);
         host.send(&small).unwrap();
@@ -1268,7 +1112,7 @@ mod tests {
     #[test]
     fn hostile_transmit_chains_are_dropped() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker(&mem, &g);
         let outside = mem.last_addr().raw_value() + 1;
         let a = g.alloc(0x100);
@@ -1291,17 +1135,7 @@ mod tests {
         assert_nothing_sent(&host);
         // A looping chain: 0 -> 1 -> 0 ... is cut by the iterator; what it
         // has read is then far too short or too long, never a hang.
-        let base = g.next_desc[TX];
-        let (d0, d1) = (base, (base + 1) % QSIZE);
-        for (i, next) in [(d0, d1), (d1, d0)] {
-            let d = SplitDescriptor::new(a, 1, F_NEXT, next);
-            g.queues[TX]
-                .desc_table()
-                .store(i, RawDescriptor::from(d))
-                .unwrap();
-        }
-        g.next_desc[TX] = (base + 2) % QSIZE;
-        g.make_avail(TX, d0);
+        g.post_loop(TX, a, 1);
         // A head beyond the table.
         g.make_avail(TX, QSIZE + 3);
         w.process_all();
@@ -1309,7 +1143,7 @@ mod tests {
         let _ = recv_any(&host);
         // Then a good frame goes through.
         let f = frame(100, 3);
-        g.send(&f);
+        send(&mut g, &f);
         w.process_all();
         assert_eq!(recv(&host), f);
     }
@@ -1329,7 +1163,7 @@ mod tests {
     #[test]
     fn hostile_receive_chains_are_given_back_empty() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker(&mem, &g);
         let outside = mem.last_addr().raw_value() + 1;
         let r = g.alloc(2000);
@@ -1349,7 +1183,7 @@ mod tests {
         assert_eq!(g.used(RX), bad.iter().map(|&h| (h, 0)).collect::<Vec<_>>());
         assert_eq!(w.rx_len, Some(NET_HDR_LEN + f.len()), "the frame waits");
         assert!(w.tap_interest().is_empty());
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         w.process_all();
         assert_eq!(g.received(RX), vec![with_header(&f)]);
     }
@@ -1357,15 +1191,15 @@ mod tests {
     #[test]
     fn a_dead_tap_is_not_watched() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker(&mem, &g);
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         drop(host);
         w.process_all();
         // A datagram socket whose peer is gone reads EOF as 0 or an error.
         assert!(w.tap_dead || w.tap_interest() == EventSet::IN);
         // Transmitting still completes the chains.
-        let h = g.send(&frame(60, 0));
+        let h = send(&mut g, &frame(60, 0));
         w.process_all();
         assert_eq!(g.used(TX), vec![(h, 0)]);
     }
@@ -1373,12 +1207,12 @@ mod tests {
     #[test]
     fn mergeable_frames_span_buffers() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, irq) = worker_with(&mem, &g, true);
         // Small frames take one buffer each.
         let f = frame(60, 1);
         host.send(&f).unwrap();
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         w.process_all();
         assert_eq!(g.received(RX), vec![with_header_n(&f, 1)]);
         let _ = irq.eventfd().read();
@@ -1387,14 +1221,14 @@ mod tests {
         // their used elements published together.
         let f = frame(4000, 2);
         host.send(&f).unwrap();
-        let h1 = g.post_in(1526);
+        let h1 = g.post_in(RX, 1526);
         w.process_all();
         assert!(g.used(RX).is_empty(), "one buffer is not enough");
         assert!(w.tap_interest().is_empty(), "the frame waits, the tap too");
         assert!(irq.eventfd().read().is_err(), "no interrupt");
-        let h2 = g.post_in(1526);
-        let h3 = g.post_in(1526);
-        let h4 = g.post_in(1526);
+        let h2 = g.post_in(RX, 1526);
+        let h3 = g.post_in(RX, 1526);
+        let h4 = g.post_in(RX, 1526);
         w.process_all();
         let used = g.used(RX);
         assert_eq!(
@@ -1420,7 +1254,7 @@ mod tests {
         let f = frame(MAX_FRAME_LEN, 4);
         host.send(&f).unwrap();
         for _ in 0..QSIZE {
-            g.post_in(8192);
+            g.post_in(RX, 8192);
         }
         w.process_all();
         let got = g.received(RX);
@@ -1431,7 +1265,7 @@ mod tests {
     #[test]
     fn mergeable_hostile_chains_and_a_frame_bigger_than_the_ring() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker_with(&mem, &g, true);
         let outside = mem.last_addr().raw_value() + 1;
         let r = g.alloc(2000);
@@ -1447,12 +1281,12 @@ mod tests {
             g.post(RX, &[(r, 0, F_WRITE)]),
             g.post(RX, &[(u64::MAX - 10, 2000, F_WRITE)]),
         ];
-        let good = g.post_in(1526);
+        let good = g.post_in(RX, 1526);
         w.process_all();
         assert_eq!(g.used(RX), bad.iter().map(|&h| (h, 0)).collect::<Vec<_>>());
         assert_eq!(w.rx_chains.len(), 1);
         assert!(w.rx_len.is_some(), "the frame waits for more room");
-        let good2 = g.post_in(1526);
+        let good2 = g.post_in(RX, 1526);
         w.process_all();
         assert_eq!(
             g.used(RX),
@@ -1461,11 +1295,11 @@ mod tests {
 
         // Buffers of 12 bytes: the whole ring holds no frame of 1000 bytes.
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (mut w, host, _irq) = worker_with(&mem, &g, true);
         host.send(&frame(1000, 6)).unwrap();
         for _ in 0..QSIZE {
-            g.post_in(NET_HDR_LEN as u32);
+            g.post_in(RX, NET_HDR_LEN as u32);
         }
         w.process_all();
         assert!(g.used(RX).is_empty());
@@ -1479,53 +1313,33 @@ mod tests {
     #[test]
     fn worker_thread_serves_notifications_and_stops() {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem);
+        let mut g = Guest::new(&mem, NUM_QUEUES);
         let (dev, host) = UnixDatagram::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut net = Net::new(OwnedFd::from(dev), "02:00:00:00:00:01").unwrap();
         net.set_acked_features(VIRTIO_NET_F_MAC | crate::virtio::VIRTIO_F_VERSION_1);
-        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
-        let notify: Vec<EventFd> = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
-        let stop = EventFd::new(EFD_NONBLOCK).unwrap();
-        let queues = g
-            .device_queues()
-            .into_iter()
-            .zip(&notify)
-            .map(|(queue, n)| ActiveQueue {
-                queue,
-                notify: n.try_clone().unwrap(),
-            })
-            .collect();
-        net.activate(Activation {
-            mem: mem.clone(),
-            interrupt: irq.clone(),
-            queues,
-            stop: stop.try_clone().unwrap(),
-        })
-        .unwrap();
+        let irq = interrupt();
+        let notify: Vec<EventFd> = (0..NUM_QUEUES).map(|_| eventfd()).collect();
+        let stop = eventfd();
+        let queues = g.device_queues::<NUM_QUEUES>().into();
+        net.activate(activation(&mem, &irq, queues, &notify, &stop))
+            .unwrap();
         let wait_used = |g: &mut Guest, q: usize| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
+            wait_for(&format!("queue {q}"), || {
                 let got = g.received(q);
-                if !got.is_empty() {
-                    return got;
-                }
-                assert!(Instant::now() < deadline, "queue {q}: nothing used");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+                (!got.is_empty()).then_some(got)
+            })
         };
 
         // A frame before any buffer waits in the tap.
         let f = frame(90, 4);
         host.send(&f).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         notify[RX].write(1).unwrap();
         assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
         // A buffer waiting: the tap wakes the worker.
-        g.post_in(1526);
+        g.post_in(RX, 1526);
         notify[RX].write(1).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let f = frame(1514, 5);
@@ -1533,7 +1347,7 @@ mod tests {
         assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
 
         let out = frame(300, 6);
-        g.send(&out);
+        send(&mut g, &out);
         notify[TX].write(1).unwrap();
         assert_eq!(recv(&host), out);
         assert_eq!(wait_used(&mut g, TX).len(), 1);
@@ -1543,15 +1357,6 @@ mod tests {
         net.take_worker().unwrap().join().unwrap();
     }
 
-    fn arb_desc(mem_size: u64) -> impl Strategy<Value = (u64, u32, u16, u16)> {
-        (
-            prop_oneof![0..mem_size, any::<u64>()],
-            prop_oneof![0u32..0x3000, any::<u32>()],
-            0u16..8,
-            0u16..QSIZE + 4,
-        )
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
         /// Random descriptor tables, available rings and frames on both
@@ -1559,29 +1364,16 @@ mod tests {
         /// receives through good chains.
         #[test]
         fn random_rings_never_panic(
-            tables in proptest::collection::vec(
-                proptest::collection::vec(arb_desc(0x2_0000), QSIZE as usize), NUM_QUEUES),
-            avail in proptest::collection::vec(
-                (proptest::collection::vec(0u16..QSIZE + 4, QSIZE as usize), 0u16..QSIZE + 3),
-                NUM_QUEUES),
+            rings in arb_rings(NUM_QUEUES, 0x2_0000),
             frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..3000), 0..6),
             rounds in 1usize..4,
             mergeable in any::<bool>(),
         ) {
             let mem = memory(0x2_0000);
-            let g = Guest::new(&mem);
+            let g = Guest::new(&mem, NUM_QUEUES);
             let (mut w, host, _irq) = worker_with(&mem, &g, mergeable);
-            for q in 0..NUM_QUEUES {
-                for (i, &(addr, len, flags, next)) in tables[q].iter().enumerate() {
-                    let d = SplitDescriptor::new(addr, len, flags & (F_NEXT | F_WRITE | F_INDIRECT), next);
-                    g.queues[q].desc_table().store(i as u16, RawDescriptor::from(d)).unwrap();
-                }
-                let (ring, count) = &avail[q];
-                let av = g.queues[q].avail();
-                for (i, &h) in ring.iter().enumerate() {
-                    av.ring().ref_at(i).unwrap().store(h);
-                }
-                av.idx().store(*count);
+            for (q, ring) in rings.iter().enumerate() {
+                g.load(q, ring);
             }
             for f in &frames {
                 let _ = host.send(f);
@@ -1593,26 +1385,16 @@ mod tests {
             }
             // Still alive: a valid transmit chain goes through, provided the
             // ring itself is sane again (the driver owns it).
-            let next = w.q.queues[TX].next_avail();
-            let av = g.queues[TX].avail();
             let mut data = vec![0u8; NET_HDR_LEN];
             data.extend_from_slice(b"end");
             g.write(0x1_1000, &data);
-            let d = SplitDescriptor::new(0x1_1000, data.len() as u32, 0, 0);
-            g.queues[TX].desc_table().store(0, RawDescriptor::from(d)).unwrap();
-            av.ring().ref_at((next % QSIZE) as usize).unwrap().store(0);
-            av.idx().store(next.wrapping_add(1));
+            g.repost(TX, w.q.queues[TX].next_avail(), 0, (0x1_1000, data.len() as u32, 0));
             w.process_all();
             prop_assert_eq!(recv(&host), b"end".to_vec());
             // And a frame reaches a good receive buffer (one still held or
             // still in the tap, or a new one), unless held chains took it.
             let held = !w.rx_chains.is_empty();
-            let next = w.q.queues[RX].next_avail();
-            let av = g.queues[RX].avail();
-            let d = SplitDescriptor::new(0x1_2000, 4000, F_WRITE, 0);
-            g.queues[RX].desc_table().store(1, RawDescriptor::from(d)).unwrap();
-            av.ring().ref_at((next % QSIZE) as usize).unwrap().store(1);
-            av.idx().store(next.wrapping_add(1));
+            g.repost(RX, w.q.queues[RX].next_avail(), 1, (0x1_2000, 4000, F_WRITE));
             host.send(b"in").unwrap();
             w.process_all();
             if !held {
