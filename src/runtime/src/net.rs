@@ -14,12 +14,13 @@
 //! also runs after a monitor was killed.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use krun_proto::{InterfaceSetup, NetworkSetup, RouteSetup};
+use krun_vmm::devices::net::tap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -132,28 +133,10 @@ fn open_tap(netns: &Path) -> anyhow::Result<OwnedFd> {
         s.spawn(|| -> anyhow::Result<OwnedFd> {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .with_context(|| format!("entering network namespace {}", netns.display()))?;
-            let tun = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .context("opening /dev/net/tun")?;
-            // SAFETY: ifreq is plain data; all zeroes is a valid value.
-            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (d, s) in req.ifr_name.iter_mut().zip(TAP_NAME.bytes()) {
-                *d = s as libc::c_char;
-            }
             // With virtio-net headers: both backends pass them through,
             // so the guest's checksum and segmentation offloads reach the
             // host kernel (QEMU finds the flag on the descriptor by itself).
-            req.ifr_ifru.ifru_flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
-            let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF as _, &mut req) };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context("creating the tap (TUNSETIFF)");
-            }
-            Ok(OwnedFd::from(tun))
+            Ok(tap::create(TAP_NAME, true)?)
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
