@@ -10,7 +10,8 @@ use krun_proto::{
     Decoder, ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM, PROTOCOL_VERSION,
 };
 
-use crate::container::{self, Container, Failure, Pending, Stdio};
+use crate::container::{self, Container, Pending, Stdio};
+use crate::failure::Failure;
 use crate::sys;
 
 /// Output is read and sent in chunks of at most this many bytes.

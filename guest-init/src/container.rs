@@ -9,35 +9,8 @@ use std::path::{Path, PathBuf};
 
 use krun_proto::{CgroupSetup, CgroupStats, ContainerSetup, ProcessInfo, ProcessSetup};
 
+use crate::failure::{Failure, OrFail};
 use crate::{mounts, process, sys};
-
-/// Why a process could not be created or started, with the exit status the
-/// host reports for it.
-#[derive(Debug)]
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(code: i32, message: impl Into<String>) -> Failure {
-        Failure {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-/// Adds context to an I/O error as a [`Failure`] with status 1.
-pub trait OrFail<T> {
-    fn or_fail(self, what: impl FnOnce() -> String) -> Result<T, Failure>;
-}
-
-impl<T, E: std::fmt::Display> OrFail<T> for Result<T, E> {
-    fn or_fail(self, what: impl FnOnce() -> String) -> Result<T, Failure> {
-        self.map_err(|e| Failure::new(1, format!("{}: {e}", what())))
-    }
-}
 
 /// guest-init's ends of a process's stdio.
 #[derive(Default)]

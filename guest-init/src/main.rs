@@ -10,6 +10,7 @@
 mod agent;
 mod boot;
 mod container;
+mod failure;
 mod mounts;
 mod net;
 mod process;

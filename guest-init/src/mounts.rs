@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use krun_proto::{ContainerSetup, MountSetup, MountSource};
 
-use crate::container::{Failure, OrFail};
+use crate::failure::{Failure, OrFail};
 use crate::sys;
 
 const MS_BIND: u64 = libc::MS_BIND;

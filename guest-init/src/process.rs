@@ -11,7 +11,7 @@ use std::str::FromStr;
 use caps::{CapSet, Capability, CapsHashSet};
 use krun_proto::ProcessSetup;
 
-use crate::container::{Failure, OrFail};
+use crate::failure::{Failure, OrFail};
 use crate::sys;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
