@@ -1,7 +1,8 @@
 //! Thin, safe wrappers over the Linux calls guest-init makes. Every unsafe
-//! block in guest-init lives here.
+//! block in guest-init lives here: the crate root denies unsafe code and
+//! allows it in this module alone.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -495,6 +496,28 @@ pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
     // SAFETY: TIOCSCTTY takes an integer argument.
     check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) })?;
     Ok(())
+}
+
+/// True when this process may execute `path` (access(2) with X_OK).
+pub fn can_execute(path: &Path) -> bool {
+    let Ok(c) = cstring(path) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid C string; access has no other effects.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// execve(2): replaces this process's program with `path`, run with `args`
+/// and the environment `env`. Returns only if that failed, with the reason.
+pub fn execve(path: &CStr, args: &[CString], env: &[CString]) -> io::Error {
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: path, argv and envp are NUL-terminated strings and
+    // null-terminated arrays that live across the call.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
 }
 
 /// exit(2) without running destructors or atexit handlers (for forked
