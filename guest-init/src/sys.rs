@@ -759,3 +759,75 @@ pub fn route_add_v6(
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+
+    use super::*;
+
+    fn is_cloexec(fd: &OwnedFd) -> bool {
+        let flags = fcntl(fd, FcntlArg::F_GETFD).unwrap();
+        FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC)
+    }
+
+    #[test]
+    fn a_descriptor_crosses_a_socketpair_close_on_exec() {
+        let (a, b) = socketpair().unwrap();
+        assert!(is_cloexec(&a) && is_cloexec(&b));
+        let (r, w) = pipe().unwrap();
+        assert!(is_cloexec(&r) && is_cloexec(&w));
+        send_fd(&a, &w).unwrap();
+        drop(w);
+        let got = recv_fd(&b).unwrap();
+        assert!(is_cloexec(&got));
+        File::from(got).write_all(b"through").unwrap();
+        let mut text = String::new();
+        File::from(r).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "through");
+    }
+
+    #[test]
+    fn a_message_without_a_descriptor_is_an_error() {
+        let (a, b) = socketpair().unwrap();
+        File::from(a).write_all(b"x").unwrap();
+        let e = recv_fd(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // And so is the peer's close.
+        let e = recv_fd(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn nonblocking_adds_to_the_flags() {
+        let (r, w) = pipe().unwrap();
+        set_nonblocking(&w).unwrap();
+        let flags = OFlag::from_bits_retain(fcntl(&w, FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_NONBLOCK | OFlag::O_WRONLY));
+        drop(r);
+    }
+
+    #[test]
+    fn the_boot_clock_runs() {
+        let a = boottime_ns();
+        assert!(a > 0);
+        assert!(boottime_ns() >= a);
+    }
+
+    #[test]
+    fn can_execute_follows_the_mode_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("prog");
+        std::fs::write(&f, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Without an execute bit nobody may, root included.
+        assert!(!can_execute(&f));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o744)).unwrap();
+        assert!(can_execute(&f));
+        assert!(!can_execute(&dir.path().join("missing")));
+        assert!(!can_execute(Path::new("nul\0byte")));
+    }
+}
