@@ -442,9 +442,8 @@ fn attach_terminal(sock: &OwnedFd, size: Option<(u16, u16)>, uid: u32) -> Result
     drop(master);
     sys::set_controlling_tty(slave.as_raw_fd())
         .or_fail(|| "process.terminal: setting the controlling terminal".into())?;
-    for i in 0..3 {
-        sys::dup2(slave.as_raw_fd(), i).or_fail(|| "process.terminal: setting up stdio".into())?;
-    }
+    sys::set_stdio(&slave, &slave, &slave)
+        .or_fail(|| "process.terminal: setting up stdio".into())?;
     Ok(())
 }
 
@@ -453,10 +452,8 @@ fn attach_terminal(sock: &OwnedFd, size: Option<(u16, u16)>, uid: u32) -> Result
 fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<PathBuf, Failure> {
     sys::reset_signals();
     sys::setsid();
-    if let ChildStdio::Pipes(fds) = &stdio {
-        for (i, fd) in fds.iter().enumerate() {
-            sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
-        }
+    if let ChildStdio::Pipes([stdin, stdout, stderr]) = &stdio {
+        sys::set_stdio(stdin, stdout, stderr).or_fail(|| "setting up stdio".into())?;
     }
     fs::write(cgroup.join("cgroup.procs"), "0")
         .or_fail(|| "joining the container's cgroup".into())?;
@@ -588,10 +585,8 @@ fn exec_child(
 ) -> Result<PathBuf, Failure> {
     sys::reset_signals();
     sys::setsid();
-    if let ChildStdio::Pipes(fds) = &stdio {
-        for (i, fd) in fds.iter().enumerate() {
-            sys::dup2(fd.as_raw_fd(), i as i32).or_fail(|| "setting up stdio".into())?;
-        }
+    if let ChildStdio::Pipes([stdin, stdout, stderr]) = &stdio {
+        sys::set_stdio(stdin, stdout, stderr).or_fail(|| "setting up stdio".into())?;
     }
     fs::write(c.cgroup.join("cgroup.procs"), "0")
         .or_fail(|| "joining the container's cgroup".into())?;
