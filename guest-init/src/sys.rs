@@ -495,11 +495,28 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(r)
 }
 
-fn ioctl_ifreq(req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
-    let s = inet_socket(AddressFamily::Inet)?;
-    // SAFETY: the request reads/writes one ifreq, which outlives the call.
-    check(unsafe { libc::ioctl(s.as_raw_fd(), req as _, r as *mut libc::ifreq) })?;
+/// One ioctl `req` on a fresh datagram socket of `family`, with `arg`.
+///
+/// # Safety
+///
+/// `req` must be a request that reads (and may write) one `T` and nothing
+/// else, or memory that outlives the call.
+unsafe fn socket_ioctl<T>(
+    family: AddressFamily,
+    req: libc::c_ulong,
+    arg: &mut T,
+) -> io::Result<()> {
+    let s = inet_socket(family)?;
+    // SAFETY: the caller vouches that `req` takes one T; `arg` is one, and
+    // lives across the call.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), req as _, arg as *mut T) })?;
     Ok(())
+}
+
+/// An interface ioctl (SIOC[GS]IF*) on an AF_INET socket.
+fn ioctl_ifreq(req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: every request this module passes here takes one ifreq.
+    unsafe { socket_ioctl(AddressFamily::Inet, req, r) }
 }
 
 /// Sets IFF_UP on interface `name`.
@@ -573,16 +590,8 @@ pub fn if_add_ipv6(index: i32, addr: std::net::Ipv6Addr, prefix: u8) -> io::Resu
         ifr6_prefixlen: u32::from(prefix),
         ifr6_ifindex: index,
     };
-    let s = inet_socket(AddressFamily::Inet6)?;
     // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCSIFADDR as _,
-            &mut r as *mut libc::in6_ifreq,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet6, libc::SIOCSIFADDR, &mut r) }
 }
 
 /// Adds an IPv4 route to `dst/prefix` on `dev`, through `gateway` if given.
@@ -606,16 +615,8 @@ pub fn route_add_v4(
         rt.rt_flags |= libc::RTF_HOST;
     }
     rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
-    let s = inet_socket(AddressFamily::Inet)?;
     // SAFETY: SIOCADDRT reads one rtentry; rt_dev points to `dev`, alive here.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut libc::rtentry,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet, libc::SIOCADDRT, &mut rt) }
 }
 
 /// Linux's struct in6_rtmsg (libc's keeps its fields private).
@@ -662,16 +663,8 @@ pub fn route_add_v6(
         };
         rt.flags |= libc::RTF_GATEWAY as u32;
     }
-    let s = inet_socket(AddressFamily::Inet6)?;
     // SAFETY: SIOCADDRT on an AF_INET6 socket reads one in6_rtmsg.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut In6Rtmsg,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet6, libc::SIOCADDRT, &mut rt) }
 }
 
 #[cfg(test)]
