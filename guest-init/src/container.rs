@@ -291,13 +291,8 @@ pub fn create(
         drop((report_r, start_w, stdio));
         for (ns, kind) in &joined {
             if let Err(e) = sys::setns(ns, *kind) {
-                write_report(
-                    &report_w,
-                    b'E',
-                    1,
-                    &format!("joining the pod's namespaces: {e}"),
-                );
-                sys::exit_now(1);
+                let f = Failure::new(1, format!("joining the pod's namespaces: {e}"));
+                report_and_exit(&report_w, f);
             }
         }
         child(setup, &cgroup, child_stdio, report_w, start_r);
@@ -350,6 +345,12 @@ fn write_report(fd: &OwnedFd, tag: u8, code: i32, message: &str) {
     let _ = f.write_all(&rec);
 }
 
+/// Reports `f` as the child's error record and exits with its code.
+fn report_and_exit(report: &OwnedFd, f: Failure) -> ! {
+    write_report(report, b'E', f.code, &f.message);
+    sys::exit_now(f.code);
+}
+
 /// Reads one record. `eof_ok`: end of file before any record is success
 /// (the exec closed the pipe).
 fn read_report(report: &mut File, eof_ok: bool) -> Result<(), Failure> {
@@ -395,10 +396,7 @@ fn child(
 ) -> ! {
     let exe = match prepare(setup, cgroup, stdio) {
         Ok(exe) => exe,
-        Err(f) => {
-            write_report(&report, b'E', f.code, &f.message);
-            sys::exit_now(f.code);
-        }
+        Err(f) => report_and_exit(&report, f),
     };
     write_report(&report, b'R', 0, "");
     let mut go = [0u8; 1];
@@ -406,9 +404,7 @@ fn child(
         // guest-init is gone, or the host deleted the container unstarted.
         sys::exit_now(1);
     }
-    let f = process::exec(&exe, &setup.process);
-    write_report(&report, b'E', f.code, &f.message);
-    sys::exit_now(f.code);
+    report_and_exit(&report, process::exec(&exe, &setup.process));
 }
 
 /// Allocates the container's terminal from its own /dev/ptmx, hands the
@@ -447,24 +443,34 @@ fn attach_terminal(sock: &OwnedFd, size: Option<(u16, u16)>, uid: u32) -> Result
     Ok(())
 }
 
+/// The first steps of a container process after the fork: a clean signal
+/// state, a session of its own, its stdio and the container's cgroup.
+fn enter(stdio: &ChildStdio, cgroup: &Path) -> Result<(), Failure> {
+    sys::reset_signals();
+    sys::setsid();
+    if let ChildStdio::Pipes([stdin, stdout, stderr]) = stdio {
+        sys::set_stdio(stdin, stdout, stderr).or_fail(|| "setting up stdio".into())?;
+    }
+    fs::write(cgroup.join("cgroup.procs"), "0").or_fail(|| "joining the container's cgroup".into())
+}
+
+fn set_oom_score_adj(adj: Option<i32>) -> Result<(), Failure> {
+    match adj {
+        Some(adj) => fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .or_fail(|| "process.oomScoreAdj".into()),
+        None => Ok(()),
+    }
+}
+
 /// Everything up to the exec, in the order runc does it. Returns the
 /// resolved path of the program.
 fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<PathBuf, Failure> {
-    sys::reset_signals();
-    sys::setsid();
-    if let ChildStdio::Pipes([stdin, stdout, stderr]) = &stdio {
-        sys::set_stdio(stdin, stdout, stderr).or_fail(|| "setting up stdio".into())?;
-    }
-    fs::write(cgroup.join("cgroup.procs"), "0")
-        .or_fail(|| "joining the container's cgroup".into())?;
+    enter(&stdio, cgroup)?;
     // Its own cgroup namespace, rooted at its cgroup: /sys/fs/cgroup in the
     // container shows the container's limits, as under runc.
     sys::unshare(libc::CLONE_NEWCGROUP)
         .or_fail(|| "creating the container's cgroup namespace".into())?;
-    if let Some(adj) = setup.process.oom_score_adj {
-        fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .or_fail(|| "process.oomScoreAdj".into())?;
-    }
+    set_oom_score_adj(setup.process.oom_score_adj)?;
     mounts::setup_root(setup)?;
     if let ChildStdio::Tty { sock, size, uid } = stdio {
         attach_terminal(&sock, size, uid)?;
@@ -528,25 +534,14 @@ fn process_info(pid: i32) -> Option<ProcessInfo> {
 pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
     let open =
         |path: String| File::open(&path).or_fail(|| format!("entering the container: {path}"));
-    let pid_ns = open(format!("/proc/{}/ns/pid", c.init_pid))?;
+    let open_ns = |kind: &str| open(format!("/proc/{}/ns/{kind}", c.init_pid));
+    let pid_ns = open_ns("pid")?;
     let own_pid_ns = open("/proc/self/ns/pid".into())?;
     let others = [
-        (
-            open(format!("/proc/{}/ns/uts", c.init_pid))?,
-            libc::CLONE_NEWUTS,
-        ),
-        (
-            open(format!("/proc/{}/ns/ipc", c.init_pid))?,
-            libc::CLONE_NEWIPC,
-        ),
-        (
-            open(format!("/proc/{}/ns/cgroup", c.init_pid))?,
-            libc::CLONE_NEWCGROUP,
-        ),
-        (
-            open(format!("/proc/{}/ns/mnt", c.init_pid))?,
-            libc::CLONE_NEWNS,
-        ),
+        (open_ns("uts")?, libc::CLONE_NEWUTS),
+        (open_ns("ipc")?, libc::CLONE_NEWIPC),
+        (open_ns("cgroup")?, libc::CLONE_NEWCGROUP),
+        (open_ns("mnt")?, libc::CLONE_NEWNS),
     ];
     let root = open(format!("/proc/{}/root", c.init_pid))?;
     let (stdio, child_stdio) = make_stdio(p)?;
@@ -564,8 +559,7 @@ pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
             Ok(exe) => process::exec(&exe, p),
             Err(f) => f,
         };
-        write_report(&report_w, b'E', f.code, &f.message);
-        sys::exit_now(f.code);
+        report_and_exit(&report_w, f);
     }
     restored.or_fail(|| "leaving the container's pid namespace".into())?;
     drop((report_w, child_stdio));
@@ -583,17 +577,8 @@ fn exec_child(
     root: &File,
     stdio: ChildStdio,
 ) -> Result<PathBuf, Failure> {
-    sys::reset_signals();
-    sys::setsid();
-    if let ChildStdio::Pipes([stdin, stdout, stderr]) = &stdio {
-        sys::set_stdio(stdin, stdout, stderr).or_fail(|| "setting up stdio".into())?;
-    }
-    fs::write(c.cgroup.join("cgroup.procs"), "0")
-        .or_fail(|| "joining the container's cgroup".into())?;
-    if let Some(adj) = p.oom_score_adj {
-        fs::write("/proc/self/oom_score_adj", adj.to_string())
-            .or_fail(|| "process.oomScoreAdj".into())?;
-    }
+    enter(&stdio, &c.cgroup)?;
+    set_oom_score_adj(p.oom_score_adj)?;
     for (f, kind) in ns {
         sys::setns(f, *kind).or_fail(|| "entering the container's namespaces".into())?;
     }
