@@ -43,6 +43,8 @@
 //! PEER: TEXT` and exits.
 //! Errors go to stderr with a non-zero exit.
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::process::ExitCode;
@@ -247,12 +249,7 @@ fn throughput(addr: SocketAddr, duration: Duration) -> Result<(), String> {
         s.write_all(&buf).map_err(|e| format!("send: {e}"))?;
         sent += buf.len() as u64;
     }
-    s.shutdown(Shutdown::Write)
-        .map_err(|e| format!("shutdown: {e}"))?;
-    let mut answer = String::new();
-    BufReader::new(&s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the server's count: {e}"))?;
+    let answer = server_answer(&s, "count")?;
     let client_secs = start.elapsed().as_secs_f64();
     let (got, nanos) = answer
         .split_once(' ')
@@ -268,6 +265,18 @@ fn throughput(addr: SocketAddr, duration: Duration) -> Result<(), String> {
         got as f64 * 8.0 / secs / 1e6
     );
     Ok(())
+}
+
+/// Ends the client's side of a test and reads the server's one-line
+/// answer (`what` names it in an error).
+fn server_answer(s: &TcpStream, what: &str) -> Result<String, String> {
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut answer = String::new();
+    BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(|e| format!("reading the server's {what}: {e}"))?;
+    Ok(answer)
 }
 
 fn latency(addr: SocketAddr, count: usize) -> Result<(), String> {
@@ -290,12 +299,7 @@ fn latency(addr: SocketAddr, count: usize) -> Result<(), String> {
     let mean = start.elapsed().as_secs_f64() * 1e6 / total as f64;
     own.sort_by(f64::total_cmp);
     let own_median = own[total / 2];
-    s.shutdown(Shutdown::Write)
-        .map_err(|e| format!("shutdown: {e}"))?;
-    let mut answer = String::new();
-    BufReader::new(&s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the server's times: {e}"))?;
+    let answer = server_answer(&s, "times")?;
     let answer = answer.trim();
     if !answer.starts_with("latency_us_median=") || !answer.ends_with(&format!(" count={count}")) {
         return Err(format!("the server answered {answer:?}"));

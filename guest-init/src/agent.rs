@@ -7,11 +7,13 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use anyhow::Context;
 use krun_proto::{
-    Decoder, ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM, PROTOCOL_VERSION,
+    ContainerSetup, Decoder, ExitStatus, Frame, FrameKind, ProcessSetup, ToGuest, ToHost,
+    MAIN_STREAM, PROTOCOL_VERSION,
 };
 
-use crate::container::{self, Container, Failure, Pending, Stdio};
-use crate::sys;
+use crate::container::{self, Container, Pending, Stdio};
+use crate::failure::Failure;
+use crate::{mounts, net, sys};
 
 /// Output is read and sent in chunks of at most this many bytes.
 const CHUNK: usize = 64 * 1024;
@@ -86,7 +88,7 @@ impl Agent {
             sys::poll(&mut pfds, -1).context("poll")?;
             for (pfd, source) in pfds.iter().zip(sources) {
                 if pfd.revents != 0 {
-                    self.handle(source, pfd.revents, &mut buf)?;
+                    self.handle(source, &mut buf)?;
                 }
             }
             self.send_exits()?;
@@ -129,87 +131,88 @@ impl Agent {
         (pfds, sources)
     }
 
-    fn handle(
-        &mut self,
-        source: Source,
-        revents: libc::c_short,
-        buf: &mut [u8],
-    ) -> anyhow::Result<()> {
+    /// Serves one source that poll found ready.
+    fn handle(&mut self, source: Source, buf: &mut [u8]) -> anyhow::Result<()> {
         match source {
-            Source::Port => {
-                let n = match self.port.read(buf) {
-                    Ok(n) => n,
-                    Err(e)
-                        if e.kind() == ErrorKind::Interrupted
-                            || e.kind() == ErrorKind::WouldBlock =>
-                    {
-                        return Ok(())
-                    }
-                    Err(e) => return Err(e).context("reading the control port"),
-                };
-                if n == 0 {
-                    // The host closed the channel: nobody is left to serve.
-                    self.shutdown = true;
-                    return Ok(());
-                }
-                self.decoder.feed(&buf[..n]);
-                while let Some(frame) = self
-                    .decoder
-                    .next_frame()
-                    .context("decoding a frame from the host")?
-                {
-                    self.dispatch(frame)?;
-                }
-            }
-            Source::Child => {
-                sys::drain_signalfd(&self.sigchld);
-                while let Some((pid, status)) = sys::reap_any() {
-                    if let Some(p) = self
-                        .procs
-                        .values_mut()
-                        .find(|p| p.pid == pid && p.status.is_none())
-                    {
-                        p.status = Some(status);
-                    }
-                }
-            }
+            Source::Port => self.read_port(buf)?,
+            Source::Child => self.reap(),
             Source::Oom => self.check_oom()?,
-            Source::Stdout(id) | Source::Stderr(id) => {
-                let is_out = matches!(source, Source::Stdout(_));
-                let Some(p) = self.procs.get_mut(&id) else {
-                    return Ok(());
-                };
-                let (kind, fd) = if is_out {
-                    (FrameKind::Stdout, &mut p.stdio.stdout)
-                } else {
-                    (FrameKind::Stderr, &mut p.stdio.stderr)
-                };
-                let Some(f) = fd.as_ref() else { return Ok(()) };
-                let n = match (&*f).read(buf) {
-                    Ok(n) => n,
-                    Err(e)
-                        if e.kind() == ErrorKind::WouldBlock
-                            || e.kind() == ErrorKind::Interrupted =>
-                    {
-                        return Ok(())
-                    }
-                    // EIO is how a pty master says the other side is gone.
-                    Err(_) => 0,
-                };
-                if n == 0 {
-                    *fd = None;
-                } else {
-                    self.port
-                        .write_all(&krun_proto::encode_frame(kind, id, &buf[..n]))
-                        .context("writing to the control port")?;
-                }
-                let _ = revents;
-            }
+            Source::Stdout(id) => self.relay(id, FrameKind::Stdout, buf)?,
+            Source::Stderr(id) => self.relay(id, FrameKind::Stderr, buf)?,
             Source::Stdin(id) => {
                 if let Some(p) = self.procs.get_mut(&id) {
                     p.flush_stdin();
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Reads what the host sent and handles every whole frame in it.
+    fn read_port(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        let n = match self.port.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::WouldBlock => {
+                return Ok(())
+            }
+            Err(e) => return Err(e).context("reading the control port"),
+        };
+        if n == 0 {
+            // The host closed the channel: nobody is left to serve.
+            self.shutdown = true;
+            return Ok(());
+        }
+        self.decoder.feed(&buf[..n]);
+        while let Some(frame) = self
+            .decoder
+            .next_frame()
+            .context("decoding a frame from the host")?
+        {
+            self.dispatch(frame)?;
+        }
+        Ok(())
+    }
+
+    /// Reaps every exited child and records the status of ours.
+    fn reap(&mut self) {
+        sys::drain_signalfd(&self.sigchld);
+        while let Some((pid, status)) = sys::reap_any() {
+            if let Some(p) = self
+                .procs
+                .values_mut()
+                .find(|p| p.pid == pid && p.status.is_none())
+            {
+                p.status = Some(status);
+            }
+        }
+    }
+
+    /// Sends what process `id` wrote on its stdout or stderr (`kind`) to
+    /// the host; at end of file, closes that side.
+    fn relay(&mut self, id: u32, kind: FrameKind, buf: &mut [u8]) -> anyhow::Result<()> {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return Ok(());
+        };
+        let fd = if kind == FrameKind::Stdout {
+            &mut p.stdio.stdout
+        } else {
+            &mut p.stdio.stderr
+        };
+        let Some(f) = fd.as_ref() else { return Ok(()) };
+        let n = match (&*f).read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                return Ok(())
+            }
+            // EIO is how a pty master says the other side is gone.
+            Err(_) => 0,
+        };
+        if n == 0 {
+            *fd = None;
+        } else {
+            self.port
+                .write_all(&krun_proto::encode_frame(kind, id, &buf[..n]))
+                .context("writing to the control port")?;
         }
         Ok(())
     }
@@ -243,137 +246,157 @@ impl Agent {
             .and_then(|p| self.containers.get(&p.container))
     }
 
+    /// Serves one request of the host, on `stream`.
     fn control(&mut self, stream: u32, msg: ToGuest) -> anyhow::Result<()> {
         match msg {
-            ToGuest::Create(setup) => {
-                if self.containers.contains_key(&setup.id) || self.procs.contains_key(&stream) {
-                    let f = Failure::new(1, format!("container {} already exists", setup.id));
-                    return self.fail(stream, f);
-                }
-                if self.containers.is_empty() {
-                    if let Err(e) = sys::set_realtime(setup.realtime_ns) {
-                        sys::console(&format!("cannot set the clock: {e}"));
-                    }
-                    // The VM's network, once, before its first container.
-                    if let Err(e) = crate::net::configure(setup.network.as_ref()) {
-                        return self.fail(stream, Failure::new(1, format!("network: {e}")));
-                    }
-                }
-                let share = match &setup.share_with {
-                    Some(other) => match self.containers.get(other) {
-                        Some(c) => Some(c),
-                        None => {
-                            let f = Failure::new(
-                                1,
-                                format!("cannot share namespaces with {other}: no such container"),
-                            );
-                            return self.fail(stream, f);
-                        }
-                    },
-                    None => None,
-                };
-                if let Err(f) = crate::mounts::keep_shares(&setup) {
-                    return self.fail(stream, f);
-                }
-                match container::create(&setup, share, stream) {
-                    Ok((c, stdio, pending)) => {
-                        let pid = c.init_pid;
-                        self.containers.insert(setup.id.clone(), c);
-                        self.procs
-                            .insert(stream, Proc::new(&setup.id, pid, stdio, Some(pending)));
-                        self.send(stream, &ToHost::Created { pid })?;
-                    }
-                    Err(f) => self.fail(stream, f)?,
-                }
-            }
-            ToGuest::Start => {
-                let Some(p) = self.procs.get_mut(&stream) else {
-                    return self.fail(stream, Failure::new(1, "no such process to start"));
-                };
-                let Some(pending) = p.pending.take() else {
-                    return self.fail(stream, Failure::new(1, "the process was already started"));
-                };
-                let pid = p.pid;
-                match container::start(pending) {
-                    Ok(()) => self.send(stream, &ToHost::Started { pid })?,
-                    Err(f) => {
-                        p.report_exit = false;
-                        self.fail(stream, f)?;
-                    }
-                }
-            }
+            ToGuest::Create(setup) => self.create(stream, &setup),
+            ToGuest::Start => self.start(stream),
             ToGuest::Exec {
                 container: id,
                 process,
-            } => {
-                let Some(c) = self.containers.get(&id) else {
-                    return self.fail(
-                        stream,
-                        Failure::new(1, format!("exec: container {id} does not exist")),
-                    );
-                };
-                if self.procs.contains_key(&stream) {
-                    return self.fail(
-                        stream,
-                        Failure::new(1, "exec: the stream is already in use"),
-                    );
-                }
-                if self
-                    .procs
-                    .get(&c.main_stream)
-                    .is_none_or(|p| p.pending.is_some() || p.status.is_some())
-                {
-                    return self.fail(
-                        stream,
-                        Failure::new(1, format!("exec: container {id} is not running")),
-                    );
-                }
-                match container::exec(c, &process) {
-                    Ok((pid, stdio)) => {
-                        self.procs.insert(stream, Proc::new(&id, pid, stdio, None));
-                        self.send(stream, &ToHost::Started { pid })?;
-                    }
-                    Err(f) => self.fail(stream, f)?,
-                }
-            }
+            } => self.exec(stream, &id, &process),
             ToGuest::Stats => {
                 let stats = self
                     .container_of(stream)
                     .map(|c| c.stats())
                     .unwrap_or_default();
-                self.send(stream, &ToHost::Stats(stats))?;
+                self.send(stream, &ToHost::Stats(stats))
             }
             ToGuest::Ps => {
                 let processes = self
                     .container_of(stream)
                     .map(|c| c.processes())
                     .unwrap_or_default();
-                self.send(stream, &ToHost::Processes { processes })?;
+                self.send(stream, &ToHost::Processes { processes })
             }
             ToGuest::Update(limits) => match self.container_of(stream).map(|c| c.update(&limits)) {
-                Some(Ok(())) => self.send(stream, &ToHost::Updated)?,
-                Some(Err(f)) => self.fail(stream, f)?,
-                None => self.fail(stream, Failure::new(1, "update: no such container"))?,
+                Some(Ok(())) => self.send(stream, &ToHost::Updated),
+                Some(Err(f)) => self.fail(stream, f),
+                None => self.fail(stream, Failure::new(1, "update: no such container")),
             },
             ToGuest::Signal { signal, all } => {
-                if all {
-                    if let Some(c) = self.container_of(stream) {
-                        c.signal_all(signal);
-                    }
-                } else if let Some(p) = self.procs.get(&stream) {
-                    if p.status.is_none() {
-                        let _ = sys::kill(p.pid, signal);
-                    }
-                }
+                self.signal(stream, signal, all);
+                Ok(())
             }
             ToGuest::Resize { rows, cols } => {
                 if let Some(tty) = self.procs.get(&stream).and_then(|p| p.stdio.tty.as_ref()) {
                     let _ = sys::set_winsize(tty.as_raw_fd(), rows, cols);
                 }
+                Ok(())
             }
-            ToGuest::Shutdown => self.shutdown = true,
+            ToGuest::Shutdown => {
+                self.shutdown = true;
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    /// Creates a container whose main process is on `stream`.
+    fn create(&mut self, stream: u32, setup: &ContainerSetup) -> anyhow::Result<()> {
+        if self.containers.contains_key(&setup.id) || self.procs.contains_key(&stream) {
+            let f = Failure::new(1, format!("container {} already exists", setup.id));
+            return self.fail(stream, f);
+        }
+        if self.containers.is_empty() {
+            if let Err(e) = sys::set_realtime(setup.realtime_ns) {
+                sys::console(&format!("cannot set the clock: {e}"));
+            }
+            // The VM's network, once, before its first container.
+            if let Err(e) = net::configure(setup.network.as_ref()) {
+                return self.fail(stream, Failure::new(1, format!("network: {e}")));
+            }
+        }
+        let share = match &setup.share_with {
+            Some(other) => match self.containers.get(other) {
+                Some(c) => Some(c),
+                None => {
+                    let f = Failure::new(
+                        1,
+                        format!("cannot share namespaces with {other}: no such container"),
+                    );
+                    return self.fail(stream, f);
+                }
+            },
+            None => None,
+        };
+        if let Err(f) = mounts::keep_shares(setup) {
+            return self.fail(stream, f);
+        }
+        match container::create(setup, share, stream) {
+            Ok((c, stdio, pending)) => {
+                let pid = c.init_pid;
+                self.containers.insert(setup.id.clone(), c);
+                self.procs
+                    .insert(stream, Proc::new(&setup.id, pid, stdio, Some(pending)));
+                self.send(stream, &ToHost::Created { pid })
+            }
+            Err(f) => self.fail(stream, f),
+        }
+    }
+
+    /// Lets the created process on `stream` exec its program.
+    fn start(&mut self, stream: u32) -> anyhow::Result<()> {
+        let Some(p) = self.procs.get_mut(&stream) else {
+            return self.fail(stream, Failure::new(1, "no such process to start"));
+        };
+        let Some(pending) = p.pending.take() else {
+            return self.fail(stream, Failure::new(1, "the process was already started"));
+        };
+        let pid = p.pid;
+        match container::start(pending) {
+            Ok(()) => self.send(stream, &ToHost::Started { pid }),
+            Err(f) => {
+                p.report_exit = false;
+                self.fail(stream, f)
+            }
+        }
+    }
+
+    /// Runs one more process, on `stream`, in the running container `id`.
+    fn exec(&mut self, stream: u32, id: &str, process: &ProcessSetup) -> anyhow::Result<()> {
+        let Some(c) = self.containers.get(id) else {
+            return self.fail(
+                stream,
+                Failure::new(1, format!("exec: container {id} does not exist")),
+            );
+        };
+        if self.procs.contains_key(&stream) {
+            return self.fail(
+                stream,
+                Failure::new(1, "exec: the stream is already in use"),
+            );
+        }
+        if self
+            .procs
+            .get(&c.main_stream)
+            .is_none_or(|p| p.pending.is_some() || p.status.is_some())
+        {
+            return self.fail(
+                stream,
+                Failure::new(1, format!("exec: container {id} is not running")),
+            );
+        }
+        match container::exec(c, process) {
+            Ok((pid, stdio)) => {
+                self.procs.insert(stream, Proc::new(id, pid, stdio, None));
+                self.send(stream, &ToHost::Started { pid })
+            }
+            Err(f) => self.fail(stream, f),
+        }
+    }
+
+    /// Sends `signal` to the process on `stream`, or with `all` to every
+    /// process of its container.
+    fn signal(&self, stream: u32, signal: i32, all: bool) {
+        if all {
+            if let Some(c) = self.container_of(stream) {
+                c.signal_all(signal);
+            }
+        } else if let Some(p) = self.procs.get(&stream) {
+            if p.status.is_none() {
+                let _ = sys::kill(p.pid, signal);
+            }
+        }
     }
 
     fn fail(&mut self, stream: u32, f: Failure) -> anyhow::Result<()> {

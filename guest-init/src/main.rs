@@ -6,13 +6,20 @@
 //! to start, relays stdio, forwards signals and reports how each process
 //! ended. Whatever goes wrong, it reports and powers the VM off: it never
 //! leaves a guest hanging.
+//!
+//! Unsafe code is denied here and allowed in [`sys`] alone, the one module
+//! that makes raw system calls.
+
+#![deny(unsafe_code)]
 
 mod agent;
 mod boot;
 mod container;
+mod failure;
 mod mounts;
 mod net;
 mod process;
+#[allow(unsafe_code)]
 mod sys;
 
 fn main() {

@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use krun_proto::{ContainerSetup, MountSetup, MountSource};
 
-use crate::container::{Failure, OrFail};
+use crate::failure::{Failure, OrFail};
 use crate::sys;
 
 const MS_BIND: u64 = libc::MS_BIND;
@@ -38,50 +38,13 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
         dir: base.join("shares"),
         mounted: BTreeSet::new(),
     };
-    if setup.root.path.is_empty() {
-        sys::mount(Some(&setup.root.tag), &root, Some("virtiofs"), 0, None).or_fail(|| {
-            format!(
-                "mounting the root filesystem (virtio-fs tag {:?})",
-                setup.root.tag
-            )
-        })?;
-    } else {
-        // A pod's containers have their roots in one share: bind this one's.
-        let share = shares.path(&setup.root.tag, false)?;
-        let src =
-            resolve_in_root(&share, &setup.root.path).or_fail(|| "resolving root.path".into())?;
-        sys::mount(
-            Some(&src.to_string_lossy()),
-            &root,
-            None,
-            MS_BIND | MS_REC,
-            None,
-        )
-        .or_fail(|| {
-            format!(
-                "mounting the root filesystem ({} in share {:?})",
-                setup.root.path, setup.root.tag
-            )
-        })?;
-    }
+    mount_rootfs(setup, &root, &mut shares)?;
     let spec_dev = setup
         .mounts
         .iter()
         .find(|m| is_path(&m.destination, "/dev"));
     if spec_dev.is_none() {
-        // Without a /dev from the bundle, the container still gets a private
-        // one, rather than device nodes written into the host's rootfs.
-        let dev = resolve_in_root(&root, "/dev").or_fail(|| "resolving /dev".into())?;
-        fs::create_dir_all(&dev).or_fail(|| "creating /dev".into())?;
-        let flags = libc::MS_NOSUID | libc::MS_STRICTATIME;
-        sys::mount(
-            Some("tmpfs"),
-            &dev,
-            Some("tmpfs"),
-            flags,
-            Some("mode=755,size=65536k"),
-        )
-        .or_fail(|| "mounting a tmpfs on /dev".into())?;
+        private_dev(&root)?;
     }
     for (i, m) in setup.mounts.iter().enumerate() {
         mount_one(&root, m, &mut shares).map_err(|f| {
@@ -98,12 +61,74 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
     if dev_is_tmpfs {
         default_devices(&root)?;
     }
+    restrict_paths(setup, &root)?;
+    set_sysctls_and_names(setup)?;
+    if setup.root.readonly {
+        sys::mount(None, &root, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
+            .or_fail(|| "root.readonly: remounting /".into())?;
+    }
+    switch_root(&root)
+}
+
+/// Mounts the container's root filesystem on `root`: a share of its own,
+/// or its directory in a pod's share.
+fn mount_rootfs(setup: &ContainerSetup, root: &Path, shares: &mut Shares) -> Result<(), Failure> {
+    if setup.root.path.is_empty() {
+        return sys::mount(Some(&setup.root.tag), root, Some("virtiofs"), 0, None).or_fail(|| {
+            format!(
+                "mounting the root filesystem (virtio-fs tag {:?})",
+                setup.root.tag
+            )
+        });
+    }
+    // A pod's containers have their roots in one share: bind this one's.
+    let share = shares.path(&setup.root.tag, false)?;
+    let src = resolve_in_root(&share, &setup.root.path).or_fail(|| "resolving root.path".into())?;
+    sys::mount(
+        Some(&src.to_string_lossy()),
+        root,
+        None,
+        MS_BIND | MS_REC,
+        None,
+    )
+    .or_fail(|| {
+        format!(
+            "mounting the root filesystem ({} in share {:?})",
+            setup.root.path, setup.root.tag
+        )
+    })
+}
+
+/// Without a /dev from the bundle, the container still gets a private one,
+/// rather than device nodes written into the host's rootfs.
+fn private_dev(root: &Path) -> Result<(), Failure> {
+    let dev = resolve_in_root(root, "/dev").or_fail(|| "resolving /dev".into())?;
+    fs::create_dir_all(&dev).or_fail(|| "creating /dev".into())?;
+    let flags = libc::MS_NOSUID | libc::MS_STRICTATIME;
+    sys::mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        flags,
+        Some("mode=755,size=65536k"),
+    )
+    .or_fail(|| "mounting a tmpfs on /dev".into())
+}
+
+/// linux.maskedPaths and linux.readonlyPaths.
+fn restrict_paths(setup: &ContainerSetup, root: &Path) -> Result<(), Failure> {
     for p in &setup.masked_paths {
-        mask(&root, p).or_fail(|| format!("linux.maskedPaths: {p}"))?;
+        mask(root, p).or_fail(|| format!("linux.maskedPaths: {p}"))?;
     }
     for p in &setup.readonly_paths {
-        make_readonly(&root, p).or_fail(|| format!("linux.readonlyPaths: {p}"))?;
+        make_readonly(root, p).or_fail(|| format!("linux.readonlyPaths: {p}"))?;
     }
+    Ok(())
+}
+
+/// linux.sysctl, hostname and domainname: the settings of the container's
+/// own namespaces.
+fn set_sysctls_and_names(setup: &ContainerSetup) -> Result<(), Failure> {
     for (key, value) in &setup.sysctl {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
         fs::write(&path, value).or_fail(|| format!("linux.sysctl: setting {key} to {value}"))?;
@@ -114,13 +139,14 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
     if let Some(d) = &setup.domainname {
         sys::setdomainname(d).or_fail(|| format!("domainname: setting {d:?}"))?;
     }
-    if setup.root.readonly {
-        sys::mount(None, &root, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
-            .or_fail(|| "root.readonly: remounting /".into())?;
-    }
-    // The initramfs cannot be pivoted away from; move the root over / and
-    // chroot into it (in this private mount namespace, nothing else sees it).
-    std::env::set_current_dir(&root).or_fail(|| "entering the root filesystem".into())?;
+    Ok(())
+}
+
+/// Makes `root` this process's root. The initramfs cannot be pivoted away
+/// from; move the root over / and chroot into it (in this private mount
+/// namespace, nothing else sees it).
+fn switch_root(root: &Path) -> Result<(), Failure> {
+    std::env::set_current_dir(root).or_fail(|| "entering the root filesystem".into())?;
     sys::mount(Some("."), Path::new("/"), None, libc::MS_MOVE, None)
         .or_fail(|| "moving the root filesystem".into())?;
     sys::chroot(Path::new(".")).or_fail(|| "chroot into the root filesystem".into())?;

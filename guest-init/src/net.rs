@@ -5,7 +5,7 @@
 use std::fs;
 use std::net::IpAddr;
 
-use krun_proto::NetworkSetup;
+use krun_proto::{InterfaceSetup, NetworkSetup, RouteSetup};
 
 use crate::sys;
 
@@ -51,86 +51,99 @@ pub fn configure(net: Option<&NetworkSetup>) -> Result<(), String> {
     write_sysctl("net/ipv6/conf/all/accept_dad", "0");
     write_sysctl("net/ipv6/conf/default/accept_dad", "0");
     for i in &net.interfaces {
-        let mut name = by_mac(&i.mac)?;
-        if !i.name.is_empty() && i.name != name {
-            sys::if_rename(&name, &i.name)
-                .map_err(|e| format!("renaming {name} to {}: {e}", i.name))?;
-            name = i.name.clone();
-        }
-        write_sysctl(&format!("net/ipv6/conf/{name}/accept_dad"), "0");
-        if i.mtu > 0 {
-            sys::if_set_mtu(&name, i.mtu).map_err(|e| format!("{name}: MTU {}: {e}", i.mtu))?;
-        }
-        sys::if_up(&name).map_err(|e| format!("bringing {name} up: {e}"))?;
-        let index = sys::if_index(&name).map_err(|e| format!("{name}: {e}"))?;
-        let mut v4 = 0;
-        for a in &i.addresses {
-            let (addr, prefix) = cidr(a)?;
-            match addr {
-                IpAddr::V4(a4) => {
-                    let label = if v4 == 0 {
-                        name.clone()
-                    } else {
-                        format!("{name}:{v4}")
-                    };
-                    sys::if_set_ipv4(&label, a4, prefix)
-                        .map_err(|e| format!("{name}: address {a}: {e}"))?;
-                    v4 += 1;
-                }
-                IpAddr::V6(a6) => sys::if_add_ipv6(index, a6, prefix)
-                    .map_err(|e| format!("{name}: address {a}: {e}"))?,
-            }
-        }
+        configure_interface(i)?;
     }
     for r in &net.routes {
-        let gw = r
-            .gateway
-            .as_deref()
-            .map(str::parse::<IpAddr>)
-            .transpose()
-            .map_err(|e| format!("route {}: gateway: {e}", r.destination))?;
-        let (dst, prefix) = if r.destination == "default" {
-            (
-                if r.ipv6 {
-                    IpAddr::from([0u16; 8])
+        add_route(r)?;
+    }
+    Ok(())
+}
+
+/// Gives the interface with `i`'s MAC address its name, MTU and
+/// addresses, and brings it up.
+fn configure_interface(i: &InterfaceSetup) -> Result<(), String> {
+    let mut name = by_mac(&i.mac)?;
+    if !i.name.is_empty() && i.name != name {
+        sys::if_rename(&name, &i.name)
+            .map_err(|e| format!("renaming {name} to {}: {e}", i.name))?;
+        name = i.name.clone();
+    }
+    write_sysctl(&format!("net/ipv6/conf/{name}/accept_dad"), "0");
+    if i.mtu > 0 {
+        sys::if_set_mtu(&name, i.mtu).map_err(|e| format!("{name}: MTU {}: {e}", i.mtu))?;
+    }
+    sys::if_up(&name).map_err(|e| format!("bringing {name} up: {e}"))?;
+    let index = sys::if_index(&name).map_err(|e| format!("{name}: {e}"))?;
+    let mut v4 = 0;
+    for a in &i.addresses {
+        let (addr, prefix) = cidr(a)?;
+        match addr {
+            IpAddr::V4(a4) => {
+                let label = if v4 == 0 {
+                    name.clone()
                 } else {
-                    IpAddr::from([0u8; 4])
-                },
-                0,
-            )
-        } else {
-            cidr(&r.destination)?
-        };
-        let err = |e: std::io::Error| {
-            format!(
-                "route {} via {:?} dev {}: {e}",
-                r.destination, r.gateway, r.interface
-            )
-        };
-        match (dst, gw) {
-            (IpAddr::V4(d), None) => {
-                sys::route_add_v4(&r.interface, d, prefix, None).map_err(err)?
+                    format!("{name}:{v4}")
+                };
+                sys::if_set_ipv4(&label, a4, prefix)
+                    .map_err(|e| format!("{name}: address {a}: {e}"))?;
+                v4 += 1;
             }
-            (IpAddr::V4(d), Some(IpAddr::V4(g))) => {
-                sys::route_add_v4(&r.interface, d, prefix, Some(g)).map_err(err)?
-            }
-            (IpAddr::V6(d), None) => {
-                let index = sys::if_index(&r.interface).map_err(err)?;
-                sys::route_add_v6(index, d, prefix, None).map_err(err)?
-            }
-            (IpAddr::V6(d), Some(IpAddr::V6(g))) => {
-                let index = sys::if_index(&r.interface).map_err(err)?;
-                sys::route_add_v6(index, d, prefix, Some(g)).map_err(err)?
-            }
-            _ => {
-                return Err(format!(
-                    "route {}: gateway {:?} of another family",
-                    r.destination, r.gateway
-                ))
-            }
+            IpAddr::V6(a6) => sys::if_add_ipv6(index, a6, prefix)
+                .map_err(|e| format!("{name}: address {a}: {e}"))?,
         }
     }
     Ok(())
+}
+
+/// The destination of a route and its gateway, if any.
+fn route_ends(r: &RouteSetup) -> Result<((IpAddr, u8), Option<IpAddr>), String> {
+    let gw = r
+        .gateway
+        .as_deref()
+        .map(str::parse::<IpAddr>)
+        .transpose()
+        .map_err(|e| format!("route {}: gateway: {e}", r.destination))?;
+    let dst = if r.destination == "default" {
+        (
+            if r.ipv6 {
+                IpAddr::from([0u16; 8])
+            } else {
+                IpAddr::from([0u8; 4])
+            },
+            0,
+        )
+    } else {
+        cidr(&r.destination)?
+    };
+    Ok((dst, gw))
+}
+
+fn add_route(r: &RouteSetup) -> Result<(), String> {
+    let ((dst, prefix), gw) = route_ends(r)?;
+    let err = |e: std::io::Error| {
+        format!(
+            "route {} via {:?} dev {}: {e}",
+            r.destination, r.gateway, r.interface
+        )
+    };
+    match (dst, gw) {
+        (IpAddr::V4(d), None) => sys::route_add_v4(&r.interface, d, prefix, None).map_err(err),
+        (IpAddr::V4(d), Some(IpAddr::V4(g))) => {
+            sys::route_add_v4(&r.interface, d, prefix, Some(g)).map_err(err)
+        }
+        (IpAddr::V6(d), None) => {
+            let index = sys::if_index(&r.interface).map_err(err)?;
+            sys::route_add_v6(index, d, prefix, None).map_err(err)
+        }
+        (IpAddr::V6(d), Some(IpAddr::V6(g))) => {
+            let index = sys::if_index(&r.interface).map_err(err)?;
+            sys::route_add_v6(index, d, prefix, Some(g)).map_err(err)
+        }
+        _ => Err(format!(
+            "route {}: gateway {:?} of another family",
+            r.destination, r.gateway
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -150,5 +163,31 @@ mod tests {
         assert_eq!(cidr("10.0.0.1").unwrap().1, 32);
         assert!(cidr("10.0.0.1/33").is_err());
         assert!(cidr("nonsense/8").is_err());
+    }
+
+    #[test]
+    fn routes_name_their_ends() {
+        let route = |destination: &str, gateway: Option<&str>, ipv6| RouteSetup {
+            destination: destination.into(),
+            gateway: gateway.map(Into::into),
+            interface: "eth0".into(),
+            ipv6,
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            route_ends(&route("default", Some("10.88.0.1"), false)).unwrap(),
+            ((ip("0.0.0.0"), 0), Some(ip("10.88.0.1")))
+        );
+        assert_eq!(
+            route_ends(&route("default", None, true)).unwrap(),
+            ((ip("::"), 0), None)
+        );
+        assert_eq!(
+            route_ends(&route("fd00::/64", Some("fd00::1"), true)).unwrap(),
+            ((ip("fd00::"), 64), Some(ip("fd00::1")))
+        );
+        let e = route_ends(&route("default", Some("nonsense"), false)).unwrap_err();
+        assert!(e.starts_with("route default: gateway: "), "{e}");
+        assert!(route_ends(&route("10.0.0.0/40", None, false)).is_err());
     }
 }

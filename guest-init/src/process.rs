@@ -11,7 +11,7 @@ use std::str::FromStr;
 use caps::{CapSet, Capability, CapsHashSet};
 use krun_proto::ProcessSetup;
 
-use crate::container::{Failure, OrFail};
+use crate::failure::{Failure, OrFail};
 use crate::sys;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -97,7 +97,7 @@ fn resolve(p: &ProcessSetup) -> Result<PathBuf, Failure> {
             Ok(md) if md.is_dir() => {
                 Err(Failure::new(126, format!("exec: {arg0:?}: is a directory")))
             }
-            Ok(_) if !executable(&path) => Err(Failure::new(
+            Ok(_) if !sys::can_execute(&path) => Err(Failure::new(
                 126,
                 format!("exec: {arg0:?}: permission denied"),
             )),
@@ -118,7 +118,7 @@ fn resolve(p: &ProcessSetup) -> Result<PathBuf, Failure> {
         }
         let cand = Path::new(dir).join(arg0);
         match fs::metadata(&cand) {
-            Ok(md) if md.is_file() && executable(&cand) => return Ok(cand),
+            Ok(md) if md.is_file() && sys::can_execute(&cand) => return Ok(cand),
             Ok(md) if md.is_file() || md.permissions().mode() & 0o111 == 0 => denied = true,
             _ => {}
         }
@@ -134,14 +134,6 @@ fn resolve(p: &ProcessSetup) -> Result<PathBuf, Failure> {
             format!("exec: {arg0:?}: executable file not found in $PATH"),
         ))
     }
-}
-
-fn executable(path: &Path) -> bool {
-    let Ok(c) = sys::cstring(path) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid C string; access has no other effects.
-    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
 fn os_msg(e: &std::io::Error) -> String {
@@ -163,14 +155,7 @@ pub fn exec(exe: &Path, p: &ProcessSetup) -> Failure {
     let (Ok(args), Ok(env), Ok(path)) = (to_c(&p.args), to_c(&p.env), sys::cstring(exe)) else {
         return Failure::new(1, "process.args or process.env contains a NUL byte");
     };
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    // SAFETY: path, argv and envp are NUL-terminated strings and
-    // null-terminated arrays that live across the call.
-    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    let e = std::io::Error::last_os_error();
+    let e = sys::execve(&path, &args, &env);
     let arg0 = p.args.first().map(String::as_str).unwrap_or("");
     let code = match e.raw_os_error() {
         Some(libc::ENOENT) => 127,

@@ -1,14 +1,29 @@
 //! Thin, safe wrappers over the Linux calls guest-init makes. Every unsafe
-//! block in guest-init lives here.
+//! block in guest-init lives here: the crate root denies unsafe code and
+//! allows it in this module alone.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use krun_proto::ExitStatus;
+use nix::fcntl::{self, fcntl, FcntlArg, OFlag};
+use nix::mount::MsFlags;
+use nix::sched::{self, CloneFlags};
+use nix::sys::prctl;
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::stat::{self, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::time::{clock_gettime, clock_settime, ClockId};
+use nix::unistd::{self, AccessFlags, Gid, Uid};
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -35,111 +50,82 @@ pub fn mount(
     let target = cstring(target)?;
     let fstype = fstype.map(cstring).transpose()?;
     let data = data.filter(|d| !d.is_empty()).map(cstring).transpose()?;
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is either null or a NUL-terminated string that
-    // outlives the call.
-    check(unsafe {
-        libc::mount(
-            ptr(&source),
-            target.as_ptr(),
-            ptr(&fstype),
-            flags as libc::c_ulong,
-            ptr(&data) as *const libc::c_void,
-        )
-    })?;
+    nix::mount::mount(
+        source.as_deref(),
+        target.as_c_str(),
+        fstype.as_deref(),
+        MsFlags::from_bits_retain(flags as libc::c_ulong),
+        data.as_deref(),
+    )?;
     Ok(())
 }
 
 /// mknod(2) for a character device.
 pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
     let p = cstring(path)?;
-    // SAFETY: `p` is a valid C string; makedev is a pure computation.
-    check(unsafe {
-        libc::mknod(
-            p.as_ptr(),
-            libc::S_IFCHR | mode,
-            libc::makedev(major, minor),
-        )
-    })?;
+    let dev = stat::makedev(major.into(), minor.into());
+    stat::mknod(
+        p.as_c_str(),
+        SFlag::S_IFCHR,
+        Mode::from_bits_retain(mode),
+        dev,
+    )?;
     Ok(())
 }
 
 /// setns(2) into the namespace open at `ns`.
-pub fn setns(ns: &impl AsRawFd, kind: libc::c_int) -> io::Result<()> {
-    // SAFETY: setns on a descriptor we hold; no memory is involved.
-    check(unsafe { libc::setns(ns.as_raw_fd(), kind) })?;
-    Ok(())
+pub fn setns(ns: impl AsFd, kind: libc::c_int) -> io::Result<()> {
+    Ok(sched::setns(ns, CloneFlags::from_bits_retain(kind))?)
 }
 
 /// unshare(2).
 pub fn unshare(flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: unshare has no memory effects.
-    check(unsafe { libc::unshare(flags) })?;
-    Ok(())
+    Ok(sched::unshare(CloneFlags::from_bits_retain(flags))?)
 }
 
 /// fchdir(2).
-pub fn fchdir(dir: &impl AsRawFd) -> io::Result<()> {
-    // SAFETY: fchdir on a descriptor we hold.
-    check(unsafe { libc::fchdir(dir.as_raw_fd()) })?;
-    Ok(())
+pub fn fchdir(dir: impl AsFd) -> io::Result<()> {
+    Ok(unistd::fchdir(dir)?)
 }
 
 /// chroot(2).
 pub fn chroot(path: &Path) -> io::Result<()> {
-    let p = cstring(path)?;
-    // SAFETY: `p` is a valid C string.
-    check(unsafe { libc::chroot(p.as_ptr()) })?;
-    Ok(())
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    Ok(unistd::chroot(cstring(path)?.as_c_str())?)
 }
 
 /// Nanoseconds since the guest kernel booted.
 pub fn boottime_ns() -> u64 {
-    clock_ns(libc::CLOCK_BOOTTIME)
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 /// Sets the wall clock.
 pub fn set_realtime(ns: u64) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: (ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: `ts` is a valid timespec.
-    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
-    Ok(())
+    let ts = TimeSpec::new(
+        (ns / 1_000_000_000) as libc::time_t,
+        (ns % 1_000_000_000) as libc::c_long,
+    );
+    Ok(clock_settime(ClockId::CLOCK_REALTIME, ts)?)
 }
 
 /// A pipe with both ends close-on-exec: (read, write).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(unistd::pipe2(OFlag::O_CLOEXEC)?)
 }
 
 pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor we own.
-    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
 }
 
-/// dup2(2); the new descriptor is not close-on-exec.
-pub fn dup2(fd: RawFd, target: RawFd) -> io::Result<()> {
-    // SAFETY: dup2 only manipulates the descriptor table.
-    check(unsafe { libc::dup2(fd, target) })?;
+/// Makes the three descriptors this process's 0, 1 and 2 (dup2(2); the
+/// copies are not close-on-exec).
+pub fn set_stdio(stdin: impl AsFd, stdout: impl AsFd, stderr: impl AsFd) -> io::Result<()> {
+    unistd::dup2_stdin(stdin)?;
+    unistd::dup2_stdout(stdout)?;
+    unistd::dup2_stderr(stderr)?;
     Ok(())
 }
 
@@ -166,7 +152,8 @@ pub fn fork_into(flags: libc::c_int) -> io::Result<i32> {
     }
 }
 
-/// Reaps one exited child without blocking.
+/// Reaps one exited child without blocking. (Not nix's waitpid: its
+/// WaitStatus cannot hold a real-time signal that killed the child.)
 pub fn reap_any() -> Option<(i32, ExitStatus)> {
     let mut status = 0;
     // SAFETY: `status` is a valid int to write to.
@@ -182,6 +169,7 @@ pub fn reap_any() -> Option<(i32, ExitStatus)> {
     Some((pid, st))
 }
 
+/// kill(2), with any signal number (nix's Signal has no real-time ones).
 pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
     // SAFETY: kill has no memory effects.
     check(unsafe { libc::kill(pid, signal) })?;
@@ -190,48 +178,29 @@ pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
 
 /// Blocks SIGCHLD and returns a signalfd that becomes readable on it.
 pub fn sigchld_fd() -> io::Result<OwnedFd> {
-    // SAFETY: sigset_t is plain data; the calls initialise it before use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        check(libc::sigprocmask(
-            libc::SIG_BLOCK,
-            &set,
-            std::ptr::null_mut(),
-        ))?;
-        let fd = check(libc::signalfd(
-            -1,
-            &set,
-            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
-        ))?;
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    Ok(fd.into())
 }
 
 /// Empties a signalfd.
 pub fn drain_signalfd(fd: &OwnedFd) {
     let mut buf = [0u8; 128 * 8];
-    // SAFETY: reads into a buffer of the given size; the fd is non-blocking.
-    while unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-        )
-    } > 0
-    {}
+    // The fd is non-blocking: EAGAIN ends the loop.
+    while unistd::read(fd, &mut buf).is_ok_and(|n| n > 0) {}
 }
 
 /// Unblocks every signal and resets the handlers a child inherited, so an
 /// exec'd workload starts with a clean signal state.
 pub fn reset_signals() {
-    // SAFETY: sigset_t is plain data; sigprocmask and signal affect only
-    // this process.
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: signal(2) with SIG_DFL installs no handler of ours and takes
+    // no pointer. (By number, not through nix, whose Signal cannot name 32
+    // and 33 and whose signal() is unsafe as well; glibc refuses those two
+    // with EINVAL.)
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         for sig in 1..libc::SIGRTMIN() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
@@ -255,9 +224,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
 }
 
 pub fn sethostname(name: &str) -> io::Result<()> {
-    // SAFETY: the pointer and length describe `name`'s bytes.
-    check(unsafe { libc::sethostname(name.as_ptr() as *const libc::c_char, name.len()) })?;
-    Ok(())
+    Ok(unistd::sethostname(name)?)
 }
 
 pub fn setdomainname(name: &str) -> io::Result<()> {
@@ -266,6 +233,8 @@ pub fn setdomainname(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// setrlimit(2) by resource number, as the host sends it (nix's Resource
+/// is an enum).
 pub fn setrlimit(resource: u32, soft: u64, hard: u64) -> io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: soft,
@@ -277,48 +246,41 @@ pub fn setrlimit(resource: u32, soft: u64, hard: u64) -> io::Result<()> {
 }
 
 pub fn setgroups(gids: &[u32]) -> io::Result<()> {
-    // SAFETY: the pointer and length describe `gids`.
-    check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })?;
-    Ok(())
+    let gids: Vec<Gid> = gids.iter().map(|&g| Gid::from_raw(g)).collect();
+    Ok(unistd::setgroups(&gids)?)
 }
 
 pub fn setresgid(gid: u32) -> io::Result<()> {
-    // SAFETY: no memory effects.
-    check(unsafe { libc::setresgid(gid, gid, gid) })?;
-    Ok(())
+    let gid = Gid::from_raw(gid);
+    Ok(unistd::setresgid(gid, gid, gid)?)
 }
 
 pub fn setresuid(uid: u32) -> io::Result<()> {
-    // SAFETY: no memory effects.
-    check(unsafe { libc::setresuid(uid, uid, uid) })?;
-    Ok(())
+    let uid = Uid::from_raw(uid);
+    Ok(unistd::setresuid(uid, uid, uid)?)
 }
 
 pub fn set_keepcaps(on: bool) -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, on as libc::c_ulong, 0, 0, 0) })?;
-    Ok(())
+    Ok(prctl::set_keepcaps(on)?)
 }
 
 pub fn set_no_new_privs() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    Ok(())
+    Ok(prctl::set_no_new_privs()?)
 }
 
 pub fn umask(mask: u32) {
-    // SAFETY: no memory effects.
-    unsafe { libc::umask(mask as libc::mode_t) };
+    stat::umask(Mode::from_bits_retain(mask));
 }
 
 pub fn setsid() {
-    // SAFETY: no memory effects; failing (already a leader) is harmless.
-    unsafe { libc::setsid() };
+    // Failing (already a session leader) is harmless.
+    let _ = unistd::setsid();
 }
 
 /// Sets the effective, permitted and inheritable capability sets of this
-/// thread in one capset(2) call (set one by one, each step would have to be
-/// a valid state on its own). Each set is a bit mask of capability numbers.
+/// thread in one capset(2) call (set one by one, as the caps crate does,
+/// each step would have to be a valid state on its own). Each set is a bit
+/// mask of capability numbers.
 pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()> {
     #[repr(C)]
     struct Header {
@@ -364,11 +326,8 @@ pub fn capset(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()
 /// container's own devpts instance): (master, slave), both close-on-exec.
 pub fn open_pty(ptmx: &Path) -> io::Result<(OwnedFd, OwnedFd)> {
     let p = cstring(ptmx)?;
-    // SAFETY: `p` is a valid C string.
-    let master =
-        check(unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
-    // SAFETY: open succeeded, so this is a fresh descriptor we own.
-    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let master = fcntl::open(p.as_c_str(), flags, Mode::empty())?;
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads an int from the pointer.
     check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
@@ -392,90 +351,55 @@ pub fn pty_number(master: &OwnedFd) -> io::Result<u32> {
     Ok(n)
 }
 
+/// fchown(2) to `uid`, keeping the group.
 pub fn fchown(fd: &OwnedFd, uid: u32) -> io::Result<()> {
-    // SAFETY: fchown on a descriptor we own; gid -1 keeps the group.
-    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, u32::MAX) })?;
-    Ok(())
+    Ok(unistd::fchown(fd, Some(Uid::from_raw(uid)), None)?)
 }
 
 /// A connected pair of unix stream sockets, close-on-exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    check(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair succeeded, so both are fresh descriptors we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(socket::socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
 }
-
-/// Room for one SCM_RIGHTS control message carrying one descriptor.
-const CMSG_SPACE_ONE_FD: usize = 24;
 
 /// Sends `fd` over the unix socket `sock`.
 pub fn send_fd(sock: &OwnedFd, fd: &OwnedFd) -> io::Result<()> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr() as *mut libc::c_void,
-        iov_len: 1,
-    };
-    let mut control = [0u8; CMSG_SPACE_ONE_FD];
-    // SAFETY: msghdr is plain data; every pointer set below points into
-    // buffers that outlive the sendmsg call, and CMSG_FIRSTHDR/CMSG_DATA
-    // stay within `control`, which is CMSG_SPACE(sizeof(int)) bytes.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd.as_raw_fd());
-        if libc::sendmsg(sock.as_raw_fd(), &msg, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    let byte = [0u8; 1];
+    let fds = [fd.as_raw_fd()];
+    socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(&byte)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
     Ok(())
 }
 
 /// Receives one descriptor sent with [`send_fd`].
 pub fn recv_fd(sock: &OwnedFd) -> io::Result<OwnedFd> {
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr() as *mut libc::c_void,
-        iov_len: 1,
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let mut control = nix::cmsg_space!(RawFd);
+    let msg = socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut control),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let fd = match msg.cmsgs().ok().and_then(|mut c| c.next()) {
+        Some(ControlMessageOwned::ScmRights(fds)) if msg.bytes > 0 => fds.first().copied(),
+        _ => None,
     };
-    let mut control = [0u8; CMSG_SPACE_ONE_FD];
-    // SAFETY: as in send_fd; the received descriptor is read only when the
-    // kernel filled in a SCM_RIGHTS message of the expected size.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = control.len();
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if n == 0 || cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "no descriptor received",
-            ));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::c_int);
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+    let fd =
+        fd.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no descriptor received"))?;
+    // SAFETY: the kernel has just installed `fd` in this process's table
+    // for this message; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
@@ -497,6 +421,20 @@ pub fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// True when this process may execute `path` (access(2) with X_OK).
+pub fn can_execute(path: &Path) -> bool {
+    cstring(path).is_ok_and(|c| unistd::access(c.as_c_str(), AccessFlags::X_OK).is_ok())
+}
+
+/// execve(2): replaces this process's program with `path`, run with `args`
+/// and the environment `env`. Returns only if that failed, with the reason.
+pub fn execve(path: &CStr, args: &[CString], env: &[CString]) -> io::Error {
+    match unistd::execve(path, args, env) {
+        Err(e) => e.into(),
+        Ok(never) => match never {},
+    }
+}
+
 /// exit(2) without running destructors or atexit handlers (for forked
 /// children).
 pub fn exit_now(code: i32) -> ! {
@@ -507,18 +445,15 @@ pub fn exit_now(code: i32) -> ! {
 /// Flushes every filesystem's dirty data to its backing store (for
 /// virtio-fs: to the host).
 pub fn sync() {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    unistd::sync();
 }
 
 /// Flushes filesystems and powers the VM off. Never returns.
 pub fn power_off() -> ! {
-    // SAFETY: sync and reboot have no memory effects. The kernel is booted
-    // with reboot=t and the VMM treats the reset as the end of the VM.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_AUTOBOOT);
-    }
+    unistd::sync();
+    // The kernel is booted with reboot=t and the VMM treats the reset as
+    // the end of the VM.
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
     // Only reached when not PID 1 (reboot needs it), e.g. in tests.
     std::process::exit(1)
 }
@@ -536,11 +471,13 @@ pub fn console(msg: &str) {
 // Network interfaces and routes, through the classic ioctls (no netlink):
 // enough to put the host namespace's addresses and routes on an interface.
 
-fn inet_socket(family: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: socket has no memory effects; the fd is owned at once.
-    let fd = check(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn inet_socket(family: AddressFamily) -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
@@ -558,38 +495,55 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(r)
 }
 
-fn ioctl_ifreq(family: libc::c_int, req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+/// One ioctl `req` on a fresh datagram socket of `family`, with `arg`.
+///
+/// # Safety
+///
+/// `req` must be a request that reads (and may write) one `T` and nothing
+/// else, or memory that outlives the call.
+unsafe fn socket_ioctl<T>(
+    family: AddressFamily,
+    req: libc::c_ulong,
+    arg: &mut T,
+) -> io::Result<()> {
     let s = inet_socket(family)?;
-    // SAFETY: the request reads/writes one ifreq, which outlives the call.
-    check(unsafe { libc::ioctl(s.as_raw_fd(), req as _, r as *mut libc::ifreq) })?;
+    // SAFETY: the caller vouches that `req` takes one T; `arg` is one, and
+    // lives across the call.
+    check(unsafe { libc::ioctl(s.as_raw_fd(), req as _, arg as *mut T) })?;
     Ok(())
+}
+
+/// An interface ioctl (SIOC[GS]IF*) on an AF_INET socket.
+fn ioctl_ifreq(req: libc::c_ulong, r: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: every request this module passes here takes one ifreq.
+    unsafe { socket_ioctl(AddressFamily::Inet, req, r) }
 }
 
 /// Sets IFF_UP on interface `name`.
 pub fn if_up(name: &str) -> io::Result<()> {
     let mut r = ifreq(name)?;
-    ioctl_ifreq(libc::AF_INET, libc::SIOCGIFFLAGS, &mut r)?;
+    ioctl_ifreq(libc::SIOCGIFFLAGS, &mut r)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFFLAGS, &mut r)
+    ioctl_ifreq(libc::SIOCSIFFLAGS, &mut r)
 }
 
 pub fn if_set_mtu(name: &str, mtu: u32) -> io::Result<()> {
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_mtu = mtu as libc::c_int;
-    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFMTU, &mut r)
+    ioctl_ifreq(libc::SIOCSIFMTU, &mut r)
 }
 
 pub fn if_rename(name: &str, new: &str) -> io::Result<()> {
     let mut r = ifreq(name)?;
     let n = ifreq(new)?;
     r.ifr_ifru.ifru_newname = n.ifr_name;
-    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFNAME, &mut r)
+    ioctl_ifreq(libc::SIOCSIFNAME, &mut r)
 }
 
 pub fn if_index(name: &str) -> io::Result<i32> {
     let mut r = ifreq(name)?;
-    ioctl_ifreq(libc::AF_INET, libc::SIOCGIFINDEX, &mut r)?;
+    ioctl_ifreq(libc::SIOCGIFINDEX, &mut r)?;
     // SAFETY: SIOCGIFINDEX filled the ifindex member of the union.
     Ok(unsafe { r.ifr_ifru.ifru_ifindex })
 }
@@ -621,10 +575,10 @@ fn v4_mask(prefix: u8) -> std::net::Ipv4Addr {
 pub fn if_set_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> io::Result<()> {
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_addr = sockaddr_in(addr);
-    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFADDR, &mut r)?;
+    ioctl_ifreq(libc::SIOCSIFADDR, &mut r)?;
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_netmask = sockaddr_in(v4_mask(prefix));
-    ioctl_ifreq(libc::AF_INET, libc::SIOCSIFNETMASK, &mut r)
+    ioctl_ifreq(libc::SIOCSIFNETMASK, &mut r)
 }
 
 /// Adds an IPv6 address with its prefix to the interface numbered `index`.
@@ -636,16 +590,8 @@ pub fn if_add_ipv6(index: i32, addr: std::net::Ipv6Addr, prefix: u8) -> io::Resu
         ifr6_prefixlen: u32::from(prefix),
         ifr6_ifindex: index,
     };
-    let s = inet_socket(libc::AF_INET6)?;
     // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCSIFADDR as _,
-            &mut r as *mut libc::in6_ifreq,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet6, libc::SIOCSIFADDR, &mut r) }
 }
 
 /// Adds an IPv4 route to `dst/prefix` on `dev`, through `gateway` if given.
@@ -669,16 +615,8 @@ pub fn route_add_v4(
         rt.rt_flags |= libc::RTF_HOST;
     }
     rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
-    let s = inet_socket(libc::AF_INET)?;
     // SAFETY: SIOCADDRT reads one rtentry; rt_dev points to `dev`, alive here.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut libc::rtentry,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet, libc::SIOCADDRT, &mut rt) }
 }
 
 /// Linux's struct in6_rtmsg (libc's keeps its fields private).
@@ -725,14 +663,78 @@ pub fn route_add_v6(
         };
         rt.flags |= libc::RTF_GATEWAY as u32;
     }
-    let s = inet_socket(libc::AF_INET6)?;
     // SAFETY: SIOCADDRT on an AF_INET6 socket reads one in6_rtmsg.
-    check(unsafe {
-        libc::ioctl(
-            s.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut In6Rtmsg,
-        )
-    })?;
-    Ok(())
+    unsafe { socket_ioctl(AddressFamily::Inet6, libc::SIOCADDRT, &mut rt) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+
+    use super::*;
+
+    fn is_cloexec(fd: &OwnedFd) -> bool {
+        let flags = fcntl(fd, FcntlArg::F_GETFD).unwrap();
+        FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC)
+    }
+
+    #[test]
+    fn a_descriptor_crosses_a_socketpair_close_on_exec() {
+        let (a, b) = socketpair().unwrap();
+        assert!(is_cloexec(&a) && is_cloexec(&b));
+        let (r, w) = pipe().unwrap();
+        assert!(is_cloexec(&r) && is_cloexec(&w));
+        send_fd(&a, &w).unwrap();
+        drop(w);
+        let got = recv_fd(&b).unwrap();
+        assert!(is_cloexec(&got));
+        File::from(got).write_all(b"through").unwrap();
+        let mut text = String::new();
+        File::from(r).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "through");
+    }
+
+    #[test]
+    fn a_message_without_a_descriptor_is_an_error() {
+        let (a, b) = socketpair().unwrap();
+        File::from(a).write_all(b"x").unwrap();
+        let e = recv_fd(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // And so is the peer's close.
+        let e = recv_fd(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn nonblocking_adds_to_the_flags() {
+        let (r, w) = pipe().unwrap();
+        set_nonblocking(&w).unwrap();
+        let flags = OFlag::from_bits_retain(fcntl(&w, FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_NONBLOCK | OFlag::O_WRONLY));
+        drop(r);
+    }
+
+    #[test]
+    fn the_boot_clock_runs() {
+        let a = boottime_ns();
+        assert!(a > 0);
+        assert!(boottime_ns() >= a);
+    }
+
+    #[test]
+    fn can_execute_follows_the_mode_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("prog");
+        std::fs::write(&f, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Without an execute bit nobody may, root included.
+        assert!(!can_execute(&f));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o744)).unwrap();
+        assert!(can_execute(&f));
+        assert!(!can_execute(&dir.path().join("missing")));
+        assert!(!can_execute(Path::new("nul\0byte")));
+    }
 }
