@@ -8,8 +8,8 @@
 #                - pod start to container running through the CRI (what
 #                  kubelet waits for: RunPodSandbox, then CreateContainer +
 #                  StartContainer of `sleep 1000` until ContainerStatus says
-#                  running), handlers krun and runc, interleaved, by the
-#                  example cri-pod-start (built with cargo), on a CNI bridge
+#                  running), handlers krun and runc, interleaved, by
+#                  krun-e2e's cri-pod-start (built with cargo), on a CNI bridge
 #                  of the bench's own (kbench0, 10.233.0.0/24).
 #                1 warm-up round, then -n rounds. Writes containerd.tsv,
 #                cri-pods.tsv and bench-containerd.png to DIR.
@@ -28,8 +28,8 @@ ctrd_cleanup() {
   [ -n "$ctrd_dir" ] || return 0
   # Pods that an interrupted cri-pod-start left: removed through the CRI, as
   # only containerd knows their network namespaces (in /run/netns).
-  if [ -S "$ctrd_dir/containerd.sock" ] && [ -x "$top/target/release/examples/cri-pod-start" ]; then
-    timeout 120 "$top/target/release/examples/cri-pod-start" --socket "$ctrd_dir/containerd.sock" \
+  if [ -S "$ctrd_dir/containerd.sock" ] && [ -x "$top/target/release/cri-pod-start" ]; then
+    timeout 120 "$top/target/release/cri-pod-start" --socket "$ctrd_dir/containerd.sock" \
       --remove-pods >/dev/null 2>&1 || true
   fi
   timeout 120 "$here/containerd-env" stop "$ctrd_dir" >/dev/null 2>&1 || true
@@ -74,11 +74,11 @@ ctrd_run() {
 }
 
 scenario_containerd() {
-  local r i k=${#ctrd_shims[@]} example rc
-  log "containerd: building the CRI client example cri-pod-start"
-  (cd "$top" && cargo build --release --locked --example cri-pod-start -p krun-oci >&2) ||
-    die "cargo build --example cri-pod-start failed"
-  example=$top/target/release/examples/cri-pod-start
+  local r i k=${#ctrd_shims[@]} client rc
+  log "containerd: building the CRI client cri-pod-start (crate krun-e2e)"
+  (cd "$top" && cargo build --release --locked -p krun-e2e --bin cri-pod-start >&2) ||
+    die "cargo build --bin cri-pod-start failed"
+  client=$top/target/release/cri-pod-start
   # Registered before the start, so that an interrupted start is undone too.
   cleanup_hooks+=(ctrd_cleanup)
   ctrd_dir=$work/ctrd
@@ -105,7 +105,7 @@ EOF
   rm -f "$out/cri-pods.tsv"
   log "containerd: 1 warm-up + $rounds rounds of pod start through the CRI, handlers ${ctrd_shims[*]} interleaved"
   rc=0
-  timeout --foreground $((600 + 400 * rounds)) "$example" --socket "$ctrd_dir/containerd.sock" \
+  timeout --foreground $((600 + 400 * rounds)) "$client" --socket "$ctrd_dir/containerd.sock" \
     --handler "$(
       IFS=,
       echo "${ctrd_shims[*]}"

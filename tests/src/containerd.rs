@@ -12,7 +12,6 @@
 //!
 //! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2` runs the same tests
 //! on containerd's runc shim, which validates the tests themselves.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,26 +20,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::harness::{libdir, processes_mentioning, wait_timeout};
+use crate::{dist, libdir, processes_mentioning, shim_bin, wait_timeout, workspace};
 
 /// A hard limit on one ctr call (a VM boot under TCG takes seconds; a busy
 /// 2-core CI machine needs more).
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub const KRUN: &str = "io.containerd.krun.v2";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn dist() -> PathBuf {
-    std::env::var_os("KRUN_OCI_DIST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/dist"))
-}
 
 /// The runtime type under test.
 pub fn runtime() -> String {
@@ -57,46 +43,11 @@ pub fn is_krun() -> bool {
 /// The image every test runs.
 pub const BUSYBOX: &str = "localhost/krun-busybox:latest";
 
-fn newest_mtime(dir: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::UNIX_EPOCH;
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let t = if e.path().is_dir() {
-            newest_mtime(&e.path())
-        } else {
-            e.metadata().and_then(|m| m.modified()).unwrap()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-/// Fails (never skips) when the shim under test is missing or older than
-/// its sources.
+/// Fails (never skips) when the VM assets or the shim under test are
+/// missing or older than their sources.
 fn check_shim() {
     libdir();
-    let shim = dist().join("bin/containerd-shim-krun-v2");
-    let built = std::fs::metadata(&shim)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "CONTAINERD TESTS CANNOT RUN: {} is missing. Run `hack/build` (or `hack/test`) first; \
-                 these tests run real containerd and fail rather than skip.",
-                shim.display()
-            )
-        });
-    for dir in [
-        "shim/src",
-        "src/runtime/src",
-        "src/hypervisor/src",
-        "src/vmm/src",
-        "src/proto/src",
-    ] {
-        assert!(
-            built >= newest_mtime(&workspace().join(dir)),
-            "{} is older than {dir}: run hack/build",
-            shim.display()
-        );
-    }
+    shim_bin();
 }
 
 /// What a command did.

@@ -19,7 +19,6 @@
 //! own variables), so `KRUN_OCI_LIBDIR` must be set there.
 //! `KRUN_OCI_PODMAN_NO_WRAPPER=1` passes the binary itself instead;
 //! `KRUN_OCI_PODMAN_KEEP=1` keeps each test's folder (store, runtime.log).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -30,7 +29,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::harness::{processes_mentioning, wait_timeout};
+use crate::{hypervisor, krun_oci_bin, libdir, processes_mentioning, wait_timeout, workspace};
 
 /// A hard limit on any one podman command.
 pub const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,13 +37,6 @@ pub const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long processes, mounts and cgroups may take to go away after the
 /// last podman command (conmon runs `podman container cleanup` after exit).
 const SETTLE: Duration = Duration::from_secs(15);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// A line on the test's real stderr, past libtest's output capture, so
 /// that it shows even for tests that pass.
@@ -203,7 +195,7 @@ impl Podman {
         }
         let real: PathBuf = match runtime {
             Runtime::Runc => env.runc.clone(),
-            Runtime::KrunOci => env!("CARGO_BIN_EXE_krun-oci").into(),
+            Runtime::KrunOci => krun_oci_bin(),
         };
         let runtime_path = if std::env::var("KRUN_OCI_PODMAN_NO_WRAPPER").as_deref() == Ok("1") {
             real
@@ -218,9 +210,9 @@ impl Podman {
             if runtime == Runtime::KrunOci {
                 script.push_str(&format!(
                     "export KRUN_OCI_LIBDIR='{}'\n",
-                    crate::harness::libdir().display()
+                    libdir().display()
                 ));
-                if let Some(h) = crate::harness::hypervisor() {
+                if let Some(h) = hypervisor() {
                     extra = format!(" --hypervisor '{h}'");
                 }
             }

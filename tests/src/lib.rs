@@ -1,11 +1,22 @@
-//! The harness for tests that boot real microVMs with the krun-oci binary.
+//! krun-e2e: the harness for the end-to-end tests of krun-oci, which boot
+//! real microVMs with the binaries `hack/build` puts in target/dist.
 //!
 //! Every test gets a sandbox: its own state root, bundle folder and guest
 //! console copies, a hard timeout on each run, and a check afterwards that
 //! nothing of the container is left (state, processes, mounts). When the
-//! VM assets are missing the tests fail with a message saying how to get
-//! them; they never skip.
-#![allow(dead_code)]
+//! VM assets or the binaries are missing or stale the tests fail with a
+//! message saying how to get them; they never skip.
+//!
+//! Beside the sandbox: [`lifecycle`] (the runtime-spec lifecycle by hand),
+//! [`podman`] (a private podman store), [`containerd`] (a private
+//! containerd and `ctr`) and [`cri`] (a CRI client). The suites are this
+//! crate's test targets (tests/*.rs); `src/bin/cri-pod-start.rs` is a
+//! benchmark tool over the CRI client.
+
+pub mod containerd;
+pub mod cri;
+pub mod lifecycle;
+pub mod podman;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::symlink;
@@ -20,11 +31,20 @@ use serde_json::{json, Value};
 /// 2-core CI machine running two VMs at once needs more).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn workspace() -> PathBuf {
+/// The workspace's top folder (this crate is its `tests` folder).
+pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
+        .join("..")
         .canonicalize()
         .unwrap()
+}
+
+/// `$KRUN_OCI_DIST`, else the workspace's target/dist: where `hack/build`
+/// puts the binaries and `hack/setup` adds the kernel and virtiofsd.
+pub fn dist() -> PathBuf {
+    std::env::var_os("KRUN_OCI_DIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/dist"))
 }
 
 /// The directory with vmlinux, initramfs.cpio and virtiofsd that `hack/setup`
@@ -32,8 +52,7 @@ fn workspace() -> PathBuf {
 pub fn libdir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dist = std::env::var_os("KRUN_OCI_DIST").map(PathBuf::from).unwrap_or_else(|| workspace().join("target/dist"));
-        let lib = dist.join("lib/krun-oci");
+        let lib = dist().join("lib/krun-oci");
         for f in ["vmlinux", "initramfs.cpio", "virtiofsd"] {
             assert!(
                 lib.join(f).is_file(),
@@ -53,15 +72,63 @@ pub fn libdir() -> PathBuf {
     .clone()
 }
 
+/// The source folders of the runtime binary.
+const RUNTIME_SOURCES: [&str; 4] = [
+    "src/runtime/src",
+    "src/hypervisor/src",
+    "src/vmm/src",
+    "src/proto/src",
+];
+
+/// The krun-oci binary under test, `$KRUN_OCI_DIST/bin/krun-oci`, which
+/// `hack/build` makes. Panics with instructions when it is missing or
+/// older than its sources.
+pub fn krun_oci_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| dist_bin("krun-oci", &RUNTIME_SOURCES))
+        .clone()
+}
+
+/// The containerd shim under test, `$KRUN_OCI_DIST/bin/containerd-shim-krun-v2`
+/// (containerd finds it there), which `hack/build` makes. Panics with
+/// instructions when it is missing or older than its sources.
+pub fn shim_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let sources: Vec<&str> = ["shim/src"].into_iter().chain(RUNTIME_SOURCES).collect();
+        dist_bin("containerd-shim-krun-v2", &sources)
+    })
+    .clone()
+}
+
+/// `name` in `$KRUN_OCI_DIST/bin`, checked to be newer than each folder of
+/// `sources`.
+fn dist_bin(name: &str, sources: &[&str]) -> PathBuf {
+    let bin = dist().join("bin").join(name);
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "END-TO-END TESTS CANNOT RUN: {} is missing. Run `hack/build` (or `hack/test`) first; \
+                 these tests run the binaries it builds and fail rather than skip.",
+                bin.display()
+            )
+        });
+    for dir in sources {
+        assert!(
+            built >= newest_mtime(&workspace().join(dir)),
+            "{} is older than {dir}: run hack/build",
+            bin.display()
+        );
+    }
+    bin
+}
+
 /// The static netperf tool (guest-init/examples/netperf.rs) that
 /// `hack/build` puts in target/dist/tools, for tests to copy into a busybox
 /// rootfs. Panics with instructions when it is missing or stale.
-#[allow(dead_code)] // Not every suite that includes the harness uses it.
 pub fn netperf() -> PathBuf {
-    let dist = std::env::var_os("KRUN_OCI_DIST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/dist"));
-    let bin = dist.join("tools/netperf");
+    let bin = dist().join("tools/netperf");
     assert!(
         bin.is_file(),
         "{} is missing: run hack/build",
@@ -103,9 +170,10 @@ pub fn hypervisor() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// The krun-oci binary under test.
+/// The krun-oci binary under test with the VM assets and the suite's
+/// backend.
 pub fn krun_oci() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_krun-oci"));
+    let mut c = Command::new(krun_oci_bin());
     c.env("KRUN_OCI_LIBDIR", libdir());
     if let Some(h) = hypervisor() {
         c.arg("--hypervisor").arg(h);

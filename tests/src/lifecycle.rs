@@ -2,13 +2,12 @@
 //! `create`/`start`/`delete` themselves: the runtime's commands with their
 //! output, `create` with a pid file, and the monitor's exit status (the
 //! test process is the subreaper that inherits it, as conmon is).
-#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Sandbox, TestBundle};
+use crate::{self as harness, Sandbox, TestBundle};
 
 /// The monitor `create` leaves behind is orphaned when `create` exits; as
 /// conmon does, this test process becomes the subreaper that inherits and

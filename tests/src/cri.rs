@@ -1,6 +1,5 @@
 //! A CRI client, as kubelet is one: the k8s-cri crate's generated gRPC
 //! client over containerd's socket, with blocking calls for the tests.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
