@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{dist, libdir, processes_mentioning, shim_bin, wait_timeout, workspace};
+use crate::dist::{dist, libdir, shim_bin, workspace};
+use crate::process::{processes_mentioning, wait_timeout};
 
 /// A hard limit on one ctr call (a VM boot under TCG takes seconds; a busy
 /// 2-core CI machine needs more).

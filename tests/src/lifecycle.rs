@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::{self as harness, Sandbox, TestBundle};
+use crate::bundle::TestBundle;
+use crate::process::wait_timeout;
+use crate::sandbox::{run_with_timeout, Sandbox, RUN_TIMEOUT};
 
 /// The monitor `create` leaves behind is orphaned when `create` exits; as
 /// conmon does, this test process becomes the subreaper that inherits and
@@ -30,7 +32,7 @@ pub struct Out {
 pub fn krun(sb: &Sandbox, args: &[&str]) -> Out {
     let mut c = sb.cmd();
     c.args(args).stdin(Stdio::null());
-    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    let o = run_with_timeout(c, None, RUN_TIMEOUT, &sb.path().join("console"));
     Out {
         code: o.code,
         stdout: o.stdout(),
@@ -65,7 +67,7 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
         .arg(id);
     c.stdin(Stdio::null()).stdout(out).stderr(err);
     let mut child = c.spawn().unwrap();
-    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
+    let st = wait_timeout(&mut child, RUN_TIMEOUT).expect("create timed out");
     let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
     assert_eq!(
         st.code(),

@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{hypervisor, krun_oci_bin, libdir, processes_mentioning, wait_timeout, workspace};
+use crate::dist::{krun_oci_bin, libdir, workspace};
+use crate::process::{processes_mentioning, wait_timeout};
+use crate::sandbox::hypervisor;
 
 /// A hard limit on any one podman command.
 pub const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
