@@ -13,7 +13,6 @@
 //! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2` runs the same tests
 //! on containerd's runc shim, which validates the tests themselves.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +20,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::dist::{dist, libdir, shim_bin, workspace};
-use crate::process::{processes_mentioning, wait_timeout};
+use crate::process::{finish, none_left, poll, processes_mentioning, spawn_fed, Out};
 
 /// A hard limit on one ctr call (a VM boot under TCG takes seconds; a busy
 /// 2-core CI machine needs more).
@@ -49,34 +48,6 @@ pub const BUSYBOX: &str = "localhost/krun-busybox:latest";
 fn check_shim() {
     libdir();
     shim_bin();
-}
-
-/// What a command did.
-#[derive(Debug)]
-pub struct Out {
-    pub what: String,
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Out {
-    #[track_caller]
-    pub fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code, code,
-            "`{}` exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what, self.stdout, self.stderr
-        );
-        self
-    }
-
-    /// The trimmed stdout of a command that must succeed.
-    #[track_caller]
-    pub fn ok(&self) -> String {
-        self.expect(0);
-        self.stdout.trim().to_string()
-    }
 }
 
 /// One private containerd.
@@ -226,18 +197,19 @@ impl Containerd {
 
     #[track_caller]
     pub fn wait_status(&self, id: &str, want: &str) {
-        let deadline = Instant::now() + CTR_TIMEOUT;
-        loop {
-            let s = self.status(id);
-            if s == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "task {id} never became {want} (last: {s:?})"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            CTR_TIMEOUT,
+            Duration::from_millis(100),
+            || {
+                let s = self.status(id);
+                if s == want {
+                    Ok(())
+                } else {
+                    Err(s)
+                }
+            },
+            |s| format!("task {id} never became {want} (last: {s:?})"),
+        )
     }
 
     /// Fails on anything of this containerd's containers left behind.
@@ -252,22 +224,20 @@ impl Containerd {
             );
         }
         let needle = self.path().to_string_lossy().into_owned();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // containerd itself names the folder: only its children count.
-            let procs: Vec<String> = processes_mentioning(&needle)
-                .into_iter()
-                .filter(|p| !p.contains("bin/containerd --config"))
-                .collect();
-            if procs.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processes left behind: {procs:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                // containerd itself names the folder: only its children count.
+                none_left(
+                    processes_mentioning(&needle)
+                        .into_iter()
+                        .filter(|p| !p.contains("bin/containerd --config"))
+                        .collect(),
+                )
+            },
+            |procs| format!("processes left behind: {procs:?}"),
+        );
         let address = self.address().to_string_lossy().into_owned();
         for (ns, id) in self.ids.borrow().iter() {
             if is_krun() {
@@ -344,58 +314,15 @@ impl Drop for Containerd {
 
 /// Runs a command with a hard timeout, feeding `stdin`.
 pub fn run(mut c: Command, what: &str, stdin: Option<&[u8]>) -> Out {
-    c.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    if let Some(data) = stdin {
-        let mut s = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = s.write_all(&data);
-        });
-    }
+    let (child, _feeder) =
+        spawn_fed(&mut c, stdin).unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     collect(child, what, CTR_TIMEOUT)
 }
 
 /// Waits for a child (killing it after `timeout`) and collects its output.
-pub fn collect(mut child: Child, what: &str, timeout: Duration) -> Out {
-    use std::io::Read;
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let status = wait_timeout(&mut child, timeout);
-    let status = match status {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-    };
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Out {
-        what: what.to_string(),
-        code,
-        stdout: String::from_utf8_lossy(&t1.join().unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&t2.join().unwrap()).into_owned(),
-    }
+pub fn collect(child: Child, what: &str, timeout: Duration) -> Out {
+    let start = Instant::now();
+    let f = finish(child, timeout)
+        .unwrap_or_else(|| panic!("{what} did not finish within {timeout:?}"));
+    Out::new(what, f, start)
 }

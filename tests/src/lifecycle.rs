@@ -5,10 +5,10 @@
 
 use std::process::Stdio;
 use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::bundle::TestBundle;
-use crate::process::wait_timeout;
+use crate::process::{poll, wait_timeout};
 use crate::sandbox::{run_with_timeout, Sandbox, RUN_TIMEOUT};
 
 /// The monitor `create` leaves behind is orphaned when `create` exits; as
@@ -84,21 +84,23 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
 
 /// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
 pub fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut st = 0;
-        // SAFETY: waitpid on a pid that is (or will be) our child.
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-        if r == pid {
-            return if libc::WIFSIGNALED(st) {
-                (None, Some(libc::WTERMSIG(st)))
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let mut st = 0;
+            // SAFETY: waitpid on a pid that is (or will be) our child.
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+            if r != pid {
+                Err(())
+            } else if libc::WIFSIGNALED(st) {
+                Ok((None, Some(libc::WTERMSIG(st))))
             } else {
-                (Some(libc::WEXITSTATUS(st)), None)
-            };
-        }
-        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+                Ok((Some(libc::WEXITSTATUS(st)), None))
+            }
+        },
+        |()| format!("the monitor {pid} did not exit"),
+    )
 }
 
 pub fn out_of(sb: &Sandbox, id: &str) -> String {
@@ -106,13 +108,17 @@ pub fn out_of(sb: &Sandbox, id: &str) -> String {
 }
 
 pub fn wait_for_output(sb: &Sandbox, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out_of(sb, id).contains(want) {
-        assert!(
-            Instant::now() < deadline,
-            "no {want:?} in the output of {id}: {:?}",
-            out_of(sb, id)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let out = out_of(sb, id);
+            if out.contains(want) {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+        |out| format!("no {want:?} in the output of {id}: {out:?}"),
+    )
 }

@@ -3,14 +3,13 @@
 //! on each run, and a check afterwards that nothing of the container is
 //! left (state, processes, mounts).
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use crate::bundle::{base_config, make_busybox_rootfs, TestBundle};
 use crate::dist::{krun_oci_bin, libdir};
-use crate::process::{processes_mentioning, wait_timeout};
+use crate::process::{finish, none_left, poll, processes_mentioning, spawn_fed};
 
 /// A hard limit on one container run (boot under TCG takes ~2-3 s; a busy
 /// 2-core CI machine running two VMs at once needs more).
@@ -117,18 +116,12 @@ impl Sandbox {
         );
         let needle = self.path().to_string_lossy().into_owned();
         // Processes exit as the runtime reaps them; allow a moment.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let procs = processes_mentioning(&needle);
-            if procs.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processes left behind: {procs:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || none_left(processes_mentioning(&needle)),
+            |procs| format!("processes left behind: {procs:?}"),
+        );
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
         assert!(leaked.is_empty(), "mounts left behind: {leaked:?}");
@@ -205,51 +198,17 @@ pub fn run_with_timeout(
     timeout: Duration,
     console_dir: &Path,
 ) -> Output {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawning krun-oci");
-    let input = stdin.map(|s| s.to_vec());
-    let mut sin = child.stdin.take();
-    let feeder = std::thread::spawn(move || {
-        if let (Some(mut w), Some(data)) = (sin.take(), input) {
-            let _ = w.write_all(&data);
-        }
-    });
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| {
-        let _ = child.kill();
-        let _ = child.wait();
+    let (child, feeder) = spawn_fed(&mut cmd, stdin).expect("spawning krun-oci");
+    let f = finish(child, timeout).unwrap_or_else(|| {
         panic!(
             "krun-oci did not finish within {timeout:?}; guest console:\n{}",
             read_consoles(console_dir)
         );
     });
     let _ = feeder.join();
-    let stdout = out_t.join().unwrap();
-    let stderr = err_t.join().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Output {
-        code,
-        stdout,
-        stderr,
+        code: f.code,
+        stdout: f.stdout,
+        stderr: f.stderr,
     }
 }
