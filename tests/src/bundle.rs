@@ -70,6 +70,14 @@ pub fn make_busybox_rootfs(root: &Path) {
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
 }
 
+/// The mounts `runc spec` writes (and `hack/mkbundle`), from the fixture
+/// that keeps its output.
+fn runc_spec_mounts() -> Value {
+    let spec: Value =
+        serde_json::from_str(include_str!("../fixtures/bundles/runc-spec.json")).unwrap();
+    spec["mounts"].clone()
+}
+
 /// The config `hack/mkbundle` writes, running `args`.
 pub fn base_config(args: &[&str]) -> Value {
     let caps = json!([
@@ -99,15 +107,7 @@ pub fn base_config(args: &[&str]) -> Value {
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": "krun-test",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
-        ],
+        "mounts": runc_spec_mounts(),
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
