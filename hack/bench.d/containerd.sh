@@ -192,27 +192,27 @@ report_containerd() {
   fi
 }
 
+# ctrd_plot_rows TSV COLUMN STATUS_COLUMN LABEL: a bar a shim, numbered on
+# from $x, with the median, min and max of COLUMN (a number) of its timed
+# rows, labelled "LABEL SHIM"; a failed one as a labelled gap (gnuplot
+# skips the NaN), "LABEL's first word, SHIM FAILED".
+ctrd_plot_rows() {
+  local shim n med min max
+  for shim in "${ctrd_shims[@]}"; do
+    x=$((x + 1))
+    read -r n med min max < <(ctrd_values "$1" "$shim" "$2" "$3" | stats)
+    if [ "$n" -eq 0 ]; then
+      printf '%s\t%s %s FAILED\tNaN\tNaN\tNaN\n' "$x" "${4%% *}" "$shim"
+    else
+      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "$4 $shim" "$med" "$min" "$max"
+    fi
+  done
+}
+
 plot_containerd() {
-  local shim x=0 n med min max
+  local x=0
   printf 'x\tlabel\tmedian\tmin\tmax\n' >"$out/plot-containerd.dat"
-  for shim in "${ctrd_shims[@]}"; do
-    x=$((x + 1))
-    read -r n med min max < <(ctrd_values "$out/containerd.tsv" "$shim" 3 4 | stats)
-    # a failed one as a labelled gap (gnuplot skips the NaN)
-    if [ "$n" -eq 0 ]; then
-      printf '%s\tctr %s FAILED\tNaN\tNaN\tNaN\n' "$x" "$shim"
-    else
-      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "ctr run $shim" "$med" "$min" "$max"
-    fi >>"$out/plot-containerd.dat"
-  done
-  for shim in "${ctrd_shims[@]}"; do
-    x=$((x + 1))
-    read -r n med min max < <(ctrd_values "$out/cri-pods.tsv" "$shim" 5 6 | stats)
-    if [ "$n" -eq 0 ]; then
-      printf '%s\tpod %s FAILED\tNaN\tNaN\tNaN\n' "$x" "$shim"
-    else
-      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "pod start $shim" "$med" "$min" "$max"
-    fi >>"$out/plot-containerd.dat"
-  done
+  ctrd_plot_rows "$out/containerd.tsv" 3 4 "ctr run" >>"$out/plot-containerd.dat"
+  ctrd_plot_rows "$out/cri-pods.tsv" 5 6 "pod start" >>"$out/plot-containerd.dat"
   bar_plot containerd "containerd: ctr run --rm, CRI pod start ($rounds rounds)" "ms"
 }
