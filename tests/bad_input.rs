@@ -1,7 +1,7 @@
 //! Bad bundles and arguments: a one-line error naming what is wrong, a
 //! non-zero exit, and nothing left behind. None of these boot a VM.
 
-mod harness;
+use krun_e2e as harness;
 
 use harness::Sandbox;
 use serde_json::json;

@@ -5,9 +5,7 @@
 //! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2 cargo test --test containerd`
 //! runs the same tests on containerd's runc shim, to validate them.
 
-#[path = "harness/containerd.rs"]
-mod containerd;
-mod harness;
+use krun_e2e::{self as harness, containerd};
 
 use std::time::Duration;
 

@@ -1,15 +1,11 @@
 //! The Kubernetes path: what kubelet does for a pod whose RuntimeClass has
 //! the handler `krun`, through containerd's CRI plugin to our shim — a CRI
-//! client (tests/harness/cri.rs) against a private containerd 2.x.
+//! client (tests/src/cri.rs) against a private containerd 2.x.
 //!
 //! `KRUN_OCI_CRI_HANDLER=runc cargo test --test cri` runs the same test with
 //! containerd's runc shim, to validate it (the VM-only checks say so).
 
-#[path = "harness/containerd.rs"]
-mod containerd;
-#[path = "harness/cri.rs"]
-mod cri;
-mod harness;
+use krun_e2e::{self as harness, containerd, cri};
 
 use std::time::Instant;
 

@@ -10,7 +10,7 @@
 //! and back-pressure rules are the same code on both backends and are
 //! covered for both by the unit tests in `src/runtime/src/session`.
 
-mod harness;
+use krun_e2e as harness;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -34,7 +34,7 @@ fn become_subreaper() {
 
 /// `krun-oci --root ROOT` on QEMU, whatever the suite's backend.
 fn krun_qemu(sb: &Sandbox) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_krun-oci"));
+    let mut c = Command::new(harness::krun_oci_bin());
     c.env("KRUN_OCI_LIBDIR", harness::libdir())
         .env("KRUN_OCI_CONSOLE_COPY", sb.path().join("console"))
         .args(["--hypervisor", "qemu", "--root"])

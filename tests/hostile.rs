@@ -4,9 +4,7 @@
 //! proves; the suite runs on QEMU here and on the built-in VMM in the
 //! nested test host (`hack/test`).
 
-mod harness;
-#[path = "harness/lifecycle.rs"]
-mod lifecycle;
+use krun_e2e::{self as harness, lifecycle};
 
 use std::path::Path;
 use std::process::Stdio;

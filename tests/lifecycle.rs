@@ -3,9 +3,7 @@
 //! process in each phase, and many containers at once. Every test checks
 //! that nothing is left behind.
 
-mod harness;
-#[path = "harness/lifecycle.rs"]
-mod lifecycle;
+use krun_e2e::{self as harness, lifecycle};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -381,7 +379,7 @@ fn exec_with_a_terminal_is_interactive() {
     ok(krun(&sb, &["start", "t1"]));
     let inner = format!(
         "stty rows 40 cols 120; {} {} --root {} exec --tty t1 sh",
-        env!("CARGO_BIN_EXE_krun-oci"),
+        harness::krun_oci_bin().display(),
         harness::hypervisor()
             .map(|h| format!("--hypervisor {h}"))
             .unwrap_or_default(),

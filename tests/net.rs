@@ -4,7 +4,7 @@
 //! address, routes, TCP both ways, ICMP, UDP both ways (a DNS resolver the
 //! test runs, and an echo in the guest). Afterwards the namespace is as it was: no tap, no tc qdisc.
 
-mod harness;
+use krun_e2e as harness;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};

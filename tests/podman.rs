@@ -13,9 +13,7 @@
 //!
 //! `KRUN_OCI_PODMAN_RUNTIME=runc cargo test --test podman -- --test-threads=1`
 
-mod harness;
-#[path = "harness/podman.rs"]
-mod podman;
+use krun_e2e::podman;
 
 use std::time::{Duration, Instant};
 

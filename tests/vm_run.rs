@@ -2,7 +2,7 @@
 //! hosts whose KVM cannot boot our kernel) and checks from inside the guest
 //! that the bundle's config was applied, and that nothing is left after.
 
-mod harness;
+use krun_e2e as harness;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -352,7 +352,7 @@ fn a_terminal_is_the_containers_own_pty() {
     // `script` gives the runtime a terminal of its own, as a user's shell would.
     let inner = format!(
         "stty rows 33 cols 101; {} {} --root {} run --bundle {} tty1",
-        env!("CARGO_BIN_EXE_krun-oci"),
+        harness::krun_oci_bin().display(),
         harness::hypervisor()
             .map(|h| format!("--hypervisor {h}"))
             .unwrap_or_default(),

@@ -8,8 +8,8 @@
 #                - pod start to container running through the CRI (what
 #                  kubelet waits for: RunPodSandbox, then CreateContainer +
 #                  StartContainer of `sleep 1000` until ContainerStatus says
-#                  running), handlers krun and runc, interleaved, by the
-#                  example cri-pod-start (built with cargo), on a CNI bridge
+#                  running), handlers krun and runc, interleaved, by
+#                  krun-e2e's cri-pod-start (built with cargo), on a CNI bridge
 #                  of the bench's own (kbench0, 10.233.0.0/24).
 #                1 warm-up round, then -n rounds. Writes containerd.tsv,
 #                cri-pods.tsv and bench-containerd.png to DIR.
@@ -28,8 +28,8 @@ ctrd_cleanup() {
   [ -n "$ctrd_dir" ] || return 0
   # Pods that an interrupted cri-pod-start left: removed through the CRI, as
   # only containerd knows their network namespaces (in /run/netns).
-  if [ -S "$ctrd_dir/containerd.sock" ] && [ -x "$top/target/release/examples/cri-pod-start" ]; then
-    timeout 120 "$top/target/release/examples/cri-pod-start" --socket "$ctrd_dir/containerd.sock" \
+  if [ -S "$ctrd_dir/containerd.sock" ] && [ -x "$top/target/release/cri-pod-start" ]; then
+    timeout 120 "$top/target/release/cri-pod-start" --socket "$ctrd_dir/containerd.sock" \
       --remove-pods >/dev/null 2>&1 || true
   fi
   timeout 120 "$here/containerd-env" stop "$ctrd_dir" >/dev/null 2>&1 || true
@@ -74,11 +74,11 @@ ctrd_run() {
 }
 
 scenario_containerd() {
-  local r i k=${#ctrd_shims[@]} example rc
-  log "containerd: building the CRI client example cri-pod-start"
-  (cd "$top" && cargo build --release --locked --example cri-pod-start -p krun-oci >&2) ||
-    die "cargo build --example cri-pod-start failed"
-  example=$top/target/release/examples/cri-pod-start
+  local r i k=${#ctrd_shims[@]} client rc
+  log "containerd: building the CRI client cri-pod-start (crate krun-e2e)"
+  (cd "$top" && cargo build --release --locked -p krun-e2e --bin cri-pod-start >&2) ||
+    die "cargo build --bin cri-pod-start failed"
+  client=$top/target/release/cri-pod-start
   # Registered before the start, so that an interrupted start is undone too.
   cleanup_hooks+=(ctrd_cleanup)
   ctrd_dir=$work/ctrd
@@ -105,7 +105,7 @@ EOF
   rm -f "$out/cri-pods.tsv"
   log "containerd: 1 warm-up + $rounds rounds of pod start through the CRI, handlers ${ctrd_shims[*]} interleaved"
   rc=0
-  timeout --foreground $((600 + 400 * rounds)) "$example" --socket "$ctrd_dir/containerd.sock" \
+  timeout --foreground $((600 + 400 * rounds)) "$client" --socket "$ctrd_dir/containerd.sock" \
     --handler "$(
       IFS=,
       echo "${ctrd_shims[*]}"
@@ -192,27 +192,27 @@ report_containerd() {
   fi
 }
 
+# ctrd_plot_rows TSV COLUMN STATUS_COLUMN LABEL: a bar a shim, numbered on
+# from $x, with the median, min and max of COLUMN (a number) of its timed
+# rows, labelled "LABEL SHIM"; a failed one as a labelled gap (gnuplot
+# skips the NaN), "LABEL's first word, SHIM FAILED".
+ctrd_plot_rows() {
+  local shim n med min max
+  for shim in "${ctrd_shims[@]}"; do
+    x=$((x + 1))
+    read -r n med min max < <(ctrd_values "$1" "$shim" "$2" "$3" | stats)
+    if [ "$n" -eq 0 ]; then
+      printf '%s\t%s %s FAILED\tNaN\tNaN\tNaN\n' "$x" "${4%% *}" "$shim"
+    else
+      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "$4 $shim" "$med" "$min" "$max"
+    fi
+  done
+}
+
 plot_containerd() {
-  local shim x=0 n med min max
+  local x=0
   printf 'x\tlabel\tmedian\tmin\tmax\n' >"$out/plot-containerd.dat"
-  for shim in "${ctrd_shims[@]}"; do
-    x=$((x + 1))
-    read -r n med min max < <(ctrd_values "$out/containerd.tsv" "$shim" 3 4 | stats)
-    # a failed one as a labelled gap (gnuplot skips the NaN)
-    if [ "$n" -eq 0 ]; then
-      printf '%s\tctr %s FAILED\tNaN\tNaN\tNaN\n' "$x" "$shim"
-    else
-      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "ctr run $shim" "$med" "$min" "$max"
-    fi >>"$out/plot-containerd.dat"
-  done
-  for shim in "${ctrd_shims[@]}"; do
-    x=$((x + 1))
-    read -r n med min max < <(ctrd_values "$out/cri-pods.tsv" "$shim" 5 6 | stats)
-    if [ "$n" -eq 0 ]; then
-      printf '%s\tpod %s FAILED\tNaN\tNaN\tNaN\n' "$x" "$shim"
-    else
-      printf '%s\t%s\t%s\t%s\t%s\n' "$x" "pod start $shim" "$med" "$min" "$max"
-    fi >>"$out/plot-containerd.dat"
-  done
+  ctrd_plot_rows "$out/containerd.tsv" 3 4 "ctr run" >>"$out/plot-containerd.dat"
+  ctrd_plot_rows "$out/cri-pods.tsv" 5 6 "pod start" >>"$out/plot-containerd.dat"
   bar_plot containerd "containerd: ctr run --rm, CRI pod start ($rounds rounds)" "ms"
 }

@@ -21,3 +21,14 @@ apt_ensure() {
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 }
+
+# shell_scripts DIR: the shell scripts under DIR (a name ending in .sh, or
+# an sh or bash #! line), one a line, sorted.
+shell_scripts() {
+  local f
+  find "$1" -type f | LC_ALL=C sort | while IFS= read -r f; do
+    if [[ $f == *.sh ]] || head -n 1 "$f" | grep -qE '^#!.*[/ ](ba)?sh$'; then
+      printf '%s\n' "$f"
+    fi
+  done
+}

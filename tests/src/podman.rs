@@ -19,10 +19,9 @@
 //! own variables), so `KRUN_OCI_LIBDIR` must be set there.
 //! `KRUN_OCI_PODMAN_NO_WRAPPER=1` passes the binary itself instead;
 //! `KRUN_OCI_PODMAN_KEEP=1` keeps each test's folder (store, runtime.log).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,7 +29,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::harness::{processes_mentioning, wait_timeout};
+use crate::dist::{krun_oci_bin, libdir, workspace};
+use crate::process::{finish, none_left, poll, processes_mentioning, spawn_fed, wait_timeout, Out};
+use crate::sandbox::hypervisor;
 
 /// A hard limit on any one podman command.
 pub const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,13 +39,6 @@ pub const PODMAN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long processes, mounts and cgroups may take to go away after the
 /// last podman command (conmon runs `podman container cleanup` after exit).
 const SETTLE: Duration = Duration::from_secs(15);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// A line on the test's real stderr, past libtest's output capture, so
 /// that it shows even for tests that pass.
@@ -143,36 +137,6 @@ pub fn debian() -> &'static str {
     &env().debian
 }
 
-/// What a podman command did.
-#[derive(Debug)]
-pub struct Out {
-    pub what: String,
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl Out {
-    /// Panics with everything known unless the exit code is `code`.
-    #[track_caller]
-    pub fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code, code,
-            "`{}` exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what, self.stdout, self.stderr
-        );
-        self
-    }
-
-    /// The trimmed stdout of a command that must succeed.
-    #[track_caller]
-    pub fn ok(&self) -> String {
-        self.expect(0);
-        self.stdout.trim().to_string()
-    }
-}
-
 /// A private podman store for one test.
 pub struct Podman {
     dir: Option<tempfile::TempDir>,
@@ -203,7 +167,7 @@ impl Podman {
         }
         let real: PathBuf = match runtime {
             Runtime::Runc => env.runc.clone(),
-            Runtime::KrunOci => env!("CARGO_BIN_EXE_krun-oci").into(),
+            Runtime::KrunOci => krun_oci_bin(),
         };
         let runtime_path = if std::env::var("KRUN_OCI_PODMAN_NO_WRAPPER").as_deref() == Ok("1") {
             real
@@ -218,9 +182,9 @@ impl Podman {
             if runtime == Runtime::KrunOci {
                 script.push_str(&format!(
                     "export KRUN_OCI_LIBDIR='{}'\n",
-                    crate::harness::libdir().display()
+                    libdir().display()
                 ));
-                if let Some(h) = crate::harness::hypervisor() {
+                if let Some(h) = hypervisor() {
                     extra = format!(" --hypervisor '{h}'");
                 }
             }
@@ -323,62 +287,26 @@ impl Podman {
 
     #[track_caller]
     fn run(&self, mut c: Command, what: &str, stdin: Option<&[u8]>) -> Out {
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
         let start = Instant::now();
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let input = stdin.map(|s| s.to_vec());
-        let sin = child.stdin.take();
-        let feeder = std::thread::spawn(move || {
-            if let (Some(mut w), Some(data)) = (sin, input) {
-                let _ = w.write_all(&data);
-            }
-        });
-        let mut so = child.stdout.take().unwrap();
-        let mut se = child.stderr.take().unwrap();
-        let out_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = so.read_to_end(&mut v);
-            v
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = se.read_to_end(&mut v);
-            v
-        });
-        let status = wait_timeout(&mut child, PODMAN_TIMEOUT);
-        let elapsed = start.elapsed();
-        let Some(status) = status else {
-            let _ = child.kill();
-            let _ = child.wait();
+        let (child, feeder) =
+            spawn_fed(&mut c, stdin).unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        // conmon may hold podman's stdout open a moment longer; the pipes
+        // end when everything that has them exits.
+        let Some(f) = finish(child, PODMAN_TIMEOUT) else {
             panic!(
                 "`{what}` did not finish within {PODMAN_TIMEOUT:?}\n{}",
                 self.runtime_log()
             );
         };
         let _ = feeder.join();
-        // conmon may hold podman's stdout open a moment longer; the pipes
-        // end when everything that has them exits.
-        let stdout = String::from_utf8_lossy(&out_t.join().unwrap()).into_owned();
-        let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-        use std::os::unix::process::ExitStatusExt;
-        let code = status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        let out = Out::new(what, f, start);
         // Shown with the output of a failed test.
-        eprintln!("[{:6.2}s] {what} -> {code}", elapsed.as_secs_f64());
-        Out {
-            what: what.to_string(),
-            code,
-            stdout,
-            stderr,
-            elapsed,
-        }
+        eprintln!(
+            "[{:6.2}s] {what} -> {}",
+            out.elapsed.as_secs_f64(),
+            out.code
+        );
+        out
     }
 
     fn next_file(&self, stem: &str) -> PathBuf {
@@ -433,20 +361,28 @@ impl Podman {
     /// `podman run -d --network none --name NAME OPTS IMAGE ARGS`: the id.
     #[track_caller]
     pub fn run_d(&self, name: &str, opts: &[&str], image: &str, args: &[&str]) -> String {
-        let mut a = vec!["run", "-d", "--name", name];
-        a.extend(default_network(opts));
-        a.extend_from_slice(opts);
-        a.push(image);
-        a.extend_from_slice(args);
-        let id = self.ok(&a);
-        self.remember(&id);
-        id
+        self.named(&["run", "-d"], name, opts, image, args)
     }
 
     /// `podman create --network none --name NAME OPTS IMAGE ARGS`: the id.
     #[track_caller]
     pub fn create(&self, name: &str, opts: &[&str], image: &str, args: &[&str]) -> String {
-        let mut a = vec!["create", "--name", name];
+        self.named(&["create"], name, opts, image, args)
+    }
+
+    /// `podman VERB --name NAME --network none OPTS IMAGE ARGS`, which
+    /// prints the new container's id: the id, remembered.
+    #[track_caller]
+    fn named(
+        &self,
+        verb: &[&str],
+        name: &str,
+        opts: &[&str],
+        image: &str,
+        args: &[&str],
+    ) -> String {
+        let mut a = verb.to_vec();
+        a.extend(["--name", name]);
         a.extend(default_network(opts));
         a.extend_from_slice(opts);
         a.push(image);
@@ -465,39 +401,49 @@ impl Podman {
     /// Waits until `podman logs CTR` contains `needle`; the logs.
     #[track_caller]
     pub fn wait_for_log(&self, ctr: &str, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.podman(&["logs", ctr]);
-            let both = format!("{}{}", out.stdout, out.stderr);
-            if out.code == 0 && both.contains(needle) {
-                return both;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`podman logs {ctr}` did not show {needle:?} within {timeout:?}: {out:?}\n{}",
-                self.runtime_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            timeout,
+            Duration::from_millis(100),
+            || {
+                let out = self.podman(&["logs", ctr]);
+                let both = format!("{}{}", out.stdout, out.stderr);
+                if out.code == 0 && both.contains(needle) {
+                    Ok(both)
+                } else {
+                    Err(out)
+                }
+            },
+            |out| {
+                format!(
+                    "`podman logs {ctr}` did not show {needle:?} within {timeout:?}: {out:?}\n{}",
+                    self.runtime_log()
+                )
+            },
+        )
     }
 
     /// Waits until CTR exists and its status is `want`.
     #[track_caller]
     pub fn wait_for_status(&self, ctr: &str, want: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.podman(&["inspect", "--format", "{{.State.Status}}", ctr]);
-            let s = out.stdout.trim();
-            if out.code == 0 && s == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{ctr} is {s:?}, not {want:?}, after {timeout:?}\n{}",
-                self.runtime_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                let out = self.podman(&["inspect", "--format", "{{.State.Status}}", ctr]);
+                let s = out.stdout.trim();
+                if out.code == 0 && s == want {
+                    Ok(())
+                } else {
+                    Err(s.to_string())
+                }
+            },
+            |s| {
+                format!(
+                    "{ctr} is {s:?}, not {want:?}, after {timeout:?}\n{}",
+                    self.runtime_log()
+                )
+            },
+        )
     }
 
     /// Runs `podman ARGS` on a terminal of its own (`script`, as a user's
@@ -555,24 +501,22 @@ impl Podman {
         let ids = self.ids.lock().unwrap().clone();
         let needle = self.path.display().to_string();
         let start = Instant::now();
-        let deadline = start + SETTLE;
-        loop {
-            let left = self.leftovers(&needle, &ids);
-            if left.is_empty() {
-                eprintln!(
-                    "[{:6.2}s] nothing left behind",
-                    start.elapsed().as_secs_f64()
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "left behind after {SETTLE:?}:\n{}\n{}",
-                left.join("\n"),
-                self.runtime_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            SETTLE,
+            Duration::from_millis(100),
+            || none_left(self.leftovers(&needle, &ids)),
+            |left| {
+                format!(
+                    "left behind after {SETTLE:?}:\n{}\n{}",
+                    left.join("\n"),
+                    self.runtime_log()
+                )
+            },
+        );
+        eprintln!(
+            "[{:6.2}s] nothing left behind",
+            start.elapsed().as_secs_f64()
+        );
         self.finished = true;
     }
 

@@ -22,9 +22,6 @@
 //! that containerd (with their network namespaces), for a cleanup after an
 //! interrupted run.
 
-#[path = "../../../tests/harness/cri.rs"]
-mod cri;
-
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -32,7 +29,7 @@ use std::process::exit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cri::{ContainerState, Cri};
+use krun_e2e::cri::{self, ContainerState, Cri};
 
 const USAGE: &str = "usage: cri-pod-start --socket PATH --handler NAME[,NAME...] --image IMG --rounds N --out FILE.tsv [--logs DIR]
        cri-pod-start --socket PATH --remove-pods";

@@ -12,35 +12,21 @@
 //!
 //! `KRUN_OCI_CONTAINERD_RUNTIME=io.containerd.runc.v2` runs the same tests
 //! on containerd's runc shim, which validates the tests themselves.
-#![allow(dead_code)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::harness::{libdir, processes_mentioning, wait_timeout};
+use crate::dist::{dist, libdir, shim_bin, workspace};
+use crate::process::{finish, none_left, poll, processes_mentioning, spawn_fed, Out};
 
 /// A hard limit on one ctr call (a VM boot under TCG takes seconds; a busy
 /// 2-core CI machine needs more).
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub const KRUN: &str = "io.containerd.krun.v2";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn dist() -> PathBuf {
-    std::env::var_os("KRUN_OCI_DIST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/dist"))
-}
 
 /// The runtime type under test.
 pub fn runtime() -> String {
@@ -57,74 +43,11 @@ pub fn is_krun() -> bool {
 /// The image every test runs.
 pub const BUSYBOX: &str = "localhost/krun-busybox:latest";
 
-fn newest_mtime(dir: &Path) -> std::time::SystemTime {
-    let mut newest = std::time::UNIX_EPOCH;
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let t = if e.path().is_dir() {
-            newest_mtime(&e.path())
-        } else {
-            e.metadata().and_then(|m| m.modified()).unwrap()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-/// Fails (never skips) when the shim under test is missing or older than
-/// its sources.
+/// Fails (never skips) when the VM assets or the shim under test are
+/// missing or older than their sources.
 fn check_shim() {
     libdir();
-    let shim = dist().join("bin/containerd-shim-krun-v2");
-    let built = std::fs::metadata(&shim)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "CONTAINERD TESTS CANNOT RUN: {} is missing. Run `hack/build` (or `hack/test`) first; \
-                 these tests run real containerd and fail rather than skip.",
-                shim.display()
-            )
-        });
-    for dir in [
-        "shim/src",
-        "src/runtime/src",
-        "src/hypervisor/src",
-        "src/vmm/src",
-        "src/proto/src",
-    ] {
-        assert!(
-            built >= newest_mtime(&workspace().join(dir)),
-            "{} is older than {dir}: run hack/build",
-            shim.display()
-        );
-    }
-}
-
-/// What a command did.
-#[derive(Debug)]
-pub struct Out {
-    pub what: String,
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Out {
-    #[track_caller]
-    pub fn expect(&self, code: i32) -> &Self {
-        assert_eq!(
-            self.code, code,
-            "`{}` exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what, self.stdout, self.stderr
-        );
-        self
-    }
-
-    /// The trimmed stdout of a command that must succeed.
-    #[track_caller]
-    pub fn ok(&self) -> String {
-        self.expect(0);
-        self.stdout.trim().to_string()
-    }
+    shim_bin();
 }
 
 /// One private containerd.
@@ -274,18 +197,19 @@ impl Containerd {
 
     #[track_caller]
     pub fn wait_status(&self, id: &str, want: &str) {
-        let deadline = Instant::now() + CTR_TIMEOUT;
-        loop {
-            let s = self.status(id);
-            if s == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "task {id} never became {want} (last: {s:?})"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            CTR_TIMEOUT,
+            Duration::from_millis(100),
+            || {
+                let s = self.status(id);
+                if s == want {
+                    Ok(())
+                } else {
+                    Err(s)
+                }
+            },
+            |s| format!("task {id} never became {want} (last: {s:?})"),
+        )
     }
 
     /// Fails on anything of this containerd's containers left behind.
@@ -300,22 +224,20 @@ impl Containerd {
             );
         }
         let needle = self.path().to_string_lossy().into_owned();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // containerd itself names the folder: only its children count.
-            let procs: Vec<String> = processes_mentioning(&needle)
-                .into_iter()
-                .filter(|p| !p.contains("bin/containerd --config"))
-                .collect();
-            if procs.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processes left behind: {procs:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || {
+                // containerd itself names the folder: only its children count.
+                none_left(
+                    processes_mentioning(&needle)
+                        .into_iter()
+                        .filter(|p| !p.contains("bin/containerd --config"))
+                        .collect(),
+                )
+            },
+            |procs| format!("processes left behind: {procs:?}"),
+        );
         let address = self.address().to_string_lossy().into_owned();
         for (ns, id) in self.ids.borrow().iter() {
             if is_krun() {
@@ -392,58 +314,15 @@ impl Drop for Containerd {
 
 /// Runs a command with a hard timeout, feeding `stdin`.
 pub fn run(mut c: Command, what: &str, stdin: Option<&[u8]>) -> Out {
-    c.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    if let Some(data) = stdin {
-        let mut s = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = s.write_all(&data);
-        });
-    }
+    let (child, _feeder) =
+        spawn_fed(&mut c, stdin).unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     collect(child, what, CTR_TIMEOUT)
 }
 
 /// Waits for a child (killing it after `timeout`) and collects its output.
-pub fn collect(mut child: Child, what: &str, timeout: Duration) -> Out {
-    use std::io::Read;
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let status = wait_timeout(&mut child, timeout);
-    let status = match status {
-        Some(s) => s,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-    };
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Out {
-        what: what.to_string(),
-        code,
-        stdout: String::from_utf8_lossy(&t1.join().unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&t2.join().unwrap()).into_owned(),
-    }
+pub fn collect(child: Child, what: &str, timeout: Duration) -> Out {
+    let start = Instant::now();
+    let f = finish(child, timeout)
+        .unwrap_or_else(|| panic!("{what} did not finish within {timeout:?}"));
+    Out::new(what, f, start)
 }

@@ -2,13 +2,14 @@
 //! `create`/`start`/`delete` themselves: the runtime's commands with their
 //! output, `create` with a pid file, and the monitor's exit status (the
 //! test process is the subreaper that inherits it, as conmon is).
-#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::harness::{self, Sandbox, TestBundle};
+use crate::bundle::TestBundle;
+use crate::process::{poll, wait_timeout};
+use crate::sandbox::{run_with_timeout, Sandbox, RUN_TIMEOUT};
 
 /// The monitor `create` leaves behind is orphaned when `create` exits; as
 /// conmon does, this test process becomes the subreaper that inherits and
@@ -31,7 +32,7 @@ pub struct Out {
 pub fn krun(sb: &Sandbox, args: &[&str]) -> Out {
     let mut c = sb.cmd();
     c.args(args).stdin(Stdio::null());
-    let o = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    let o = run_with_timeout(c, None, RUN_TIMEOUT, &sb.path().join("console"));
     Out {
         code: o.code,
         stdout: o.stdout(),
@@ -66,7 +67,7 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
         .arg(id);
     c.stdin(Stdio::null()).stdout(out).stderr(err);
     let mut child = c.spawn().unwrap();
-    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
+    let st = wait_timeout(&mut child, RUN_TIMEOUT).expect("create timed out");
     let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
     assert_eq!(
         st.code(),
@@ -83,21 +84,23 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
 
 /// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
 pub fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut st = 0;
-        // SAFETY: waitpid on a pid that is (or will be) our child.
-        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
-        if r == pid {
-            return if libc::WIFSIGNALED(st) {
-                (None, Some(libc::WTERMSIG(st)))
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let mut st = 0;
+            // SAFETY: waitpid on a pid that is (or will be) our child.
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+            if r != pid {
+                Err(())
+            } else if libc::WIFSIGNALED(st) {
+                Ok((None, Some(libc::WTERMSIG(st))))
             } else {
-                (Some(libc::WEXITSTATUS(st)), None)
-            };
-        }
-        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+                Ok((Some(libc::WEXITSTATUS(st)), None))
+            }
+        },
+        |()| format!("the monitor {pid} did not exit"),
+    )
 }
 
 pub fn out_of(sb: &Sandbox, id: &str) -> String {
@@ -105,13 +108,17 @@ pub fn out_of(sb: &Sandbox, id: &str) -> String {
 }
 
 pub fn wait_for_output(sb: &Sandbox, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out_of(sb, id).contains(want) {
-        assert!(
-            Instant::now() < deadline,
-            "no {want:?} in the output of {id}: {:?}",
-            out_of(sb, id)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let out = out_of(sb, id);
+            if out.contains(want) {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+        |out| format!("no {want:?} in the output of {id}: {out:?}"),
+    )
 }

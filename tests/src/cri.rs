@@ -1,6 +1,5 @@
 //! A CRI client, as kubelet is one: the k8s-cri crate's generated gRPC
 //! client over containerd's socket, with blocking calls for the tests.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +9,8 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::process::poll;
 
 pub use cri::*;
 
@@ -135,18 +136,19 @@ impl Cri {
 
     /// Waits until the container is in `state`; returns its status.
     pub fn wait_state(&mut self, id: &str, state: ContainerState) -> ContainerStatus {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let s = self.status(id);
-            if s.state == state as i32 {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "container {id} never reached {state:?}: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        poll(
+            Duration::from_secs(180),
+            Duration::from_millis(100),
+            || {
+                let s = self.status(id);
+                if s.state == state as i32 {
+                    Ok(s)
+                } else {
+                    Err(Box::new(s))
+                }
+            },
+            |s| format!("container {id} never reached {state:?}: {s:?}"),
+        )
     }
 
     pub fn stop_container(&mut self, id: &str, timeout: i64) {

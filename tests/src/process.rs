@@ -1,0 +1,181 @@
+//! Host processes: the ones that mention a test's folder, and a command
+//! run to its end under a deadline, with its input fed and its output
+//! collected.
+
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Processes whose command line mentions `needle`, as "pid: cmdline".
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    out
+}
+
+/// Waits for `child` up to `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Calls `check` every `every` until it gives `Ok`, for `timeout` at the
+/// most; then panics with `why` of its last `Err`.
+#[track_caller]
+pub fn poll<T, E>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+    why: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < deadline, "{}", why(e)),
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// `Ok` when `v` is empty, else `Err(v)`: for [`poll`]ing until nothing
+/// is left.
+pub fn none_left<T>(v: Vec<T>) -> Result<(), Vec<T>> {
+    if v.is_empty() {
+        Ok(())
+    } else {
+        Err(v)
+    }
+}
+
+/// Starts `cmd` with its stdout and stderr piped and `stdin` written to it
+/// by a thread (the returned handle), which ends when all is written or
+/// the child has closed its end. Without `stdin` the child reads /dev/null.
+pub fn spawn_fed(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+) -> std::io::Result<(Child, JoinHandle<()>)> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let input = stdin.map(<[u8]>::to_vec);
+    let sin = child.stdin.take();
+    let feeder = std::thread::spawn(move || {
+        if let (Some(mut w), Some(data)) = (sin, input) {
+            let _ = w.write_all(&data);
+        }
+    });
+    Ok((child, feeder))
+}
+
+/// How a child ended and what it wrote.
+pub struct Finished {
+    /// Its exit code, or 128 + the signal that killed it.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// When it was seen to exit (its pipes may close later, when whatever
+    /// inherited them exits too).
+    pub exited: Instant,
+}
+
+/// Waits up to `timeout` for `child`, whose stdout and stderr are piped,
+/// reading both to their end. `None` when it did not exit in time: then it
+/// is killed and reaped.
+pub fn finish(mut child: Child, timeout: Duration) -> Option<Finished> {
+    let out = read_to_end(child.stdout.take().unwrap());
+    let err = read_to_end(child.stderr.take().unwrap());
+    let Some(status) = wait_timeout(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    };
+    let exited = Instant::now();
+    Some(Finished {
+        code: status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        exited,
+    })
+}
+
+/// A thread that reads `r` to its end.
+fn read_to_end(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+/// What a command did, its output as text.
+#[derive(Debug)]
+pub struct Out {
+    /// The command, for messages.
+    pub what: String,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// From `start` (see [`Out::new`]) to its exit.
+    pub elapsed: Duration,
+}
+
+impl Out {
+    /// The text of `f`, for the command `what` started at `start`.
+    pub fn new(what: &str, f: Finished, start: Instant) -> Out {
+        Out {
+            what: what.to_string(),
+            code: f.code,
+            stdout: String::from_utf8_lossy(&f.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&f.stderr).into_owned(),
+            elapsed: f.exited - start,
+        }
+    }
+
+    /// Panics with everything known unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "`{}` exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The trimmed stdout of a command that must succeed.
+    #[track_caller]
+    pub fn ok(&self) -> String {
+        self.expect(0);
+        self.stdout.trim().to_string()
+    }
+}
