@@ -472,6 +472,40 @@ fn opens_for_writing(flags: u32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
+/// Implements each listed [`FileSystem`] method by handing it to the
+/// backend unchanged: the calls the share neither checks nor records.
+macro_rules! forward {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            self.inner.$name($($arg),*)
+        })*
+    };
+}
+
+/// Implements each listed [`FileSystem`] method that changes the tree:
+/// refused on a read-only share, else handed to the backend unchanged.
+macro_rules! forward_writes {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            self.check_writable()?;
+            self.inner.$name($($arg),*)
+        })*
+    };
+}
+
+/// Implements each listed [`FileSystem`] method that makes a new entry in
+/// the directory named by the argument in brackets: refused on a read-only
+/// share, and the entry [admitted](ShareFs::admit) as a lookup's is.
+macro_rules! forward_new_entries {
+    ($([$parent:ident] fn $name:ident(&self, $ctx:ident: &Context $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $ctx: &Context $(, $arg: $ty)*) -> $ret {
+            self.check_writable()?;
+            let entry = self.inner.$name($ctx $(, $arg)*)?;
+            self.admit($ctx, $parent, entry)
+        })*
+    };
+}
+
 impl FileSystem for ShareFs {
     type Inode = u64;
     type Handle = u64;
@@ -541,15 +575,6 @@ impl FileSystem for ShareFs {
         self.inner.batch_forget(ctx, requests)
     }
 
-    fn getattr(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: Option<u64>,
-    ) -> io::Result<(stat64, Duration)> {
-        self.inner.getattr(ctx, inode, handle)
-    }
-
     fn setattr(
         &self,
         ctx: &Context,
@@ -562,79 +587,6 @@ impl FileSystem for ShareFs {
             self.check_writable()?;
         }
         self.inner.setattr(ctx, inode, attr, handle, valid)
-    }
-
-    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        self.inner.readlink(ctx, inode)
-    }
-
-    fn symlink(
-        &self,
-        ctx: &Context,
-        linkname: &CStr,
-        parent: u64,
-        name: &CStr,
-    ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
-        self.admit(ctx, parent, entry)
-    }
-
-    fn mknod(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        name: &CStr,
-        mode: u32,
-        rdev: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
-        self.admit(ctx, inode, entry)
-    }
-
-    fn mkdir(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &CStr,
-        mode: u32,
-        umask: u32,
-    ) -> io::Result<Entry> {
-        self.check_writable()?;
-        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
-        self.admit(ctx, parent, entry)
-    }
-
-    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.check_writable()?;
-        self.inner.unlink(ctx, parent, name)
-    }
-
-    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
-        self.check_writable()?;
-        self.inner.rmdir(ctx, parent, name)
-    }
-
-    fn rename(
-        &self,
-        ctx: &Context,
-        olddir: u64,
-        oldname: &CStr,
-        newdir: u64,
-        newname: &CStr,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.check_writable()?;
-        self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
-    }
-
-    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        self.check_writable()?;
-        let entry = self.inner.link(ctx, inode, newparent, newname)?;
-        self.admit(ctx, newparent, entry)
     }
 
     fn open(
@@ -736,14 +688,6 @@ impl FileSystem for ShareFs {
         )
     }
 
-    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
-        self.inner.flush(ctx, inode, handle, lock_owner)
-    }
-
-    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.inner.fsync(ctx, inode, datasync, handle)
-    }
-
     fn fallocate(
         &self,
         ctx: &Context,
@@ -772,10 +716,6 @@ impl FileSystem for ShareFs {
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
         self.ledger().handles.remove(&handle);
         Ok(())
-    }
-
-    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
-        self.inner.statfs(ctx, inode)
     }
 
     fn setxattr(
@@ -862,10 +802,6 @@ impl FileSystem for ShareFs {
             .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, &mut add)
     }
 
-    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        self.inner.fsyncdir(ctx, inode, datasync, handle)
-    }
-
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
         self.inner.releasedir(ctx, inode, flags, handle)?;
         self.ledger().handles.remove(&handle);
@@ -890,68 +826,11 @@ impl FileSystem for ShareFs {
             .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
     }
 
-    fn removemapping(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        requests: Vec<RemovemappingOne>,
-        vu_req: &mut dyn FsCacheReqHandler,
-    ) -> io::Result<()> {
-        self.inner.removemapping(ctx, inode, requests, vu_req)
-    }
-
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
         if mask & libc::W_OK as u32 != 0 {
             self.check_writable()?;
         }
         self.inner.access(ctx, inode, mask)
-    }
-
-    fn lseek(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        offset: u64,
-        whence: u32,
-    ) -> io::Result<u64> {
-        self.inner.lseek(ctx, inode, handle, offset, whence)
-    }
-
-    fn getlk(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<FileLock> {
-        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
-    }
-
-    fn setlk(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
-    }
-
-    fn setlkw(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        owner: u64,
-        lock: FileLock,
-        flags: u32,
-    ) -> io::Result<()> {
-        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
     }
 
     fn ioctl(
@@ -972,27 +851,37 @@ impl FileSystem for ShareFs {
             .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
     }
 
-    fn bmap(&self, ctx: &Context, inode: u64, block: u64, blocksize: u32) -> io::Result<u64> {
-        self.inner.bmap(ctx, inode, block, blocksize)
+    // What the share neither checks nor records goes to the backend as is.
+    forward! {
+        fn getattr(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)>;
+        fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>>;
+        fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()>;
+        fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()>;
+        fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64>;
+        fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()>;
+        fn removemapping(&self, ctx: &Context, inode: u64, requests: Vec<RemovemappingOne>, vu_req: &mut dyn FsCacheReqHandler) -> io::Result<()>;
+        fn lseek(&self, ctx: &Context, inode: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64>;
+        fn getlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<FileLock>;
+        fn setlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
+        fn setlkw(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
+        fn bmap(&self, ctx: &Context, inode: u64, block: u64, blocksize: u32) -> io::Result<u64>;
+        fn poll(&self, ctx: &Context, inode: u64, handle: u64, khandle: u64, flags: u32, events: u32) -> io::Result<u32>;
+        fn notify_reply(&self) -> io::Result<()>;
+        fn id_remap(&self, ctx: &mut Context) -> io::Result<()>;
     }
 
-    fn poll(
-        &self,
-        ctx: &Context,
-        inode: u64,
-        handle: u64,
-        khandle: u64,
-        flags: u32,
-        events: u32,
-    ) -> io::Result<u32> {
-        self.inner.poll(ctx, inode, handle, khandle, flags, events)
+    // Changes to the tree, refused on a read-only share.
+    forward_writes! {
+        fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()>;
+        fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()>;
+        fn rename(&self, ctx: &Context, olddir: u64, oldname: &CStr, newdir: u64, newname: &CStr, flags: u32) -> io::Result<()>;
     }
 
-    fn notify_reply(&self) -> io::Result<()> {
-        self.inner.notify_reply()
-    }
-
-    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
-        self.inner.id_remap(ctx)
+    // New entries, refused on a read-only share and admitted like a lookup.
+    forward_new_entries! {
+        [parent] fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry>;
+        [inode] fn mknod(&self, ctx: &Context, inode: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry>;
+        [parent] fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry>;
+        [newparent] fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry>;
     }
 }
