@@ -8,9 +8,9 @@ use std::io::Read;
 use std::sync::Arc;
 
 use krun_hypervisor::VmExit;
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::kvm_segment;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, IrqTrigger};
@@ -30,18 +30,9 @@ fn guest(mib: u64) -> Guest {
     let kvm = Kvm::new().expect("/dev/kvm must be usable for these tests");
     let vm = kvm.create_vm().unwrap();
     let mem = crate::memory::create(mib << 20).unwrap();
-    for (slot, r) in mem.iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping is owned by `mem`, which lives in the Guest
-        // together with the VM.
-        unsafe { vm.set_user_memory_region(region) }.unwrap();
-    }
+    // SAFETY: the mapping is owned by `mem`, which lives in the Guest
+    // together with the VM.
+    unsafe { crate::memory::register(&vm, &mem) }.unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     Guest {
         _kvm: kvm,

@@ -9,9 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use krun_hypervisor::{Hypervisor, Vm, VmConfig, VmExit};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, IrqTrigger};
@@ -101,18 +100,9 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
 
     let mem = memory::create(config.memory_mib << 20)
         .map_err(|e| VmmError::Memory(config.memory_mib, e))?;
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which the
-        // vCPU threads and devices keep (cloned) for as long as the VM runs.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_call("registering guest memory"))?;
-    }
+    // SAFETY: `mem` is kept (cloned) by the vCPU threads and devices for
+    // as long as the VM runs.
+    unsafe { memory::register(&vm, &mem) }.map_err(kvm_call("registering guest memory"))?;
 
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("stop event".into(), e))?;
     let control = Arc::new(Control::new(stop));
