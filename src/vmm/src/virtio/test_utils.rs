@@ -208,14 +208,20 @@ impl<'a> Guest<'a> {
 
     /// Puts `head` on the available ring of queue `q`.
     pub fn make_avail(&self, q: usize, head: u16) {
+        let slot = self.queues[q].avail().idx().load();
+        self.set_avail(q, slot, head);
+    }
+
+    /// Puts `head` in slot `slot` of queue `q`'s available ring, the last
+    /// one available.
+    fn set_avail(&self, q: usize, slot: u16, head: u16) {
         let avail = self.queues[q].avail();
-        let i = avail.idx().load();
         avail
             .ring()
-            .ref_at((i % QSIZE) as usize)
+            .ref_at((slot % QSIZE) as usize)
             .unwrap()
             .store(head);
-        avail.idx().store(i.wrapping_add(1));
+        avail.idx().store(slot.wrapping_add(1));
     }
 
     /// New used elements of queue `q`: (head, len).
@@ -297,13 +303,7 @@ impl<'a> Guest<'a> {
     /// available, in slot `next` (where the device will look next).
     pub fn repost(&self, q: usize, next: u16, index: u16, desc: Desc) {
         self.set_desc(q, index, desc, 0);
-        let avail = self.queues[q].avail();
-        avail
-            .ring()
-            .ref_at((next % QSIZE) as usize)
-            .unwrap()
-            .store(index);
-        avail.idx().store(next.wrapping_add(1));
+        self.set_avail(q, next, index);
     }
 }
 
