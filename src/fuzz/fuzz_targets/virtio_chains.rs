@@ -41,7 +41,7 @@ use krun_oci_fuzz::ring::{Mem, Ring};
 use krun_oci_fuzz::scratch;
 use krun_vmm::devices::fs::{process_queue, Fs, ShareFs};
 use krun_vmm::devices::{console, fs as vfs, net};
-use krun_vmm::virtio::{Interrupt, VirtioDevice};
+use krun_vmm::virtio::{DeviceQueues, Interrupt, VirtioDevice};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -265,14 +265,9 @@ fn run(input: Input) {
         DeviceKind::Console { multiport } => {
             let (dev, host) = nonblocking_pair();
             let queues: [Queue; console::NUM_QUEUES] = queues.try_into().unwrap();
-            let w = console::Worker::new(
-                mem.clone(),
-                interrupt.clone(),
-                queues,
-                dev,
-                "krun.ctl",
-                multiport,
-            );
+            let queues =
+                DeviceQueues::new("virtio-console", mem.clone(), interrupt.clone(), queues);
+            let w = console::Worker::new(queues, dev, "krun.ctl", multiport);
             Dut::Console(w, Some(host))
         }
         DeviceKind::Net {
@@ -284,14 +279,8 @@ fn run(input: Input) {
             host.set_nonblocking(true).unwrap();
             let queues: [Queue; net::NUM_QUEUES] = queues.try_into().unwrap();
             let tap = std::fs::File::from(OwnedFd::from(dev));
-            let w = net::Worker::new(
-                mem.clone(),
-                interrupt.clone(),
-                queues,
-                tap,
-                mergeable,
-                vnet_hdr,
-            );
+            let queues = DeviceQueues::new("virtio-net", mem.clone(), interrupt.clone(), queues);
+            let w = net::Worker::new(queues, tap, mergeable, vnet_hdr);
             Dut::Net(w, Some(host))
         }
         DeviceKind::Fs => {

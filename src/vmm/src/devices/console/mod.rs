@@ -146,14 +146,13 @@ impl VirtioDevice for Console {
                 "the guest's virtio-console driver refused MULTIPORT: the port has no name"
             );
         }
-        let worker = Worker::new(
+        let queues = DeviceQueues::new(
+            "virtio-console",
             activation.mem,
             activation.interrupt,
             queues,
-            socket,
-            &self.port_name,
-            multiport,
         );
+        let worker = Worker::new(queues, socket, &self.port_name, multiport);
         let handle = spawn("virtio-console".into(), worker, notify, activation.stop)?;
         self.worker = Some(handle);
         Ok(())

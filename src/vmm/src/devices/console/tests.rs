@@ -33,9 +33,7 @@ fn worker(mem: &Mem, g: &Guest) -> (Worker, UnixStream, Arc<Interrupt>) {
     dev.set_nonblocking(true).unwrap();
     let irq = interrupt();
     let w = Worker::new(
-        mem.clone(),
-        irq.clone(),
-        g.device_queues(),
+        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
         dev,
         "krun.ctl",
         true,
@@ -504,7 +502,12 @@ fn without_multiport_the_port_is_simply_open() {
     let mut g = Guest::new(&mem, NUM_QUEUES);
     let (dev, mut host) = UnixStream::pair().unwrap();
     dev.set_nonblocking(true).unwrap();
-    let mut w = Worker::new(mem.clone(), interrupt(), g.device_queues(), dev, "x", false);
+    let mut w = Worker::new(
+        DeviceQueues::new("test", mem.clone(), interrupt(), g.device_queues()),
+        dev,
+        "x",
+        false,
+    );
     host.write_all(b"hi").unwrap();
     g.post_in(RX, 64);
     g.post_out(TX, b"yo");

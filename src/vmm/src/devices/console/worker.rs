@@ -5,17 +5,15 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 
 use super::port::{TxChain, IO_CHUNK};
 use super::{NUM_QUEUES, RX};
 use crate::virtio::worker::QueueHandler;
-use crate::virtio::{DeviceQueues, Interrupt, Mem};
+use crate::virtio::{DeviceQueues, Mem};
 
 /// The device side of the console: queues, port state and the socket.
 #[doc(hidden)] // pub for the fuzz targets (src/fuzz) only
@@ -51,15 +49,13 @@ pub struct Worker {
 impl Worker {
     #[doc(hidden)]
     pub fn new(
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: [Queue; NUM_QUEUES],
+        q: DeviceQueues<NUM_QUEUES>,
         socket: UnixStream,
         port_name: &str,
         multiport: bool,
     ) -> Worker {
         Worker {
-            q: DeviceQueues::new("virtio-console", mem, interrupt, queues),
+            q,
             socket,
             port_name: port_name.as_bytes().to_vec(),
             multiport,

@@ -232,14 +232,8 @@ impl VirtioDevice for Net {
                 .map_err(DeviceError::Backend)?;
         }
         let mergeable = self.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
-        let worker = Worker::new(
-            activation.mem,
-            activation.interrupt,
-            queues,
-            File::from(tap),
-            mergeable,
-            self.vnet_hdr,
-        );
+        let queues = DeviceQueues::new("virtio-net", activation.mem, activation.interrupt, queues);
+        let worker = Worker::new(queues, File::from(tap), mergeable, self.vnet_hdr);
         let handle = spawn("virtio-net".into(), worker, notify, activation.stop)?;
         self.worker = Some(handle);
         Ok(())

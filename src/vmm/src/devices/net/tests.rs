@@ -56,9 +56,7 @@ fn worker_full(
     let (dev, host) = tap_pair();
     let irq = interrupt();
     let w = Worker::new(
-        mem.clone(),
-        irq.clone(),
-        g.device_queues(),
+        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
         dev,
         mergeable,
         vnet_hdr,

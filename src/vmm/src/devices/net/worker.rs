@@ -6,15 +6,13 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 
-use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{gather, Segment};
 use super::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_QUEUES, RX, TX};
 use crate::virtio::worker::QueueHandler;
-use crate::virtio::{DeviceQueues, Interrupt, Mem};
+use crate::virtio::DeviceQueues;
 
 /// The device side of the network card: queues and the tap.
 #[doc(hidden)] // pub for the fuzz targets (src/fuzz) only
@@ -46,16 +44,9 @@ pub struct Worker {
 
 impl Worker {
     #[doc(hidden)]
-    pub fn new(
-        mem: Mem,
-        interrupt: Arc<Interrupt>,
-        queues: [Queue; NUM_QUEUES],
-        tap: File,
-        mergeable: bool,
-        vnet_hdr: bool,
-    ) -> Worker {
+    pub fn new(q: DeviceQueues<NUM_QUEUES>, tap: File, mergeable: bool, vnet_hdr: bool) -> Worker {
         Worker {
-            q: DeviceQueues::new("virtio-net", mem, interrupt, queues),
+            q,
             tap,
             tap_dead: false,
             rx_buf: vec![0; NET_HDR_LEN + MAX_FRAME_LEN],
