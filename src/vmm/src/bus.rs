@@ -112,30 +112,16 @@ impl Bus {
 /// boot when it has no kvm-clock wall time; with nothing at these ports it
 /// would wait a second for the "update in progress" bit to clear.
 fn cmos_read(index: u8, now: std::time::SystemTime) -> u8 {
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let t = time::OffsetDateTime::from(now);
+    let year = i64::from(t.year());
     let bcd = |v: i64| -> u8 { (((v / 10) % 10) << 4 | (v % 10)) as u8 };
     match index {
-        0x00 => bcd((rem % 60) as i64),
-        0x02 => bcd((rem / 60 % 60) as i64),
-        0x04 => bcd((rem / 3600) as i64),
-        0x06 => bcd((days + 4).rem_euclid(7) + 1),
-        0x07 => bcd(day),
-        0x08 => bcd(month),
+        0x00 => bcd(t.second().into()),
+        0x02 => bcd(t.minute().into()),
+        0x04 => bcd(t.hour().into()),
+        0x06 => bcd(t.weekday().number_from_sunday().into()),
+        0x07 => bcd(t.day().into()),
+        0x08 => bcd(u8::from(t.month()).into()),
         0x09 => bcd(year % 100),
         0x32 => bcd(year / 100),
         0x0a => 0x26, // status A: divider set, no update in progress
