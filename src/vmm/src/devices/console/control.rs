@@ -5,7 +5,8 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 
-use super::worker::{write_chain, Worker};
+use super::chain::write_chain;
+use super::worker::Worker;
 use super::{CTRL_RX, CTRL_TX};
 use crate::virtio::Mem;
 

@@ -39,6 +39,7 @@
 //! truncated at the first bad descriptor), chain length is bounded by
 //! virtio-queue's iterator, nothing panics on guest data.
 
+mod chain;
 mod control;
 mod port;
 #[cfg(test)]

@@ -4,49 +4,13 @@
 
 use std::io::{self, Read};
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::chain::{write_chain, TxChain, IO_CHUNK};
 use super::control::{ControlMsg, PORT_OPEN};
-use super::worker::{write_chain, Worker};
+use super::worker::Worker;
 use super::{RX, TX};
-use crate::virtio::Mem;
-
-/// Bytes moved between guest memory and the socket at a time.
-pub(super) const IO_CHUNK: usize = 64 * 1024;
-
-/// A transmit chain being written to the socket: its readable,
-/// non-empty descriptors and how far the socket took them.
-pub(super) struct TxChain {
-    head: u16,
-    segments: Vec<(GuestAddress, usize)>,
-    segment: usize,
-    offset: usize,
-}
-
-impl TxChain {
-    /// Keeps the chain's readable descriptors that lie in guest memory.
-    fn new(mem: &Mem, head: u16, descs: &[Descriptor]) -> TxChain {
-        let mut segments = Vec::new();
-        for d in descs {
-            let len = d.len() as usize;
-            if d.is_write_only() {
-                tracing::debug!("virtio-console: write-only descriptor on the transmitq, skipped");
-            } else if !mem.check_range(d.addr(), len) {
-                tracing::debug!("virtio-console: transmit buffer outside guest memory, skipped");
-            } else if len > 0 {
-                segments.push((d.addr(), len));
-            }
-        }
-        TxChain {
-            head,
-            segments,
-            segment: 0,
-            offset: 0,
-        }
-    }
-}
 
 /// Whether a transmit chain was fully consumed.
 #[derive(Debug, PartialEq, Eq)]

@@ -6,14 +6,12 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
 
-use super::port::{TxChain, IO_CHUNK};
+use super::chain::{TxChain, IO_CHUNK};
 use super::{NUM_QUEUES, RX};
 use crate::virtio::worker::QueueHandler;
-use crate::virtio::{DeviceQueues, Mem};
+use crate::virtio::DeviceQueues;
 
 /// The device side of the console: queues, port state and the socket.
 #[doc(hidden)] // pub for the fuzz targets (src/fuzz) only
@@ -114,34 +112,4 @@ impl QueueHandler for Worker {
     fn backend(&self) -> Option<(RawFd, EventSet)> {
         Some((self.socket.as_raw_fd(), self.socket_interest()))
     }
-}
-
-/// Writes a prefix of `data` into the chain's writable descriptors, in
-/// order; stops at the first one outside guest memory so the count returned
-/// (the used length) covers exactly the bytes the guest will find.
-pub(super) fn write_chain(mem: &Mem, descs: &[Descriptor], data: &[u8]) -> usize {
-    let mut written = 0;
-    for d in descs {
-        if written == data.len() {
-            break;
-        }
-        if !d.is_write_only() {
-            tracing::debug!("virtio-console: read-only descriptor in a receive chain, skipped");
-            continue;
-        }
-        let n = (d.len() as usize).min(data.len() - written);
-        if n == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), n)
-            || mem
-                .write_slice(&data[written..written + n], d.addr())
-                .is_err()
-        {
-            tracing::debug!("virtio-console: receive buffer outside guest memory");
-            break;
-        }
-        written += n;
-    }
-    written
 }
