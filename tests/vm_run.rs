@@ -7,7 +7,7 @@ use krun_e2e as harness;
 use std::process::Stdio;
 use std::time::Duration;
 
-use harness::{wait_timeout, Sandbox};
+use harness::{wait_timeout, HostVolumes, Sandbox};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -191,14 +191,8 @@ fn rlimits_hostname_capabilities_apply() {
 #[test]
 fn readonly_root_tmpfs_and_bind_mounts() {
     let sb = Sandbox::new("mounts");
-    let host_rw = sb.path().join("rw");
-    let host_ro = sb.path().join("ro");
-    std::fs::create_dir_all(&host_rw).unwrap();
-    std::fs::create_dir_all(&host_ro).unwrap();
-    std::fs::write(host_rw.join("from-host"), "host wrote this\n").unwrap();
-    std::fs::write(host_ro.join("file"), "read only\n").unwrap();
-    let single = sb.path().join("single.conf");
-    std::fs::write(&single, "one file\n").unwrap();
+    let vols = HostVolumes::new(sb.path(), "rw", "ro");
+    let (host_rw, host_ro, single) = (&vols.rw, &vols.ro, &vols.single);
 
     let script = "touch /rootfile 2>/dev/null && echo root-writable || echo root-readonly; \
                   echo tmp > /scratch/x && grep -c scratch /proc/mounts; \
@@ -217,11 +211,7 @@ fn readonly_root_tmpfs_and_bind_mounts() {
         out.stdout(),
         "root-readonly\n1\nhost wrote this\nread only\nro-readonly\none file\n"
     );
-    assert_eq!(
-        std::fs::read_to_string(host_rw.join("from-guest")).unwrap(),
-        "guest wrote this\n"
-    );
-    assert!(!host_ro.join("new").exists());
+    vols.assert_written("from-guest", "guest wrote this\n");
     assert!(!b.rootfs().join("rootfile").exists());
 }
 
