@@ -228,8 +228,7 @@ fn links_planted_where_the_host_writes_are_not_followed() {
     assert_eq!(read(&victim), "untouched\n");
     assert!(std::fs::symlink_metadata(&pid_file).unwrap().is_file());
     let pid: i32 = read(&pid_file).trim().parse().unwrap();
-    ok(krun(&sb, &["delete", "p2"]));
-    wait_exit(pid);
+    lifecycle::delete_and_wait(&sb, "p2", pid);
     sb.assert_clean();
 }
 

@@ -340,32 +340,16 @@ fn a_terminal_is_the_containers_own_pty() {
     b.process()["terminal"] = json!(true);
     b.write();
     // `script` gives the runtime a terminal of its own, as a user's shell would.
-    let inner = format!(
-        "stty rows 33 cols 101; {} {} --root {} run --bundle {} tty1",
-        harness::krun_oci_bin().display(),
-        harness::hypervisor()
-            .map(|h| format!("--hypervisor {h}"))
-            .unwrap_or_default(),
-        sb.root().display(),
-        b.dir.display()
+    let out = sb.on_a_terminal(
+        "rows 33 cols 101",
+        &format!("run --bundle {} tty1", b.dir.display()),
+        b"hello\n",
     );
-    let mut c = std::process::Command::new("script");
-    c.args(["-qec", &inner, "/dev/null"])
-        .env("KRUN_OCI_LIBDIR", harness::libdir());
-    let out = harness::run_with_timeout(
-        c,
-        Some(b"hello\n"),
-        harness::RUN_TIMEOUT,
-        &sb.path().join("console"),
+    out.expect_on_a_terminal(
+        5,
+        ["/dev/pts/0\n", "33 101\n", "got:hello\n"],
+        "the host terminal's size reaches the guest",
     );
-    let text = out.stdout().replace('\r', "");
-    assert!(text.contains("/dev/pts/0\n"), "{text}");
-    assert!(
-        text.contains("33 101\n"),
-        "the host terminal's size reaches the guest: {text}"
-    );
-    assert!(text.contains("got:hello\n"), "{text}");
-    out.expect_code(5);
     sb.assert_clean();
 }
 

@@ -82,6 +82,56 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
         .unwrap()
 }
 
+/// A busybox bundle running `args`, written and `create`d as `id`: the
+/// bundle and the pid from the pid file.
+pub fn create_new(sb: &Sandbox, args: &[&str], id: &str) -> (TestBundle, i32) {
+    let b = sb.bundle(args);
+    b.write();
+    let pid = create(sb, &b, id);
+    (b, pid)
+}
+
+/// [`create_new`], then `start`: the pid from the pid file.
+pub fn start_new(sb: &Sandbox, args: &[&str], id: &str) -> i32 {
+    let (_, pid) = create_new(sb, args, id);
+    ok(krun(sb, &["start", id]));
+    pid
+}
+
+/// `delete --force ID`, which must succeed, then the exit of the monitor
+/// `pid` (see [`wait_exit`]).
+#[track_caller]
+pub fn delete_force(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    ok(krun(sb, &["delete", "--force", id]));
+    wait_exit(pid)
+}
+
+/// `delete ID`, which must succeed, then the exit of the monitor `pid`.
+#[track_caller]
+pub fn delete_and_wait(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    ok(krun(sb, &["delete", id]));
+    wait_exit(pid)
+}
+
+/// Waits for the monitor `pid` to exit, asserts that `id` is stopped,
+/// deletes it and asserts that nothing is left: the monitor's exit.
+#[track_caller]
+pub fn delete_once_stopped(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    let exit = wait_exit(pid);
+    assert_eq!(status(sb, id), "stopped");
+    ok(krun(sb, &["delete", id]));
+    sb.assert_clean();
+    exit
+}
+
+/// `krun-oci ARGS`, which must fail with `why` in its stderr.
+#[track_caller]
+pub fn refused(sb: &Sandbox, args: &[&str], why: &str) {
+    let o = krun(sb, args);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains(why), "{}", o.stderr);
+}
+
 /// Waits for the monitor (our orphan, thanks to the subreaper) to exit.
 pub fn wait_exit(pid: i32) -> (Option<i32>, Option<i32>) {
     poll(

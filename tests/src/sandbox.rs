@@ -102,6 +102,24 @@ impl Sandbox {
         out
     }
 
+    /// Runs `krun-oci --root ROOT ARGS` (`args` a shell word list) on a
+    /// terminal of its own, `size` ("rows R cols C"), as a user's shell
+    /// would give it (`script`), typing `input`.
+    pub fn on_a_terminal(&self, size: &str, args: &str, input: &[u8]) -> Output {
+        let inner = format!(
+            "stty {size}; {} {} --root {} {args}",
+            krun_oci_bin().display(),
+            hypervisor()
+                .map(|h| format!("--hypervisor {h}"))
+                .unwrap_or_default(),
+            self.root().display()
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &inner, "/dev/null"])
+            .env("KRUN_OCI_LIBDIR", libdir());
+        run_with_timeout(c, Some(input), RUN_TIMEOUT, &self.path().join("console"))
+    }
+
     /// Asserts that no trace of any container of this sandbox is left: no
     /// state directory, no process, no mount.
     pub fn assert_clean(&self) {
@@ -175,6 +193,24 @@ impl Output {
 
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    /// Panics unless the output of [`Sandbox::on_a_terminal`], its `\r`s
+    /// removed, shows the `pty`, the terminal's `size` (else "`size_reaches`:
+    /// ...") and `typed`, in this order of checks, and the exit code is
+    /// `code`.
+    #[track_caller]
+    pub fn expect_on_a_terminal(
+        &self,
+        code: i32,
+        [pty, size, typed]: [&str; 3],
+        size_reaches: &str,
+    ) {
+        let text = self.stdout().replace('\r', "");
+        assert!(text.contains(pty), "{text}");
+        assert!(text.contains(size), "{size_reaches}: {text}");
+        assert!(text.contains(typed), "{text}");
+        self.expect_code(code);
     }
 
     /// Panics with everything known unless the exit code is `code`.
