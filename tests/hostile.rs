@@ -211,8 +211,7 @@ fn links_planted_where_the_host_writes_are_not_followed() {
     assert!(md.is_file(), "the oom file replaced the planted link");
 
     // The next container's pid file goes where the links are.
-    let b2 = sb.bundle(&["true"]);
-    b2.write();
+    let b2 = sb.written_bundle(&["true"]);
     lifecycle::become_subreaper();
     let pid_file = shared.join("pidfile");
     let mut c = sb.cmd();

@@ -160,8 +160,7 @@ fn delete_of_a_created_container_takes_it_down() {
 #[test]
 fn twenty_containers_created_and_deleted_at_once() {
     let sb = Sandbox::new("twenty");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
+    let b = sb.written_bundle(&["sleep", "1000"]);
     let ids: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     let (sb, b) = (&sb, &b);
     let pids: Vec<i32> = std::thread::scope(|s| {

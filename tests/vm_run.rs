@@ -41,12 +41,9 @@ fn exit_codes_are_the_workloads() {
 fn a_missing_program_is_127_and_a_non_executable_one_126() {
     let sb = Sandbox::new("notfound");
     let out = sb.run(&sb.bundle(&["no-such-program"]), "nf", None);
-    out.expect_code(127);
-    assert!(
-        out.stderr()
-            .contains("\"no-such-program\": executable file not found in $PATH"),
-        "{}",
-        out.stderr()
+    out.expect_failure(
+        127,
+        "\"no-such-program\": executable file not found in $PATH",
     );
     assert_eq!(
         out.stderr().trim().lines().count(),
@@ -56,20 +53,10 @@ fn a_missing_program_is_127_and_a_non_executable_one_126() {
     );
 
     let out = sb.run(&sb.bundle(&["/etc/passwd"]), "nx", None);
-    out.expect_code(126);
-    assert!(
-        out.stderr().contains("permission denied"),
-        "{}",
-        out.stderr()
-    );
+    out.expect_failure(126, "permission denied");
 
     let out = sb.run(&sb.bundle(&["/no/such/path"]), "np", None);
-    out.expect_code(127);
-    assert!(
-        out.stderr().contains("no such file or directory"),
-        "{}",
-        out.stderr()
-    );
+    out.expect_failure(127, "no such file or directory");
 }
 
 #[test]
@@ -249,16 +236,8 @@ fn sigterm_and_sigint_to_the_runtime_reach_the_workload() {
         let script = format!(
             "trap 'echo got {name}; exit {code}' {name}; echo ready; while :; do sleep 0.1; done"
         );
-        let b = sb.bundle(&["sh", "-c", &script]);
-        b.write();
-        let mut c = sb.cmd();
-        c.args(["run", "--bundle"])
-            .arg(&b.dir)
-            .arg("sig")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
+        let b = sb.written_bundle(&["sh", "-c", &script]);
+        let mut child = harness::spawn_run(sb.cmd(), &b, "sig", Stdio::null());
         // Wait for the workload to be up before signalling.
         let mut stdout = child.stdout.take().unwrap();
         let mut seen = Vec::new();
@@ -288,18 +267,19 @@ fn sigterm_and_sigint_to_the_runtime_reach_the_workload() {
 #[test]
 fn log_format_json_times_are_reported_with_debug() {
     let sb = Sandbox::new("debuglog");
-    let b = sb.bundle(&["true"]);
-    b.write();
+    let b = sb.written_bundle(&["true"]);
     let log = sb.path().join("log.json");
-    let out = sb
-        .cmd()
-        .args(["--debug", "--log-format", "json", "--log"])
-        .arg(&log)
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("d1")
-        .output()
-        .unwrap();
+    let out = sb.run_output(
+        &[
+            "--debug",
+            "--log-format",
+            "json",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+        &b,
+        "d1",
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -394,19 +374,11 @@ fn emulation_is_said_and_can_be_refused() {
     );
 
     let sb = Sandbox::new("requirekvm");
-    let b = sb.bundle(&["echo", "ran"]);
-    b.write();
+    let b = sb.written_bundle(&["echo", "ran"]);
     let log = sb.path().join("krun.log");
     let run = |extra: &[&str], id: &str| {
-        sb.cmd()
-            .arg("--log")
-            .arg(&log)
-            .args(extra)
-            .args(["run", "--bundle"])
-            .arg(&b.dir)
-            .arg(id)
-            .output()
-            .unwrap()
+        let opts = [&["--log", log.to_str().unwrap()], extra].concat();
+        sb.run_output(&opts, &b, id)
     };
     let out = run(&[], "plain");
     assert_eq!(out.status.code(), Some(0), "{out:?}");

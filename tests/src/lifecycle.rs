@@ -85,8 +85,7 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
 /// A busybox bundle running `args`, written and `create`d as `id`: the
 /// bundle and the pid from the pid file.
 pub fn create_new(sb: &Sandbox, args: &[&str], id: &str) -> (TestBundle, i32) {
-    let b = sb.bundle(args);
-    b.write();
+    let b = sb.written_bundle(args);
     let pid = create(sb, &b, id);
     (b, pid)
 }
