@@ -214,14 +214,8 @@ fn links_planted_where_the_host_writes_are_not_followed() {
     let b2 = sb.written_bundle(&["true"]);
     lifecycle::become_subreaper();
     let pid_file = shared.join("pidfile");
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b2.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("p2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+    let mut c = lifecycle::create_cmd(&sb, &b2, &pid_file, "p2");
+    c.stdout(Stdio::null());
     let st = c.status().unwrap();
     assert!(st.success());
     assert_eq!(read(&victim), "untouched\n");

@@ -294,11 +294,7 @@ fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
             "sleep 1; exit 5",
         ],
     ));
-    let exec_pid: i32 = std::fs::read_to_string(&ep)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let exec_pid = lifecycle::read_pid(&ep);
     assert_eq!(wait_exit(exec_pid), (Some(5), None));
     // ps shows the workload and a running exec, with the container's pids.
     let mut bg = sb.cmd();

@@ -3,7 +3,8 @@
 //! output, `create` with a pid file, and the monitor's exit status (the
 //! test process is the subreaper that inherits it, as conmon is).
 
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -59,13 +60,8 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
     let pid_file = sb.path().join(format!("{id}.pid"));
     let out = std::fs::File::create(sb.path().join(format!("{id}.out"))).unwrap();
     let err = std::fs::File::create(sb.path().join(format!("{id}.err"))).unwrap();
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(id);
-    c.stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut c = create_cmd(sb, b, &pid_file, id);
+    c.stdout(out).stderr(err);
     let mut child = c.spawn().unwrap();
     let st = wait_timeout(&mut child, RUN_TIMEOUT).expect("create timed out");
     let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
@@ -75,7 +71,24 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
         "create {id}: {stderr}; console: {}",
         sb.console()
     );
-    std::fs::read_to_string(&pid_file)
+    read_pid(&pid_file)
+}
+
+/// `krun-oci create --bundle DIR --pid-file PID_FILE ID`, reading nothing.
+pub fn create_cmd(sb: &Sandbox, b: &TestBundle, pid_file: &Path, id: &str) -> Command {
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("--pid-file")
+        .arg(pid_file)
+        .arg(id)
+        .stdin(Stdio::null());
+    c
+}
+
+/// The pid in a pid file.
+pub fn read_pid(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file)
         .unwrap()
         .trim()
         .parse()
