@@ -71,6 +71,20 @@ impl Wiring {
         ));
     }
 
+    /// `ip -o link show` in the container side: the tap is `krun0`.
+    fn links(&self) -> String {
+        sh_out(&format!("ip -n {} -o link show", self.container))
+    }
+
+    /// The qdiscs of the container side's eth0: the redirect to the tap is
+    /// an `ingress` one.
+    fn qdiscs(&self) -> String {
+        sh_out(&format!(
+            "ip netns exec {} tc qdisc show dev eth0",
+            self.container
+        ))
+    }
+
     fn path(&self) -> String {
         format!("/run/netns/{}", self.container)
     }
@@ -294,12 +308,9 @@ fn the_namespace_network_is_the_guests() {
     assert_eq!(from.to_string(), format!("10.231.{n}.2:7004"));
 
     // The namespace is as the test left it: no tap, no qdisc redirecting.
-    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    let links = w.links();
     assert!(!links.contains("krun0"), "the tap is left: {links}");
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         !qdiscs.contains("ingress"),
         "the ingress qdisc is left: {qdiscs}"
@@ -468,15 +479,12 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
     );
     let pid = lifecycle::read_pid(&pid_file);
     // While it runs: the tap and the redirect are in place.
-    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    let links = w.links();
     assert!(
         links.contains("krun0"),
         "no tap while the container runs: {links}"
     );
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         qdiscs.contains("ingress"),
         "no ingress qdisc while the container runs: {qdiscs}"
@@ -485,7 +493,7 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sh_out(&format!("ip -n {} -o link show", w.container)).contains("krun0") {
+    while w.links().contains("krun0") {
         assert!(Instant::now() < deadline, "the tap outlived the VM");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -495,10 +503,7 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         !qdiscs.contains("ingress"),
         "delete left the ingress qdisc: {qdiscs}"
