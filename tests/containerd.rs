@@ -186,22 +186,9 @@ fn sigkill_ends_the_container_with_137() {
 fn a_tty_is_interactive_with_the_window_size() {
     let c = Containerd::start("tty");
     let cid = id("tty");
-    c.remember("default", &cid);
     // ctr -t needs a terminal: script(1) gives it one, 30x100, and types
     // into it once the shell had time to start.
-    let ctr = c.ctr_cmd(
-        "default",
-        &[
-            "run",
-            "-t",
-            "--rm",
-            "--runtime",
-            &containerd::runtime(),
-            containerd::BUSYBOX,
-            &cid,
-            "sh",
-        ],
-    );
+    let ctr = c.ctr_cmd("default", &c.run_words(&["-t", "--rm"], &[], &cid, &["sh"]));
     let line = format!(
         "stty rows 30 cols 100; exec {}",
         std::iter::once(ctr.get_program())
@@ -235,19 +222,8 @@ fn a_tty_is_interactive_with_the_window_size() {
 fn a_shim_killed_with_sigkill_leaves_nothing_behind() {
     let c = Containerd::start("shimkill");
     let cid = id("orphan");
-    c.remember("default", &cid);
-    let rt = containerd::runtime();
-    c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        &rt,
-        containerd::BUSYBOX,
-        &cid,
-        "sleep",
-        "1000",
-    ])
-    .ok();
+    c.ctr(&c.run_words(&["-d"], &[], &cid, &["sleep", "1000"]))
+        .ok();
     c.wait_status(&cid, "RUNNING");
     let shim = harness::processes_mentioning(&format!("-id {cid} "));
     let pid: i32 = shim
