@@ -13,16 +13,9 @@ fn fails_naming(
     needle: &str,
 ) {
     let sb = Sandbox::new(name);
-    let mut b = sb.bundle(&["true"]);
-    b.write();
+    let mut b = sb.written_bundle(&["true"]);
     prepare(&sb, &mut b);
-    let out = sb
-        .cmd()
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("bad")
-        .output()
-        .unwrap();
+    let out = sb.run_output(&[], &b, "bad");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_ne!(out.status.code(), Some(0), "{name}: should fail");
     assert!(
@@ -132,15 +125,8 @@ fn impossible_vm_size() {
 #[test]
 fn invalid_container_id() {
     let sb = Sandbox::new("badid2");
-    let b = sb.bundle(&["true"]);
-    b.write();
-    let out = sb
-        .cmd()
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("bad/id")
-        .output()
-        .unwrap();
+    let b = sb.written_bundle(&["true"]);
+    let out = sb.run_output(&[], &b, "bad/id");
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid container id"));
     sb.assert_clean();
@@ -149,19 +135,14 @@ fn invalid_container_id() {
 #[test]
 fn errors_in_json_log_format_have_runcs_shape() {
     let sb = Sandbox::new("jsonerr");
-    let b = sb.bundle(&["true"]);
-    b.write();
+    let b = sb.written_bundle(&["true"]);
     std::fs::remove_dir_all(b.rootfs()).unwrap();
     let log = sb.path().join("log.json");
-    let out = sb
-        .cmd()
-        .args(["--log-format", "json", "--log"])
-        .arg(&log)
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("j1")
-        .output()
-        .unwrap();
+    let out = sb.run_output(
+        &["--log-format", "json", "--log", log.to_str().unwrap()],
+        &b,
+        "j1",
+    );
     assert_ne!(out.status.code(), Some(0));
     // With --log, the log gets the JSON line and stderr the plain message.
     let line = std::fs::read_to_string(&log).unwrap();
@@ -171,13 +152,7 @@ fn errors_in_json_log_format_have_runcs_shape() {
     assert!(v["time"].is_string());
     assert!(String::from_utf8_lossy(&out.stderr).contains("root.path"));
     // Without --log, the JSON line goes to stderr.
-    let out = sb
-        .cmd()
-        .args(["--log-format", "json", "run", "--bundle"])
-        .arg(&b.dir)
-        .arg("j2")
-        .output()
-        .unwrap();
+    let out = sb.run_output(&["--log-format", "json"], &b, "j2");
     let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
     assert!(v["msg"].as_str().unwrap().contains("root.path"));
     sb.assert_clean();
@@ -186,16 +161,9 @@ fn errors_in_json_log_format_have_runcs_shape() {
 #[test]
 fn an_existing_container_id_is_refused_and_kept() {
     let sb = Sandbox::new("exists");
-    let b = sb.bundle(&["true"]);
-    b.write();
+    let b = sb.written_bundle(&["true"]);
     std::fs::create_dir_all(sb.root().join("taken")).unwrap();
-    let out = sb
-        .cmd()
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("taken")
-        .output()
-        .unwrap();
+    let out = sb.run_output(&[], &b, "taken");
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     assert!(

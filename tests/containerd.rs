@@ -7,9 +7,11 @@
 
 use krun_e2e::{self as harness, containerd};
 
+use std::process::Child;
 use std::time::Duration;
 
 use containerd::{collect, is_krun, Containerd, CTR_TIMEOUT};
+use harness::process::Out;
 
 /// A workload that reports SIGTERM and ends with 7 (PID 1 of a container
 /// only sees the signals it has handlers for).
@@ -21,6 +23,14 @@ const SERVE: &[&str] = &[
 
 fn id(test: &str) -> String {
     format!("{test}-{}", std::process::id())
+}
+
+/// `ctr task kill -s SIGNAL CID`, then what the `ctr run` in `child`
+/// (`what`) did.
+#[track_caller]
+fn kill_run(c: &Containerd, child: Child, cid: &str, signal: &str, what: &str) -> Out {
+    c.ctr(&["task", "kill", "-s", signal, cid]).ok();
+    collect(child, what, CTR_TIMEOUT)
 }
 
 #[test]
@@ -134,33 +144,27 @@ fn exec_ps_metrics_pause_and_a_graceful_sigterm() {
     // The VM runs again: an exec works. (Seen once under heavy load: the
     // first exec right after resume failed; a second try is allowed and
     // reported.)
-    let mut out = c.ctr(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "e3",
-        &cid,
-        "echo",
-        "after resume",
-    ]);
-    if out.code != 0 {
-        eprintln!("NOTE: exec right after resume failed, once more: {out:?}");
-        std::thread::sleep(Duration::from_secs(1));
-        out = c.ctr(&[
+    let echo = |exec_id: &str| {
+        c.ctr(&[
             "task",
             "exec",
             "--exec-id",
-            "e4",
+            exec_id,
             &cid,
             "echo",
             "after resume",
-        ]);
+        ])
+    };
+    let mut out = echo("e3");
+    if out.code != 0 {
+        eprintln!("NOTE: exec right after resume failed, once more: {out:?}");
+        std::thread::sleep(Duration::from_secs(1));
+        out = echo("e4");
     }
     assert_eq!(out.ok(), "after resume");
 
     // SIGTERM reaches the workload's handler; ctr run ends with its status.
-    c.ctr(&["task", "kill", "-s", "SIGTERM", &cid]).ok();
-    let out = collect(child, "ctr run (serve)", CTR_TIMEOUT);
+    let out = kill_run(&c, child, &cid, "SIGTERM", "ctr run (serve)");
     out.expect(7);
     assert!(
         out.stdout.contains("ready\n") && out.stdout.contains("got TERM\n"),
@@ -174,8 +178,7 @@ fn sigkill_ends_the_container_with_137() {
     let c = Containerd::start("sigkill");
     let cid = id("sleeper");
     let child = c.spawn_run(&cid, &["sleep", "1000"]);
-    c.ctr(&["task", "kill", "-s", "SIGKILL", &cid]).ok();
-    collect(child, "ctr run (sleeper)", CTR_TIMEOUT).expect(137);
+    kill_run(&c, child, &cid, "SIGKILL", "ctr run (sleeper)").expect(137);
     c.finish();
 }
 
@@ -183,22 +186,9 @@ fn sigkill_ends_the_container_with_137() {
 fn a_tty_is_interactive_with_the_window_size() {
     let c = Containerd::start("tty");
     let cid = id("tty");
-    c.remember("default", &cid);
     // ctr -t needs a terminal: script(1) gives it one, 30x100, and types
     // into it once the shell had time to start.
-    let ctr = c.ctr_cmd(
-        "default",
-        &[
-            "run",
-            "-t",
-            "--rm",
-            "--runtime",
-            &containerd::runtime(),
-            containerd::BUSYBOX,
-            &cid,
-            "sh",
-        ],
-    );
+    let ctr = c.ctr_cmd("default", &c.run_words(&["-t", "--rm"], &[], &cid, &["sh"]));
     let line = format!(
         "stty rows 30 cols 100; exec {}",
         std::iter::once(ctr.get_program())
@@ -232,19 +222,8 @@ fn a_tty_is_interactive_with_the_window_size() {
 fn a_shim_killed_with_sigkill_leaves_nothing_behind() {
     let c = Containerd::start("shimkill");
     let cid = id("orphan");
-    c.remember("default", &cid);
-    let rt = containerd::runtime();
-    c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        &rt,
-        containerd::BUSYBOX,
-        &cid,
-        "sleep",
-        "1000",
-    ])
-    .ok();
+    c.ctr(&c.run_words(&["-d"], &[], &cid, &["sleep", "1000"]))
+        .ok();
     c.wait_status(&cid, "RUNNING");
     let shim = harness::processes_mentioning(&format!("-id {cid} "));
     let pid: i32 = shim

@@ -234,17 +234,10 @@ fn a_console_flood_is_capped() {
 #[test]
 fn a_guest_that_stops_reading_is_killed_at_the_deadline() {
     let sb = Sandbox::new("stopreading");
-    let b = sb.bundle(&["sh", "-c", "echo ready; exec cat > /dev/null"]);
-    b.write();
+    let b = sb.written_bundle(&["sh", "-c", "echo ready; exec cat > /dev/null"]);
     let mut c = krun_qemu(&sb);
-    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "3000")
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("sr")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "3000");
+    let mut child = harness::spawn_run(c, &b, "sr", Stdio::piped());
     let _feeder = Feeder::start(child.stdin.take().unwrap(), usize::MAX);
     let mut stdout = child.stdout.take().unwrap();
     let mut ready = [0u8; 6];
@@ -319,17 +312,10 @@ fn kill_and_delete_of_a_frozen_vm_do_not_hang() {
 fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
     const CHUNKS: usize = 1024; // 64 MiB through `cat` and back
     let sb = Sandbox::new("hostbackpressure");
-    let b = sb.bundle(&["cat"]);
-    b.write();
+    let b = sb.written_bundle(&["cat"]);
     let mut c = sb.cmd();
-    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "2000")
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("bp")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    c.env("KRUN_OCI_CONTROL_DEADLINE_MS", "2000");
+    let mut child = harness::spawn_run(c, &b, "bp", Stdio::piped());
     let feeder = Feeder::start(child.stdin.take().unwrap(), CHUNKS);
     // Nobody reads stdout: everything backs up to the feeder, and stays
     // so for three deadlines.

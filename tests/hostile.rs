@@ -211,25 +211,17 @@ fn links_planted_where_the_host_writes_are_not_followed() {
     assert!(md.is_file(), "the oom file replaced the planted link");
 
     // The next container's pid file goes where the links are.
-    let b2 = sb.bundle(&["true"]);
-    b2.write();
+    let b2 = sb.written_bundle(&["true"]);
     lifecycle::become_subreaper();
     let pid_file = shared.join("pidfile");
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b2.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("p2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+    let mut c = lifecycle::create_cmd(&sb, &b2, &pid_file, "p2");
+    c.stdout(Stdio::null());
     let st = c.status().unwrap();
     assert!(st.success());
     assert_eq!(read(&victim), "untouched\n");
     assert!(std::fs::symlink_metadata(&pid_file).unwrap().is_file());
     let pid: i32 = read(&pid_file).trim().parse().unwrap();
-    ok(krun(&sb, &["delete", "p2"]));
-    wait_exit(pid);
+    lifecycle::delete_and_wait(&sb, "p2", pid);
     sb.assert_clean();
 }
 

@@ -6,11 +6,14 @@
 use krun_e2e::{self as harness, lifecycle};
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use harness::Sandbox;
-use lifecycle::{create, krun, ok, out_of, status, wait_exit, wait_for_output};
+use lifecycle::{
+    create, create_new, delete_and_wait, delete_force, delete_once_stopped, krun, ok, out_of,
+    refused, start_new, status, wait_exit, wait_for_output,
+};
 
 const TRAP_TERM: &str =
     "trap 'echo got TERM; exit 3' TERM; echo started; while :; do sleep 0.1; done";
@@ -18,9 +21,7 @@ const TRAP_TERM: &str =
 #[test]
 fn the_lifecycle_by_hand_with_invalid_transitions() {
     let sb = Sandbox::new("lifecycle");
-    let b = sb.bundle(&["sh", "-c", TRAP_TERM]);
-    b.write();
-    let pid = create(&sb, &b, "c1");
+    let (b, pid) = create_new(&sb, &["sh", "-c", TRAP_TERM], "c1");
     assert_eq!(status(&sb, "c1"), "created");
     let o = krun(&sb, &["state", "c1"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
@@ -32,17 +33,12 @@ fn the_lifecycle_by_hand_with_invalid_transitions() {
     assert_eq!(status(&sb, "c1"), "running");
     wait_for_output(&sb, "c1", "started\n");
 
-    let o = krun(&sb, &["start", "c1"]);
-    assert_ne!(o.code, 0);
-    assert!(
-        o.stderr
-            .contains("cannot start a container that is running"),
-        "{}",
-        o.stderr
+    refused(
+        &sb,
+        &["start", "c1"],
+        "cannot start a container that is running",
     );
-    let o = krun(&sb, &["delete", "c1"]);
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("not stopped: running"), "{}", o.stderr);
+    refused(&sb, &["delete", "c1"], "not stopped: running");
     assert_eq!(
         status(&sb, "c1"),
         "running",
@@ -65,9 +61,7 @@ fn the_lifecycle_by_hand_with_invalid_transitions() {
         "start of a stopped container fails"
     );
     ok(krun(&sb, &["delete", "c1"]));
-    let o = krun(&sb, &["state", "c1"]);
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("does not exist"), "{}", o.stderr);
+    refused(&sb, &["state", "c1"], "does not exist");
     sb.assert_clean();
 }
 
@@ -77,28 +71,26 @@ fn the_lifecycle_by_hand_with_invalid_transitions() {
 /// is what conmon reports for a signal death either way.
 fn death_by_signal_is_128_plus_the_signal() {
     let sb = Sandbox::new("sigdeath");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
-    let pid = create(&sb, &b, "s1");
-    ok(krun(&sb, &["start", "s1"]));
+    let pid = start_new(&sb, &["sleep", "1000"], "s1");
     ok(krun(&sb, &["kill", "s1", "9"]));
-    assert_eq!(wait_exit(pid), (Some(128 + libc::SIGKILL), None));
-    assert_eq!(status(&sb, "s1"), "stopped");
-    ok(krun(&sb, &["delete", "s1"]));
-    sb.assert_clean();
+    assert_eq!(
+        delete_once_stopped(&sb, "s1", pid),
+        (Some(128 + libc::SIGKILL), None)
+    );
 }
 
 #[test]
 fn pause_and_resume_freeze_the_vm() {
     let sb = Sandbox::new("pause");
-    let b = sb.bundle(&[
-        "sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done",
-    ]);
-    b.write();
-    let pid = create(&sb, &b, "p1");
-    ok(krun(&sb, &["start", "p1"]));
+    let pid = start_new(
+        &sb,
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done",
+        ],
+        "p1",
+    );
     wait_for_output(&sb, "p1", "3\n");
     ok(krun(&sb, &["pause", "p1"]));
     assert_eq!(status(&sb, "p1"), "paused");
@@ -116,20 +108,18 @@ fn pause_and_resume_freeze_the_vm() {
     assert_eq!(status(&sb, "p1"), "running");
     let n = frozen.lines().count();
     wait_for_output(&sb, "p1", &format!("\n{}\n", n + 2));
-    ok(krun(&sb, &["delete", "--force", "p1"]));
-    assert_eq!(wait_exit(pid), (Some(128 + libc::SIGKILL), None));
+    assert_eq!(
+        delete_force(&sb, "p1", pid),
+        (Some(128 + libc::SIGKILL), None)
+    );
     sb.assert_clean();
 }
 
 #[test]
 fn delete_force_takes_down_a_running_container() {
     let sb = Sandbox::new("force");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
-    let pid = create(&sb, &b, "f1");
-    ok(krun(&sb, &["start", "f1"]));
-    ok(krun(&sb, &["delete", "--force", "f1"]));
-    wait_exit(pid);
+    let pid = start_new(&sb, &["sleep", "1000"], "f1");
+    delete_force(&sb, "f1", pid);
     ok(krun(&sb, &["delete", "--force", "f1"]));
     assert_ne!(krun(&sb, &["delete", "f1"]).code, 0);
     sb.assert_clean();
@@ -141,9 +131,7 @@ fn delete_force_takes_down_a_running_container() {
 fn kill_dash_nine_of_the_vm_process_in_each_phase() {
     let sb = Sandbox::new("kill9");
     for (phase, id) in [("created", "k1"), ("running", "k2"), ("paused", "k3")] {
-        let b = sb.bundle(&["sleep", "1000"]);
-        b.write();
-        let pid = create(&sb, &b, id);
+        let (_, pid) = create_new(&sb, &["sleep", "1000"], id);
         if phase != "created" {
             ok(krun(&sb, &["start", id]));
         }
@@ -164,19 +152,15 @@ fn kill_dash_nine_of_the_vm_process_in_each_phase() {
 #[test]
 fn delete_of_a_created_container_takes_it_down() {
     let sb = Sandbox::new("delcreated");
-    let b = sb.bundle(&["true"]);
-    b.write();
-    let pid = create(&sb, &b, "d1");
-    ok(krun(&sb, &["delete", "d1"]));
-    wait_exit(pid);
+    let (_, pid) = create_new(&sb, &["true"], "d1");
+    delete_and_wait(&sb, "d1", pid);
     sb.assert_clean();
 }
 
 #[test]
 fn twenty_containers_created_and_deleted_at_once() {
     let sb = Sandbox::new("twenty");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
+    let b = sb.written_bundle(&["sleep", "1000"]);
     let ids: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     let (sb, b) = (&sb, &b);
     let pids: Vec<i32> = std::thread::scope(|s| {
@@ -232,10 +216,7 @@ fn unknown_containers_are_errors() {
 #[test]
 fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
     let sb = Sandbox::new("exec");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
-    let pid = create(&sb, &b, "x1");
-    ok(krun(&sb, &["start", "x1"]));
+    let pid = start_new(&sb, &["sleep", "1000"], "x1");
     // In the container: its pid namespace (PID 1 is the workload), its root.
     let o = krun(
         &sb,
@@ -313,11 +294,7 @@ fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
             "sleep 1; exit 5",
         ],
     ));
-    let exec_pid: i32 = std::fs::read_to_string(&ep)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let exec_pid = lifecycle::read_pid(&ep);
     assert_eq!(wait_exit(exec_pid), (Some(5), None));
     // ps shows the workload and a running exec, with the container's pids.
     let mut bg = sb.cmd();
@@ -354,15 +331,12 @@ fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
     ok(krun(&sb, &["update", "--memory", "134217728", "x1"]));
     let o = krun(&sb, &["exec", "x1", "cat", "/sys/fs/cgroup/memory.max"]);
     assert_eq!(o.stdout.trim(), "134217728");
-    let o = krun(&sb, &["update", "--memory", "100000000000", "x1"]);
-    assert_ne!(o.code, 0);
-    assert!(
-        o.stderr.contains("cannot add memory to a running VM"),
-        "{}",
-        o.stderr
+    refused(
+        &sb,
+        &["update", "--memory", "100000000000", "x1"],
+        "cannot add memory to a running VM",
     );
-    ok(krun(&sb, &["delete", "--force", "x1"]));
-    wait_exit(pid);
+    delete_force(&sb, "x1", pid);
     let _ = bg.wait();
     // exec into a stopped container fails.
     let o = krun(&sb, &["exec", "x1", "true"]);
@@ -373,37 +347,18 @@ fn exec_runs_inside_the_vm_with_its_own_stdio_and_status() {
 #[test]
 fn exec_with_a_terminal_is_interactive() {
     let sb = Sandbox::new("exectty");
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
-    let pid = create(&sb, &b, "t1");
-    ok(krun(&sb, &["start", "t1"]));
-    let inner = format!(
-        "stty rows 40 cols 120; {} {} --root {} exec --tty t1 sh",
-        harness::krun_oci_bin().display(),
-        harness::hypervisor()
-            .map(|h| format!("--hypervisor {h}"))
-            .unwrap_or_default(),
-        sb.root().display()
+    let pid = start_new(&sb, &["sleep", "1000"], "t1");
+    let o = sb.on_a_terminal(
+        "rows 40 cols 120",
+        "exec --tty t1 sh",
+        b"tty; stty size; echo typed-$((6*7))\nexit 4\n",
     );
-    let mut c = Command::new("script");
-    c.args(["-qec", &inner, "/dev/null"])
-        .env("KRUN_OCI_LIBDIR", harness::libdir());
-    let o = harness::run_with_timeout(
-        c,
-        Some(b"tty; stty size; echo typed-$((6*7))\nexit 4\n"),
-        harness::RUN_TIMEOUT,
-        &sb.path().join("console"),
+    o.expect_on_a_terminal(
+        4,
+        ["/dev/pts/", "40 120", "typed-42"],
+        "the terminal's size reaches the exec",
     );
-    let text = o.stdout().replace('\r', "");
-    assert!(text.contains("/dev/pts/"), "{text}");
-    assert!(
-        text.contains("40 120"),
-        "the terminal's size reaches the exec: {text}"
-    );
-    assert!(text.contains("typed-42"), "{text}");
-    o.expect_code(4);
-    ok(krun(&sb, &["delete", "--force", "t1"]));
-    wait_exit(pid);
+    delete_force(&sb, "t1", pid);
     sb.assert_clean();
 }
 
@@ -427,9 +382,7 @@ fn features_spec_list_and_version() {
     );
     let o = krun(&sb, &["--version"]);
     assert!(o.stdout.starts_with("krun-oci version "), "{}", o.stdout);
-    let b = sb.bundle(&["sleep", "1000"]);
-    b.write();
-    let pid = create(&sb, &b, "l1");
+    let (_, pid) = create_new(&sb, &["sleep", "1000"], "l1");
     let o = krun(&sb, &["list"]);
     assert!(
         o.stdout
@@ -442,8 +395,7 @@ fn features_spec_list_and_version() {
     let l: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(l[0]["id"], "l1");
     assert_eq!(krun(&sb, &["list", "-q"]).stdout, "l1\n");
-    ok(krun(&sb, &["delete", "l1"]));
-    wait_exit(pid);
+    delete_and_wait(&sb, "l1", pid);
     sb.assert_clean();
 }
 
@@ -476,8 +428,7 @@ fn hooks_run_in_the_runtime_specs_order_with_the_state() {
     b.write();
     let pid = create(&sb, &b, "h1");
     ok(krun(&sb, &["start", "h1"]));
-    ok(krun(&sb, &["delete", "--force", "h1"]));
-    wait_exit(pid);
+    delete_force(&sb, "h1", pid);
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(
         text,
@@ -507,13 +458,8 @@ fn hooks_run_in_the_runtime_specs_order_with_the_state() {
     b.config["hooks"] = serde_json::json!({"startContainer": [{"path": "/bin/false"}]});
     b.write();
     let pid = create(&sb, &b, "h3");
-    let o = krun(&sb, &["start", "h3"]);
-    assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("hooks.startContainer[0]"), "{}", o.stderr);
-    wait_exit(pid);
-    assert_eq!(status(&sb, "h3"), "stopped");
-    ok(krun(&sb, &["delete", "h3"]));
-    sb.assert_clean();
+    refused(&sb, &["start", "h3"], "hooks.startContainer[0]");
+    delete_once_stopped(&sb, "h3", pid);
 }
 
 #[test]

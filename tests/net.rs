@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Sandbox, TestBundle};
+use harness::{lifecycle, Sandbox, TestBundle};
 use serde_json::json;
 
 /// Two named network namespaces joined by a veth pair, removed on drop.
@@ -69,6 +69,20 @@ impl Wiring {
             "ip -n {} link set eth0 mtu {mtu} && ip -n {} link set eth0 mtu {mtu}",
             self.container, self.server
         ));
+    }
+
+    /// `ip -o link show` in the container side: the tap is `krun0`.
+    fn links(&self) -> String {
+        sh_out(&format!("ip -n {} -o link show", self.container))
+    }
+
+    /// The qdiscs of the container side's eth0: the redirect to the tap is
+    /// an `ingress` one.
+    fn qdiscs(&self) -> String {
+        sh_out(&format!(
+            "ip netns exec {} tc qdisc show dev eth0",
+            self.container
+        ))
     }
 
     fn path(&self) -> String {
@@ -163,6 +177,20 @@ fn dns_answer(query: &[u8], addr: [u8; 4]) -> Option<Vec<u8>> {
     Some(r)
 }
 
+/// Asserts that the run succeeded and its output shows each of `wants`.
+#[track_caller]
+fn expect_shows<const N: usize>(out: &harness::Output, wants: [String; N]) {
+    let text = out.stdout();
+    out.expect_code(0);
+    for want in wants {
+        assert!(
+            text.contains(&want),
+            "{want:?} not in the guest's output:\n{text}\nstderr:\n{}",
+            out.stderr()
+        );
+    }
+}
+
 #[test]
 fn the_namespace_network_is_the_guests() {
     let sb = Sandbox::new("net");
@@ -250,27 +278,22 @@ fn the_namespace_network_is_the_guests() {
         .to_string();
 
     let out = sb.run(&b, "net", None);
-    let text = out.stdout();
-    out.expect_code(0);
-    for want in [
-        format!("inet 10.231.{n}.2/24"),
-        format!("inet6 fd00:231:{n}::2/64"),
-        format!("link/ether {mac}"),
-        format!("default via 10.231.{n}.1 dev eth0"),
-        format!("10.99.0.0/16 via 10.231.{n}.1 dev eth0"),
-        "pong ping-over-tcp".to_string(),
-        "icmp4-ok".into(),
-        "icmp6-ok".into(),
-        "Address: 10.99.0.77".into(),
-        "inbound: from-the-host-side".into(),
-        format!("udp echoed 22 bytes to 10.231.{n}.1:"),
-    ] {
-        assert!(
-            text.contains(&want),
-            "{want:?} not in the guest's output:\n{text}\nstderr:\n{}",
-            out.stderr()
-        );
-    }
+    expect_shows(
+        &out,
+        [
+            format!("inet 10.231.{n}.2/24"),
+            format!("inet6 fd00:231:{n}::2/64"),
+            format!("link/ether {mac}"),
+            format!("default via 10.231.{n}.1 dev eth0"),
+            format!("10.99.0.0/16 via 10.231.{n}.1 dev eth0"),
+            "pong ping-over-tcp".to_string(),
+            "icmp4-ok".into(),
+            "icmp6-ok".into(),
+            "Address: 10.99.0.77".into(),
+            "inbound: from-the-host-side".into(),
+            format!("udp echoed 22 bytes to 10.231.{n}.1:"),
+        ],
+    );
     assert_eq!(tcp.join().unwrap(), "ping-over-tcp");
     assert!(dns.join().unwrap() >= 1, "the resolver was never asked");
     assert!(
@@ -285,12 +308,9 @@ fn the_namespace_network_is_the_guests() {
     assert_eq!(from.to_string(), format!("10.231.{n}.2:7004"));
 
     // The namespace is as the test left it: no tap, no qdisc redirecting.
-    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    let links = w.links();
     assert!(!links.contains("krun0"), "the tap is left: {links}");
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         !qdiscs.contains("ingress"),
         "the ingress qdisc is left: {qdiscs}"
@@ -325,19 +345,14 @@ fn a_jumbo_mtu_carries_jumbo_frames() {
     w.join(&mut b);
     with_cap_net_raw(&mut b);
     let out = sb.run(&b, "netjumbo", None);
-    let text = out.stdout();
-    out.expect_code(0);
-    for want in [
-        "mtu: 9000".to_string(),
-        "big-icmp-ok".into(),
-        format!("received: {LEN}"),
-    ] {
-        assert!(
-            text.contains(&want),
-            "{want:?} not in the guest's output:\n{text}\nstderr:\n{}",
-            out.stderr()
-        );
-    }
+    expect_shows(
+        &out,
+        [
+            "mtu: 9000".to_string(),
+            "big-icmp-ok".into(),
+            format!("received: {LEN}"),
+        ],
+    );
     tcp.join().unwrap();
 }
 
@@ -452,14 +467,8 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
     let pid_file = sb.path().join("n9.pid");
     // The monitor keeps create's stdio: give it files, not pipes.
     let err_path = sb.path().join("n9.err");
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("n9")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+    let mut c = lifecycle::create_cmd(&sb, &b, &pid_file, "n9");
+    c.stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&err_path).unwrap());
     let mut child = c.spawn().unwrap();
     let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("create timed out");
@@ -468,21 +477,14 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
         "create: {}",
         std::fs::read_to_string(&err_path).unwrap_or_default()
     );
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = lifecycle::read_pid(&pid_file);
     // While it runs: the tap and the redirect are in place.
-    let links = sh_out(&format!("ip -n {} -o link show", w.container));
+    let links = w.links();
     assert!(
         links.contains("krun0"),
         "no tap while the container runs: {links}"
     );
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         qdiscs.contains("ingress"),
         "no ingress qdisc while the container runs: {qdiscs}"
@@ -491,7 +493,7 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sh_out(&format!("ip -n {} -o link show", w.container)).contains("krun0") {
+    while w.links().contains("krun0") {
         assert!(Instant::now() < deadline, "the tap outlived the VM");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -501,10 +503,7 @@ fn kill_dash_nine_leaves_the_namespace_clean_after_delete() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let qdiscs = sh_out(&format!(
-        "ip netns exec {} tc qdisc show dev eth0",
-        w.container
-    ));
+    let qdiscs = w.qdiscs();
     assert!(
         !qdiscs.contains("ingress"),
         "delete left the ingress qdisc: {qdiscs}"

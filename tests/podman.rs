@@ -13,7 +13,8 @@
 //!
 //! `KRUN_OCI_PODMAN_RUNTIME=runc cargo test --test podman -- --test-threads=1`
 
-use krun_e2e::podman;
+use krun_e2e::process::Out;
+use krun_e2e::{podman, HostVolumes};
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,35 @@ const SERVE: &[&str] = &[
 ];
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Starts `name`, detached, running [`SERVE`] with `opts`, and waits until
+/// it is ready.
+#[track_caller]
+fn serve(pm: &Podman, name: &str, opts: &[&str]) {
+    pm.run_d(name, opts, busybox(), SERVE);
+    pm.wait_for_log(name, "ready", WAIT);
+}
+
+/// `podman stop NAME`, then `podman rm NAME`.
+#[track_caller]
+fn stop_rm(pm: &Podman, name: &str) {
+    pm.ok(&["stop", name]);
+    pm.ok(&["rm", name]);
+}
+
+/// [`stop_rm`] of the test's last container, then [`Podman::finish`].
+#[track_caller]
+fn stop_rm_finish(pm: Podman, name: &str) {
+    pm.ok(&["stop", name]);
+    rm_finish(pm, name);
+}
+
+/// `podman rm NAME` of the test's last container, then [`Podman::finish`].
+#[track_caller]
+fn rm_finish(pm: Podman, name: &str) {
+    pm.ok(&["rm", name]);
+    pm.finish();
+}
 
 fn meminfo_kib(text: &str, key: &str) -> u64 {
     text.lines()
@@ -79,9 +109,7 @@ fn stdout_stderr_and_stdin_of_run_rm() {
         busybox(),
         &["sh", "-c", "echo to-out; echo to-err >&2; echo again-out"],
     );
-    out.expect(0);
-    assert_eq!(out.stdout, "to-out\nagain-out\n");
-    assert_eq!(out.stderr, "to-err\n");
+    out.expect_output("to-out\nagain-out\n", "to-err\n");
     // -i: stdin piped through, then EOF.
     let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
     let out = pm.run_rm_in(
@@ -161,14 +189,8 @@ fn env_workdir_and_user_apply() {
 #[test]
 fn bind_volumes_work_both_ways() {
     let pm = Podman::new("volumes");
-    let rw = pm.path().join("vol-rw");
-    let ro = pm.path().join("vol-ro");
-    std::fs::create_dir_all(&rw).unwrap();
-    std::fs::create_dir_all(&ro).unwrap();
-    std::fs::write(rw.join("from-host"), "host wrote this\n").unwrap();
-    std::fs::write(ro.join("file"), "read only\n").unwrap();
-    let single = pm.path().join("single.conf");
-    std::fs::write(&single, "one file\n").unwrap();
+    let vols = HostVolumes::new(pm.path(), "vol-rw", "vol-ro");
+    let (rw, ro, single) = (&vols.rw, &vols.ro, &vols.single);
     let v_rw = format!("{}:/data", rw.display());
     let v_ro = format!("{}:/ro:ro", ro.display());
     let v_file = format!("{}:/etc/single.conf:ro", single.display());
@@ -184,11 +206,7 @@ fn bind_volumes_work_both_ways() {
         out.ok(),
         "host wrote this\nread only\nro-readonly\none file"
     );
-    assert_eq!(
-        std::fs::read_to_string(rw.join("from-container")).unwrap(),
-        "container wrote this\n"
-    );
-    assert!(!ro.join("new").exists());
+    vols.assert_written("from-container", "container wrote this\n");
 
     // Live, while the container runs: the host's write is seen inside,
     // the container's answer is seen on the host.
@@ -212,9 +230,7 @@ fn bind_volumes_work_both_ways() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    pm.ok(&["stop", "live"]);
-    pm.ok(&["rm", "live"]);
-    pm.finish();
+    stop_rm_finish(pm, "live");
 }
 
 #[test]
@@ -347,8 +363,7 @@ fn cpus_are_seen_inside() {
 #[test]
 fn update_changes_the_limits_seen_inside() {
     let pm = Podman::new("update");
-    pm.run_d("u", &["--memory", "256m", "--cpus", "1"], busybox(), SERVE);
-    pm.wait_for_log("u", "ready", WAIT);
+    serve(&pm, "u", &["--memory", "256m", "--cpus", "1"]);
     // podman runs `RT update --resources=FILE ID` (FILE: linux.resources JSON).
     pm.ok(&[
         "update",
@@ -375,9 +390,7 @@ fn update_changes_the_limits_seen_inside() {
         out.contains("\n50000 100000\n"),
         "the new CPU quota is seen inside: {out}"
     );
-    pm.ok(&["stop", "u"]);
-    pm.ok(&["rm", "u"]);
-    pm.finish();
+    stop_rm_finish(pm, "u");
 }
 
 #[test]
@@ -395,32 +408,21 @@ fn detached_run_then_logs() {
     );
     assert_eq!(pm.ok(&["wait", "d"]), "3");
     let out = pm.podman(&["logs", "d"]);
-    out.expect(0);
-    assert_eq!(out.stdout, "out-line\nlast\n");
-    assert_eq!(out.stderr, "err-line\n");
-    pm.ok(&["rm", "d"]);
-    pm.finish();
+    out.expect_output("out-line\nlast\n", "err-line\n");
+    rm_finish(pm, "d");
 }
 
 #[test]
 fn exec_status_stdio_and_process_settings() {
     let pm = Podman::new("exec");
-    pm.run_d("x", &[], busybox(), SERVE);
-    pm.wait_for_log("x", "ready", WAIT);
+    serve(&pm, "x", &[]);
     assert_eq!(pm.ok(&["exec", "x", "echo", "hello"]), "hello");
     pm.podman(&["exec", "x", "sh", "-c", "exit 3"]).expect(3);
     let out = pm.podman(&["exec", "x", "sh", "-c", "echo o; echo e >&2"]);
-    out.expect(0);
-    assert_eq!(out.stdout, "o\n");
-    assert_eq!(out.stderr, "e\n");
+    out.expect_output("o\n", "e\n");
     // A missing program: 127, promptly (not a hang).
     let out = pm.podman(&["exec", "x", "no-such-program"]);
-    out.expect(127);
-    assert!(
-        out.elapsed < Duration::from_secs(30),
-        "exec of a missing program took {:?}",
-        out.elapsed
-    );
+    out.expect_within(127, Duration::from_secs(30), "exec of a missing program");
     // The exec'd process's own env, cwd and user.
     assert_eq!(
         pm.ok(&[
@@ -455,46 +457,43 @@ fn exec_status_stdio_and_process_settings() {
     );
     out.expect(0);
     assert_eq!(out.stdout, "through stdin\neof\n");
-    pm.ok(&["stop", "x"]);
-    pm.ok(&["rm", "x"]);
-    pm.finish();
+    stop_rm_finish(pm, "x");
 }
 
 #[test]
 fn exec_it_and_run_it_on_a_terminal() {
     let pm = Podman::new("tty");
-    pm.run_d("t", &[], busybox(), SERVE);
-    pm.wait_for_log("t", "ready", WAIT);
+    serve(&pm, "t", &[]);
     // Typed input; "typed-42" only appears if the shell evaluated it (the
     // terminal echoes the line itself as "typed-$((6*7))").
     let out = pm.in_pty(
         &["exec", "-it", "t", "sh"],
         b"tty; stty size; echo typed-$((6*7)); exit 7\n",
     );
-    assert!(out.stdout.contains("/dev/pts/"), "a pty: {}", out.stdout);
-    assert!(out.stdout.contains("typed-42\n"), "{}", out.stdout);
-    assert!(
-        out.stdout.contains("33 101\n"),
-        "the terminal's size reaches the exec'd shell: {}",
-        out.stdout
-    );
-    out.expect(7);
-    pm.ok(&["stop", "t"]);
-    pm.ok(&["rm", "t"]);
+    assert_typed_on_a_terminal(&out, "/dev/pts/", "the exec'd shell", 7);
+    stop_rm(&pm, "t");
 
     let out = pm.in_pty(
         &["run", "-it", "--rm", "--network", "none", busybox(), "sh"],
         b"tty; stty size; echo typed-$((6*7)); exit 5\n",
     );
-    assert!(out.stdout.contains("/dev/pts/0\n"), "a pty: {}", out.stdout);
+    assert_typed_on_a_terminal(&out, "/dev/pts/0\n", "the container", 5);
+    pm.finish();
+}
+
+/// What a shell on the terminal of [`Podman::in_pty`] shows when typed
+/// `tty; stty size; echo typed-$((6*7)); exit CODE`: a pty (`pts`), the
+/// evaluated line, the terminal's size having reached `whom`, and CODE.
+#[track_caller]
+fn assert_typed_on_a_terminal(out: &Out, pts: &str, whom: &str, code: i32) {
+    assert!(out.stdout.contains(pts), "a pty: {}", out.stdout);
     assert!(out.stdout.contains("typed-42\n"), "{}", out.stdout);
     assert!(
         out.stdout.contains("33 101\n"),
-        "the terminal's size reaches the container: {}",
+        "the terminal's size reaches {whom}: {}",
         out.stdout
     );
-    out.expect(5);
-    pm.finish();
+    out.expect(code);
 }
 
 #[test]
@@ -526,8 +525,7 @@ fn stop_runs_the_sigterm_handler_and_returns_fast() {
         pm.ok(&["inspect", "--format", "{{.State.ExitCode}}", "s"]),
         "0"
     );
-    pm.ok(&["rm", "s"]);
-    pm.finish();
+    rm_finish(pm, "s");
 }
 
 #[test]
@@ -554,9 +552,7 @@ fn kill_usr1_reaches_the_workload() {
         assert!(Instant::now() < deadline, "second USR1 never arrived");
         std::thread::sleep(Duration::from_millis(100));
     }
-    pm.ok(&["stop", "k"]);
-    pm.ok(&["rm", "k"]);
-    pm.finish();
+    stop_rm_finish(pm, "k");
 }
 
 #[test]
@@ -567,21 +563,14 @@ fn rm_force_removes_a_running_container() {
     pm.run_d("f", &[], busybox(), &["sleep", "1000"]);
     pm.wait_for_status("f", "running", WAIT);
     let out = pm.podman(&["rm", "-f", "-t", "1", "f"]);
-    out.expect(0);
-    assert!(
-        out.elapsed < Duration::from_secs(10),
-        "rm -f took {:?}",
-        out.elapsed
-    );
+    out.expect_within(0, Duration::from_secs(10), "rm -f");
     // And with the default timeout, a container that honours SIGTERM.
-    pm.run_d("g", &[], busybox(), SERVE);
-    pm.wait_for_log("g", "ready", WAIT);
+    serve(&pm, "g", &[]);
     let out = pm.podman(&["rm", "-f", "g"]);
-    out.expect(0);
-    assert!(
-        out.elapsed < Duration::from_secs(5),
-        "rm -f of a container that exits on SIGTERM took {:?}",
-        out.elapsed
+    out.expect_within(
+        0,
+        Duration::from_secs(5),
+        "rm -f of a container that exits on SIGTERM",
     );
     assert_eq!(pm.podman(&["inspect", "f"]).code, 125, "f is gone");
     pm.finish();
@@ -595,8 +584,7 @@ fn wait_prints_the_exit_code() {
     assert_eq!(pm.status("w"), "exited");
     // Waiting on an exited container answers at once.
     assert_eq!(pm.ok(&["wait", "w"]), "9");
-    pm.ok(&["rm", "w"]);
-    pm.finish();
+    rm_finish(pm, "w");
 }
 
 /// Plain `podman top` reads the processes itself, from the host's /proc,
@@ -606,8 +594,7 @@ fn wait_prints_the_exit_code() {
 #[test]
 fn top_lists_the_containers_processes() {
     let pm = Podman::new("top");
-    pm.run_d("t", &[], busybox(), SERVE);
-    pm.wait_for_log("t", "ready", WAIT);
+    serve(&pm, "t", &[]);
     let top = pm.ok(&["top", "t"]);
     let mut lines = top.lines();
     // For messages: the host's processes would be a long list.
@@ -638,9 +625,7 @@ fn top_lists_the_containers_processes() {
                 .any(|f| f.get(1) == Some(&"1") && f.iter().any(|w| w.contains("krun-oci"))),
             "the monitor is PID 1:\n{shown}"
         );
-        pm.ok(&["stop", "t"]);
-        pm.ok(&["rm", "t"]);
-        pm.finish();
+        stop_rm_finish(pm, "t");
         return;
     }
     // The workload, as PID 1 of the container (not a host process).
@@ -661,9 +646,7 @@ fn top_lists_the_containers_processes() {
         "only the container's own processes ({} lines):\n{shown}",
         top.lines().count()
     );
-    pm.ok(&["stop", "t"]);
-    pm.ok(&["rm", "t"]);
-    pm.finish();
+    stop_rm_finish(pm, "t");
 }
 
 /// `podman top CTR -o ...` (ps(1) options) runs `ps` inside the container
@@ -671,17 +654,14 @@ fn top_lists_the_containers_processes() {
 #[test]
 fn top_with_ps_options_runs_ps_inside() {
     let pm = Podman::new("top_ps");
-    pm.run_d("t", &[], busybox(), SERVE);
-    pm.wait_for_log("t", "ready", WAIT);
+    serve(&pm, "t", &[]);
     let top = pm.ok(&["top", "t", "-o", "pid,args"]);
     assert!(
         top.lines()
             .any(|l| l.split_whitespace().next() == Some("1") && l.contains("trap 'exit 0' TERM")),
         "the workload as PID 1: {top}"
     );
-    pm.ok(&["stop", "t"]);
-    pm.ok(&["rm", "t"]);
-    pm.finish();
+    stop_rm_finish(pm, "t");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use krun_e2e as harness;
 use std::process::Stdio;
 use std::time::Duration;
 
-use harness::{wait_timeout, Sandbox};
+use harness::{wait_timeout, HostVolumes, Sandbox};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -41,12 +41,9 @@ fn exit_codes_are_the_workloads() {
 fn a_missing_program_is_127_and_a_non_executable_one_126() {
     let sb = Sandbox::new("notfound");
     let out = sb.run(&sb.bundle(&["no-such-program"]), "nf", None);
-    out.expect_code(127);
-    assert!(
-        out.stderr()
-            .contains("\"no-such-program\": executable file not found in $PATH"),
-        "{}",
-        out.stderr()
+    out.expect_failure(
+        127,
+        "\"no-such-program\": executable file not found in $PATH",
     );
     assert_eq!(
         out.stderr().trim().lines().count(),
@@ -56,20 +53,10 @@ fn a_missing_program_is_127_and_a_non_executable_one_126() {
     );
 
     let out = sb.run(&sb.bundle(&["/etc/passwd"]), "nx", None);
-    out.expect_code(126);
-    assert!(
-        out.stderr().contains("permission denied"),
-        "{}",
-        out.stderr()
-    );
+    out.expect_failure(126, "permission denied");
 
     let out = sb.run(&sb.bundle(&["/no/such/path"]), "np", None);
-    out.expect_code(127);
-    assert!(
-        out.stderr().contains("no such file or directory"),
-        "{}",
-        out.stderr()
-    );
+    out.expect_failure(127, "no such file or directory");
 }
 
 #[test]
@@ -191,14 +178,8 @@ fn rlimits_hostname_capabilities_apply() {
 #[test]
 fn readonly_root_tmpfs_and_bind_mounts() {
     let sb = Sandbox::new("mounts");
-    let host_rw = sb.path().join("rw");
-    let host_ro = sb.path().join("ro");
-    std::fs::create_dir_all(&host_rw).unwrap();
-    std::fs::create_dir_all(&host_ro).unwrap();
-    std::fs::write(host_rw.join("from-host"), "host wrote this\n").unwrap();
-    std::fs::write(host_ro.join("file"), "read only\n").unwrap();
-    let single = sb.path().join("single.conf");
-    std::fs::write(&single, "one file\n").unwrap();
+    let vols = HostVolumes::new(sb.path(), "rw", "ro");
+    let (host_rw, host_ro, single) = (&vols.rw, &vols.ro, &vols.single);
 
     let script = "touch /rootfile 2>/dev/null && echo root-writable || echo root-readonly; \
                   echo tmp > /scratch/x && grep -c scratch /proc/mounts; \
@@ -217,11 +198,7 @@ fn readonly_root_tmpfs_and_bind_mounts() {
         out.stdout(),
         "root-readonly\n1\nhost wrote this\nread only\nro-readonly\none file\n"
     );
-    assert_eq!(
-        std::fs::read_to_string(host_rw.join("from-guest")).unwrap(),
-        "guest wrote this\n"
-    );
-    assert!(!host_ro.join("new").exists());
+    vols.assert_written("from-guest", "guest wrote this\n");
     assert!(!b.rootfs().join("rootfile").exists());
 }
 
@@ -259,16 +236,8 @@ fn sigterm_and_sigint_to_the_runtime_reach_the_workload() {
         let script = format!(
             "trap 'echo got {name}; exit {code}' {name}; echo ready; while :; do sleep 0.1; done"
         );
-        let b = sb.bundle(&["sh", "-c", &script]);
-        b.write();
-        let mut c = sb.cmd();
-        c.args(["run", "--bundle"])
-            .arg(&b.dir)
-            .arg("sig")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
+        let b = sb.written_bundle(&["sh", "-c", &script]);
+        let mut child = harness::spawn_run(sb.cmd(), &b, "sig", Stdio::null());
         // Wait for the workload to be up before signalling.
         let mut stdout = child.stdout.take().unwrap();
         let mut seen = Vec::new();
@@ -298,18 +267,19 @@ fn sigterm_and_sigint_to_the_runtime_reach_the_workload() {
 #[test]
 fn log_format_json_times_are_reported_with_debug() {
     let sb = Sandbox::new("debuglog");
-    let b = sb.bundle(&["true"]);
-    b.write();
+    let b = sb.written_bundle(&["true"]);
     let log = sb.path().join("log.json");
-    let out = sb
-        .cmd()
-        .args(["--debug", "--log-format", "json", "--log"])
-        .arg(&log)
-        .args(["run", "--bundle"])
-        .arg(&b.dir)
-        .arg("d1")
-        .output()
-        .unwrap();
+    let out = sb.run_output(
+        &[
+            "--debug",
+            "--log-format",
+            "json",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+        &b,
+        "d1",
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -350,32 +320,16 @@ fn a_terminal_is_the_containers_own_pty() {
     b.process()["terminal"] = json!(true);
     b.write();
     // `script` gives the runtime a terminal of its own, as a user's shell would.
-    let inner = format!(
-        "stty rows 33 cols 101; {} {} --root {} run --bundle {} tty1",
-        harness::krun_oci_bin().display(),
-        harness::hypervisor()
-            .map(|h| format!("--hypervisor {h}"))
-            .unwrap_or_default(),
-        sb.root().display(),
-        b.dir.display()
+    let out = sb.on_a_terminal(
+        "rows 33 cols 101",
+        &format!("run --bundle {} tty1", b.dir.display()),
+        b"hello\n",
     );
-    let mut c = std::process::Command::new("script");
-    c.args(["-qec", &inner, "/dev/null"])
-        .env("KRUN_OCI_LIBDIR", harness::libdir());
-    let out = harness::run_with_timeout(
-        c,
-        Some(b"hello\n"),
-        harness::RUN_TIMEOUT,
-        &sb.path().join("console"),
+    out.expect_on_a_terminal(
+        5,
+        ["/dev/pts/0\n", "33 101\n", "got:hello\n"],
+        "the host terminal's size reaches the guest",
     );
-    let text = out.stdout().replace('\r', "");
-    assert!(text.contains("/dev/pts/0\n"), "{text}");
-    assert!(
-        text.contains("33 101\n"),
-        "the host terminal's size reaches the guest: {text}"
-    );
-    assert!(text.contains("got:hello\n"), "{text}");
-    out.expect_code(5);
     sb.assert_clean();
 }
 
@@ -420,19 +374,11 @@ fn emulation_is_said_and_can_be_refused() {
     );
 
     let sb = Sandbox::new("requirekvm");
-    let b = sb.bundle(&["echo", "ran"]);
-    b.write();
+    let b = sb.written_bundle(&["echo", "ran"]);
     let log = sb.path().join("krun.log");
     let run = |extra: &[&str], id: &str| {
-        sb.cmd()
-            .arg("--log")
-            .arg(&log)
-            .args(extra)
-            .args(["run", "--bundle"])
-            .arg(&b.dir)
-            .arg(id)
-            .output()
-            .unwrap()
+        let opts = [&["--log", log.to_str().unwrap()], extra].concat();
+        sb.run_output(&opts, &b, id)
     };
     let out = run(&[], "plain");
     assert_eq!(out.status.code(), Some(0), "{out:?}");

@@ -326,30 +326,29 @@ vmm_inner() {
   mkdir -p "$vwork"
   trap vmm_inner_cleanup EXIT
   vmm_trace_setup
-  local r i b k=${#vmm_backends[@]}
+  local k=${#vmm_backends[@]}
 
   printf 'round\tbackend\tid\tstatus\twall_ms\tpre_ms\tvmm_exec_ms\tpost_ms\toverhead_ms\tguest_ms\thost_setup_ms\tkernel_zero_ms\tteardown_ms\terror\n' >"$out/vmm-overhead.tsv"
   printf 'round\tbackend\tpid\tprocess\tvmhwm_kb\tpss_kb\tguest_pss_kb\tguest_rss_kb\n' >"$out/vmm-memory.tsv"
   printf 'round\ttarget\top\tstatus\tseconds\tamount\terror\n' >"$out/vmm-fs.tsv"
 
-  for ((r = 0; r <= rounds; r++)); do
-    for ((i = 0; i < k; i++)); do
-      vmm_overhead_once "$r" "${vmm_backends[(r + i) % k]}"
-    done
-    echo "  vmm: overhead round $r/$rounds done" >&2
-  done
-  for ((r = 1; r <= rounds; r++)); do
-    for ((i = 0; i < k; i++)); do
-      vmm_memory_once "$r" "${vmm_backends[(r + i) % k]}"
-    done
-    echo "  vmm: memory round $r/$rounds done" >&2
-  done
-  for ((r = 1; r <= fs_rounds; r++)); do
-    for ((i = 0; i <= k; i++)); do
+  vmm_rounds overhead 0 "$rounds" vmm_overhead_once 0
+  vmm_rounds memory 1 "$rounds" vmm_memory_once 0
+  vmm_rounds "file system" 1 "$fs_rounds" vmm_fs_once 1
+}
+
+# `vmm_rounds WHAT FIRST LAST ONCE NATIVE`: rounds FIRST to LAST of ONCE
+# ROUND BACKEND, each over every backend in a rotated order (and, with
+# NATIVE 1, the host's own file system last), so that no backend always
+# runs first.
+vmm_rounds() {
+  local what=$1 first=$2 last=$3 once=$4 native=$5 r i b
+  for ((r = first; r <= last; r++)); do
+    for ((i = 0; i < k + native; i++)); do
       b=$( ((i < k)) && echo "${vmm_backends[(r + i) % k]}" || echo native)
-      vmm_fs_once "$r" "$b"
+      "$once" "$r" "$b"
     done
-    echo "  vmm: file system round $r/$fs_rounds done" >&2
+    echo "  vmm: $what round $r/$last done" >&2
   done
 }
 

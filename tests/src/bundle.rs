@@ -115,3 +115,36 @@ pub fn base_config(args: &[&str]) -> Value {
         }
     })
 }
+
+/// Host files a test binds into a container: the folder `rw` holding
+/// `from-host`, the folder `ro` holding `file`, and the file `single.conf`.
+pub struct HostVolumes {
+    pub rw: PathBuf,
+    pub ro: PathBuf,
+    pub single: PathBuf,
+}
+
+impl HostVolumes {
+    /// Writes them under `dir`, the folders named `rw` and `ro`.
+    pub fn new(dir: &Path, rw: &str, ro: &str) -> HostVolumes {
+        let v = HostVolumes {
+            rw: dir.join(rw),
+            ro: dir.join(ro),
+            single: dir.join("single.conf"),
+        };
+        std::fs::create_dir_all(&v.rw).unwrap();
+        std::fs::create_dir_all(&v.ro).unwrap();
+        std::fs::write(v.rw.join("from-host"), "host wrote this\n").unwrap();
+        std::fs::write(v.ro.join("file"), "read only\n").unwrap();
+        std::fs::write(&v.single, "one file\n").unwrap();
+        v
+    }
+
+    /// Asserts that the container wrote `text` to `rw`'s `file` and
+    /// could not create `new` in `ro`.
+    #[track_caller]
+    pub fn assert_written(&self, file: &str, text: &str) {
+        assert_eq!(std::fs::read_to_string(self.rw.join(file)).unwrap(), text);
+        assert!(!self.ro.join("new").exists());
+    }
+}

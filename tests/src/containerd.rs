@@ -15,6 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -29,11 +30,14 @@ pub const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 pub const KRUN: &str = "io.containerd.krun.v2";
 
 /// The runtime type under test.
-pub fn runtime() -> String {
-    std::env::var("KRUN_OCI_CONTAINERD_RUNTIME")
-        .ok()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| KRUN.to_string())
+pub fn runtime() -> &'static str {
+    static RUNTIME: OnceLock<String> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        std::env::var("KRUN_OCI_CONTAINERD_RUNTIME")
+            .ok()
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| KRUN.to_string())
+    })
 }
 
 pub fn is_krun() -> bool {
@@ -128,25 +132,34 @@ impl Containerd {
         self.ids.borrow_mut().push((ns.to_string(), id.to_string()));
     }
 
+    /// The ctr words `run PRE --runtime RT POST IMAGE ID ARGS...` of a
+    /// container `id` of the test image, which is remembered.
+    pub fn run_words<'a>(
+        &self,
+        pre: &[&'a str],
+        post: &[&'a str],
+        id: &'a str,
+        args: &[&'a str],
+    ) -> Vec<&'a str> {
+        self.remember("default", id);
+        let mut a = vec!["run"];
+        a.extend_from_slice(pre);
+        a.extend(["--runtime", runtime()]);
+        a.extend_from_slice(post);
+        a.extend([BUSYBOX, id]);
+        a.extend_from_slice(args);
+        a
+    }
+
     /// `ctr run --rm --runtime RT IMAGE ID ARGS...` with optional ctr flags.
     pub fn run_rm(&self, flags: &[&str], id: &str, args: &[&str]) -> Out {
-        self.remember("default", id);
-        let rt = runtime();
-        let mut a = vec!["run", "--rm", "--runtime", rt.as_str()];
-        a.extend_from_slice(flags);
-        a.push(BUSYBOX);
-        a.push(id);
-        a.extend_from_slice(args);
-        self.ctr(&a)
+        self.ctr(&self.run_words(&["--rm"], flags, id, args))
     }
 
     /// Starts `ctr run --runtime RT IMAGE ID ARGS...` in the foreground as a
     /// child (stdout/stderr piped), and waits until the task runs.
     pub fn spawn_run(&self, id: &str, args: &[&str]) -> Child {
-        self.remember("default", id);
-        let rt = runtime();
-        let mut a = vec!["run", "--rm", "--runtime", rt.as_str(), BUSYBOX, id];
-        a.extend_from_slice(args);
+        let a = self.run_words(&["--rm"], &[], id, args);
         let spawn = || {
             self.ctr_cmd("default", &a)
                 .stdin(Stdio::null())

@@ -104,15 +104,6 @@ impl Cri {
         .container_id
     }
 
-    pub fn start_container(&mut self, id: &str) {
-        let req = StartContainerRequest {
-            container_id: id.to_string(),
-        };
-        self.call("StartContainer", |mut c| async move {
-            c.start_container(req).await
-        });
-    }
-
     pub fn exec_sync(&mut self, id: &str, cmd: &[&str]) -> ExecSyncResponse {
         let req = ExecSyncRequest {
             container_id: id.to_string(),
@@ -123,15 +114,9 @@ impl Cri {
     }
 
     pub fn status(&mut self, id: &str) -> ContainerStatus {
-        let req = ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        };
-        self.call("ContainerStatus", |mut c| async move {
-            c.container_status(req).await
-        })
-        .status
-        .expect("ContainerStatus without a status")
+        self.container_status(id)
+            .status
+            .expect("ContainerStatus without a status")
     }
 
     /// Waits until the container is in `state`; returns its status.
@@ -151,56 +136,13 @@ impl Cri {
         )
     }
 
-    pub fn stop_container(&mut self, id: &str, timeout: i64) {
-        let req = StopContainerRequest {
-            container_id: id.to_string(),
-            timeout,
-        };
-        self.call("StopContainer", |mut c| async move {
-            c.stop_container(req).await
-        });
-    }
-
-    pub fn remove_container(&mut self, id: &str) {
-        let req = RemoveContainerRequest {
-            container_id: id.to_string(),
-        };
-        self.call("RemoveContainer", |mut c| async move {
-            c.remove_container(req).await
-        });
-    }
-
-    pub fn stop_pod(&mut self, id: &str) {
-        let req = StopPodSandboxRequest {
-            pod_sandbox_id: id.to_string(),
-        };
-        self.call("StopPodSandbox", |mut c| async move {
-            c.stop_pod_sandbox(req).await
-        });
-    }
-
-    pub fn remove_pod(&mut self, id: &str) {
-        let req = RemovePodSandboxRequest {
-            pod_sandbox_id: id.to_string(),
-        };
-        self.call("RemovePodSandbox", |mut c| async move {
-            c.remove_pod_sandbox(req).await
-        });
-    }
-
     /// The pod's IP address, as the CNI plugins gave it.
     pub fn pod_ip(&mut self, id: &str) -> String {
-        let req = PodSandboxStatusRequest {
-            pod_sandbox_id: id.to_string(),
-            verbose: false,
-        };
-        self.call("PodSandboxStatus", |mut c| async move {
-            c.pod_sandbox_status(req).await
-        })
-        .status
-        .and_then(|s| s.network)
-        .map(|n| n.ip)
-        .unwrap_or_default()
+        self.pod_status(id)
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default()
     }
 
     pub fn list_pods(&mut self) -> Vec<PodSandbox> {
@@ -210,6 +152,47 @@ impl Cri {
         })
         .items
     }
+}
+
+/// Methods of [`Cri`] that make one call about one container or pod:
+/// `fn NAME(ID_FIELD, ARG: T, ...; FIELD: VALUE, ...) -> Response => "Rpc"
+/// Request.method` sends `Request { ID_FIELD: id, ARG, FIELD: VALUE }` and
+/// returns the answer.
+macro_rules! id_calls {
+    ($(
+        fn $name:ident($field:ident $(, $arg:ident: $ty:ty)* $(; $fixed:ident: $val:expr)?)
+            -> $resp:ty => $rpc:literal $req:ident.$method:ident;
+    )*) => {
+        impl Cri {
+            $(
+                pub fn $name(&mut self, id: &str $(, $arg: $ty)*) -> $resp {
+                    let req = $req {
+                        $field: id.to_string(),
+                        $($arg,)*
+                        $($fixed: $val,)?
+                    };
+                    self.call($rpc, |mut c| async move { c.$method(req).await })
+                }
+            )*
+        }
+    };
+}
+
+id_calls! {
+    fn start_container(container_id) -> StartContainerResponse
+        => "StartContainer" StartContainerRequest.start_container;
+    fn stop_container(container_id, timeout: i64) -> StopContainerResponse
+        => "StopContainer" StopContainerRequest.stop_container;
+    fn remove_container(container_id) -> RemoveContainerResponse
+        => "RemoveContainer" RemoveContainerRequest.remove_container;
+    fn container_status(container_id; verbose: false) -> ContainerStatusResponse
+        => "ContainerStatus" ContainerStatusRequest.container_status;
+    fn stop_pod(pod_sandbox_id) -> StopPodSandboxResponse
+        => "StopPodSandbox" StopPodSandboxRequest.stop_pod_sandbox;
+    fn remove_pod(pod_sandbox_id) -> RemovePodSandboxResponse
+        => "RemovePodSandbox" RemovePodSandboxRequest.remove_pod_sandbox;
+    fn pod_status(pod_sandbox_id; verbose: false) -> PodSandboxStatusResponse
+        => "PodSandboxStatus" PodSandboxStatusRequest.pod_sandbox_status;
 }
 
 /// A pod as kubelet describes one: its own network namespace (wired by the

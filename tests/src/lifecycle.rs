@@ -3,7 +3,8 @@
 //! output, `create` with a pid file, and the monitor's exit status (the
 //! test process is the subreaper that inherits it, as conmon is).
 
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::Duration;
 
@@ -59,13 +60,8 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
     let pid_file = sb.path().join(format!("{id}.pid"));
     let out = std::fs::File::create(sb.path().join(format!("{id}.out"))).unwrap();
     let err = std::fs::File::create(sb.path().join(format!("{id}.err"))).unwrap();
-    let mut c = sb.cmd();
-    c.args(["create", "--bundle"])
-        .arg(&b.dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(id);
-    c.stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut c = create_cmd(sb, b, &pid_file, id);
+    c.stdout(out).stderr(err);
     let mut child = c.spawn().unwrap();
     let st = wait_timeout(&mut child, RUN_TIMEOUT).expect("create timed out");
     let stderr = std::fs::read_to_string(sb.path().join(format!("{id}.err"))).unwrap();
@@ -75,11 +71,77 @@ pub fn create(sb: &Sandbox, b: &TestBundle, id: &str) -> i32 {
         "create {id}: {stderr}; console: {}",
         sb.console()
     );
-    std::fs::read_to_string(&pid_file)
+    read_pid(&pid_file)
+}
+
+/// `krun-oci create --bundle DIR --pid-file PID_FILE ID`, reading nothing.
+pub fn create_cmd(sb: &Sandbox, b: &TestBundle, pid_file: &Path, id: &str) -> Command {
+    let mut c = sb.cmd();
+    c.args(["create", "--bundle"])
+        .arg(&b.dir)
+        .arg("--pid-file")
+        .arg(pid_file)
+        .arg(id)
+        .stdin(Stdio::null());
+    c
+}
+
+/// The pid in a pid file.
+pub fn read_pid(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file)
         .unwrap()
         .trim()
         .parse()
         .unwrap()
+}
+
+/// A busybox bundle running `args`, written and `create`d as `id`: the
+/// bundle and the pid from the pid file.
+pub fn create_new(sb: &Sandbox, args: &[&str], id: &str) -> (TestBundle, i32) {
+    let b = sb.written_bundle(args);
+    let pid = create(sb, &b, id);
+    (b, pid)
+}
+
+/// [`create_new`], then `start`: the pid from the pid file.
+pub fn start_new(sb: &Sandbox, args: &[&str], id: &str) -> i32 {
+    let (_, pid) = create_new(sb, args, id);
+    ok(krun(sb, &["start", id]));
+    pid
+}
+
+/// `delete --force ID`, which must succeed, then the exit of the monitor
+/// `pid` (see [`wait_exit`]).
+#[track_caller]
+pub fn delete_force(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    ok(krun(sb, &["delete", "--force", id]));
+    wait_exit(pid)
+}
+
+/// `delete ID`, which must succeed, then the exit of the monitor `pid`.
+#[track_caller]
+pub fn delete_and_wait(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    ok(krun(sb, &["delete", id]));
+    wait_exit(pid)
+}
+
+/// Waits for the monitor `pid` to exit, asserts that `id` is stopped,
+/// deletes it and asserts that nothing is left: the monitor's exit.
+#[track_caller]
+pub fn delete_once_stopped(sb: &Sandbox, id: &str, pid: i32) -> (Option<i32>, Option<i32>) {
+    let exit = wait_exit(pid);
+    assert_eq!(status(sb, id), "stopped");
+    ok(krun(sb, &["delete", id]));
+    sb.assert_clean();
+    exit
+}
+
+/// `krun-oci ARGS`, which must fail with `why` in its stderr.
+#[track_caller]
+pub fn refused(sb: &Sandbox, args: &[&str], why: &str) {
+    let o = krun(sb, args);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains(why), "{}", o.stderr);
 }
 
 /// Waits for the monitor (our orphan, thanks to the subreaper) to exit.

@@ -172,6 +172,23 @@ impl Out {
         self
     }
 
+    /// Panics unless the exit code is `code` and the command took less
+    /// than `limit`: "`what` took ...".
+    #[track_caller]
+    pub fn expect_within(&self, code: i32, limit: Duration, what: &str) {
+        self.expect(code);
+        assert!(self.elapsed < limit, "{what} took {:?}", self.elapsed);
+    }
+
+    /// Panics unless the command succeeded and wrote exactly `stdout` and
+    /// `stderr`.
+    #[track_caller]
+    pub fn expect_output(&self, stdout: &str, stderr: &str) {
+        self.expect(0);
+        assert_eq!(self.stdout, stdout);
+        assert_eq!(self.stderr, stderr);
+    }
+
     /// The trimmed stdout of a command that must succeed.
     #[track_caller]
     pub fn ok(&self) -> String {

@@ -4,7 +4,7 @@
 //! left (state, processes, mounts).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::bundle::{base_config, make_busybox_rootfs, TestBundle};
@@ -83,6 +83,13 @@ impl Sandbox {
         }
     }
 
+    /// [`Sandbox::bundle`], its config written as it is.
+    pub fn written_bundle(&self, args: &[&str]) -> TestBundle {
+        let b = self.bundle(args);
+        b.write();
+        b
+    }
+
     /// `krun-oci --root ROOT <args>` with the guest console copied for
     /// failure reports.
     pub fn cmd(&self) -> Command {
@@ -100,6 +107,37 @@ impl Sandbox {
         let out = run_with_timeout(c, stdin, RUN_TIMEOUT, &self.path().join("console"));
         self.assert_clean();
         out
+    }
+
+    /// `krun-oci --root ROOT OPTS run --bundle DIR ID` of the bundle as it
+    /// is on disk, run to its end (no timeout: for runs that fail before a
+    /// VM boots, or are short), its output collected.
+    pub fn run_output(&self, opts: &[&str], b: &TestBundle, id: &str) -> std::process::Output {
+        self.cmd()
+            .args(opts)
+            .args(["run", "--bundle"])
+            .arg(&b.dir)
+            .arg(id)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `krun-oci --root ROOT ARGS` (`args` a shell word list) on a
+    /// terminal of its own, `size` ("rows R cols C"), as a user's shell
+    /// would give it (`script`), typing `input`.
+    pub fn on_a_terminal(&self, size: &str, args: &str, input: &[u8]) -> Output {
+        let inner = format!(
+            "stty {size}; {} {} --root {} {args}",
+            krun_oci_bin().display(),
+            hypervisor()
+                .map(|h| format!("--hypervisor {h}"))
+                .unwrap_or_default(),
+            self.root().display()
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &inner, "/dev/null"])
+            .env("KRUN_OCI_LIBDIR", libdir());
+        run_with_timeout(c, Some(input), RUN_TIMEOUT, &self.path().join("console"))
     }
 
     /// Asserts that no trace of any container of this sandbox is left: no
@@ -177,6 +215,32 @@ impl Output {
         String::from_utf8_lossy(&self.stderr).into_owned()
     }
 
+    /// Panics unless the output of [`Sandbox::on_a_terminal`], its `\r`s
+    /// removed, shows the `pty`, the terminal's `size` (else "`size_reaches`:
+    /// ...") and `typed`, in this order of checks, and the exit code is
+    /// `code`.
+    #[track_caller]
+    pub fn expect_on_a_terminal(
+        &self,
+        code: i32,
+        [pty, size, typed]: [&str; 3],
+        size_reaches: &str,
+    ) {
+        let text = self.stdout().replace('\r', "");
+        assert!(text.contains(pty), "{text}");
+        assert!(text.contains(size), "{size_reaches}: {text}");
+        assert!(text.contains(typed), "{text}");
+        self.expect_code(code);
+    }
+
+    /// Panics unless the exit code is `code` and stderr says `why`.
+    #[track_caller]
+    pub fn expect_failure(&self, code: i32, why: &str) -> &Self {
+        self.expect_code(code);
+        assert!(self.stderr().contains(why), "{}", self.stderr());
+        self
+    }
+
     /// Panics with everything known unless the exit code is `code`.
     #[track_caller]
     pub fn expect_code(&self, code: i32) -> &Self {
@@ -189,6 +253,18 @@ impl Output {
         );
         self
     }
+}
+
+/// Starts `cmd` (a krun-oci command) with `run --bundle DIR ID`, its
+/// stdin `stdin`, its stdout and stderr piped.
+pub fn spawn_run(mut cmd: Command, b: &TestBundle, id: &str, stdin: Stdio) -> Child {
+    cmd.args(["run", "--bundle"])
+        .arg(&b.dir)
+        .arg(id)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
 }
 
 /// Runs `cmd` feeding `stdin`, killing it after `timeout`.
