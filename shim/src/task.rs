@@ -317,11 +317,7 @@ impl Tasks {
                 let monitor = match Monitor::prepare(launch) {
                     Ok(m) => m,
                     Err(e) => {
-                        let (code, msg) = match e.downcast_ref::<krun_oci::commands::ExitCode>() {
-                            Some(x) => (x.code, x.message.clone()),
-                            None => (1, format!("{e:#}")),
-                        };
-                        let _ = ready.send(Err((code, msg)));
+                        let _ = ready.send(Err((e.exit_code(), e.message())));
                         return;
                     }
                 };
@@ -541,7 +537,7 @@ impl Tasks {
         notices: mpsc::Sender<Notice>,
         role: &Role,
     ) -> TtrpcResult<Launch> {
-        let err = |e: anyhow::Error| rpc_error(Code::INVALID_ARGUMENT, format!("{e:#}"));
+        let err = |e: krun_oci::Error| rpc_error(Code::INVALID_ARGUMENT, e.message());
         let b = krun_oci::bundle::Bundle::load(bundle).map_err(|e| err(e.into()))?;
         let host = krun_oci::plan::HostInfo::detect();
         let plan = krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;

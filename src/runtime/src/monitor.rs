@@ -21,6 +21,7 @@ use krun_proto::{ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM};
 use crate::api::{Incoming, Request, Response};
 use crate::assets::Assets;
 use crate::bundle::Bundle;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::plan::VmPlan;
 use crate::relay::pump_stdin;
 use crate::session::{Control, Event, Session, SessionError, Timings};
@@ -126,13 +127,11 @@ pub struct Monitor {
     staging: Option<Staging>,
 }
 
-/// Fails a launch with the state directory removed.
-pub type LaunchError = anyhow::Error;
-
 impl Monitor {
     /// Boots the VM, prepares the container in it up to the exec of its
     /// process, and starts serving requests: the container is `created`.
-    pub fn prepare(l: Launch) -> Result<Monitor, LaunchError> {
+    /// On error the state directory is removed.
+    pub fn prepare(l: Launch) -> Result<Monitor> {
         let Launch {
             id,
             bundle,
@@ -165,11 +164,9 @@ impl Monitor {
         // The container's network namespace, carried in (released by the
         // guard when the VM is gone, or by `delete` after a kill -9).
         let carried = match &plan.netns {
-            Some(ns) => crate::net::carry(ns).map_err(|e| {
-                anyhow::anyhow!(
-                    "linux.namespaces: carrying network namespace {} into the VM: {e:#}",
-                    ns.display()
-                )
+            Some(ns) => crate::net::carry(ns).map_err(|e| Error::Network {
+                netns: ns.clone(),
+                source: e.into(),
             })?,
             None => None,
         };
@@ -211,11 +208,11 @@ impl Monitor {
             setup.process.terminal,
             &mut setup.process.console_size,
         )?;
-        session.create(setup).map_err(launch_error)?;
+        session.create(setup)?;
 
         let socket = run_dir.0.join("monitor.sock");
         let listener = UnixListener::bind(&socket)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
         let acceptor = Acceptor::spawn(listener, session.sender())?;
         state.status = Status::Created;
         let monitor = state::Monitor::this(socket);
@@ -760,15 +757,6 @@ impl Monitor {
     }
 }
 
-fn launch_error(e: SessionError) -> anyhow::Error {
-    match e {
-        SessionError::Process { code, message } => {
-            crate::commands::ExitCode { code, message }.into()
-        }
-        other => other.into(),
-    }
-}
-
 /// The status to report when the VM died before the process exited.
 fn vm_death_status(exit: &VmExit) -> ExitStatus {
     match exit {
@@ -782,7 +770,7 @@ fn main_io(
     stdio: MainStdio,
     terminal: bool,
     console_size: &mut Option<(u16, u16)>,
-) -> anyhow::Result<MainIo> {
+) -> Result<MainIo> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
     match stdio {
         MainStdio::Files {
@@ -884,14 +872,14 @@ impl Drop for ConsoleCopy {
 pub struct RunDir(pub PathBuf, bool);
 
 impl RunDir {
-    pub fn new(state_dir: &Path) -> anyhow::Result<RunDir> {
+    pub fn new(state_dir: &Path) -> Result<RunDir> {
         if state_dir.join("monitor.sock").as_os_str().len() < 100 {
             return Ok(RunDir(state_dir.to_path_buf(), false));
         }
         let dir = tempfile::Builder::new()
             .prefix("krun-oci-")
             .tempdir()
-            .map_err(|e| anyhow::anyhow!("creating a socket directory: {e}"))?;
+            .map_err(|e| Error::Failed(format!("creating a socket directory: {e}")))?;
         Ok(RunDir(dir.keep(), true))
     }
 }

@@ -20,12 +20,3 @@ pub struct Context {
     /// `--require-kvm`: never fall back to TCG emulation.
     pub require_kvm: bool,
 }
-
-/// An error that ends the runtime with a specific exit status (the
-/// workload's 126/127 when its program cannot be run).
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ExitCode {
-    pub code: i32,
-    pub message: String,
-}
