@@ -99,6 +99,7 @@ impl containerd_shim::Shim for Service {
             state_root(&self.namespace),
             self.namespace.clone(),
             publisher,
+            krun_oci::monitor::console_copy_from_env(),
         )));
         s
     }

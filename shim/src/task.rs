@@ -147,6 +147,8 @@ impl Container {
 pub struct Tasks {
     root: PathBuf,
     namespace: String,
+    /// [`Launch::console_copy`] for every container.
+    console_copy: Option<PathBuf>,
     publisher: Mutex<RemotePublisher>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
@@ -210,10 +212,16 @@ pub fn cleanup_after_crash(root: &Path, id: &str, bundle: &Path) {
 }
 
 impl Tasks {
-    pub fn new(root: PathBuf, namespace: String, publisher: RemotePublisher) -> Tasks {
+    pub fn new(
+        root: PathBuf,
+        namespace: String,
+        publisher: RemotePublisher,
+        console_copy: Option<PathBuf>,
+    ) -> Tasks {
         Tasks {
             root,
             namespace,
+            console_copy,
             publisher: Mutex::new(publisher),
             containers: Mutex::new(HashMap::new()),
         }
@@ -564,6 +572,7 @@ impl Tasks {
             stdio,
             notices: Some(notices),
             share_dir,
+            console_copy: self.console_copy.clone(),
         })
     }
 

@@ -76,6 +76,7 @@ fn main() {
         hypervisor,
         detached: false,
         require_kvm: cli.require_kvm,
+        console_copy: krun_oci::monitor::console_copy_from_env(),
         root: cli
             .global
             .root

@@ -71,6 +71,19 @@ pub struct Launch {
     /// Where the VM's share is composed ([`crate::staging`]); None: the
     /// state directory's `share`. A pod's sandbox gives the pod directory.
     pub share_dir: Option<PathBuf>,
+    /// Debug aid: a directory where the guest console log is kept, as
+    /// `ID.log`, when the monitor ends (however it ends); the CLI and the
+    /// shim take it from [`CONSOLE_COPY_VAR`].
+    pub console_copy: Option<PathBuf>,
+}
+
+/// The variable that names [`Launch::console_copy`] (the tests set it to
+/// show a failing guest's console).
+pub const CONSOLE_COPY_VAR: &str = "KRUN_OCI_CONSOLE_COPY";
+
+/// [`Launch::console_copy`] as this process's environment gives it.
+pub fn console_copy_from_env() -> Option<PathBuf> {
+    std::env::var_os(CONSOLE_COPY_VAR).map(PathBuf::from)
 }
 
 /// How the container's process ended, as the monitor reports it.
@@ -142,12 +155,17 @@ impl Monitor {
             stdio,
             notices,
             share_dir,
+            console_copy,
         } = l;
         state_dir.discard_on_drop();
         // The config as create saw it, for start, delete and their hooks.
         state_dir.write_file("config.json", &bundle.raw)?;
         let run_dir = RunDir::new(&state_dir.dir)?;
-        let console_copy = ConsoleCopy(id.clone(), state_dir.console_log());
+        let console_copy = ConsoleCopy {
+            id: id.clone(),
+            log: state_dir.console_log(),
+            dir: console_copy,
+        };
         let mut state = State {
             oci_version: bundle.spec.version().clone(),
             id: id.clone(),
@@ -852,16 +870,19 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
     );
 }
 
-/// Debug aid: with KRUN_OCI_CONSOLE_COPY=DIR, the guest console log of
-/// every container is kept as DIR/ID.log when its monitor ends, however it
-/// ends (the state directory, where it lives, is removed). The tests use
-/// it to show a failing guest's console.
-struct ConsoleCopy(String, PathBuf);
+/// Keeps the guest console log `log` of container `id` as `dir/ID.log`
+/// when dropped ([`Launch::console_copy`]): the state directory, where the
+/// log lives, may be removed next.
+struct ConsoleCopy {
+    id: String,
+    log: PathBuf,
+    dir: Option<PathBuf>,
+}
 
 impl Drop for ConsoleCopy {
     fn drop(&mut self) {
-        if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
-            let _ = std::fs::copy(&self.1, Path::new(&dir).join(format!("{}.log", self.0)));
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::copy(&self.log, dir.join(format!("{}.log", self.id)));
         }
     }
 }

@@ -49,6 +49,7 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> Resul
         state_dir,
         stdio,
         share_dir: None,
+        console_copy: ctx.console_copy.clone(),
     })
 }
 

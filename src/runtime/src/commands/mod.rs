@@ -19,4 +19,7 @@ pub struct Context {
     pub detached: bool,
     /// `--require-kvm`: never fall back to TCG emulation.
     pub require_kvm: bool,
+    /// Where the guest console log is kept when a monitor ends
+    /// ([`crate::monitor::Launch::console_copy`]).
+    pub console_copy: Option<PathBuf>,
 }
