@@ -7,11 +7,12 @@ use std::sync::Arc;
 use containerd_shim::api;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::protobuf::MessageField;
-use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError};
+use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::synchronous::publisher::RemotePublisher;
 use containerd_shim::{DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult};
 
-use crate::task::{timestamp, Tasks};
+use crate::rpc::{rpc_error, timestamp};
+use crate::task::Tasks;
 
 pub const RUNTIME_ID: &str = "io.containerd.krun.v2";
 
@@ -19,11 +20,6 @@ pub const RUNTIME_ID: &str = "io.containerd.krun.v2";
 /// `krun-oci --root /run/krun-oci/containerd/NS state ID` reads it too.
 pub fn state_root(namespace: &str) -> PathBuf {
     Path::new("/run/krun-oci/containerd").join(namespace)
-}
-
-/// A ttrpc error with a proper code (never a blanket "Others").
-pub fn rpc_error(code: Code, msg: impl Into<String>) -> TtrpcError {
-    TtrpcError::RpcStatus(containerd_shim::protos::ttrpc::get_status(code, msg.into()))
 }
 
 #[derive(Clone)]

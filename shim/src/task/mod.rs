@@ -30,17 +30,7 @@ use krun_oci::state::StateDir;
 use krun_proto::{CgroupSetup, ExitStatus, ProcessSetup};
 
 use crate::pod::{self, Role};
-use crate::service::rpc_error;
-
-pub fn timestamp() -> Timestamp {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut t = Timestamp::new();
-    t.seconds = now.as_secs() as i64;
-    t.nanos = now.subsec_nanos() as i32;
-    t
-}
+use crate::rpc::{code_of, library_error, process_error, rpc_error, timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -343,13 +333,7 @@ impl Tasks {
             Ok(Err((code, msg))) => {
                 let _ = thread.join();
                 undo_mount();
-                // A program that cannot run is the client's problem to see.
-                let code = if code == 126 || code == 127 {
-                    Code::FAILED_PRECONDITION
-                } else {
-                    Code::INTERNAL
-                };
-                return Err(rpc_error(code, msg));
+                return Err(process_error(code, msg));
             }
             Err(_) => {
                 undo_mount();
@@ -469,12 +453,7 @@ impl Tasks {
             Ok(Response::Created { stream, .. }) => stream,
             Ok(Response::Error { code, message }) => {
                 undo();
-                let code = if code == 126 || code == 127 {
-                    Code::FAILED_PRECONDITION
-                } else {
-                    Code::INTERNAL
-                };
-                return Err(rpc_error(code, message));
+                return Err(process_error(code, message));
             }
             _ => {
                 undo();
@@ -545,22 +524,20 @@ impl Tasks {
         notices: mpsc::Sender<Notice>,
         role: &Role,
     ) -> TtrpcResult<Launch> {
-        let err = |e: krun_oci::Error| rpc_error(Code::INVALID_ARGUMENT, e.message());
-        let b = krun_oci::bundle::Bundle::load(bundle).map_err(|e| err(e.into()))?;
+        let b = krun_oci::bundle::Bundle::load(bundle).map_err(|e| library_error(e.into()))?;
         let host = krun_oci::plan::HostInfo::detect();
-        let plan = krun_oci::plan::plan(id, &b.dir, &b.spec, &host).map_err(|e| err(e.into()))?;
+        let plan = krun_oci::plan::plan(id, &b.dir, &b.spec, &host)
+            .map_err(|e| library_error(e.into()))?;
         // The pod's VM composes its share in the pod directory, where the
         // pod's later containers are bound in too.
         let share_dir = (*role == Role::Sandbox).then(|| pod::share_dir(id));
-        let assets = krun_oci::assets::Assets::find()
-            .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
+        let assets = krun_oci::assets::Assets::find().map_err(|e| library_error(e.into()))?;
         let hypervisor = krun_oci::backend::choose(plan.hypervisor, plan.require_kvm, &assets)
-            .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string()))?;
-        let state_dir = StateDir::create(&self.root, id).map_err(|e| match e {
-            krun_oci::state::StateError::Exists(_) => {
-                rpc_error(Code::ALREADY_EXISTS, e.to_string())
-            }
-            e => rpc_error(Code::INTERNAL, e.to_string()),
+            .map_err(|e| library_error(e.into()))?;
+        let state_dir = StateDir::create(&self.root, id).map_err(|e| {
+            // The state error alone, without its cause, as before.
+            let message = e.to_string();
+            rpc_error(code_of(&e.into()), message)
         })?;
         Ok(Launch {
             id: id.to_string(),
