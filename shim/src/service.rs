@@ -64,7 +64,7 @@ impl containerd_shim::Shim for Service {
     /// killed.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let bundle = std::env::current_dir().unwrap_or_default();
-        crate::task::cleanup_after_crash(&state_root(&self.namespace), &self.id, &bundle);
+        Tasks::cleanup_after_crash(&state_root(&self.namespace), &self.id, &bundle);
         // The dead shim's socket, unless a live shim (of the pod) still serves it.
         let grouping = sandbox_id(&bundle).unwrap_or_else(|| self.id.clone());
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &grouping);
