@@ -8,6 +8,7 @@
 
 mod pod;
 mod rootfs;
+mod rpc;
 mod service;
 mod task;
 

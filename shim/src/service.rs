@@ -7,11 +7,12 @@ use std::sync::Arc;
 use containerd_shim::api;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::protobuf::MessageField;
-use containerd_shim::protos::ttrpc::{Code, Error as TtrpcError};
+use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::synchronous::publisher::RemotePublisher;
 use containerd_shim::{DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult};
 
-use crate::task::{timestamp, Tasks};
+use crate::rpc::{rpc_error, timestamp};
+use crate::task::Tasks;
 
 pub const RUNTIME_ID: &str = "io.containerd.krun.v2";
 
@@ -19,11 +20,6 @@ pub const RUNTIME_ID: &str = "io.containerd.krun.v2";
 /// `krun-oci --root /run/krun-oci/containerd/NS state ID` reads it too.
 pub fn state_root(namespace: &str) -> PathBuf {
     Path::new("/run/krun-oci/containerd").join(namespace)
-}
-
-/// A ttrpc error with a proper code (never a blanket "Others").
-pub fn rpc_error(code: Code, msg: impl Into<String>) -> TtrpcError {
-    TtrpcError::RpcStatus(containerd_shim::protos::ttrpc::get_status(code, msg.into()))
 }
 
 #[derive(Clone)]
@@ -68,7 +64,7 @@ impl containerd_shim::Shim for Service {
     /// killed.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let bundle = std::env::current_dir().unwrap_or_default();
-        crate::task::cleanup_after_crash(&state_root(&self.namespace), &self.id, &bundle);
+        Tasks::cleanup_after_crash(&state_root(&self.namespace), &self.id, &bundle);
         // The dead shim's socket, unless a live shim (of the pod) still serves it.
         let grouping = sandbox_id(&bundle).unwrap_or_else(|| self.id.clone());
         let socket = containerd_shim::socket_address(&self.address, &self.namespace, &grouping);
@@ -99,6 +95,7 @@ impl containerd_shim::Shim for Service {
             state_root(&self.namespace),
             self.namespace.clone(),
             publisher,
+            krun_oci::monitor::console_copy_from_env(),
         )));
         s
     }

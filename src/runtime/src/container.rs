@@ -3,9 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context as _};
-
 use crate::api::{Client, Request, Response};
+use crate::error::{Error, Result, ResultExt as _};
 use crate::state::{State, StateDir, Status};
 
 pub struct Existing {
@@ -15,7 +14,7 @@ pub struct Existing {
 }
 
 impl Existing {
-    pub fn open(root: &Path, id: &str) -> anyhow::Result<Existing> {
+    pub fn open(root: &Path, id: &str) -> Result<Existing> {
         let dir = StateDir::open(root, id)?;
         let state = dir.read()?;
         Ok(Existing {
@@ -47,7 +46,7 @@ impl Existing {
     }
 
     /// A connection to the container's monitor; fails if it is not running.
-    pub fn client(&self) -> anyhow::Result<Client> {
+    pub fn client(&self) -> Result<Client> {
         let status = self.status();
         let monitor = self
             .state
@@ -55,7 +54,10 @@ impl Existing {
             .as_ref()
             .filter(|_| status != Status::Stopped);
         let Some(m) = monitor else {
-            bail!("container {:?} is not running (status {status})", self.id);
+            return Err(Error::NoMonitor {
+                id: self.id.clone(),
+                status,
+            });
         };
         Client::connect(&m.socket)
             .with_context(|| format!("container {:?}: cannot reach its monitor", self.id))
@@ -64,27 +66,27 @@ impl Existing {
     /// Sends one request and turns an error response into an error. A
     /// monitor whose guest never answers (a request the guest must reply
     /// to: start, ps, stats, update) does not hang the command.
-    pub fn call(&self, req: &Request) -> anyhow::Result<Response> {
+    pub fn call(&self, req: &Request) -> Result<Response> {
         let mut client = self.client()?;
         client.set_timeout(Some(crate::session::BOOT_TIMEOUT))?;
-        let resp = client.call(req).map_err(|e| {
-            let e = if e.kind() == std::io::ErrorKind::WouldBlock {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within {:?} (the guest may have stopped answering)",
-                        crate::session::BOOT_TIMEOUT
-                    ),
-                )
-            } else {
-                e
-            };
-            anyhow::Error::from(e).context(format!("container {:?}", self.id))
-        })?;
+        let resp = client
+            .call(req)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer within {:?} (the guest may have stopped answering)",
+                            crate::session::BOOT_TIMEOUT
+                        ),
+                    )
+                } else {
+                    e
+                }
+            })
+            .with_context(|| format!("container {:?}", self.id))?;
         match resp {
-            Response::Error { code, message } => {
-                Err(crate::commands::ExitCode { code, message }.into())
-            }
+            Response::Error { code, message } => Err(Error::Exit { code, message }),
             other => Ok(other),
         }
     }
@@ -105,17 +107,16 @@ impl Existing {
     }
 
     /// Kills the monitor with SIGKILL (its VM goes with it) and waits.
-    pub fn kill_monitor(&self) -> anyhow::Result<()> {
+    pub fn kill_monitor(&self) -> Result<()> {
         if let Some(m) = self.state.monitor.as_ref().filter(|m| m.alive()) {
             // SAFETY: kill has no memory effects; the pid was checked to be
             // the monitor (same start time) just above.
             unsafe { libc::kill(m.pid, libc::SIGKILL) };
             if !self.wait_monitor_gone(std::time::Duration::from_secs(10)) {
-                return Err(anyhow!(
-                    "container {:?}: its monitor (pid {}) does not die",
-                    self.id,
-                    m.pid
-                ));
+                return Err(Error::MonitorStuck {
+                    id: self.id.clone(),
+                    pid: m.pid,
+                });
             }
         }
         Ok(())
@@ -123,12 +124,12 @@ impl Existing {
 }
 
 /// Parses a signal as runc does: a number, or a name with or without SIG.
-pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+pub fn parse_signal(s: &str) -> Result<i32> {
     if let Ok(n) = s.parse::<i32>() {
         if (1..=64).contains(&n) {
             return Ok(n);
         }
-        bail!("invalid signal number {n}");
+        return Err(Error::Invalid(format!("invalid signal number {n}")));
     }
     let name = s.to_ascii_uppercase();
     let name = name.strip_prefix("SIG").unwrap_or(&name).to_string();
@@ -141,7 +142,7 @@ pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
             "RTMAX" => Some(libc::SIGRTMAX()),
             _ => None,
         })
-        .ok_or_else(|| anyhow!("unknown signal {s:?}"))
+        .ok_or_else(|| Error::Invalid(format!("unknown signal {s:?}")))
 }
 
 #[cfg(test)]

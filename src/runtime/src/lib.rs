@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bundle;
 pub mod commands;
 pub mod container;
+pub mod error;
 pub mod hooks;
 pub mod logging;
 pub mod monitor;
@@ -21,6 +22,8 @@ pub mod session;
 pub mod staging;
 pub mod state;
 pub mod tty;
+
+pub use error::{Error, Result};
 
 use std::sync::OnceLock;
 use std::time::Instant;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use krun_oci::commands::{self, Context, ExitCode};
+use krun_oci::commands::{self, Context};
 use krun_oci::logging::{self, Format};
 use liboci_cli::{CommonCmd, GlobalOpts, StandardCmd};
 
@@ -76,6 +76,7 @@ fn main() {
         hypervisor,
         detached: false,
         require_kvm: cli.require_kvm,
+        console_copy: krun_oci::monitor::console_copy_from_env(),
         root: cli
             .global
             .root
@@ -101,16 +102,16 @@ fn main() {
             CommonCmd::Update(a) => commands::info::update(&ctx, a),
             CommonCmd::Pause(a) => lifecycle::pause(&ctx, a),
             CommonCmd::Resume(a) => lifecycle::resume(&ctx, a),
-            other => Err(anyhow::anyhow!("{} is not implemented yet", name(other))),
+            other => Err(krun_oci::Error::Unsupported(format!(
+                "{} is not implemented yet",
+                name(other)
+            ))),
         },
     };
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            let (code, msg) = match e.downcast_ref::<ExitCode>() {
-                Some(x) => (x.code, x.message.clone()),
-                None => (1, format!("{e:#}")),
-            };
+            let (code, msg) = (e.exit_code(), e.message());
             // As runc: the error goes to the log; stderr gets it plainly
             // too, unless the log is stderr. Plain text on a terminal reads
             // better than a text log record, so that case prints just once.

@@ -4,12 +4,11 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use anyhow::{bail, Context as _};
-
-use super::{Context, ExitCode};
+use super::Context;
 use crate::assets::Assets;
 use crate::bundle::Bundle;
 use crate::container::Existing;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::hooks;
 use crate::monitor::{exit_like, Launch, MainStdio, Monitor};
 use crate::plan::{self, HostInfo};
@@ -19,14 +18,18 @@ use crate::state::StateDir;
 /// Everything a container needs before its VM boots: the bundle, its plan,
 /// the backend, its state directory. Bad input fails here, before anything
 /// is started.
-pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyhow::Result<Launch> {
+pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> Result<Launch> {
     let bundle = Bundle::load(bundle)?;
     let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
     for w in &plan.warnings {
         tracing::warn!(container = %id, "{w}");
     }
     if plan.setup.process.terminal && matches!(stdio, MainStdio::Inherit) && ctx.detached {
-        bail!("process.terminal is set, so create needs --console-socket (it cannot allocate a terminal for a container it leaves running)");
+        return Err(Error::Invalid(
+            "process.terminal is set, so create needs --console-socket (it cannot \
+             allocate a terminal for a container it leaves running)"
+                .into(),
+        ));
     }
     let assets = Assets::find()?;
     tracing::debug!(container = %id, vcpus = plan.vcpus, memory_mib = plan.memory_mib, "planned VM");
@@ -46,10 +49,11 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> anyho
         state_dir,
         stdio,
         share_dir: None,
+        console_copy: ctx.console_copy.clone(),
     })
 }
 
-pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
+pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
     let id = &args.container_id;
     refuse_preserved_fds(args.preserve_fds)?;
     let stdio = match &args.console_socket {
@@ -71,19 +75,14 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
         std::fs::File::open("/proc/self/ns/pid").context("opening our PID namespace")?;
     // SAFETY: unshare has no memory effects; it only affects children.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-        bail!(
-            "cannot create a PID namespace for the monitor: {}",
-            std::io::Error::last_os_error()
-        );
+        return Err(std::io::Error::last_os_error())
+            .context("cannot create a PID namespace for the monitor");
     }
     // No thread runs yet in this process, so forking is safe.
     // SAFETY: fork in a single-threaded process; the child only continues
     // running this program.
     match unsafe { libc::fork() } {
-        -1 => bail!(
-            "cannot fork the monitor: {}",
-            std::io::Error::last_os_error()
-        ),
+        -1 => Err(std::io::Error::last_os_error()).context("cannot fork the monitor"),
         0 => {
             drop(ready_r);
             monitor_main(launch, ready_w)
@@ -126,14 +125,14 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> anyhow::Result<i32> {
                 .split_once(' ')
                 .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
                 .unwrap_or((1, "the monitor died while creating the container".into()));
-            Err(ExitCode { code, message }.into())
+            Err(Error::Exit { code, message })
         }
     }
 }
 
 /// The hooks that run when a container is created, in the runtime-spec's
 /// order, with its state (status `creating`) on stdin.
-pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> anyhow::Result<()> {
+pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> Result<()> {
     let c = Existing::open(&ctx.root, id)?;
     let mut state = c.state.to_oci();
     state["status"] = "creating".into();
@@ -148,16 +147,18 @@ pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> 
 }
 
 /// `--preserve-fds N`: host file descriptors cannot cross into a VM.
-pub fn refuse_preserved_fds(n: i32) -> anyhow::Result<()> {
+pub fn refuse_preserved_fds(n: i32) -> Result<()> {
     if n > 0 {
-        bail!("--preserve-fds {n}: host file descriptors cannot be passed into the container's VM");
+        return Err(Error::Unsupported(format!(
+            "--preserve-fds {n}: host file descriptors cannot be passed into the container's VM"
+        )));
     }
     Ok(())
 }
 
 /// The pid file: written atomically, as runc does, and never through a
 /// link someone planted beside it.
-pub fn write_pid_file(path: &Path, pid: i32) -> anyhow::Result<()> {
+pub fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
     crate::state::replace_file(path, pid.to_string().as_bytes(), 0o644)
         .with_context(|| format!("--pid-file {}", path.display()))
 }
@@ -203,10 +204,7 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
     let monitor = match Monitor::prepare(launch) {
         Ok(m) => m,
         Err(e) => {
-            let (code, msg) = match e.downcast_ref::<ExitCode>() {
-                Some(x) => (x.code, x.message.clone()),
-                None => (1, format!("{e:#}")),
-            };
+            let (code, msg) = (e.exit_code(), e.message());
             tracing::debug!(container = %id, error = %msg, "create failed");
             let _ = write!(ready, "{code} {msg}");
             std::process::exit(code);

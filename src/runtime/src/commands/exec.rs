@@ -7,23 +7,28 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use anyhow::{bail, Context as _};
 use krun_proto::{ExitStatus, ProcessSetup};
 
-use super::{Context, ExitCode};
+use super::Context;
 use crate::api::{Client, Request, Response};
 use crate::container::Existing;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::monitor::exit_like;
 use crate::state::Status;
 use crate::tty;
 
-pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> anyhow::Result<i32> {
+pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> Result<i32> {
     super::create::refuse_preserved_fds(args.preserve_fds)?;
     let c = Existing::open(&ctx.root, &args.container_id)?;
     match c.status() {
         Status::Running => {}
         Status::Paused if args.ignore_paused => {}
-        s => bail!("cannot exec in a container that is {s}"),
+        status => {
+            return Err(Error::Status {
+                action: "exec in",
+                status,
+            })
+        }
     }
     let process = exec_process(&c, args)?;
     if !args.detach {
@@ -36,7 +41,7 @@ pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> anyhow::Result<i32> {
     // SAFETY: no thread runs yet in this process; the child only continues
     // this program.
     match unsafe { libc::fork() } {
-        -1 => bail!("cannot fork: {}", std::io::Error::last_os_error()),
+        -1 => Err(std::io::Error::last_os_error()).context("cannot fork"),
         0 => {
             drop(ready_r);
             // SAFETY: setsid has no memory effects.
@@ -44,10 +49,7 @@ pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> anyhow::Result<i32> {
             let mut e = match Exec::start(&c, process, args.console_socket.as_deref()) {
                 Ok(e) => e,
                 Err(err) => {
-                    let (code, msg) = match err.downcast_ref::<ExitCode>() {
-                        Some(x) => (x.code, x.message.clone()),
-                        None => (1, format!("{err:#}")),
-                    };
+                    let (code, msg) = (err.exit_code(), err.message());
                     let _ = write!(ready_w, "{code} {msg}");
                     std::process::exit(code);
                 }
@@ -77,38 +79,36 @@ pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> anyhow::Result<i32> {
                 .split_once(' ')
                 .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
                 .unwrap_or((1, "exec failed".into()));
-            Err(ExitCode { code, message }.into())
+            Err(Error::Exit { code, message })
         }
     }
 }
 
 /// The process to exec: a --process file as it is, or the container's own
 /// process with exec's arguments and flags (as runc does).
-fn exec_process(c: &Existing, args: &liboci_cli::Exec) -> anyhow::Result<ProcessSetup> {
+fn exec_process(c: &Existing, args: &liboci_cli::Exec) -> Result<ProcessSetup> {
     let process: oci_spec::runtime::Process = match &args.process {
         Some(path) => {
             let bytes =
                 std::fs::read(path).with_context(|| format!("--process {}", path.display()))?;
             let de = &mut serde_json::Deserializer::from_slice(&bytes);
             serde_path_to_error::deserialize(de).map_err(|e| {
-                anyhow::anyhow!(
+                Error::Invalid(format!(
                     "--process {}: field {}: {}",
                     path.display(),
                     e.path(),
                     e.inner()
-                )
+                ))
             })?
         }
         None => {
             if args.command.is_empty() {
-                bail!("exec needs a command, or --process");
+                return Err(Error::Invalid("exec needs a command, or --process".into()));
             }
             let bundle = crate::bundle::Bundle::load(&c.state.bundle)?;
-            let base = bundle
-                .spec
-                .process()
-                .clone()
-                .context("the container's config.json has no process")?;
+            let base = bundle.spec.process().clone().ok_or_else(|| {
+                Error::Failed("the container's config.json has no process".into())
+            })?;
             let mut v = serde_json::to_value(base)?;
             v["args"] = serde_json::json!(args.command);
             v["terminal"] = args.tty.into();
@@ -160,7 +160,7 @@ impl Exec {
         c: &Existing,
         mut process: ProcessSetup,
         console_socket: Option<&std::path::Path>,
-    ) -> anyhow::Result<Exec> {
+    ) -> Result<Exec> {
         let mut client = c.client()?;
         let stdin = std::io::stdin();
         let (fds, tty_fd, raw): (Vec<OwnedFd>, Option<OwnedFd>, Option<tty::RawMode>) = if process
@@ -174,7 +174,10 @@ impl Exec {
                 (vec![slave.try_clone()?], Some(slave), None)
             } else {
                 let Some(raw) = tty::RawMode::enter(stdin.as_fd()) else {
-                    bail!("process.terminal is set but stdin is not a terminal (use --console-socket)");
+                    return Err(Error::Invalid(
+                        "process.terminal is set but stdin is not a terminal (use --console-socket)"
+                            .into(),
+                    ));
                 };
                 process.console_size = process.console_size.or_else(|| tty::size(stdin.as_fd()));
                 let fd = stdin.as_fd().try_clone_to_owned()?;
@@ -210,20 +213,22 @@ impl Exec {
                 tty: tty_fd,
                 _raw: raw,
             }),
-            Response::Error { code, message } => Err(ExitCode { code, message }.into()),
-            other => bail!("unexpected answer from the monitor: {other:?}"),
+            Response::Error { code, message } => Err(Error::Exit { code, message }),
+            other => Err(Error::Unexpected {
+                answer: Some(Box::new(other)),
+            }),
         }
     }
 
     /// Passes the signals this process gets on to the exec'd process, and
     /// terminal size changes to its terminal.
-    fn forward_signals(&mut self, c: &Existing) -> anyhow::Result<()> {
+    fn forward_signals(&mut self, c: &Existing) -> Result<()> {
         let socket = c
             .state
             .monitor
             .as_ref()
             .map(|m| m.socket.clone())
-            .context("no monitor")?;
+            .ok_or_else(|| Error::Failed("no monitor".into()))?;
         let stream = self.stream;
         let tty = self.tty.as_ref().map(|t| t.try_clone()).transpose()?;
         let mut signals = signal_hook::iterator::Signals::new(crate::relay::FORWARDED)?;
@@ -256,7 +261,7 @@ impl Exec {
     }
 
     /// Waits for the process to end.
-    fn wait(&mut self) -> anyhow::Result<ExitStatus> {
+    fn wait(&mut self) -> Result<ExitStatus> {
         match self
             .client
             .recv()
@@ -266,8 +271,10 @@ impl Exec {
                 signal: Some(s), ..
             } => Ok(ExitStatus::Signal(s)),
             Response::Exited { code, .. } => Ok(ExitStatus::Code(code)),
-            Response::Error { code, message } => Err(ExitCode { code, message }.into()),
-            other => bail!("unexpected answer from the monitor: {other:?}"),
+            Response::Error { code, message } => Err(Error::Exit { code, message }),
+            other => Err(Error::Unexpected {
+                answer: Some(Box::new(other)),
+            }),
         }
     }
 }

@@ -2,22 +2,22 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context as _};
 use krun_proto::CgroupSetup;
 use serde_json::json;
 
 use super::Context;
 use crate::api::{Request, Response};
 use crate::container::Existing;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::state::{StateDir, Status};
 
-pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> anyhow::Result<i32> {
+pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     if c.status() == Status::Stopped {
-        bail!("container {:?} is not running", c.id);
+        return Err(Error::NotRunning(c.id));
     }
     let Response::Processes { processes } = c.call(&Request::Ps { stream: 0 })? else {
-        bail!("unexpected answer from the monitor")
+        return Err(Error::Unexpected { answer: None });
     };
     let mut out = std::io::stdout().lock();
     match args.format.as_str() {
@@ -49,12 +49,16 @@ pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> anyhow::Result<i32> {
                 )?;
             }
         }
-        other => bail!("--format: unknown format {other:?} (want table or json)"),
+        other => {
+            return Err(Error::Invalid(format!(
+                "--format: unknown format {other:?} (want table or json)"
+            )))
+        }
     }
     Ok(0)
 }
 
-pub fn list(ctx: &Context, args: &liboci_cli::List) -> anyhow::Result<i32> {
+pub fn list(ctx: &Context, args: &liboci_cli::List) -> Result<i32> {
     let mut states = Vec::new();
     if let Ok(dir) = std::fs::read_dir(&ctx.root) {
         for e in dir.flatten() {
@@ -96,7 +100,7 @@ pub fn list(ctx: &Context, args: &liboci_cli::List) -> anyhow::Result<i32> {
 }
 
 /// What this runtime supports, in the runtime-spec `features` shape.
-pub fn features() -> anyhow::Result<i32> {
+pub fn features() -> Result<i32> {
     let accel = krun_hypervisor::detect_accel();
     let isolation = match accel.accel {
         krun_hypervisor::Accel::Kvm => format!(
@@ -145,11 +149,14 @@ pub fn features() -> anyhow::Result<i32> {
 }
 
 /// A default config.json, as `runc spec` writes one.
-pub fn spec(args: &liboci_cli::Spec) -> anyhow::Result<i32> {
+pub fn spec(args: &liboci_cli::Spec) -> Result<i32> {
     let dir = args.bundle.clone().unwrap_or_else(|| ".".into());
     let path = dir.join("config.json");
     if path.exists() {
-        bail!("{} already exists; remove it first", path.display());
+        return Err(Error::Invalid(format!(
+            "{} already exists; remove it first",
+            path.display()
+        )));
     }
     let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
     let v = json!({
@@ -186,10 +193,10 @@ pub fn spec(args: &liboci_cli::Spec) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn update(ctx: &Context, args: &liboci_cli::Update) -> anyhow::Result<i32> {
+pub fn update(ctx: &Context, args: &liboci_cli::Update) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     if c.status() == Status::Stopped {
-        bail!("container {:?} is not running", c.id);
+        return Err(Error::NotRunning(c.id));
     }
     let mut limits = CgroupSetup::default();
     let mut cannot = Vec::new();
@@ -242,7 +249,10 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> anyhow::Result<i32> {
         cannot.push("block I/O and real-time CPU limits (not supported inside the VM)");
     }
     if !cannot.is_empty() {
-        bail!("update: cannot change {}", cannot.join("; "));
+        return Err(Error::Unsupported(format!(
+            "update: cannot change {}",
+            cannot.join("; ")
+        )));
     }
     c.call(&Request::Update { limits, stream: 0 })?;
     Ok(0)

@@ -1,20 +1,22 @@
 //! `start`, `state`, `kill`, `delete`, `pause`, `resume`: the commands that
 //! act on an existing container through its state and its monitor.
 
-use anyhow::bail;
-
 use super::Context;
 use crate::api::Request;
 use crate::container::{parse_signal, Existing};
+use crate::error::{Error, Result};
 use crate::hooks;
-use crate::state::Status;
+use crate::state::{StateError, Status};
 
-pub fn start(ctx: &Context, args: &liboci_cli::Start) -> anyhow::Result<i32> {
+pub fn start(ctx: &Context, args: &liboci_cli::Start) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     let _lock = c.dir.lock()?;
     let status = c.status();
     if status != Status::Created {
-        bail!("cannot start a container that is {status}");
+        return Err(Error::Status {
+            action: "start",
+            status,
+        });
     }
     let spec = c.spec();
     if let Some(spec) = &spec {
@@ -33,18 +35,18 @@ pub fn start(ctx: &Context, args: &liboci_cli::Start) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn state(ctx: &Context, args: &liboci_cli::State) -> anyhow::Result<i32> {
+pub fn state(ctx: &Context, args: &liboci_cli::State) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     println!("{}", serde_json::to_string_pretty(&c.state.to_oci())?);
     Ok(0)
 }
 
-pub fn kill(ctx: &Context, args: &liboci_cli::Kill) -> anyhow::Result<i32> {
+pub fn kill(ctx: &Context, args: &liboci_cli::Kill) -> Result<i32> {
     let signal = parse_signal(&args.signal)?;
     let c = Existing::open(&ctx.root, &args.container_id)?;
     let status = c.status();
     if status == Status::Stopped {
-        bail!("container {:?} is not running", c.id);
+        return Err(Error::NotRunning(c.id));
     }
     c.call(&Request::Kill {
         signal,
@@ -54,17 +56,11 @@ pub fn kill(ctx: &Context, args: &liboci_cli::Kill) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> anyhow::Result<i32> {
+pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> Result<i32> {
     let c = match Existing::open(&ctx.root, &args.container_id) {
         Ok(c) => c,
         // runc: deleting what is not there with --force is not an error.
-        Err(e)
-            if args.force
-                && e.downcast_ref::<crate::state::StateError>()
-                    .is_some_and(|e| matches!(e, crate::state::StateError::NotFound(_))) =>
-        {
-            return Ok(0)
-        }
+        Err(Error::State(StateError::NotFound(_))) if args.force => return Ok(0),
         Err(e) => return Err(e),
     };
     let lock = c.dir.lock()?;
@@ -77,10 +73,7 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> anyhow::Result<i32> {
             tracing::debug!(container = %c.id, %status, "delete --force");
             stop_now(&c)?;
         }
-        status => bail!(
-            "cannot delete container {:?} that is not stopped: {status}",
-            c.id
-        ),
+        status => return Err(Error::NotStopped { id: c.id, status }),
     }
     drop(lock);
     let spec = c.spec();
@@ -99,7 +92,7 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> anyhow::Result<i32> {
 }
 
 /// Stops the container's VM: ask the monitor, and kill it if it does not go.
-pub(crate) fn stop_now(c: &Existing) -> anyhow::Result<()> {
+pub(crate) fn stop_now(c: &Existing) -> Result<()> {
     if c.client()
         .and_then(|mut cl| Ok(cl.call(&Request::Shutdown)?))
         .is_ok()
@@ -110,22 +103,30 @@ pub(crate) fn stop_now(c: &Existing) -> anyhow::Result<()> {
     c.kill_monitor()
 }
 
-pub fn pause(ctx: &Context, args: &liboci_cli::Pause) -> anyhow::Result<i32> {
+pub fn pause(ctx: &Context, args: &liboci_cli::Pause) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     let _lock = c.dir.lock()?;
     match c.status() {
         Status::Running | Status::Created => {}
-        status => bail!("cannot pause a container that is {status}"),
+        status => {
+            return Err(Error::Status {
+                action: "pause",
+                status,
+            })
+        }
     }
     c.call(&Request::Pause)?;
     Ok(0)
 }
 
-pub fn resume(ctx: &Context, args: &liboci_cli::Resume) -> anyhow::Result<i32> {
+pub fn resume(ctx: &Context, args: &liboci_cli::Resume) -> Result<i32> {
     let c = Existing::open(&ctx.root, &args.container_id)?;
     let _lock = c.dir.lock()?;
     if c.status() != Status::Paused {
-        bail!("cannot resume a container that is {}", c.status());
+        return Err(Error::Status {
+            action: "resume",
+            status: c.status(),
+        });
     }
     c.call(&Request::Resume)?;
     Ok(0)

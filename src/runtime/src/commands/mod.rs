@@ -19,13 +19,7 @@ pub struct Context {
     pub detached: bool,
     /// `--require-kvm`: never fall back to TCG emulation.
     pub require_kvm: bool,
-}
-
-/// An error that ends the runtime with a specific exit status (the
-/// workload's 126/127 when its program cannot be run).
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct ExitCode {
-    pub code: i32,
-    pub message: String,
+    /// Where the guest console log is kept when a monitor ends
+    /// ([`crate::monitor::Launch::console_copy`]).
+    pub console_copy: Option<PathBuf>,
 }

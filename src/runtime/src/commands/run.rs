@@ -3,18 +3,19 @@
 //! workload's status (128+n for a signal, as `runc run` does) and removes
 //! the container's state when done.
 
-use anyhow::{bail, Context as _};
-
-use super::{Context, ExitCode};
+use super::Context;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::hooks;
 use crate::monitor::{MainStdio, Monitor};
 use crate::relay::SignalForwarder;
 use crate::session::SessionError;
 
-pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
+pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
     let id = &args.container_id;
     if args.detach {
-        bail!("run --detach is not supported yet; use create and start");
+        return Err(Error::Unsupported(
+            "run --detach is not supported yet; use create and start".into(),
+        ));
     }
     super::create::refuse_preserved_fds(args.preserve_fds)?;
     let signals = SignalForwarder::install().context("installing signal handlers")?;
@@ -47,8 +48,11 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     if let Err(e) = started {
         let _ = monitor.serve(false);
         return Err(match e {
-            SessionError::Process { code, message } => ExitCode { code, message }.into(),
-            e => anyhow::Error::new(e).context(format!("container {id}")),
+            SessionError::Process { code, message } => Error::Exit { code, message },
+            source => Error::Vm {
+                id: id.clone(),
+                source,
+            },
         });
     }
     let mut stopped = monitor.oci_state();
@@ -57,6 +61,9 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> anyhow::Result<i32> {
     hooks::run_warn(hooks::Kind::Poststop, &spec, &stopped);
     match result {
         Ok(outcome) => Ok(outcome.status.shell_code()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("container {id}"))),
+        Err(source) => Err(Error::Vm {
+            id: id.clone(),
+            source,
+        }),
     }
 }

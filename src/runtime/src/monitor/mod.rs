@@ -21,6 +21,7 @@ use krun_proto::{ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM};
 use crate::api::{Incoming, Request, Response};
 use crate::assets::Assets;
 use crate::bundle::Bundle;
+use crate::error::{Error, Result, ResultExt as _};
 use crate::plan::VmPlan;
 use crate::relay::pump_stdin;
 use crate::session::{Control, Event, Session, SessionError, Timings};
@@ -70,6 +71,19 @@ pub struct Launch {
     /// Where the VM's share is composed ([`crate::staging`]); None: the
     /// state directory's `share`. A pod's sandbox gives the pod directory.
     pub share_dir: Option<PathBuf>,
+    /// Debug aid: a directory where the guest console log is kept, as
+    /// `ID.log`, when the monitor ends (however it ends); the CLI and the
+    /// shim take it from [`CONSOLE_COPY_VAR`].
+    pub console_copy: Option<PathBuf>,
+}
+
+/// The variable that names [`Launch::console_copy`] (the tests set it to
+/// show a failing guest's console).
+pub const CONSOLE_COPY_VAR: &str = "KRUN_OCI_CONSOLE_COPY";
+
+/// [`Launch::console_copy`] as this process's environment gives it.
+pub fn console_copy_from_env() -> Option<PathBuf> {
+    std::env::var_os(CONSOLE_COPY_VAR).map(PathBuf::from)
 }
 
 /// How the container's process ended, as the monitor reports it.
@@ -126,13 +140,11 @@ pub struct Monitor {
     staging: Option<Staging>,
 }
 
-/// Fails a launch with the state directory removed.
-pub type LaunchError = anyhow::Error;
-
 impl Monitor {
     /// Boots the VM, prepares the container in it up to the exec of its
     /// process, and starts serving requests: the container is `created`.
-    pub fn prepare(l: Launch) -> Result<Monitor, LaunchError> {
+    /// On error the state directory is removed.
+    pub fn prepare(l: Launch) -> Result<Monitor> {
         let Launch {
             id,
             bundle,
@@ -143,12 +155,17 @@ impl Monitor {
             stdio,
             notices,
             share_dir,
+            console_copy,
         } = l;
         state_dir.discard_on_drop();
         // The config as create saw it, for start, delete and their hooks.
         state_dir.write_file("config.json", &bundle.raw)?;
         let run_dir = RunDir::new(&state_dir.dir)?;
-        let console_copy = ConsoleCopy(id.clone(), state_dir.console_log());
+        let console_copy = ConsoleCopy {
+            id: id.clone(),
+            log: state_dir.console_log(),
+            dir: console_copy,
+        };
         let mut state = State {
             oci_version: bundle.spec.version().clone(),
             id: id.clone(),
@@ -165,11 +182,9 @@ impl Monitor {
         // The container's network namespace, carried in (released by the
         // guard when the VM is gone, or by `delete` after a kill -9).
         let carried = match &plan.netns {
-            Some(ns) => crate::net::carry(ns).map_err(|e| {
-                anyhow::anyhow!(
-                    "linux.namespaces: carrying network namespace {} into the VM: {e:#}",
-                    ns.display()
-                )
+            Some(ns) => crate::net::carry(ns).map_err(|e| Error::Network {
+                netns: ns.clone(),
+                source: e.into(),
             })?,
             None => None,
         };
@@ -211,11 +226,11 @@ impl Monitor {
             setup.process.terminal,
             &mut setup.process.console_size,
         )?;
-        session.create(setup).map_err(launch_error)?;
+        session.create(setup)?;
 
         let socket = run_dir.0.join("monitor.sock");
         let listener = UnixListener::bind(&socket)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
         let acceptor = Acceptor::spawn(listener, session.sender())?;
         state.status = Status::Created;
         let monitor = state::Monitor::this(socket);
@@ -760,15 +775,6 @@ impl Monitor {
     }
 }
 
-fn launch_error(e: SessionError) -> anyhow::Error {
-    match e {
-        SessionError::Process { code, message } => {
-            crate::commands::ExitCode { code, message }.into()
-        }
-        other => other.into(),
-    }
-}
-
 /// The status to report when the VM died before the process exited.
 fn vm_death_status(exit: &VmExit) -> ExitStatus {
     match exit {
@@ -782,7 +788,7 @@ fn main_io(
     stdio: MainStdio,
     terminal: bool,
     console_size: &mut Option<(u16, u16)>,
-) -> anyhow::Result<MainIo> {
+) -> Result<MainIo> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
     match stdio {
         MainStdio::Files {
@@ -864,16 +870,19 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
     );
 }
 
-/// Debug aid: with KRUN_OCI_CONSOLE_COPY=DIR, the guest console log of
-/// every container is kept as DIR/ID.log when its monitor ends, however it
-/// ends (the state directory, where it lives, is removed). The tests use
-/// it to show a failing guest's console.
-struct ConsoleCopy(String, PathBuf);
+/// Keeps the guest console log `log` of container `id` as `dir/ID.log`
+/// when dropped ([`Launch::console_copy`]): the state directory, where the
+/// log lives, may be removed next.
+struct ConsoleCopy {
+    id: String,
+    log: PathBuf,
+    dir: Option<PathBuf>,
+}
 
 impl Drop for ConsoleCopy {
     fn drop(&mut self) {
-        if let Some(dir) = std::env::var_os("KRUN_OCI_CONSOLE_COPY") {
-            let _ = std::fs::copy(&self.1, Path::new(&dir).join(format!("{}.log", self.0)));
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::copy(&self.log, dir.join(format!("{}.log", self.id)));
         }
     }
 }
@@ -884,14 +893,14 @@ impl Drop for ConsoleCopy {
 pub struct RunDir(pub PathBuf, bool);
 
 impl RunDir {
-    pub fn new(state_dir: &Path) -> anyhow::Result<RunDir> {
+    pub fn new(state_dir: &Path) -> Result<RunDir> {
         if state_dir.join("monitor.sock").as_os_str().len() < 100 {
             return Ok(RunDir(state_dir.to_path_buf(), false));
         }
         let dir = tempfile::Builder::new()
             .prefix("krun-oci-")
             .tempdir()
-            .map_err(|e| anyhow::anyhow!("creating a socket directory: {e}"))?;
+            .map_err(|e| Error::Failed(format!("creating a socket directory: {e}")))?;
         Ok(RunDir(dir.keep(), true))
     }
 }
