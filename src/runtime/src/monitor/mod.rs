@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{Sender, SyncSender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,13 @@ use crate::state::{self, State, StateDir, Status};
 use crate::tty;
 
 mod acceptor;
+mod report;
+mod run_dir;
+
 use acceptor::Acceptor;
+pub use report::{Notice, Outcome};
+pub use run_dir::{console_copy_from_env, CONSOLE_COPY_VAR};
+use run_dir::{ConsoleCopy, RunDir};
 
 /// Where the container's own stdio goes.
 pub enum MainStdio {
@@ -46,14 +52,6 @@ pub enum MainStdio {
         stdout: Option<File>,
         stderr: Option<File>,
     },
-}
-
-/// What a monitor tells whoever embeds it (the containerd shim) as it
-/// happens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Notice {
-    /// The guest kernel OOM-killed a process of the container.
-    Oom,
 }
 
 /// Everything needed to bring a container up.
@@ -75,22 +73,6 @@ pub struct Launch {
     /// `ID.log`, when the monitor ends (however it ends); the CLI and the
     /// shim take it from [`CONSOLE_COPY_VAR`].
     pub console_copy: Option<PathBuf>,
-}
-
-/// The variable that names [`Launch::console_copy`] (the tests set it to
-/// show a failing guest's console).
-pub const CONSOLE_COPY_VAR: &str = "KRUN_OCI_CONSOLE_COPY";
-
-/// [`Launch::console_copy`] as this process's environment gives it.
-pub fn console_copy_from_env() -> Option<PathBuf> {
-    std::env::var_os(CONSOLE_COPY_VAR).map(PathBuf::from)
-}
-
-/// How the container's process ended, as the monitor reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub status: ExitStatus,
-    pub oom_killed: bool,
 }
 
 struct ExecIo {
@@ -868,49 +850,6 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
         exited_ms,
         "timings"
     );
-}
-
-/// Keeps the guest console log `log` of container `id` as `dir/ID.log`
-/// when dropped ([`Launch::console_copy`]): the state directory, where the
-/// log lives, may be removed next.
-struct ConsoleCopy {
-    id: String,
-    log: PathBuf,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for ConsoleCopy {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::copy(&self.log, dir.join(format!("{}.log", self.id)));
-        }
-    }
-}
-
-/// The directory for the VM's sockets: the state directory when its path is
-/// short enough for a unix socket address (108 bytes), else a private
-/// directory under /tmp, removed when dropped.
-pub struct RunDir(pub PathBuf, bool);
-
-impl RunDir {
-    pub fn new(state_dir: &Path) -> Result<RunDir> {
-        if state_dir.join("monitor.sock").as_os_str().len() < 100 {
-            return Ok(RunDir(state_dir.to_path_buf(), false));
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("krun-oci-")
-            .tempdir()
-            .map_err(|e| Error::Failed(format!("creating a socket directory: {e}")))?;
-        Ok(RunDir(dir.keep(), true))
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// Ends this process the way the container's process ended: its exit code,
