@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 
 use krun_proto::ContainerSetup;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -32,27 +31,14 @@ use crate::tty;
 mod acceptor;
 mod report;
 mod run_dir;
+mod stdio;
 
 use acceptor::Acceptor;
 pub use report::{Notice, Outcome};
 pub use run_dir::{console_copy_from_env, CONSOLE_COPY_VAR};
 use run_dir::{ConsoleCopy, RunDir};
-
-/// Where the container's own stdio goes.
-pub enum MainStdio {
-    /// This process's stdin, stdout and stderr (conmon's pipes, or the
-    /// user's terminal for `run`).
-    Inherit,
-    /// A terminal made here whose master is sent to a `--console-socket`.
-    ConsoleSocket(PathBuf),
-    /// Open files or fifos (a containerd task's stdio). With a terminal,
-    /// `stdin` and `stdout` carry it and `stderr` is unused.
-    Files {
-        stdin: Option<File>,
-        stdout: Option<File>,
-        stderr: Option<File>,
-    },
-}
+pub use stdio::MainStdio;
+use stdio::{exec_stdio, main_io, member_stdio, write_output, MainIo};
 
 /// Everything needed to bring a container up.
 pub struct Launch {
@@ -79,17 +65,6 @@ struct ExecIo {
     out: Option<File>,
     err: Option<File>,
     reply: Sender<Response>,
-}
-
-/// The host end of the container's process's stdio.
-struct MainIo {
-    input: Option<File>,
-    out: Option<File>,
-    err: Option<File>,
-    /// The terminal whose size changes become resizes.
-    tty: Option<OwnedFd>,
-    /// Restores the user's terminal (foreground `run`).
-    _raw: Option<tty::RawMode>,
 }
 
 pub struct Monitor {
@@ -421,12 +396,7 @@ impl Monitor {
                         None => return Ok(None),
                     }
                 };
-                if let Some(w) = sink {
-                    // A reader that went away does not stop the container.
-                    if w.write_all(&f.payload).is_err() {
-                        *sink = None;
-                    }
-                }
+                write_output(sink, &f.payload);
             }
             FrameKind::Control => match f.message::<ToHost>()? {
                 ToHost::Created { pid } => {
@@ -598,19 +568,9 @@ impl Monitor {
                 }
                 let stream = self.next_stream;
                 self.next_stream += 1;
-                let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
-                let (input, out, err) = match files.len() {
-                    // One terminal for all three.
-                    1 => {
-                        let t = files.remove(0);
-                        (t.try_clone().ok(), Some(t), None)
-                    }
-                    3 => {
-                        let err = files.pop();
-                        let out = files.pop();
-                        (files.pop(), out, err)
-                    }
-                    n => {
+                let (input, out, err) = match exec_stdio(fds) {
+                    Ok(s) => s,
+                    Err(n) => {
                         let _ = reply
                             .send(error(1, &format!("exec needs 1 or 3 descriptors, got {n}")));
                         return None;
@@ -726,17 +686,16 @@ impl Monitor {
         fds: Vec<OwnedFd>,
         reply: Sender<Response>,
     ) {
-        let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
-        if files.len() != 3 {
-            let _ = reply.send(Response::Error {
-                code: 1,
-                message: format!("create needs 3 descriptors, got {}", files.len()),
-            });
-            return;
-        }
-        let err = files.pop();
-        let out = files.pop();
-        let input = files.pop();
+        let (input, out, err) = match member_stdio(fds) {
+            Ok(s) => s,
+            Err(n) => {
+                let _ = reply.send(Response::Error {
+                    code: 1,
+                    message: format!("create needs 3 descriptors, got {n}"),
+                });
+                return;
+            }
+        };
         let stream = self.next_stream;
         self.next_stream += 1;
         setup.realtime_ns = SystemTime::now()
@@ -762,70 +721,6 @@ fn vm_death_status(exit: &VmExit) -> ExitStatus {
     match exit {
         VmExit::Killed { signal } => ExitStatus::Signal(*signal),
         _ => ExitStatus::Signal(libc::SIGKILL),
-    }
-}
-
-/// Sets up the host end of the container's process's stdio.
-fn main_io(
-    stdio: MainStdio,
-    terminal: bool,
-    console_size: &mut Option<(u16, u16)>,
-) -> Result<MainIo> {
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
-    match stdio {
-        MainStdio::Files {
-            stdin,
-            stdout,
-            stderr,
-        } => Ok(MainIo {
-            input: stdin,
-            out: stdout,
-            err: if terminal { None } else { stderr },
-            tty: None,
-            _raw: None,
-        }),
-        MainStdio::ConsoleSocket(path) if terminal => {
-            let pty = tty::Pty::open(*console_size)?;
-            pty.send_master(&path)?;
-            // The monitor is a session leader (create made it one): the
-            // terminal becomes its controlling one, so a resize by whoever
-            // holds the master reaches it as SIGWINCH.
-            pty.make_controlling();
-            let slave = pty.slave;
-            let input = slave.try_clone().ok().map(File::from);
-            let out = slave.try_clone().ok().map(File::from);
-            Ok(MainIo {
-                input,
-                out,
-                err: None,
-                tty: Some(slave),
-                _raw: None,
-            })
-        }
-        MainStdio::ConsoleSocket(_) | MainStdio::Inherit => {
-            let stdin = std::io::stdin();
-            let (raw, tty_fd) = if terminal {
-                *console_size = console_size.or_else(|| tty::size(stdin.as_fd()));
-                let raw = tty::RawMode::enter(stdin.as_fd());
-                let fd = raw
-                    .as_ref()
-                    .and_then(|_| stdin.as_fd().try_clone_to_owned().ok());
-                (raw, fd)
-            } else {
-                (None, None)
-            };
-            Ok(MainIo {
-                input: dup(stdin.as_fd()),
-                out: dup(std::io::stdout().as_fd()),
-                err: if terminal {
-                    None
-                } else {
-                    dup(std::io::stderr().as_fd())
-                },
-                tty: tty_fd,
-                _raw: raw,
-            })
-        }
     }
 }
 
