@@ -5,13 +5,13 @@
 //! which waits on that pid, sees the workload's exit.
 //!
 //! By job: this file brings the VM up ([`Monitor::prepare`]) and runs the
-//! loop over its events ([`Monitor::serve`]); [`container`] holds the
+//! loop over its events ([`Monitor::serve`]); `container.rs` holds the
 //! container's state, and decides, with no VM, what a guest frame
-//! ([`frames`]) or a client request ([`requests`]) does to it and to the
-//! table of what waits on each stream ([`streams`]); [`stdio`] is the host
-//! end of the processes' stdio, [`run_dir`] the files beside the state
-//! directory, [`acceptor`] the socket clients reach the monitor on, and
-//! [`report`] what the monitor tells whoever embeds it.
+//! (`frames.rs`) or a client request (`requests.rs`) does to it and to
+//! the table of what waits on each stream (`streams.rs`); `stdio.rs` is
+//! the host end of the processes' stdio, `run_dir.rs` the files beside the
+//! state directory, `acceptor.rs` the socket clients reach the monitor on,
+//! and `report.rs` what the monitor tells whoever embeds it.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
