@@ -160,12 +160,10 @@ mod tests {
     #[test]
     fn answers_go_in_order_and_per_stream() {
         let mut s = Streams::new();
-        let (a, a_rx) = waiter();
-        let (b, b_rx) = waiter();
-        let (c, c_rx) = waiter();
-        s.await_answer(0, a);
-        s.await_answer(0, b);
-        s.await_answer(3, c);
+        let [(a, a_rx), (b, b_rx), (c, c_rx)] = [waiter(), waiter(), waiter()];
+        for (stream, w) in [(0, a), (0, b), (3, c)] {
+            s.await_answer(stream, w);
+        }
         s.take_answer(0).unwrap().send(Response::Ok).unwrap();
         assert_eq!(a_rx.try_recv().unwrap(), Response::Ok);
         assert!(b_rx.try_recv().is_err());
@@ -180,8 +178,7 @@ mod tests {
     fn a_start_a_process_and_answers_share_a_stream_apart() {
         let mut s = Streams::new();
         let (p, _p_rx) = process();
-        let (start, _start_rx) = waiter();
-        let (answer, _answer_rx) = waiter();
+        let [(start, _start_rx), (answer, _answer_rx)] = [waiter(), waiter()];
         s.add_process(1, p);
         s.await_start(1, start);
         s.await_answer(1, answer);
@@ -198,9 +195,8 @@ mod tests {
     fn a_stopped_container_ends_processes_and_its_start() {
         let mut s = Streams::new();
         let (p, p_rx) = process();
-        let (start, start_rx) = waiter();
-        let (member_start, member_rx) = waiter();
-        let (answer, answer_rx) = waiter();
+        let [(start, start_rx), (member_start, member_rx), (answer, answer_rx)] =
+            [waiter(), waiter(), waiter()];
         s.add_process(1, p);
         s.await_start(MAIN_STREAM, start);
         s.await_start(2, member_start);
