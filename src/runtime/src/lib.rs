@@ -1,9 +1,14 @@
 //! krun-oci: an OCI runtime that runs every container in its own microVM.
 //!
 //! The pipeline of one container:
-//! parse args -> [`bundle`] -> [`plan`] (pure `Spec -> VmPlan`) ->
-//! [`state`] (record it) -> [`session`] (boot the VM, create, start) ->
-//! [`relay`] (stdio and signals until exit) -> teardown.
+//! parse args ([`commands`]) -> [`bundle`] -> [`plan`] (pure
+//! `Spec -> VmPlan`) -> [`state`] (record it) -> [`monitor`] (the process
+//! that owns the VM for its life: [`staging`] composes the share the
+//! guest sees, [`session`] boots the VM and creates the container, then
+//! the monitor serves `start`, `exec`, `kill`... with [`relay`] carrying
+//! stdio and signals until the process exits) -> teardown (the VM and
+//! the share gone; the state `stopped` for `delete`, or removed). The
+//! commands after `create` reach a running monitor through [`container`].
 
 pub mod api;
 pub mod assets;

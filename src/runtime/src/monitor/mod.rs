@@ -3,58 +3,49 @@
 //! container's stdio, serves `start`, `kill`, `exec`, `ps`, `pause`,
 //! `update` on a socket, and exits with the workload's status — so conmon,
 //! which waits on that pid, sees the workload's exit.
+//!
+//! By job: this file brings the VM up ([`Monitor::prepare`]) and runs the
+//! loop over its events ([`Monitor::serve`]); `container.rs` holds the
+//! container's state, and decides, with no VM, what a guest frame
+//! (`frames.rs`) or a client request (`requests.rs`) does to it and to
+//! the table of what waits on each stream (`streams.rs`); `stdio.rs` is
+//! the host end of the processes' stdio, `run_dir.rs` the files beside the
+//! state directory, `acceptor.rs` the socket clients reach the monitor on,
+//! and `report.rs` what the monitor tells whoever embeds it.
 
-use std::collections::{HashMap, VecDeque};
-
-use krun_proto::ContainerSetup;
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Sender, SyncSender};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use krun_hypervisor::{Hypervisor, VmExit};
-use krun_proto::{ExitStatus, Frame, FrameKind, ToGuest, ToHost, MAIN_STREAM};
+use krun_hypervisor::{Hypervisor, NetDevice, VmExit};
+use krun_proto::{ExitStatus, NetworkSetup};
 
-use crate::api::{Incoming, Request, Response};
 use crate::assets::Assets;
 use crate::bundle::Bundle;
 use crate::error::{Error, Result, ResultExt as _};
 use crate::plan::VmPlan;
-use crate::relay::pump_stdin;
-use crate::session::{Control, Event, Session, SessionError, Timings};
+use crate::session::{Event, Session, SessionError, Timings};
 use crate::staging::Staging;
 use crate::state::{self, State, StateDir, Status};
-use crate::tty;
 
 mod acceptor;
+mod container;
+mod frames;
+#[cfg(test)]
+mod kit;
+mod report;
+mod requests;
+mod run_dir;
+mod stdio;
+mod streams;
+
 use acceptor::Acceptor;
-
-/// Where the container's own stdio goes.
-pub enum MainStdio {
-    /// This process's stdin, stdout and stderr (conmon's pipes, or the
-    /// user's terminal for `run`).
-    Inherit,
-    /// A terminal made here whose master is sent to a `--console-socket`.
-    ConsoleSocket(PathBuf),
-    /// Open files or fifos (a containerd task's stdio). With a terminal,
-    /// `stdin` and `stdout` carry it and `stderr` is unused.
-    Files {
-        stdin: Option<File>,
-        stdout: Option<File>,
-        stderr: Option<File>,
-    },
-}
-
-/// What a monitor tells whoever embeds it (the containerd shim) as it
-/// happens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Notice {
-    /// The guest kernel OOM-killed a process of the container.
-    Oom,
-}
+use container::Container;
+pub use report::{Notice, Outcome};
+pub use run_dir::{console_copy_from_env, CONSOLE_COPY_VAR};
+use run_dir::{ConsoleCopy, RunDir};
+pub use stdio::MainStdio;
 
 /// Everything needed to bring a container up.
 pub struct Launch {
@@ -77,59 +68,10 @@ pub struct Launch {
     pub console_copy: Option<PathBuf>,
 }
 
-/// The variable that names [`Launch::console_copy`] (the tests set it to
-/// show a failing guest's console).
-pub const CONSOLE_COPY_VAR: &str = "KRUN_OCI_CONSOLE_COPY";
-
-/// [`Launch::console_copy`] as this process's environment gives it.
-pub fn console_copy_from_env() -> Option<PathBuf> {
-    std::env::var_os(CONSOLE_COPY_VAR).map(PathBuf::from)
-}
-
-/// How the container's process ended, as the monitor reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Outcome {
-    pub status: ExitStatus,
-    pub oom_killed: bool,
-}
-
-struct ExecIo {
-    out: Option<File>,
-    err: Option<File>,
-    reply: Sender<Response>,
-}
-
-/// The host end of the container's process's stdio.
-struct MainIo {
-    input: Option<File>,
-    out: Option<File>,
-    err: Option<File>,
-    /// The terminal whose size changes become resizes.
-    tty: Option<OwnedFd>,
-    /// Restores the user's terminal (foreground `run`).
-    _raw: Option<tty::RawMode>,
-}
-
 pub struct Monitor {
-    id: String,
-    state_dir: StateDir,
-    state: State,
+    container: Container,
     session: Session,
-    control: Control,
-    plan_memory_limit: u64,
-    main: MainIo,
-    started: bool,
-    execs: HashMap<u32, ExecIo>,
-    next_stream: u32,
-    pending_start: Option<Sender<Response>>,
-    /// Requests guest-init answers on a container's stream, in order.
-    pending_guest: HashMap<u32, VecDeque<Sender<Response>>>,
-    /// Starts of a pod's further containers, by stream.
-    pending_member_start: HashMap<u32, Sender<Response>>,
-    held_signals: Vec<i32>,
-    notices: Option<Sender<Notice>>,
     host_setup_ms: f64,
-    first_output: bool,
     _run_dir: RunDir,
     _console_copy: ConsoleCopy,
     /// Stops accepting on the monitor socket when the monitor is done.
@@ -166,39 +108,8 @@ impl Monitor {
             log: state_dir.console_log(),
             dir: console_copy,
         };
-        let mut state = State {
-            oci_version: bundle.spec.version().clone(),
-            id: id.clone(),
-            status: Status::Creating,
-            pid: None,
-            bundle: bundle.dir.clone(),
-            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
-            created: crate::logging::rfc3339_now(),
-            monitor: None,
-            exit: None,
-            oom_killed: false,
-            network: None,
-        };
-        // The container's network namespace, carried in (released by the
-        // guard when the VM is gone, or by `delete` after a kill -9).
-        let carried = match &plan.netns {
-            Some(ns) => crate::net::carry(ns).map_err(|e| Error::Network {
-                netns: ns.clone(),
-                source: e.into(),
-            })?,
-            None => None,
-        };
-        let mut nets = Vec::new();
-        let mut network = None;
-        let net_guard = carried.map(|c| {
-            nets.push(krun_hypervisor::NetDevice {
-                tap: c.tap,
-                mac: c.mac,
-            });
-            network = Some(c.setup);
-            state.network = Some(c.record.clone());
-            crate::net::Guard(c.record)
-        });
+        let mut state = creating(&id, &bundle);
+        let net = carry_network(plan.netns.as_deref(), &mut state)?;
         state_dir.write(&state)?;
         // What the guest sees of the host: its root and volumes, composed
         // into one share (torn down when this value goes, after the VM).
@@ -212,62 +123,37 @@ impl Monitor {
             &assets,
             &state_dir.dir,
             &run_dir.0,
-            nets,
+            net.devices,
         )?;
-
         let mut setup = plan.setup.clone();
-        setup.network = network;
-        setup.realtime_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let main = main_io(
-            stdio,
-            setup.process.terminal,
-            &mut setup.process.console_size,
-        )?;
+        setup.network = net.setup;
+        setup.realtime_ns = requests::realtime_ns();
+        let process = &mut setup.process;
+        let main = stdio::main_io(stdio, process.terminal, &mut process.console_size)?;
         session.create(setup)?;
-
-        let socket = run_dir.0.join("monitor.sock");
-        let listener = UnixListener::bind(&socket)
-            .with_context(|| format!("cannot listen on {}", socket.display()))?;
-        let acceptor = Acceptor::spawn(listener, session.sender())?;
+        let (socket, acceptor) = listen(&run_dir, &session)?;
         state.status = Status::Created;
         let monitor = state::Monitor::this(socket);
         state.pid = Some(monitor.pid);
         state.monitor = Some(monitor);
         state_dir.write(&state)?;
         let control = session.control();
-        let plan_memory_limit = plan.memory_mib << 20;
+        let memory_limit = plan.memory_mib << 20;
         Ok(Monitor {
-            id,
-            state_dir,
-            state,
+            container: Container::new(state_dir, state, control, main, notices, memory_limit),
             session,
-            control,
-            plan_memory_limit,
-            main,
-            started: false,
-            execs: HashMap::new(),
-            next_stream: 1,
-            pending_start: None,
-            pending_guest: HashMap::new(),
-            pending_member_start: HashMap::new(),
-            held_signals: Vec::new(),
-            notices,
             host_setup_ms,
-            first_output: true,
             _run_dir: run_dir,
             _console_copy: console_copy,
             _acceptor: acceptor,
-            _net: net_guard,
+            _net: net.guard,
             staging: Some(staging),
         })
     }
 
     /// The runtime-spec state of the container now.
     pub fn oci_state(&self) -> serde_json::Value {
-        self.state.to_oci()
+        self.container.state.to_oci()
     }
 
     /// Where signals for this container should be sent.
@@ -275,46 +161,11 @@ impl Monitor {
         self.session.sender()
     }
 
-    fn save(&mut self) {
-        if let Err(e) = self.state_dir.write(&self.state) {
-            tracing::warn!(container = %self.id, error = %e, "cannot record the container's state");
-        }
-    }
-
     /// Starts the container's process now (for `run`).
     pub fn start_now(&mut self) -> Result<(), SessionError> {
         self.session.start()?;
-        self.on_started();
+        self.container.on_started();
         Ok(())
-    }
-
-    fn on_started(&mut self) {
-        self.started = true;
-        self.state.status = Status::Running;
-        self.save();
-        if let Some(input) = self.main.input.take() {
-            pump_stdin(self.control.clone(), MAIN_STREAM, input);
-        }
-        if self.main.tty.is_some() {
-            self.resize_from_tty();
-        }
-        for sig in std::mem::take(&mut self.held_signals) {
-            let _ = self.control.send(
-                MAIN_STREAM,
-                &ToGuest::Signal {
-                    signal: sig,
-                    all: false,
-                },
-            );
-        }
-    }
-
-    fn resize_from_tty(&mut self) {
-        if let Some((rows, cols)) = self.main.tty.as_ref().and_then(|t| tty::size(t.as_fd())) {
-            let _ = self
-                .control
-                .send(MAIN_STREAM, &ToGuest::Resize { rows, cols });
-        }
     }
 
     /// Serves the container until its process exits (or the VM stops),
@@ -323,29 +174,22 @@ impl Monitor {
     pub fn serve(mut self, keep_state: bool) -> Result<Outcome, SessionError> {
         let result = self.event_loop();
         let exited_ms = crate::since_start_ms();
-        for (_, e) in self.execs.drain() {
-            let _ = e.reply.send(Response::Error {
-                code: 255,
-                message: "the container stopped".into(),
-            });
-        }
-        if let Some(r) = self.pending_start.take() {
-            let _ = r.send(Response::Error {
-                code: 1,
-                message: "the container stopped".into(),
-            });
-        }
+        self.container.streams.container_stopped();
         let timings = self.session.timings.clone();
         let Monitor {
-            id,
-            state_dir,
-            mut state,
+            container,
             session,
             host_setup_ms,
             staging,
             _console_copy: console_copy,
             ..
         } = self;
+        let Container {
+            id,
+            state_dir,
+            mut state,
+            ..
+        } = container;
         let vm_exit = session.shutdown(Duration::from_secs(3));
         drop(staging);
         // Before the state directory (and the log in it) may go.
@@ -361,14 +205,7 @@ impl Monitor {
                 oom_killed: state.oom_killed,
             },
         };
-        state.status = Status::Stopped;
-        state.exit = Some(state::Exit {
-            code: outcome.status.shell_code(),
-            signal: match outcome.status {
-                ExitStatus::Signal(s) => Some(s),
-                ExitStatus::Code(_) => None,
-            },
-        });
+        stopped(&mut state, outcome.status);
         if keep_state {
             let _ = state_dir.write(&state);
             let mut sd = state_dir;
@@ -382,397 +219,93 @@ impl Monitor {
     fn event_loop(&mut self) -> Result<Outcome, SessionError> {
         loop {
             let event = self.session.next(None)?.unwrap_or(Event::Closed(None));
-            match event {
-                Event::Frame(f) => {
-                    if let Some(outcome) = self.on_frame(f)? {
-                        return Ok(outcome);
-                    }
-                }
+            let outcome = match event {
+                Event::Frame(f) => self.container.on_frame(f)?,
                 Event::Closed(e) => return Err(self.session.stopped_error(e)),
-                Event::Request(inc) => {
-                    if let Some(outcome) = self.on_request(inc) {
-                        return Ok(outcome);
-                    }
+                Event::Request(inc) => self.container.on_request(inc, self.session.vm_mut()),
+                Event::Signal(sig) => {
+                    self.container.on_signal(sig);
+                    None
                 }
-                Event::Signal(sig) => self.on_signal(sig),
                 Event::Unresponsive(u) => return Err(SessionError::Unresponsive(u)),
+            };
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
             }
         }
-    }
-
-    fn on_signal(&mut self, sig: i32) {
-        if sig == libc::SIGWINCH {
-            if self.started {
-                self.resize_from_tty();
-            }
-        } else if self.started {
-            let _ = self.control.send(
-                MAIN_STREAM,
-                &ToGuest::Signal {
-                    signal: sig,
-                    all: false,
-                },
-            );
-        } else {
-            self.held_signals.push(sig);
-        }
-    }
-
-    fn on_frame(&mut self, f: Frame) -> Result<Option<Outcome>, SessionError> {
-        let stream = f.stream;
-        match f.kind {
-            FrameKind::Stdout | FrameKind::Stderr => {
-                if stream == MAIN_STREAM && self.first_output {
-                    self.first_output = false;
-                    tracing::debug!(since_start_ms = crate::since_start_ms(), "first output");
-                }
-                let sink = if stream == MAIN_STREAM {
-                    if f.kind == FrameKind::Stdout {
-                        &mut self.main.out
-                    } else {
-                        &mut self.main.err
-                    }
-                } else {
-                    match self.execs.get_mut(&stream) {
-                        Some(e) if f.kind == FrameKind::Stdout => &mut e.out,
-                        Some(e) => &mut e.err,
-                        None => return Ok(None),
-                    }
-                };
-                if let Some(w) = sink {
-                    // A reader that went away does not stop the container.
-                    if w.write_all(&f.payload).is_err() {
-                        *sink = None;
-                    }
-                }
-            }
-            FrameKind::Control => match f.message::<ToHost>()? {
-                ToHost::Created { pid } => {
-                    if let Some(e) = self.execs.get(&stream) {
-                        let _ = e.reply.send(Response::Created { stream, pid });
-                    }
-                }
-                ToHost::Started { pid } => {
-                    if let Some(r) = self.pending_member_start.remove(&stream) {
-                        let _ = r.send(Response::Ok);
-                    } else if stream == MAIN_STREAM {
-                        self.on_started();
-                        if let Some(r) = self.pending_start.take() {
-                            let _ = r.send(Response::Ok);
-                        }
-                    } else if let Some(e) = self.execs.get(&stream) {
-                        let _ = e.reply.send(Response::Started { stream, pid });
-                    }
-                }
-                ToHost::Failed { code, message } => {
-                    let err = Response::Error {
-                        code,
-                        message: message.clone(),
-                    };
-                    if let Some(r) = self.pending_member_start.remove(&stream) {
-                        // A pod member's process could not start: it is
-                        // done, with the status a shell would give.
-                        let _ = r.send(err);
-                        if let Some(e) = self.execs.remove(&stream) {
-                            let _ = e.reply.send(Response::Exited { code, signal: None });
-                        }
-                    } else if let Some(r) = self
-                        .pending_guest
-                        .get_mut(&stream)
-                        .and_then(|q| q.pop_front())
-                    {
-                        let _ = r.send(err);
-                    } else if stream != MAIN_STREAM {
-                        if let Some(e) = self.execs.remove(&stream) {
-                            let _ = e.reply.send(err);
-                        }
-                    } else if let Some(r) = self.pending_start.take() {
-                        // The process could not be started: the container
-                        // is stopped, with the status a shell would give.
-                        let _ = r.send(err);
-                        tracing::debug!(container = %self.id, %message, "start failed");
-                        return Ok(Some(Outcome {
-                            status: ExitStatus::Code(code),
-                            oom_killed: false,
-                        }));
-                    }
-                }
-                ToHost::Exited { status } => {
-                    if stream == MAIN_STREAM {
-                        return Ok(Some(Outcome {
-                            status,
-                            oom_killed: self.state.oom_killed,
-                        }));
-                    }
-                    if let Some(e) = self.execs.remove(&stream) {
-                        let signal = match status {
-                            ExitStatus::Signal(s) => Some(s),
-                            ExitStatus::Code(_) => None,
-                        };
-                        let _ = e.reply.send(Response::Exited {
-                            code: status.shell_code(),
-                            signal,
-                        });
-                    }
-                }
-                ToHost::Oom => {
-                    tracing::warn!(container = %self.id, "the container hit its memory limit and the guest kernel killed a process (OOM)");
-                    self.state.oom_killed = true;
-                    self.save();
-                    // conmon's record of an OOM kill, which podman and
-                    // CRI-O read after the exit: a file `oom` in the bundle.
-                    let oom = self.state.bundle.join("oom");
-                    if let Err(e) = state::replace_file(&oom, b"", 0o644) {
-                        tracing::warn!(container = %self.id, error = %e, "cannot write {}", oom.display());
-                    }
-                    if let Some(n) = &self.notices {
-                        let _ = n.send(Notice::Oom);
-                    }
-                }
-                ToHost::Processes { processes } => {
-                    if let Some(r) = self
-                        .pending_guest
-                        .get_mut(&stream)
-                        .and_then(|q| q.pop_front())
-                    {
-                        let _ = r.send(Response::Processes { processes });
-                    }
-                }
-                ToHost::Stats(stats) => {
-                    if let Some(r) = self
-                        .pending_guest
-                        .get_mut(&stream)
-                        .and_then(|q| q.pop_front())
-                    {
-                        let _ = r.send(Response::Stats { stats });
-                    }
-                }
-                ToHost::Updated => {
-                    if let Some(r) = self
-                        .pending_guest
-                        .get_mut(&stream)
-                        .and_then(|q| q.pop_front())
-                    {
-                        let _ = r.send(Response::Ok);
-                    }
-                }
-                ToHost::Fatal { message } => return Err(SessionError::GuestFatal(message)),
-                ToHost::Hello { .. } => {}
-            },
-            FrameKind::Stdin => {}
-        }
-        Ok(None)
-    }
-
-    /// Handles one client request; returns an outcome when the request
-    /// ends the container (shutdown).
-    fn on_request(&mut self, inc: Incoming) -> Option<Outcome> {
-        let Incoming { req, fds, reply } = inc;
-        let error = |code: i32, message: &str| Response::Error {
-            code,
-            message: message.to_string(),
-        };
-        let status = self.state.status;
-        match req {
-            Request::Start => {
-                if self.started || self.pending_start.is_some() {
-                    let _ = reply.send(error(
-                        1,
-                        &format!("cannot start a container that is {status}"),
-                    ));
-                } else if self.control.send(MAIN_STREAM, &ToGuest::Start).is_err() {
-                    let _ = reply.send(error(1, "the VM is gone"));
-                } else {
-                    self.pending_start = Some(reply);
-                }
-            }
-            Request::Kill {
-                signal,
-                all,
-                stream,
-            } => {
-                let _ = self.control.send(stream, &ToGuest::Signal { signal, all });
-                let _ = reply.send(Response::Ok);
-            }
-            Request::CreateContainer { setup } => {
-                self.create_member(setup, fds, reply);
-            }
-            Request::StartContainer { stream } => {
-                if !self.execs.contains_key(&stream)
-                    || self.control.send(stream, &ToGuest::Start).is_err()
-                {
-                    let _ = reply.send(error(1, "no such container to start"));
-                } else {
-                    self.pending_member_start.insert(stream, reply);
-                }
-            }
-            Request::Exec { process, container } => {
-                if !self.started {
-                    let _ = reply.send(error(
-                        1,
-                        &format!("cannot exec in a container that is {status}"),
-                    ));
-                    return None;
-                }
-                let stream = self.next_stream;
-                self.next_stream += 1;
-                let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
-                let (input, out, err) = match files.len() {
-                    // One terminal for all three.
-                    1 => {
-                        let t = files.remove(0);
-                        (t.try_clone().ok(), Some(t), None)
-                    }
-                    3 => {
-                        let err = files.pop();
-                        let out = files.pop();
-                        (files.pop(), out, err)
-                    }
-                    n => {
-                        let _ = reply
-                            .send(error(1, &format!("exec needs 1 or 3 descriptors, got {n}")));
-                        return None;
-                    }
-                };
-                if self
-                    .control
-                    .send(
-                        stream,
-                        &ToGuest::Exec {
-                            container: container.unwrap_or_else(|| self.id.clone()),
-                            process,
-                        },
-                    )
-                    .is_err()
-                {
-                    let _ = reply.send(error(1, "the VM is gone"));
-                    return None;
-                }
-                if let Some(input) = input {
-                    pump_stdin(self.control.clone(), stream, input);
-                }
-                self.execs.insert(stream, ExecIo { out, err, reply });
-            }
-            Request::CloseStdin { stream } => {
-                let _ = self.control.stdin_eof(stream);
-                let _ = reply.send(Response::Ok);
-            }
-            Request::SignalExec { stream, signal } => {
-                if self.execs.contains_key(&stream) {
-                    let _ = self
-                        .control
-                        .send(stream, &ToGuest::Signal { signal, all: false });
-                }
-                let _ = reply.send(Response::Ok);
-            }
-            Request::Resize { stream, rows, cols } => {
-                let _ = self.control.send(stream, &ToGuest::Resize { rows, cols });
-                let _ = reply.send(Response::Ok);
-            }
-            Request::Ps { stream } => self.ask_guest(stream, ToGuest::Ps, reply),
-            Request::Stats { stream } => self.ask_guest(stream, ToGuest::Stats, reply),
-            Request::Update { limits, stream } => {
-                if let Some(m) = limits.memory_max.filter(|m| *m > self.plan_memory_limit) {
-                    let _ = reply.send(error(
-                        1,
-                        &format!(
-                            "memory limit {} MiB: the VM has {} MiB and krun-oci cannot add memory to a running VM",
-                            m >> 20,
-                            self.plan_memory_limit >> 20
-                        ),
-                    ));
-                } else {
-                    self.ask_guest(stream, ToGuest::Update(limits), reply);
-                }
-            }
-            Request::Pause | Request::Resume => {
-                let pause = req == Request::Pause;
-                let vm = self.session.vm_mut();
-                let r = if pause { vm.pause() } else { vm.resume() };
-                match r {
-                    Ok(()) => {
-                        self.state.status = if pause {
-                            Status::Paused
-                        } else if self.started {
-                            Status::Running
-                        } else {
-                            Status::Created
-                        };
-                        self.save();
-                        let _ = reply.send(Response::Ok);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(error(1, &format!("{e}")));
-                    }
-                }
-            }
-            Request::Shutdown => {
-                let _ = reply.send(Response::Ok);
-                // As if the kernel had killed the process.
-                return Some(Outcome {
-                    status: ExitStatus::Signal(libc::SIGKILL),
-                    oom_killed: self.state.oom_killed,
-                });
-            }
-        }
-        None
     }
 }
 
-impl Monitor {
-    /// Sends `msg` about the container on `stream`; guest-init's answer
-    /// goes to `reply`.
-    fn ask_guest(&mut self, stream: u32, msg: ToGuest, reply: Sender<Response>) {
-        if self.control.send(stream, &msg).is_ok() {
-            self.pending_guest
-                .entry(stream)
-                .or_default()
-                .push_back(reply);
-        } else {
-            let _ = reply.send(Response::Error {
-                code: 1,
-                message: "the VM is gone".into(),
-            });
-        }
+/// The state of a container being created.
+fn creating(id: &str, bundle: &Bundle) -> State {
+    State {
+        oci_version: bundle.spec.version().clone(),
+        id: id.to_string(),
+        status: Status::Creating,
+        pid: None,
+        bundle: bundle.dir.clone(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        created: crate::logging::rfc3339_now(),
+        monitor: None,
+        exit: None,
+        oom_killed: false,
+        network: None,
     }
+}
 
-    /// One more container in this VM (a pod member): its stdio is handled
-    /// as an exec's, its replies are `Created`, then `Exited`.
-    fn create_member(
-        &mut self,
-        mut setup: Box<ContainerSetup>,
-        fds: Vec<OwnedFd>,
-        reply: Sender<Response>,
-    ) {
-        let mut files: Vec<File> = fds.into_iter().map(File::from).collect();
-        if files.len() != 3 {
-            let _ = reply.send(Response::Error {
-                code: 1,
-                message: format!("create needs 3 descriptors, got {}", files.len()),
-            });
-            return;
-        }
-        let err = files.pop();
-        let out = files.pop();
-        let input = files.pop();
-        let stream = self.next_stream;
-        self.next_stream += 1;
-        setup.realtime_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        if self.control.send(stream, &ToGuest::Create(setup)).is_err() {
-            let _ = reply.send(Response::Error {
-                code: 1,
-                message: "the VM is gone".into(),
-            });
-            return;
-        }
-        if let Some(input) = input {
-            pump_stdin(self.control.clone(), stream, input);
-        }
-        self.execs.insert(stream, ExecIo { out, err, reply });
-    }
+/// The state of a container whose process ended with `status`.
+fn stopped(state: &mut State, status: ExitStatus) {
+    state.status = Status::Stopped;
+    state.exit = Some(state::Exit {
+        code: status.shell_code(),
+        signal: match status {
+            ExitStatus::Signal(s) => Some(s),
+            ExitStatus::Code(_) => None,
+        },
+    });
+}
+
+/// A network namespace carried into the VM: the VM's card, the guest's
+/// setup, and the guard that releases it when the VM is gone.
+#[derive(Default)]
+struct Network {
+    devices: Vec<NetDevice>,
+    setup: Option<NetworkSetup>,
+    guard: Option<crate::net::Guard>,
+}
+
+/// Carries the container's network namespace in, if it has one with an
+/// interface (released by the guard, or by `delete` after a kill -9, as
+/// the state records it).
+fn carry_network(netns: Option<&Path>, state: &mut State) -> Result<Network> {
+    let Some(ns) = netns else {
+        return Ok(Network::default());
+    };
+    let carried = crate::net::carry(ns).map_err(|e| Error::Network {
+        netns: ns.to_path_buf(),
+        source: e.into(),
+    })?;
+    let Some(c) = carried else {
+        return Ok(Network::default());
+    };
+    state.network = Some(c.record.clone());
+    Ok(Network {
+        devices: vec![NetDevice {
+            tap: c.tap,
+            mac: c.mac,
+        }],
+        setup: Some(c.setup),
+        guard: Some(crate::net::Guard(c.record)),
+    })
+}
+
+/// Listens on the monitor's socket; requests go to the session's loop.
+fn listen(run_dir: &RunDir, session: &Session) -> Result<(PathBuf, Acceptor)> {
+    let socket = run_dir.0.join("monitor.sock");
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let acceptor = Acceptor::spawn(listener, session.sender())?;
+    Ok((socket, acceptor))
 }
 
 /// The status to report when the VM died before the process exited.
@@ -780,70 +313,6 @@ fn vm_death_status(exit: &VmExit) -> ExitStatus {
     match exit {
         VmExit::Killed { signal } => ExitStatus::Signal(*signal),
         _ => ExitStatus::Signal(libc::SIGKILL),
-    }
-}
-
-/// Sets up the host end of the container's process's stdio.
-fn main_io(
-    stdio: MainStdio,
-    terminal: bool,
-    console_size: &mut Option<(u16, u16)>,
-) -> Result<MainIo> {
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok().map(File::from);
-    match stdio {
-        MainStdio::Files {
-            stdin,
-            stdout,
-            stderr,
-        } => Ok(MainIo {
-            input: stdin,
-            out: stdout,
-            err: if terminal { None } else { stderr },
-            tty: None,
-            _raw: None,
-        }),
-        MainStdio::ConsoleSocket(path) if terminal => {
-            let pty = tty::Pty::open(*console_size)?;
-            pty.send_master(&path)?;
-            // The monitor is a session leader (create made it one): the
-            // terminal becomes its controlling one, so a resize by whoever
-            // holds the master reaches it as SIGWINCH.
-            pty.make_controlling();
-            let slave = pty.slave;
-            let input = slave.try_clone().ok().map(File::from);
-            let out = slave.try_clone().ok().map(File::from);
-            Ok(MainIo {
-                input,
-                out,
-                err: None,
-                tty: Some(slave),
-                _raw: None,
-            })
-        }
-        MainStdio::ConsoleSocket(_) | MainStdio::Inherit => {
-            let stdin = std::io::stdin();
-            let (raw, tty_fd) = if terminal {
-                *console_size = console_size.or_else(|| tty::size(stdin.as_fd()));
-                let raw = tty::RawMode::enter(stdin.as_fd());
-                let fd = raw
-                    .as_ref()
-                    .and_then(|_| stdin.as_fd().try_clone_to_owned().ok());
-                (raw, fd)
-            } else {
-                (None, None)
-            };
-            Ok(MainIo {
-                input: dup(stdin.as_fd()),
-                out: dup(std::io::stdout().as_fd()),
-                err: if terminal {
-                    None
-                } else {
-                    dup(std::io::stderr().as_fd())
-                },
-                tty: tty_fd,
-                _raw: raw,
-            })
-        }
     }
 }
 
@@ -868,49 +337,6 @@ fn log_timings(id: &str, host_setup_ms: f64, t: &Timings, exited_ms: f64) {
         exited_ms,
         "timings"
     );
-}
-
-/// Keeps the guest console log `log` of container `id` as `dir/ID.log`
-/// when dropped ([`Launch::console_copy`]): the state directory, where the
-/// log lives, may be removed next.
-struct ConsoleCopy {
-    id: String,
-    log: PathBuf,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for ConsoleCopy {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::copy(&self.log, dir.join(format!("{}.log", self.id)));
-        }
-    }
-}
-
-/// The directory for the VM's sockets: the state directory when its path is
-/// short enough for a unix socket address (108 bytes), else a private
-/// directory under /tmp, removed when dropped.
-pub struct RunDir(pub PathBuf, bool);
-
-impl RunDir {
-    pub fn new(state_dir: &Path) -> Result<RunDir> {
-        if state_dir.join("monitor.sock").as_os_str().len() < 100 {
-            return Ok(RunDir(state_dir.to_path_buf(), false));
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("krun-oci-")
-            .tempdir()
-            .map_err(|e| Error::Failed(format!("creating a socket directory: {e}")))?;
-        Ok(RunDir(dir.keep(), true))
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.1 {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// Ends this process the way the container's process ended: its exit code,

@@ -82,7 +82,8 @@ pub struct Problem {
 pub struct PlanError(pub Vec<Problem>);
 
 impl PlanError {
-    /// The first problem's field, for tests and structured logs.
+    /// Every problem's field, in the order found, for tests and
+    /// structured logs.
     pub fn fields(&self) -> Vec<&str> {
         self.0.iter().map(|p| p.field.as_str()).collect()
     }

@@ -1,0 +1,381 @@
+//! What a client's request does (`krun-oci start/kill/exec/ps/...`, or the
+//! containerd shim): most become a message to guest-init whose answer the
+//! client waits for on the stream's entry of the table; pause and resume
+//! act on the VM; shutdown ends the container.
+
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::Sender;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use krun_hypervisor::Vm;
+use krun_proto::{ContainerSetup, ExitStatus, ProcessSetup, ToGuest, MAIN_STREAM};
+
+use super::container::Container;
+use super::report::Outcome;
+use super::stdio::{exec_stdio, member_stdio, Stdio};
+use super::streams::Process;
+use crate::api::{Incoming, Request, Response};
+use crate::relay::pump_stdin;
+use crate::state::Status;
+
+fn error(code: i32, message: &str) -> Response {
+    Response::Error {
+        code,
+        message: message.to_string(),
+    }
+}
+
+const VM_GONE: &str = "the VM is gone";
+
+impl Container {
+    /// Handles one client request; returns an outcome when the request
+    /// ends the container (shutdown).
+    pub(super) fn on_request(&mut self, inc: Incoming, vm: &mut dyn Vm) -> Option<Outcome> {
+        let Incoming { req, fds, reply } = inc;
+        match req {
+            Request::Start => self.start(reply),
+            Request::Kill {
+                signal,
+                all,
+                stream,
+            } => {
+                let _ = self.control.send(stream, &ToGuest::Signal { signal, all });
+                let _ = reply.send(Response::Ok);
+            }
+            Request::CreateContainer { setup } => self.create_member(setup, fds, reply),
+            Request::StartContainer { stream } => self.start_member(stream, reply),
+            Request::Exec { process, container } => self.exec(process, container, fds, reply),
+            Request::CloseStdin { stream } => {
+                let _ = self.control.stdin_eof(stream);
+                let _ = reply.send(Response::Ok);
+            }
+            Request::SignalExec { stream, signal } => {
+                if self.streams.has_process(stream) {
+                    let _ = self
+                        .control
+                        .send(stream, &ToGuest::Signal { signal, all: false });
+                }
+                let _ = reply.send(Response::Ok);
+            }
+            Request::Resize { stream, rows, cols } => {
+                let _ = self.control.send(stream, &ToGuest::Resize { rows, cols });
+                let _ = reply.send(Response::Ok);
+            }
+            Request::Ps { stream } => self.ask_guest(stream, ToGuest::Ps, reply),
+            Request::Stats { stream } => self.ask_guest(stream, ToGuest::Stats, reply),
+            Request::Update { limits, stream } => self.update(limits, stream, reply),
+            Request::Pause => self.pause(vm, true, reply),
+            Request::Resume => self.pause(vm, false, reply),
+            Request::Shutdown => {
+                let _ = reply.send(Response::Ok);
+                // As if the kernel had killed the process.
+                return Some(Outcome {
+                    status: ExitStatus::Signal(libc::SIGKILL),
+                    oom_killed: self.state.oom_killed,
+                });
+            }
+        }
+        None
+    }
+
+    /// Execs the container's process; the client hears when it runs.
+    fn start(&mut self, reply: Sender<Response>) {
+        if self.started || self.streams.start_pending(MAIN_STREAM) {
+            let status = self.state.status;
+            let _ = reply.send(error(
+                1,
+                &format!("cannot start a container that is {status}"),
+            ));
+        } else if self.control.send(MAIN_STREAM, &ToGuest::Start).is_err() {
+            let _ = reply.send(error(1, VM_GONE));
+        } else {
+            self.streams.await_start(MAIN_STREAM, reply);
+        }
+    }
+
+    /// Execs the process of a pod member made by `CreateContainer`.
+    fn start_member(&mut self, stream: u32, reply: Sender<Response>) {
+        if !self.streams.has_process(stream) || self.control.send(stream, &ToGuest::Start).is_err()
+        {
+            let _ = reply.send(error(1, "no such container to start"));
+        } else {
+            self.streams.await_start(stream, reply);
+        }
+    }
+
+    /// Runs one more process in the container (or in a pod member); its
+    /// replies are `Started`, then `Exited`.
+    fn exec(
+        &mut self,
+        process: Box<ProcessSetup>,
+        container: Option<String>,
+        fds: Vec<OwnedFd>,
+        reply: Sender<Response>,
+    ) {
+        if !self.started {
+            let status = self.state.status;
+            let _ = reply.send(error(
+                1,
+                &format!("cannot exec in a container that is {status}"),
+            ));
+            return;
+        }
+        let stream = self.streams.open();
+        let stdio = match exec_stdio(fds) {
+            Ok(s) => s,
+            Err(n) => {
+                let _ = reply.send(error(1, &format!("exec needs 1 or 3 descriptors, got {n}")));
+                return;
+            }
+        };
+        let msg = ToGuest::Exec {
+            container: container.unwrap_or_else(|| self.id.clone()),
+            process,
+        };
+        self.run_process(stream, msg, stdio, reply);
+    }
+
+    /// One more container in this VM (a pod member): its stdio is handled
+    /// as an exec's, its replies are `Created`, then `Exited`.
+    fn create_member(
+        &mut self,
+        mut setup: Box<ContainerSetup>,
+        fds: Vec<OwnedFd>,
+        reply: Sender<Response>,
+    ) {
+        let stdio = match member_stdio(fds) {
+            Ok(s) => s,
+            Err(n) => {
+                let _ = reply.send(error(1, &format!("create needs 3 descriptors, got {n}")));
+                return;
+            }
+        };
+        let stream = self.streams.open();
+        setup.realtime_ns = realtime_ns();
+        self.run_process(stream, ToGuest::Create(setup), stdio, reply);
+    }
+
+    /// Sends `msg` for a new process on `stream`, whose stdio is `stdio`
+    /// and whose client is `reply`.
+    fn run_process(&mut self, stream: u32, msg: ToGuest, stdio: Stdio, reply: Sender<Response>) {
+        if self.control.send(stream, &msg).is_err() {
+            let _ = reply.send(error(1, VM_GONE));
+            return;
+        }
+        let (input, out, err) = stdio;
+        if let Some(input) = input {
+            pump_stdin(self.control.clone(), stream, input);
+        }
+        self.streams
+            .add_process(stream, Process { out, err, reply });
+    }
+
+    /// Sends `msg` about the container on `stream`; guest-init's answer
+    /// goes to `reply`.
+    fn ask_guest(&mut self, stream: u32, msg: ToGuest, reply: Sender<Response>) {
+        if self.control.send(stream, &msg).is_ok() {
+            self.streams.await_answer(stream, reply);
+        } else {
+            let _ = reply.send(error(1, VM_GONE));
+        }
+    }
+
+    /// New cgroup limits, within the VM's memory.
+    fn update(&mut self, limits: krun_proto::CgroupSetup, stream: u32, reply: Sender<Response>) {
+        match limits.memory_max.filter(|m| *m > self.memory_limit) {
+            Some(m) => {
+                let _ = reply.send(error(
+                    1,
+                    &format!(
+                        "memory limit {} MiB: the VM has {} MiB and krun-oci cannot add memory to a running VM",
+                        m >> 20,
+                        self.memory_limit >> 20
+                    ),
+                ));
+            }
+            None => self.ask_guest(stream, ToGuest::Update(limits), reply),
+        }
+    }
+
+    /// Pauses (or resumes) the VM, and with it the container.
+    fn pause(&mut self, vm: &mut dyn Vm, pause: bool, reply: Sender<Response>) {
+        let r = if pause { vm.pause() } else { vm.resume() };
+        if let Err(e) = r {
+            let _ = reply.send(error(1, &format!("{e}")));
+            return;
+        }
+        self.state.status = match (pause, self.started) {
+            (true, _) => Status::Paused,
+            (false, true) => Status::Running,
+            (false, false) => Status::Created,
+        };
+        self.save();
+        let _ = reply.send(Response::Ok);
+    }
+}
+
+/// The host's wall clock, for a guest that has none of its own.
+pub(super) fn realtime_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use krun_proto::CgroupSetup;
+
+    use super::super::kit::Kit;
+    use super::*;
+
+    fn fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect()
+    }
+
+    fn error_of(r: Response) -> (i32, String) {
+        match r {
+            Response::Error { code, message } => (code, message),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_start_is_refused() {
+        let mut k = Kit::new();
+        let (_, first) = k.request(Request::Start);
+        let (_, second) = k.request(Request::Start);
+        assert_eq!(
+            error_of(second.try_recv().unwrap()),
+            (1, "cannot start a container that is created".into())
+        );
+        assert!(first.try_recv().is_err(), "the first start still waits");
+        assert_eq!(k.guest_got(), (MAIN_STREAM, ToGuest::Start));
+        k.guest_gets_nothing();
+    }
+
+    #[test]
+    fn a_vm_that_is_gone_fails_what_needs_the_guest() {
+        let mut k = Kit::new();
+        k.c.control.close();
+        for req in [Request::Start, Request::Ps { stream: 0 }] {
+            let (_, r) = k.request(req);
+            assert_eq!(error_of(r.try_recv().unwrap()), (1, VM_GONE.into()));
+        }
+        assert!(!k.c.streams.start_pending(MAIN_STREAM));
+    }
+
+    #[test]
+    fn an_exec_needs_a_running_container_and_its_descriptors() {
+        let mut k = Kit::new();
+        let exec = || Request::Exec {
+            process: Box::default(),
+            container: None,
+        };
+        let (_, r) = k.request_with(exec(), fds(3));
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "cannot exec in a container that is created"
+        );
+        k.c.on_started();
+        let (_, r) = k.request_with(exec(), fds(2));
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "exec needs 1 or 3 descriptors, got 2"
+        );
+        let (_, r) = k.request_with(exec(), fds(3));
+        let (stream, msg) = k.guest_got();
+        assert!(stream > MAIN_STREAM);
+        assert!(matches!(msg, ToGuest::Exec { container, .. } if container == "c1"));
+        assert!(k.c.streams.has_process(stream));
+        assert!(r.try_recv().is_err(), "the client waits for the start");
+    }
+
+    #[test]
+    fn a_member_gets_a_stream_and_its_start_waits_for_the_guest() {
+        let mut k = Kit::new();
+        let (_, r) = k.request_with(
+            Request::CreateContainer {
+                setup: Box::default(),
+            },
+            fds(1),
+        );
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "create needs 3 descriptors, got 1"
+        );
+        let (_, _life) = k.request_with(
+            Request::CreateContainer {
+                setup: Box::default(),
+            },
+            fds(3),
+        );
+        let (stream, msg) = k.guest_got();
+        assert!(matches!(msg, ToGuest::Create(s) if s.realtime_ns > 0));
+        let (_, r) = k.request(Request::StartContainer { stream: stream + 1 });
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "no such container to start"
+        );
+        k.request(Request::StartContainer { stream });
+        assert_eq!(k.guest_got(), (stream, ToGuest::Start));
+        assert!(k.c.streams.start_pending(stream));
+    }
+
+    #[test]
+    fn update_cannot_give_more_memory_than_the_vm_has() {
+        let mut k = Kit::new();
+        let limits = |mib: u64| CgroupSetup {
+            memory_max: Some(mib << 20),
+            ..Default::default()
+        };
+        let (_, r) = k.request(Request::Update {
+            limits: limits(1024),
+            stream: 0,
+        });
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "memory limit 1024 MiB: the VM has 512 MiB and krun-oci cannot add memory to a running VM"
+        );
+        k.request(Request::Update {
+            limits: limits(256),
+            stream: 0,
+        });
+        assert_eq!(k.guest_got(), (0, ToGuest::Update(limits(256))));
+    }
+
+    #[test]
+    fn pause_and_resume_follow_the_vm() {
+        let mut k = Kit::new();
+        let (_, r) = k.request(Request::Pause);
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        assert_eq!(k.saved().status, Status::Paused);
+        k.request(Request::Resume);
+        assert_eq!(k.saved().status, Status::Created, "never started");
+        k.c.on_started();
+        k.request(Request::Pause);
+        k.request(Request::Resume);
+        assert_eq!(k.saved().status, Status::Running);
+        k.vm.fail = true;
+        let (_, r) = k.request(Request::Pause);
+        assert_eq!(error_of(r.try_recv().unwrap()).0, 1);
+        assert_eq!(k.saved().status, Status::Running);
+    }
+
+    #[test]
+    fn shutdown_ends_the_container_as_if_killed() {
+        let mut k = Kit::new();
+        k.c.state.oom_killed = true;
+        let (outcome, r) = k.request(Request::Shutdown);
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        assert_eq!(
+            outcome,
+            Some(Outcome {
+                status: ExitStatus::Signal(libc::SIGKILL),
+                oom_killed: true
+            })
+        );
+    }
+}
