@@ -108,9 +108,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
                         c.wait_monitor_gone(std::time::Duration::from_secs(10));
                         let _ = c.dir.remove();
                     }
-                    let mut status = 0;
-                    // SAFETY: waitpid on our own child.
-                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                    super::reap(pid);
                     return Err(e);
                 }
                 if let Some(p) = &args.pid_file {
@@ -118,14 +116,11 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
                 }
                 return Ok(0);
             }
-            let mut status = 0;
-            // SAFETY: waitpid on our own child.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
-            let (code, message) = report
-                .split_once(' ')
-                .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
-                .unwrap_or((1, "the monitor died while creating the container".into()));
-            Err(Error::Exit { code, message })
+            Err(super::child_failed(
+                pid,
+                &report,
+                "the monitor died while creating the container",
+            ))
         }
     }
 }

@@ -72,14 +72,7 @@ pub fn exec(ctx: &Context, args: &liboci_cli::Exec) -> Result<i32> {
                 }
                 return Ok(0);
             }
-            let mut st = 0;
-            // SAFETY: waitpid on our own child.
-            unsafe { libc::waitpid(pid, &mut st, 0) };
-            let (code, message) = report
-                .split_once(' ')
-                .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
-                .unwrap_or((1, "exec failed".into()));
-            Err(Error::Exit { code, message })
+            Err(super::child_failed(pid, &report, "exec failed"))
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::error::Error;
+
 pub mod create;
 pub mod exec;
 pub mod info;
@@ -22,4 +24,23 @@ pub struct Context {
     /// Where the guest console log is kept when a monitor ends
     /// ([`crate::monitor::Launch::console_copy`]).
     pub console_copy: Option<PathBuf>,
+}
+
+/// Waits for a child of ours to end, whatever its status.
+fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child, into a local.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// A forked child that did not report "ok" on its ready pipe: reaps it and
+/// gives the error it reported ("CODE MESSAGE"), or `otherwise` with exit
+/// code 1 when it died without a word.
+fn child_failed(pid: libc::pid_t, report: &str, otherwise: &str) -> Error {
+    reap(pid);
+    let (code, message) = report
+        .split_once(' ')
+        .map(|(c, m)| (c.parse().unwrap_or(1), m.to_string()))
+        .unwrap_or((1, otherwise.into()));
+    Error::Exit { code, message }
 }
