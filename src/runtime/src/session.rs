@@ -192,34 +192,8 @@ impl Session {
         };
         let vm = hv.start(config).map_err(SessionError::Start)?;
         let spawned = Instant::now();
-        let reader = host_end.try_clone().map_err(SessionError::Channel)?;
-        let (tx, events) = mpsc::sync_channel(64);
-        let sender = tx.clone();
-        let report = tx.clone();
-        let control = Control::start(host_end, control_limits(), move |u| {
-            let _ = report.send(Event::Unresponsive(u));
-        })
-        .map_err(SessionError::Channel)?;
-        let flag = control.clone();
-        std::thread::Builder::new()
-            .name("ctl-reader".into())
-            .spawn(move || read_frames(FrameReader::new(reader), tx, flag))
-            .map_err(SessionError::Channel)?;
-        let mut s = Session {
-            vm: PausableVm {
-                vm,
-                control: control.clone(),
-            },
-            control,
-            events,
-            sender,
-            console_log,
-            console,
-            timings: Timings {
-                vmm_spawned: Some(spawned),
-                ..Default::default()
-            },
-        };
+        let mut s = Session::attach(vm, host_end, control_limits(), console_log, console)?;
+        s.timings.vmm_spawned = Some(spawned);
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             match s.next(Some(deadline))? {
@@ -252,6 +226,43 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A session over a started VM whose end of the control channel is
+    /// `host_end`: the writer with its `limits`, and a reader thread that
+    /// turns the guest's frames into events.
+    fn attach(
+        vm: Box<dyn Vm>,
+        host_end: UnixStream,
+        limits: Limits,
+        console_log: PathBuf,
+        console: CappedLog,
+    ) -> Result<Session, SessionError> {
+        let reader = host_end.try_clone().map_err(SessionError::Channel)?;
+        let (tx, events) = mpsc::sync_channel(64);
+        let sender = tx.clone();
+        let report = tx.clone();
+        let control = Control::start(host_end, limits, move |u| {
+            let _ = report.send(Event::Unresponsive(u));
+        })
+        .map_err(SessionError::Channel)?;
+        let flag = control.clone();
+        std::thread::Builder::new()
+            .name("ctl-reader".into())
+            .spawn(move || read_frames(FrameReader::new(reader), tx, flag))
+            .map_err(SessionError::Channel)?;
+        Ok(Session {
+            vm: PausableVm {
+                vm,
+                control: control.clone(),
+            },
+            control,
+            events,
+            sender,
+            console_log,
+            console,
+            timings: Timings::default(),
+        })
     }
 
     pub fn control(&self) -> Control {
@@ -525,29 +536,13 @@ mod tests {
     /// pumped, so the writer is stuck mid-frame.
     fn silent_session(dir: &Path, limits: Limits) -> (Session, Arc<AtomicBool>, UnixStream) {
         let (host, guest) = UnixStream::pair().unwrap();
-        let (sender, events) = mpsc::sync_channel(64);
-        let report = sender.clone();
-        let control = Control::start(host, limits, move |u| {
-            let _ = report.send(Event::Unresponsive(u));
-        })
-        .unwrap();
-        let pump = control.clone();
-        std::thread::spawn(move || while pump.stdin(MAIN_STREAM, &[0; 65536]).is_ok() {});
         let killed = Arc::new(AtomicBool::new(false));
         let console_log = dir.join("console.log");
         let (console, _) = CappedLog::create(&console_log, 1000, "console log").unwrap();
-        let session = Session {
-            vm: PausableVm {
-                vm: Box::new(FakeVm(killed.clone())),
-                control: control.clone(),
-            },
-            control,
-            events,
-            sender,
-            console_log,
-            console,
-            timings: Timings::default(),
-        };
+        let vm = Box::new(FakeVm(killed.clone()));
+        let session = Session::attach(vm, host, limits, console_log, console).unwrap();
+        let pump = session.control.clone();
+        std::thread::spawn(move || while pump.stdin(MAIN_STREAM, &[0; 65536]).is_ok() {});
         (session, killed, guest)
     }
 
