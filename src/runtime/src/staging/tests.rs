@@ -57,6 +57,24 @@ fn fixture() -> Fixture {
     }
 }
 
+/// Composes a share for the [`fixture`] in a private mount namespace, with
+/// container `id` added when given, runs `test` on it, and destroys it:
+/// nothing of the staging directory may be left. Gives the fixture back
+/// for checks of the sources.
+fn staged(id: Option<&str>, test: impl FnOnce(&Fixture, &Staging) + Send) -> Fixture {
+    let f = fixture();
+    in_private_mounts(|| {
+        let st = Staging::create(&f.stage).unwrap();
+        if let Some(id) = id {
+            st.add(&paths(&f, id)).unwrap();
+        }
+        test(&f, &st);
+        st.destroy();
+        assert!(!f.stage.exists(), "destroy left {}", f.stage.display());
+    });
+    f
+}
+
 fn paths(f: &Fixture, id: &str) -> ContainerPaths {
     let bind = |name: &str, field: &str, source: PathBuf, readonly, file| HostBind {
         name: name.into(),
@@ -103,10 +121,7 @@ fn errno(r: io::Result<impl Sized>) -> Option<i32> {
 
 #[test]
 fn the_share_holds_exactly_the_roots_and_volumes() {
-    let f = fixture();
-    in_private_mounts(|| {
-        let st = Staging::create(&f.stage).unwrap();
-        st.add(&paths(&f, "c1")).unwrap();
+    staged(Some("c1"), |_, st| {
         let s = st.shared_dir();
         assert_eq!(names(&s), ["c1"]);
         assert_eq!(names(&s.join("c1")), ["m0", "m1", "m2", "rootfs"]);
@@ -121,16 +136,12 @@ fn the_share_holds_exactly_the_roots_and_volumes() {
             fs::read_to_string(s.join("c1/rootfs/etc/os-release")).unwrap(),
             "test\n"
         );
-        st.destroy();
     });
 }
 
 #[test]
 fn what_is_read_only_stays_read_only_and_links_are_not_followed() {
-    let f = fixture();
-    in_private_mounts(|| {
-        let st = Staging::create(&f.stage).unwrap();
-        st.add(&paths(&f, "c1")).unwrap();
+    staged(Some("c1"), |f, st| {
         let s = st.shared_dir();
         // The staging directory itself: nothing can be planted in it.
         assert_eq!(errno(fs::write(s.join("planted"), "x")), Some(libc::EROFS));
@@ -154,16 +165,12 @@ fn what_is_read_only_stays_read_only_and_links_are_not_followed() {
             fs::read_link(s.join("c1/rootfs/link")).unwrap(),
             Path::new("/etc/hostname")
         );
-        st.destroy();
     });
 }
 
 #[test]
 fn a_later_container_appears_in_the_share_and_leaves_it_cleanly() {
-    let f = fixture();
-    in_private_mounts(|| {
-        let st = Staging::create(&f.stage).unwrap();
-        st.add(&paths(&f, "sandbox")).unwrap();
+    let f = staged(Some("sandbox"), |f, st| {
         // A second view of the share, as a virtiofsd started earlier has.
         let view = f.base.join("view");
         fs::create_dir(&view).unwrap();
@@ -177,7 +184,7 @@ fn a_later_container_appears_in_the_share_and_leaves_it_cleanly() {
         .unwrap();
         mount(None, &view, None, libc::MS_REC | libc::MS_SLAVE, None).unwrap();
         let member = Staging::open(&f.stage).unwrap();
-        member.add(&paths(&f, "member")).unwrap();
+        member.add(&paths(f, "member")).unwrap();
         assert_eq!(names(&view), ["member", "sandbox"]);
         assert_eq!(
             fs::read_to_string(view.join("member/m0/data")).unwrap(),
@@ -188,43 +195,38 @@ fn a_later_container_appears_in_the_share_and_leaves_it_cleanly() {
             Some(libc::EROFS)
         );
         assert!(matches!(
-            member.add(&paths(&f, "member")),
+            member.add(&paths(f, "member")),
             Err(StagingError::Exists(_))
         ));
         member.remove("member");
         assert_eq!(names(&view), ["sandbox"]);
         assert_eq!(names(&st.shared_dir()), ["sandbox"]);
-        st.destroy();
-        assert!(!f.stage.exists());
-        // The sources are untouched by all of it.
-        assert_eq!(
-            fs::read_to_string(f.base.join("vol/data")).unwrap(),
-            "volume\n"
-        );
-        assert!(f.base.join("rootfs/etc/os-release").is_file());
-        assert!(f.base.join("run/pidfile").is_file());
     });
+    // The sources are untouched by all of it.
+    assert_eq!(
+        fs::read_to_string(f.base.join("vol/data")).unwrap(),
+        "volume\n"
+    );
+    assert!(f.base.join("rootfs/etc/os-release").is_file());
+    assert!(f.base.join("run/pidfile").is_file());
 }
 
 #[test]
 fn a_failed_add_leaves_nothing() {
-    let f = fixture();
-    in_private_mounts(|| {
-        let st = Staging::create(&f.stage).unwrap();
-        let mut p = paths(&f, "c1");
+    let f = staged(None, |f, st| {
+        let mut p = paths(f, "c1");
         // Planned as a file, but it is a directory now.
         p.binds[1].file = true;
         let e = st.add(&p).unwrap_err();
         assert!(matches!(e, StagingError::Changed { .. }), "{e}");
         assert!(e.to_string().contains("mounts[0].source"), "{e}");
-        let mut p = paths(&f, "c1");
+        let mut p = paths(f, "c1");
         p.binds[3].source = f.base.join("missing");
         let e = st.add(&p).unwrap_err();
         assert!(e.to_string().contains("mounts[2].source"), "{e}");
         assert!(names(&st.shared_dir()).is_empty());
-        st.destroy();
-        assert!(f.base.join("rootfs/etc/os-release").is_file());
     });
+    assert!(f.base.join("rootfs/etc/os-release").is_file());
 }
 
 #[test]
