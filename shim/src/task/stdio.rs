@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
@@ -11,19 +12,33 @@ use containerd_shim::TtrpcResult;
 use super::state::Stdio;
 use crate::rpc::rpc_error;
 
+/// How long a FIFO's writer waits for containerd's reader to open its end.
+const READER_WAIT: Duration = Duration::from_secs(10);
+
 /// Opens one of containerd's FIFOs; an empty path is no stream.
 pub fn open_fifo(path: &str, write: bool) -> TtrpcResult<Option<File>> {
     if path.is_empty() {
         return Ok(None);
     }
-    // Non-blocking to open (containerd holds the other end already), then
-    // blocking for use.
-    let f = OpenOptions::new()
-        .read(!write)
-        .write(write)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("stdio {path}: {e}")))?;
+    // Non-blocking to open, then blocking for use. containerd's client
+    // opens its reading end in a goroutine of its own, which may not have
+    // got there yet: a writer's open fails with ENXIO until it has, so it
+    // is tried again for a while (as runc's shim waits in a blocking open).
+    let deadline = Instant::now() + READER_WAIT;
+    let f = loop {
+        match OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r,
+        }
+    }
+    .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("stdio {path}: {e}")))?;
     // SAFETY: fcntl on a descriptor we own.
     unsafe {
         let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
@@ -90,6 +105,20 @@ mod tests {
         let mut got = String::new();
         reader.read_to_string(&mut got).unwrap();
         assert_eq!(got, "hi");
+        // A writer that comes first waits for its reader.
+        let late = std::thread::spawn({
+            let p = p.to_string();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                open_fifo(&p, false).unwrap().unwrap()
+            }
+        });
+        let mut writer = open_fifo(p, true).unwrap().unwrap();
+        writer.write_all(b"late").unwrap();
+        drop(writer);
+        let mut got = String::new();
+        late.join().unwrap().read_to_string(&mut got).unwrap();
+        assert_eq!(got, "late");
         let missing = dir.join("missing");
         let e = open_fifo(missing.to_str().unwrap(), true).unwrap_err();
         assert_eq!(crate::rpc::status_of(&e).0, Code::INVALID_ARGUMENT);
