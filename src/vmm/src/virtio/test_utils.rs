@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -22,7 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Activation, ActiveQueue, Interrupt, Mem};
+use super::{Activation, ActiveQueue, Interrupt, Mem, VirtioDevice};
 
 /// Descriptor flags (virtio spec 2.7.5).
 pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -39,6 +40,9 @@ const QUEUE_STRIDE: u64 = 0x1000;
 const USED_RING_OFFSET: u64 = 0x800;
 /// The first buffer address [`Guest::alloc`] hands out.
 pub const BUFFERS: u64 = 0x1_0000;
+
+/// Where [`Guest::repost_out`] puts its data, in the buffers' area.
+pub const SANE_OUT: u64 = 0x1_1000;
 
 /// A descriptor as the tests write it: address, length, flags.
 pub type Desc = (u64, u32, u16);
@@ -79,6 +83,39 @@ pub fn activation(
         interrupt: interrupt.clone(),
         queues,
         stop: stop.try_clone().unwrap(),
+    }
+}
+
+/// The transport's side of a device whose worker thread runs: the
+/// interrupt line, each queue's notifier and the VM's stop eventfd.
+pub struct Running {
+    pub irq: Arc<Interrupt>,
+    pub notify: Vec<EventFd>,
+    pub stop: EventFd,
+}
+
+impl Running {
+    /// Activates `dev` over every queue of `g`, as the transport does at
+    /// DRIVER_OK.
+    pub fn start(dev: &mut dyn VirtioDevice, mem: &Mem, g: &Guest) -> Running {
+        let irq = interrupt();
+        let notify: Vec<EventFd> = (0..g.queues.len()).map(|_| eventfd()).collect();
+        let stop = eventfd();
+        let queues = (0..g.queues.len()).map(|q| g.queue(q)).collect();
+        dev.activate(activation(mem, &irq, queues, &notify, &stop))
+            .unwrap();
+        Running { irq, notify, stop }
+    }
+
+    /// The driver notifies queue `q`.
+    pub fn kick(&self, q: usize) {
+        self.notify[q].write(1).unwrap();
+    }
+
+    /// Stops the VM and waits for the device's `worker` thread to end.
+    pub fn stop(&self, worker: Option<JoinHandle<()>>) {
+        self.stop.write(1).unwrap();
+        worker.expect("a worker thread").join().unwrap();
     }
 }
 
@@ -296,6 +333,14 @@ impl<'a> Guest<'a> {
             avail.ring().ref_at(i).unwrap().store(h);
         }
         avail.idx().store(ring.idx);
+    }
+
+    /// Makes the ring of queue `q` sane again after [`Guest::load`] with
+    /// one readable chain of `data` (descriptor 0, at [`SANE_OUT`]), in
+    /// slot `next`: the device, still alive, sends `data` on.
+    pub fn repost_out(&self, q: usize, next: u16, data: &[u8]) {
+        self.write(SANE_OUT, data);
+        self.repost(q, next, 0, (SANE_OUT, data.len() as u32, 0));
     }
 
     /// Makes the ring of queue `q` sane again after [`Guest::load`]: the

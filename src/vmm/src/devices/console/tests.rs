@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{
     ControlMsg, DEVICE_READY, PORT_ADD, PORT_ID, PORT_NAME, PORT_OPEN, PORT_READY,
@@ -28,17 +27,47 @@ fn send_control(g: &mut Guest, id: u32, event: u16, value: u16) {
 }
 
 /// A worker over the guest's queues; the other end of its socket.
-fn worker(mem: &Mem, g: &Guest) -> (Worker, UnixStream, Arc<Interrupt>) {
+fn worker(
+    mem: &Mem,
+    g: &Guest,
+    name: &str,
+    multiport: bool,
+) -> (Worker, UnixStream, Arc<Interrupt>) {
     let (dev, host) = UnixStream::pair().unwrap();
     dev.set_nonblocking(true).unwrap();
     let irq = interrupt();
     let w = Worker::new(
         DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
         dev,
-        "krun.ctl",
-        true,
+        name,
+        multiport,
     );
     (w, host, irq)
+}
+
+/// The console's queues in `mem`, driven by a guest; a multiport worker
+/// over them with its port "krun.ctl"; the host's end of the socket; the
+/// interrupt line.
+fn rig(mem: &Mem) -> (Guest<'_>, Worker, UnixStream, Arc<Interrupt>) {
+    let g = Guest::new(mem, NUM_QUEUES);
+    let (w, host, irq) = worker(mem, &g, "krun.ctl", true);
+    (g, w, host, irq)
+}
+
+/// The driver posts `n` buffers of 4 KiB for control messages.
+fn post_control_buffers(g: &mut Guest, n: usize) {
+    for _ in 0..n {
+        g.post_in(CTRL_RX, 4096);
+    }
+}
+
+/// The driver's DEVICE_READY, then its PORT_READY for port 0, each
+/// served before the next.
+fn announce(g: &mut Guest, w: &mut Worker) {
+    send_control(g, u32::MAX, DEVICE_READY, 1);
+    w.process_all();
+    send_control(g, PORT_ID, PORT_READY, 1);
+    w.process_all();
 }
 
 fn ctl(event: u16, value: u16) -> Vec<u8> {
@@ -53,13 +82,8 @@ fn name_msg() -> Vec<u8> {
 
 /// The whole handshake, then the guest opens the port.
 fn open_port(g: &mut Guest, w: &mut Worker) {
-    for _ in 0..3 {
-        g.post_in(CTRL_RX, 4096);
-    }
-    send_control(g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(g, PORT_ID, PORT_READY, 1);
-    w.process_all();
+    post_control_buffers(g, 3);
+    announce(g, w);
     send_control(g, PORT_ID, PORT_OPEN, 1);
     w.process_all();
     assert_eq!(
@@ -107,11 +131,8 @@ fn device_surface() {
 #[test]
 fn control_handshake() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, irq) = worker(&mem, &g);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    let (mut g, mut w, _host, irq) = rig(&mem);
+    post_control_buffers(&mut g, 4);
     w.process_all();
     assert!(
         g.used(CTRL_RX).is_empty(),
@@ -145,21 +166,15 @@ fn control_handshake() {
 #[test]
 fn control_messages_wait_for_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, _irq) = worker(&mem, &g);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    w.process_all();
+    let (mut g, mut w, _host, _irq) = rig(&mem);
+    announce(&mut g, &mut w);
     assert_eq!(g.used(CTRL_TX).len(), 2, "driver's messages completed");
     assert!(g.used(CTRL_RX).is_empty());
     // Buffers appear one at a time (notification on queue 2).
     g.post_in(CTRL_RX, 4096);
     w.process_all();
     assert_eq!(g.received(CTRL_RX), vec![ctl(PORT_ADD, 1)]);
-    g.post_in(CTRL_RX, 4096);
-    g.post_in(CTRL_RX, 4096);
-    g.post_in(CTRL_RX, 4096);
+    post_control_buffers(&mut g, 3);
     w.process_all();
     assert_eq!(
         g.received(CTRL_RX),
@@ -171,11 +186,8 @@ fn control_messages_wait_for_buffers() {
 #[test]
 fn failures_and_unknown_messages_are_ignored() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, _irq) = worker(&mem, &g);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    let (mut g, mut w, _host, _irq) = rig(&mem);
+    post_control_buffers(&mut g, 4);
     send_control(&mut g, u32::MAX, DEVICE_READY, 0);
     send_control(&mut g, PORT_ID, PORT_READY, 0);
     // Opening a port the driver never added.
@@ -194,8 +206,7 @@ fn failures_and_unknown_messages_are_ignored() {
 #[test]
 fn guest_to_host_multi_descriptor_chains() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let _ = irq.eventfd().read();
 
@@ -219,8 +230,7 @@ fn guest_to_host_multi_descriptor_chains() {
 #[test]
 fn host_to_guest_fills_posted_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
 
     host.write_all(b"ping").unwrap();
@@ -261,19 +271,13 @@ fn host_to_guest_fills_posted_buffers() {
 #[test]
 fn host_data_before_the_guest_opens_is_kept() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     host.write_all(b"early bytes").unwrap();
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    post_control_buffers(&mut g, 4);
     // As Linux does in add_port: receive buffers before PORT_READY.
     g.post_in(RX, 4096);
     g.post_in(RX, 4096);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    w.process_all();
+    announce(&mut g, &mut w);
     assert!(g.used(RX).is_empty(), "the port is not open yet");
     assert!(
         w.socket_interest().is_empty(),
@@ -301,8 +305,7 @@ fn host_data_before_the_guest_opens_is_kept() {
 #[test]
 fn bytes_read_beyond_the_buffers_wait_for_more_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let data: Vec<u8> = (0..100u8).collect();
     host.write_all(&data).unwrap();
@@ -323,8 +326,7 @@ fn bytes_read_beyond_the_buffers_wait_for_more_buffers() {
 fn blocked_socket_keeps_every_byte() {
     // 1 MiB in one chain is far more than a socket buffer takes.
     let mem = memory(0x40_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let data: Vec<u8> = (0..0x10_0000u32).map(|i| (i * 7 % 251) as u8).collect();
     let base = g.alloc(data.len() as u64);
@@ -363,12 +365,9 @@ fn blocked_socket_keeps_every_byte() {
 #[test]
 fn host_eof_tells_the_guest_and_output_is_dropped() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    post_control_buffers(&mut g, 4);
     host.write_all(b"last words").unwrap();
     drop(host);
     g.post_in(RX, 4096);
@@ -398,8 +397,7 @@ fn host_eof_tells_the_guest_and_output_is_dropped() {
 #[test]
 fn hostile_chains_are_survived() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let outside = mem.last_addr().raw_value() + 1;
 
@@ -500,14 +498,7 @@ fn hostile_chains_are_survived() {
 fn without_multiport_the_port_is_simply_open() {
     let mem = memory(0x10_0000);
     let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (dev, mut host) = UnixStream::pair().unwrap();
-    dev.set_nonblocking(true).unwrap();
-    let mut w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), interrupt(), g.device_queues()),
-        dev,
-        "x",
-        false,
-    );
+    let (mut w, mut host, _irq) = worker(&mem, &g, "x", false);
     host.write_all(b"hi").unwrap();
     g.post_in(RX, 64);
     g.post_out(TX, b"yo");
@@ -524,14 +515,8 @@ fn worker_thread_serves_notifications_and_stops() {
     let (dev, mut host) = UnixStream::pair().unwrap();
     let mut console = Console::new("krun.ctl", dev);
     console.set_acked_features(VIRTIO_CONSOLE_F_MULTIPORT | crate::virtio::VIRTIO_F_VERSION_1);
-    let irq = interrupt();
-    let notify: Vec<EventFd> = (0..NUM_QUEUES).map(|_| eventfd()).collect();
-    let stop = eventfd();
-    let queues = g.device_queues::<NUM_QUEUES>().into();
-    console
-        .activate(activation(&mem, &irq, queues, &notify, &stop))
-        .unwrap();
-    let kick = |q: usize| notify[q].write(1).unwrap();
+    let running = Running::start(&mut console, &mem, &g);
+    let kick = |q: usize| running.kick(q);
     let wait_used = |g: &mut Guest, q: usize, count: usize| {
         let mut got = Vec::new();
         wait_for(&format!("queue {q}"), || {
@@ -541,9 +526,7 @@ fn worker_thread_serves_notifications_and_stops() {
         got
     };
 
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    post_control_buffers(&mut g, 4);
     kick(CTRL_RX);
     send_control(&mut g, u32::MAX, DEVICE_READY, 1);
     kick(CTRL_TX);
@@ -572,10 +555,8 @@ fn worker_thread_serves_notifications_and_stops() {
     g.post_out(TX, b"hello host");
     kick(TX);
     assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
-    assert!(irq.eventfd().read().unwrap() > 0);
-
-    stop.write(1).unwrap();
-    console.take_worker().unwrap().join().unwrap();
+    assert!(running.irq.eventfd().read().unwrap() > 0);
+    running.stop(console.take_worker());
 }
 
 proptest! {
@@ -592,8 +573,7 @@ proptest! {
         rounds in 1usize..4,
     ) {
         let mem = memory(0x2_0000);
-        let g = Guest::new(&mem, NUM_QUEUES);
-        let (mut w, mut host, _irq) = worker(&mem, &g);
+        let (g, mut w, mut host, _irq) = rig(&mem);
         if open {
             w.port_ready = true;
             w.guest_open = true;
@@ -615,8 +595,7 @@ proptest! {
         }
         // Still alive: a valid transmit chain goes through, provided the
         // ring itself is sane again (the driver owns it).
-        g.write(0x1_1000, b"end");
-        g.repost(TX, w.q.queues[TX].next_avail(), 0, (0x1_1000, 3, 0));
+        g.repost_out(TX, w.q.queues[TX].next_avail(), b"end");
         w.host_write_closed = false;
         w.tx_pending = None;
         w.process_all();
