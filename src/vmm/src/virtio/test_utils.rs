@@ -321,18 +321,20 @@ impl<'a> Guest<'a> {
         self.post(q, &[(a, data.len() as u32, 0)])
     }
 
-    /// Writes a hostile driver's descriptor table and available ring over
-    /// queue `q`.
-    pub fn load(&self, q: usize, ring: &RandomRing) {
-        for (i, &(addr, len, flags, next)) in ring.table.iter().enumerate() {
-            let flags = flags & (F_NEXT | F_WRITE | F_INDIRECT);
-            self.set_desc(q, i as u16, (addr, len, flags), next);
+    /// Writes a hostile driver's descriptor tables and available rings
+    /// over the queues, `rings[q]` over queue `q`.
+    pub fn load(&self, rings: &[RandomRing]) {
+        for (q, ring) in rings.iter().enumerate() {
+            for (i, &(addr, len, flags, next)) in ring.table.iter().enumerate() {
+                let flags = flags & (F_NEXT | F_WRITE | F_INDIRECT);
+                self.set_desc(q, i as u16, (addr, len, flags), next);
+            }
+            let avail = self.queues[q].avail();
+            for (i, &h) in ring.heads.iter().enumerate() {
+                avail.ring().ref_at(i).unwrap().store(h);
+            }
+            avail.idx().store(ring.idx);
         }
-        let avail = self.queues[q].avail();
-        for (i, &h) in ring.heads.iter().enumerate() {
-            avail.ring().ref_at(i).unwrap().store(h);
-        }
-        avail.idx().store(ring.idx);
     }
 
     /// Makes the ring of queue `q` sane again after [`Guest::load`] with

@@ -61,6 +61,12 @@ fn post_control_buffers(g: &mut Guest, n: usize) {
     }
 }
 
+/// The driver opens (1) or closes (0) port 0; the worker serves that.
+fn set_open(g: &mut Guest, w: &mut Worker, value: u16) {
+    send_control(g, PORT_ID, PORT_OPEN, value);
+    w.process_all();
+}
+
 /// The driver's DEVICE_READY, then its PORT_READY for port 0, each
 /// served before the next.
 fn announce(g: &mut Guest, w: &mut Worker) {
@@ -84,8 +90,7 @@ fn name_msg() -> Vec<u8> {
 fn open_port(g: &mut Guest, w: &mut Worker) {
     post_control_buffers(g, 3);
     announce(g, w);
-    send_control(g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(g, w, 1);
     assert_eq!(
         g.received(CTRL_RX),
         vec![ctl(PORT_ADD, 1), name_msg(), ctl(PORT_OPEN, 1)]
@@ -154,11 +159,9 @@ fn control_handshake() {
     assert_eq!(&msgs[0][8..], b"krun.ctl\0");
     assert!(!w.guest_open);
 
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(w.guest_open);
-    send_control(&mut g, PORT_ID, PORT_OPEN, 0);
-    w.process_all();
+    set_open(&mut g, &mut w, 0);
     assert!(!w.guest_open);
     assert!(g.used(CTRL_RX).is_empty());
 }
@@ -191,8 +194,7 @@ fn failures_and_unknown_messages_are_ignored() {
     send_control(&mut g, u32::MAX, DEVICE_READY, 0);
     send_control(&mut g, PORT_ID, PORT_READY, 0);
     // Opening a port the driver never added.
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(!w.guest_open && !w.port_ready);
     send_control(&mut g, 7, PORT_READY, 1);
     send_control(&mut g, PORT_ID, 0x1234, 1);
@@ -287,18 +289,15 @@ fn host_data_before_the_guest_opens_is_kept() {
     w.process_all();
     assert!(g.used(RX).is_empty());
 
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert_eq!(g.received(RX).concat(), b"early bytes, more");
 
     // Closed again: bytes wait for the next open.
-    send_control(&mut g, PORT_ID, PORT_OPEN, 0);
-    w.process_all();
+    set_open(&mut g, &mut w, 0);
     host.write_all(b"later").unwrap();
     w.process_all();
     assert!(g.used(RX).is_empty());
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert_eq!(g.received(RX).concat(), b"later");
 }
 
@@ -478,8 +477,7 @@ fn hostile_chains_are_survived() {
     g.post(CTRL_TX, &split);
     w.process_all();
     assert!(!w.guest_open, "a message over many descriptors counts");
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(w.guest_open);
 
     // Control receiveq with no room: the message waits.
@@ -582,9 +580,7 @@ proptest! {
         g.write(0x1_0000, &noise);
         g.write(0x1_0000, &ctl(PORT_OPEN, 1));
         g.write(0x1_0008, &ControlMsg { id: u32::MAX, event: DEVICE_READY, value: 1 }.to_bytes());
-        for (q, ring) in rings.iter().enumerate() {
-            g.load(q, ring);
-        }
+        g.load(&rings);
         host.write_all(&host_bytes).unwrap();
         host.set_nonblocking(true).unwrap();
         let mut sink = vec![0; 0x10000];

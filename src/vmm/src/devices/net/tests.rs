@@ -595,9 +595,7 @@ proptest! {
     ) {
         let mem = memory(0x2_0000);
         let (g, mut w, host, _irq) = rig_with(&mem, mergeable);
-        for (q, ring) in rings.iter().enumerate() {
-            g.load(q, ring);
-        }
+        g.load(&rings);
         for f in &frames {
             let _ = host.send(f);
         }

@@ -308,11 +308,7 @@ impl<'m> Harness<'m> {
         fh: u64,
         size: u32,
     ) -> Result<Vec<(String, P<EntryOut>)>, i32> {
-        let args = ReadIn {
-            fh,
-            size,
-            ..Default::default()
-        };
+        let args = read_in(fh, 0, size, 0);
         let r = self.call(Opcode::Readdirplus, node, args.as_slice());
         let mut rest = r.result()?;
         let mut entries = Vec::new();
@@ -359,13 +355,7 @@ impl<'m> Harness<'m> {
         size: u32,
         flags: i32,
     ) -> Result<Vec<u8>, i32> {
-        let args = ReadIn {
-            fh,
-            offset,
-            size,
-            flags: flags as u32,
-            ..Default::default()
-        };
+        let args = read_in(fh, offset, size, flags);
         let r = self.call(Opcode::Read, node, args.as_slice());
         r.result().map(<[u8]>::to_vec)
     }
@@ -545,5 +535,16 @@ impl<'m> Harness<'m> {
         self.call(Opcode::Fallocate, node, args.as_slice())
             .result()
             .map(drop)
+    }
+}
+
+/// The arguments of READ and READDIRPLUS.
+fn read_in(fh: u64, offset: u64, size: u32, flags: i32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset,
+        size,
+        flags: flags as u32,
+        ..Default::default()
     }
 }
