@@ -10,6 +10,8 @@
 //! them, read back [`Guest::used`] and [`Guest::received`].
 
 use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Activation, ActiveQueue, Interrupt, Mem, VirtioDevice};
+use super::{Activation, ActiveQueue, DeviceQueues, Interrupt, Mem, VirtioDevice};
 
 /// Descriptor flags (virtio spec 2.7.5).
 pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -119,6 +121,62 @@ impl Running {
     }
 }
 
+/// The life of a device's worker thread in a test: activates `dev` over
+/// every queue of `g`, lets `drive` play the driver, checks that the
+/// worker raised the interrupt, then stops the VM and waits for the
+/// thread, which `take_worker` hands over.
+pub fn with_worker_thread<D: VirtioDevice>(
+    dev: &mut D,
+    take_worker: impl FnOnce(&mut D) -> Option<JoinHandle<()>>,
+    mem: &Mem,
+    g: &mut Guest,
+    drive: impl FnOnce(&mut Guest, &Running),
+) {
+    let running = Running::start(dev, mem, g);
+    drive(g, &running);
+    assert!(running.irq.eventfd().read().unwrap() > 0);
+    running.stop(take_worker(dev));
+}
+
+/// The host's end of a device's backend: a stream (the console's
+/// socket) or datagrams (the tap's stand-in).
+pub trait HostEnd {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+    /// One read, or one datagram, into `buf`.
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl HostEnd for UnixStream {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, on)
+    }
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl HostEnd for UnixDatagram {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixDatagram::set_nonblocking(self, on)
+    }
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+}
+
+/// Asserts that the device sent nothing more to `host`: a read would
+/// block.
+pub fn assert_nothing_waits(host: &impl HostEnd) {
+    host.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 16];
+    let r = host.read_once(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    host.set_nonblocking(false).unwrap();
+}
+
 /// Polls `f` until it has something (a worker thread answered), for at
 /// most ten seconds.
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -193,6 +251,12 @@ impl<'a> Guest<'a> {
     pub fn device_queues<const N: usize>(&self) -> [Queue; N] {
         assert_eq!(N, self.queues.len());
         std::array::from_fn(|q| self.queue(q))
+    }
+
+    /// Every queue, ready-made for a device's worker as activation hands
+    /// them over, with a fresh interrupt line.
+    pub fn serving<const N: usize>(&self) -> DeviceQueues<N> {
+        DeviceQueues::new("test", self.mem.clone(), interrupt(), self.device_queues())
     }
 
     /// Guest memory for a buffer of `len` bytes.
@@ -319,6 +383,17 @@ impl<'a> Guest<'a> {
         let a = self.alloc(data.len() as u64);
         self.write(a, data);
         self.post(q, &[(a, data.len() as u32, 0)])
+    }
+
+    /// Waits until a worker thread has returned at least `count` buffers
+    /// on queue `q`; the bytes of each, as [`Guest::received`] reads them.
+    pub fn wait_received(&mut self, q: usize, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        wait_for(&format!("queue {q}"), || {
+            got.extend(self.received(q));
+            (got.len() >= count).then_some(())
+        });
+        got
     }
 
     /// Writes a hostile driver's descriptor tables and available rings

@@ -27,21 +27,12 @@ fn send_control(g: &mut Guest, id: u32, event: u16, value: u16) {
 }
 
 /// A worker over the guest's queues; the other end of its socket.
-fn worker(
-    mem: &Mem,
-    g: &Guest,
-    name: &str,
-    multiport: bool,
-) -> (Worker, UnixStream, Arc<Interrupt>) {
+fn worker(g: &Guest, name: &str, multiport: bool) -> (Worker, UnixStream, Arc<Interrupt>) {
     let (dev, host) = UnixStream::pair().unwrap();
     dev.set_nonblocking(true).unwrap();
-    let irq = interrupt();
-    let w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
-        dev,
-        name,
-        multiport,
-    );
+    let queues = g.serving();
+    let irq = queues.interrupt.clone();
+    let w = Worker::new(queues, dev, name, multiport);
     (w, host, irq)
 }
 
@@ -50,7 +41,7 @@ fn worker(
 /// interrupt line.
 fn rig(mem: &Mem) -> (Guest<'_>, Worker, UnixStream, Arc<Interrupt>) {
     let g = Guest::new(mem, NUM_QUEUES);
-    let (w, host, irq) = worker(mem, &g, "krun.ctl", true);
+    let (w, host, irq) = worker(&g, "krun.ctl", true);
     (g, w, host, irq)
 }
 
@@ -105,17 +96,6 @@ fn read_exact_timeout(s: &mut UnixStream, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
     s.read_exact(&mut v).unwrap();
     v
-}
-
-fn assert_nothing_to_read(s: &UnixStream) {
-    s.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 1];
-    let r = (&*s).read(&mut b);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
-        "{r:?}"
-    );
-    s.set_nonblocking(false).unwrap();
 }
 
 #[test]
@@ -226,7 +206,7 @@ fn guest_to_host_multi_descriptor_chains() {
     assert!(irq.eventfd().read().unwrap() > 0);
     let want = b"hello virtio world|second chain";
     assert_eq!(read_exact_timeout(&mut host, want.len()), want);
-    assert_nothing_to_read(&host);
+    assert_nothing_waits(&host);
 }
 
 #[test]
@@ -430,7 +410,7 @@ fn hostile_chains_are_survived() {
     let mut want = b"good".to_vec();
     want.extend([b'g'; QSIZE as usize]);
     assert_eq!(read_exact_timeout(&mut host, want.len()), want);
-    assert_nothing_to_read(&host);
+    assert_nothing_waits(&host);
 
     // Then a good chain works.
     let h = g.post_out(TX, b"next");
@@ -496,7 +476,7 @@ fn hostile_chains_are_survived() {
 fn without_multiport_the_port_is_simply_open() {
     let mem = memory(0x10_0000);
     let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g, "x", false);
+    let (mut w, mut host, _irq) = worker(&g, "x", false);
     host.write_all(b"hi").unwrap();
     g.post_in(RX, 64);
     g.post_out(TX, b"yo");
@@ -513,48 +493,43 @@ fn worker_thread_serves_notifications_and_stops() {
     let (dev, mut host) = UnixStream::pair().unwrap();
     let mut console = Console::new("krun.ctl", dev);
     console.set_acked_features(VIRTIO_CONSOLE_F_MULTIPORT | crate::virtio::VIRTIO_F_VERSION_1);
-    let running = Running::start(&mut console, &mem, &g);
-    let kick = |q: usize| running.kick(q);
-    let wait_used = |g: &mut Guest, q: usize, count: usize| {
-        let mut got = Vec::new();
-        wait_for(&format!("queue {q}"), || {
-            got.extend(g.received(q));
-            (got.len() >= count).then_some(())
-        });
-        got
-    };
+    with_worker_thread(
+        &mut console,
+        Console::take_worker,
+        &mem,
+        &mut g,
+        |g, running| {
+            post_control_buffers(g, 4);
+            running.kick(CTRL_RX);
+            send_control(g, u32::MAX, DEVICE_READY, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(g.wait_received(CTRL_RX, 1), vec![ctl(PORT_ADD, 1)]);
+            g.post_in(RX, 4096);
+            running.kick(RX);
+            send_control(g, PORT_ID, PORT_READY, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(
+                g.wait_received(CTRL_RX, 2),
+                vec![name_msg(), ctl(PORT_OPEN, 1)]
+            );
+            // The host speaks before the guest opened the port.
+            host.write_all(b"hello guest").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(g.used(RX).is_empty());
+            send_control(g, PORT_ID, PORT_OPEN, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(g.wait_received(RX, 1), vec![b"hello guest".to_vec()]);
+            // Waiting for the socket: more bytes, delivered on EPOLLIN.
+            g.post_in(RX, 4096);
+            running.kick(RX);
+            host.write_all(b"again").unwrap();
+            assert_eq!(g.wait_received(RX, 1), vec![b"again".to_vec()]);
 
-    post_control_buffers(&mut g, 4);
-    kick(CTRL_RX);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    kick(CTRL_TX);
-    assert_eq!(wait_used(&mut g, CTRL_RX, 1), vec![ctl(PORT_ADD, 1)]);
-    g.post_in(RX, 4096);
-    kick(RX);
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    kick(CTRL_TX);
-    assert_eq!(
-        wait_used(&mut g, CTRL_RX, 2),
-        vec![name_msg(), ctl(PORT_OPEN, 1)]
+            g.post_out(TX, b"hello host");
+            running.kick(TX);
+            assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
+        },
     );
-    // The host speaks before the guest opened the port.
-    host.write_all(b"hello guest").unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(g.used(RX).is_empty());
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    kick(CTRL_TX);
-    assert_eq!(wait_used(&mut g, RX, 1), vec![b"hello guest".to_vec()]);
-    // Waiting for the socket: more bytes, delivered on EPOLLIN.
-    g.post_in(RX, 4096);
-    kick(RX);
-    host.write_all(b"again").unwrap();
-    assert_eq!(wait_used(&mut g, RX, 1), vec![b"again".to_vec()]);
-
-    g.post_out(TX, b"hello host");
-    kick(TX);
-    assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
-    assert!(running.irq.eventfd().read().unwrap() > 0);
-    running.stop(console.take_worker());
 }
 
 proptest! {

@@ -4,7 +4,6 @@
 //! tap (a real one is in `tap.rs`).
 
 use std::fs::File;
-use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
@@ -56,13 +55,9 @@ fn rig_full(
 ) -> (Guest<'_>, Worker, UnixDatagram, Arc<Interrupt>) {
     let g = Guest::new(mem, NUM_QUEUES);
     let (dev, host) = tap_pair();
-    let irq = interrupt();
-    let w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
-        dev,
-        mergeable,
-        vnet_hdr,
-    );
+    let queues = g.serving();
+    let irq = queues.interrupt.clone();
+    let w = Worker::new(queues, dev, mergeable, vnet_hdr);
     (g, w, host, irq)
 }
 
@@ -107,17 +102,6 @@ fn recv(host: &UnixDatagram) -> Vec<u8> {
     let n = host.recv(&mut buf).unwrap();
     buf.truncate(n);
     buf
-}
-
-fn assert_nothing_sent(host: &UnixDatagram) {
-    host.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 16];
-    let r = host.recv(&mut b);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
-        "{r:?}"
-    );
-    host.set_nonblocking(false).unwrap();
 }
 
 #[test]
@@ -166,7 +150,7 @@ fn headers_pass_through_a_tap_that_carries_them() {
         // A header alone is no frame.
         send(&mut g, &[]);
         w.process_all();
-        assert_nothing_sent(&host);
+        assert_nothing_waits(&host);
 
         // Receive: the tap's header reaches the guest as it was but for
         // num_buffers, which the tap leaves alone.
@@ -271,7 +255,7 @@ fn transmit_strips_the_header() {
     assert_eq!(g.used(TX), vec![(h1, 0), (h2, 0)]);
     assert_eq!(recv(&host), f1);
     assert_eq!(recv(&host), f2);
-    assert_nothing_sent(&host);
+    assert_nothing_waits(&host);
     assert!(irq.eventfd().read().unwrap() > 0);
     assert_eq!(w.tx_frames, 2);
 }
@@ -377,7 +361,7 @@ fn hostile_transmit_chains_are_dropped() {
     g.post(TX, &[(a, 12, 0)]);
     w.process_all();
     assert_eq!(g.used(TX).len(), 8);
-    assert_nothing_sent(&host);
+    assert_nothing_waits(&host);
     // A looping chain: 0 -> 1 -> 0 ... is cut by the iterator; what it
     // has read is then far too short or too long, never a hang.
     g.post_loop(TX, a, 1);
@@ -549,36 +533,28 @@ fn worker_thread_serves_notifications_and_stops() {
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut net = Net::new(OwnedFd::from(dev), "02:00:00:00:00:01").unwrap();
     net.set_acked_features(VIRTIO_NET_F_MAC | crate::virtio::VIRTIO_F_VERSION_1);
-    let running = Running::start(&mut net, &mem, &g);
-    let wait_used = |g: &mut Guest, q: usize| {
-        wait_for(&format!("queue {q}"), || {
-            let got = g.received(q);
-            (!got.is_empty()).then_some(got)
-        })
-    };
+    with_worker_thread(&mut net, Net::take_worker, &mem, &mut g, |g, running| {
+        // A frame before any buffer waits in the tap.
+        let f = frame(90, 4);
+        host.send(&f).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        g.post_in(RX, 1526);
+        running.kick(RX);
+        assert_eq!(g.wait_received(RX, 1), vec![with_header(&f)]);
+        // A buffer waiting: the tap wakes the worker.
+        g.post_in(RX, 1526);
+        running.kick(RX);
+        std::thread::sleep(Duration::from_millis(20));
+        let f = frame(1514, 5);
+        host.send(&f).unwrap();
+        assert_eq!(g.wait_received(RX, 1), vec![with_header(&f)]);
 
-    // A frame before any buffer waits in the tap.
-    let f = frame(90, 4);
-    host.send(&f).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    g.post_in(RX, 1526);
-    running.kick(RX);
-    assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
-    // A buffer waiting: the tap wakes the worker.
-    g.post_in(RX, 1526);
-    running.kick(RX);
-    std::thread::sleep(Duration::from_millis(20));
-    let f = frame(1514, 5);
-    host.send(&f).unwrap();
-    assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
-
-    let out = frame(300, 6);
-    send(&mut g, &out);
-    running.kick(TX);
-    assert_eq!(recv(&host), out);
-    assert_eq!(wait_used(&mut g, TX).len(), 1);
-    assert!(running.irq.eventfd().read().unwrap() > 0);
-    running.stop(net.take_worker());
+        let out = frame(300, 6);
+        send(g, &out);
+        running.kick(TX);
+        assert_eq!(recv(&host), out);
+        assert_eq!(g.wait_received(TX, 1).len(), 1);
+    });
 }
 
 proptest! {
