@@ -8,6 +8,8 @@
 //! queues as the device has, hands [`Guest::device_queues`] to the device,
 //! then plays the driver: [`Guest::post`] chains, let the device serve
 //! them, read back [`Guest::used`] and [`Guest::received`].
+//! A worker ([`Guest::serving`] hands it its queues) is driven step by
+//! step; a worker thread, inside [`with_worker_thread`].
 
 use std::collections::HashMap;
 use std::io::{self, Read};
