@@ -226,41 +226,29 @@ fn sentinel_contents(w: &World) -> Vec<u8> {
 
 // ---- The fuzz input ----
 
-/// A node id: mostly one the server handed out (the root first).
+/// An id the server hands out: mostly one it did (an index into those
+/// [`Known`] so far), else a small or any raw number.
 #[derive(Debug, Clone, Copy)]
-enum Node {
+enum Handed {
     Known(u8),
     Raw(u64),
 }
 
-impl<'a> Arbitrary<'a> for Node {
+impl<'a> Arbitrary<'a> for Handed {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         let b = u8::arbitrary(u)?;
         Ok(match b {
-            0..=239 => Node::Known(b),
-            240..=247 => Node::Raw(u64::from(b - 240)),
-            _ => Node::Raw(u64::arbitrary(u)?),
+            0..=239 => Handed::Known(b),
+            240..=247 => Handed::Raw(u64::from(b - 240)),
+            _ => Handed::Raw(u64::arbitrary(u)?),
         })
     }
 }
 
-/// A file handle: mostly one the server handed out.
-#[derive(Debug, Clone, Copy)]
-enum Fh {
-    Known(u8),
-    Raw(u64),
-}
-
-impl<'a> Arbitrary<'a> for Fh {
-    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let b = u8::arbitrary(u)?;
-        Ok(match b {
-            0..=239 => Fh::Known(b),
-            240..=247 => Fh::Raw(u64::from(b - 240)),
-            _ => Fh::Raw(u64::arbitrary(u)?),
-        })
-    }
-}
+/// A node id (the root the first known).
+type Node = Handed;
+/// A file handle.
+type Fh = Handed;
 
 const NAMES: &[&[u8]] = &[
     b"hello.txt",
@@ -281,37 +269,6 @@ const NAMES: &[&[u8]] = &[
     b"secret.txt",
 ];
 
-/// A name: mostly one of the share's, or one to create.
-#[derive(Debug, Clone)]
-enum Name {
-    Dict(u8),
-    Raw(Vec<u8>),
-}
-
-impl<'a> Arbitrary<'a> for Name {
-    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
-        let b = u8::arbitrary(u)?;
-        if b < 240 {
-            return Ok(Name::Dict(b));
-        }
-        let len = u.int_in_range(0..=24)?;
-        Ok(Name::Raw(u.bytes(len)?.to_vec()))
-    }
-}
-
-impl Name {
-    /// The name as it goes on the wire, NUL-terminated (a raw name may
-    /// hold NULs of its own).
-    fn wire(&self) -> Vec<u8> {
-        let mut v = match self {
-            Name::Dict(i) => NAMES[usize::from(*i) % NAMES.len()].to_vec(),
-            Name::Raw(v) => v.clone(),
-        };
-        v.push(0);
-        v
-    }
-}
-
 const XATTRS: &[&[u8]] = &[
     b"user.x",
     b"user.y",
@@ -324,33 +281,46 @@ const XATTRS: &[&[u8]] = &[
     b"",
 ];
 
+/// The dictionaries a [`Word`] draws from.
+const DICTIONARIES: [&[&[u8]]; 2] = [NAMES, XATTRS];
+
+/// A string for the wire: mostly an entry of dictionary
+/// `DICTIONARIES[D]`, else up to `RAW_MAX` raw bytes.
 #[derive(Debug, Clone)]
-enum Xattr {
+enum Word<const D: usize, const RAW_MAX: usize> {
     Dict(u8),
     Raw(Vec<u8>),
 }
 
-impl<'a> Arbitrary<'a> for Xattr {
+impl<'a, const D: usize, const RAW_MAX: usize> Arbitrary<'a> for Word<D, RAW_MAX> {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         let b = u8::arbitrary(u)?;
         if b < 240 {
-            return Ok(Xattr::Dict(b));
+            return Ok(Word::Dict(b));
         }
-        let len = u.int_in_range(0..=40)?;
-        Ok(Xattr::Raw(u.bytes(len)?.to_vec()))
+        let len = u.int_in_range(0..=RAW_MAX)?;
+        Ok(Word::Raw(u.bytes(len)?.to_vec()))
     }
 }
 
-impl Xattr {
+impl<const D: usize, const RAW_MAX: usize> Word<D, RAW_MAX> {
+    /// The word as it goes on the wire, NUL-terminated (a raw one may
+    /// hold NULs of its own).
     fn wire(&self) -> Vec<u8> {
+        let dict = DICTIONARIES[D];
         let mut v = match self {
-            Xattr::Dict(i) => XATTRS[usize::from(*i) % XATTRS.len()].to_vec(),
-            Xattr::Raw(v) => v.clone(),
+            Word::Dict(i) => dict[usize::from(*i) % dict.len()].to_vec(),
+            Word::Raw(v) => v.clone(),
         };
         v.push(0);
         v
     }
 }
+
+/// A name: mostly one of the share's, or one to create.
+type Name = Word<0, 24>;
+/// An extended attribute's name.
+type Xattr = Word<1, 40>;
 
 /// open(2) flags: a combination of the interesting ones, or raw bits.
 #[derive(Debug, Clone, Copy)]
@@ -566,18 +536,18 @@ struct Known {
 impl Known {
     fn node(&self, n: Node) -> u64 {
         match n {
-            Node::Known(i) => self.nodes[usize::from(i) % self.nodes.len()],
-            Node::Raw(v) => v,
+            Handed::Known(i) => self.nodes[usize::from(i) % self.nodes.len()],
+            Handed::Raw(v) => v,
         }
     }
 
     fn fh(&self, f: Fh) -> u64 {
         match f {
-            Fh::Known(i) if !self.handles.is_empty() => {
+            Handed::Known(i) if !self.handles.is_empty() => {
                 self.handles[usize::from(i) % self.handles.len()]
             }
-            Fh::Known(i) => u64::from(i),
-            Fh::Raw(v) => v,
+            Handed::Known(i) => u64::from(i),
+            Handed::Raw(v) => v,
         }
     }
 
@@ -790,13 +760,17 @@ fn encode(op: &Op, k: &Known, w: &World) -> (u32, u64, Vec<u8>) {
             (O::Write as u32, n(*node), cat(&[args.as_slice(), data]))
         }
         Op::Statfs(node) => (O::Statfs as u32, n(*node), Vec::new()),
-        Op::Release(node, fh, flags) => {
+        Op::Release(node, fh, _) | Op::Releasedir(node, fh) => {
+            let (opcode, flags) = match op {
+                Op::Release(_, _, flags) => (O::Release, flags.0),
+                _ => (O::Releasedir, 0),
+            };
             let args = ReleaseIn {
                 fh: f(*fh),
-                flags: flags.0,
+                flags,
                 ..Default::default()
             };
-            (O::Release as u32, n(*node), args.as_slice().to_vec())
+            (opcode as u32, n(*node), args.as_slice().to_vec())
         }
         Op::Flush(node, fh) => {
             let args = FlushIn {
@@ -805,13 +779,18 @@ fn encode(op: &Op, k: &Known, w: &World) -> (u32, u64, Vec<u8>) {
             };
             (O::Flush as u32, n(*node), args.as_slice().to_vec())
         }
-        Op::Fsync(node, fh, data) => {
+        Op::Fsync(node, fh, data) | Op::Fsyncdir(node, fh, data) => {
+            let opcode = if matches!(op, Op::Fsync(..)) {
+                O::Fsync
+            } else {
+                O::Fsyncdir
+            };
             let args = FsyncIn {
                 fh: f(*fh),
                 fsync_flags: u32::from(*data),
                 padding: 0,
             };
-            (O::Fsync as u32, n(*node), args.as_slice().to_vec())
+            (opcode as u32, n(*node), args.as_slice().to_vec())
         }
         Op::Setxattr(node, name, value, flags) => {
             let value = &value[..value.len().min(512)];
@@ -853,21 +832,6 @@ fn encode(op: &Op, k: &Known, w: &World) -> (u32, u64, Vec<u8>) {
             };
             let args = read_in(f(*fh), u64::from(*offset), u32::from(*size), 0);
             (opcode as u32, n(*node), args.as_slice().to_vec())
-        }
-        Op::Releasedir(node, fh) => {
-            let args = ReleaseIn {
-                fh: f(*fh),
-                ..Default::default()
-            };
-            (O::Releasedir as u32, n(*node), args.as_slice().to_vec())
-        }
-        Op::Fsyncdir(node, fh, data) => {
-            let args = FsyncIn {
-                fh: f(*fh),
-                fsync_flags: u32::from(*data),
-                padding: 0,
-            };
-            (O::Fsyncdir as u32, n(*node), args.as_slice().to_vec())
         }
         Op::Access(node, mask) => {
             let args = AccessIn {

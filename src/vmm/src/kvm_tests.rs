@@ -87,24 +87,31 @@ fn run(g: Guest) -> (VmExit, String, GuestMemoryMmap<()>) {
     (exit, out, g.mem)
 }
 
+/// Puts `code` at `rip`, starts the vCPU there with its stack at `rsp`
+/// (flags: only the reserved bit) and runs it as [`run`] does.
+fn run_code(g: Guest, code: &[u8], rip: u64, rsp: u64) -> (VmExit, String, GuestMemoryMmap<()>) {
+    g.mem.write_slice(code, GuestAddress(rip)).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip,
+        rsp,
+        rflags: 2,
+        ..Default::default()
+    };
+    g.vcpu.set_regs(&regs).unwrap();
+    run(g)
+}
+
 #[test]
 fn real_mode_guest_writes_to_the_serial_port() {
     let g = guest(1);
     // mov dx, 0x3f8; mov al, 'K'; out dx, al; in al, 0x99 (nothing there:
     // 0xff); out dx, al... then a newline and hlt.
     let code = [0xba, 0xf8, 0x03, 0xb0, b'K', 0xee, 0xb0, b'\n', 0xee, 0xf4];
-    g.mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
     let mut sregs = g.vcpu.get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     g.vcpu.set_sregs(&sregs).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
-        rflags: 2,
-        ..Default::default()
-    };
-    g.vcpu.set_regs(&regs).unwrap();
-    let (exit, out, _) = run(g);
+    let (exit, out, _) = run_code(g, &code, 0x1000, 0);
     assert_eq!(exit, VmExit::GuestStopped);
     assert_eq!(out, "K\n");
 }
@@ -186,15 +193,7 @@ fn long_mode_guest_uses_memory_above_1mib_and_mmio() {
     code.extend_from_slice(&[0xb0, b'!', 0xee]); // mov al, '!'; out
     code.extend_from_slice(&[0x90]);
     code.extend_from_slice(&[0xf4]); // hlt
-    g.mem.write_slice(&code, GuestAddress(0x10_0000)).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: 0x10_0000,
-        rflags: 2,
-        rsp: 0x8000,
-        ..Default::default()
-    };
-    g.vcpu.set_regs(&regs).unwrap();
-    let (exit, out, mem) = run(g);
+    let (exit, out, mem) = run_code(g, &code, 0x10_0000, 0x8000);
     assert_eq!(exit, VmExit::GuestStopped);
     assert_eq!(out, "vi!");
     assert_eq!(
@@ -210,14 +209,7 @@ fn a_guest_that_faults_ends_the_vm_with_a_typed_exit() {
     // Jump to an address with no page mapped: the fault has no IDT to go
     // to, so the guest triple-faults, which KVM reports as a shutdown.
     let code = [0x48, 0xb8, 0, 0, 0, 0, 0x80, 0, 0, 0, 0xff, 0xe0]; // mov rax, 0x80_0000_0000; jmp rax
-    g.mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
-        rflags: 2,
-        ..Default::default()
-    };
-    g.vcpu.set_regs(&regs).unwrap();
-    let (exit, _, _) = run(g);
+    let (exit, _, _) = run_code(g, &code, 0x1000, 0);
     assert!(
         matches!(exit, VmExit::GuestStopped | VmExit::VmmFailed { .. }),
         "{exit:?}"

@@ -8,9 +8,14 @@
 //! queues as the device has, hands [`Guest::device_queues`] to the device,
 //! then plays the driver: [`Guest::post`] chains, let the device serve
 //! them, read back [`Guest::used`] and [`Guest::received`].
+//! A worker ([`Guest::serving`] hands it its queues) is driven step by
+//! step; a worker thread, inside [`with_worker_thread`].
 
 use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -22,7 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Activation, ActiveQueue, Interrupt, Mem};
+use super::{Activation, ActiveQueue, DeviceQueues, Interrupt, Mem, VirtioDevice};
 
 /// Descriptor flags (virtio spec 2.7.5).
 pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -39,6 +44,9 @@ const QUEUE_STRIDE: u64 = 0x1000;
 const USED_RING_OFFSET: u64 = 0x800;
 /// The first buffer address [`Guest::alloc`] hands out.
 pub const BUFFERS: u64 = 0x1_0000;
+
+/// Where [`Guest::repost_out`] puts its data, in the buffers' area.
+pub const SANE_OUT: u64 = 0x1_1000;
 
 /// A descriptor as the tests write it: address, length, flags.
 pub type Desc = (u64, u32, u16);
@@ -80,6 +88,95 @@ pub fn activation(
         queues,
         stop: stop.try_clone().unwrap(),
     }
+}
+
+/// The transport's side of a device whose worker thread runs: the
+/// interrupt line, each queue's notifier and the VM's stop eventfd.
+pub struct Running {
+    pub irq: Arc<Interrupt>,
+    pub notify: Vec<EventFd>,
+    pub stop: EventFd,
+}
+
+impl Running {
+    /// Activates `dev` over every queue of `g`, as the transport does at
+    /// DRIVER_OK.
+    pub fn start(dev: &mut dyn VirtioDevice, mem: &Mem, g: &Guest) -> Running {
+        let irq = interrupt();
+        let notify: Vec<EventFd> = (0..g.queues.len()).map(|_| eventfd()).collect();
+        let stop = eventfd();
+        let queues = (0..g.queues.len()).map(|q| g.queue(q)).collect();
+        dev.activate(activation(mem, &irq, queues, &notify, &stop))
+            .unwrap();
+        Running { irq, notify, stop }
+    }
+
+    /// The driver notifies queue `q`.
+    pub fn kick(&self, q: usize) {
+        self.notify[q].write(1).unwrap();
+    }
+
+    /// Stops the VM and waits for the device's `worker` thread to end.
+    pub fn stop(&self, worker: Option<JoinHandle<()>>) {
+        self.stop.write(1).unwrap();
+        worker.expect("a worker thread").join().unwrap();
+    }
+}
+
+/// The life of a device's worker thread in a test: activates `dev` over
+/// every queue of `g`, lets `drive` play the driver, checks that the
+/// worker raised the interrupt, then stops the VM and waits for the
+/// thread, which `take_worker` hands over.
+pub fn with_worker_thread<D: VirtioDevice>(
+    dev: &mut D,
+    take_worker: impl FnOnce(&mut D) -> Option<JoinHandle<()>>,
+    mem: &Mem,
+    g: &mut Guest,
+    drive: impl FnOnce(&mut Guest, &Running),
+) {
+    let running = Running::start(dev, mem, g);
+    drive(g, &running);
+    assert!(running.irq.eventfd().read().unwrap() > 0);
+    running.stop(take_worker(dev));
+}
+
+/// The host's end of a device's backend: a stream (the console's
+/// socket) or datagrams (the tap's stand-in).
+pub trait HostEnd {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+    /// One read, or one datagram, into `buf`.
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl HostEnd for UnixStream {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, on)
+    }
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl HostEnd for UnixDatagram {
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UnixDatagram::set_nonblocking(self, on)
+    }
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf)
+    }
+}
+
+/// Asserts that the device sent nothing more to `host`: a read would
+/// block.
+pub fn assert_nothing_waits(host: &impl HostEnd) {
+    host.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 16];
+    let r = host.read_once(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    host.set_nonblocking(false).unwrap();
 }
 
 /// Polls `f` until it has something (a worker thread answered), for at
@@ -156,6 +253,12 @@ impl<'a> Guest<'a> {
     pub fn device_queues<const N: usize>(&self) -> [Queue; N] {
         assert_eq!(N, self.queues.len());
         std::array::from_fn(|q| self.queue(q))
+    }
+
+    /// Every queue, ready-made for a device's worker as activation hands
+    /// them over, with a fresh interrupt line.
+    pub fn serving<const N: usize>(&self) -> DeviceQueues<N> {
+        DeviceQueues::new("test", self.mem.clone(), interrupt(), self.device_queues())
     }
 
     /// Guest memory for a buffer of `len` bytes.
@@ -284,18 +387,39 @@ impl<'a> Guest<'a> {
         self.post(q, &[(a, data.len() as u32, 0)])
     }
 
-    /// Writes a hostile driver's descriptor table and available ring over
-    /// queue `q`.
-    pub fn load(&self, q: usize, ring: &RandomRing) {
-        for (i, &(addr, len, flags, next)) in ring.table.iter().enumerate() {
-            let flags = flags & (F_NEXT | F_WRITE | F_INDIRECT);
-            self.set_desc(q, i as u16, (addr, len, flags), next);
+    /// Waits until a worker thread has returned at least `count` buffers
+    /// on queue `q`; the bytes of each, as [`Guest::received`] reads them.
+    pub fn wait_received(&mut self, q: usize, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        wait_for(&format!("queue {q}"), || {
+            got.extend(self.received(q));
+            (got.len() >= count).then_some(())
+        });
+        got
+    }
+
+    /// Writes a hostile driver's descriptor tables and available rings
+    /// over the queues, `rings[q]` over queue `q`.
+    pub fn load(&self, rings: &[RandomRing]) {
+        for (q, ring) in rings.iter().enumerate() {
+            for (i, &(addr, len, flags, next)) in ring.table.iter().enumerate() {
+                let flags = flags & (F_NEXT | F_WRITE | F_INDIRECT);
+                self.set_desc(q, i as u16, (addr, len, flags), next);
+            }
+            let avail = self.queues[q].avail();
+            for (i, &h) in ring.heads.iter().enumerate() {
+                avail.ring().ref_at(i).unwrap().store(h);
+            }
+            avail.idx().store(ring.idx);
         }
-        let avail = self.queues[q].avail();
-        for (i, &h) in ring.heads.iter().enumerate() {
-            avail.ring().ref_at(i).unwrap().store(h);
-        }
-        avail.idx().store(ring.idx);
+    }
+
+    /// Makes the ring of queue `q` sane again after [`Guest::load`] with
+    /// one readable chain of `data` (descriptor 0, at [`SANE_OUT`]), in
+    /// slot `next`: the device, still alive, sends `data` on.
+    pub fn repost_out(&self, q: usize, next: u16, data: &[u8]) {
+        self.write(SANE_OUT, data);
+        self.repost(q, next, 0, (SANE_OUT, data.len() as u32, 0));
     }
 
     /// Makes the ring of queue `q` sane again after [`Guest::load`]: the

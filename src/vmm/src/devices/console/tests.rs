@@ -10,7 +10,6 @@ use proptest::prelude::*;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{
     ControlMsg, DEVICE_READY, PORT_ADD, PORT_ID, PORT_NAME, PORT_OPEN, PORT_READY,
@@ -28,17 +27,44 @@ fn send_control(g: &mut Guest, id: u32, event: u16, value: u16) {
 }
 
 /// A worker over the guest's queues; the other end of its socket.
-fn worker(mem: &Mem, g: &Guest) -> (Worker, UnixStream, Arc<Interrupt>) {
+fn worker(g: &Guest, name: &str, multiport: bool) -> (Worker, UnixStream, Arc<Interrupt>) {
     let (dev, host) = UnixStream::pair().unwrap();
     dev.set_nonblocking(true).unwrap();
-    let irq = interrupt();
-    let w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
-        dev,
-        "krun.ctl",
-        true,
-    );
+    let queues = g.serving();
+    let irq = queues.interrupt.clone();
+    let w = Worker::new(queues, dev, name, multiport);
     (w, host, irq)
+}
+
+/// The console's queues in `mem`, driven by a guest; a multiport worker
+/// over them with its port "krun.ctl"; the host's end of the socket; the
+/// interrupt line.
+fn rig(mem: &Mem) -> (Guest<'_>, Worker, UnixStream, Arc<Interrupt>) {
+    let g = Guest::new(mem, NUM_QUEUES);
+    let (w, host, irq) = worker(&g, "krun.ctl", true);
+    (g, w, host, irq)
+}
+
+/// The driver posts `n` buffers of 4 KiB for control messages.
+fn post_control_buffers(g: &mut Guest, n: usize) {
+    for _ in 0..n {
+        g.post_in(CTRL_RX, 4096);
+    }
+}
+
+/// The driver opens (1) or closes (0) port 0; the worker serves that.
+fn set_open(g: &mut Guest, w: &mut Worker, value: u16) {
+    send_control(g, PORT_ID, PORT_OPEN, value);
+    w.process_all();
+}
+
+/// The driver's DEVICE_READY, then its PORT_READY for port 0, each
+/// served before the next.
+fn announce(g: &mut Guest, w: &mut Worker) {
+    send_control(g, u32::MAX, DEVICE_READY, 1);
+    w.process_all();
+    send_control(g, PORT_ID, PORT_READY, 1);
+    w.process_all();
 }
 
 fn ctl(event: u16, value: u16) -> Vec<u8> {
@@ -53,15 +79,9 @@ fn name_msg() -> Vec<u8> {
 
 /// The whole handshake, then the guest opens the port.
 fn open_port(g: &mut Guest, w: &mut Worker) {
-    for _ in 0..3 {
-        g.post_in(CTRL_RX, 4096);
-    }
-    send_control(g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(g, PORT_ID, PORT_READY, 1);
-    w.process_all();
-    send_control(g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    post_control_buffers(g, 3);
+    announce(g, w);
+    set_open(g, w, 1);
     assert_eq!(
         g.received(CTRL_RX),
         vec![ctl(PORT_ADD, 1), name_msg(), ctl(PORT_OPEN, 1)]
@@ -76,17 +96,6 @@ fn read_exact_timeout(s: &mut UnixStream, len: usize) -> Vec<u8> {
     let mut v = vec![0; len];
     s.read_exact(&mut v).unwrap();
     v
-}
-
-fn assert_nothing_to_read(s: &UnixStream) {
-    s.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 1];
-    let r = (&*s).read(&mut b);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
-        "{r:?}"
-    );
-    s.set_nonblocking(false).unwrap();
 }
 
 #[test]
@@ -107,11 +116,8 @@ fn device_surface() {
 #[test]
 fn control_handshake() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, irq) = worker(&mem, &g);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    let (mut g, mut w, _host, irq) = rig(&mem);
+    post_control_buffers(&mut g, 4);
     w.process_all();
     assert!(
         g.used(CTRL_RX).is_empty(),
@@ -133,11 +139,9 @@ fn control_handshake() {
     assert_eq!(&msgs[0][8..], b"krun.ctl\0");
     assert!(!w.guest_open);
 
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(w.guest_open);
-    send_control(&mut g, PORT_ID, PORT_OPEN, 0);
-    w.process_all();
+    set_open(&mut g, &mut w, 0);
     assert!(!w.guest_open);
     assert!(g.used(CTRL_RX).is_empty());
 }
@@ -145,21 +149,15 @@ fn control_handshake() {
 #[test]
 fn control_messages_wait_for_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, _irq) = worker(&mem, &g);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    w.process_all();
+    let (mut g, mut w, _host, _irq) = rig(&mem);
+    announce(&mut g, &mut w);
     assert_eq!(g.used(CTRL_TX).len(), 2, "driver's messages completed");
     assert!(g.used(CTRL_RX).is_empty());
     // Buffers appear one at a time (notification on queue 2).
     g.post_in(CTRL_RX, 4096);
     w.process_all();
     assert_eq!(g.received(CTRL_RX), vec![ctl(PORT_ADD, 1)]);
-    g.post_in(CTRL_RX, 4096);
-    g.post_in(CTRL_RX, 4096);
-    g.post_in(CTRL_RX, 4096);
+    post_control_buffers(&mut g, 3);
     w.process_all();
     assert_eq!(
         g.received(CTRL_RX),
@@ -171,16 +169,12 @@ fn control_messages_wait_for_buffers() {
 #[test]
 fn failures_and_unknown_messages_are_ignored() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, _host, _irq) = worker(&mem, &g);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    let (mut g, mut w, _host, _irq) = rig(&mem);
+    post_control_buffers(&mut g, 4);
     send_control(&mut g, u32::MAX, DEVICE_READY, 0);
     send_control(&mut g, PORT_ID, PORT_READY, 0);
     // Opening a port the driver never added.
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(!w.guest_open && !w.port_ready);
     send_control(&mut g, 7, PORT_READY, 1);
     send_control(&mut g, PORT_ID, 0x1234, 1);
@@ -194,8 +188,7 @@ fn failures_and_unknown_messages_are_ignored() {
 #[test]
 fn guest_to_host_multi_descriptor_chains() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let _ = irq.eventfd().read();
 
@@ -213,14 +206,13 @@ fn guest_to_host_multi_descriptor_chains() {
     assert!(irq.eventfd().read().unwrap() > 0);
     let want = b"hello virtio world|second chain";
     assert_eq!(read_exact_timeout(&mut host, want.len()), want);
-    assert_nothing_to_read(&host);
+    assert_nothing_waits(&host);
 }
 
 #[test]
 fn host_to_guest_fills_posted_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
 
     host.write_all(b"ping").unwrap();
@@ -261,19 +253,13 @@ fn host_to_guest_fills_posted_buffers() {
 #[test]
 fn host_data_before_the_guest_opens_is_kept() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     host.write_all(b"early bytes").unwrap();
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    post_control_buffers(&mut g, 4);
     // As Linux does in add_port: receive buffers before PORT_READY.
     g.post_in(RX, 4096);
     g.post_in(RX, 4096);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    w.process_all();
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    w.process_all();
+    announce(&mut g, &mut w);
     assert!(g.used(RX).is_empty(), "the port is not open yet");
     assert!(
         w.socket_interest().is_empty(),
@@ -283,26 +269,22 @@ fn host_data_before_the_guest_opens_is_kept() {
     w.process_all();
     assert!(g.used(RX).is_empty());
 
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert_eq!(g.received(RX).concat(), b"early bytes, more");
 
     // Closed again: bytes wait for the next open.
-    send_control(&mut g, PORT_ID, PORT_OPEN, 0);
-    w.process_all();
+    set_open(&mut g, &mut w, 0);
     host.write_all(b"later").unwrap();
     w.process_all();
     assert!(g.used(RX).is_empty());
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert_eq!(g.received(RX).concat(), b"later");
 }
 
 #[test]
 fn bytes_read_beyond_the_buffers_wait_for_more_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let data: Vec<u8> = (0..100u8).collect();
     host.write_all(&data).unwrap();
@@ -323,8 +305,7 @@ fn bytes_read_beyond_the_buffers_wait_for_more_buffers() {
 fn blocked_socket_keeps_every_byte() {
     // 1 MiB in one chain is far more than a socket buffer takes.
     let mem = memory(0x40_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let data: Vec<u8> = (0..0x10_0000u32).map(|i| (i * 7 % 251) as u8).collect();
     let base = g.alloc(data.len() as u64);
@@ -363,12 +344,9 @@ fn blocked_socket_keeps_every_byte() {
 #[test]
 fn host_eof_tells_the_guest_and_output_is_dropped() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
+    post_control_buffers(&mut g, 4);
     host.write_all(b"last words").unwrap();
     drop(host);
     g.post_in(RX, 4096);
@@ -398,8 +376,7 @@ fn host_eof_tells_the_guest_and_output_is_dropped() {
 #[test]
 fn hostile_chains_are_survived() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, mut host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, mut host, _irq) = rig(&mem);
     open_port(&mut g, &mut w);
     let outside = mem.last_addr().raw_value() + 1;
 
@@ -433,7 +410,7 @@ fn hostile_chains_are_survived() {
     let mut want = b"good".to_vec();
     want.extend([b'g'; QSIZE as usize]);
     assert_eq!(read_exact_timeout(&mut host, want.len()), want);
-    assert_nothing_to_read(&host);
+    assert_nothing_waits(&host);
 
     // Then a good chain works.
     let h = g.post_out(TX, b"next");
@@ -480,8 +457,7 @@ fn hostile_chains_are_survived() {
     g.post(CTRL_TX, &split);
     w.process_all();
     assert!(!w.guest_open, "a message over many descriptors counts");
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    w.process_all();
+    set_open(&mut g, &mut w, 1);
     assert!(w.guest_open);
 
     // Control receiveq with no room: the message waits.
@@ -500,14 +476,7 @@ fn hostile_chains_are_survived() {
 fn without_multiport_the_port_is_simply_open() {
     let mem = memory(0x10_0000);
     let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (dev, mut host) = UnixStream::pair().unwrap();
-    dev.set_nonblocking(true).unwrap();
-    let mut w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), interrupt(), g.device_queues()),
-        dev,
-        "x",
-        false,
-    );
+    let (mut w, mut host, _irq) = worker(&g, "x", false);
     host.write_all(b"hi").unwrap();
     g.post_in(RX, 64);
     g.post_out(TX, b"yo");
@@ -524,58 +493,43 @@ fn worker_thread_serves_notifications_and_stops() {
     let (dev, mut host) = UnixStream::pair().unwrap();
     let mut console = Console::new("krun.ctl", dev);
     console.set_acked_features(VIRTIO_CONSOLE_F_MULTIPORT | crate::virtio::VIRTIO_F_VERSION_1);
-    let irq = interrupt();
-    let notify: Vec<EventFd> = (0..NUM_QUEUES).map(|_| eventfd()).collect();
-    let stop = eventfd();
-    let queues = g.device_queues::<NUM_QUEUES>().into();
-    console
-        .activate(activation(&mem, &irq, queues, &notify, &stop))
-        .unwrap();
-    let kick = |q: usize| notify[q].write(1).unwrap();
-    let wait_used = |g: &mut Guest, q: usize, count: usize| {
-        let mut got = Vec::new();
-        wait_for(&format!("queue {q}"), || {
-            got.extend(g.received(q));
-            (got.len() >= count).then_some(())
-        });
-        got
-    };
+    with_worker_thread(
+        &mut console,
+        Console::take_worker,
+        &mem,
+        &mut g,
+        |g, running| {
+            post_control_buffers(g, 4);
+            running.kick(CTRL_RX);
+            send_control(g, u32::MAX, DEVICE_READY, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(g.wait_received(CTRL_RX, 1), vec![ctl(PORT_ADD, 1)]);
+            g.post_in(RX, 4096);
+            running.kick(RX);
+            send_control(g, PORT_ID, PORT_READY, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(
+                g.wait_received(CTRL_RX, 2),
+                vec![name_msg(), ctl(PORT_OPEN, 1)]
+            );
+            // The host speaks before the guest opened the port.
+            host.write_all(b"hello guest").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(g.used(RX).is_empty());
+            send_control(g, PORT_ID, PORT_OPEN, 1);
+            running.kick(CTRL_TX);
+            assert_eq!(g.wait_received(RX, 1), vec![b"hello guest".to_vec()]);
+            // Waiting for the socket: more bytes, delivered on EPOLLIN.
+            g.post_in(RX, 4096);
+            running.kick(RX);
+            host.write_all(b"again").unwrap();
+            assert_eq!(g.wait_received(RX, 1), vec![b"again".to_vec()]);
 
-    for _ in 0..4 {
-        g.post_in(CTRL_RX, 4096);
-    }
-    kick(CTRL_RX);
-    send_control(&mut g, u32::MAX, DEVICE_READY, 1);
-    kick(CTRL_TX);
-    assert_eq!(wait_used(&mut g, CTRL_RX, 1), vec![ctl(PORT_ADD, 1)]);
-    g.post_in(RX, 4096);
-    kick(RX);
-    send_control(&mut g, PORT_ID, PORT_READY, 1);
-    kick(CTRL_TX);
-    assert_eq!(
-        wait_used(&mut g, CTRL_RX, 2),
-        vec![name_msg(), ctl(PORT_OPEN, 1)]
+            g.post_out(TX, b"hello host");
+            running.kick(TX);
+            assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
+        },
     );
-    // The host speaks before the guest opened the port.
-    host.write_all(b"hello guest").unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(g.used(RX).is_empty());
-    send_control(&mut g, PORT_ID, PORT_OPEN, 1);
-    kick(CTRL_TX);
-    assert_eq!(wait_used(&mut g, RX, 1), vec![b"hello guest".to_vec()]);
-    // Waiting for the socket: more bytes, delivered on EPOLLIN.
-    g.post_in(RX, 4096);
-    kick(RX);
-    host.write_all(b"again").unwrap();
-    assert_eq!(wait_used(&mut g, RX, 1), vec![b"again".to_vec()]);
-
-    g.post_out(TX, b"hello host");
-    kick(TX);
-    assert_eq!(read_exact_timeout(&mut host, 10), b"hello host");
-    assert!(irq.eventfd().read().unwrap() > 0);
-
-    stop.write(1).unwrap();
-    console.take_worker().unwrap().join().unwrap();
 }
 
 proptest! {
@@ -592,8 +546,7 @@ proptest! {
         rounds in 1usize..4,
     ) {
         let mem = memory(0x2_0000);
-        let g = Guest::new(&mem, NUM_QUEUES);
-        let (mut w, mut host, _irq) = worker(&mem, &g);
+        let (g, mut w, mut host, _irq) = rig(&mem);
         if open {
             w.port_ready = true;
             w.guest_open = true;
@@ -602,9 +555,7 @@ proptest! {
         g.write(0x1_0000, &noise);
         g.write(0x1_0000, &ctl(PORT_OPEN, 1));
         g.write(0x1_0008, &ControlMsg { id: u32::MAX, event: DEVICE_READY, value: 1 }.to_bytes());
-        for (q, ring) in rings.iter().enumerate() {
-            g.load(q, ring);
-        }
+        g.load(&rings);
         host.write_all(&host_bytes).unwrap();
         host.set_nonblocking(true).unwrap();
         let mut sink = vec![0; 0x10000];
@@ -615,8 +566,7 @@ proptest! {
         }
         // Still alive: a valid transmit chain goes through, provided the
         // ring itself is sane again (the driver owns it).
-        g.write(0x1_1000, b"end");
-        g.repost(TX, w.q.queues[TX].next_avail(), 0, (0x1_1000, 3, 0));
+        g.repost_out(TX, w.q.queues[TX].next_avail(), b"end");
         w.host_write_closed = false;
         w.tx_pending = None;
         w.process_all();

@@ -4,7 +4,6 @@
 //! tap (a real one is in `tap.rs`).
 
 use std::fs::File;
-use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
@@ -14,7 +13,6 @@ use proptest::prelude::*;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::rx_header;
 use super::*;
@@ -37,31 +35,47 @@ fn tap_pair() -> (File, UnixDatagram) {
     (File::from(OwnedFd::from(dev)), host)
 }
 
-/// A worker without mergeable receive buffers.
-fn worker(mem: &Mem, g: &Guest) -> (Worker, UnixDatagram, Arc<Interrupt>) {
-    worker_with(mem, g, false)
+/// The card's queues in `mem`, driven by a guest; a worker over them
+/// without mergeable receive buffers; the host's end of the "tap"; the
+/// interrupt line.
+fn rig(mem: &Mem) -> (Guest<'_>, Worker, UnixDatagram, Arc<Interrupt>) {
+    rig_full(mem, false, false)
 }
 
-fn worker_with(mem: &Mem, g: &Guest, mergeable: bool) -> (Worker, UnixDatagram, Arc<Interrupt>) {
-    worker_full(mem, g, mergeable, false)
+/// A rig whose worker takes mergeable receive buffers or not.
+fn rig_with(mem: &Mem, mergeable: bool) -> (Guest<'_>, Worker, UnixDatagram, Arc<Interrupt>) {
+    rig_full(mem, mergeable, false)
 }
 
-/// A worker over a "tap" that carries virtio-net headers.
-fn worker_full(
+/// A rig whose "tap" may carry virtio-net headers.
+fn rig_full(
     mem: &Mem,
-    g: &Guest,
     mergeable: bool,
     vnet_hdr: bool,
-) -> (Worker, UnixDatagram, Arc<Interrupt>) {
+) -> (Guest<'_>, Worker, UnixDatagram, Arc<Interrupt>) {
+    let g = Guest::new(mem, NUM_QUEUES);
     let (dev, host) = tap_pair();
-    let irq = interrupt();
-    let w = Worker::new(
-        DeviceQueues::new("test", mem.clone(), irq.clone(), g.device_queues()),
-        dev,
-        mergeable,
-        vnet_hdr,
-    );
-    (w, host, irq)
+    let queues = g.serving();
+    let irq = queues.interrupt.clone();
+    let w = Worker::new(queues, dev, mergeable, vnet_hdr);
+    (g, w, host, irq)
+}
+
+/// Posts on the receive queue the chains no frame may land in, of both
+/// paths: read-only, partly read-only from `split`, outside memory,
+/// straddling its end, then each of `more`, then an overflowing address.
+/// `r` is a buffer of 2000 bytes; returns the heads.
+fn post_hostile_rx(g: &mut Guest, r: u64, split: u64, more: &[&[Desc]]) -> Vec<u16> {
+    let outside = g.mem.last_addr().raw_value() + 1;
+    let mut chains = vec![
+        vec![(r, 2000, 0)],
+        vec![(r, split as u32, F_WRITE), (r + split, 1000, 0)],
+        vec![(outside, 2000, F_WRITE)],
+        vec![(outside - 100, 2000, F_WRITE)],
+    ];
+    chains.extend(more.iter().map(|c| c.to_vec()));
+    chains.push(vec![(u64::MAX - 10, 2000, F_WRITE)]);
+    chains.iter().map(|c| g.post(RX, c)).collect()
 }
 
 /// `f` behind the header a mergeable receive gives: `n` buffers.
@@ -88,17 +102,6 @@ fn recv(host: &UnixDatagram) -> Vec<u8> {
     let n = host.recv(&mut buf).unwrap();
     buf.truncate(n);
     buf
-}
-
-fn assert_nothing_sent(host: &UnixDatagram) {
-    host.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 16];
-    let r = host.recv(&mut b);
-    assert!(
-        matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
-        "{r:?}"
-    );
-    host.set_nonblocking(false).unwrap();
 }
 
 #[test]
@@ -132,8 +135,7 @@ fn vnet_header(flags: u8, gso_type: u8, gso_size: u16, num_buffers: u16) -> Vec<
 fn headers_pass_through_a_tap_that_carries_them() {
     for mergeable in [false, true] {
         let mem = memory(0x10_0000);
-        let mut g = Guest::new(&mem, NUM_QUEUES);
-        let (mut w, host, _irq) = worker_full(&mem, &g, mergeable, true);
+        let (mut g, mut w, host, _irq) = rig_full(&mem, mergeable, true);
         // Transmit: a TSO segment with a partial checksum goes to the
         // tap header and all.
         let seg = frame(20_000, 1);
@@ -148,7 +150,7 @@ fn headers_pass_through_a_tap_that_carries_them() {
         // A header alone is no frame.
         send(&mut g, &[]);
         w.process_all();
-        assert_nothing_sent(&host);
+        assert_nothing_waits(&host);
 
         // Receive: the tap's header reaches the guest as it was but for
         // num_buffers, which the tap leaves alone.
@@ -234,8 +236,7 @@ fn macs_are_parsed_strictly() {
 #[test]
 fn transmit_strips_the_header() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, irq) = worker(&mem, &g);
+    let (mut g, mut w, host, irq) = rig(&mem);
     let f1 = frame(60, 1);
     let h1 = send(&mut g, &f1);
     // A frame over three descriptors, the header split across two.
@@ -254,7 +255,7 @@ fn transmit_strips_the_header() {
     assert_eq!(g.used(TX), vec![(h1, 0), (h2, 0)]);
     assert_eq!(recv(&host), f1);
     assert_eq!(recv(&host), f2);
-    assert_nothing_sent(&host);
+    assert_nothing_waits(&host);
     assert!(irq.eventfd().read().unwrap() > 0);
     assert_eq!(w.tx_frames, 2);
 }
@@ -262,8 +263,7 @@ fn transmit_strips_the_header() {
 #[test]
 fn receive_puts_a_header_in_front() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, irq) = worker(&mem, &g);
+    let (mut g, mut w, host, irq) = rig(&mem);
     let f = frame(98, 7);
     host.send(&f).unwrap();
     w.process_all();
@@ -297,8 +297,7 @@ fn receive_puts_a_header_in_front() {
 #[test]
 fn frames_wait_for_buffers_in_order() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, host, _irq) = rig(&mem);
     let frames: Vec<_> = (0..5).map(|i| frame(60 + i * 10, i as u8)).collect();
     for f in &frames {
         host.send(f).unwrap();
@@ -328,8 +327,7 @@ fn frames_wait_for_buffers_in_order() {
 #[test]
 fn a_frame_too_big_for_the_buffers_is_dropped_and_the_buffer_kept() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, host, _irq) = rig(&mem);
     let h = g.post_in(RX, 1526);
     host.send(&frame(4000, 1)).unwrap();
     let small = frame(64, 2);
@@ -344,8 +342,7 @@ fn a_frame_too_big_for_the_buffers_is_dropped_and_the_buffer_kept() {
 #[test]
 fn hostile_transmit_chains_are_dropped() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, host, _irq) = rig(&mem);
     let outside = mem.last_addr().raw_value() + 1;
     let a = g.alloc(0x100);
     g.write(a, &[0u8; 0x100]);
@@ -364,7 +361,7 @@ fn hostile_transmit_chains_are_dropped() {
     g.post(TX, &[(a, 12, 0)]);
     w.process_all();
     assert_eq!(g.used(TX).len(), 8);
-    assert_nothing_sent(&host);
+    assert_nothing_waits(&host);
     // A looping chain: 0 -> 1 -> 0 ... is cut by the iterator; what it
     // has read is then far too short or too long, never a hang.
     g.post_loop(TX, a, 1);
@@ -395,22 +392,13 @@ fn recv_any(host: &UnixDatagram) -> Vec<Vec<u8>> {
 #[test]
 fn hostile_receive_chains_are_given_back_empty() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker(&mem, &g);
-    let outside = mem.last_addr().raw_value() + 1;
+    let (mut g, mut w, host, _irq) = rig(&mem);
     let r = g.alloc(2000);
     let f = frame(200, 5);
     host.send(&f).unwrap();
     // Read-only, partly read-only, outside memory, straddling the end,
     // no room for even a header, overflowing address.
-    let bad = [
-        g.post(RX, &[(r, 2000, 0)]),
-        g.post(RX, &[(r, 12, F_WRITE), (r + 12, 1000, 0)]),
-        g.post(RX, &[(outside, 2000, F_WRITE)]),
-        g.post(RX, &[(outside - 100, 2000, F_WRITE)]),
-        g.post(RX, &[(r, 4, F_WRITE)]),
-        g.post(RX, &[(u64::MAX - 10, 2000, F_WRITE)]),
-    ];
+    let bad = post_hostile_rx(&mut g, r, 12, &[&[(r, 4, F_WRITE)]]);
     w.process_all();
     assert_eq!(g.used(RX), bad.iter().map(|&h| (h, 0)).collect::<Vec<_>>());
     assert_eq!(w.rx_len, Some(NET_HDR_LEN + f.len()), "the frame waits");
@@ -423,8 +411,7 @@ fn hostile_receive_chains_are_given_back_empty() {
 #[test]
 fn a_dead_tap_is_not_watched() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker(&mem, &g);
+    let (mut g, mut w, host, _irq) = rig(&mem);
     g.post_in(RX, 1526);
     drop(host);
     w.process_all();
@@ -439,8 +426,7 @@ fn a_dead_tap_is_not_watched() {
 #[test]
 fn mergeable_frames_span_buffers() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, irq) = worker_with(&mem, &g, true);
+    let (mut g, mut w, host, irq) = rig_with(&mem, true);
     // Small frames take one buffer each.
     let f = frame(60, 1);
     host.send(&f).unwrap();
@@ -497,22 +483,20 @@ fn mergeable_frames_span_buffers() {
 #[test]
 fn mergeable_hostile_chains_and_a_frame_bigger_than_the_ring() {
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker_with(&mem, &g, true);
-    let outside = mem.last_addr().raw_value() + 1;
+    let (mut g, mut w, host, _irq) = rig_with(&mem, true);
     let r = g.alloc(2000);
     let f = frame(2000, 5);
     host.send(&f).unwrap();
-    let bad = [
-        g.post(RX, &[(r, 2000, 0)]),
-        g.post(RX, &[(r, 100, F_WRITE), (r + 100, 1000, 0)]),
-        g.post(RX, &[(outside, 2000, F_WRITE)]),
-        g.post(RX, &[(outside - 100, 2000, F_WRITE)]),
-        // The header would straddle two descriptors.
-        g.post(RX, &[(r, 4, F_WRITE), (r + 4, 2000, F_WRITE)]),
-        g.post(RX, &[(r, 0, F_WRITE)]),
-        g.post(RX, &[(u64::MAX - 10, 2000, F_WRITE)]),
-    ];
+    let bad = post_hostile_rx(
+        &mut g,
+        r,
+        100,
+        &[
+            // The header would straddle two descriptors.
+            &[(r, 4, F_WRITE), (r + 4, 2000, F_WRITE)],
+            &[(r, 0, F_WRITE)],
+        ],
+    );
     let good = g.post_in(RX, 1526);
     w.process_all();
     assert_eq!(g.used(RX), bad.iter().map(|&h| (h, 0)).collect::<Vec<_>>());
@@ -527,8 +511,7 @@ fn mergeable_hostile_chains_and_a_frame_bigger_than_the_ring() {
 
     // Buffers of 12 bytes: the whole ring holds no frame of 1000 bytes.
     let mem = memory(0x10_0000);
-    let mut g = Guest::new(&mem, NUM_QUEUES);
-    let (mut w, host, _irq) = worker_with(&mem, &g, true);
+    let (mut g, mut w, host, _irq) = rig_with(&mem, true);
     host.send(&frame(1000, 6)).unwrap();
     for _ in 0..QSIZE {
         g.post_in(RX, NET_HDR_LEN as u32);
@@ -550,43 +533,28 @@ fn worker_thread_serves_notifications_and_stops() {
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut net = Net::new(OwnedFd::from(dev), "02:00:00:00:00:01").unwrap();
     net.set_acked_features(VIRTIO_NET_F_MAC | crate::virtio::VIRTIO_F_VERSION_1);
-    let irq = interrupt();
-    let notify: Vec<EventFd> = (0..NUM_QUEUES).map(|_| eventfd()).collect();
-    let stop = eventfd();
-    let queues = g.device_queues::<NUM_QUEUES>().into();
-    net.activate(activation(&mem, &irq, queues, &notify, &stop))
-        .unwrap();
-    let wait_used = |g: &mut Guest, q: usize| {
-        wait_for(&format!("queue {q}"), || {
-            let got = g.received(q);
-            (!got.is_empty()).then_some(got)
-        })
-    };
+    with_worker_thread(&mut net, Net::take_worker, &mem, &mut g, |g, running| {
+        // A frame before any buffer waits in the tap.
+        let f = frame(90, 4);
+        host.send(&f).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        g.post_in(RX, 1526);
+        running.kick(RX);
+        assert_eq!(g.wait_received(RX, 1), vec![with_header(&f)]);
+        // A buffer waiting: the tap wakes the worker.
+        g.post_in(RX, 1526);
+        running.kick(RX);
+        std::thread::sleep(Duration::from_millis(20));
+        let f = frame(1514, 5);
+        host.send(&f).unwrap();
+        assert_eq!(g.wait_received(RX, 1), vec![with_header(&f)]);
 
-    // A frame before any buffer waits in the tap.
-    let f = frame(90, 4);
-    host.send(&f).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    g.post_in(RX, 1526);
-    notify[RX].write(1).unwrap();
-    assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
-    // A buffer waiting: the tap wakes the worker.
-    g.post_in(RX, 1526);
-    notify[RX].write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    let f = frame(1514, 5);
-    host.send(&f).unwrap();
-    assert_eq!(wait_used(&mut g, RX), vec![with_header(&f)]);
-
-    let out = frame(300, 6);
-    send(&mut g, &out);
-    notify[TX].write(1).unwrap();
-    assert_eq!(recv(&host), out);
-    assert_eq!(wait_used(&mut g, TX).len(), 1);
-    assert!(irq.eventfd().read().unwrap() > 0);
-
-    stop.write(1).unwrap();
-    net.take_worker().unwrap().join().unwrap();
+        let out = frame(300, 6);
+        send(g, &out);
+        running.kick(TX);
+        assert_eq!(recv(&host), out);
+        assert_eq!(g.wait_received(TX, 1).len(), 1);
+    });
 }
 
 proptest! {
@@ -602,11 +570,8 @@ proptest! {
         mergeable in any::<bool>(),
     ) {
         let mem = memory(0x2_0000);
-        let g = Guest::new(&mem, NUM_QUEUES);
-        let (mut w, host, _irq) = worker_with(&mem, &g, mergeable);
-        for (q, ring) in rings.iter().enumerate() {
-            g.load(q, ring);
-        }
+        let (g, mut w, host, _irq) = rig_with(&mem, mergeable);
+        g.load(&rings);
         for f in &frames {
             let _ = host.send(f);
         }
@@ -619,8 +584,7 @@ proptest! {
         // ring itself is sane again (the driver owns it).
         let mut data = vec![0u8; NET_HDR_LEN];
         data.extend_from_slice(b"end");
-        g.write(0x1_1000, &data);
-        g.repost(TX, w.q.queues[TX].next_avail(), 0, (0x1_1000, data.len() as u32, 0));
+        g.repost_out(TX, w.q.queues[TX].next_avail(), &data);
         w.process_all();
         prop_assert_eq!(recv(&host), b"end".to_vec());
         // And a frame reaches a good receive buffer (one still held or

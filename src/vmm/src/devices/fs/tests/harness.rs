@@ -89,6 +89,13 @@ impl<'m> Harness<'m> {
         Harness::with_budget(mem, readonly, None)
     }
 
+    /// A fresh writable share, FUSE_INIT done: where most tests start.
+    pub(super) fn ready(mem: &'m Mem) -> Harness<'m> {
+        let mut h = Harness::new(mem, false);
+        h.init();
+        h
+    }
+
     /// A fresh share whose guest may pin `budget` host descriptors.
     pub(super) fn with_budget(mem: &'m Mem, readonly: bool, budget: Option<usize>) -> Harness<'m> {
         // INIT clears the umask: keep that to this test's thread.
@@ -213,30 +220,50 @@ impl<'m> Harness<'m> {
     }
 
     pub(super) fn lookup_bytes(&mut self, parent: u64, name: &[u8]) -> Result<P<EntryOut>, i32> {
-        let r = self.call(Opcode::Lookup, parent, name);
-        r.result().map(|b| P(obj(b)))
+        self.answer(Opcode::Lookup, parent, name)
+    }
+
+    /// Sends `op` on `node` with `body`; its reply, one `T`, or the errno.
+    fn answer<T: ByteValued + Default>(
+        &mut self,
+        op: Opcode,
+        node: u64,
+        body: &[u8],
+    ) -> Result<P<T>, i32> {
+        self.call(op, node, body).result().map(|b| P(obj(b)))
+    }
+
+    /// Sends `op` on `parent` with its fixed `args` and then `name`, as
+    /// the requests that make an entry have it; the new entry.
+    fn make_entry(
+        &mut self,
+        op: Opcode,
+        parent: u64,
+        args: &[u8],
+        name: &str,
+    ) -> Result<P<EntryOut>, i32> {
+        self.answer(op, parent, &cat(&[args, &cstr(name)]))
     }
 
     pub(super) fn getattr(&mut self, node: u64) -> Result<P<AttrOut>, i32> {
-        let r = self.call(Opcode::Getattr, node, GetattrIn::default().as_slice());
-        r.result().map(|b| P(obj(b)))
+        self.answer(Opcode::Getattr, node, GetattrIn::default().as_slice())
     }
 
     pub(super) fn open(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
+        self.open_as(Opcode::Open, node, flags)
+    }
+
+    pub(super) fn opendir(&mut self, node: u64) -> Result<u64, i32> {
+        self.opendir_flags(node, libc::O_RDONLY | libc::O_DIRECTORY)
+    }
+
+    /// OPEN or OPENDIR (`op`) of `node` with `flags`; the handle.
+    fn open_as(&mut self, op: Opcode, node: u64, flags: i32) -> Result<u64, i32> {
         let args = OpenIn {
             flags: flags as u32,
             fuse_flags: 0,
         };
-        let r = self.call(Opcode::Open, node, args.as_slice());
-        r.result().map(|b| obj::<OpenOut>(b).fh)
-    }
-
-    pub(super) fn opendir(&mut self, node: u64) -> Result<u64, i32> {
-        let args = OpenIn {
-            flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
-            fuse_flags: 0,
-        };
-        let r = self.call(Opcode::Opendir, node, args.as_slice());
+        let r = self.call(op, node, args.as_slice());
         r.result().map(|b| obj::<OpenOut>(b).fh)
     }
 
@@ -281,11 +308,7 @@ impl<'m> Harness<'m> {
         fh: u64,
         size: u32,
     ) -> Result<Vec<(String, P<EntryOut>)>, i32> {
-        let args = ReadIn {
-            fh,
-            size,
-            ..Default::default()
-        };
+        let args = read_in(fh, 0, size, 0);
         let r = self.call(Opcode::Readdirplus, node, args.as_slice());
         let mut rest = r.result()?;
         let mut entries = Vec::new();
@@ -301,12 +324,7 @@ impl<'m> Harness<'m> {
     }
 
     pub(super) fn opendir_flags(&mut self, node: u64, flags: i32) -> Result<u64, i32> {
-        let args = OpenIn {
-            flags: flags as u32,
-            fuse_flags: 0,
-        };
-        let r = self.call(Opcode::Opendir, node, args.as_slice());
-        r.result().map(|b| obj::<OpenOut>(b).fh)
+        self.open_as(Opcode::Opendir, node, flags)
     }
 
     pub(super) fn getattr_fh(&mut self, node: u64, fh: u64) -> Result<P<AttrOut>, i32> {
@@ -315,8 +333,7 @@ impl<'m> Harness<'m> {
             dummy: 0,
             fh,
         };
-        let r = self.call(Opcode::Getattr, node, args.as_slice());
-        r.result().map(|b| P(obj(b)))
+        self.answer(Opcode::Getattr, node, args.as_slice())
     }
 
     pub(super) fn read(
@@ -338,13 +355,7 @@ impl<'m> Harness<'m> {
         size: u32,
         flags: i32,
     ) -> Result<Vec<u8>, i32> {
-        let args = ReadIn {
-            fh,
-            offset,
-            size,
-            flags: flags as u32,
-            ..Default::default()
-        };
+        let args = read_in(fh, offset, size, flags);
         let r = self.call(Opcode::Read, node, args.as_slice());
         r.result().map(<[u8]>::to_vec)
     }
@@ -407,8 +418,7 @@ impl<'m> Harness<'m> {
             mode: 0o755,
             umask: 0o022,
         };
-        let r = self.call(Opcode::Mkdir, parent, &cat(&[args.as_slice(), &cstr(name)]));
-        r.result().map(|b| P(obj(b)))
+        self.make_entry(Opcode::Mkdir, parent, args.as_slice(), name)
     }
 
     pub(super) fn mknod(
@@ -424,8 +434,7 @@ impl<'m> Harness<'m> {
             umask: 0,
             padding: 0,
         };
-        let r = self.call(Opcode::Mknod, parent, &cat(&[args.as_slice(), &cstr(name)]));
-        r.result().map(|b| P(obj(b)))
+        self.make_entry(Opcode::Mknod, parent, args.as_slice(), name)
     }
 
     pub(super) fn symlink(
@@ -434,8 +443,7 @@ impl<'m> Harness<'m> {
         name: &str,
         target: &str,
     ) -> Result<P<EntryOut>, i32> {
-        let r = self.call(Opcode::Symlink, parent, &cat(&[&cstr(name), &cstr(target)]));
-        r.result().map(|b| P(obj(b)))
+        self.answer(Opcode::Symlink, parent, &cat(&[&cstr(name), &cstr(target)]))
     }
 
     pub(super) fn readlink(&mut self, node: u64) -> Result<Vec<u8>, i32> {
@@ -474,17 +482,11 @@ impl<'m> Harness<'m> {
         name: &str,
     ) -> Result<P<EntryOut>, i32> {
         let args = LinkIn { oldnodeid: node };
-        let r = self.call(
-            Opcode::Link,
-            newparent,
-            &cat(&[args.as_slice(), &cstr(name)]),
-        );
-        r.result().map(|b| P(obj(b)))
+        self.make_entry(Opcode::Link, newparent, args.as_slice(), name)
     }
 
     pub(super) fn setattr(&mut self, node: u64, args: SetattrIn) -> Result<P<AttrOut>, i32> {
-        let r = self.call(Opcode::Setattr, node, args.as_slice());
-        r.result().map(|b| P(obj(b)))
+        self.answer(Opcode::Setattr, node, args.as_slice())
     }
 
     pub(super) fn setxattr(&mut self, node: u64, name: &str, value: &[u8]) -> Result<(), i32> {
@@ -533,5 +535,16 @@ impl<'m> Harness<'m> {
         self.call(Opcode::Fallocate, node, args.as_slice())
             .result()
             .map(drop)
+    }
+}
+
+/// The arguments of READ and READDIRPLUS.
+fn read_in(fh: u64, offset: u64, size: u32, flags: i32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset,
+        size,
+        flags: flags as u32,
+        ..Default::default()
     }
 }

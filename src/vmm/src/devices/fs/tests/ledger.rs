@@ -6,8 +6,7 @@ use super::*;
 #[test]
 fn forgotten_inodes_give_their_descriptors_back() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
     for name in &names {
         fs::write(h.root.join(name), name).unwrap();

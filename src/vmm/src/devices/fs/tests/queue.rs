@@ -69,8 +69,7 @@ fn init_negotiates_large_requests_and_no_dax() {
 #[test]
 fn hostile_chains_complete_and_the_device_keeps_working() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let reply_descs = [
         (OUT_HDR, OUT_HEADER_LEN as u32, F_WRITE),
         (OUT_BODY, OUT_BODY_LEN, F_WRITE),
@@ -297,8 +296,7 @@ fn the_worker_serves_notifications_until_stopped() {
 #[test]
 fn request_lengths_past_the_chain_or_the_largest_request_are_refused() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let name = cstr("hello.txt");
     let stage = |mem: &Mem, unique: u64, len: u32| {
         let descs = stage_request(mem, Opcode::Lookup as u32, ROOT_ID, unique, &name);
@@ -375,8 +373,7 @@ proptest! {
         ),
     ) {
         let mem = test_mem();
-        let mut h = Harness::new(&mem, false);
-        h.init();
+        let mut h = Harness::ready(&mem);
         for (i, (opcode, nodeid, args, len_delta, room)) in reqs.into_iter().enumerate() {
             let unique = 100 + i as u64;
             let mut descs = stage_request(&mem, opcode, nodeid, unique, &args);
@@ -401,8 +398,7 @@ proptest! {
         room in any_reply_room(),
     ) {
         let mem = test_mem();
-        let mut h = Harness::new(&mem, false);
-        h.init();
+        let mut h = Harness::ready(&mem);
         mem.write_slice(&bytes, GuestAddress(IN_HDR)).unwrap();
         let split = split.min(bytes.len());
         let descs = [

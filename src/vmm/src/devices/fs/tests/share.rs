@@ -69,8 +69,7 @@ fn set_inode_flags(f: &fs::File, flags: libc::c_int) -> io::Result<()> {
 #[test]
 fn create_with_o_path_never_follows_a_planted_symlink() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let outside = h.base().join("outside.txt");
     let shadow = Path::new("/etc/shadow");
     symlink(&outside, h.root.join("link")).unwrap();
@@ -145,8 +144,7 @@ fn create_with_o_path_never_follows_a_planted_symlink() {
 #[test]
 fn a_failed_flag_change_never_frees_the_handles_descriptor() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let file = h.root.join("log.txt");
     fs::write(&file, b"share data\n").unwrap();
     let outside = h.base().join("outside.txt");
@@ -192,8 +190,7 @@ fn a_failed_flag_change_never_frees_the_handles_descriptor() {
 #[test]
 fn lookup_getattr_and_read_a_file() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let e = h.lookup(ROOT_ID, "hello.txt").unwrap();
     assert!(e.nodeid > ROOT_ID);
     assert_eq!(e.attr.size, HELLO.len() as u64);
@@ -222,8 +219,7 @@ fn lookup_getattr_and_read_a_file() {
 #[test]
 fn guest_writes_reach_the_host_and_host_writes_reach_the_guest() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let (e, fh) = h.create(ROOT_ID, "new.txt", libc::O_RDWR).unwrap();
     assert_eq!(h.write(e.nodeid, fh, 0, b"from the guest").unwrap(), 14);
     // No write-back cache: the host has it as soon as WRITE returns.
@@ -252,8 +248,7 @@ fn guest_writes_reach_the_host_and_host_writes_reach_the_guest() {
 #[test]
 fn dotdot_at_the_root_stays_at_the_root() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let root_ino = fs::metadata(&h.root).unwrap().ino();
     assert_ne!(root_ino, fs::metadata(h.base()).unwrap().ino());
 
@@ -307,8 +302,7 @@ fn dotdot_at_the_root_stays_at_the_root() {
 #[test]
 fn a_directory_moved_out_of_the_share_leads_no_further() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     fs::create_dir(h.root.join("sub/inner")).unwrap();
     let sub = h.lookup(ROOT_ID, "sub").unwrap();
     let inner = h.lookup(sub.nodeid, "inner").unwrap();
@@ -371,8 +365,7 @@ fn host_symlinks_are_never_followed() {
 #[test]
 fn guest_made_symlinks_are_never_followed() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let esc = h.symlink(ROOT_ID, "esc", "/etc").unwrap();
     assert!(is_symlink(esc.attr.mode));
     assert_eq!(
@@ -412,8 +405,7 @@ fn guest_made_symlinks_are_never_followed() {
 #[test]
 fn metadata_calls_through_a_symlink_stay_on_the_link() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let outside = h.base().join("outside.txt");
     let before = fs::metadata(&outside).unwrap();
     symlink("../outside.txt", h.root.join("out")).unwrap();
@@ -502,8 +494,7 @@ fn metadata_calls_through_a_symlink_stay_on_the_link() {
 #[test]
 fn special_files_are_never_opened() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     // A FIFO: opening it on the host could block the worker forever.
     let fifo = h.mknod(ROOT_ID, "fifo", libc::S_IFIFO | 0o666, 0).unwrap();
     assert!(h
@@ -525,8 +516,7 @@ fn special_files_are_never_opened() {
 #[test]
 fn names_that_are_paths_are_refused_everywhere() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
     for bad in ["../escaped", "sub/../../escaped", "..", ".", "/tmp/escaped"] {
         assert_eq!(
@@ -649,8 +639,7 @@ fn a_readonly_share_refuses_every_modification() {
 #[test]
 fn the_flags_linux_sends_still_open_files() {
     let mem = test_mem();
-    let mut h = Harness::new(&mem, false);
-    h.init();
+    let mut h = Harness::ready(&mem);
     let hello = h.lookup(ROOT_ID, "hello.txt").unwrap();
     let sub = h.lookup(ROOT_ID, "sub").unwrap();
     let path = h.root.join("hello.txt");
