@@ -5,6 +5,7 @@
 //! VM, e.g. host device cgroup rules), or reported as unsupported — all
 //! problems of a bundle at once, each naming its field.
 
+pub mod host_cgroup;
 mod mounts;
 mod process;
 mod sizing;
