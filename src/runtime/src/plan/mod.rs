@@ -10,6 +10,8 @@ mod mounts;
 mod process;
 mod sizing;
 
+pub(crate) use sizing::shares_to_weight;
+
 use std::path::Path;
 
 use krun_proto::{ContainerSetup, RootSetup, SHARE_TAG};
