@@ -23,7 +23,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::plan::host_cgroup::HostCgroup;
+use crate::plan::host_cgroup::{host_cgroup, HostCgroup};
 use beneath::Beneath;
 pub use layout::{Layout, Version};
 
@@ -91,6 +91,8 @@ pub struct CgroupStats {
 /// Why the host cgroup could not be made, changed, joined or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
+    #[error("linux.cgroupsPath")]
+    Path(#[from] crate::plan::host_cgroup::HostCgroupError),
     #[error("systemd not running on this host, cannot use systemd cgroups manager")]
     SystemdNotRunning,
     #[error("no cgroup hierarchy is mounted under /sys/fs/cgroup")]
@@ -287,6 +289,53 @@ fn remove_tree(b: &Beneath, rel: &Path) -> Result<(), CgroupError> {
                     path: b.show(rel),
                     source: e.into(),
                 })
+            }
+        }
+    }
+}
+
+/// The cgroup container `id` asks for with `linux.cgroupsPath` (read as
+/// runc reads it, `systemd`: `--systemd-cgroup`), created with `resources`.
+pub fn for_container(
+    spec: &oci_spec::runtime::Spec,
+    id: &str,
+    systemd: bool,
+    resources: &HostResources,
+) -> Result<Cgroup, CgroupError> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned());
+    Cgroup::create(&host_cgroup(path.as_deref(), id, systemd)?, resources)
+}
+
+/// A cgroup removed when this value is dropped (the caller first moved
+/// back out of it), unless [`Owned::keep`] is called: an error on the way
+/// leaves no cgroup behind.
+pub struct Owned(Option<Cgroup>);
+
+impl Owned {
+    pub fn new(cgroup: Cgroup) -> Owned {
+        Owned(Some(cgroup))
+    }
+
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.0.as_ref()
+    }
+
+    /// Leaves the cgroup in place (for `delete` to remove).
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            let _ = cg.leave();
+            if let Err(e) = cg.remove() {
+                tracing::warn!(error = %e, "the host cgroup could not be removed");
             }
         }
     }
