@@ -14,6 +14,7 @@ use crate::api::Response;
 use crate::assets::AssetError;
 use crate::backend::BackendError;
 use crate::bundle::BundleError;
+use crate::cgroups::CgroupError;
 use crate::hooks::HookError;
 use crate::plan::PlanError;
 use crate::session::SessionError;
@@ -42,6 +43,9 @@ pub enum Error {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Hook(#[from] HookError),
+    /// The container's cgroup on the host.
+    #[error("host cgroup")]
+    Cgroup(#[from] CgroupError),
     /// The VM or its guest failed while a container was being made.
     #[error(transparent)]
     Session(SessionError),

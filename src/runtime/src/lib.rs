@@ -14,6 +14,7 @@ pub mod api;
 pub mod assets;
 pub mod backend;
 pub mod bundle;
+pub mod cgroups;
 pub mod commands;
 pub mod container;
 pub mod error;

@@ -77,6 +77,7 @@ fn main() {
         detached: false,
         require_kvm: cli.require_kvm,
         console_copy: krun_oci::monitor::console_copy_from_env(),
+        systemd_cgroup: cli.global.systemd_cgroup,
         root: cli
             .global
             .root

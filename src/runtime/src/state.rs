@@ -154,6 +154,10 @@ pub struct State {
     /// after a monitor that could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::net::NetRecord>,
+    /// The container's cgroup on the host, for `delete` to remove (as
+    /// runc's `cgroup_paths`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<crate::cgroups::CgroupPaths>,
 }
 
 impl State {

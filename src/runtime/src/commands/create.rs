@@ -7,6 +7,7 @@ use std::path::Path;
 use super::Context;
 use crate::assets::Assets;
 use crate::bundle::Bundle;
+use crate::cgroups;
 use crate::container::Existing;
 use crate::error::{Error, Result, ResultExt as _};
 use crate::hooks;
@@ -64,7 +65,8 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
         detached: true,
         ..ctx.clone()
     };
-    let launch = launch(&ctx, id, &args.bundle, stdio)?;
+    let mut launch = launch(&ctx, id, &args.bundle, stdio)?;
+    let cgroup = host_cgroup(&ctx, &mut launch)?;
     let spec = launch.bundle.spec.clone();
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;
     // The monitor is the init of a PID namespace of its own: what runs on
@@ -114,6 +116,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
                 if let Some(p) = &args.pid_file {
                     write_pid_file(p, pid)?;
                 }
+                cgroup.keep();
                 return Ok(0);
             }
             Err(super::child_failed(
@@ -123,6 +126,21 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
             ))
         }
     }
+}
+
+/// The container's cgroup on the host, created (in the create command,
+/// before the monitor, so that a monitor that fails or dies still has its
+/// cgroup removed here) and recorded in the plan, for the monitor to join
+/// and keep in the state. Removed when the value goes, unless kept.
+pub(super) fn host_cgroup(ctx: &Context, launch: &mut Launch) -> Result<cgroups::Owned> {
+    let cg = cgroups::for_container(
+        &launch.bundle.spec,
+        &launch.id,
+        ctx.systemd_cgroup,
+        &launch.plan.host,
+    )?;
+    launch.plan.host_cgroup = Some(cg.paths().clone());
+    Ok(cgroups::Owned::new(cg))
 }
 
 /// The hooks that run when a container is created, in the runtime-spec's
@@ -191,6 +209,14 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
     unsafe { libc::setsid() };
     crate::state::capture_identity();
     let id = launch.id.clone();
+    // Into the host cgroup first: every helper spawned from here on
+    // (QEMU, virtiofsd) and every thread starts in it.
+    if let Some(paths) = &launch.plan.host_cgroup {
+        if let Err(e) = cgroups::Cgroup::from_paths(paths.clone()).join(0) {
+            let _ = write!(ready, "1 {}", Error::from(e).message());
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = own_proc() {
         let _ = write!(ready, "1 cannot give the monitor its own /proc: {e}");
         std::process::exit(1);

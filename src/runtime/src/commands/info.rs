@@ -7,8 +7,10 @@ use serde_json::json;
 
 use super::Context;
 use crate::api::{Request, Response};
+use crate::cgroups::{Cgroup, HostResources};
 use crate::container::Existing;
 use crate::error::{Error, Result, ResultExt as _};
+use crate::plan::shares_to_weight;
 use crate::state::{StateDir, Status};
 
 pub fn ps(ctx: &Context, args: &liboci_cli::Ps) -> Result<i32> {
@@ -124,7 +126,7 @@ pub fn features() -> Result<i32> {
         "linux": {
             "namespaces": ["pid", "mount", "uts", "ipc", "network", "cgroup"],
             "capabilities": caps::all().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            "cgroup": { "v1": false, "v2": true, "systemd": false, "systemdUser": false, "rdma": false },
+            "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false, "rdma": false },
             "seccomp": { "enabled": false },
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false },
@@ -135,7 +137,8 @@ pub fn features() -> Result<i32> {
             "io.krun-oci.hypervisor": "builtin (krun-oci's own VMM on KVM) or qemu; default: builtin where KVM can boot the guest, else qemu",
             "io.krun-oci.vcpus": "the VM's vCPUs (default: from the CPU quota or cpuset, else 1)",
             "io.krun-oci.memory_mib": "the VM's memory in MiB (default: the memory limit plus 64, else 512)",
-            "io.krun-oci.systemd-cgroup": "--systemd-cgroup is accepted and changes nothing: a container's cgroups live inside its VM",
+            "io.krun-oci.host-cgroup": "the host processes of a container (monitor, VMM, QEMU, virtiofsd) run in the cgroup linux.cgroupsPath names, on cgroup v1 (hybrid too) and v2, limited to the VM's memory plus a fixed overhead, the CPU quota, shares and cpuset, and a pids limit of their own; the container's own limits apply in the guest",
+            "io.krun-oci.systemd-cgroup": "--systemd-cgroup: linux.cgroupsPath is slice:prefix:name, placed at the slice's path through cgroupfs (no transient unit is asked of systemd over D-Bus); refused where systemd is not running",
             "io.krun-oci.require_kvm": "true: refuse to run without hardware virtualization (no TCG fallback)",
             "io.krun-oci.accelerator": match accel.accel {
                 krun_hypervisor::Accel::Kvm => "kvm",
@@ -199,6 +202,9 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> Result<i32> {
         return Err(Error::NotRunning(c.id));
     }
     let mut limits = CgroupSetup::default();
+    // The host side's: CPU time and placement (the VM's memory is fixed,
+    // so its host memory limit stays the VM's plus the overhead).
+    let mut host = HostResources::default();
     let mut cannot = Vec::new();
     if let Some(path) = &args.resources {
         let text = if path.as_os_str() == "-" {
@@ -221,12 +227,12 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> Result<i32> {
             if let Some(q) = cpu.quota() {
                 limits.cpu_max = Some((q, cpu.period().unwrap_or(100_000)));
             }
-            limits.cpu_weight = cpu
-                .shares()
-                .map(|s| 1 + ((s.clamp(2, 262_144) - 2) * 9999) / 262_142);
-            if cpu.cpus().as_ref().is_some_and(|s| !s.is_empty()) {
-                cannot.push("cpu.cpus (the vCPUs of a running VM are fixed)");
-            }
+            limits.cpu_weight = cpu.shares().map(shares_to_weight);
+            host.cpu_quota = cpu.quota();
+            host.cpu_period = cpu.period();
+            host.cpu_shares = cpu.shares();
+            host.cpuset_cpus = cpu.cpus().clone().filter(|s| !s.is_empty());
+            host.cpuset_mems = cpu.mems().clone().filter(|s| !s.is_empty());
         }
         if let Some(p) = r.pids() {
             limits.pids_max = Some(p.limit());
@@ -237,12 +243,20 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> Result<i32> {
     }
     if let Some(q) = args.cpu_quota {
         limits.cpu_max = Some((q as i64, args.cpu_period.unwrap_or(100_000)));
+        host.cpu_quota = Some(q as i64);
+    }
+    host.cpu_period = args.cpu_period.or(host.cpu_period);
+    if let Some(s) = args.cpu_share {
+        limits.cpu_weight = Some(shares_to_weight(s));
+        host.cpu_shares = Some(s);
     }
     if let Some(p) = args.pids_limit {
         limits.pids_max = Some(p);
     }
-    if args.cpuset_cpus.is_some() {
-        cannot.push("--cpuset-cpus (the vCPUs of a running VM are fixed)");
+    host.cpuset_cpus = args.cpuset_cpus.clone().or(host.cpuset_cpus);
+    host.cpuset_mems = args.cpuset_mems.clone().or(host.cpuset_mems);
+    if c.state.cgroup.is_none() && (host.cpuset_cpus.is_some() || host.cpuset_mems.is_some()) {
+        cannot.push("the cpuset (the vCPUs of a running VM are fixed, and this container has no host cgroup)");
     }
     if args.blkio_weight.is_some() || args.cpu_rt_period.is_some() || args.cpu_rt_runtime.is_some()
     {
@@ -255,5 +269,8 @@ pub fn update(ctx: &Context, args: &liboci_cli::Update) -> Result<i32> {
         )));
     }
     c.call(&Request::Update { limits, stream: 0 })?;
+    if let Some(paths) = &c.state.cgroup {
+        Cgroup::from_paths(paths.clone()).update(&host)?;
+    }
     Ok(0)
 }

@@ -83,6 +83,11 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> Result<i32> {
     if let Some(n) = &c.state.network {
         crate::net::release(n);
     }
+    // The host cgroup, once the monitor (and with it every helper) is gone.
+    if let Some(paths) = &c.state.cgroup {
+        c.wait_monitor_gone(std::time::Duration::from_secs(5));
+        crate::cgroups::Cgroup::from_paths(paths.clone()).remove()?;
+    }
     let Existing { dir, .. } = c;
     dir.remove()?;
     if let Some(spec) = spec {

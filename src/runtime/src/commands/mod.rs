@@ -24,6 +24,8 @@ pub struct Context {
     /// Where the guest console log is kept when a monitor ends
     /// ([`crate::monitor::Launch::console_copy`]).
     pub console_copy: Option<PathBuf>,
+    /// `--systemd-cgroup`: `linux.cgroupsPath` is `slice:prefix:name`.
+    pub systemd_cgroup: bool,
 }
 
 /// Waits for a child of ours to end, whatever its status.

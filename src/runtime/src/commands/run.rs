@@ -23,7 +23,13 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
     };
-    let launch = super::create::launch(ctx, id, &args.bundle, stdio)?;
+    let mut launch = super::create::launch(ctx, id, &args.bundle, stdio)?;
+    // This process is the monitor: it joins the host cgroup, and leaves and
+    // removes it when `_cgroup` goes, on every way out.
+    let _cgroup = super::create::host_cgroup(ctx, &mut launch)?;
+    if let Some(cg) = _cgroup.cgroup() {
+        cg.join(0)?;
+    }
     let spec = launch.bundle.spec.clone();
     let mut monitor = Monitor::prepare(launch)?;
     let hooked = super::create::create_hooks(ctx, id, &spec).and_then(|()| {

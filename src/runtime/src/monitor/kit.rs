@@ -74,6 +74,7 @@ impl Kit {
             exit: None,
             oom_killed: false,
             network: None,
+            cgroup: None,
         };
         let (host, guest) = UnixStream::pair().unwrap();
         guest

@@ -109,6 +109,7 @@ impl Monitor {
             dir: console_copy,
         };
         let mut state = creating(&id, &bundle);
+        state.cgroup = plan.host_cgroup.clone();
         let net = carry_network(plan.netns.as_deref(), &mut state)?;
         state_dir.write(&state)?;
         // What the guest sees of the host: its root and volumes, composed
@@ -250,6 +251,7 @@ fn creating(id: &str, bundle: &Bundle) -> State {
         exit: None,
         oom_killed: false,
         network: None,
+        cgroup: None,
     }
 }
 

@@ -5,10 +5,13 @@
 //! VM, e.g. host device cgroup rules), or reported as unsupported — all
 //! problems of a bundle at once, each naming its field.
 
+mod host;
 pub mod host_cgroup;
 mod mounts;
 mod process;
 mod sizing;
+
+pub(crate) use sizing::shares_to_weight;
 
 use std::path::Path;
 
@@ -17,6 +20,7 @@ use oci_spec::runtime::Spec;
 
 use crate::staging::{self, ContainerPaths, HostBind};
 
+pub use host::{HOST_OVERHEAD_MIB, HOST_PIDS_MAX};
 pub use sizing::{
     HostInfo, ANNOTATION_MEMORY_MIB, ANNOTATION_VCPUS, DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB,
 };
@@ -68,6 +72,11 @@ pub struct VmPlan {
     pub netns: Option<std::path::PathBuf>,
     /// Fields accepted but not applied inside the VM, for the log.
     pub warnings: Vec<String>,
+    /// The limits of the container's host side (its host cgroup).
+    pub host: crate::cgroups::HostResources,
+    /// Where the host cgroup is, once the launcher has created it (the
+    /// plan itself creates nothing): the monitor records it in the state.
+    pub host_cgroup: Option<crate::cgroups::CgroupPaths>,
 }
 
 /// One thing wrong with a bundle.
@@ -228,6 +237,8 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         network: None,
     };
     Ok(VmPlan {
+        host: host::plan_host(spec, memory_mib),
+        host_cgroup: None,
         vcpus,
         memory_mib,
         paths: ContainerPaths {

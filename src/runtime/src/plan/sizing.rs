@@ -109,7 +109,7 @@ fn cpuset_count(list: &str) -> Option<u32> {
 }
 
 /// runc's conversion of cgroup v1 cpu.shares to v2 cpu.weight.
-fn shares_to_weight(shares: u64) -> u64 {
+pub(crate) fn shares_to_weight(shares: u64) -> u64 {
     if shares == 0 {
         return 100;
     }

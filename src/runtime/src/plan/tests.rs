@@ -486,3 +486,45 @@ fn the_require_kvm_annotation_is_true_or_false() {
         vec![format!("annotations[{ANNOTATION_REQUIRE_KVM:?}]")]
     );
 }
+
+#[test]
+fn the_host_side_gets_the_vm_plus_overhead_and_the_specs_cpu_limits() {
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"] = json!({
+            "memory": {"limit": 536870912},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 512, "cpus": "1", "mems": "0"},
+            "pids": {"limit": 10}
+        })
+    })
+    .unwrap();
+    let h = &p.host;
+    assert_eq!(
+        h.memory_limit,
+        Some((512 + GUEST_OVERHEAD_MIB + HOST_OVERHEAD_MIB) << 20)
+    );
+    assert_eq!(
+        (h.cpu_quota, h.cpu_period, h.cpu_shares),
+        (Some(50000), Some(100000), Some(512))
+    );
+    assert_eq!(
+        (h.cpuset_cpus.as_deref(), h.cpuset_mems.as_deref()),
+        (Some("1"), Some("0"))
+    );
+    // The spec's pids limit is the workload's, in the guest.
+    assert_eq!(h.pids_max, Some(HOST_PIDS_MAX));
+    assert_eq!(p.setup.cgroup.pids_max, Some(10));
+    assert!(p.host_cgroup.is_none(), "the plan creates nothing");
+
+    // No limits in the spec: the host side is still bounded by the VM.
+    let p = plan_of("runc-spec", |_| {}).unwrap();
+    assert_eq!(
+        p.host.memory_limit,
+        Some((DEFAULT_MEMORY_MIB + HOST_OVERHEAD_MIB) << 20)
+    );
+    assert_eq!((p.host.cpu_quota, p.host.cpuset_cpus.clone()), (None, None));
+    let p = plan_of("full", |c| {
+        c["linux"]["resources"]["cpu"] = json!({"quota": -1, "cpus": " "})
+    })
+    .unwrap();
+    assert_eq!((p.host.cpu_quota, p.host.cpuset_cpus), (None, None));
+}
