@@ -933,16 +933,24 @@ fn the_host_cgroup_limits_and_accounts_the_container() {
     }
     eprintln!("{} host tasks, all in {cg}", tasks.len());
 
-    // Measured: CPU-seconds per second of the cgroup over 5 s.
-    let (u0, t0) = (cgroups::cpu_usage_ns(&cg), Instant::now());
-    std::thread::sleep(Duration::from_secs(5));
-    let (u1, t1) = (cgroups::cpu_usage_ns(&cg), Instant::now());
-    let rate = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
-    eprintln!("--cpus 0.5: {rate:.3} CPU-s/s");
-    assert!(
-        (0.35..=0.65).contains(&rate),
-        "--cpus 0.5 used {rate:.3} CPU-s/s"
-    );
+    // Measured: CPU-seconds per second of the cgroup over 5 s. The quota
+    // must hold in every window; a window where the 2-core host was busy
+    // with other tests can give the burner less than its half, so up to
+    // three are taken for the lower bound.
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let (u0, t0) = (cgroups::cpu_usage_ns(&cg), Instant::now());
+        std::thread::sleep(Duration::from_secs(5));
+        let (u1, t1) = (cgroups::cpu_usage_ns(&cg), Instant::now());
+        let rate = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
+        eprintln!("--cpus 0.5: {rate:.3} CPU-s/s");
+        assert!(rate <= 0.65, "--cpus 0.5 used {rate:.3} CPU-s/s");
+        best = best.max(rate);
+        if best >= 0.35 {
+            break;
+        }
+    }
+    assert!(best >= 0.35, "--cpus 0.5 got at most {best:.3} CPU-s/s");
 
     // podman stats reads the longest line of the pid's /proc/PID/cgroup.
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
