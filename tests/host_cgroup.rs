@@ -68,6 +68,7 @@ fn all_tasks_in(pid: i32, name: &str) -> Vec<std::path::PathBuf> {
 fn cgroups_path_stays_beneath_the_mounts_and_delete_removes_it() {
     let sb = Sandbox::new("cg-escape");
     let name = format!("krun-test-escape-{}", std::process::id());
+    let _cleanup = cgroups::Cleanup(name.clone());
     for (i, at) in [format!("../../{name}"), format!("/../../{name}")]
         .iter()
         .enumerate()
@@ -97,6 +98,7 @@ fn cgroups_path_stays_beneath_the_mounts_and_delete_removes_it() {
 fn kill_dash_nine_of_the_monitor_then_delete_leaves_no_cgroup() {
     let sb = Sandbox::new("cg-kill9");
     let name = format!("krun-test-k9-{}", std::process::id());
+    let _cleanup = cgroups::Cleanup(name.clone());
     let b = bundle(&sb, &format!("/{name}"), &["sleep", "600"]);
     let pid = create(&sb, &b, "k9");
     ok(krun(&sb, &["start", "k9"]));
@@ -117,6 +119,7 @@ fn kill_dash_nine_of_the_monitor_then_delete_leaves_no_cgroup() {
 fn run_holds_its_own_process_in_the_cgroup_and_removes_it() {
     let sb = Sandbox::new("cg-run");
     let name = format!("krun-test-run-{}", std::process::id());
+    let _cleanup = cgroups::Cleanup(name.clone());
     let b = bundle(&sb, &format!("/{name}"), &["sleep", "4"]);
     let mut c = sb.cmd();
     c.args(["run", "--bundle"]).arg(&b.dir).arg("r1");

@@ -205,3 +205,22 @@ pub fn cpu_usage_ns(path: &str) -> u64 {
         number(&dir("cpuacct", path).join("cpuacct.usage")).unwrap()
     }
 }
+
+/// Removes the cgroups named `.0` when dropped, so that a failed test
+/// leaves none for the next (a passing one has checked there are none).
+pub struct Cleanup(pub String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            let left = named(&self.0);
+            if left.is_empty() {
+                return;
+            }
+            for d in left {
+                let _ = std::fs::remove_dir(d);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
