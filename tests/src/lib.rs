@@ -8,6 +8,7 @@
 //! message saying how to get them; they never skip.
 //!
 //! The pieces: [`sandbox`] (a test's folder and krun-oci run in it),
+//! [`cgroups`] (where host tasks are in the host's cgroups),
 //! [`bundle`] (a busybox rootfs and its config), [`dist`] (the binaries and
 //! VM assets under test), [`process`] (host processes and deadlines),
 //! [`lifecycle`] (the runtime-spec lifecycle by hand), [`podman`] (a
@@ -17,6 +18,7 @@
 //! CRI client.
 
 pub mod bundle;
+pub mod cgroups;
 pub mod containerd;
 pub mod cri;
 pub mod dist;

@@ -3,6 +3,7 @@
 
 use super::Context;
 use crate::api::Request;
+use crate::cgroups::CgroupError;
 use crate::container::{parse_signal, Existing};
 use crate::error::{Error, Result};
 use crate::hooks;
@@ -84,9 +85,19 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> Result<i32> {
         crate::net::release(n);
     }
     // The host cgroup, once the monitor (and with it every helper) is gone.
+    // One still busy holds someone else's processes (a container of the
+    // same id under another --root shares it, as under runc): theirs to
+    // remove.
     if let Some(paths) = &c.state.cgroup {
         c.wait_monitor_gone(std::time::Duration::from_secs(5));
-        crate::cgroups::Cgroup::from_paths(paths.clone()).remove()?;
+        match crate::cgroups::Cgroup::from_paths(paths.clone()).remove() {
+            Err(CgroupError::Remove { path, source })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                tracing::warn!(container = %c.id, cgroup = %path.display(), "host cgroup still in use; left");
+            }
+            other => other?,
+        }
     }
     let Existing { dir, .. } = c;
     dir.remove()?;
