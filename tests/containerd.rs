@@ -247,3 +247,64 @@ fn a_shim_killed_with_sigkill_leaves_nothing_behind() {
     c.ctr(&["containers", "rm", &cid]).ok();
     c.finish();
 }
+
+/// The task's pid as `ctr task ls` prints it: our shim's (the VM's host
+/// side runs in it and below it), or, under runc, the container's init.
+fn task_pid(c: &Containerd, id: &str) -> i32 {
+    let out = c.ctr(&["task", "ls"]);
+    out.stdout
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f.get(1)?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no pid for task {id}: {out:?}"))
+}
+
+/// containerd names a task's cgroup `/<namespace>/<id>`: the task's pid
+/// and everything below it (under krun: the shim, QEMU, virtiofsd and
+/// every thread) are in it in every hierarchy, with the memory limit ctr
+/// asked for (runc: exactly it; krun: the VM's memory plus the host
+/// overhead), and `delete` removes it (`finish` checks).
+#[test]
+fn the_vm_runs_in_the_cgroup_containerd_names() {
+    let c = Containerd::start("hostcg");
+    let cid = id("placed");
+    let limit = (256u64 << 20).to_string();
+    c.ctr(&c.run_words(
+        &["-d"],
+        &["--memory-limit", &limit],
+        &cid,
+        &["sleep", "1000"],
+    ))
+    .ok();
+    c.wait_status(&cid, "RUNNING");
+    let pid = task_pid(&c, &cid);
+    let cg = format!("/default/{cid}");
+    let tasks = harness::cgroups::task_files(pid);
+    for t in &tasks {
+        for (line, dir) in harness::cgroups::dirs_of(t).unwrap_or_default() {
+            assert!(
+                line.ends_with(&cg),
+                "{} is outside {cg}: {line}",
+                t.display()
+            );
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
+    }
+    eprintln!("{} tasks below pid {pid}, all in {cg}", tasks.len());
+    let want = if is_krun() {
+        // 256 MiB asked for + 64 MiB for the guest kernel = the VM's
+        // memory, + the host overhead (krun_oci::plan::HOST_OVERHEAD_MIB).
+        (256 + 64 + 256) << 20
+    } else {
+        256 << 20
+    };
+    assert_eq!(harness::cgroups::memory_limit(&cg), Some(want), "{cg}");
+    c.ctr(&["task", "kill", "-s", "SIGKILL", &cid]).ok();
+    c.wait_status(&cid, "STOPPED");
+    c.ctr(&["task", "delete", &cid]).ok();
+    c.ctr(&["containers", "rm", &cid]).ok();
+    c.finish();
+}

@@ -5,12 +5,22 @@
 //! `KRUN_OCI_CRI_HANDLER=runc cargo test --test cri` runs the same test with
 //! containerd's runc shim, to validate it (the VM-only checks say so).
 
-use krun_e2e::{self as harness, containerd, cri};
+use krun_e2e::{self as harness, cgroups, containerd, cri};
 
 use std::time::Instant;
 
 use containerd::{Containerd, BUSYBOX};
 use cri::{container_config, pod_config, ContainerState, Cri, LinuxContainerResources};
+
+/// Removes the pod cgroups kubelet would have made (the runtime removes
+/// only the sandbox's and the containers' below them).
+struct KubeletCgroup(String);
+
+impl Drop for KubeletCgroup {
+    fn drop(&mut self) {
+        cgroups::remove_with_ancestors(&self.0);
+    }
+}
 
 fn handler() -> String {
     std::env::var("KRUN_OCI_CRI_HANDLER")
@@ -53,9 +63,20 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         cpu_quota: 200_000,
         ..Default::default()
     });
+    // kubelet's cgroupfs driver names the pod's cgroup; containerd puts
+    // the sandbox below it (`<parent>/<sandbox id>`).
+    let uid = pod.metadata.as_ref().unwrap().uid.clone();
+    let parent = format!("/kubepods/burstable/pod{uid}");
+    pod.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+    let _kubelet = KubeletCgroup(parent.clone());
     let t0 = Instant::now();
     let pod_id = cri.run_pod_when_ready(&pod, &handler());
     eprintln!("RunPodSandbox took {:?}", t0.elapsed());
+    let sandbox_cg = format!("{parent}/{pod_id}");
+    let procs = cgroups::dir("memory", &sandbox_cg).join("cgroup.procs");
+    let members = std::fs::read_to_string(&procs)
+        .unwrap_or_else(|e| panic!("the sandbox's cgroup {}: {e}", procs.display()));
+    assert!(!members.trim().is_empty(), "nothing in {}", procs.display());
 
     // Two long-running containers and one that exits with 3.
     let mut ids = Vec::new();
@@ -118,6 +139,23 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
             "one VM for the pod, not {}: {vms:?}",
             vms.len()
         );
+        // The VM's whole host side (the shim, QEMU, virtiofsd, every
+        // thread) is in the pod's cgroup, below the parent kubelet asked
+        // for, in every hierarchy.
+        let shim: i32 = harness::processes_mentioning(&c.path().to_string_lossy())
+            .iter()
+            .find(|p| p.contains("containerd-shim-krun-v2") && p.contains(&pod_id))
+            .and_then(|p| p.split(':').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no shim for pod {pod_id}"));
+        for t in cgroups::task_files(shim) {
+            for (line, _) in cgroups::dirs_of(&t).unwrap_or_default() {
+                assert!(
+                    line.ends_with(&sandbox_cg),
+                    "{} is outside {sandbox_cg}: {line}",
+                    t.display()
+                );
+            }
+        }
         // The VM is sized from the pod's resources: 384 MiB of limits plus
         // the stated guest overhead (64 MiB), and 2 vCPUs from the quota.
         let r = cri.exec_sync(&ids[0], &["sh", "-c", "grep MemTotal /proc/meminfo; nproc"]);

@@ -224,3 +224,18 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// Removes the empty cgroup `path` and each of its empty ancestors, in
+/// every hierarchy: what kubelet removes after a pod (the pod's cgroup
+/// and the `kubepods` ones it made for it); what is not empty stays.
+pub fn remove_with_ancestors(path: &str) {
+    for (point, _, _) in mounts() {
+        let mut rel = Path::new(path.trim_start_matches('/'));
+        while !rel.as_os_str().is_empty() {
+            if std::fs::remove_dir(Path::new(&point).join(rel)).is_err() {
+                break;
+            }
+            rel = rel.parent().unwrap_or(Path::new(""));
+        }
+    }
+}

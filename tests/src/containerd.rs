@@ -261,6 +261,8 @@ impl Containerd {
                     state.display()
                 );
             }
+            let cgroups = crate::cgroups::named(id);
+            assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
             // containerd's runc shim leaves its socket when killed with -9;
             // ours must not.
             let socket = socket_path(&address, ns, id);

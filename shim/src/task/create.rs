@@ -42,6 +42,39 @@ fn unmount_rootfs(bundle: &Path) {
         containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
 }
 
+/// Whether a `linux.cgroupsPath` is systemd's `slice:prefix:name`: a shim
+/// is given no `--systemd-cgroup`, so it reads the path's shape, as
+/// Kata's does (kubelet's systemd driver sends
+/// `kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`).
+fn systemd_path(spec: &Spec) -> bool {
+    let path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+    let path = path
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parts: Vec<&str> = path.split(':').collect();
+    parts.len() == 3 && parts[0].ends_with(".slice")
+}
+
+/// Creates the VM's cgroup on the host where `linux.cgroupsPath` says
+/// (containerd: `/<namespace>/<id>`; the CRI: the pod's parent from
+/// kubelet, then the sandbox's id) and moves this shim process into it:
+/// the monitor runs on a thread here, the built-in VMM's threads too, and
+/// QEMU and virtiofsd are spawned from here, so the VM's whole host side
+/// is in it (Kata's `sandbox_cgroup_only`). One shim serves one VM, so it
+/// joins one cgroup. Dropped unkept, the cgroup is left and removed.
+fn join_host_cgroup(launch: &mut Launch) -> TtrpcResult<krun_oci::cgroups::Owned> {
+    let spec = &launch.bundle.spec;
+    let cg =
+        krun_oci::cgroups::for_container(spec, &launch.id, systemd_path(spec), &launch.plan.host)
+            .map_err(|e| library_error(e.into()))?;
+    launch.plan.host_cgroup = Some(cg.paths().clone());
+    let owned = krun_oci::cgroups::Owned::new(cg);
+    if let Some(cg) = owned.cgroup() {
+        cg.join(0).map_err(|e| library_error(e.into()))?;
+    }
+    Ok(owned)
+}
+
 /// Mounts the rootfs containerd hands the task at `bundle/rootfs`.
 fn mount_rootfs(req: &api::CreateTaskRequest, bundle: &Path) -> TtrpcResult<()> {
     let rootfs = bundle.join("rootfs");
@@ -100,15 +133,17 @@ impl Tasks {
             stderr: open_fifo(&req.stderr, true)?,
         };
         let (notices, notice_rx) = mpsc::channel();
-        let launch = self.launch(&req.id, bundle, stdio, notices, &role)?;
+        let mut launch = self.launch(&req.id, bundle, stdio, notices, &role)?;
+        let cgroup = join_host_cgroup(&mut launch)?;
         let (requests, thread) = self.spawn_monitor(&req.id, launch)?;
+        let cgroup = cgroup.cgroup().cloned().inspect(|_| cgroup.keep());
         self.insert(Arc::new(Container::new(
             req.id.clone(),
             bundle.to_path_buf(),
             stdio_of(req),
             role,
             (requests, krun_proto::MAIN_STREAM),
-            Some(thread),
+            (Some(thread), cgroup),
         )));
         self.forward_ooms(&req.id, notice_rx);
         let io = TaskIO {
@@ -242,7 +277,7 @@ impl Tasks {
             stdio,
             role,
             requests,
-            None,
+            (None, None),
         )));
         // Its end comes on the create request's channel.
         let tasks = self.clone();

@@ -10,6 +10,7 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::topics;
 use containerd_shim::TtrpcResult;
 use krun_oci::api::Request;
+use krun_oci::cgroups::Cgroup;
 use krun_oci::state::StateDir;
 
 use super::state::Teardown;
@@ -23,6 +24,15 @@ fn leave_pod(role: &Role, id: &str) {
         Role::Member(sandbox) => pod::remove_member(sandbox, id),
         Role::Sandbox => pod::remove(id),
         Role::Standalone => {}
+    }
+}
+
+/// Moves this shim back where it came from and removes the VM's cgroup
+/// (its VM is gone: the monitor thread has ended).
+fn leave_cgroup(cg: &Cgroup) {
+    let _ = cg.leave();
+    if let Err(e) = cg.remove() {
+        containerd_shim::warn!("removing the VM's host cgroup: {e}");
     }
 }
 
@@ -49,6 +59,9 @@ impl Tasks {
             let _ = t.join();
         }
         let x = c.lock().end();
+        if let Some(cg) = &c.cgroup {
+            leave_cgroup(cg);
+        }
         if let Ok(dir) = StateDir::open(&self.root, id) {
             let _ = dir.remove();
         }
@@ -89,6 +102,13 @@ impl Tasks {
                 }
                 if let Some(n) = &state.network {
                     krun_oci::net::release(n);
+                }
+                // Its processes died with the shim (their parent-death
+                // signal); this process never joined the cgroup.
+                if let Some(paths) = state.cgroup {
+                    if let Err(e) = Cgroup::from_paths(paths).remove() {
+                        containerd_shim::warn!("removing the VM's host cgroup: {e}");
+                    }
                 }
             }
             let _ = dir.remove();

@@ -9,6 +9,7 @@ use containerd_shim::TtrpcResult;
 use krun_oci::api::{Request, Response};
 
 use super::tasks::Tasks;
+use crate::pod::Role;
 use crate::rpc::rpc_error;
 
 /// Resource use as the guest reports it, as cgroup v2 metrics.
@@ -30,6 +31,30 @@ fn metrics(stats: &krun_proto::CgroupStats) -> Metrics {
             usage_limit: stats.memory_limit,
             anon: stats.memory_anon,
             file: stats.memory_file,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What a pod's VM costs the host (its host cgroup: the monitor, the VMM,
+/// QEMU, virtiofsd, guest RAM as the guest touched it), as cgroup v2
+/// metrics: the sandbox task's, which the CRI reads for the pod as a whole.
+fn host_metrics(stats: &krun_oci::cgroups::CgroupStats) -> Metrics {
+    Metrics {
+        pids: MessageField::some(PidsStat {
+            current: stats.pids.unwrap_or(0),
+            limit: krun_oci::plan::HOST_PIDS_MAX as u64,
+            ..Default::default()
+        }),
+        cpu: MessageField::some(CPUStat {
+            usage_usec: stats.cpu_usage_ns.unwrap_or(0) / 1000,
+            ..Default::default()
+        }),
+        memory: MessageField::some(MemoryStat {
+            usage: stats.memory_usage.unwrap_or(0),
+            usage_limit: stats.memory_limit.unwrap_or(u64::MAX),
+            max_usage: stats.memory_max_usage.unwrap_or(0),
             ..Default::default()
         }),
         ..Default::default()
@@ -111,12 +136,22 @@ impl Tasks {
 
     /// Resource use from the container's cgroup inside the VM, as cgroup v2
     /// metrics (what `ctr task metrics` and the CRI's stats read).
+    /// A container's resource use in its VM (the guest's cgroup of it);
+    /// for a pod's sandbox, what the pod's VM costs the host (its host
+    /// cgroup). So the containers' stats are their own and the pod's are
+    /// the VM's: both sides.
     pub fn stats(&self, id: &str) -> TtrpcResult<api::StatsResponse> {
         let c = self.get(id)?;
-        let Response::Stats { stats } = c.call(Request::Stats { stream: c.stream })? else {
-            return Err(rpc_error(Code::INTERNAL, "no stats from the guest"));
+        let m = match (&c.role, &c.cgroup) {
+            (Role::Sandbox, Some(cg)) => host_metrics(&cg.stats()),
+            _ => {
+                let Response::Stats { stats } = c.call(Request::Stats { stream: c.stream })? else {
+                    return Err(rpc_error(Code::INTERNAL, "no stats from the guest"));
+                };
+                metrics(&stats)
+            }
         };
-        let value = metrics(&stats)
+        let value = m
             .write_to_bytes()
             .map_err(|e| rpc_error(Code::INTERNAL, e.to_string()))?;
         let any = Any {

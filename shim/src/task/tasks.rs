@@ -17,6 +17,7 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::synchronous::publisher::RemotePublisher;
 use containerd_shim::TtrpcResult;
 use krun_oci::api::{Incoming, Request, Response};
+use krun_oci::cgroups::Cgroup;
 use krun_oci::session::Event;
 
 use super::state::{Inner, Stdio, KILLED};
@@ -38,6 +39,10 @@ pub struct Container {
     pub changed: Condvar,
     /// The monitor's thread, for a task with a VM of its own.
     pub thread: Mutex<Option<JoinHandle<()>>>,
+    /// The VM's cgroup on the host, which this shim process joined, for a
+    /// task with a VM of its own: left and removed when the task is
+    /// deleted.
+    pub cgroup: Option<Cgroup>,
 }
 
 impl Container {
@@ -48,7 +53,7 @@ impl Container {
         stdio: Stdio,
         role: Role,
         (requests, stream): (SyncSender<Event>, u32),
-        thread: Option<JoinHandle<()>>,
+        (thread, cgroup): (Option<JoinHandle<()>>, Option<Cgroup>),
     ) -> Container {
         Container {
             id,
@@ -60,6 +65,7 @@ impl Container {
             inner: Mutex::new(Inner::default()),
             changed: Condvar::new(),
             thread: Mutex::new(thread),
+            cgroup,
         }
     }
 
