@@ -147,6 +147,15 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
             .find(|p| p.contains("containerd-shim-krun-v2") && p.contains(&pod_id))
             .and_then(|p| p.split(':').next()?.parse().ok())
             .unwrap_or_else(|| panic!("no shim for pod {pod_id}"));
+        // The sandbox's stats are the VM's cost on the host: its host
+        // cgroup's, limited to the VM's memory plus the host overhead.
+        let metrics = c.ctr_in("k8s.io", &["task", "metrics", &pod_id], None).ok();
+        let limit = cgroups::memory_limit(&sandbox_cg).expect("a host memory limit");
+        assert_eq!(limit, (384 + 64 + 256) << 20, "{sandbox_cg}");
+        assert!(
+            metrics.contains(&limit.to_string()),
+            "the sandbox's metrics are its host cgroup's (limit {limit}): {metrics}"
+        );
         for t in cgroups::task_files(shim) {
             for (line, _) in cgroups::dirs_of(&t).unwrap_or_default() {
                 assert!(
