@@ -153,7 +153,7 @@ impl Hypervisor for Qemu {
                 target: NET_FD + i as i32,
             });
         }
-        let child = spawn(&mut cmd, fds)?;
+        let child = spawn(&mut cmd, fds, crate::QEMU_CAPS)?;
         Ok(Box::new(QemuVm {
             child: Some(child),
             daemons,
