@@ -52,6 +52,13 @@ impl Qemu {
         let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
         let smp = config.vcpus.to_string();
         push(&["-smp", &smp, "-m", &mem_arg, "-object", &backend]);
+        // QEMU's own seccomp filter, beneath the runtime's deny-list: no
+        // obsolete system calls, no setuid/setgid/capset, no fork or exec,
+        // no scheduler or resource-limit changes.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&[
             "-nodefaults",
             "-no-user-config",
