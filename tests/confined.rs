@@ -106,9 +106,7 @@ fn has_thread(pid: i32, name: &str) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
-        .any(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
-        })
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
 }
 
 /// Asserts that `pid` runs with NNP and a seccomp filter, that its
@@ -121,10 +119,24 @@ fn assert_confined(pid: i32, keep: &[Capability], exact: bool) {
     assert_eq!(s["NoNewPrivs"], "1", "{who}: no_new_privs");
     assert_eq!(s["Seccomp"], "2", "{who}: seccomp filter mode");
     let (eff, bnd, keep) = (hex(&s, "CapEff"), hex(&s, "CapBnd"), mask(keep));
-    assert!(!FULL_SETS.contains(&eff), "{who}: CapEff {eff:016x} is the full set");
-    assert!(!FULL_SETS.contains(&bnd), "{who}: CapBnd {bnd:016x} is the full set");
-    assert_eq!(eff & !keep, 0, "{who}: CapEff {eff:016x} beyond {keep:016x}");
-    assert_eq!(bnd & !keep, 0, "{who}: CapBnd {bnd:016x} beyond {keep:016x}");
+    assert!(
+        !FULL_SETS.contains(&eff),
+        "{who}: CapEff {eff:016x} is the full set"
+    );
+    assert!(
+        !FULL_SETS.contains(&bnd),
+        "{who}: CapBnd {bnd:016x} is the full set"
+    );
+    assert_eq!(
+        eff & !keep,
+        0,
+        "{who}: CapEff {eff:016x} beyond {keep:016x}"
+    );
+    assert_eq!(
+        bnd & !keep,
+        0,
+        "{who}: CapBnd {bnd:016x} beyond {keep:016x}"
+    );
     if exact {
         assert_eq!(eff, keep, "{who}: CapEff");
     }
@@ -193,7 +205,12 @@ fn a_containers_host_processes_are_confined_by_hand() {
     assert_helpers_confined(pid);
     // Still serves its commands confined: exec and a forced delete.
     let o = lifecycle::krun(&sb, &["exec", "c1", "echo", "exec ok"]);
-    assert_eq!((o.code, o.stdout.as_str()), (0, "exec ok\n"), "{}", o.stderr);
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, "exec ok\n"),
+        "{}",
+        o.stderr
+    );
     lifecycle::delete_force(&sb, "c1", pid);
     sb.assert_clean();
 }
