@@ -29,9 +29,10 @@
 //!   (unshare of the PID, mount and network namespaces, mount, pivot_root,
 //!   umount2), then the eight virtiofsd 1.14 keeps for the guest's users
 //!   (main.rs `drop_capabilities`): `CHOWN`, `DAC_OVERRIDE`, `FOWNER`,
-//!   `FSETID`, `SETGID`, `SETUID`, `MKNOD`, `SETFCAP`, and `SETPCAP`, which
-//!   its libcap-ng needs to apply its own (smaller) bounding set. Not
-//!   `DAC_READ_SEARCH`: it runs with `--inode-file-handles=never`.
+//!   `FSETID`, `SETGID`, `SETUID`, `MKNOD`, `SETFCAP`, and `SETPCAP`, for
+//!   applying its own smaller sets with libcap-ng (without it the daemon
+//!   dies there of its own seccomp filter, SIGSYS: tried with `setpriv`).
+//!   Not `DAC_READ_SEARCH`: it runs with `--inode-file-handles=never`.
 //! - **the monitor** (the pid-file process of `krun-oci create`, which with
 //!   the built-in VMM also runs the VMM's threads): the virtiofsd set above,
 //!   which the built-in virtio-fs device needs for the guest's users as
