@@ -203,14 +203,14 @@ fn a_containers_host_processes_are_confined_by_hand() {
     let pid = lifecycle::start_new(&sb, &["sleep", "1000"], "c1");
     assert_confined(pid, MONITOR, true);
     assert_helpers_confined(pid);
-    // Still serves its commands confined: exec and a forced delete.
-    let o = lifecycle::krun(&sb, &["exec", "c1", "echo", "exec ok"]);
-    assert_eq!(
-        (o.code, o.stdout.as_str()),
-        (0, "exec ok\n"),
-        "{}",
-        o.stderr
-    );
+    // Still serves its commands confined: an exec whose guest root writes,
+    // chowns and makes a FIFO in the shared root (what the file server,
+    // virtiofsd or the built-in VMM's, keeps its capabilities for), and a
+    // forced delete.
+    let probe = "echo hi > /probe && chown 1000:1000 /probe && mknod /fifo p \
+                 && test -p /fifo && stat -c %u /probe";
+    let o = lifecycle::krun(&sb, &["exec", "c1", "sh", "-c", probe]);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "1000\n"), "{}", o.stderr);
     lifecycle::delete_force(&sb, "c1", pid);
     sb.assert_clean();
 }
