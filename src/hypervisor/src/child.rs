@@ -6,7 +6,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-use crate::Error;
+use caps::Capability;
+
+use crate::{Confinement, Error};
 
 /// A file descriptor to hand to a child at a fixed number.
 pub(crate) struct PassFd {
@@ -17,9 +19,19 @@ pub(crate) struct PassFd {
 /// Spawns `cmd` in its own process group (a Ctrl-C at the terminal is the
 /// runtime's to forward, not the VMM's to die of) with SIGKILL as its
 /// parent-death signal (a runtime killed with -9 leaves no VM behind).
-/// `pass` fds appear in the child at their target numbers.
-pub(crate) fn spawn(cmd: &mut Command, pass: Vec<PassFd>) -> Result<Child, Error> {
+/// `pass` fds appear in the child at their target numbers. The child
+/// execs confined to the capabilities `keep` (see [`crate::confine`]; the
+/// confinement is applied last).
+pub(crate) fn spawn(
+    cmd: &mut Command,
+    pass: Vec<PassFd>,
+    keep: &[Capability],
+) -> Result<Child, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    let confine = Confinement::new(keep).map_err(|source| Error::Confine {
+        program: program.clone(),
+        source,
+    })?;
     let spawn_err = |source| Error::Spawn {
         program: program.clone(),
         source,
@@ -42,8 +54,8 @@ pub(crate) fn spawn(cmd: &mut Command, pass: Vec<PassFd>) -> Result<Child, Error
     let parent = std::process::id();
     cmd.stdin(Stdio::null()).process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, dup2, kill) on values
-    // computed before the fork.
+    // async-signal-safe functions (prctl, getppid, dup2, kill, capset,
+    // seccomp) on values computed before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(
@@ -65,7 +77,7 @@ pub(crate) fn spawn(cmd: &mut Command, pass: Vec<PassFd>) -> Result<Child, Error
                     return Err(io::Error::last_os_error());
                 }
             }
-            Ok(())
+            confine.apply(false).map_err(|e| e.into_io())
         });
     }
     let child = cmd.spawn().map_err(spawn_err)?;

@@ -12,11 +12,15 @@ use std::path::PathBuf;
 mod accel;
 mod capped;
 mod child;
+mod confine;
 mod qemu;
 mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
+pub use confine::{
+    confine_self, ConfineError, Confinement, DENIED, MONITOR_CAPS, QEMU_CAPS, VIRTIOFSD_CAPS,
+};
 pub use qemu::Qemu;
 
 /// A host directory shared into the guest over virtio-fs.
@@ -96,6 +100,12 @@ pub enum Error {
         tag: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot prepare the confinement of {program}")]
+    Confine {
+        program: String,
+        #[source]
+        source: ConfineError,
     },
     #[error("share {tag:?}: {path} is not a directory")]
     ShareNotDirectory { tag: String, path: PathBuf },

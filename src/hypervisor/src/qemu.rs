@@ -52,6 +52,13 @@ impl Qemu {
         let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
         let smp = config.vcpus.to_string();
         push(&["-smp", &smp, "-m", &mem_arg, "-object", &backend]);
+        // QEMU's own seccomp filter, beneath the runtime's deny-list: no
+        // obsolete system calls, no setuid/setgid/capset, no fork or exec,
+        // no scheduler or resource-limit changes.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&[
             "-nodefaults",
             "-no-user-config",
@@ -153,7 +160,7 @@ impl Hypervisor for Qemu {
                 target: NET_FD + i as i32,
             });
         }
-        let child = spawn(&mut cmd, fds)?;
+        let child = spawn(&mut cmd, fds, crate::QEMU_CAPS)?;
         Ok(Box::new(QemuVm {
             child: Some(child),
             daemons,

@@ -81,6 +81,7 @@ pub(crate) fn start(
             fd: OwnedFd::from(listener),
             target: LISTEN_FD,
         }],
+        crate::VIRTIOFSD_CAPS,
     )?;
     Ok(Virtiofsd {
         child,

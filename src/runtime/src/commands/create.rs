@@ -200,6 +200,15 @@ fn own_proc() -> std::io::Result<()> {
     Ok(())
 }
 
+/// NNP, the deny-list and the monitor's capabilities
+/// ([`krun_hypervisor::MONITOR_CAPS`]: what preparing the VM and serving
+/// it still need) for the monitor, all its threads and its children.
+fn confine_monitor() -> anyhow::Result<()> {
+    let c = krun_hypervisor::Confinement::monitor()?;
+    krun_hypervisor::confine_self(&c)?;
+    Ok(())
+}
+
 /// The monitor's life: bring the container to `created`, tell the create
 /// command, serve it, and exit as its process did.
 fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
@@ -219,6 +228,13 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
     }
     if let Err(e) = own_proc() {
         let _ = write!(ready, "1 cannot give the monitor its own /proc: {e}");
+        std::process::exit(1);
+    }
+    // Confined before its first thread starts, so that every thread (the
+    // built-in VMM's included) and every helper inherits the reduced
+    // capability sets: capabilities are per thread.
+    if let Err(e) = confine_monitor() {
+        let _ = write!(ready, "1 cannot confine the monitor: {e:#}");
         std::process::exit(1);
     }
     let signals = SignalForwarder::install();

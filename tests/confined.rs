@@ -1,0 +1,244 @@
+//! Every host process of a container runs confined: `no_new_privs`, a
+//! seccomp filter and only the capabilities documented in
+//! src/hypervisor/src/confine.rs — the monitor (`krun-oci create`'s pid
+//! file process) and its helpers (QEMU, virtiofsd and its sandbox's
+//! parents), under podman, by hand, and (the helpers) under containerd.
+//!
+//! krun-oci only: runc's processes are confined differently (runc's own
+//! init exec's the workload), so these tests do not run against runc.
+
+use krun_e2e::{self as harness, containerd, lifecycle, podman};
+
+use std::collections::BTreeMap;
+
+use caps::Capability::{self, *};
+use containerd::{is_krun, Containerd};
+use harness::Sandbox;
+use podman::{busybox, Podman};
+
+/// What the monitor keeps (confine.rs MONITOR_CAPS).
+const MONITOR: &[Capability] = &[
+    CAP_SYS_ADMIN,
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_SETUID,
+    CAP_MKNOD,
+    CAP_SETFCAP,
+    CAP_SETPCAP,
+    CAP_DAC_READ_SEARCH,
+    CAP_KILL,
+    CAP_NET_ADMIN,
+];
+
+/// What virtiofsd starts with (confine.rs VIRTIOFSD_CAPS); it drops more
+/// itself.
+const VIRTIOFSD: &[Capability] = &[
+    CAP_SYS_ADMIN,
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_SETUID,
+    CAP_MKNOD,
+    CAP_SETFCAP,
+    CAP_SETPCAP,
+];
+
+/// Every capability this machine's root has: what an unconfined process
+/// shows (all but CAP_SYS_RESOURCE here; all 41 elsewhere).
+const FULL_SETS: &[u64] = &[0x1ff_ffff_ffff, 0x1ff_feff_ffff];
+
+fn mask(set: &[Capability]) -> u64 {
+    set.iter().fold(0, |m, c| m | 1 << c.index())
+}
+
+/// `/proc/PID/status` as name → value.
+fn status(pid: i32) -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn hex(s: &BTreeMap<String, String>, key: &str) -> u64 {
+    u64::from_str_radix(&s[key], 16).unwrap_or_else(|e| panic!("{key} {:?}: {e}", s[key]))
+}
+
+/// The pids whose parent is `pid`, and theirs, and so on.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parents: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the comm may hold anything.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.entry(ppid).or_default().push(p);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &c in parents.get(&p).into_iter().flatten() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// Whether the process `pid` has a thread named `name` (the built-in VMM's
+/// vCPUs run as threads of the monitor or the shim).
+fn has_thread(pid: i32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+}
+
+/// Asserts that `pid` runs with NNP and a seccomp filter, that its
+/// capabilities (effective and bounding) are within `keep`, and that they
+/// are not the full set. `exact`: its effective set is `keep` itself.
+#[track_caller]
+fn assert_confined(pid: i32, keep: &[Capability], exact: bool) {
+    let s = status(pid);
+    let who = format!("{pid} ({})", s["Name"]);
+    assert_eq!(s["NoNewPrivs"], "1", "{who}: no_new_privs");
+    assert_eq!(s["Seccomp"], "2", "{who}: seccomp filter mode");
+    let (eff, bnd, keep) = (hex(&s, "CapEff"), hex(&s, "CapBnd"), mask(keep));
+    assert!(
+        !FULL_SETS.contains(&eff),
+        "{who}: CapEff {eff:016x} is the full set"
+    );
+    assert!(
+        !FULL_SETS.contains(&bnd),
+        "{who}: CapBnd {bnd:016x} is the full set"
+    );
+    assert_eq!(
+        eff & !keep,
+        0,
+        "{who}: CapEff {eff:016x} beyond {keep:016x}"
+    );
+    assert_eq!(
+        bnd & !keep,
+        0,
+        "{who}: CapBnd {bnd:016x} beyond {keep:016x}"
+    );
+    if exact {
+        assert_eq!(eff, keep, "{who}: CapEff");
+    }
+}
+
+/// Asserts that the helpers below `parent` (QEMU, virtiofsd) are
+/// confined, and that there are some — unless the VM is the built-in
+/// VMM's, in `parent` itself (its vCPU threads show that). The number of
+/// helper processes checked.
+#[track_caller]
+fn assert_helpers_confined(parent: i32) -> usize {
+    let helpers = descendants(parent);
+    let names: Vec<String> = helpers.iter().map(|&p| status(p)["Name"].clone()).collect();
+    for (&p, name) in helpers.iter().zip(&names) {
+        match name.as_str() {
+            "qemu-system-x86" => assert_confined(p, &[], true),
+            "virtiofsd" => assert_confined(p, VIRTIOFSD, false),
+            other => panic!("an unexpected host process {p} ({other}) below {parent}"),
+        }
+    }
+    if names.iter().any(|n| n == "qemu-system-x86") {
+        assert!(
+            names.iter().filter(|n| *n == "virtiofsd").count() >= 2,
+            "virtiofsd and its sandbox's parent: {names:?}"
+        );
+    } else {
+        assert!(
+            helpers.is_empty() && has_thread(parent, "vcpu0"),
+            "neither QEMU nor the built-in VMM below {parent}: {names:?}"
+        );
+    }
+    helpers.len()
+}
+
+#[test]
+fn a_podman_containers_host_processes_are_confined() {
+    let pm = Podman::new("confined");
+    if pm.is_runc() {
+        pm.not_applicable("krun-oci's confinement of its host processes");
+        pm.finish();
+        return;
+    }
+    pm.run_d(
+        "c",
+        &[],
+        busybox(),
+        &["sh", "-c", "echo ready; exec sleep 1000"],
+    );
+    pm.wait_for_log("c", "ready", std::time::Duration::from_secs(60));
+    let pid: i32 = pm
+        .ok(&["inspect", "--format", "{{.State.Pid}}", "c"])
+        .parse()
+        .unwrap();
+    assert_confined(pid, MONITOR, true);
+    assert_helpers_confined(pid);
+    pm.ok(&["rm", "-f", "-t", "0", "c"]);
+    pm.finish();
+}
+
+#[test]
+fn a_containers_host_processes_are_confined_by_hand() {
+    lifecycle::become_subreaper();
+    let sb = Sandbox::new("confined");
+    let pid = lifecycle::start_new(&sb, &["sleep", "1000"], "c1");
+    assert_confined(pid, MONITOR, true);
+    assert_helpers_confined(pid);
+    // Still serves its commands confined: an exec whose guest root writes,
+    // chowns and makes a FIFO in the shared root (what the file server,
+    // virtiofsd or the built-in VMM's, keeps its capabilities for), and a
+    // forced delete.
+    let probe = "echo hi > /probe && chown 1000:1000 /probe && mknod /fifo p \
+                 && test -p /fifo && stat -c %u /probe";
+    let o = lifecycle::krun(&sb, &["exec", "c1", "sh", "-c", probe]);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "1000\n"), "{}", o.stderr);
+    lifecycle::delete_force(&sb, "c1", pid);
+    sb.assert_clean();
+}
+
+#[test]
+fn a_ctr_tasks_helper_processes_are_confined() {
+    let c = Containerd::start("confined");
+    if !is_krun() {
+        eprintln!("NOT APPLICABLE to containerd's runc shim: krun's confinement");
+        c.finish();
+        return;
+    }
+    let cid = format!("confined-{}", std::process::id());
+    c.ctr(&c.run_words(&["-d"], &[], &cid, &["sleep", "1000"]))
+        .ok();
+    c.wait_status(&cid, "RUNNING");
+    let shim = harness::processes_mentioning(&format!("-id {cid} "));
+    let pid: i32 = shim
+        .iter()
+        .find(|p| p.contains("containerd-shim"))
+        .and_then(|p| p.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no shim process for {cid}: {shim:?}"));
+    // The shim itself (and the monitor, a thread of it) are not yet.
+    assert_helpers_confined(pid);
+    c.ctr(&["task", "kill", "-s", "KILL", &cid]).ok();
+    c.wait_status(&cid, "STOPPED");
+    c.ctr(&["task", "delete", &cid]).ok();
+    c.ctr(&["containers", "rm", &cid]).ok();
+    c.finish();
+}
