@@ -2,7 +2,7 @@
 //! seccomp filter and only the capabilities documented in
 //! src/hypervisor/src/confine.rs — the monitor (`krun-oci create`'s pid
 //! file process) and its helpers (QEMU, virtiofsd and its sandbox's
-//! parents), under podman, by hand, and (the helpers) under containerd.
+//! parents), under podman, by hand, and under containerd (the shim too).
 //!
 //! krun-oci only: runc's processes are confined differently (runc's own
 //! init exec's the workload), so these tests do not run against runc.
@@ -216,7 +216,7 @@ fn a_containers_host_processes_are_confined_by_hand() {
 }
 
 #[test]
-fn a_ctr_tasks_helper_processes_are_confined() {
+fn a_ctr_tasks_shim_and_helpers_are_confined() {
     let c = Containerd::start("confined");
     if !is_krun() {
         eprintln!("NOT APPLICABLE to containerd's runc shim: krun's confinement");
@@ -234,7 +234,8 @@ fn a_ctr_tasks_helper_processes_are_confined() {
         .and_then(|p| p.split(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no shim process for {cid}: {shim:?}"));
-    // The shim itself (and the monitor, a thread of it) are not yet.
+    // The shim, whose threads run the monitor (and the built-in VMM).
+    assert_confined(pid, MONITOR, true);
     assert_helpers_confined(pid);
     c.ctr(&["task", "kill", "-s", "KILL", &cid]).ok();
     c.wait_status(&cid, "STOPPED");

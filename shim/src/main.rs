@@ -13,6 +13,17 @@ mod service;
 mod task;
 
 fn main() {
+    // Every shim process (`start`, the daemon it starts, `delete`) is
+    // confined before its first thread: no_new_privs, the deny-list, and
+    // the monitor's capabilities (the daemon runs monitors and the
+    // built-in VMM on its threads, and mounts, joins network namespaces
+    // and cgroups for them): see krun_hypervisor's `confine` module.
+    let confined =
+        krun_hypervisor::Confinement::monitor().and_then(|c| krun_hypervisor::confine_self(&c));
+    if let Err(e) = confined {
+        eprintln!("containerd-shim-krun-v2: cannot confine the shim: {e}");
+        std::process::exit(1);
+    }
     let config = containerd_shim::Config {
         // The shim reaps its own children (the VMM processes of the QEMU
         // backend) with their handles; a blanket reaper would steal their
