@@ -13,6 +13,10 @@
 //!   queues, serving a fresh read-only share (requests come from raw
 //!   memory here, so a writable share would let the fuzzer plant symlinks
 //!   to anywhere on the host; `fs_session` covers writes);
+//! * the balloon: `krun_vmm::devices::balloon::Worker::process_all` (free
+//!   page reports and inflation `madvise` the guest ranges they name, so
+//!   a range check that let one out of guest memory would unmap the
+//!   fuzzer's own memory and crash it);
 //!
 //! and each device's `read_config`/`write_config` with arbitrary offsets
 //! and lengths.
@@ -40,7 +44,7 @@ use fuse_backend_rs::api::server::Server;
 use krun_oci_fuzz::ring::{Mem, Ring};
 use krun_oci_fuzz::scratch;
 use krun_vmm::devices::fs::{process_queue, Fs, ShareFs};
-use krun_vmm::devices::{console, fs as vfs, net};
+use krun_vmm::devices::{balloon, console, fs as vfs, net};
 use krun_vmm::virtio::{DeviceQueues, Interrupt, VirtioDevice};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
@@ -127,6 +131,7 @@ enum DeviceKind {
     /// guest could name any symlink target (fs_session covers writes, with
     /// targets it controls).
     Fs,
+    Balloon,
 }
 
 #[derive(Debug, Clone, Copy, Arbitrary)]
@@ -197,6 +202,7 @@ enum Dut {
     Console(console::Worker, Option<UnixStream>),
     Net(net::Worker, Option<UnixDatagram>),
     Fs(Server<ShareFs>, Vec<Queue>),
+    Balloon(balloon::Worker),
 }
 
 /// A fresh share for the fs device: one file, one directory.
@@ -227,6 +233,7 @@ fn config_device(kind: DeviceKind, share: &Path) -> Box<dyn VirtioDevice> {
             Box::new(net::Net::new(OwnedFd::from(a), "02:00:00:00:00:01").expect("a card"))
         }
         DeviceKind::Fs => Box::new(Fs::new("rootfs", share, true).expect("the share device")),
+        DeviceKind::Balloon => Box::new(balloon::Balloon::new()),
     }
 }
 
@@ -241,6 +248,7 @@ fn run(input: Input) {
         DeviceKind::Console { .. } => (console::NUM_QUEUES, console::QUEUE_MAX_SIZE),
         DeviceKind::Net { .. } => (net::NUM_QUEUES, net::QUEUE_MAX_SIZE),
         DeviceKind::Fs => (vfs::NUM_QUEUES, vfs::QUEUE_MAX_SIZE),
+        DeviceKind::Balloon => (balloon::NUM_QUEUES, balloon::QUEUE_MAX_SIZE),
     };
     let mut rings = Vec::new();
     let mut queues = Vec::new();
@@ -288,6 +296,12 @@ fn run(input: Input) {
             let server = Server::new(ShareFs::new(dir, true).expect("the share"));
             Dut::Fs(server, queues)
         }
+        DeviceKind::Balloon => {
+            let queues: [Queue; balloon::NUM_QUEUES] = queues.try_into().unwrap();
+            let queues =
+                DeviceQueues::new("virtio-balloon", mem.clone(), interrupt.clone(), queues);
+            Dut::Balloon(balloon::Worker::new(queues))
+        }
     };
     let mut config: Option<Box<dyn VirtioDevice>> = None;
 
@@ -301,6 +315,7 @@ fn run(input: Input) {
                         process_queue(server, q, mem);
                     }
                 }
+                Dut::Balloon(w) => w.process_all(),
             },
             Step::Poke(addr, bytes) => {
                 let _ = mem.write_slice(&bytes[..bytes.len().min(256)], GuestAddress(addr.0));
@@ -355,7 +370,7 @@ fn run(input: Input) {
             Step::HostClose => match &mut dut {
                 Dut::Console(_, host) => drop(host.take()),
                 Dut::Net(_, host) => drop(host.take()),
-                Dut::Fs(..) => {}
+                Dut::Fs(..) | Dut::Balloon(_) => {}
             },
             Step::ReadConfig { offset, len } => {
                 let dev = config.get_or_insert_with(|| {

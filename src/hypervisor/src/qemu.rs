@@ -103,6 +103,10 @@ impl Qemu {
             let dev = format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag);
             push(&["-chardev", &chardev, "-device", &dev]);
         }
+        // Last, so the other devices keep their slots: the guest reports
+        // free pages and QEMU discards them (on the shared memfd a hole is
+        // punched, so the host gets them back).
+        push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
         a
     }
 }

@@ -14,6 +14,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, IrqTrigger};
+use crate::devices::balloon::Balloon;
 use crate::devices::console::Console;
 use crate::devices::fs::Fs;
 use crate::devices::net::Net;
@@ -108,7 +109,9 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
     let control = Arc::new(Control::new(stop));
 
     // Devices: the serial console for the kernel's log, the control port,
-    // one virtio-fs device per share, one virtio-net device per network.
+    // one virtio-fs device per share, one virtio-net device per network,
+    // and last (the others keep their windows and interrupts) the balloon
+    // the guest reports its free pages to.
     let serial_irq =
         EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("serial".into(), e))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -138,6 +141,7 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
             .map_err(|e| VmmError::Device(name.clone(), std::io::Error::other(e.to_string())))?;
         devices.push((name, Box::new(net)));
     }
+    devices.push(("virtio-balloon".into(), Box::new(Balloon::new())));
     let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
     let mut transports = Vec::new();
     for (n, (name, dev)) in devices.into_iter().enumerate() {

@@ -31,6 +31,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
 pub const TYPE_CONSOLE: u32 = virtio_ids::VIRTIO_ID_CONSOLE;
 pub const TYPE_FS: u32 = virtio_ids::VIRTIO_ID_FS;
+pub const TYPE_BALLOON: u32 = virtio_ids::VIRTIO_ID_BALLOON;
 
 /// Interrupt status bits (virtio spec 4.2.2, InterruptStatus).
 pub const INT_VRING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
