@@ -198,3 +198,23 @@ fn systemd_cgroups_without_systemd_are_refused_like_runc() {
         sb.assert_clean();
     }
 }
+
+#[test]
+fn a_limit_the_host_refuses_fails_create_naming_the_file_and_leaves_nothing() {
+    let sb = Sandbox::new("cg-refused");
+    let name = format!("krun-test-refused-{}", std::process::id());
+    let _cleanup = cgroups::Cleanup(name.clone());
+    let mut b = bundle(&sb, &format!("/{name}"), &["true"]);
+    // A CPU this host does not have.
+    b.config["linux"]["resources"]["cpu"]["cpus"] = "4095".into();
+    b.write();
+    let o = krun(&sb, &["create", "--bundle", b.dir.to_str().unwrap(), "bad"]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains(&format!("{name}/cpuset.cpus")) && o.stderr.contains("\"4095\""),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(cgroups::named(&name), Vec::<std::path::PathBuf>::new());
+    sb.assert_clean();
+}
