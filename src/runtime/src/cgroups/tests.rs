@@ -273,6 +273,20 @@ fn v2_enables_controllers_down_the_path_and_writes_unified_files() {
 }
 
 #[test]
+fn the_root_cgroup_is_refused_and_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    let layout = hybrid(r, "x");
+    let root = crate::plan::host_cgroup::host_cgroup(Some("/.."), "c1", false).unwrap();
+    let e = Cgroup::create_in(&layout, &root, &limits()).unwrap_err();
+    assert!(matches!(e, CgroupError::Root), "{e}");
+    assert_eq!(
+        read(r.join("memory/memory.limit_in_bytes")),
+        "9223372036854771712"
+    );
+}
+
+#[test]
 fn systemd_without_systemd_is_refused_with_runcs_message() {
     if Path::new(SYSTEMD_RUNNING).exists() {
         return;
