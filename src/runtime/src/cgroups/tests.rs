@@ -316,7 +316,9 @@ fn real_cgroupfs_holds_a_process_with_its_limits() {
         cpuset_cpus: Some("0".into()),
         ..limits()
     };
+    let started = std::time::Instant::now();
     let cg = Cgroup::create(&abs(&format!("{top}/x")), &res).unwrap();
+    eprintln!("created and limited in {:?}", started.elapsed());
     let mut child = std::process::Command::new("sleep")
         .arg("30")
         .spawn()
