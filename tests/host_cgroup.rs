@@ -77,7 +77,12 @@ fn cgroups_path_stays_beneath_the_mounts_and_delete_removes_it() {
         let b = bundle(&sb, at, &["sleep", "600"]);
         let pid = create(&sb, &b, &id);
         let dirs = all_tasks_in(pid, &name);
-        for escaped in ["/sys/fs", "/sys", "/", "/sys/fs/cgroup"] {
+        // Above the mounts (on v1, /sys/fs/cgroup is a tmpfs holding them).
+        let mut above = vec!["/sys/fs", "/sys", "/"];
+        if !cgroups::is_v2() {
+            above.push(cgroups::ROOT);
+        }
+        for escaped in above {
             assert!(!Path::new(escaped).join(&name).exists(), "{escaped}/{name}");
         }
         let memory = cgroups::path_of(pid, "memory");
@@ -132,16 +137,18 @@ fn run_holds_its_own_process_in_the_cgroup_and_removes_it() {
     krun_e2e::process::poll(
         Duration::from_secs(30),
         Duration::from_millis(50),
-        // A helper (QEMU, virtiofsd) is spawned after the join.
+        // Joined (every thread after it starts inside), and the VM's
+        // threads or helpers are up.
         || {
             let tasks = cgroups::task_files(pid);
-            let own = format!("/proc/{pid}/");
-            match tasks.iter().any(|t| !t.starts_with(&own)) {
+            let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let joined = !own.is_empty() && own.lines().all(|l| l.ends_with(&format!("/{name}")));
+            match joined && tasks.len() >= 3 {
                 true => Ok(()),
                 false => Err(tasks.len()),
             }
         },
-        |n| format!("run has no helper yet ({n} tasks)"),
+        |n| format!("run has not joined or has no VM yet ({n} tasks)"),
     );
     let dirs = all_tasks_in(pid, &name);
     let st = harness::wait_timeout(&mut child, Duration::from_secs(60)).expect("run timed out");
@@ -190,4 +197,24 @@ fn systemd_cgroups_without_systemd_are_refused_like_runc() {
         );
         sb.assert_clean();
     }
+}
+
+#[test]
+fn a_limit_the_host_refuses_fails_create_naming_the_file_and_leaves_nothing() {
+    let sb = Sandbox::new("cg-refused");
+    let name = format!("krun-test-refused-{}", std::process::id());
+    let _cleanup = cgroups::Cleanup(name.clone());
+    let mut b = bundle(&sb, &format!("/{name}"), &["true"]);
+    // A CPU this host does not have.
+    b.config["linux"]["resources"]["cpu"]["cpus"] = "4095".into();
+    b.write();
+    let o = krun(&sb, &["create", "--bundle", b.dir.to_str().unwrap(), "bad"]);
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr.contains(&format!("{name}/cpuset.cpus")) && o.stderr.contains("\"4095\""),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(cgroups::named(&name), Vec::<std::path::PathBuf>::new());
+    sb.assert_clean();
 }

@@ -950,7 +950,25 @@ fn the_host_cgroup_limits_and_accounts_the_container() {
             break;
         }
     }
-    assert!(best >= 0.35, "--cpus 0.5 got at most {best:.3} CPU-s/s");
+    if best < 0.35 {
+        // Only a host busier than its CPUs excuses a starved burner.
+        let load: f64 = std::fs::read_to_string("/proc/loadavg")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let cpus = host_cpus() as f64;
+        assert!(
+            load > 1.5 * cpus,
+            "--cpus 0.5 got at most {best:.3} CPU-s/s on a host with load {load}"
+        );
+        podman::loud(&format!(
+            "--cpus 0.5 got at most {best:.3} CPU-s/s: the host is busy (load {load} on {cpus} CPUs); \
+             the lower bound is not checked"
+        ));
+    }
 
     // podman stats reads the longest line of the pid's /proc/PID/cgroup.
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -971,6 +989,12 @@ fn the_host_cgroup_limits_and_accounts_the_container() {
         .and_then(|c| c.trim_end_matches('%').parse().ok())
         .unwrap_or_else(|| panic!("{stats}"));
     assert!(cpu <= 100.0, "one vCPU, at most 100 %: {stats}");
+
+    // update changes the host cgroup too.
+    pm.ok(&["update", "--cpus", "1", "--cpuset-cpus", "0", "burn"]);
+    assert_eq!(cgroups::cpu_quota(&cg), (Some(100000), 100000), "{cg}");
+    let cpus = std::fs::read_to_string(cgroups::dir("cpuset", &cg).join("cpuset.cpus")).unwrap();
+    assert_eq!(cpus.trim(), "0", "cpuset of {cg}");
     pm.ok(&["rm", "-f", "-t", "0", "burn"]);
     pm.finish();
 }

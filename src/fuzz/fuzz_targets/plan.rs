@@ -15,14 +15,19 @@
 //! * a plan that succeeds sizes the VM within the host (1 to 4 vCPUs,
 //!   64 MiB to 8 GiB), gives the container its root filesystem first and
 //!   each host path under a name of its own, and its container setup
-//!   survives the JSON trip to the guest unchanged.
+//!   survives the JSON trip to the guest unchanged, and its host memory
+//!   limit is the VM's plus the host overhead;
+//! * `linux.cgroupsPath`, read as runc reads it with and without
+//!   `--systemd-cgroup`, never names a path that climbs (`..`), is rooted
+//!   or is empty below a hierarchy's root.
 #![no_main]
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use krun_oci::bundle::parse_spec;
-use krun_oci::plan::{exec_process, plan, HostInfo, PlanError};
+use krun_oci::plan::host_cgroup::{host_cgroup, HostCgroup};
+use krun_oci::plan::{exec_process, plan, HostInfo, PlanError, HOST_OVERHEAD_MIB};
 use krun_proto::ToGuest;
 use libfuzzer_sys::fuzz_target;
 
@@ -84,6 +89,26 @@ fn check_error(e: &PlanError) {
     }
 }
 
+/// A host cgroup path stays below the hierarchy it is joined to.
+fn check_cgroup<E>(at: Result<HostCgroup, E>) {
+    let path = match at {
+        Ok(HostCgroup::Fs { path, .. }) => path,
+        Ok(HostCgroup::Systemd {
+            slice_path, unit, ..
+        }) => {
+            assert!(!unit.is_empty() && !unit.contains('/'), "unit {unit:?}");
+            slice_path.join(unit)
+        }
+        Err(_) => return,
+    };
+    for c in path.components() {
+        assert!(
+            matches!(c, std::path::Component::Normal(_)),
+            "cgroup path {path:?} has {c:?}"
+        );
+    }
+}
+
 fn run(data: &[u8]) {
     let dir = bundle_dir();
     let config = dir.join("config.json");
@@ -97,6 +122,14 @@ fn run(data: &[u8]) {
             return;
         }
     };
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned());
+    for systemd in [false, true] {
+        check_cgroup(host_cgroup(cgroups_path.as_deref(), "fuzz", systemd));
+    }
     if let Some(p) = spec.process() {
         if let Err(e) = exec_process(p) {
             check_error(&e);
@@ -110,6 +143,10 @@ fn run(data: &[u8]) {
                 (64..=8192).contains(&p.memory_mib),
                 "{} MiB of memory",
                 p.memory_mib
+            );
+            assert_eq!(
+                p.host.memory_limit,
+                Some((p.memory_mib + HOST_OVERHEAD_MIB) << 20)
             );
             assert_eq!(p.paths.id, "fuzz");
             assert_eq!(

@@ -97,6 +97,8 @@ pub enum CgroupError {
     SystemdNotRunning,
     #[error("no cgroup hierarchy is mounted under /sys/fs/cgroup")]
     NoHierarchy,
+    #[error("linux.cgroupsPath names the root cgroup, where no limit can be set: give the container a cgroup of its own")]
+    Root,
     #[error("cgroup path {} is not a plain path below its hierarchy", .0.display())]
     BadPath(PathBuf),
     #[error("{action} {}", path.display())]
@@ -149,8 +151,11 @@ impl Cgroup {
         at: &HostCgroup,
         resources: &HostResources,
     ) -> Result<Cgroup, CgroupError> {
-        let hierarchies = layout
-            .resolve(at)
+        let resolved = layout.resolve(at);
+        if resolved.iter().any(|(_, rel)| rel.as_os_str().is_empty()) {
+            return Err(CgroupError::Root);
+        }
+        let hierarchies = resolved
             .into_iter()
             .map(|(h, path)| CgroupPath {
                 controllers: h.controllers,

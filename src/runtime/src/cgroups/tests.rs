@@ -273,6 +273,20 @@ fn v2_enables_controllers_down_the_path_and_writes_unified_files() {
 }
 
 #[test]
+fn the_root_cgroup_is_refused_and_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    let layout = hybrid(r, "x");
+    let root = crate::plan::host_cgroup::host_cgroup(Some("/.."), "c1", false).unwrap();
+    let e = Cgroup::create_in(&layout, &root, &limits()).unwrap_err();
+    assert!(matches!(e, CgroupError::Root), "{e}");
+    assert_eq!(
+        read(r.join("memory/memory.limit_in_bytes")),
+        "9223372036854771712"
+    );
+}
+
+#[test]
 fn systemd_without_systemd_is_refused_with_runcs_message() {
     if Path::new(SYSTEMD_RUNNING).exists() {
         return;
@@ -302,7 +316,9 @@ fn real_cgroupfs_holds_a_process_with_its_limits() {
         cpuset_cpus: Some("0".into()),
         ..limits()
     };
+    let started = std::time::Instant::now();
     let cg = Cgroup::create(&abs(&format!("{top}/x")), &res).unwrap();
+    eprintln!("created and limited in {:?}", started.elapsed());
     let mut child = std::process::Command::new("sleep")
         .arg("30")
         .spawn()

@@ -113,10 +113,11 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
                     super::reap(pid);
                     return Err(e);
                 }
+                // The container lives: its cgroup is delete's to remove.
+                cgroup.keep();
                 if let Some(p) = &args.pid_file {
                     write_pid_file(p, pid)?;
                 }
-                cgroup.keep();
                 return Ok(0);
             }
             Err(super::child_failed(
