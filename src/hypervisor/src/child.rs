@@ -92,3 +92,37 @@ pub(crate) fn kill_and_reap(child: &mut Child) {
     }
     let _ = child.wait();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+
+    use super::*;
+
+    #[test]
+    fn a_helper_gets_its_fds_and_runs_confined() {
+        let (r, w) = std::io::pipe().unwrap();
+        let mut cmd = Command::new("sh");
+        // The pipe's write end at fd 5: the status goes through it.
+        cmd.args(["-c", "cat /proc/self/status >&5"]);
+        let pass = vec![PassFd {
+            fd: OwnedFd::from(w),
+            target: 5,
+        }];
+        let mut child = spawn(&mut cmd, pass, &[Capability::CAP_CHOWN]).unwrap();
+        let mut status = String::new();
+        let mut r = r;
+        r.read_to_string(&mut status).unwrap();
+        assert!(child.wait().unwrap().success());
+        let has = |line: &str| {
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(line.split(' ')))
+        };
+        assert!(has("NoNewPrivs: 1"), "{status}");
+        assert!(has("Seccomp: 2"), "{status}");
+        assert!(has("CapEff: 0000000000000001"), "{status}");
+        assert!(has("CapBnd: 0000000000000001"), "{status}");
+    }
+}

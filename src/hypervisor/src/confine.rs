@@ -409,9 +409,10 @@ mod tests {
     fn the_deny_list_compiles_for_this_machine() {
         let c = Confinement::qemu().unwrap();
         assert_eq!(DENIED.len(), 37);
-        // A load of the arch, a check, and a compare per system call.
+        // The arch check, then a few instructions per system call (190
+        // for 37 with seccompiler 0.5): far below the kernel's 4096.
         assert!(c.filter_len() > DENIED.len(), "{}", c.filter_len());
-        assert!(c.filter_len() < 200, "{}", c.filter_len());
+        assert!(c.filter_len() <= 6 * DENIED.len(), "{}", c.filter_len());
     }
 
     #[test]
