@@ -13,6 +13,11 @@
 //! system call: mkdirat (258)" ([`violation`], read by `vm.rs`), which the
 //! runtime turns into a stopped container with that error: never a hang.
 //!
+//! The short `virtio-fs-import` thread runs under the virtio-fs list too
+//! (there is no VM to stop yet: its forbidden call fails the import).
+//! The record is process-wide: one VM per process (the monitor's; the
+//! shim runs one pod's or one task's VM).
+//!
 //! The vCPU threads get no filter of their own yet: they start the device
 //! workers (DRIVER_OK is an MMIO write), and a thread inherits its
 //! creator's filters, so a vCPU filter would have to allow everything
