@@ -18,6 +18,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -239,7 +239,14 @@ impl BuiltinVm {
         }
     }
 
+    /// How the VM ended, if it did. A forbidden system call of one of its
+    /// threads ends it with that report, whatever else it ended on.
     fn exit(&self) -> Option<VmExit> {
+        if let Some(detail) = crate::seccomp::violation() {
+            let failed = VmExit::VmmFailed { code: 1, detail };
+            self.control.finish(failed.clone());
+            return Some(failed);
+        }
         self.control
             .exit
             .lock()

@@ -76,7 +76,7 @@ pub fn spawn<H: QueueHandler>(
 /// The body of every device thread.
 fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd) {
     handler.on_start();
-    confine();
+    confine(stop);
     if let Err(e) = event_loop(&mut handler, notify, stop) {
         let thread = std::thread::current();
         tracing::error!(thread = thread.name(), error = %e, "virtio device worker failed");
@@ -85,10 +85,15 @@ fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd) {
 }
 
 /// Where a device thread gives up what it does not need, after its own
-/// set-up and before it touches the first guest byte: the place for a
-/// per-thread seccomp filter (none yet: the next step of the security
-/// model in README.md).
-fn confine() {}
+/// set-up and before it touches the first guest byte: the allowlist of
+/// its kind (crate::seccomp), whose report stops the VM through `stop`.
+fn confine(stop: &EventFd) {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or_default();
+    if let Err(e) = crate::seccomp::confine_worker(name, stop.as_raw_fd()) {
+        tracing::error!(thread = name, error = %e, "cannot install the worker's seccomp filter");
+    }
+}
 
 fn event_loop<H: QueueHandler>(
     handler: &mut H,

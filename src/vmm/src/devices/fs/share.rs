@@ -427,13 +427,16 @@ fn backend_config(root_dir: String) -> Config {
 }
 
 /// Opens the share's root in the backend (FUSE_INIT does it again), on a
-/// thread of its own: the backend clears the umask as it does.
+/// thread of its own: the backend clears the umask as it does. The thread
+/// runs under the virtio-fs worker's allowlist, as FUSE_INIT's import
+/// does (no VM to stop yet: a forbidden call fails the import).
 fn import_root(fs: &PassthroughFs<()>) -> io::Result<()> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("virtio-fs-import".into())
             .spawn_scoped(s, || {
                 private_fs_attrs()?;
+                crate::seccomp::confine_worker("virtio-fs-import", -1).map_err(io::Error::other)?;
                 fs.import()
             })?
             .join()

@@ -1,0 +1,527 @@
+//! Per-thread seccomp allowlists for the built-in VMM's device workers,
+//! and the report of a forbidden system call.
+//!
+//! Every device worker thread installs the allowlist of its kind first
+//! thing ([`confine_worker`], called from `virtio/worker.rs`), stacked on
+//! the monitor's process-wide deny-list (NNP is already set there). A
+//! system call outside the list traps (`SECCOMP_RET_TRAP`): the SIGSYS
+//! handler, installed once, records the first violation, writes a
+//! pre-formatted line to stderr with async-signal-safe calls only, makes
+//! the call fail with EPERM instead of running it, and writes the thread's
+//! stop eventfd so that every device worker of the VM ends. The VM then
+//! reports itself failed with "the VMM's virtio-fs worker made a forbidden
+//! system call: mkdirat (258)" ([`violation`], read by `vm.rs`), which the
+//! runtime turns into a stopped container with that error: never a hang.
+//!
+//! The short `virtio-fs-import` thread runs under the virtio-fs list too
+//! (there is no VM to stop yet: its forbidden call fails the import).
+//! The record is process-wide: one VM per process (the monitor's; the
+//! shim runs one pod's or one task's VM).
+//!
+//! The vCPU threads get no filter of their own yet: they start the device
+//! workers (DRIVER_OK is an MMIO write), and a thread inherits its
+//! creator's filters, so a vCPU filter would have to allow everything
+//! every worker does.
+//!
+//! Test-only knob (as Firecracker's custom-filter tests): the environment
+//! variable `KRUN_OCI_SECCOMP_DROP=<kind>:<syscall>` (kind `console`,
+//! `net`, `balloon` or `fs`) removes one system call from one kind's list,
+//! so a test can prove the report works. It only ever narrows a filter.
+//! Dropping `write` or `rt_sigreturn`, which the handler itself makes,
+//! ends the whole process with SIGSYS instead, without the report.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+/// The environment variable of the test-only knob.
+pub const DROP_ENV: &str = "KRUN_OCI_SECCOMP_DROP";
+
+/// A kind of VMM thread with an allowlist of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Console = 1,
+    Net = 2,
+    Balloon = 3,
+    Fs = 4,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Console, Kind::Net, Kind::Balloon, Kind::Fs];
+
+    /// The kind of a device worker, from its thread's name.
+    pub fn of_thread(name: &str) -> Option<Kind> {
+        match name {
+            "virtio-console" => Some(Kind::Console),
+            "virtio-net" => Some(Kind::Net),
+            "virtio-balloon" => Some(Kind::Balloon),
+            n if n.starts_with("virtio-fs-") => Some(Kind::Fs),
+            _ => None,
+        }
+    }
+
+    /// The name the drop knob uses.
+    pub fn key(self) -> &'static str {
+        match self {
+            Kind::Console => "console",
+            Kind::Net => "net",
+            Kind::Balloon => "balloon",
+            Kind::Fs => "fs",
+        }
+    }
+
+    /// What the report calls the thread.
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Console => "virtio-console worker",
+            Kind::Net => "virtio-net worker",
+            Kind::Balloon => "virtio-balloon worker",
+            Kind::Fs => "virtio-fs worker",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u8 == v)
+    }
+
+    /// The system calls this kind may make.
+    pub fn allowed(self) -> Vec<(&'static str, i64)> {
+        let mut v: Vec<_> = COMMON.to_vec();
+        v.extend_from_slice(match self {
+            Kind::Console => CONSOLE,
+            Kind::Net => NET,
+            Kind::Balloon => &[],
+            Kind::Fs => FS,
+        });
+        v.sort_by_key(|(_, n)| *n);
+        v.dedup_by_key(|(_, n)| *n);
+        v
+    }
+}
+
+/// Lists `(name, number)` pairs of system calls.
+macro_rules! sys {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), libc::$name)),*]
+    };
+}
+
+/// What every worker does: its epoll loop, eventfds, memory, locks,
+/// logging, the SIGSYS handler's own calls, and its end.
+const COMMON: &[(&str, i64)] = sys!(
+    SYS_read,
+    SYS_write,
+    SYS_readv,
+    SYS_writev,
+    SYS_close,
+    SYS_epoll_create1,
+    SYS_restart_syscall,
+    SYS_gettimeofday,
+    SYS_time,
+    SYS_epoll_wait,
+    SYS_epoll_pwait,
+    SYS_epoll_ctl,
+    SYS_futex,
+    SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_mprotect,
+    SYS_madvise,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_sigaltstack,
+    SYS_sched_yield,
+    SYS_sched_getaffinity,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_gettid,
+    SYS_getpid,
+    SYS_tgkill,
+    SYS_exit,
+    SYS_exit_group,
+    SYS_fcntl,
+    SYS_getrandom,
+    SYS_munlock,
+    SYS_rseq,
+);
+/// The console's socket.
+const CONSOLE: &[(&str, i64)] = sys!(
+    SYS_sendto,
+    SYS_recvfrom,
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_shutdown,
+);
+/// The tap.
+const NET: &[(&str, i64)] = sys!(SYS_sendto, SYS_recvfrom, SYS_sendmsg, SYS_recvmsg);
+/// fuse-backend-rs's passthrough file system (virtiofsd's list, less what
+/// a thread that starts nothing and listens on nothing needs).
+const FS: &[(&str, i64)] = sys!(
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_preadv,
+    SYS_pwritev,
+    SYS_preadv2,
+    SYS_pwritev2,
+    SYS_open,
+    SYS_openat,
+    SYS_openat2,
+    SYS_fstat,
+    SYS_newfstatat,
+    SYS_statx,
+    SYS_fstatfs,
+    SYS_statfs,
+    SYS_getdents64,
+    SYS_readlinkat,
+    SYS_mkdirat,
+    SYS_mknodat,
+    SYS_symlinkat,
+    SYS_linkat,
+    SYS_unlinkat,
+    SYS_renameat,
+    SYS_renameat2,
+    SYS_fchownat,
+    SYS_fchown,
+    SYS_fchmod,
+    SYS_fchmodat,
+    SYS_utimensat,
+    SYS_ftruncate,
+    SYS_fallocate,
+    SYS_fsync,
+    SYS_fdatasync,
+    SYS_syncfs,
+    SYS_lseek,
+    SYS_copy_file_range,
+    SYS_fadvise64,
+    SYS_flock,
+    SYS_dup,
+    SYS_dup3,
+    SYS_umask,
+    SYS_unshare,
+    SYS_fchdir,
+    SYS_chdir,
+    SYS_setresuid,
+    SYS_setresgid,
+    SYS_setfsuid,
+    SYS_setfsgid,
+    SYS_capget,
+    SYS_capset,
+    SYS_prctl,
+    SYS_getuid,
+    SYS_geteuid,
+    SYS_getgid,
+    SYS_getegid,
+    SYS_faccessat,
+    SYS_faccessat2,
+    SYS_fgetxattr,
+    SYS_fsetxattr,
+    SYS_flistxattr,
+    SYS_fremovexattr,
+    SYS_getxattr,
+    SYS_setxattr,
+    SYS_listxattr,
+    SYS_removexattr,
+    SYS_lgetxattr,
+    SYS_lsetxattr,
+    SYS_llistxattr,
+    SYS_lremovexattr,
+    SYS_name_to_handle_at,
+    SYS_open_by_handle_at,
+    SYS_close_range,
+    SYS_eventfd2,
+);
+/// Names of calls no list allows, for the report.
+const OTHERS: &[(&str, i64)] = sys!(
+    SYS_ioctl,
+    SYS_execve,
+    SYS_execveat,
+    SYS_clone,
+    SYS_clone3,
+    SYS_fork,
+    SYS_vfork,
+    SYS_socket,
+    SYS_connect,
+    SYS_bind,
+    SYS_listen,
+    SYS_accept4,
+    SYS_kill,
+    SYS_getppid,
+    SYS_epoll_create,
+    SYS_ptrace,
+    SYS_mount,
+    SYS_umount2,
+    SYS_pivot_root,
+    SYS_chroot,
+    SYS_setns,
+    SYS_bpf,
+    SYS_perf_event_open,
+    SYS_process_vm_readv,
+    SYS_process_vm_writev,
+    SYS_keyctl,
+    SYS_add_key,
+    SYS_init_module,
+    SYS_finit_module,
+    SYS_reboot,
+    SYS_seccomp,
+    SYS_rt_sigaction,
+    SYS_set_robust_list,
+    SYS_getdents,
+    SYS_truncate,
+    SYS_mkdir,
+    SYS_rmdir,
+    SYS_unlink,
+    SYS_rename,
+    SYS_link,
+    SYS_symlink,
+    SYS_chmod,
+    SYS_chown,
+    SYS_memfd_create,
+    SYS_pipe2,
+    SYS_wait4,
+    SYS_userfaultfd,
+    SYS_io_uring_setup,
+);
+
+/// The name of system call `nr`, if a list knows it.
+fn name_of(nr: i64) -> Option<&'static str> {
+    [COMMON, CONSOLE, NET, FS, OTHERS]
+        .iter()
+        .flat_map(|l| l.iter())
+        .find(|(_, n)| *n == nr)
+        .map(|(name, _)| name.trim_start_matches("SYS_"))
+}
+
+/// The filter of `kind`, less the system call `drop` (the test knob).
+pub fn program(kind: Kind, drop: Option<&str>) -> Result<BpfProgram, seccompiler::Error> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = kind
+        .allowed()
+        .into_iter()
+        .filter(|(name, _)| Some(name.trim_start_matches("SYS_")) != drop)
+        .map(|(_, nr)| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(BpfProgram::try_from(filter)?)
+}
+
+/// The system call the test knob removes from `kind`'s list, if any.
+fn dropped(kind: Kind) -> Option<String> {
+    let v = std::env::var(DROP_ENV).ok()?;
+    let (k, call) = v.split_once(':')?;
+    (k == kind.key()).then(|| call.to_string())
+}
+
+/// The first forbidden call in this process: `kind << 32 | (nr + 1)`,
+/// 0 while there was none.
+static VIOLATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The calling thread's kind (0: none) and its VM's stop eventfd, for
+    /// the SIGSYS handler (plain TLS reads, no allocation).
+    static THREAD_KIND: Cell<u8> = const { Cell::new(0) };
+    static THREAD_STOP: Cell<RawFd> = const { Cell::new(-1) };
+}
+
+/// Confines the calling device worker thread, named `name`, whose VM stops
+/// on `stop`. A thread of no known kind is left as it is.
+pub fn confine_worker(name: &str, stop: RawFd) -> Result<(), seccompiler::Error> {
+    let Some(kind) = Kind::of_thread(name) else {
+        return Ok(());
+    };
+    let prog = program(kind, dropped(kind).as_deref())?;
+    install_handler();
+    THREAD_KIND.with(|k| k.set(kind as u8));
+    THREAD_STOP.with(|s| s.set(stop));
+    seccompiler::apply_filter(&prog)
+}
+
+/// The report of the first forbidden system call made in this process.
+pub fn violation() -> Option<String> {
+    let v = VIOLATION.load(Ordering::SeqCst);
+    if v == 0 {
+        return None;
+    }
+    let kind = Kind::from_u8((v >> 32) as u8).map_or("VMM thread", |k| k.label());
+    let nr = (v & 0xffff_ffff) as i64 - 1;
+    let name = name_of(nr).unwrap_or("unknown");
+    Some(format!(
+        "the VMM's {kind} made a forbidden system call: {name} ({nr})"
+    ))
+}
+
+fn install_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler is an
+        // extern "C" fn of the SA_SIGINFO shape and async-signal-safe.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_sigsys as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut act.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) != 0 {
+                tracing::error!("cannot install the SIGSYS handler");
+            }
+        }
+    });
+}
+
+/// Offset of `si_syscall` in a SIGSYS siginfo on x86_64 (after signo,
+/// errno, code, padding and `si_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+/// The SIGSYS handler: async-signal-safe calls and stack memory only.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a SIGSYS siginfo, whose si_syscall is an
+    // int at this offset.
+    let nr = unsafe { *(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) } as i64;
+    let kind = THREAD_KIND.with(|k| k.get());
+    let stop = THREAD_STOP.with(|s| s.get());
+    let record = (u64::from(kind) << 32) | (nr as u64 + 1);
+    if VIOLATION
+        .compare_exchange(0, record, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+    {
+        report(kind, nr);
+    }
+    if stop >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) of 8 bytes from the stack to an eventfd.
+        unsafe { libc::write(stop, one.as_ptr().cast(), one.len()) };
+    }
+    if !ctx.is_null() {
+        // SAFETY: ctx is the interrupted thread's ucontext; the trapped
+        // call was not run, and its result register now says EPERM.
+        unsafe {
+            let uc = ctx.cast::<libc::ucontext_t>();
+            (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = -(libc::EPERM as i64);
+        }
+    }
+}
+
+/// Writes the report line to stderr from a stack buffer.
+fn report(kind: u8, nr: i64) {
+    let mut buf = [0u8; 160];
+    let mut len = 0;
+    let label = Kind::from_u8(kind).map_or("VMM thread", |k| k.label());
+    let name = name_of(nr).unwrap_or("unknown");
+    let mut num = [0u8; 20];
+    for part in [
+        "krun-oci: the VMM's ".as_bytes(),
+        label.as_bytes(),
+        b" made a forbidden system call: ",
+        name.as_bytes(),
+        b" (",
+        decimal(nr, &mut num),
+        b")\n",
+    ] {
+        let n = part.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    // SAFETY: write(2) from a stack buffer of `len` initialized bytes.
+    unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), len) };
+}
+
+/// `n` in decimal, in `out`.
+fn decimal(n: i64, out: &mut [u8; 20]) -> &[u8] {
+    let mut v = n.unsigned_abs();
+    let mut i = out.len();
+    loop {
+        i -= 1;
+        out[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 || i == 1 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        out[i] = b'-';
+    }
+    &out[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles_and_counts_its_calls() {
+        for kind in Kind::ALL {
+            let n = kind.allowed().len();
+            let prog = program(kind, None).expect("filter compiles");
+            println!(
+                "seccomp allowlist {}: {n} system calls, {} BPF instructions",
+                kind.key(),
+                prog.len()
+            );
+            assert!(n >= COMMON.len());
+            assert!(prog.len() > n, "one comparison per call at least");
+        }
+    }
+
+    #[test]
+    fn the_knob_drops_exactly_one_call() {
+        let full = program(Kind::Fs, None).unwrap().len();
+        let less = program(Kind::Fs, Some("mkdirat")).unwrap().len();
+        assert!(less < full);
+        assert_eq!(program(Kind::Fs, Some("nonesuch")).unwrap().len(), full);
+    }
+
+    #[test]
+    fn kinds_follow_the_thread_names() {
+        assert_eq!(Kind::of_thread("virtio-fs-rootfs"), Some(Kind::Fs));
+        assert_eq!(Kind::of_thread("virtio-net"), Some(Kind::Net));
+        assert_eq!(Kind::of_thread("vcpu0"), None);
+    }
+
+    #[test]
+    fn names_and_numbers_print_for_the_report() {
+        assert_eq!(name_of(libc::SYS_mkdirat), Some("mkdirat"));
+        assert_eq!(name_of(libc::SYS_execve), Some("execve"));
+        let mut b = [0u8; 20];
+        assert_eq!(decimal(258, &mut b), b"258");
+        assert_eq!(decimal(0, &mut b), b"0");
+    }
+
+    #[test]
+    fn a_forbidden_call_traps_reports_and_fails_with_eperm() {
+        // On a thread of its own: the filter stays with it.
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stop);
+        let r = std::thread::Builder::new()
+            .name("virtio-balloon".into())
+            .spawn(move || {
+                // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes no pointers.
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+                confine_worker("virtio-balloon", fd).unwrap();
+                // SAFETY: getppid takes nothing; it is not in the list.
+                let r = unsafe { libc::syscall(libc::SYS_getppid) };
+                (r, std::io::Error::last_os_error().raw_os_error())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(r, (-1, Some(libc::EPERM)));
+        assert_eq!(stop.read().unwrap(), 1, "the VM's stop event was written");
+        let v = violation().expect("recorded");
+        // Cleared again at once: VMs of other tests in this process
+        // would report it.
+        VIOLATION.store(0, Ordering::SeqCst);
+        assert!(
+            v.contains("virtio-balloon worker made a forbidden system call: getppid"),
+            "{v}"
+        );
+    }
+}
