@@ -16,23 +16,6 @@ use containerd::{is_krun, Containerd};
 use harness::Sandbox;
 use podman::{busybox, Podman};
 
-/// What the monitor keeps (confine.rs MONITOR_CAPS).
-const MONITOR: &[Capability] = &[
-    CAP_SYS_ADMIN,
-    CAP_CHOWN,
-    CAP_DAC_OVERRIDE,
-    CAP_FOWNER,
-    CAP_FSETID,
-    CAP_SETGID,
-    CAP_SETUID,
-    CAP_MKNOD,
-    CAP_SETFCAP,
-    CAP_SETPCAP,
-    CAP_DAC_READ_SEARCH,
-    CAP_KILL,
-    CAP_NET_ADMIN,
-];
-
 /// What virtiofsd starts with (confine.rs VIRTIOFSD_CAPS); it drops more
 /// itself.
 const VIRTIOFSD: &[Capability] = &[
@@ -47,6 +30,15 @@ const VIRTIOFSD: &[Capability] = &[
     CAP_SETFCAP,
     CAP_SETPCAP,
 ];
+
+/// What the monitor (and the shim) keep beyond virtiofsd's set
+/// (confine.rs MONITOR_EXTRA_CAPS).
+const MONITOR_EXTRA: &[Capability] = &[CAP_DAC_READ_SEARCH, CAP_KILL, CAP_NET_ADMIN];
+
+/// The monitor's (and the shim's) capabilities, as a mask.
+fn monitor() -> u64 {
+    mask(VIRTIOFSD) | mask(MONITOR_EXTRA)
+}
 
 /// Every capability this machine's root has: what an unconfined process
 /// shows (all but CAP_SYS_RESOURCE here; all 41 elsewhere).
@@ -78,36 +70,6 @@ fn hex(s: &BTreeMap<String, String>, key: &str) -> u64 {
     u64::from_str_radix(&s[key], 16).unwrap_or_else(|e| panic!("{key} {:?}: {e}", s[key]))
 }
 
-/// The pids whose parent is `pid`, and theirs, and so on.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut parents: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": the comm may hold anything.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok());
-        if let Some(ppid) = ppid {
-            parents.entry(ppid).or_default().push(p);
-        }
-    }
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        for &c in parents.get(&p).into_iter().flatten() {
-            out.push(c);
-            todo.push(c);
-        }
-    }
-    out
-}
-
 /// Whether the process `pid` has a thread named `name` (the built-in VMM's
 /// vCPUs run as threads of the monitor or the shim).
 fn has_thread(pid: i32, name: &str) -> bool {
@@ -124,7 +86,7 @@ fn has_thread(pid: i32, name: &str) -> bool {
 /// the main thread's effective set is `keep` itself (the built-in
 /// virtio-fs threads drop some of theirs while serving a guest user).
 #[track_caller]
-fn assert_confined(pid: i32, keep: &[Capability], exact: bool) {
+fn assert_confined(pid: i32, keep: u64, exact: bool) {
     let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -141,16 +103,11 @@ fn assert_confined(pid: i32, keep: &[Capability], exact: bool) {
 }
 
 #[track_caller]
-fn assert_thread_confined(
-    who: &str,
-    s: &BTreeMap<String, String>,
-    keep: &[Capability],
-    exact: bool,
-) {
+fn assert_thread_confined(who: &str, s: &BTreeMap<String, String>, keep: u64, exact: bool) {
     let who = format!("{who} ({})", s["Name"]);
     assert_eq!(s["NoNewPrivs"], "1", "{who}: no_new_privs");
     assert_eq!(s["Seccomp"], "2", "{who}: seccomp filter mode");
-    let (eff, bnd, keep) = (hex(s, "CapEff"), hex(s, "CapBnd"), mask(keep));
+    let (eff, bnd) = (hex(s, "CapEff"), hex(s, "CapBnd"));
     assert!(
         !FULL_SETS.contains(&eff),
         "{who}: CapEff {eff:016x} is the full set"
@@ -180,12 +137,12 @@ fn assert_thread_confined(
 /// helper processes checked.
 #[track_caller]
 fn assert_helpers_confined(parent: i32) -> usize {
-    let helpers = descendants(parent);
+    let helpers = harness::process::descendants(parent);
     let names: Vec<String> = helpers.iter().map(|&p| status(p)["Name"].clone()).collect();
     for (&p, name) in helpers.iter().zip(&names) {
         match name.as_str() {
-            "qemu-system-x86" => assert_confined(p, &[], true),
-            "virtiofsd" => assert_confined(p, VIRTIOFSD, false),
+            "qemu-system-x86" => assert_confined(p, 0, true),
+            "virtiofsd" => assert_confined(p, mask(VIRTIOFSD), false),
             other => panic!("an unexpected host process {p} ({other}) below {parent}"),
         }
     }
@@ -222,7 +179,7 @@ fn a_podman_containers_host_processes_are_confined() {
         .ok(&["inspect", "--format", "{{.State.Pid}}", "c"])
         .parse()
         .unwrap();
-    assert_confined(pid, MONITOR, true);
+    assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
     pm.ok(&["rm", "-f", "-t", "0", "c"]);
     pm.finish();
@@ -233,7 +190,7 @@ fn a_containers_host_processes_are_confined_by_hand() {
     lifecycle::become_subreaper();
     let sb = Sandbox::new("confined");
     let pid = lifecycle::start_new(&sb, &["sleep", "1000"], "c1");
-    assert_confined(pid, MONITOR, true);
+    assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
     // Still serves its commands confined: an exec whose guest root writes,
     // chowns and makes a FIFO in the shared root (what the file server,
@@ -259,15 +216,9 @@ fn a_ctr_tasks_shim_and_helpers_are_confined() {
     c.ctr(&c.run_words(&["-d"], &[], &cid, &["sleep", "1000"]))
         .ok();
     c.wait_status(&cid, "RUNNING");
-    let shim = harness::processes_mentioning(&format!("-id {cid} "));
-    let pid: i32 = shim
-        .iter()
-        .find(|p| p.contains("containerd-shim"))
-        .and_then(|p| p.split(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no shim process for {cid}: {shim:?}"));
+    let pid = c.shim_pid(&cid);
     // The shim, whose threads run the monitor (and the built-in VMM).
-    assert_confined(pid, MONITOR, true);
+    assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
     c.ctr(&["task", "kill", "-s", "KILL", &cid]).ok();
     c.wait_status(&cid, "STOPPED");

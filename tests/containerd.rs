@@ -225,13 +225,7 @@ fn a_shim_killed_with_sigkill_leaves_nothing_behind() {
     c.ctr(&c.run_words(&["-d"], &[], &cid, &["sleep", "1000"]))
         .ok();
     c.wait_status(&cid, "RUNNING");
-    let shim = harness::processes_mentioning(&format!("-id {cid} "));
-    let pid: i32 = shim
-        .iter()
-        .find(|p| p.contains("containerd-shim"))
-        .and_then(|p| p.split(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no shim process for {cid}: {shim:?}"));
+    let pid = c.shim_pid(&cid);
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     // containerd notices, runs `shim delete`, and the task is gone.

@@ -142,11 +142,7 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         // The VM's whole host side (the shim, QEMU, virtiofsd, every
         // thread) is in the pod's cgroup, below the parent kubelet asked
         // for, in every hierarchy.
-        let shim: i32 = harness::processes_mentioning(&c.path().to_string_lossy())
-            .iter()
-            .find(|p| p.contains("containerd-shim-krun-v2") && p.contains(&pod_id))
-            .and_then(|p| p.split(':').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no shim for pod {pod_id}"));
+        let shim = c.shim_pid(&pod_id);
         // The sandbox's stats are the VM's cost on the host: its host
         // cgroup's, limited to the VM's memory plus the host overhead.
         let metrics = c.ctr_in("k8s.io", &["task", "metrics", &pod_id], None).ok();

@@ -82,11 +82,7 @@ pub fn path_of(pid: i32, controller: &str) -> String {
 /// every process below it.
 pub fn task_files(pid: i32) -> Vec<PathBuf> {
     let mut pids = vec![pid];
-    let mut i = 0;
-    while i < pids.len() {
-        pids.extend(children(pids[i]));
-        i += 1;
-    }
+    pids.extend(crate::process::descendants(pid));
     let mut out = Vec::new();
     for p in pids {
         let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) else {
@@ -94,27 +90,6 @@ pub fn task_files(pid: i32) -> Vec<PathBuf> {
         };
         for t in rd.flatten() {
             out.push(t.path().join("cgroup"));
-        }
-    }
-    out
-}
-
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        // The parent is the second field after the parenthesised name.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<i32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
         }
     }
     out

@@ -195,6 +195,17 @@ impl Containerd {
         }
     }
 
+    /// The pid of the shim containerd started for `id` (a task, or a pod's
+    /// sandbox: the shim's `-id`).
+    pub fn shim_pid(&self, id: &str) -> i32 {
+        let shim = crate::processes_mentioning(&format!("-id {id} "));
+        shim.iter()
+            .find(|p| p.contains("containerd-shim"))
+            .and_then(|p| p.split(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no shim process for {id}: {shim:?}"))
+    }
+
     /// The task's status as `ctr task ls` prints it (empty: no task).
     pub fn status(&self, id: &str) -> String {
         let out = self.ctr(&["task", "ls"]);

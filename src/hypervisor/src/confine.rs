@@ -70,18 +70,8 @@ pub const VIRTIOFSD_CAPS: &[Capability] = &[
     Capability::CAP_SETPCAP,
 ];
 
-/// What the monitor keeps (see the module doc).
-pub const MONITOR_CAPS: &[Capability] = &[
-    Capability::CAP_SYS_ADMIN,
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FOWNER,
-    Capability::CAP_FSETID,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETUID,
-    Capability::CAP_MKNOD,
-    Capability::CAP_SETFCAP,
-    Capability::CAP_SETPCAP,
+/// What the monitor keeps beyond virtiofsd's set (see the module doc).
+pub const MONITOR_EXTRA_CAPS: &[Capability] = &[
     Capability::CAP_DAC_READ_SEARCH,
     Capability::CAP_KILL,
     Capability::CAP_NET_ADMIN,
@@ -186,7 +176,7 @@ impl Confinement {
     /// NNP, the deny-list, and `keep` as the only capabilities.
     pub fn new(keep: &[Capability]) -> Result<Self, ConfineError> {
         Ok(Confinement {
-            keep: keep.iter().fold(0, |m, c| m | 1 << c.index()),
+            keep: cap_mask(keep),
             filter: deny_list()?,
         })
     }
@@ -201,9 +191,12 @@ impl Confinement {
         Self::new(VIRTIOFSD_CAPS)
     }
 
-    /// The monitor's confinement.
+    /// The monitor's confinement: virtiofsd's capabilities (the built-in
+    /// VMM's file server needs them for the guest's users) and its own.
     pub fn monitor() -> Result<Self, ConfineError> {
-        Self::new(MONITOR_CAPS)
+        let mut c = Self::new(VIRTIOFSD_CAPS)?;
+        c.keep |= cap_mask(MONITOR_EXTRA_CAPS);
+        Ok(c)
     }
 
     /// The capabilities kept, as a bit mask (as `/proc/PID/status` shows
@@ -329,6 +322,11 @@ impl Confinement {
 /// CAP_SETPCAP to reduce the bounding set. A process cannot undo it.
 pub fn confine_self(confinement: &Confinement) -> Result<(), ConfineError> {
     confinement.apply(true)
+}
+
+/// `set` as a bit mask, as `/proc/PID/status` shows capability sets.
+pub fn cap_mask(set: &[Capability]) -> u64 {
+    set.iter().fold(0, |m, c| m | 1 << c.index())
 }
 
 /// The deny-list as a BPF program for this machine.

@@ -19,7 +19,8 @@ mod virtiofsd;
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
 pub use confine::{
-    confine_self, ConfineError, Confinement, DENIED, MONITOR_CAPS, QEMU_CAPS, VIRTIOFSD_CAPS,
+    cap_mask, confine_self, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS, QEMU_CAPS,
+    VIRTIOFSD_CAPS,
 };
 pub use qemu::Qemu;
 

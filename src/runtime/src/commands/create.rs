@@ -202,7 +202,7 @@ fn own_proc() -> std::io::Result<()> {
 }
 
 /// NNP, the deny-list and the monitor's capabilities
-/// ([`krun_hypervisor::MONITOR_CAPS`]: what preparing the VM and serving
+/// ([`krun_hypervisor::Confinement::monitor`]: what preparing the VM and serving
 /// it still need) for the monitor, all its threads and its children.
 fn confine_monitor() -> anyhow::Result<()> {
     let c = krun_hypervisor::Confinement::monitor()?;
