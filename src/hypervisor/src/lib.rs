@@ -13,6 +13,7 @@ mod accel;
 mod capped;
 mod child;
 mod confine;
+mod jail;
 mod qemu;
 mod virtiofsd;
 
