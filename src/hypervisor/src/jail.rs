@@ -272,3 +272,105 @@ impl Jail {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    fn names(jail: &Jail) -> Vec<String> {
+        jail.steps
+            .iter()
+            .map(|s| match s {
+                Step::Dir(p) => format!("dir {}", p.to_string_lossy()),
+                Step::File(p) => format!("file {}", p.to_string_lossy()),
+                Step::Bind(s, t) => format!("bind {} {}", s.to_string_lossy(), t.to_string_lossy()),
+                Step::Symlink(s, t) => {
+                    format!("link {} {}", s.to_string_lossy(), t.to_string_lossy())
+                }
+                Step::Dev(p, _, mode, own) => format!("dev {} {mode:o} {own}", p.to_string_lossy()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_makes_each_directory_once_parents_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("k");
+        std::fs::write(&file, "k").unwrap();
+        let mut jail = Jail::new(Path::new("/j")).unwrap();
+        jail.bind(tmp.path(), Path::new("/a/b")).unwrap();
+        jail.bind(&file, Path::new("/a/k")).unwrap();
+        jail.device(Path::new("/dev/null"), false).unwrap();
+        jail.device(Path::new("/dev/zero"), true).unwrap();
+        let src = tmp.path().to_string_lossy();
+        let f = file.to_string_lossy();
+        assert_eq!(
+            names(&jail),
+            [
+                "dir /j/a".to_string(),
+                "dir /j/a/b".into(),
+                format!("bind {src} /j/a/b"),
+                "file /j/a/k".into(),
+                format!("bind {f} /j/a/k"),
+                "dir /j/dev".into(),
+                "dev /j/dev/null 666 false".into(),
+                "dev /j/dev/zero 600 true".into(),
+            ]
+        );
+        assert_eq!(jail.uid(), JAIL_ID_BASE + std::process::id());
+    }
+
+    #[test]
+    fn a_mirrored_symlink_stays_a_symlink_and_a_missing_path_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("lib");
+        std::os::unix::fs::symlink("usr/lib", &link).unwrap();
+        let mut jail = Jail::new(Path::new("/j")).unwrap();
+        jail.mirror(&link).unwrap();
+        jail.mirror(&tmp.path().join("missing")).unwrap();
+        assert_eq!(
+            names(&jail),
+            [format!("link usr/lib /j{}", link.to_string_lossy())]
+        );
+    }
+
+    /// A child entered into a jail sees only what the jail holds, and
+    /// `/` of the host is left alone. Needs root (CAP_SYS_ADMIN).
+    #[test]
+    fn a_jailed_child_sees_only_its_jail() {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("NOT RUN: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let mut jail = Jail::new(&root).unwrap();
+        jail.bind(Path::new("/usr"), Path::new("/usr")).unwrap();
+        for lib in ["/lib", "/lib64", "/etc/ld.so.cache"] {
+            jail.mirror(Path::new(lib)).unwrap();
+        }
+        jail.device(Path::new("/dev/null"), false).unwrap();
+        let ls = Path::new("/usr/bin/ls").canonicalize().unwrap();
+        let mut cmd = Command::new(&ls);
+        cmd.args(["-A", "/", "/dev"]);
+        // SAFETY: `enter` makes raw system calls only, on data prepared
+        // before the fork.
+        unsafe { cmd.pre_exec(move || jail.enter()) };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains("/dev:\nnull\n"), "{text}");
+        let top: Vec<&str> = text.split("\n\n").next().unwrap().lines().skip(1).collect();
+        assert!(top.contains(&"usr") && top.contains(&"dev"), "{top:?}");
+        assert!(!top.contains(&"proc") && !top.contains(&"tmp"), "{top:?}");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "the host sees nothing"
+        );
+    }
+}
