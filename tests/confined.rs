@@ -170,14 +170,11 @@ fn entries(dir: &str) -> Vec<String> {
 #[track_caller]
 fn assert_jailed(pid: i32) {
     let s = status(pid);
+    // Real, effective, saved and file system ids: all its own.
+    let own = (krun_hypervisor::JAIL_ID_BASE + pid as u32).to_string();
     for key in ["Uid", "Gid"] {
         let ids: Vec<&str> = s[key].split_whitespace().collect();
-        assert_eq!(ids.len(), 4, "QEMU {pid}: {key} {:?}", s[key]);
-        assert!(
-            ids.iter().all(|id| *id != "0" && *id == ids[0]),
-            "QEMU {pid}: {key} {:?}",
-            s[key]
-        );
+        assert_eq!(ids, [own.as_str(); 4], "QEMU {pid}: {key}");
     }
     assert_eq!(s["Groups"], "", "QEMU {pid}: supplementary groups");
     // Its root reads as "/" (it is the root of its own mount namespace):

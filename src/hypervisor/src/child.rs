@@ -35,8 +35,8 @@ pub(crate) fn spawn(
         program: program.clone(),
         source,
     })?;
-    if let Some(j) = &jail {
-        confine = confine.with_ids(j.uid(), j.gid());
+    if jail.is_some() {
+        confine = confine.with_jail_ids();
     }
     let spawn_err = |source| Error::Spawn {
         program: program.clone(),

@@ -18,11 +18,11 @@
 //!    remounted read-only.
 //!
 //! The uid and gid are dedicated and unnamed (no /etc/passwd entry):
-//! [`JAIL_ID_BASE`] plus the pid of the process that starts QEMU, which is
-//! unique among live processes, so no two containers' QEMUs share one (a
-//! QEMU dies with its starter by its parent-death signal). The switch
-//! happens in [`crate::Confinement`], after the bounding set is dropped
-//! and before the capabilities are cleared.
+//! [`JAIL_ID_BASE`] plus QEMU's own pid ([`jail_id`], taken in the child),
+//! which is unique among live processes, so no two QEMUs share one, even
+//! two started by one shim. The switch happens in [`crate::Confinement`],
+//! after the bounding set is dropped and before the capabilities are
+//! cleared.
 
 use std::ffi::CString;
 use std::io;
@@ -33,6 +33,13 @@ use std::path::{Path, PathBuf};
 /// any distribution's or user namespace's usual ranges; plus at most
 /// `pid_max` (2^22).
 pub const JAIL_ID_BASE: u32 = 0x6b72_0000;
+
+/// The uid and gid of the calling process's jail: [`JAIL_ID_BASE`] plus
+/// its pid. Async-signal-safe.
+pub(crate) fn jail_id() -> u32 {
+    // SAFETY: getpid takes nothing and cannot fail.
+    JAIL_ID_BASE + unsafe { libc::getpid() } as u32
+}
 
 /// One step of building the jail, on paths inside the jail directory.
 #[derive(Debug)]
@@ -52,8 +59,6 @@ enum Step {
 #[derive(Debug)]
 pub(crate) struct Jail {
     root: CString,
-    uid: u32,
-    gid: u32,
     steps: Vec<Step>,
 }
 
@@ -62,23 +67,12 @@ fn cstr(p: &Path) -> io::Result<CString> {
 }
 
 impl Jail {
-    /// A jail on the empty directory `root`, for the ids of this process.
+    /// A jail on the empty directory `root`.
     pub fn new(root: &Path) -> io::Result<Jail> {
-        let id = JAIL_ID_BASE + std::process::id();
         Ok(Jail {
             root: cstr(root)?,
-            uid: id,
-            gid: id,
             steps: Vec::new(),
         })
-    }
-
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
-
-    pub fn gid(&self) -> u32 {
-        self.gid
     }
 
     fn inside(&self, path: &Path) -> io::Result<CString> {
@@ -232,7 +226,7 @@ impl Jail {
                     // mknod's mode is masked by the umask: set it exactly.
                     fail(libc::chmod(p.as_ptr(), *mode))?;
                     if *own {
-                        fail(libc::chown(p.as_ptr(), self.uid, self.gid))?;
+                        fail(libc::chown(p.as_ptr(), jail_id(), jail_id()))?;
                     }
                     Ok(())
                 }
@@ -319,7 +313,7 @@ mod tests {
                 "dev /j/dev/zero 600 true".into(),
             ]
         );
-        assert_eq!(jail.uid(), JAIL_ID_BASE + std::process::id());
+        assert_eq!(jail_id(), JAIL_ID_BASE + std::process::id());
     }
 
     #[test]
