@@ -170,16 +170,10 @@ fn entries(dir: &str) -> Vec<String> {
 #[track_caller]
 fn assert_jailed(pid: i32) {
     let s = status(pid);
-    // Real, effective, saved and file system ids: all its own, from its
-    // pid as it sees it (the last of NSpid: the runtime may run in a PID
-    // namespace of its own, as in the nested test host).
-    let own_pid: u32 = s["NSpid"]
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let own = (krun_hypervisor::JAIL_ID_BASE + own_pid).to_string();
+    // Real, effective, saved and file system ids: all its own, from the
+    // pid of its starter (the monitor or the shim, in this process's PID
+    // namespace as in theirs).
+    let own = (krun_hypervisor::JAIL_ID_BASE + s["PPid"].parse::<u32>().unwrap()).to_string();
     for key in ["Uid", "Gid"] {
         let ids: Vec<&str> = s[key].split_whitespace().collect();
         assert_eq!(ids, [own.as_str(); 4], "QEMU {pid}: {key}");

@@ -35,8 +35,8 @@ pub(crate) fn spawn(
         program: program.clone(),
         source,
     })?;
-    if jail.is_some() {
-        confine = confine.with_jail_ids();
+    if let Some(j) = &jail {
+        confine = confine.with_ids(j.id(), j.id());
     }
     let spawn_err = |source| Error::Spawn {
         program: program.clone(),

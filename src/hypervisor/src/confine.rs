@@ -11,7 +11,7 @@
 //!    an exec then keeps at most the permitted set it had).
 //! 2. The bounding set: every capability outside the keep-set is dropped
 //!    (`PR_CAPBSET_DROP`; capabilities the kernel does not know are skipped).
-//! 3. When asked ([`Confinement::with_jail_ids`], QEMU's jail): the uid and gid,
+//! 3. When asked ([`Confinement::with_ids`], QEMU's jail): the uid and gid,
 //!    with no supplementary groups.
 //! 4. The permitted, effective and inheritable sets = the keep-set (raw
 //!    `capset`), the ambient set cleared.
@@ -183,9 +183,8 @@ struct CapData {
 pub struct Confinement {
     keep: u64,
     filter: Vec<libc::sock_filter>,
-    /// Whether to switch to the jail's uid and gid (no supplementary
-    /// groups).
-    jail_ids: bool,
+    /// The uid and gid to switch to (no supplementary groups), if any.
+    ids: Option<(u32, u32)>,
 }
 
 impl Confinement {
@@ -194,16 +193,16 @@ impl Confinement {
         Ok(Confinement {
             keep: keep.iter().fold(0, |m, c| m | 1 << c.index()),
             filter: deny_list()?,
-            jail_ids: false,
+            ids: None,
         })
     }
 
-    /// The same, switching to the jail's uid and gid (see
-    /// [`crate::jail`]), with no supplementary groups, once the bounding
-    /// set is dropped (after which the capabilities are gone: only a
-    /// keep-set of none makes sense with it).
-    pub fn with_jail_ids(mut self) -> Self {
-        self.jail_ids = true;
+    /// The same, switching to `uid` and `gid` (QEMU's jail, see
+    /// [`crate::jail`]) with no supplementary groups once the bounding set
+    /// is dropped (after which the capabilities are gone: only a keep-set
+    /// of none makes sense with it).
+    pub fn with_ids(mut self, uid: u32, gid: u32) -> Self {
+        self.ids = Some((uid, gid));
         self
     }
 
@@ -247,8 +246,7 @@ impl Confinement {
         }
         self.drop_bounding()
             .map_err(|_| fail("drop from the bounding set"))?;
-        if self.jail_ids {
-            let (uid, gid) = (crate::jail::jail_id(), crate::jail::jail_id());
+        if let Some((uid, gid)) = self.ids {
             // SAFETY: setgroups reads no entries for a count of 0; the
             // setres* calls take integers only.
             let rc = unsafe {

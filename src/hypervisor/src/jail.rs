@@ -18,11 +18,14 @@
 //!    remounted read-only.
 //!
 //! The uid and gid are dedicated and unnamed (no /etc/passwd entry):
-//! [`JAIL_ID_BASE`] plus QEMU's own pid ([`jail_id`], taken in the child),
-//! which is unique among live processes, so no two QEMUs share one, even
-//! two started by one shim. The switch happens in [`crate::Confinement`],
-//! after the bounding set is dropped and before the capabilities are
-//! cleared.
+//! [`JAIL_ID_BASE`] plus the pid of the process that starts QEMU (the
+//! monitor, or the shim: each runs one VM), taken before the fork in that
+//! process's PID namespace. Not QEMU's own pid: the monitor starts its
+//! helpers in a PID namespace of their own, where QEMU's pid is the same
+//! small number for every container. The starter's pid is unique among
+//! live processes, and a QEMU dies with its starter (its parent-death
+//! signal). The switch happens in [`crate::Confinement`], after the
+//! bounding set is dropped and before the capabilities are cleared.
 
 use std::ffi::CString;
 use std::io;
@@ -34,11 +37,10 @@ use std::path::{Path, PathBuf};
 /// `pid_max` (2^22).
 pub const JAIL_ID_BASE: u32 = 0x6b72_0000;
 
-/// The uid and gid of the calling process's jail: [`JAIL_ID_BASE`] plus
-/// its pid. Async-signal-safe.
+/// The uid and gid of the jails of QEMUs started by this process:
+/// [`JAIL_ID_BASE`] plus its pid.
 pub(crate) fn jail_id() -> u32 {
-    // SAFETY: getpid takes nothing and cannot fail.
-    JAIL_ID_BASE + unsafe { libc::getpid() } as u32
+    JAIL_ID_BASE + std::process::id()
 }
 
 /// One step of building the jail, on paths inside the jail directory.
@@ -59,6 +61,8 @@ enum Step {
 #[derive(Debug)]
 pub(crate) struct Jail {
     root: CString,
+    /// The uid and gid ([`jail_id`] of the starter).
+    id: u32,
     steps: Vec<Step>,
 }
 
@@ -71,8 +75,14 @@ impl Jail {
     pub fn new(root: &Path) -> io::Result<Jail> {
         Ok(Jail {
             root: cstr(root)?,
+            id: jail_id(),
             steps: Vec::new(),
         })
+    }
+
+    /// The uid and gid QEMU runs as.
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     fn inside(&self, path: &Path) -> io::Result<CString> {
@@ -226,7 +236,7 @@ impl Jail {
                     // mknod's mode is masked by the umask: set it exactly.
                     fail(libc::chmod(p.as_ptr(), *mode))?;
                     if *own {
-                        fail(libc::chown(p.as_ptr(), jail_id(), jail_id()))?;
+                        fail(libc::chown(p.as_ptr(), self.id, self.id))?;
                     }
                     Ok(())
                 }
@@ -313,7 +323,7 @@ mod tests {
                 "dev /j/dev/zero 600 true".into(),
             ]
         );
-        assert_eq!(jail_id(), JAIL_ID_BASE + std::process::id());
+        assert_eq!(jail.id(), JAIL_ID_BASE + std::process::id());
     }
 
     #[test]
