@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use caps::Capability::{self, *};
 use containerd::{is_krun, Containerd};
 use harness::Sandbox;
+use krun_hypervisor::{jail_id, JAIL_IDS, JAIL_ID_BASE};
 use podman::{busybox, Podman};
 
 /// What the monitor keeps (confine.rs MONITOR_CAPS).
@@ -170,10 +171,13 @@ fn entries(dir: &str) -> Vec<String> {
 #[track_caller]
 fn assert_jailed(pid: i32) {
     let s = status(pid);
-    // Real, effective, saved and file system ids: all its own, from the
-    // pid of its starter (the monitor or the shim, in this process's PID
-    // namespace as in theirs).
-    let own = (krun_hypervisor::JAIL_ID_BASE + s["PPid"].parse::<u32>().unwrap()).to_string();
+    // Real, effective, saved and file system ids: all the same, its
+    // jail's, in the jails' range.
+    let ids = &s["Uid"];
+    let own: u32 = ids.split_whitespace().next().unwrap().parse().unwrap();
+    let range = JAIL_ID_BASE..JAIL_ID_BASE + JAIL_IDS;
+    assert!(range.contains(&own), "QEMU {pid}: Uid {ids:?}");
+    let own = own.to_string();
     for key in ["Uid", "Gid"] {
         let ids: Vec<&str> = s[key].split_whitespace().collect();
         assert_eq!(ids, [own.as_str(); 4], "QEMU {pid}: {key}");
@@ -285,6 +289,16 @@ fn a_containers_host_processes_are_confined_by_hand() {
     if qemu {
         let left: Vec<_> = std::fs::read_dir(&jail).unwrap().flatten().collect();
         assert!(left.is_empty(), "{}: {left:?}", jail.display());
+        let qemu = descendants(pid)
+            .into_iter()
+            .find(|&p| status(p)["Name"] == "qemu-system-x86")
+            .unwrap();
+        let uid = status(qemu)["Uid"].clone();
+        let want = jail_id(&jail).to_string();
+        assert!(
+            uid.starts_with(&want),
+            "QEMU {qemu}: Uid {uid:?}, not {want}"
+        );
     } else {
         assert!(!jail.exists(), "a jail without QEMU: {}", jail.display());
     }

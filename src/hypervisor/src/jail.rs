@@ -17,15 +17,16 @@
 //! 4. `pivot_root` into the tmpfs, the old root detached, the tmpfs
 //!    remounted read-only.
 //!
-//! The uid and gid are dedicated and unnamed (no /etc/passwd entry):
-//! [`JAIL_ID_BASE`] plus the pid of the process that starts QEMU (the
-//! monitor, or the shim: each runs one VM), taken before the fork in that
-//! process's PID namespace. Not QEMU's own pid: the monitor starts its
-//! helpers in a PID namespace of their own, where QEMU's pid is the same
-//! small number for every container. The starter's pid is unique among
-//! live processes, and a QEMU dies with its starter (its parent-death
-//! signal). The switch happens in [`crate::Confinement`], after the
-//! bounding set is dropped and before the capabilities are cleared.
+//! The uid and gid are dedicated and unnamed (no /etc/passwd entry), one
+//! per container: [`JAIL_ID_BASE`] plus a 24-bit hash of the jail
+//! directory's path ([`jail_id`]), which is the container's own. Not a pid:
+//! the monitor runs as pid 1 of a PID namespace of its own with its own
+//! `/proc`, and QEMU has the same small pid in each. A hash can collide:
+//! with 100 containers at once, two share a uid with odds of about 1 in
+//! 3,000 (their QEMUs could then signal each other; everything else is
+//! already closed to them). The switch happens in [`crate::Confinement`],
+//! after the bounding set is dropped and before the capabilities are
+//! cleared.
 
 use std::ffi::CString;
 use std::io;
@@ -37,10 +38,17 @@ use std::path::{Path, PathBuf};
 /// `pid_max` (2^22).
 pub const JAIL_ID_BASE: u32 = 0x6b72_0000;
 
-/// The uid and gid of the jails of QEMUs started by this process:
-/// [`JAIL_ID_BASE`] plus its pid.
-pub(crate) fn jail_id() -> u32 {
-    JAIL_ID_BASE + std::process::id()
+/// How many ids the jails use from [`JAIL_ID_BASE`] on.
+pub const JAIL_IDS: u32 = 1 << 24;
+
+/// The uid and gid of the jail on the directory `dir`: [`JAIL_ID_BASE`]
+/// plus the FNV-1a hash of its path, folded to 24 bits.
+pub fn jail_id(dir: &Path) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dir.as_os_str().as_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    JAIL_ID_BASE + ((h ^ (h >> 24) ^ (h >> 48)) as u32 & (JAIL_IDS - 1))
 }
 
 /// One step of building the jail, on paths inside the jail directory.
@@ -61,7 +69,7 @@ enum Step {
 #[derive(Debug)]
 pub(crate) struct Jail {
     root: CString,
-    /// The uid and gid ([`jail_id`] of the starter).
+    /// The uid and gid ([`jail_id`] of `root`).
     id: u32,
     steps: Vec<Step>,
 }
@@ -75,7 +83,7 @@ impl Jail {
     pub fn new(root: &Path) -> io::Result<Jail> {
         Ok(Jail {
             root: cstr(root)?,
-            id: jail_id(),
+            id: jail_id(root),
             steps: Vec::new(),
         })
     }
@@ -323,7 +331,10 @@ mod tests {
                 "dev /j/dev/zero 600 true".into(),
             ]
         );
-        assert_eq!(jail.id(), JAIL_ID_BASE + std::process::id());
+        assert_eq!(jail.id(), jail_id(Path::new("/j")));
+        let other = jail_id(Path::new("/k"));
+        assert_ne!(jail.id(), other);
+        assert!((JAIL_ID_BASE..JAIL_ID_BASE + JAIL_IDS).contains(&other));
     }
 
     #[test]
