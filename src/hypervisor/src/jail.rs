@@ -18,20 +18,19 @@
 //!    remounted read-only.
 //!
 //! The uid and gid are dedicated and unnamed (no /etc/passwd entry), one
-//! per container: [`JAIL_ID_BASE`] plus a 24-bit hash of the jail
-//! directory's path ([`jail_id`]), which is the container's own. Not a pid:
-//! the monitor runs as pid 1 of a PID namespace of its own with its own
-//! `/proc`, and QEMU has the same small pid in each. A hash can collide:
-//! with 100 containers at once, two share a uid with odds of about 1 in
-//! 3,000 (their QEMUs could then signal each other; everything else is
-//! already closed to them). The switch happens in [`crate::Confinement`],
-//! after the bounding set is dropped and before the capabilities are
-//! cleared.
+//! per container: [`JAIL_ID_BASE`] plus the host pid of the process that
+//! starts QEMU ([`jail_id`]): the monitor, or the containerd shim, each of
+//! which runs one VM, so no two live QEMUs share an id. The monitor is
+//! pid 1 of a PID namespace of its own with a `/proc` of its own, so it
+//! notes its host pid ([`note_host_pid`]) while the host's `/proc` is
+//! still its. The switch happens in [`crate::Confinement`], after the
+//! bounding set is dropped and before the capabilities are cleared.
 
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The first uid (and gid) of QEMU jails: "kr" in the high half, far above
 /// any distribution's or user namespace's usual ranges; plus at most
@@ -39,16 +38,27 @@ use std::path::{Path, PathBuf};
 pub const JAIL_ID_BASE: u32 = 0x6b72_0000;
 
 /// How many ids the jails use from [`JAIL_ID_BASE`] on.
-pub const JAIL_IDS: u32 = 1 << 24;
+pub const JAIL_IDS: u32 = 1 << 22;
 
-/// The uid and gid of the jail on the directory `dir`: [`JAIL_ID_BASE`]
-/// plus the FNV-1a hash of its path, folded to 24 bits.
-pub fn jail_id(dir: &Path) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in dir.as_os_str().as_bytes() {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    JAIL_ID_BASE + ((h ^ (h >> 24) ^ (h >> 48)) as u32 & (JAIL_IDS - 1))
+/// This process's pid on the host, as [`note_host_pid`] found it.
+static HOST_PID: OnceLock<u32> = OnceLock::new();
+
+/// Notes this process's pid as the host's `/proc` gives it (`/proc/self`),
+/// for [`jail_id`]: the monitor calls it before it mounts the `/proc` of
+/// its own PID namespace, where it is pid 1. Elsewhere (the shim, `run`)
+/// the pid is the process's own.
+pub fn note_host_pid() {
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse().ok())
+        .unwrap_or_else(std::process::id);
+    let _ = HOST_PID.set(pid);
+}
+
+/// The uid and gid of the QEMU this process starts: [`JAIL_ID_BASE`] plus
+/// its host pid (below `pid_max`, at most 2^22).
+pub fn jail_id() -> u32 {
+    JAIL_ID_BASE + (*HOST_PID.get_or_init(std::process::id) & (JAIL_IDS - 1))
 }
 
 /// One step of building the jail, on paths inside the jail directory.
@@ -69,7 +79,7 @@ enum Step {
 #[derive(Debug)]
 pub(crate) struct Jail {
     root: CString,
-    /// The uid and gid ([`jail_id`] of `root`).
+    /// The uid and gid ([`jail_id`]).
     id: u32,
     steps: Vec<Step>,
 }
@@ -83,7 +93,7 @@ impl Jail {
     pub fn new(root: &Path) -> io::Result<Jail> {
         Ok(Jail {
             root: cstr(root)?,
-            id: jail_id(root),
+            id: jail_id(),
             steps: Vec::new(),
         })
     }
@@ -331,10 +341,7 @@ mod tests {
                 "dev /j/dev/zero 600 true".into(),
             ]
         );
-        assert_eq!(jail.id(), jail_id(Path::new("/j")));
-        let other = jail_id(Path::new("/k"));
-        assert_ne!(jail.id(), other);
-        assert!((JAIL_ID_BASE..JAIL_ID_BASE + JAIL_IDS).contains(&other));
+        assert_eq!(jail.id(), JAIL_ID_BASE + std::process::id());
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
 pub use confine::{
     confine_self, ConfineError, Confinement, DENIED, MONITOR_CAPS, QEMU_CAPS, VIRTIOFSD_CAPS,
 };
-pub use jail::{jail_id, JAIL_IDS, JAIL_ID_BASE};
+pub use jail::{jail_id, note_host_pid, JAIL_IDS, JAIL_ID_BASE};
 pub use qemu::Qemu;
 
 /// A host directory shared into the guest over virtio-fs.
