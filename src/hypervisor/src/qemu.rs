@@ -65,7 +65,11 @@ impl Qemu {
             // Not `-cpu host`: it makes QEMU require MSRs (ARCH_CAPABILITIES)
             // that some KVMs do not offer; `max` is what KVM supports.
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "max"]),
-            Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+            // TCG's translated code is host memory beyond the guest's, in
+            // the container's host cgroup: capped at 128 MiB (QEMU's
+            // default lets it grow to 1 GiB), inside the host overhead
+            // (plan/host.rs); a full buffer is flushed, not grown.
+            Accel::Tcg => push(&["-accel", "tcg,thread=multi,tb-size=128", "-cpu", "max"]),
         }
         let mem_arg = format!("{mem}M");
         let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
@@ -85,7 +89,10 @@ impl Qemu {
             "none",
             "-no-reboot",
         ]);
-        let cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
+        let cmdline = format!(
+            "console=ttyS0 reboot=t panic=-1 oops=panic {}",
+            config.cmdline
+        );
         push(&[
             "-kernel",
             JAIL_KERNEL,
