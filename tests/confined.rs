@@ -4,6 +4,10 @@
 //! file process) and its helpers (QEMU, virtiofsd and its sandbox's
 //! parents), under podman, by hand, and under containerd (the shim too).
 //!
+//! QEMU also runs jailed (src/hypervisor/src/jail.rs): a uid of its own,
+//! not root, and a root of its own, an empty tmpfs with only `/usr`, the
+//! libraries, the kernel and initramfs and a few devices.
+//!
 //! krun-oci only: runc's processes are confined differently (runc's own
 //! init exec's the workload), so these tests do not run against runc.
 
@@ -14,6 +18,7 @@ use std::collections::BTreeMap;
 use caps::Capability::{self, *};
 use containerd::{is_krun, Containerd};
 use harness::Sandbox;
+use krun_hypervisor::JAIL_ID_BASE;
 use podman::{busybox, Podman};
 
 /// What virtiofsd starts with (confine.rs VIRTIOFSD_CAPS); it drops more
@@ -131,6 +136,73 @@ fn assert_thread_confined(who: &str, s: &BTreeMap<String, String>, keep: u64, ex
     }
 }
 
+/// What QEMU's root may hold: `/usr`, the libraries (or the symlinks to
+/// them a merged-/usr host has), the loader's cache, the kernel and
+/// initramfs, and its `/dev`.
+const JAIL_ENTRIES: &[&str] = &[
+    "usr", "lib", "lib64", "lib32", "libx32", "etc", "kernel", "initrd", "dev",
+];
+/// QEMU's `/dev`: `kvm` only with KVM.
+const JAIL_DEVICES: &[&str] = &["kvm", "null", "zero", "urandom"];
+
+fn entries(dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that QEMU `pid`, started by `starter` (the monitor or the
+/// shim), runs as neither root user nor root group but as its jail's own
+/// ids (the jails' base plus the starter's pid, which no other live QEMU
+/// shares), and in a root of its own holding only [`JAIL_ENTRIES`].
+#[track_caller]
+fn assert_jailed(pid: i32, starter: i32) {
+    let s = status(pid);
+    // Real, effective, saved and file system ids: all the same, its
+    // jail's.
+    let own = (JAIL_ID_BASE + starter as u32).to_string();
+    for key in ["Uid", "Gid"] {
+        let ids: Vec<&str> = s[key].split_whitespace().collect();
+        assert_eq!(ids, [own.as_str(); 4], "QEMU {pid}: {key}");
+    }
+    assert_eq!(s["Groups"], "", "QEMU {pid}: supplementary groups");
+    // Its root reads as "/" (it is the root of its own mount namespace):
+    // compare the inodes, and the namespaces.
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        (m.dev(), m.ino())
+    };
+    let root = format!("/proc/{pid}/root/");
+    assert_ne!(id(&root), id("/"), "QEMU {pid}: its root is the host's");
+    let ns = |p: String| std::fs::read_link(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_ne!(
+        ns(format!("/proc/{pid}/ns/mnt")),
+        ns("/proc/self/ns/mnt".into()),
+        "QEMU {pid}: its mount namespace"
+    );
+    let top = entries(&format!("/proc/{pid}/root"));
+    assert!(
+        top.iter().all(|e| JAIL_ENTRIES.contains(&e.as_str())),
+        "QEMU {pid}: its root holds {top:?}"
+    );
+    for needed in ["usr", "kernel", "initrd", "dev"] {
+        assert!(
+            top.iter().any(|e| e == needed),
+            "QEMU {pid}: no /{needed}: {top:?}"
+        );
+    }
+    let dev = entries(&format!("/proc/{pid}/root/dev"));
+    assert!(
+        dev.iter().all(|e| JAIL_DEVICES.contains(&e.as_str())),
+        "QEMU {pid}: its /dev holds {dev:?}"
+    );
+}
+
 /// Asserts that the helpers below `parent` (QEMU, virtiofsd) are
 /// confined, and that there are some — unless the VM is the built-in
 /// VMM's, in `parent` itself (its vCPU threads show that). The number of
@@ -141,7 +213,10 @@ fn assert_helpers_confined(parent: i32) -> usize {
     let names: Vec<String> = helpers.iter().map(|&p| status(p)["Name"].clone()).collect();
     for (&p, name) in helpers.iter().zip(&names) {
         match name.as_str() {
-            "qemu-system-x86" => assert_confined(p, 0, true),
+            "qemu-system-x86" => {
+                assert_confined(p, 0, true);
+                assert_jailed(p, parent);
+            }
             "virtiofsd" => assert_confined(p, mask(VIRTIOFSD), false),
             other => panic!("an unexpected host process {p} ({other}) below {parent}"),
         }
@@ -192,6 +267,18 @@ fn a_containers_host_processes_are_confined_by_hand() {
     let pid = lifecycle::start_new(&sb, &["sleep", "1000"], "c1");
     assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
+    // QEMU's jail is an empty directory on the host (its mounts are
+    // QEMU's), gone with the container (`assert_clean` below).
+    let jail = sb.root().join("c1/qemu-root");
+    let qemu = harness::process::descendants(pid)
+        .into_iter()
+        .any(|p| status(p)["Name"] == "qemu-system-x86");
+    if qemu {
+        let left: Vec<_> = std::fs::read_dir(&jail).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{}: {left:?}", jail.display());
+    } else {
+        assert!(!jail.exists(), "a jail without QEMU: {}", jail.display());
+    }
     // Still serves its commands confined: an exec whose guest root writes,
     // chowns and makes a FIFO in the shared root (what the file server,
     // virtiofsd or the built-in VMM's, keeps its capabilities for), and a

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use caps::Capability;
 
+use crate::jail::Jail;
 use crate::{Confinement, Error};
 
 /// A file descriptor to hand to a child at a fixed number.
@@ -21,17 +22,22 @@ pub(crate) struct PassFd {
 /// parent-death signal (a runtime killed with -9 leaves no VM behind).
 /// `pass` fds appear in the child at their target numbers. The child
 /// execs confined to the capabilities `keep` (see [`crate::confine`]; the
-/// confinement is applied last).
+/// confinement is applied last), in `jail` and as its ids if given (see
+/// [`crate::jail`]; entered just before the confinement).
 pub(crate) fn spawn(
     cmd: &mut Command,
     pass: Vec<PassFd>,
     keep: &[Capability],
+    jail: Option<Jail>,
 ) -> Result<Child, Error> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let confine = Confinement::new(keep).map_err(|source| Error::Confine {
+    let mut confine = Confinement::new(keep).map_err(|source| Error::Confine {
         program: program.clone(),
         source,
     })?;
+    if let Some(j) = &jail {
+        confine = confine.with_ids(j.id(), j.id());
+    }
     let spawn_err = |source| Error::Spawn {
         program: program.clone(),
         source,
@@ -54,35 +60,55 @@ pub(crate) fn spawn(
     let parent = std::process::id();
     cmd.stdin(Stdio::null()).process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, dup2, kill, capset,
-    // seccomp) on values computed before the fork.
+    // async-signal-safe functions (prctl, getppid, dup2, kill, the jail's
+    // mounts, setres*id, capset, seccomp) on values computed before the
+    // fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
+            die_with_parent(parent)?;
             for &(src, target) in &pairs {
                 if libc::dup2(src, target) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
-            confine.apply(false).map_err(|e| e.into_io())
+            if let Some(j) = &jail {
+                j.enter()?;
+            }
+            confine.apply(false).map_err(|e| e.into_io())?;
+            // A change of uid clears the parent-death signal: set it again.
+            if jail.is_some() {
+                die_with_parent(parent)?;
+            }
+            Ok(())
         });
     }
     let child = cmd.spawn().map_err(spawn_err)?;
     drop(moved);
     Ok(child)
+}
+
+/// Makes SIGKILL the calling process's parent-death signal, and kills it
+/// if its parent `parent` has already gone. Async-signal-safe.
+fn die_with_parent(parent: u32) -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG), getppid, getpid and kill take
+    // integers only.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // The parent may have died before prctl took effect.
+        if libc::getppid() as u32 != parent {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+    Ok(())
 }
 
 /// Sends SIGKILL to a child that may already have exited, then reaps it.
@@ -110,7 +136,7 @@ mod tests {
             fd: OwnedFd::from(w),
             target: 5,
         }];
-        let mut child = spawn(&mut cmd, pass, &[Capability::CAP_CHOWN]).unwrap();
+        let mut child = spawn(&mut cmd, pass, &[Capability::CAP_CHOWN], None).unwrap();
         let mut status = String::new();
         let mut r = r;
         r.read_to_string(&mut status).unwrap();

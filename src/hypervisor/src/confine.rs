@@ -11,19 +11,22 @@
 //!    an exec then keeps at most the permitted set it had).
 //! 2. The bounding set: every capability outside the keep-set is dropped
 //!    (`PR_CAPBSET_DROP`; capabilities the kernel does not know are skipped).
-//! 3. The permitted, effective and inheritable sets = the keep-set (raw
+//! 3. When asked ([`Confinement::with_ids`], QEMU's jail): the uid and gid,
+//!    with no supplementary groups.
+//! 4. The permitted, effective and inheritable sets = the keep-set (raw
 //!    `capset`), the ambient set cleared.
-//! 4. The seccomp filter: a deny-list. Every other system call is allowed;
+//! 5. The seccomp filter: a deny-list. Every other system call is allowed;
 //!    the listed ones fail with EPERM. It stacks under the filters QEMU and
 //!    virtiofsd install themselves (the strictest verdict wins), and it is
 //!    the only filter of virtiofsd's two waiting parents.
 //!
 //! The keep-sets, and why each capability is in them:
 //!
-//! - **QEMU**: none. It runs as uid 0 and every file it opens is root's
-//!   and readable or writable by its owner (`/dev/kvm` 0600, the kernel,
-//!   the initramfs, the virtio-fs sockets, `/dev/fd/N` of the console pipe);
-//!   taps and the control socket come in as descriptors.
+//! - **QEMU**: none. It runs as an unprivileged uid of its own in its
+//!   jail (src/hypervisor/src/jail.rs), where `/dev/kvm` is its own node,
+//!   and the kernel, initramfs, firmware and libraries are world-readable;
+//!   taps, the console pipe, the control socket and the virtio-fs
+//!   connections come in as descriptors.
 //! - **virtiofsd** (the daemon and the two parents of its namespace sandbox,
 //!   which inherit from the exec): `SYS_ADMIN` for the sandbox itself
 //!   (unshare of the PID, mount and network namespaces, mount, pivot_root,
@@ -170,6 +173,8 @@ struct CapData {
 pub struct Confinement {
     keep: u64,
     filter: Vec<libc::sock_filter>,
+    /// The uid and gid to switch to (no supplementary groups), if any.
+    ids: Option<(u32, u32)>,
 }
 
 impl Confinement {
@@ -178,7 +183,17 @@ impl Confinement {
         Ok(Confinement {
             keep: cap_mask(keep),
             filter: deny_list()?,
+            ids: None,
         })
+    }
+
+    /// The same, switching to `uid` and `gid` (QEMU's jail, see
+    /// [`crate::jail`]) with no supplementary groups once the bounding set
+    /// is dropped (after which the capabilities are gone: only a keep-set
+    /// of none makes sense with it).
+    pub fn with_ids(mut self, uid: u32, gid: u32) -> Self {
+        self.ids = Some((uid, gid));
+        self
     }
 
     /// QEMU's confinement.
@@ -224,6 +239,21 @@ impl Confinement {
         }
         self.drop_bounding()
             .map_err(|_| fail("drop from the bounding set"))?;
+        if let Some((uid, gid)) = self.ids {
+            // SAFETY: setgroups reads no entries for a count of 0; the
+            // setres* calls take integers only.
+            let rc = unsafe {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setresgid(gid, gid, gid) != 0
+                {
+                    -1
+                } else {
+                    libc::setresuid(uid, uid, uid)
+                }
+            };
+            if rc != 0 {
+                return Err(fail("switch to the jail's uid and gid"));
+            }
+        }
         self.set_caps().map_err(|_| fail("set the capabilities"))?;
         let prog = libc::sock_fprog {
             len: self.filter.len() as u16,

@@ -13,6 +13,7 @@ mod accel;
 mod capped;
 mod child;
 mod confine;
+mod jail;
 mod qemu;
 mod virtiofsd;
 
@@ -22,6 +23,7 @@ pub use confine::{
     cap_mask, confine_self, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS, QEMU_CAPS,
     VIRTIOFSD_CAPS,
 };
+pub use jail::{jail_id, note_host_pid, JAIL_IDS, JAIL_ID_BASE};
 pub use qemu::Qemu;
 
 /// A host directory shared into the guest over virtio-fs.

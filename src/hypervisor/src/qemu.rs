@@ -1,12 +1,24 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm` with one virtiofsd per
 //! share, KVM where the host can boot our kernel and TCG where it cannot.
+//!
+//! QEMU runs jailed (src/hypervisor/src/jail.rs): an unprivileged uid of its
+//! own, rooted in an empty tmpfs (`<run dir>/qemu-root` on the host, empty
+//! there and removed when the VM ends) that holds `/usr` and the libraries
+//! read-only, the kernel and initramfs at `/kernel` and `/initrd`, and a
+//! `/dev` of `kvm` (its own node, owned by its uid), `null`, `zero` and
+//! `urandom`. Nothing else of the host's file system: every other thing it
+//! uses comes in as a descriptor — the control socket, the console pipe
+//! (an fd set, `/dev/fdset/1`, not `/dev/fd/N`: there is no `/proc`), the
+//! taps, and one connected vhost-user socket per virtiofsd.
 
 use std::fmt::Write as _;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::child::{kill_and_reap, spawn, PassFd};
+use crate::jail::Jail;
 use crate::virtiofsd::{self, Virtiofsd};
 use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig, VmExit};
 
@@ -14,8 +26,14 @@ use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig, VmExit};
 const CONTROL_FD: i32 = 3;
 /// The fd number of the serial console's pipe in QEMU.
 const CONSOLE_FD: i32 = 4;
-/// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...
+/// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...; the
+/// vhost-user sockets follow the taps.
 const NET_FD: i32 = 5;
+/// The jail's directory in the run directory.
+const JAIL_DIR: &str = "qemu-root";
+/// Where the kernel and the initramfs are in the jail.
+const JAIL_KERNEL: &str = "/kernel";
+const JAIL_INITRD: &str = "/initrd";
 /// How long QEMU's log may take to reach its file once QEMU has exited.
 const LOG_FLUSH: Duration = Duration::from_secs(1);
 
@@ -28,9 +46,10 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// The QEMU command line for `config`; virtio-fs sockets are given by
-    /// `fs_sockets`, one per share in order.
-    fn args(&self, config: &VmConfig, fs_sockets: &[PathBuf]) -> Vec<String> {
+    /// The QEMU command line for `config`, with the paths it has in the
+    /// jail; the virtio-fs connections are fds after the taps', one per
+    /// share in order.
+    fn args(&self, config: &VmConfig) -> Vec<String> {
         let mem = config.memory_mib;
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
@@ -46,7 +65,11 @@ impl Qemu {
             // Not `-cpu host`: it makes QEMU require MSRs (ARCH_CAPABILITIES)
             // that some KVMs do not offer; `max` is what KVM supports.
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "max"]),
-            Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+            // TCG's translated code is host memory beyond the guest's, in
+            // the container's host cgroup: capped at 128 MiB (QEMU's
+            // default lets it grow to 1 GiB), inside the host overhead
+            // (plan/host.rs); a full buffer is flushed, not grown.
+            Accel::Tcg => push(&["-accel", "tcg,thread=multi,tb-size=128", "-cpu", "max"]),
         }
         let mem_arg = format!("{mem}M");
         let backend = format!("memory-backend-memfd,id=mem,size={mem}M,share=on");
@@ -66,20 +89,24 @@ impl Qemu {
             "none",
             "-no-reboot",
         ]);
-        let kernel = config.kernel.to_string_lossy();
-        let initrd = config.initrd.to_string_lossy();
-        let cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
+        let cmdline = format!(
+            "console=ttyS0 reboot=t panic=-1 oops=panic {}",
+            config.cmdline
+        );
         push(&[
             "-kernel",
-            &kernel,
+            JAIL_KERNEL,
             "-initrd",
-            &initrd,
+            JAIL_INITRD,
             "-append",
             cmdline.trim(),
         ]);
-        // The console's pipe, which QEMU opens anew by its /proc path.
-        let console = format!("file,id=con,path=/dev/fd/{CONSOLE_FD}");
-        push(&["-chardev", &console, "-serial", "chardev:con"]);
+        // The console's pipe, which QEMU dups from an fd set by path;
+        // appending, as it would truncate the dup (EINVAL on a pipe).
+        let add = format!("fd={CONSOLE_FD},set=1");
+        push(&["-add-fd", &add]);
+        push(&["-chardev", "file,id=con,path=/dev/fdset/1,append=on"]);
+        push(&["-serial", "chardev:con"]);
         let ctl = format!("socket,id=ctl,fd={CONTROL_FD}");
         let port = format!(
             "virtserialport,chardev=ctl,name={}",
@@ -98,8 +125,9 @@ impl Qemu {
             let dev = format!("virtio-net-device,netdev=net{i},mac={}", n.mac);
             push(&["-netdev", &netdev, "-device", &dev]);
         }
-        for (i, (share, sock)) in config.shares.iter().zip(fs_sockets).enumerate() {
-            let chardev = format!("socket,id=fs{i},path={}", sock.to_string_lossy());
+        let fs_fd = NET_FD + config.nets.len() as i32;
+        for (i, share) in config.shares.iter().enumerate() {
+            let chardev = format!("socket,id=fs{i},fd={}", fs_fd + i as i32);
             let dev = format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag);
             push(&["-chardev", &chardev, "-device", &dev]);
         }
@@ -133,8 +161,7 @@ impl Hypervisor for Qemu {
                 config.log_limit,
             )?);
         }
-        let sockets: Vec<PathBuf> = daemons.iter().map(|d| d.socket.clone()).collect();
-        let args = self.args(&config, &sockets);
+        let args = self.args(&config);
         tracing::debug!(qemu = %self.qemu.display(), args = ?args, "starting VM");
         // QEMU reports some of what the guest does wrong on stderr: its
         // log is capped like the guest's console.
@@ -146,7 +173,15 @@ impl Hypervisor for Qemu {
                     source,
                 }
             })?;
-        let mut cmd = Command::new(&self.qemu);
+        let spawn_err = |source| Error::Spawn {
+            program: self.qemu.display().to_string(),
+            source,
+        };
+        let binary = self.qemu.canonicalize().map_err(spawn_err)?;
+        let jail_dir = config.run_dir.join(JAIL_DIR);
+        let jail = self.jail(&jail_dir, &binary, &config).map_err(spawn_err)?;
+        let jail_dir = JailDir(jail_dir);
+        let mut cmd = Command::new(&binary);
         cmd.args(&args).stdout(Stdio::null()).stderr(stderr);
         let mut fds = vec![
             PassFd {
@@ -164,9 +199,20 @@ impl Hypervisor for Qemu {
                 target: NET_FD + i as i32,
             });
         }
-        let child = spawn(&mut cmd, fds, crate::QEMU_CAPS)?;
+        // Connected here: the listening sockets are virtiofsd's, which
+        // accepts the connections once it runs.
+        let fs_fd = NET_FD + fds.len() as i32 - 2;
+        for (i, d) in daemons.iter().enumerate() {
+            let conn = UnixStream::connect(&d.socket).map_err(spawn_err)?;
+            fds.push(PassFd {
+                fd: conn.into(),
+                target: fs_fd + i as i32,
+            });
+        }
+        let child = spawn(&mut cmd, fds, crate::QEMU_CAPS, Some(jail))?;
         Ok(Box::new(QemuVm {
             child: Some(child),
+            _jail_dir: jail_dir,
             daemons,
             log_path,
             log,
@@ -175,8 +221,47 @@ impl Hypervisor for Qemu {
     }
 }
 
+impl Qemu {
+    /// Plans QEMU's jail on `dir` (made here, empty): what QEMU needs of
+    /// the host, read-only (see the module doc).
+    fn jail(&self, dir: &Path, binary: &Path, config: &VmConfig) -> std::io::Result<Jail> {
+        // An empty directory left by a monitor killed with -9 is reused.
+        let _ = std::fs::remove_dir(dir);
+        std::fs::create_dir(dir)?;
+        let mut jail = Jail::new(dir)?;
+        jail.bind(Path::new("/usr"), Path::new("/usr"))?;
+        for lib in ["/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache"] {
+            jail.mirror(Path::new(lib))?;
+        }
+        if !binary.starts_with("/usr") {
+            jail.bind(binary, binary)?;
+        }
+        jail.bind(&config.kernel, Path::new(JAIL_KERNEL))?;
+        jail.bind(&config.initrd, Path::new(JAIL_INITRD))?;
+        for dev in ["/dev/null", "/dev/zero", "/dev/urandom"] {
+            jail.device(Path::new(dev), false)?;
+        }
+        if self.accel == Accel::Kvm {
+            jail.device(Path::new("/dev/kvm"), true)?;
+        }
+        Ok(jail)
+    }
+}
+
+/// The jail's directory on the host, empty there (the jail's mounts are
+/// QEMU's own): removed when the VM is dropped.
+struct JailDir(PathBuf);
+
+impl Drop for JailDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 struct QemuVm {
     child: Option<Child>,
+    /// Declared after `child`: removed once QEMU is killed and reaped.
+    _jail_dir: JailDir,
     daemons: Vec<Virtiofsd>,
     log_path: PathBuf,
     log: CappedLog,

@@ -82,6 +82,7 @@ pub(crate) fn start(
             target: LISTEN_FD,
         }],
         crate::VIRTIOFSD_CAPS,
+        None,
     )?;
     Ok(Virtiofsd {
         child,

@@ -142,7 +142,10 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
         devices.push((name, Box::new(net)));
     }
     devices.push(("virtio-balloon".into(), Box::new(Balloon::new())));
-    let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {}", config.cmdline);
+    let mut cmdline = format!(
+        "console=ttyS0 reboot=t panic=-1 oops=panic {}",
+        config.cmdline
+    );
     let mut transports = Vec::new();
     for (n, (name, dev)) in devices.into_iter().enumerate() {
         let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;

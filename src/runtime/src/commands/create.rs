@@ -227,6 +227,9 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter) -> ! {
             std::process::exit(1);
         }
     }
+    // Its pid on the host (it is pid 1 of its own PID namespace), noted
+    // while the host's /proc is still its own: QEMU's jail uid is made of it.
+    krun_hypervisor::note_host_pid();
     if let Err(e) = own_proc() {
         let _ = write!(ready, "1 cannot give the monitor its own /proc: {e}");
         std::process::exit(1);
