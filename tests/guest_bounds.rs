@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
-use harness::{processes_mentioning, Sandbox, TestBundle};
+use harness::{Sandbox, TestBundle};
 use serde_json::json;
 
 /// The monitor `create` leaves behind is orphaned when `create` exits; as
@@ -114,17 +114,13 @@ fn wait_for_file(path: &std::path::Path, want: &str) {
 
 /// The pid of the sandbox's QEMU.
 fn qemu_pid(sb: &Sandbox) -> i32 {
-    let procs = processes_mentioning(&sb.path().to_string_lossy());
-    let qemu: Vec<_> = procs
-        .iter()
-        .filter(|p| {
-            p.split_once(": ")
-                .and_then(|(_, c)| c.split(' ').next())
-                .is_some_and(|exe| exe.ends_with("qemu-system-x86_64"))
-        })
-        .collect();
-    assert_eq!(qemu.len(), 1, "one QEMU: {procs:?}");
-    qemu[0].split(':').next().unwrap().parse().unwrap()
+    let qemu = harness::process::qemus_below(&sb.path().to_string_lossy());
+    assert_eq!(
+        qemu.len(),
+        1,
+        "one QEMU below the sandbox's runtime: {qemu:?}"
+    );
+    qemu[0]
 }
 
 fn signal(pid: i32, sig: i32) {

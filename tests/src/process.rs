@@ -27,6 +27,29 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     out
 }
 
+/// The QEMU processes among the processes that mention `needle` and
+/// everything below them: QEMU's own command line names nothing of the
+/// host (its kernel, sockets and console come in through its jail and
+/// descriptors), so it is found below the runtime that started it.
+pub fn qemus_below(needle: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = processes_mentioning(needle)
+        .iter()
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    let below: Vec<i32> = pids.iter().flat_map(|&p| descendants(p)).collect();
+    pids.extend(below);
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|exe| exe.ends_with(b"qemu-system-x86_64"))
+        })
+    });
+    pids
+}
+
 /// Every process below `pid` (children, their children, ...), found from
 /// the parent pid in each `/proc/PID/stat`.
 pub fn descendants(pid: i32) -> Vec<i32> {
