@@ -75,15 +75,6 @@ fn hex(s: &BTreeMap<String, String>, key: &str) -> u64 {
     u64::from_str_radix(&s[key], 16).unwrap_or_else(|e| panic!("{key} {:?}: {e}", s[key]))
 }
 
-/// Whether the process `pid` has a thread named `name` (the built-in VMM's
-/// vCPUs run as threads of the monitor or the shim).
-fn has_thread(pid: i32, name: &str) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-}
-
 /// Asserts that every thread of `pid` runs with NNP and a seccomp filter,
 /// that its capabilities (effective and bounding) are within `keep`, and
 /// that they are not the full set (capabilities are per thread: the
@@ -228,7 +219,7 @@ fn assert_helpers_confined(parent: i32) -> usize {
         );
     } else {
         assert!(
-            helpers.is_empty() && has_thread(parent, "vcpu0"),
+            helpers.is_empty() && harness::process::has_thread(parent, "vcpu0"),
             "neither QEMU nor the built-in VMM below {parent}: {names:?}"
         );
     }

@@ -131,12 +131,7 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         // With QEMU, one QEMU process; the built-in VMM runs in the shim
         // (its vCPU thread shows it).
         let vms = vms_of(&c);
-        let builtin = std::fs::read_dir(format!("/proc/{}/task", c.shim_pid(&pod_id)))
-            .unwrap()
-            .flatten()
-            .any(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.trim() == "vcpu0")
-            });
+        let builtin = harness::process::has_thread(c.shim_pid(&pod_id), "vcpu0");
         assert_eq!(
             vms.len(),
             usize::from(!builtin),

@@ -50,6 +50,15 @@ pub fn qemus_below(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// Whether the process `pid` has a thread named `name` (the built-in
+/// VMM's vCPUs run as threads of the monitor or the shim).
+pub fn has_thread(pid: i32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+}
+
 /// Every process below `pid` (children, their children, ...), found from
 /// the parent pid in each `/proc/PID/stat`.
 pub fn descendants(pid: i32) -> Vec<i32> {

@@ -136,7 +136,7 @@ impl Tasks {
         let mut launch = self.launch(&req.id, bundle, stdio, notices, &role)?;
         let cgroup = join_host_cgroup(&mut launch)?;
         let (requests, thread) = self.spawn_monitor(&req.id, launch)?;
-        let cgroup = cgroup.cgroup().cloned().inspect(|_| cgroup.keep());
+        let cgroup = cgroup.keep();
         self.insert(Arc::new(Container::new(
             req.id.clone(),
             bundle.to_path_buf(),

@@ -329,9 +329,10 @@ impl Owned {
         self.0.as_ref()
     }
 
-    /// Leaves the cgroup in place (for `delete` to remove).
-    pub fn keep(mut self) {
-        self.0 = None;
+    /// Leaves the cgroup in place (for `delete` to remove); it is returned
+    /// for whoever removes it later.
+    pub fn keep(mut self) -> Option<Cgroup> {
+        self.0.take()
     }
 }
 

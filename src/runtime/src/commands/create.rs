@@ -114,7 +114,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
                     return Err(e);
                 }
                 // The container lives: its cgroup is delete's to remove.
-                cgroup.keep();
+                let _ = cgroup.keep();
                 if let Some(p) = &args.pid_file {
                     write_pid_file(p, pid)?;
                 }
