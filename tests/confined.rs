@@ -304,3 +304,51 @@ fn a_ctr_tasks_shim_and_helpers_are_confined() {
     c.ctr(&["containers", "rm", &cid]).ok();
     c.finish();
 }
+
+/// `krun-oci run` is its container's monitor for as long as the container
+/// lives: confined as `create`'s monitor is, every thread of it (the
+/// signal forwarder's too), and the hooks it runs (poststop included)
+/// inherit that confinement.
+#[test]
+fn run_in_the_foreground_is_confined_and_runs_its_hooks() {
+    let sb = Sandbox::new("confined-run");
+    let log = sb.path().join("hooks.log");
+    let mut b = sb.bundle(&["sleep", "6"]);
+    let hook = |name: &str| {
+        let script = format!(
+            "echo {name} $(grep NoNewPrivs /proc/self/status | tr -d '\\t ') >> {}",
+            log.display()
+        );
+        serde_json::json!([{"path": "/bin/sh", "args": ["sh", "-c", script]}])
+    };
+    b.config["hooks"] =
+        serde_json::json!({"poststart": hook("poststart"), "poststop": hook("poststop")});
+    b.write();
+    let mut c = sb.cmd();
+    c.args(["run", "--bundle"]).arg(&b.dir).arg("r1");
+    let mut child = c
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    krun_e2e::process::poll(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(50),
+        || match std::fs::read_to_string(&log) {
+            Ok(t) if t.contains("poststart") => Ok(()),
+            other => Err(other.ok()),
+        },
+        |t| format!("the container has not started: {t:?}; {}", sb.console()),
+    );
+    assert_confined(pid, monitor(), true);
+    assert_helpers_confined(pid);
+    let st = harness::wait_timeout(&mut child, std::time::Duration::from_secs(60))
+        .expect("run timed out");
+    assert!(st.success(), "{st:?}: {}", sb.console());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "poststart NoNewPrivs:1\npoststop NoNewPrivs:1\n"
+    );
+    sb.assert_clean();
+}

@@ -36,7 +36,8 @@
 //!   applying its own smaller sets with libcap-ng (without it the daemon
 //!   dies there of its own seccomp filter, SIGSYS: tried with `setpriv`).
 //!   Not `DAC_READ_SEARCH`: it runs with `--inode-file-handles=never`.
-//! - **the monitor** (the pid-file process of `krun-oci create`, which with
+//! - **the monitor** (the pid-file process of `krun-oci create`, or
+//!   `krun-oci run` itself, which with
 //!   the built-in VMM also runs the VMM's threads): the virtiofsd set above,
 //!   which the built-in virtio-fs device needs for the guest's users as
 //!   virtiofsd does, plus `DAC_READ_SEARCH` (it reads what the guest's

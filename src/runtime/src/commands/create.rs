@@ -204,7 +204,7 @@ fn own_proc() -> std::io::Result<()> {
 /// NNP, the deny-list and the monitor's capabilities
 /// ([`krun_hypervisor::Confinement::monitor`]: what preparing the VM and serving
 /// it still need) for the monitor, all its threads and its children.
-fn confine_monitor() -> anyhow::Result<()> {
+pub(super) fn confine_monitor() -> anyhow::Result<()> {
     let c = krun_hypervisor::Confinement::monitor()?;
     krun_hypervisor::confine_self(&c)?;
     Ok(())

@@ -2,6 +2,13 @@
 //! foreground. This process is the container's monitor; it exits with the
 //! workload's status (128+n for a signal, as `runc run` does) and removes
 //! the container's state when done.
+//!
+//! Like `create`'s monitor, it is confined (no_new_privs, the deny-list,
+//! the monitor's capabilities: [`krun_hypervisor::Confinement::monitor`])
+//! once the container is planned and its cgroup joined, before its first
+//! thread and before the VM: a process that lives as long as the container
+//! and serves its guest keeps no more than the monitor does. The hooks it
+//! runs (all of them, poststop included) inherit that confinement.
 
 use super::Context;
 use crate::error::{Error, Result, ResultExt as _};
@@ -18,7 +25,9 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
         ));
     }
     super::create::refuse_preserved_fds(args.preserve_fds)?;
-    let signals = SignalForwarder::install().context("installing signal handlers")?;
+    // Held until the forwarder runs, which is after the confinement: its
+    // thread would otherwise keep every capability (they are per thread).
+    let held = HeldSignals::block().context("blocking signals")?;
     let stdio = match &args.console_socket {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
@@ -30,6 +39,11 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
     if let Some(cg) = _cgroup.cgroup() {
         cg.join(0)?;
     }
+    super::create::confine_monitor()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))
+        .context("confining the runtime")?;
+    let signals = SignalForwarder::install().context("installing signal handlers")?;
+    drop(held);
     let spec = launch.bundle.spec.clone();
     let mut monitor = Monitor::prepare(launch)?;
     let hooked = super::create::create_hooks(ctx, id, &spec).and_then(|()| {
@@ -71,5 +85,41 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
             id: id.clone(),
             source,
         }),
+    }
+}
+
+/// The forwarded signals blocked on the calling thread until dropped; one
+/// of each that arrives meanwhile stays pending and is delivered then.
+struct HeldSignals(nix::sys::signal::SigSet);
+
+impl HeldSignals {
+    fn block() -> std::io::Result<HeldSignals> {
+        use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+        let mut set = SigSet::empty();
+        for &sig in crate::relay::FORWARDED {
+            if let Ok(s) = Signal::try_from(sig) {
+                set.add(s);
+            }
+        }
+        let mut old = SigSet::empty();
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old))?;
+        // Only what was not blocked before is unblocked again.
+        let mut added = SigSet::empty();
+        for s in set.iter() {
+            if !old.contains(s) {
+                added.add(s);
+            }
+        }
+        Ok(HeldSignals(added))
+    }
+}
+
+impl Drop for HeldSignals {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+            Some(&self.0),
+            None,
+        );
     }
 }
