@@ -131,6 +131,12 @@ impl Beneath {
         Ok(s.trim().to_string())
     }
 
+    /// The directory `rel`, opened read-only (for `CLONE_INTO_CGROUP`).
+    pub(super) fn dir(&self, rel: &Path) -> Result<OwnedFd, CgroupError> {
+        self.open_at(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+            .map_err(|e| io_err(&self.show(rel), "opening", e))
+    }
+
     /// Writes `value` into file `rel` (which must exist: cgroupfs makes
     /// its files itself), in one write as the kernel wants.
     pub(super) fn write(&self, rel: &Path, value: &str) -> Result<(), CgroupError> {

@@ -239,6 +239,18 @@ impl Cgroup {
         self.each(|h, b| b.write(&h.path.join("cgroup.procs"), &pid.to_string()))
     }
 
+    /// On a cgroup v2 host, the cgroup's directory, opened beneath its
+    /// mount: what `clone3(CLONE_INTO_CGROUP)` starts a child in, which
+    /// spares the migration a later [`Cgroup::join`] makes (a write to
+    /// `cgroup.procs` waits for an RCU grace period, 6-22 ms measured).
+    /// None on v1 and hybrid hosts, where only a migration places a process.
+    pub fn v2_dir(&self) -> Result<Option<std::os::fd::OwnedFd>, CgroupError> {
+        match (self.paths.version, self.paths.hierarchies.as_slice()) {
+            (Version::V2, [h]) if h.unified => Ok(Some(Beneath::open(&h.mount)?.dir(&h.path)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Moves the calling process back where it was before it joined, so
     /// that the cgroup can be removed.
     pub fn leave(&self) -> Result<(), CgroupError> {
