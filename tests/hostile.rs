@@ -284,22 +284,28 @@ fn filters(status: &str) -> u32 {
         .unwrap_or_else(|| panic!("no Seccomp_filters in {status}"))
 }
 
-/// Every device worker of a running container's VMM runs under a seccomp
-/// filter of its own on top of the monitor's (one more than the monitor's
-/// main thread), in filter mode.
+/// Every thread of a running container's VMM runs in seccomp filter
+/// mode. Each vCPU runs under a filter of its own on top of the monitor's
+/// (one more than the monitor's main thread), and so does the spawner that
+/// starts the device workers; each worker under its own on top of the
+/// spawner's (two more): so no worker carries a vCPU's filter.
 #[test]
-fn every_vmm_device_worker_runs_under_its_own_allowlist() {
-    if !on_builtin("every_vmm_device_worker_runs_under_its_own_allowlist") {
+fn every_vmm_thread_runs_under_the_allowlist_of_its_kind() {
+    if !on_builtin("every_vmm_thread_runs_under_the_allowlist_of_its_kind") {
         return;
     }
     let sb = Sandbox::new("seccomp");
-    let b = sb.written_bundle(&["sh", "-c", "echo up; sleep 300"]);
+    let mut b = sb.bundle(&["sh", "-c", "echo up; sleep 300"]);
+    // Two vCPUs where the host has two CPUs (more than it has is refused).
+    let want_vcpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    b.config["annotations"] = json!({"io.krun-oci.vcpus": want_vcpus.to_string()});
+    b.write();
     let pid = lifecycle::create(&sb, &b, "s1");
     ok(krun(&sb, &["start", "s1"]));
     lifecycle::wait_for_output(&sb, "s1", "up");
     let main = read(Path::new(&format!("/proc/{pid}/status")));
     let base = filters(&main);
-    let mut workers = Vec::new();
+    let (mut workers, mut vcpus, mut spawners) = (Vec::new(), 0, 0);
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -307,10 +313,19 @@ fn every_vmm_device_worker_runs_under_its_own_allowlist() {
         let comm = read(&t.path().join("comm")).trim().to_string();
         let status = read(&t.path().join("status"));
         assert!(status.contains("Seccomp:\t2"), "{comm}: {status}");
-        if comm.starts_with("virtio-") {
-            assert_eq!(filters(&status), base + 1, "{comm}: {status}");
-            workers.push(comm);
-        }
+        let want = if comm.starts_with("virtio-") {
+            workers.push(comm.clone());
+            base + 2
+        } else if comm.starts_with("vcpu") {
+            vcpus += 1;
+            base + 1
+        } else if comm == "vmm-spawner" {
+            spawners += 1;
+            base + 1
+        } else {
+            continue;
+        };
+        assert_eq!(filters(&status), want, "{comm}: {status}");
     }
     workers.sort();
     for want in ["virtio-console", "virtio-fs-"] {
@@ -319,7 +334,9 @@ fn every_vmm_device_worker_runs_under_its_own_allowlist() {
             "no {want} thread among {workers:?}"
         );
     }
-    eprintln!("confined device workers: {workers:?}");
+    assert_eq!(vcpus, want_vcpus, "vCPU threads");
+    assert_eq!(spawners, 1, "spawner threads");
+    eprintln!("confined: {vcpus} vCPUs, the spawner, device workers {workers:?}");
     ok(krun(&sb, &["kill", "s1", "KILL"]));
     lifecycle::delete_once_stopped(&sb, "s1", pid);
     sb.assert_clean();
@@ -345,6 +362,39 @@ fn a_forbidden_system_call_stops_the_container_with_its_name() {
     let stderr = out.stderr();
     assert!(
         stderr.contains("the VMM's virtio-fs worker made a forbidden system call: mkdirat"),
+        "code {}; stderr: {stderr}",
+        out.code
+    );
+    assert_ne!(out.code, 0, "{stderr}");
+    assert!(
+        took < std::time::Duration::from_secs(120),
+        "the container ended after {took:?}, not at once"
+    );
+    assert!(!b.rootfs().join("made-here").exists());
+    sb.assert_clean();
+}
+
+/// A vCPU that makes a system call outside its allowlist ends the
+/// container the same way. The knob takes fcntl from the vCPU's list; a
+/// vCPU makes it when the guest's driver activates a device (DRIVER_OK, an
+/// MMIO write it serves: the device's eventfds are copied), so the guest
+/// never gets its root file system.
+#[test]
+fn a_forbidden_system_call_on_a_vcpu_stops_the_container_with_its_name() {
+    if !on_builtin("a_forbidden_system_call_on_a_vcpu_stops_the_container_with_its_name") {
+        return;
+    }
+    let sb = Sandbox::new("sigsys-vcpu");
+    let b = sb.written_bundle(&["sh", "-c", "echo booted; touch /made-here; sleep 300"]);
+    let mut c = sb.cmd();
+    c.env("KRUN_OCI_SECCOMP_DROP", "vcpu:fcntl");
+    c.args(["run", "--bundle"]).arg(&b.dir).arg("v1");
+    let started = std::time::Instant::now();
+    let out = harness::run_with_timeout(c, None, harness::RUN_TIMEOUT, &sb.path().join("console"));
+    let took = started.elapsed();
+    let stderr = out.stderr();
+    assert!(
+        stderr.contains("the VMM's vCPU made a forbidden system call: fcntl (72)"),
         "code {}; stderr: {stderr}",
         out.code
     );

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod seccomp;
+pub mod spawner;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

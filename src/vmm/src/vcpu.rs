@@ -1,6 +1,7 @@
 //! The vCPU run loop: VM exits become device accesses, and the exits
 //! that end a VM become a typed [`VmExit`].
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -9,6 +10,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Action, Bus};
+use crate::seccomp;
+use crate::spawner::Spawner;
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -51,7 +54,9 @@ impl Control {
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
-        while *paused && !self.stopping.load(Ordering::SeqCst) {
+        // A forbidden call (say the wait itself) ends the wait: the run
+        // loop reports it.
+        while *paused && !self.stopping.load(Ordering::SeqCst) && !seccomp::violated() {
             paused = self
                 .unpaused
                 .wait(paused)
@@ -82,14 +87,36 @@ impl Control {
     }
 }
 
+/// Sets up the calling vCPU thread before its first KVM_RUN: the device
+/// workers it activates start on `spawner` (crate::spawner), and it runs
+/// under the vCPU's allowlist (crate::seccomp), whose report stops the VM.
+pub fn confine(spawner: Spawner, control: &Control) {
+    spawner.enter();
+    if let Err(e) = seccomp::confine(seccomp::Kind::Vcpu, control.stop.as_raw_fd()) {
+        tracing::error!(error = %e, "cannot install the vCPU's seccomp filter");
+    }
+}
+
+/// Ends the VM with the report of a forbidden system call, if one was
+/// made (on this thread or any other of the VMM's).
+fn check_violation(control: &Control) {
+    if seccomp::violated() {
+        let detail = seccomp::violation().unwrap_or_default();
+        control.finish(VmExit::VmmFailed { code: 1, detail });
+    }
+}
+
 /// Runs `vcpu` until the VM stops, serving its I/O from `bus`.
 pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
     while !control.stopping.load(Ordering::SeqCst) {
         control.park();
+        check_violation(control);
         if control.stopping.load(Ordering::SeqCst) {
             break;
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        check_violation(control);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {
                 if bus.pio_write(port, data) == Action::Reset {

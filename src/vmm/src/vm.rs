@@ -174,12 +174,15 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
     }
     // The VM fd must outlive the vCPUs; the threads share it.
     let vm = Arc::new(vm);
+    let spawner = crate::spawner::Spawner::start(&control.stop).map_err(VmmError::Thread)?;
     let mut vcpus = Vec::new();
     for (id, vcpu) in fds.into_iter().enumerate() {
         let (bus, control, vm, mem) = (bus.clone(), control.clone(), vm.clone(), mem.clone());
+        let spawner = spawner.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                crate::vcpu::confine(spawner, &control);
                 crate::vcpu::run(vcpu, &bus, &control);
                 drop((vm, mem));
             })

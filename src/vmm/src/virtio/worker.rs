@@ -9,7 +9,7 @@
 //! Hypervisor's `epoll_helper.rs` and `thread_helper.rs`):
 //!
 //! ```text
-//! spawn(name) ─ thread "name": on_start ─ confine ─ serve(all queues)
+//! spawn(name) ─ (on the VM's spawner) thread "name": on_start ─ confine ─ serve(all queues)
 //!                 └ loop: watch the backend for what the handler wants now
 //!                         wait ─ stop event readable? ─ on_exit, end
 //!                         clear the notified queues' counters ─ serve(them)
@@ -67,10 +67,9 @@ pub fn spawn<H: QueueHandler>(
     notify: Vec<EventFd>,
     stop: EventFd,
 ) -> Result<JoinHandle<()>, DeviceError> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || run(handler, &notify, &stop))
-        .map_err(DeviceError::Worker)
+    // On the VM's spawner thread, not on the vCPU that activates the
+    // device (crate::spawner).
+    crate::spawner::spawn(name, move || run(handler, &notify, &stop)).map_err(DeviceError::Worker)
 }
 
 /// The body of every device thread.
