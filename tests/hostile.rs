@@ -285,8 +285,9 @@ fn filters(status: &str) -> u32 {
 }
 
 /// Every device worker of a running container's VMM runs under a seccomp
-/// filter of its own on top of the monitor's (one more than the monitor's
-/// main thread), in filter mode.
+/// filter of its own on top of its process's (one more than the VMM
+/// process's main thread, which has the deny-list it was started under),
+/// in filter mode.
 #[test]
 fn every_vmm_device_worker_runs_under_its_own_allowlist() {
     if !on_builtin("every_vmm_device_worker_runs_under_its_own_allowlist") {
@@ -297,10 +298,12 @@ fn every_vmm_device_worker_runs_under_its_own_allowlist() {
     let pid = lifecycle::create(&sb, &b, "s1");
     ok(krun(&sb, &["start", "s1"]));
     lifecycle::wait_for_output(&sb, "s1", "up");
-    let main = read(Path::new(&format!("/proc/{pid}/status")));
+    // The VMM is a process of its own below the monitor.
+    let vmm = harness::process::vmm_below(pid).expect("the VMM's process below the monitor");
+    let main = read(Path::new(&format!("/proc/{vmm}/status")));
     let base = filters(&main);
     let mut workers = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+    for t in std::fs::read_dir(format!("/proc/{vmm}/task"))
         .unwrap()
         .flatten()
     {

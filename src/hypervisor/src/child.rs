@@ -12,7 +12,7 @@ use crate::jail::Jail;
 use crate::{Confinement, Error};
 
 /// A file descriptor to hand to a child at a fixed number.
-pub(crate) struct PassFd {
+pub struct PassFd {
     pub fd: OwnedFd,
     pub target: RawFd,
 }
@@ -24,7 +24,7 @@ pub(crate) struct PassFd {
 /// execs confined to the capabilities `keep` (see [`crate::confine`]; the
 /// confinement is applied last), in `jail` and as its ids if given (see
 /// [`crate::jail`]; entered just before the confinement).
-pub(crate) fn spawn(
+pub fn spawn(
     cmd: &mut Command,
     pass: Vec<PassFd>,
     keep: &[Capability],

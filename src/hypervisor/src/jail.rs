@@ -77,7 +77,7 @@ enum Step {
 
 /// A jail planned before the fork (see the module doc).
 #[derive(Debug)]
-pub(crate) struct Jail {
+pub struct Jail {
     root: CString,
     /// The uid and gid ([`jail_id`]).
     id: u32,

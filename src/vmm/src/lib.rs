@@ -18,12 +18,14 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod process;
 pub mod seccomp;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-pub use vm::{Builtin, BuiltinVm, VmmError};
+pub use process::Builtin;
+pub use vm::{BuiltinVm, VmmError};
 
 #[cfg(test)]
 mod kvm_tests;
