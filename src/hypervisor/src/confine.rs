@@ -230,8 +230,8 @@ impl Confinement {
         Self::new(VIRTIOFSD_CAPS)
     }
 
-    /// The monitor's confinement: virtiofsd's capabilities (the built-in
-    /// VMM's file server needs them for the guest's users) and its own.
+    /// The monitor's confinement: virtiofsd's capabilities (it hands them
+    /// on to virtiofsd and the built-in VMM's process) and its own.
     pub fn monitor() -> Result<Self, ConfineError> {
         let mut c = Self::new(VIRTIOFSD_CAPS)?;
         c.keep |= cap_mask(MONITOR_EXTRA_CAPS);

@@ -57,7 +57,8 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::KvmCall { what, source }
 }
 
-/// A running VM of the built-in VMM: vCPU threads in this process.
+/// A running VM of the built-in VMM: vCPU threads in this process (the
+/// VMM's own, see [`crate::process`]; or a test's).
 pub struct BuiltinVm {
     control: Arc<Control>,
     vcpus: Vec<JoinHandle<()>>,
