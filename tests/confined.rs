@@ -213,7 +213,8 @@ fn assert_jailed(pid: i32, starter: i32) {
 /// Asserts that the built-in VMM's process `pid`, started by `starter`
 /// (the monitor or the shim), is its child, in its cgroup, and jailed: a
 /// mount namespace of its own whose root holds nothing of the host's but
-/// the path down to the share (no `/usr`, `/etc`, `/proc` or `/dev`).
+/// the path down to the share and its own `/proc/self/fd` (no `/usr`,
+/// `/etc`, `/dev`, nor the rest of `/proc`).
 #[track_caller]
 fn assert_vmm_jailed(pid: i32, starter: i32) {
     let s = status(pid);
@@ -230,13 +231,26 @@ fn assert_vmm_jailed(pid: i32, starter: i32) {
         ns("/proc/self/ns/mnt".into()),
         "VMM {pid}: its mount namespace"
     );
-    // Down from its root, one entry per level, to the share: the first
-    // level with more than one entry (or none) is the share's.
+    // Its root: `/proc` with only its own descriptor table
+    // (`/proc/self/fd`, for the file server's xattr calls), and the path
+    // down to the share, one entry per level: the first level with more
+    // than one entry (or none) is the share's.
     let root = format!("/proc/{pid}/root");
-    let top = entries(&root);
+    let mut top = entries(&root);
     eprintln!("ls /proc/{pid}/root: {top:?}");
+    assert_eq!(
+        entries(&format!("{root}/proc")),
+        ["self"],
+        "VMM {pid}: /proc"
+    );
+    assert_eq!(
+        entries(&format!("{root}/proc/self")),
+        ["fd"],
+        "VMM {pid}: /proc/self"
+    );
+    top.retain(|e| e != "proc");
     assert_eq!(top.len(), 1, "VMM {pid}: its root holds {top:?}");
-    for host in ["usr", "etc", "proc", "dev"] {
+    for host in ["usr", "etc", "dev"] {
         assert_ne!(top[0], host, "VMM {pid}: its root holds {top:?}");
     }
     let mut path = Vec::new();

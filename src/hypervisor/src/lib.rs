@@ -20,7 +20,7 @@ mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
-pub use child::{spawn, PassFd};
+pub use child::{spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD};
 pub use confine::{
     cap_mask, confine_self, reduce_caps, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS,
     QEMU_CAPS, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,

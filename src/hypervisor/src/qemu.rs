@@ -17,19 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::child::{kill_and_reap, spawn, PassFd};
+use crate::child::{kill_and_reap, spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD};
 use crate::jail::Jail;
 use crate::process::{last_lines, Companions, EmptyDir, VmProcess};
 use crate::virtiofsd::{self, Virtiofsd};
 use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig};
 
-/// The fd number the control socket gets in QEMU.
-const CONTROL_FD: i32 = 3;
-/// The fd number of the serial console's pipe in QEMU.
-const CONSOLE_FD: i32 = 4;
-/// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...; the
-/// vhost-user sockets follow the taps.
-const NET_FD: i32 = 5;
+// The control socket, the console pipe and the taps are at child.rs's
+// fixed numbers; the vhost-user sockets follow the taps.
 /// The jail's directory in the run directory.
 const JAIL_DIR: &str = "qemu-root";
 /// Where the kernel and the initramfs are in the jail.
@@ -185,22 +180,7 @@ impl Hypervisor for Qemu {
             .map_err(spawn_err)?;
         let mut cmd = Command::new(&binary);
         cmd.args(&args).stdout(Stdio::null()).stderr(stderr);
-        let mut fds = vec![
-            PassFd {
-                fd: config.control,
-                target: CONTROL_FD,
-            },
-            PassFd {
-                fd: config.console,
-                target: CONSOLE_FD,
-            },
-        ];
-        for (i, n) in config.nets.into_iter().enumerate() {
-            fds.push(PassFd {
-                fd: n.tap,
-                target: NET_FD + i as i32,
-            });
-        }
+        let mut fds = PassFd::vm_fds(config.control, config.console, config.nets);
         // Connected here: the listening sockets are virtiofsd's, which
         // accepts the connections once it runs.
         let fs_fd = NET_FD + fds.len() as i32 - 2;
@@ -281,6 +261,3 @@ impl Companions for Helpers {
         }
     }
 }
-
-/// Keeps the fd numbers honest: none collides with stdio or another.
-const _: () = assert!(CONTROL_FD > 2 && CONSOLE_FD > CONTROL_FD && NET_FD > CONSOLE_FD);

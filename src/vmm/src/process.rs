@@ -33,10 +33,16 @@
 //!    share's root again by that path at FUSE_INIT and DESTROY; the share's
 //!    top mount read-only, `nosuid,nodev`, the mounts beneath it, such as
 //!    the container's writable rootfs, keep their own flags). Then
-//!    `pivot_root`, the old root detached. There is no `/dev` and no
-//!    `/proc`: the virtio-fs backend reaches its descriptors through the
-//!    `/proc/self/fd` directory it opened at step 1, which stays usable
-//!    (the detached `/proc` lives on through that descriptor).
+//!    `pivot_root`, the old root detached. There is no `/dev`, and of
+//!    `/proc` only the process's own descriptor table: the virtio-fs
+//!    backend (fuse-backend-rs 0.14) reopens its `O_PATH` descriptors
+//!    through the `/proc/self/fd` directory it opened at step 1, which
+//!    stays usable (the detached `/proc` lives on through it), but its
+//!    xattr calls name them by the absolute path `/proc/self/fd/N`
+//!    (`sync_io.rs` setxattr, getxattr, listxattr, removexattr; the
+//!    guest's every exec asks for `security.capability`, and ENOENT there
+//!    fails the exec). So the jail holds `/proc/self/fd`: a read-only bind
+//!    of this process's `/proc/PID/fd`, descriptors it holds anyway.
 //! 3. Resource limits: `RLIMIT_NOFILE` fixed (soft = hard) at the soft
 //!    limit step 1 raised to the hard one (the virtio-fs server holds a
 //!    descriptor per guest inode and budgets them against it).
@@ -74,7 +80,8 @@ use std::time::{Duration, Instant};
 
 use krun_hypervisor::{
     reduce_caps, spawn, CappedLog, ConfineError, EmptyDir, Error, Hypervisor, Jail, NetDevice,
-    PassFd, Share, Vm, VmConfig, VmExit, VmProcess, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
+    PassFd, Share, Vm, VmConfig, VmExit, VmProcess, CONSOLE_FD, CONTROL_FD, NET_FD, VIRTIOFSD_CAPS,
+    VMM_CAPS, VMM_READONLY_CAPS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -89,14 +96,11 @@ pub const NAME: &str = "krun-vmm";
 /// Where the child reads its configuration, and where it says it is ready.
 const CONFIG_FD: RawFd = 0;
 const READY_FD: RawFd = 1;
-/// The fd numbers of the control socket, the console pipe and the first
-/// tap in the child (the other taps follow).
-const CONTROL_FD: RawFd = 3;
-const CONSOLE_FD: RawFd = 4;
-const NET_FD: RawFd = 5;
 /// The jail's directory in the run directory, and the VMM's log there.
 const JAIL_DIR: &str = "vmm-root";
 const LOG: &str = "vmm.log";
+/// The one path of `/proc` in the jail (see the module doc).
+const PROC_SELF_FD: &str = "/proc/self/fd";
 /// How many of the log's last lines make a failure's detail.
 const DETAIL_LINES: usize = 3;
 /// How often the VMM checks for a forbidden system call of its threads.
@@ -228,30 +232,15 @@ impl Hypervisor for Builtin {
         let (log, stderr) =
             CappedLog::create(&log_path, config.log_limit, "VMM log").map_err(spawn_err)?;
         let jail_dir = EmptyDir::create(config.run_dir.join(JAIL_DIR)).map_err(spawn_err)?;
-        let mut fds = vec![
-            PassFd {
-                fd: config_r.into(),
-                target: CONFIG_FD,
-            },
-            PassFd {
-                fd: ready_w.into(),
-                target: READY_FD,
-            },
-            PassFd {
-                fd: config.control,
-                target: CONTROL_FD,
-            },
-            PassFd {
-                fd: config.console,
-                target: CONSOLE_FD,
-            },
-        ];
-        for (i, n) in config.nets.into_iter().enumerate() {
-            fds.push(PassFd {
-                fd: n.tap,
-                target: NET_FD + i as RawFd,
-            });
-        }
+        let mut fds = PassFd::vm_fds(config.control, config.console, config.nets);
+        fds.push(PassFd {
+            fd: config_r.into(),
+            target: CONFIG_FD,
+        });
+        fds.push(PassFd {
+            fd: ready_w.into(),
+            target: READY_FD,
+        });
         let mut cmd = Command::new(program);
         cmd.arg(ARG).stdout(Stdio::null()).stderr(stderr);
         // Not jailed here: the exec needs the host's binary. It jails
@@ -300,7 +289,10 @@ pub fn main() -> ! {
     let code = match serve() {
         Ok(VmExit::GuestStopped) => 0,
         Ok(VmExit::VmmFailed { detail, .. }) => {
-            eprintln!("{detail}");
+            // A forbidden system call's handler has written it already.
+            if crate::seccomp::violation().as_deref() != Some(detail.as_str()) {
+                eprintln!("{detail}");
+            }
             1
         }
         Ok(VmExit::Killed { signal }) => {
@@ -368,7 +360,8 @@ fn name_process() {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
-/// Enters the jail (module doc, step 2): only the shares, at their paths.
+/// Enters the jail (module doc, step 2): only the shares, at their paths,
+/// and this process's own descriptor table.
 fn jail(run_dir: &Path, shares: &[Share]) -> io::Result<()> {
     let mut jail = Jail::new(&run_dir.join(JAIL_DIR))?;
     for share in shares {
@@ -376,6 +369,9 @@ fn jail(run_dir: &Path, shares: &[Share]) -> io::Result<()> {
         let path = share.path.canonicalize()?;
         jail.bind(&path, &path)?;
     }
+    // Bound from inside the new mount namespace, where `self` is this
+    // process: its `fd` directory, nothing else of `/proc`.
+    jail.bind(Path::new(PROC_SELF_FD), Path::new(PROC_SELF_FD))?;
     jail.enter()
 }
 
