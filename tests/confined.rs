@@ -6,7 +6,10 @@
 //!
 //! QEMU also runs jailed (src/hypervisor/src/jail.rs): a uid of its own,
 //! not root, and a root of its own, an empty tmpfs with only `/usr`, the
-//! libraries, the kernel and initramfs and a few devices.
+//! libraries, the kernel and initramfs and a few devices. So does the
+//! built-in VMM, a process of its own (src/vmm/src/process.rs): root, but
+//! with only the file server's eight capabilities, in a root holding only
+//! the composed share, at its host path.
 //!
 //! krun-oci only: runc's processes are confined differently (runc's own
 //! init exec's the workload), so these tests do not run against runc.
@@ -39,6 +42,19 @@ const VIRTIOFSD: &[Capability] = &[
 /// What the monitor (and the shim) keep beyond virtiofsd's set
 /// (confine.rs MONITOR_EXTRA_CAPS).
 const MONITOR_EXTRA: &[Capability] = &[CAP_DAC_READ_SEARCH, CAP_KILL, CAP_NET_ADMIN];
+
+/// What the built-in VMM keeps once jailed (confine.rs VMM_CAPS): the
+/// file server's, virtiofsd's without SYS_ADMIN and SETPCAP.
+const VMM: &[Capability] = &[
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_SETUID,
+    CAP_MKNOD,
+    CAP_SETFCAP,
+];
 
 /// The monitor's (and the shim's) capabilities, as a mask.
 fn monitor() -> u64 {
@@ -194,10 +210,69 @@ fn assert_jailed(pid: i32, starter: i32) {
     );
 }
 
-/// Asserts that the helpers below `parent` (QEMU, virtiofsd) are
-/// confined, and that there are some — unless the VM is the built-in
-/// VMM's, in `parent` itself (its vCPU threads show that). The number of
-/// helper processes checked.
+/// Asserts that the built-in VMM's process `pid`, started by `starter`
+/// (the monitor or the shim), is its child, in its cgroup, and jailed: a
+/// mount namespace of its own whose root holds nothing of the host's but
+/// the path down to the share and its own `/proc/self/fd` (no `/usr`,
+/// `/etc`, `/dev`, nor the rest of `/proc`).
+#[track_caller]
+fn assert_vmm_jailed(pid: i32, starter: i32) {
+    let s = status(pid);
+    assert_eq!(s["PPid"], starter.to_string(), "VMM {pid}: its parent");
+    let cgroup = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
+    assert_eq!(cgroup(pid), cgroup(starter), "VMM {pid}: its cgroup");
+    assert!(
+        harness::process::has_thread(pid, "vcpu0"),
+        "VMM {pid}: no vCPU thread"
+    );
+    let ns = |p: String| std::fs::read_link(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_ne!(
+        ns(format!("/proc/{pid}/ns/mnt")),
+        ns("/proc/self/ns/mnt".into()),
+        "VMM {pid}: its mount namespace"
+    );
+    // Its root: `/proc` with only its own descriptor table
+    // (`/proc/self/fd`, for the file server's xattr calls), and the path
+    // down to the share, one entry per level: the first level with more
+    // than one entry (or none) is the share's.
+    let root = format!("/proc/{pid}/root");
+    let mut top = entries(&root);
+    eprintln!("ls /proc/{pid}/root: {top:?}");
+    assert_eq!(
+        entries(&format!("{root}/proc")),
+        ["self"],
+        "VMM {pid}: /proc"
+    );
+    assert_eq!(
+        entries(&format!("{root}/proc/self")),
+        ["fd"],
+        "VMM {pid}: /proc/self"
+    );
+    top.retain(|e| e != "proc");
+    assert_eq!(top.len(), 1, "VMM {pid}: its root holds {top:?}");
+    for host in ["usr", "etc", "dev"] {
+        assert_ne!(top[0], host, "VMM {pid}: its root holds {top:?}");
+    }
+    let mut path = Vec::new();
+    let mut here = top;
+    while let [one] = here.as_slice() {
+        path.push(one.clone());
+        here = entries(&format!("{root}/{}", path.join("/")));
+    }
+    let share = path.join("/");
+    eprintln!("VMM {pid}: its root holds only /{share}: {here:?}");
+    // The share as its starter sees it (the staging mounts are in the
+    // starter's mount namespace).
+    assert_eq!(
+        here,
+        entries(&format!("/proc/{starter}/root/{share}")),
+        "VMM {pid}: /{share} in its root is not its starter's"
+    );
+}
+
+/// Asserts that the helpers below `parent` (QEMU, virtiofsd, or the
+/// built-in VMM's process) are confined, and that there are some. The
+/// number of helper processes checked.
 #[track_caller]
 fn assert_helpers_confined(parent: i32) -> usize {
     let helpers = harness::process::descendants(parent);
@@ -209,6 +284,13 @@ fn assert_helpers_confined(parent: i32) -> usize {
                 assert_jailed(p, parent);
             }
             "virtiofsd" => assert_confined(p, mask(VIRTIOFSD), false),
+            "krun-vmm" => {
+                // Exactly the eight on its main thread (its virtio-fs
+                // threads drop some while serving a guest user).
+                assert_confined(p, mask(VMM), true);
+                assert_eq!(hex(&status(p), "CapEff"), 0x8800_00db, "VMM {p}");
+                assert_vmm_jailed(p, parent);
+            }
             other => panic!("an unexpected host process {p} ({other}) below {parent}"),
         }
     }
@@ -218,9 +300,10 @@ fn assert_helpers_confined(parent: i32) -> usize {
             "virtiofsd and its sandbox's parent: {names:?}"
         );
     } else {
-        assert!(
-            helpers.is_empty() && harness::process::has_thread(parent, "vcpu0"),
-            "neither QEMU nor the built-in VMM below {parent}: {names:?}"
+        assert_eq!(
+            names,
+            ["krun-vmm"],
+            "neither QEMU nor the built-in VMM below {parent}"
         );
     }
     helpers.len()
@@ -260,16 +343,20 @@ fn a_containers_host_processes_are_confined_by_hand() {
     assert_helpers_confined(pid);
     // QEMU's jail is an empty directory on the host (its mounts are
     // QEMU's), gone with the container (`assert_clean` below).
-    let jail = sb.root().join("c1/qemu-root");
+    // So is the built-in VMM's.
     let qemu = harness::process::descendants(pid)
         .into_iter()
         .any(|p| status(p)["Name"] == "qemu-system-x86");
-    if qemu {
-        let left: Vec<_> = std::fs::read_dir(&jail).unwrap().flatten().collect();
-        assert!(left.is_empty(), "{}: {left:?}", jail.display());
+    let (used, unused) = if qemu {
+        ("qemu-root", "vmm-root")
     } else {
-        assert!(!jail.exists(), "a jail without QEMU: {}", jail.display());
-    }
+        ("vmm-root", "qemu-root")
+    };
+    let jail = sb.root().join("c1").join(used);
+    let left: Vec<_> = std::fs::read_dir(&jail).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{}: {left:?}", jail.display());
+    let other = sb.root().join("c1").join(unused);
+    assert!(!other.exists(), "an unused jail: {}", other.display());
     // Still serves its commands confined: an exec whose guest root writes,
     // chowns and makes a FIFO in the shared root (what the file server,
     // virtiofsd or the built-in VMM's, keeps its capabilities for), and a
@@ -295,7 +382,7 @@ fn a_ctr_tasks_shim_and_helpers_are_confined() {
         .ok();
     c.wait_status(&cid, "RUNNING");
     let pid = c.shim_pid(&cid);
-    // The shim, whose threads run the monitor (and the built-in VMM).
+    // The shim, whose threads run the monitor.
     assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
     c.ctr(&["task", "kill", "-s", "KILL", &cid]).ok();

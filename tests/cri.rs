@@ -128,10 +128,11 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
             host_boot.trim(),
             "the pod runs on the host's kernel"
         );
-        // With QEMU, one QEMU process; the built-in VMM runs in the shim
-        // (its vCPU thread shows it).
+        // With QEMU, one QEMU process; the built-in VMM is a process of
+        // its own below the shim.
         let vms = vms_of(&c);
-        let builtin = harness::process::has_thread(c.shim_pid(&pod_id), "vcpu0");
+        let builtin = harness::process::vmm_below(c.shim_pid(&pod_id))
+            .is_some_and(|vmm| harness::process::has_thread(vmm, "vcpu0"));
         assert_eq!(
             vms.len(),
             usize::from(!builtin),

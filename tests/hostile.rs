@@ -285,8 +285,8 @@ fn filters(status: &str) -> u32 {
 }
 
 /// Every thread of a running container's VMM runs in seccomp filter
-/// mode. Each vCPU runs under a filter of its own on top of the monitor's
-/// (one more than the monitor's main thread), and so does the spawner that
+/// mode. Each vCPU runs under a filter of its own on top of the VMM
+/// process's (one more than its main thread), and so does the spawner that
 /// starts the device workers; each worker under its own on top of the
 /// spawner's (two more): so no worker carries a vCPU's filter.
 #[test]
@@ -303,10 +303,12 @@ fn every_vmm_thread_runs_under_the_allowlist_of_its_kind() {
     let pid = lifecycle::create(&sb, &b, "s1");
     ok(krun(&sb, &["start", "s1"]));
     lifecycle::wait_for_output(&sb, "s1", "up");
-    let main = read(Path::new(&format!("/proc/{pid}/status")));
+    // The VMM is a process of its own below the monitor.
+    let vmm = harness::process::vmm_below(pid).expect("the VMM's process below the monitor");
+    let main = read(Path::new(&format!("/proc/{vmm}/status")));
     let base = filters(&main);
     let (mut workers, mut vcpus, mut spawners) = (Vec::new(), 0, 0);
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+    for t in std::fs::read_dir(format!("/proc/{vmm}/task"))
         .unwrap()
         .flatten()
     {

@@ -13,11 +13,17 @@ mod service;
 mod task;
 
 fn main() {
+    // The built-in VMM's own process (krun_vmm::process), started by this
+    // shim: confined by its starter, before anything else of the shim.
+    if krun_vmm::process::is_vmm(std::env::args_os().nth(1).as_deref()) {
+        krun_vmm::process::main();
+    }
     // Every shim process (`start`, the daemon it starts, `delete`) is
     // confined before its first thread: no_new_privs, the deny-list, and
-    // the monitor's capabilities (the daemon runs monitors and the
-    // built-in VMM on its threads, and mounts, joins network namespaces
-    // and cgroups for them): see krun_hypervisor's `confine` module.
+    // the monitor's capabilities (the daemon runs monitors on its threads,
+    // starts the built-in VMM's process with the file server's, and mounts,
+    // joins network namespaces and cgroups for them): see
+    // krun_hypervisor's `confine` module.
     let confined =
         krun_hypervisor::Confinement::monitor().and_then(|c| krun_hypervisor::confine_self(&c));
     if let Err(e) = confined {

@@ -50,8 +50,16 @@ pub fn qemus_below(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// The built-in VMM's process below `pid` (the monitor or the shim that
+/// started it), found by its name (krun_vmm's `process` module).
+pub fn vmm_below(pid: i32) -> Option<i32> {
+    descendants(pid).into_iter().find(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "krun-vmm")
+    })
+}
+
 /// Whether the process `pid` has a thread named `name` (the built-in
-/// VMM's vCPUs run as threads of the monitor or the shim).
+/// VMM's vCPUs run as threads of its process).
 pub fn has_thread(pid: i32, name: &str) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()

@@ -58,7 +58,7 @@ fn systemd_path(spec: &Spec) -> bool {
 /// Creates the VM's cgroup on the host where `linux.cgroupsPath` says
 /// (containerd: `/<namespace>/<id>`; the CRI: the pod's parent from
 /// kubelet, then the sandbox's id) and moves this shim process into it:
-/// the monitor runs on a thread here, the built-in VMM's threads too, and
+/// the monitor runs on a thread here, and the built-in VMM's process or
 /// QEMU and virtiofsd are spawned from here, so the VM's whole host side
 /// is in it (Kata's `sandbox_cgroup_only`). One shim serves one VM, so it
 /// joins one cgroup. Dropped unkept, the cgroup is left and removed.

@@ -9,12 +9,47 @@ use std::process::{Child, Command, Stdio};
 use caps::Capability;
 
 use crate::jail::Jail;
-use crate::{Confinement, Error};
+use crate::{Confinement, Error, NetDevice};
 
 /// A file descriptor to hand to a child at a fixed number.
-pub(crate) struct PassFd {
+pub struct PassFd {
     pub fd: OwnedFd,
     pub target: RawFd,
+}
+
+/// The fd number a VMM process (QEMU, the built-in VMM's) gets the
+/// control socket at.
+pub const CONTROL_FD: RawFd = 3;
+/// The fd number of the serial console's pipe in a VMM process.
+pub const CONSOLE_FD: RawFd = 4;
+/// The fd numbers of the taps in a VMM process: NET_FD, NET_FD + 1, ...
+pub const NET_FD: RawFd = 5;
+
+/// Keeps the fd numbers honest: none collides with stdio or another.
+const _: () = assert!(CONTROL_FD > 2 && CONSOLE_FD > CONTROL_FD && NET_FD > CONSOLE_FD);
+
+impl PassFd {
+    /// A VM's descriptors at their fixed numbers in its VMM process: the
+    /// control socket, the console pipe, then each tap.
+    pub fn vm_fds(control: OwnedFd, console: OwnedFd, nets: Vec<NetDevice>) -> Vec<PassFd> {
+        let mut fds = vec![
+            PassFd {
+                fd: control,
+                target: CONTROL_FD,
+            },
+            PassFd {
+                fd: console,
+                target: CONSOLE_FD,
+            },
+        ];
+        for (i, n) in nets.into_iter().enumerate() {
+            fds.push(PassFd {
+                fd: n.tap,
+                target: NET_FD + i as RawFd,
+            });
+        }
+        fds
+    }
 }
 
 /// Spawns `cmd` in its own process group (a Ctrl-C at the terminal is the
@@ -24,7 +59,7 @@ pub(crate) struct PassFd {
 /// execs confined to the capabilities `keep` (see [`crate::confine`]; the
 /// confinement is applied last), in `jail` and as its ids if given (see
 /// [`crate::jail`]; entered just before the confinement).
-pub(crate) fn spawn(
+pub fn spawn(
     cmd: &mut Command,
     pass: Vec<PassFd>,
     keep: &[Capability],

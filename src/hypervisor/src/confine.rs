@@ -36,12 +36,20 @@
 //!   applying its own smaller sets with libcap-ng (without it the daemon
 //!   dies there of its own seccomp filter, SIGSYS: tried with `setpriv`).
 //!   Not `DAC_READ_SEARCH`: it runs with `--inode-file-handles=never`.
+//! - **the built-in VMM** (`krun-oci __krun-vmm`, a child of the monitor
+//!   or of the shim, see krun_vmm's `process` module): it execs with the
+//!   virtiofsd set above (`SYS_ADMIN` to build its jail, `SETPCAP` to drop
+//!   from its bounding set), and once jailed keeps only [`VMM_CAPS`], the
+//!   eight virtiofsd keeps for the guest's users (its virtio-fs threads
+//!   switch to the guest's uid and gid and create files as the guest asks).
+//!   When every share is read-only it keeps [`VMM_READONLY_CAPS`] alone:
+//!   `DAC_OVERRIDE`, so that it still reads whatever the guest's root may
+//!   read.
 //! - **the monitor** (the pid-file process of `krun-oci create`, or
-//!   `krun-oci run` itself, which with
-//!   the built-in VMM also runs the VMM's threads): the virtiofsd set above,
-//!   which the built-in virtio-fs device needs for the guest's users as
-//!   virtiofsd does, plus `DAC_READ_SEARCH` (it reads what the guest's
-//!   root may read), `KILL` (its children), `NET_ADMIN` (the tap and its tc
+//!   `krun-oci run` itself): the
+//!   virtiofsd set above, which it hands on to the built-in VMM it
+//!   starts, plus `DAC_READ_SEARCH` (it reads what the guest's root may
+//!   read), `KILL` (its children), `NET_ADMIN` (the tap and its tc
 //!   redirect, made and released in the container's network namespace)
 //!   and `SYS_ADMIN` (the staging mounts, setns into that namespace, and
 //!   the helpers' sandbox). Everything else (modules, raw I/O, boot, time,
@@ -73,6 +81,22 @@ pub const VIRTIOFSD_CAPS: &[Capability] = &[
     Capability::CAP_SETFCAP,
     Capability::CAP_SETPCAP,
 ];
+
+/// What the built-in VMM keeps once jailed (see the module doc):
+/// virtiofsd's set without `SYS_ADMIN` and `SETPCAP`.
+pub const VMM_CAPS: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_MKNOD,
+    Capability::CAP_SETFCAP,
+];
+
+/// What the built-in VMM keeps when every share is read-only.
+pub const VMM_READONLY_CAPS: &[Capability] = &[Capability::CAP_DAC_OVERRIDE];
 
 /// What the monitor keeps beyond virtiofsd's set (see the module doc).
 pub const MONITOR_EXTRA_CAPS: &[Capability] = &[
@@ -207,8 +231,8 @@ impl Confinement {
         Self::new(VIRTIOFSD_CAPS)
     }
 
-    /// The monitor's confinement: virtiofsd's capabilities (the built-in
-    /// VMM's file server needs them for the guest's users) and its own.
+    /// The monitor's confinement: virtiofsd's capabilities (it hands them
+    /// on to virtiofsd and the built-in VMM's process) and its own.
     pub fn monitor() -> Result<Self, ConfineError> {
         let mut c = Self::new(VIRTIOFSD_CAPS)?;
         c.keep |= cap_mask(MONITOR_EXTRA_CAPS);
@@ -355,6 +379,27 @@ pub fn confine_self(confinement: &Confinement) -> Result<(), ConfineError> {
     confinement.apply(true)
 }
 
+/// Reduces the calling thread's bounding, permitted, effective and
+/// inheritable sets to `keep` (a subset of what it has), and clears its
+/// ambient set: for a process already under a [`Confinement`] (NNP and
+/// the deny-list stay as they are) that gives up more once set up. Needs
+/// CAP_SETPCAP for the bounding set; threads started later inherit the
+/// sets, threads running already keep theirs.
+pub fn reduce_caps(keep: &[Capability]) -> Result<(), ConfineError> {
+    let c = Confinement {
+        keep: cap_mask(keep),
+        filter: Vec::new(),
+        ids: None,
+    };
+    let fail = |what| ConfineError::Apply {
+        what,
+        source: io::Error::last_os_error(),
+    };
+    c.drop_bounding()
+        .map_err(|_| fail("drop from the bounding set"))?;
+    c.set_caps().map_err(|_| fail("set the capabilities"))
+}
+
 /// `set` as a bit mask, as `/proc/PID/status` shows capability sets.
 pub fn cap_mask(set: &[Capability]) -> u64 {
     set.iter().fold(0, |m, c| m | 1 << c.index())
@@ -452,6 +497,32 @@ mod tests {
         assert_eq!(Confinement::virtiofsd().unwrap().keep_mask(), 0x8820_01db);
         // ... plus DAC_READ_SEARCH (2), KILL (5), NET_ADMIN (12).
         assert_eq!(Confinement::monitor().unwrap().keep_mask(), 0x8820_11ff);
+        // The built-in VMM once jailed: virtiofsd's without SYS_ADMIN and
+        // SETPCAP.
+        assert_eq!(cap_mask(VMM_CAPS), 0x8800_00db);
+        assert_eq!(cap_mask(VMM_READONLY_CAPS), 0x2);
+    }
+
+    #[test]
+    fn a_child_reducing_its_caps_keeps_nnp_the_filter_and_the_smaller_set() {
+        let mut cmd = Command::new("cat");
+        cmd.arg("/proc/self/status");
+        let c = Confinement::virtiofsd().unwrap();
+        // SAFETY: the closure makes only raw system calls on data built
+        // before the fork (reduce_caps' capset data lives on its stack).
+        unsafe {
+            cmd.pre_exec(move || {
+                c.apply(false).map_err(ConfineError::into_io)?;
+                reduce_caps(VMM_CAPS).map_err(ConfineError::into_io)
+            })
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let status = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(field(&status, "Seccomp"), "2");
+        for set in ["CapEff", "CapPrm", "CapBnd"] {
+            assert_eq!(field(&status, set), "00000000880000db", "{set}");
+        }
     }
 
     #[test]

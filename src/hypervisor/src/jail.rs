@@ -1,5 +1,7 @@
 //! QEMU's jail: a private mount namespace whose root is an empty tmpfs
-//! holding only what QEMU needs, and an unprivileged uid to run as.
+//! holding only what QEMU needs, and an unprivileged uid to run as. The
+//! built-in VMM enters one of its own (only the shares, no uid change,
+//! nothing to exec: krun_vmm's `process` module), after its exec.
 //!
 //! Like Firecracker's jailer, but built by the child between fork and exec:
 //! a [`Jail`] is planned before the fork (every path a `CString`, every
@@ -77,7 +79,7 @@ enum Step {
 
 /// A jail planned before the fork (see the module doc).
 #[derive(Debug)]
-pub(crate) struct Jail {
+pub struct Jail {
     root: CString,
     /// The uid and gid ([`jail_id`]).
     id: u32,

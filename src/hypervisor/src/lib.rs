@@ -14,16 +14,19 @@ mod capped;
 mod child;
 mod confine;
 mod jail;
+mod process;
 mod qemu;
 mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
+pub use child::{spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD};
 pub use confine::{
-    cap_mask, confine_self, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS, QEMU_CAPS,
-    VIRTIOFSD_CAPS,
+    cap_mask, confine_self, reduce_caps, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS,
+    QEMU_CAPS, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
 };
-pub use jail::{jail_id, note_host_pid, JAIL_IDS, JAIL_ID_BASE};
+pub use jail::{jail_id, note_host_pid, Jail, JAIL_IDS, JAIL_ID_BASE};
+pub use process::{last_lines, Companions, EmptyDir, VmProcess};
 pub use qemu::Qemu;
 
 /// A host directory shared into the guest over virtio-fs.

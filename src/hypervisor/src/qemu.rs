@@ -14,27 +14,23 @@
 use std::fmt::Write as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::child::{kill_and_reap, spawn, PassFd};
+use crate::child::{kill_and_reap, spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD};
 use crate::jail::Jail;
+use crate::process::{last_lines, Companions, EmptyDir, VmProcess};
 use crate::virtiofsd::{self, Virtiofsd};
-use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig, VmExit};
+use crate::{Accel, CappedLog, Error, Hypervisor, Vm, VmConfig};
 
-/// The fd number the control socket gets in QEMU.
-const CONTROL_FD: i32 = 3;
-/// The fd number of the serial console's pipe in QEMU.
-const CONSOLE_FD: i32 = 4;
-/// The fd numbers the taps get in QEMU: NET_FD, NET_FD + 1, ...; the
-/// vhost-user sockets follow the taps.
-const NET_FD: i32 = 5;
+// The control socket, the console pipe and the taps are at child.rs's
+// fixed numbers; the vhost-user sockets follow the taps.
 /// The jail's directory in the run directory.
 const JAIL_DIR: &str = "qemu-root";
 /// Where the kernel and the initramfs are in the jail.
 const JAIL_KERNEL: &str = "/kernel";
 const JAIL_INITRD: &str = "/initrd";
-/// How long QEMU's log may take to reach its file once QEMU has exited.
+/// How long virtiofsd's log may take to reach its file once it has exited.
 const LOG_FLUSH: Duration = Duration::from_secs(1);
 
 /// QEMU with its helpers.
@@ -178,27 +174,13 @@ impl Hypervisor for Qemu {
             source,
         };
         let binary = self.qemu.canonicalize().map_err(spawn_err)?;
-        let jail_dir = config.run_dir.join(JAIL_DIR);
-        let jail = self.jail(&jail_dir, &binary, &config).map_err(spawn_err)?;
-        let jail_dir = JailDir(jail_dir);
+        let jail_dir = EmptyDir::create(config.run_dir.join(JAIL_DIR)).map_err(spawn_err)?;
+        let jail = self
+            .jail(&jail_dir.0, &binary, &config)
+            .map_err(spawn_err)?;
         let mut cmd = Command::new(&binary);
         cmd.args(&args).stdout(Stdio::null()).stderr(stderr);
-        let mut fds = vec![
-            PassFd {
-                fd: config.control,
-                target: CONTROL_FD,
-            },
-            PassFd {
-                fd: config.console,
-                target: CONSOLE_FD,
-            },
-        ];
-        for (i, n) in config.nets.into_iter().enumerate() {
-            fds.push(PassFd {
-                fd: n.tap,
-                target: NET_FD + i as i32,
-            });
-        }
+        let mut fds = PassFd::vm_fds(config.control, config.console, config.nets);
         // Connected here: the listening sockets are virtiofsd's, which
         // accepts the connections once it runs.
         let fs_fd = NET_FD + fds.len() as i32 - 2;
@@ -210,24 +192,24 @@ impl Hypervisor for Qemu {
             });
         }
         let child = spawn(&mut cmd, fds, crate::QEMU_CAPS, Some(jail))?;
-        Ok(Box::new(QemuVm {
-            child: Some(child),
-            _jail_dir: jail_dir,
+        let helpers = Helpers {
             daemons,
+            _jail_dir: jail_dir,
+        };
+        Ok(Box::new(VmProcess::new(
+            child,
             log_path,
             log,
-            exit: None,
-        }))
+            5,
+            Box::new(helpers),
+        )))
     }
 }
 
 impl Qemu {
-    /// Plans QEMU's jail on `dir` (made here, empty): what QEMU needs of
+    /// Plans QEMU's jail on the empty directory `dir`: what QEMU needs of
     /// the host, read-only (see the module doc).
     fn jail(&self, dir: &Path, binary: &Path, config: &VmConfig) -> std::io::Result<Jail> {
-        // An empty directory left by a monitor killed with -9 is reused.
-        let _ = std::fs::remove_dir(dir);
-        std::fs::create_dir(dir)?;
         let mut jail = Jail::new(dir)?;
         jail.bind(Path::new("/usr"), Path::new("/usr"))?;
         for lib in ["/lib", "/lib64", "/lib32", "/libx32", "/etc/ld.so.cache"] {
@@ -248,152 +230,34 @@ impl Qemu {
     }
 }
 
-/// The jail's directory on the host, empty there (the jail's mounts are
-/// QEMU's own): removed when the VM is dropped.
-struct JailDir(PathBuf);
-
-impl Drop for JailDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-struct QemuVm {
-    child: Option<Child>,
-    /// Declared after `child`: removed once QEMU is killed and reaped.
-    _jail_dir: JailDir,
+/// The virtiofsd daemons and the jail's directory, which end with QEMU.
+struct Helpers {
     daemons: Vec<Virtiofsd>,
-    log_path: PathBuf,
-    log: CappedLog,
-    exit: Option<VmExit>,
+    /// Declared after `daemons`; removed once QEMU is reaped (the
+    /// [`VmProcess`] drops its companions after its child).
+    _jail_dir: EmptyDir,
 }
 
-impl QemuVm {
-    fn finish(&mut self, status: std::process::ExitStatus) -> VmExit {
-        use std::os::unix::process::ExitStatusExt;
-        // virtiofsd exits when QEMU hangs up; make sure, and reap.
-        for d in &mut self.daemons {
-            kill_and_reap(&mut d.child);
-        }
-        self.child = None;
-        let exit = match (status.code(), status.signal()) {
-            (Some(0), _) => VmExit::GuestStopped,
-            (_, Some(signal)) => VmExit::Killed { signal },
-            (Some(code), _) => {
-                self.log.finish(LOG_FLUSH);
-                let mut detail = last_lines(&self.log_path, 5);
-                for d in &mut self.daemons {
-                    d.log.finish(LOG_FLUSH);
-                    for line in last_lines(&d.log_path, 3).lines() {
-                        let _ = writeln!(detail, "virtiofsd: {line}");
-                    }
-                }
-                VmExit::VmmFailed {
-                    code,
-                    detail: detail.trim_end().to_string(),
-                }
-            }
-            (None, None) => VmExit::VmmFailed {
-                code: -1,
-                detail: "unknown exit status".into(),
-            },
-        };
-        self.exit = Some(exit.clone());
-        exit
-    }
-}
-
-/// The last `n` lines of the log at `path`, each ending in a newline.
-fn last_lines(path: &Path, n: usize) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    let mut out = String::new();
-    for line in &lines[lines.len().saturating_sub(n)..] {
-        let _ = writeln!(out, "{line}");
-    }
-    out
-}
-
-impl Vm for QemuVm {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    fn wait(&mut self) -> Result<VmExit, Error> {
-        if let Some(exit) = &self.exit {
-            return Ok(exit.clone());
-        }
-        let child = self
-            .child
-            .as_mut()
-            .expect("a VM without exit status has a child");
-        let status = child.wait().map_err(Error::Wait)?;
-        Ok(self.finish(status))
-    }
-
-    fn try_wait(&mut self) -> Result<Option<VmExit>, Error> {
-        if let Some(exit) = &self.exit {
-            return Ok(Some(exit.clone()));
-        }
-        let child = self
-            .child
-            .as_mut()
-            .expect("a VM without exit status has a child");
-        match child.try_wait().map_err(Error::Wait)? {
-            Some(status) => Ok(Some(self.finish(status))),
-            None => Ok(None),
-        }
-    }
-
-    // Stopping the QEMU process freezes every vCPU and device of the VM at
-    // once; virtiofsd keeps serving, with nothing asking.
-    fn pause(&mut self) -> Result<(), Error> {
-        self.signal(libc::SIGSTOP, "pause")
-    }
-
-    fn resume(&mut self) -> Result<(), Error> {
-        self.signal(libc::SIGCONT, "resume")
-    }
-
+impl Companions for Helpers {
+    // virtiofsd exits when QEMU hangs up; make sure.
     fn kill(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-        }
         for d in &mut self.daemons {
             let _ = d.child.kill();
         }
     }
-}
 
-impl QemuVm {
-    fn signal(&self, sig: i32, what: &'static str) -> Result<(), Error> {
-        let Some(child) = self.child.as_ref() else {
-            return Err(Error::Control {
-                what,
-                source: std::io::Error::other("the VM is not running"),
-            });
-        };
-        // SAFETY: kill has no memory effects; the pid is our unreaped child.
-        if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
-            return Err(Error::Control {
-                what,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Drop for QemuVm {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            kill_and_reap(child);
-        }
+    fn reap(&mut self) {
         for d in &mut self.daemons {
             kill_and_reap(&mut d.child);
         }
     }
-}
 
-/// Keeps the fd numbers honest: none collides with stdio or another.
-const _: () = assert!(CONTROL_FD > 2 && CONSOLE_FD > CONTROL_FD && NET_FD > CONSOLE_FD);
+    fn detail(&mut self, detail: &mut String) {
+        for d in &mut self.daemons {
+            d.log.finish(LOG_FLUSH);
+            for line in last_lines(&d.log_path, 3).lines() {
+                let _ = writeln!(detail, "virtiofsd: {line}");
+            }
+        }
+    }
+}

@@ -41,6 +41,11 @@ enum Command {
 }
 
 fn main() {
+    // The built-in VMM's own process (krun_vmm::process): before anything
+    // else of the CLI.
+    if krun_vmm::process::is_vmm(std::env::args_os().nth(1).as_deref()) {
+        krun_vmm::process::main();
+    }
     krun_oci::mark_start();
     let cli = Cli::parse();
     if cli.version {

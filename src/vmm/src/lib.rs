@@ -1,12 +1,16 @@
 //! The built-in VMM of krun-oci.
 //!
 //! It boots the same guest kernel and guest-init as the QEMU backend, on
-//! KVM through the rust-vmm crates, inside the runtime's own process: the
-//! process whose pid is in the pid file is the VMM, so the workload's exit
-//! status is that process's exit status.
+//! KVM through the rust-vmm crates, in a process of its own: a child of
+//! the monitor (the pid-file process, which reports the workload's exit
+//! status) or of the containerd shim, jailed in a mount namespace that
+//! holds only the container's share, with the file server's eight
+//! capabilities ([`process`]).
 //!
-//! Layout: [`vm`] builds and runs a VM (KVM, memory, devices, vCPU
-//! threads); [`boot`] loads the kernel through its PVH entry; [`cpu`] sets
+//! Layout: [`process`] is that process, both its start
+//! ([`Builtin`], the backend) and its `main`; [`vm`] builds and runs a VM
+//! (KVM, memory, devices, vCPU threads; in the calling process, as the
+//! KVM tests use it); [`boot`] loads the kernel through its PVH entry; [`cpu`] sets
 //! vCPUs up; [`mptable`] describes CPUs and interrupts to a guest without
 //! ACPI; [`bus`] dispatches guest I/O; [`virtio`] is the transport and
 //! device trait; [`devices`] the virtio devices.
@@ -18,13 +22,15 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod process;
 pub mod seccomp;
 pub mod spawner;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-pub use vm::{Builtin, BuiltinVm, VmmError};
+pub use process::Builtin;
+pub use vm::{BuiltinVm, VmmError};
 
 #[cfg(test)]
 mod kvm_tests;

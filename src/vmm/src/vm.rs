@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use krun_hypervisor::{Hypervisor, Vm, VmConfig, VmExit};
+use krun_hypervisor::{Vm, VmConfig, VmExit};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, IrqTrigger};
@@ -57,30 +57,33 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::KvmCall { what, source }
 }
 
-/// The built-in VMM as a [`Hypervisor`] backend.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Builtin;
-
-impl Hypervisor for Builtin {
-    fn name(&self) -> &'static str {
-        "builtin"
-    }
-
-    fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, krun_hypervisor::Error> {
-        start(config)
-            .map(|vm| Box::new(vm) as Box<dyn Vm>)
-            .map_err(|e| krun_hypervisor::Error::Backend(Box::new(e)))
-    }
-}
-
-/// A running VM of the built-in VMM: vCPU threads in this process.
+/// A running VM of the built-in VMM: vCPU threads in this process (the
+/// VMM's own, see [`crate::process`]; or a test's).
 pub struct BuiltinVm {
     control: Arc<Control>,
     vcpus: Vec<JoinHandle<()>>,
 }
 
-/// Builds and boots a VM.
+/// Builds and boots a VM: [`build`], then [`Built::run`].
 pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
+    build(config)?.run()
+}
+
+/// A VM built and loaded, its vCPUs configured but not yet running: the
+/// guest has not run an instruction. Dropping it drops the VM.
+pub struct Built {
+    vm: VmFd,
+    mem: Mem,
+    bus: Arc<Bus>,
+    control: Arc<Control>,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// Builds a VM from `config`: KVM, memory, devices, the kernel and
+/// initramfs loaded, vCPUs configured. Every file it needs (`/dev/kvm`, the
+/// kernel, the initramfs, each share's root) is opened here; no thread is
+/// left running.
+pub fn build(config: VmConfig) -> Result<Built, VmmError> {
     if config.vcpus == 0 || config.vcpus > 254 {
         return Err(VmmError::Vcpus(config.vcpus));
     }
@@ -172,24 +175,46 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
             .map_err(|e| VmmError::Cpu(id, e))?;
         fds.push(vcpu);
     }
-    // The VM fd must outlive the vCPUs; the threads share it.
-    let vm = Arc::new(vm);
-    let spawner = crate::spawner::Spawner::start(&control.stop).map_err(VmmError::Thread)?;
-    let mut vcpus = Vec::new();
-    for (id, vcpu) in fds.into_iter().enumerate() {
-        let (bus, control, vm, mem) = (bus.clone(), control.clone(), vm.clone(), mem.clone());
-        let spawner = spawner.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                crate::vcpu::confine(spawner, &control);
-                crate::vcpu::run(vcpu, &bus, &control);
-                drop((vm, mem));
-            })
-            .map_err(VmmError::Thread)?;
-        vcpus.push(handle);
+    Ok(Built {
+        vm,
+        mem,
+        bus,
+        control,
+        vcpus: fds,
+    })
+}
+
+impl Built {
+    /// Starts the vCPU threads: the guest runs from here on.
+    pub fn run(self) -> Result<BuiltinVm, VmmError> {
+        let Built {
+            vm,
+            mem,
+            bus,
+            control,
+            vcpus: fds,
+        } = self;
+        // The VM fd must outlive the vCPUs; the threads share it.
+        let vm = Arc::new(vm);
+        // Started before the vCPUs, so it carries none of their filter:
+        // the device workers start on it (see crate::spawner).
+        let spawner = crate::spawner::Spawner::start(&control.stop).map_err(VmmError::Thread)?;
+        let mut vcpus = Vec::new();
+        for (id, vcpu) in fds.into_iter().enumerate() {
+            let (bus, control, vm, mem) = (bus.clone(), control.clone(), vm.clone(), mem.clone());
+            let spawner = spawner.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    crate::vcpu::confine(spawner, &control);
+                    crate::vcpu::run(vcpu, &bus, &control);
+                    drop((vm, mem));
+                })
+                .map_err(VmmError::Thread)?;
+            vcpus.push(handle);
+        }
+        Ok(BuiltinVm { control, vcpus })
     }
-    Ok(BuiltinVm { control, vcpus })
 }
 
 /// Puts `dev` behind an MMIO transport at `base`, its interrupt on `irq`
@@ -258,6 +283,28 @@ impl BuiltinVm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+impl BuiltinVm {
+    /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
+    /// forbidden system call of one of its threads (which stops its
+    /// device workers, not its vCPUs): checked every `poll`.
+    pub fn wait_until_end(&mut self, poll: Duration) -> VmExit {
+        loop {
+            if let Some(e) = self.exit() {
+                self.join();
+                return e;
+            }
+            let exit = self.control.exit.lock().unwrap_or_else(|e| e.into_inner());
+            if exit.is_none() {
+                let _ = self
+                    .control
+                    .done
+                    .wait_timeout(exit, poll)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
     }
 }
 

@@ -310,9 +310,9 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter, placed: bool) ->
         let _ = write!(ready, "1 cannot give the monitor its own /proc: {e}");
         std::process::exit(1);
     }
-    // Confined before its first thread starts, so that every thread (the
-    // built-in VMM's included) and every helper inherits the reduced
-    // capability sets: capabilities are per thread.
+    // Confined before its first thread starts, so that every thread and
+    // every helper (the built-in VMM's process included) inherits the
+    // reduced capability sets: capabilities are per thread.
     if let Err(e) = confine_monitor() {
         let _ = write!(ready, "1 cannot confine the monitor: {e:#}");
         std::process::exit(1);

@@ -28,7 +28,8 @@ pub const HOST_OVERHEAD_MIB: u64 = 256;
 /// Tasks (processes and threads) the host side of a container may have:
 /// QEMU's (a thread per vCPU, its I/O and RCU threads and worker pool),
 /// virtiofsd's three processes and thread pool, the monitor's threads, or
-/// the built-in VMM's per-device threads; a few dozen in practice.
+/// the built-in VMM's process (vCPU and per-device threads); a few dozen in
+/// practice.
 pub const HOST_PIDS_MAX: i64 = 512;
 
 /// The host side's limits for a VM of `memory_mib` from `spec`.

@@ -150,7 +150,7 @@ fn a_failed_flag_change_never_frees_the_handles_descriptor() {
     let outside = h.base().join("outside.txt");
     let trap = FlagTrap::new(&file);
     let e = h.lookup(ROOT_ID, "log.txt").unwrap();
-    assert_eq!(io_fds_at(&file), []);
+    assert_eq!(io_fds_at(&file), [0i32; 0]);
     let fh = h.open(e.nodeid, trap.open_flags).unwrap();
     let [fd] = io_fds_at(&file)[..] else {
         panic!("one descriptor for the handle");

@@ -1,0 +1,252 @@
+//! A VM whose VMM is a child process: QEMU, or the built-in VMM run as
+//! `krun-oci __krun-vmm`. One type for both, so that waiting, the exit
+//! report, pausing and killing are the same code whichever VMM runs.
+//!
+//! - Its exit: status 0 is the guest stopping, a signal is a kill, any
+//!   other status is the VMM failing, with the last lines of its log (its
+//!   capped stderr) as the detail.
+//! - Pause and resume: SIGSTOP and SIGCONT to the process, which freeze
+//!   every vCPU and device thread at once.
+//! - Kill: SIGKILL. Dropping it kills and reaps whatever still runs, the
+//!   process first, then its [`Companions`] (QEMU's virtiofsd daemons).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::Duration;
+
+use crate::child::kill_and_reap;
+use crate::{CappedLog, Error, Vm, VmExit};
+
+/// How long a VMM's log may take to reach its file once it has exited.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+
+/// What runs beside a VMM process and ends with it.
+pub trait Companions: Send {
+    /// Sends SIGKILL to every companion process.
+    fn kill(&mut self) {}
+    /// Kills (if need be) and reaps every companion process.
+    fn reap(&mut self) {}
+    /// Appends what the companions said about a failure to `detail`.
+    fn detail(&mut self, _detail: &mut String) {}
+}
+
+impl Companions for () {}
+
+/// An empty directory on the host (a jail's root: its mounts are the
+/// child's own), removed when dropped.
+#[derive(Debug)]
+pub struct EmptyDir(pub PathBuf);
+
+impl EmptyDir {
+    /// Makes `path`, empty; an empty directory left by a monitor killed
+    /// with -9 is reused.
+    pub fn create(path: PathBuf) -> std::io::Result<EmptyDir> {
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path)?;
+        Ok(EmptyDir(path))
+    }
+}
+
+impl Drop for EmptyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+impl Companions for EmptyDir {}
+
+/// A running VMM process (see the module doc).
+pub struct VmProcess {
+    child: Option<Child>,
+    log_path: PathBuf,
+    log: CappedLog,
+    /// How many of the log's last lines make a failure's detail.
+    detail_lines: usize,
+    exit: Option<VmExit>,
+    /// Dropped after `child` (declaration order): a jail directory is
+    /// removed once the process is reaped.
+    companions: Box<dyn Companions>,
+}
+
+impl VmProcess {
+    /// Takes over `child`, whose stderr is `log` at `log_path`.
+    pub fn new(
+        child: Child,
+        log_path: PathBuf,
+        log: CappedLog,
+        detail_lines: usize,
+        companions: Box<dyn Companions>,
+    ) -> VmProcess {
+        VmProcess {
+            child: Some(child),
+            log_path,
+            log,
+            detail_lines,
+            exit: None,
+            companions,
+        }
+    }
+
+    fn finish(&mut self, status: ExitStatus) -> VmExit {
+        use std::os::unix::process::ExitStatusExt;
+        self.companions.reap();
+        self.child = None;
+        let exit = match (status.code(), status.signal()) {
+            (Some(0), _) => VmExit::GuestStopped,
+            (_, Some(signal)) => VmExit::Killed { signal },
+            (Some(code), _) => {
+                self.log.finish(LOG_FLUSH);
+                let mut detail = last_lines(&self.log_path, self.detail_lines);
+                self.companions.detail(&mut detail);
+                VmExit::VmmFailed {
+                    code,
+                    detail: detail.trim_end().to_string(),
+                }
+            }
+            (None, None) => VmExit::VmmFailed {
+                code: -1,
+                detail: "unknown exit status".into(),
+            },
+        };
+        self.exit = Some(exit.clone());
+        exit
+    }
+
+    fn signal(&self, sig: i32, what: &'static str) -> Result<(), Error> {
+        let Some(child) = self.child.as_ref() else {
+            return Err(Error::Control {
+                what,
+                source: std::io::Error::other("the VM is not running"),
+            });
+        };
+        // SAFETY: kill has no memory effects; the pid is our unreaped child.
+        if unsafe { libc::kill(child.id() as i32, sig) } != 0 {
+            return Err(Error::Control {
+                what,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The last `n` lines of the log at `path`, each ending in a newline.
+pub fn last_lines(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut out = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
+impl Vm for VmProcess {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn wait(&mut self) -> Result<VmExit, Error> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let child = self
+            .child
+            .as_mut()
+            .expect("a VM without exit status has a child");
+        let status = child.wait().map_err(Error::Wait)?;
+        Ok(self.finish(status))
+    }
+
+    fn try_wait(&mut self) -> Result<Option<VmExit>, Error> {
+        if let Some(exit) = &self.exit {
+            return Ok(Some(exit.clone()));
+        }
+        let child = self
+            .child
+            .as_mut()
+            .expect("a VM without exit status has a child");
+        match child.try_wait().map_err(Error::Wait)? {
+            Some(status) => Ok(Some(self.finish(status))),
+            None => Ok(None),
+        }
+    }
+
+    // Stopping the process freezes every vCPU and device of the VM at
+    // once; QEMU's virtiofsd keeps serving, with nothing asking.
+    fn pause(&mut self) -> Result<(), Error> {
+        self.signal(libc::SIGSTOP, "pause")
+    }
+
+    fn resume(&mut self) -> Result<(), Error> {
+        self.signal(libc::SIGCONT, "resume")
+    }
+
+    fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+        self.companions.kill();
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill_and_reap(child);
+        }
+        self.companions.reap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn vm_of(script: &str) -> (VmProcess, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let log_path = tmp.path().join("vmm.log");
+        let (log, stderr) = CappedLog::create(&log_path, 1 << 16, "VMM log").unwrap();
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        (VmProcess::new(child, log_path, log, 2, Box::new(())), tmp)
+    }
+
+    #[test]
+    fn a_failing_vmm_reports_its_last_log_lines() {
+        let (mut vm, _tmp) = vm_of("echo one >&2; echo two >&2; echo three >&2; exit 3");
+        let exit = vm.wait().unwrap();
+        assert_eq!(
+            exit,
+            VmExit::VmmFailed {
+                code: 3,
+                detail: "two\nthree".into()
+            }
+        );
+        assert_eq!(vm.try_wait().unwrap(), Some(exit));
+    }
+
+    #[test]
+    fn status_zero_is_the_guest_stopping_and_a_kill_is_a_signal() {
+        let (mut vm, _tmp) = vm_of("exit 0");
+        assert_eq!(vm.wait().unwrap(), VmExit::GuestStopped);
+        let (mut vm, _tmp) = vm_of("sleep 100");
+        assert_eq!(vm.try_wait().unwrap(), None);
+        vm.pause().unwrap();
+        vm.resume().unwrap();
+        vm.kill();
+        assert_eq!(
+            vm.wait().unwrap(),
+            VmExit::Killed {
+                signal: libc::SIGKILL
+            }
+        );
+        assert!(vm.pause().is_err(), "a VM that ended cannot be paused");
+    }
+}
