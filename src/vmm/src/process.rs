@@ -46,6 +46,8 @@
 //! 3. Resource limits: `RLIMIT_NOFILE` fixed (soft = hard) at the soft
 //!    limit step 1 raised to the hard one (the virtio-fs server holds a
 //!    descriptor per guest inode and budgets them against it).
+//!    `RLIMIT_CORE` 0: a crashed VMM leaves no core file (nor a
+//!    core-dump handler's copy) holding the guest's memory on the host.
 //!    `RLIMIT_FSIZE` stays unlimited: the guest's writes into its rootfs
 //!    are bounded by the host's file system, as a runc container's are, and
 //!    a finite limit would let the guest kill its VMM with SIGXFSZ.
@@ -61,8 +63,11 @@
 //!    SETFCAP, `CapEff: 00000000880000db`), or `DAC_OVERRIDE` alone
 //!    (`VMM_READONLY_CAPS`, to read what the guest's root may read) when
 //!    every share is read-only. See krun_hypervisor's `confine` module.
-//! 5. The main thread's seccomp filter ([`confine_main_thread`]).
-//! 6. The byte on stdout; the vCPUs start; the process waits for the VM to
+//! 5. The byte on stdout; the vCPUs and the spawner of device workers
+//!    start (each thread installs its own filter, see the `seccomp`
+//!    module); then the main thread confines itself to its own list
+//!    (`Kind::Main`: it only waits, kicks and joins the vCPUs, reports
+//!    and exits; after them, which would inherit it), waits for the VM to
 //!    end, and exits 0 when the guest stopped, or 1 with the reason as the
 //!    last line of its stderr (a forbidden system call: "the VMM's
 //!    virtio-fs worker made a forbidden system call: mkdirat (258)").
@@ -280,6 +285,8 @@ pub enum ProcessError {
     Ready(#[source] io::Error),
     #[error("cannot start the vCPUs")]
     Run(#[source] VmmError),
+    #[error("cannot install the main thread's seccomp filter")]
+    Seccomp(#[source] seccompiler::Error),
 }
 
 /// The VMM process: [`Builtin`]'s child (see the module doc). Never
@@ -334,9 +341,14 @@ fn serve() -> Result<VmExit, ProcessError> {
         VMM_CAPS
     })
     .map_err(ProcessError::Caps)?;
-    confine_main_thread();
     ready().map_err(ProcessError::Ready)?;
     let mut vm = built.run().map_err(ProcessError::Run)?;
+    // Only now: the spawner and the vCPUs start from this thread and would
+    // inherit its filter.
+    if let Err(e) = vm.confine_waiter() {
+        vm.kill();
+        return Err(ProcessError::Seccomp(e));
+    }
     Ok(vm.wait_until_end(VIOLATION_POLL))
 }
 
@@ -391,14 +403,16 @@ fn limit_resources() -> io::Result<()> {
         if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
             return Err(io::Error::last_os_error());
         }
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
-
-/// Where the main thread's seccomp filter goes (src/vmm/src/seccomp.rs):
-/// jailed, with its last capabilities, before the vCPU threads start
-/// (they are started from this thread and inherit its filters).
-fn confine_main_thread() {}
 
 /// Tells the parent the VM is ready (one byte on stdout), then points
 /// stdout at the log.

@@ -79,16 +79,18 @@ pub enum Kind {
     Fs = 4,
     Vcpu = 5,
     Spawner = 6,
+    Main = 7,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Console,
         Kind::Net,
         Kind::Balloon,
         Kind::Fs,
         Kind::Vcpu,
         Kind::Spawner,
+        Kind::Main,
     ];
     /// The device workers' kinds, whose lists the spawner's joins.
     const WORKERS: [Kind; 4] = [Kind::Console, Kind::Net, Kind::Balloon, Kind::Fs];
@@ -113,6 +115,7 @@ impl Kind {
             Kind::Fs => "fs",
             Kind::Vcpu => "vcpu",
             Kind::Spawner => "spawner",
+            Kind::Main => "main",
         }
     }
 
@@ -125,6 +128,7 @@ impl Kind {
             Kind::Fs => "virtio-fs worker",
             Kind::Vcpu => "vCPU",
             Kind::Spawner => "worker spawner",
+            Kind::Main => "main thread",
         }
     }
 
@@ -136,6 +140,7 @@ impl Kind {
     pub fn allowed(self) -> Vec<(&'static str, i64)> {
         let mut v: Vec<_> = match self {
             Kind::Vcpu => VCPU.to_vec(),
+            Kind::Main => MAIN.to_vec(),
             Kind::Spawner => {
                 let mut v: Vec<_> = Kind::WORKERS.iter().flat_map(|k| k.allowed()).collect();
                 v.extend_from_slice(SPAWNER);
@@ -147,7 +152,7 @@ impl Kind {
             Kind::Console => CONSOLE,
             Kind::Net => NET,
             Kind::Fs => FS,
-            Kind::Balloon | Kind::Vcpu | Kind::Spawner => &[],
+            Kind::Balloon | Kind::Vcpu | Kind::Spawner | Kind::Main => &[],
         });
         v.sort_by_key(|(_, n)| *n);
         v.dedup_by_key(|(_, n)| *n);
@@ -335,6 +340,37 @@ const VCPU_IOCTLS: &[(&str, u64)] = &[
 ];
 /// `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
+/// What the VMM process's main thread does once the vCPUs run (the
+/// `process` module): it waits for the VM's end on a condvar with a
+/// timeout, kicks the vCPUs out of KVM_RUN (tgkill) and joins them, writes
+/// the reason to its stderr, and exits. Nothing else: it opens, reads,
+/// maps nothing new of the host's, starts nothing.
+const MAIN: &[(&str, i64)] = sys!(
+    SYS_write,
+    SYS_writev,
+    SYS_close,
+    SYS_futex,
+    SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_mprotect,
+    SYS_madvise,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_sigaltstack,
+    SYS_restart_syscall,
+    SYS_sched_yield,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_gettid,
+    SYS_getpid,
+    SYS_tgkill,
+    SYS_getrandom,
+    SYS_exit,
+    SYS_exit_group,
+);
 /// What starting a thread takes, beyond the workers' lists: glibc's
 /// pthread_create (the stack, its guard page, clone, the new thread's
 /// robust list and rseq), Rust's thread start (its name, the signal
@@ -423,7 +459,7 @@ const OTHERS: &[(&str, i64)] = sys!(
 
 /// The name of system call `nr`, if a list knows it.
 fn name_of(nr: i64) -> Option<&'static str> {
-    [COMMON, CONSOLE, NET, FS, VCPU, SPAWNER, OTHERS]
+    [COMMON, CONSOLE, NET, FS, VCPU, SPAWNER, MAIN, OTHERS]
         .iter()
         .flat_map(|l| l.iter())
         .find(|(_, n)| *n == nr)

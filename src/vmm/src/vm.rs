@@ -290,6 +290,14 @@ impl BuiltinVm {
     /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
     /// forbidden system call of one of its threads (which stops its
     /// device workers, not its vCPUs): checked every `poll`.
+    /// Confines the calling thread, which waits for this VM (the VMM
+    /// process's main thread, once the vCPUs and the spawner run: they
+    /// would inherit its filter), to [`crate::seccomp::Kind::Main`]'s list.
+    pub fn confine_waiter(&self) -> Result<(), seccompiler::Error> {
+        use std::os::fd::AsRawFd;
+        crate::seccomp::confine(crate::seccomp::Kind::Main, self.control.stop.as_raw_fd())
+    }
+
     pub fn wait_until_end(&mut self, poll: Duration) -> VmExit {
         loop {
             if let Some(e) = self.exit() {
