@@ -24,21 +24,6 @@ use harness::Sandbox;
 use krun_hypervisor::JAIL_ID_BASE;
 use podman::{busybox, Podman};
 
-/// What virtiofsd starts with (confine.rs VIRTIOFSD_CAPS); it drops more
-/// itself.
-const VIRTIOFSD: &[Capability] = &[
-    CAP_SYS_ADMIN,
-    CAP_CHOWN,
-    CAP_DAC_OVERRIDE,
-    CAP_FOWNER,
-    CAP_FSETID,
-    CAP_SETGID,
-    CAP_SETUID,
-    CAP_MKNOD,
-    CAP_SETFCAP,
-    CAP_SETPCAP,
-];
-
 /// What the monitor (and the shim) keep beyond virtiofsd's set
 /// (confine.rs MONITOR_EXTRA_CAPS).
 const MONITOR_EXTRA: &[Capability] = &[CAP_DAC_READ_SEARCH, CAP_KILL, CAP_NET_ADMIN];
@@ -56,9 +41,16 @@ const VMM: &[Capability] = &[
     CAP_SETFCAP,
 ];
 
+/// What virtiofsd starts with (confine.rs VIRTIOFSD_CAPS), and the VMM
+/// until it is jailed: the file server's, SYS_ADMIN for the sandbox and
+/// SETPCAP to drop more itself.
+fn virtiofsd() -> u64 {
+    mask(VMM) | mask(&[CAP_SYS_ADMIN, CAP_SETPCAP])
+}
+
 /// The monitor's (and the shim's) capabilities, as a mask.
 fn monitor() -> u64 {
-    mask(VIRTIOFSD) | mask(MONITOR_EXTRA)
+    virtiofsd() | mask(MONITOR_EXTRA)
 }
 
 /// Every capability this machine's root has: what an unconfined process
@@ -283,7 +275,7 @@ fn assert_helpers_confined(parent: i32) -> usize {
                 assert_confined(p, 0, true);
                 assert_jailed(p, parent);
             }
-            "virtiofsd" => assert_confined(p, mask(VIRTIOFSD), false),
+            "virtiofsd" => assert_confined(p, virtiofsd(), false),
             "krun-vmm" => {
                 // Exactly the eight on its main thread (its virtio-fs
                 // threads drop some while serving a guest user).
@@ -411,13 +403,7 @@ fn run_in_the_foreground_is_confined_and_runs_its_hooks() {
     b.config["hooks"] =
         serde_json::json!({"poststart": hook("poststart"), "poststop": hook("poststop")});
     b.write();
-    let mut c = sb.cmd();
-    c.args(["run", "--bundle"]).arg(&b.dir).arg("r1");
-    let mut child = c
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = sb.spawn_run(&b, "r1");
     let pid = child.id() as i32;
     krun_e2e::process::poll(
         std::time::Duration::from_secs(60),

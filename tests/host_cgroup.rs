@@ -126,13 +126,7 @@ fn run_holds_its_own_process_in_the_cgroup_and_removes_it() {
     let name = format!("krun-test-run-{}", std::process::id());
     let _cleanup = cgroups::Cleanup(name.clone());
     let b = bundle(&sb, &format!("/{name}"), &["sleep", "4"]);
-    let mut c = sb.cmd();
-    c.args(["run", "--bundle"]).arg(&b.dir).arg("r1");
-    let mut child = c
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = sb.spawn_run(&b, "r1");
     let pid = child.id() as i32;
     krun_e2e::process::poll(
         Duration::from_secs(30),

@@ -99,6 +99,17 @@ impl Sandbox {
         c
     }
 
+    /// Starts `krun-oci run` of the (written) bundle `b` as `id`, its
+    /// stdin and stdout /dev/null, and returns it running.
+    pub fn spawn_run(&self, b: &TestBundle, id: &str) -> Child {
+        let mut c = self.cmd();
+        c.args(["run", "--bundle"]).arg(&b.dir).arg(id);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting krun-oci run")
+    }
+
     /// Runs the bundle in the foreground and checks nothing is left.
     pub fn run(&self, b: &TestBundle, id: &str, stdin: Option<&[u8]>) -> Output {
         b.write();
