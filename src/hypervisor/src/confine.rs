@@ -68,9 +68,11 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 /// What QEMU keeps: nothing (see the module doc).
 pub const QEMU_CAPS: &[Capability] = &[];
 
-/// What virtiofsd and its sandbox's parents keep (see the module doc).
+/// What virtiofsd and its sandbox's parents keep (see the module doc):
+/// `SYS_ADMIN` and `SETPCAP`, then [`VMM_CAPS`].
 pub const VIRTIOFSD_CAPS: &[Capability] = &[
     Capability::CAP_SYS_ADMIN,
+    Capability::CAP_SETPCAP,
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_FOWNER,
@@ -79,21 +81,11 @@ pub const VIRTIOFSD_CAPS: &[Capability] = &[
     Capability::CAP_SETUID,
     Capability::CAP_MKNOD,
     Capability::CAP_SETFCAP,
-    Capability::CAP_SETPCAP,
 ];
 
-/// What the built-in VMM keeps once jailed (see the module doc):
-/// virtiofsd's set without `SYS_ADMIN` and `SETPCAP`.
-pub const VMM_CAPS: &[Capability] = &[
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FOWNER,
-    Capability::CAP_FSETID,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETUID,
-    Capability::CAP_MKNOD,
-    Capability::CAP_SETFCAP,
-];
+/// What the built-in VMM keeps once jailed (see the module doc): the file
+/// server's eight, virtiofsd's set without `SYS_ADMIN` and `SETPCAP`.
+pub const VMM_CAPS: &[Capability] = VIRTIOFSD_CAPS.split_at(2).1;
 
 /// What the built-in VMM keeps when every share is read-only.
 pub const VMM_READONLY_CAPS: &[Capability] = &[Capability::CAP_DAC_OVERRIDE];
@@ -430,6 +422,17 @@ fn deny_list() -> Result<Vec<libc::sock_filter>, ConfineError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_vmm_keeps_the_file_servers_eight_and_virtiofsd_two_more() {
+        assert_eq!(cap_mask(VMM_CAPS), 0x8800_00db);
+        assert_eq!(
+            cap_mask(VIRTIOFSD_CAPS),
+            0x8800_00db
+                | 1 << Capability::CAP_SYS_ADMIN.index()
+                | 1 << Capability::CAP_SETPCAP.index()
+        );
+    }
     use std::os::unix::process::CommandExt;
     use std::process::Command;
 

@@ -146,7 +146,7 @@ impl Kind {
                 v.extend_from_slice(SPAWNER);
                 v
             }
-            _ => COMMON.to_vec(),
+            _ => [LIVING, COMMON].concat(),
         };
         v.extend_from_slice(match self {
             Kind::Console => CONSOLE,
@@ -167,43 +167,21 @@ macro_rules! sys {
     };
 }
 
-/// What every worker does: its epoll loop, eventfds, memory, locks,
-/// logging, the SIGSYS handler's own calls, and its end.
+/// What every worker does beyond [`LIVING`]: its epoll loop, eventfd
+/// reads, descriptor flags, sleeps and clocks.
 const COMMON: &[(&str, i64)] = sys!(
     SYS_read,
-    SYS_write,
     SYS_readv,
-    SYS_writev,
-    SYS_close,
     SYS_epoll_create1,
-    SYS_restart_syscall,
     SYS_gettimeofday,
     SYS_time,
     SYS_epoll_wait,
     SYS_epoll_pwait,
     SYS_epoll_ctl,
-    SYS_futex,
-    SYS_brk,
-    SYS_mmap,
-    SYS_munmap,
-    SYS_mremap,
-    SYS_mprotect,
-    SYS_madvise,
-    SYS_rt_sigprocmask,
-    SYS_rt_sigreturn,
-    SYS_sigaltstack,
-    SYS_sched_yield,
     SYS_sched_getaffinity,
-    SYS_clock_gettime,
     SYS_clock_nanosleep,
     SYS_nanosleep,
-    SYS_gettid,
-    SYS_getpid,
-    SYS_tgkill,
-    SYS_exit,
-    SYS_exit_group,
     SYS_fcntl,
-    SYS_getrandom,
     SYS_munlock,
     SYS_rseq,
 );
@@ -302,7 +280,7 @@ const FS: &[(&str, i64)] = sys!(
 /// SIGSYS handler's own calls, and the thread's end (the last vCPU drops
 /// the devices: their descriptors, threads and guest memory).
 const VCPU: &[(&str, i64)] = sys!(SYS_ioctl, SYS_read, SYS_fcntl, SYS_sched_getaffinity);
-/// What a vCPU thread and the VMM process's main thread both do: the
+/// What every VMM thread does (a vCPU, the main thread, a worker): the
 /// console's and the report's writes, closing descriptors, locks and
 /// condvars, the allocator, signals' return (the kick, SIGSYS), kicking
 /// (tgkill), and their end.
