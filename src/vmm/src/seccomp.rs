@@ -1,9 +1,9 @@
 //! Per-thread seccomp allowlists for the built-in VMM's threads, and the
 //! report of a forbidden system call.
 //!
-//! Three kinds of thread run the guest-facing work, each under a list of
-//! its own stacked on the monitor's process-wide deny-list (NNP is
-//! already set there):
+//! Every thread of the VMM process (`process.rs`) runs under a list of
+//! its kind, stacked on the deny-lists the process inherits from the
+//! monitor (or the shim) and from its own spawn (NNP is already set):
 //!
 //! - the vCPU threads ([`Kind::Vcpu`]), confined at the top of the thread
 //!   before the first KVM_RUN (`vcpu.rs` `confine`): ioctl only with the
@@ -24,8 +24,12 @@
 //!   ([`confine_worker`], from `virtio/worker.rs`) on top of the
 //!   spawner's list they inherit.
 //!
-//! So a vCPU thread runs under 2 filters (the deny-list and its own), the
-//! spawner under 2, a worker under 3. The lists were measured (strace and
+//! - the process's main thread ([`Kind::Main`]), once it has started the
+//!   spawner and the vCPUs (they would inherit its list): it only waits for
+//!   the VM's end, kicks and joins the vCPUs, reports and exits.
+//!
+//! So a vCPU thread, the spawner and the main thread each run under one
+//! filter more than the process started with, a worker under two more. The lists were measured (strace and
 //! a logging filter in the nested test host, through boot, exec, console
 //! output, the network, pause and resume, the balloon and kill), not
 //! guessed.
@@ -43,8 +47,7 @@
 //!
 //! The short `virtio-fs-import` thread runs under the virtio-fs list too
 //! (there is no VM to stop yet: its forbidden call fails the import).
-//! The record is process-wide: one VM per process (the monitor's; the
-//! shim runs one pod's or one task's VM). The filters are per thread, so
+//! The record is process-wide: one VM per VMM process. The filters are per thread, so
 //! they are the same wherever the VMM runs.
 //!
 //! Test-only knob (as Firecracker's custom-filter tests): the environment
