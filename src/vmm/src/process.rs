@@ -10,7 +10,7 @@
 //! the cgroup of its parent (the monitor and the shim join the
 //! container's before starting it). It gets:
 //!
-//! - on stdin, the VM's configuration as JSON ([`Wire`]: paths, sizes,
+//! - on stdin, the VM's configuration as JSON (`Wire`: paths, sizes,
 //!   the shares, the MACs);
 //! - at fixed numbers, the descriptors: the control socket (3), the
 //!   console pipe (4), the taps (5, 6, ...);
