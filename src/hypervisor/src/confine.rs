@@ -18,7 +18,9 @@
 //! 5. The seccomp filter: a deny-list. Every other system call is allowed;
 //!    the listed ones fail with EPERM. It stacks under the filters QEMU and
 //!    virtiofsd install themselves (the strictest verdict wins), and it is
-//!    the only filter of virtiofsd's two waiting parents.
+//!    the only filter of virtiofsd's two waiting parents. A helper of a
+//!    process that is itself confined ([`confine_self`]: the monitor,
+//!    `run`, the shim) gets no second copy: it inherits the first.
 //!
 //! The keep-sets, and why each capability is in them:
 //!
@@ -61,6 +63,7 @@
 //! other processes, change the host's clock, keys or swap.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use caps::Capability;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -272,6 +275,12 @@ impl Confinement {
             }
         }
         self.set_caps().map_err(|_| fail("set the capabilities"))?;
+        // A child of a process confined by `confine_self` already runs
+        // under this very deny-list (filters survive fork and exec): a
+        // second copy would only run again on every system call.
+        if !tsync && SELF_CONFINED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let prog = libc::sock_fprog {
             len: self.filter.len() as u16,
             filter: self.filter.as_ptr() as *mut libc::sock_filter,
@@ -368,8 +377,15 @@ impl Confinement {
 /// any (the threads started later inherit the reduced sets). Needs
 /// CAP_SETPCAP to reduce the bounding set. A process cannot undo it.
 pub fn confine_self(confinement: &Confinement) -> Result<(), ConfineError> {
-    confinement.apply(true)
+    confinement.apply(true)?;
+    SELF_CONFINED.store(true, Ordering::Relaxed);
+    Ok(())
 }
+
+/// Set once this process runs under the deny-list ([`confine_self`]):
+/// the helpers it spawns inherit it, and [`Confinement::apply`] installs
+/// no second copy in them.
+static SELF_CONFINED: AtomicBool = AtomicBool::new(false);
 
 /// Reduces the calling thread's bounding, permitted, effective and
 /// inheritable sets to `keep` (a subset of what it has), and clears its
