@@ -24,8 +24,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 # share of this machine's root (virtiofs over virtio-pci), and tun, so that
 # the test host has the same /dev/fuse and /dev/net/tun as this machine;
 # veth and the tc pieces (ingress qdisc, u32, mirred) that tests/net.rs wires
-# and krun-oci redirects a network namespace's frames with.
-modules=(irqbypass kvm kvm_amd fuse virtio virtio_ring virtio_pci_modern_dev virtio_pci virtiofs tun veth sch_ingress cls_u32 act_mirred)
+# and krun-oci redirects a network namespace's frames with; overlay, for the
+# images of the podman and containerd suites' built-in VMM runs.
+modules=(irqbypass kvm kvm_amd fuse virtio virtio_ring virtio_pci_modern_dev virtio_pci virtiofs tun veth sch_ingress cls_u32 act_mirred overlay)
 
 meta=linux-image-cloud-amd64
 init=$here/init
