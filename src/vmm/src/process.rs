@@ -17,8 +17,10 @@
 //! - on stdout, a pipe on which it writes one byte once the VM is built
 //!   and it is jailed; EOF instead means it failed, and [`Builtin::start`]
 //!   returns what it said;
-//! - as stderr, the capped log `vmm.log` in the run directory: the last
-//!   lines of it are the detail of a failure (`VmExit::VmmFailed`).
+//! - as stderr, the capped log `vmm.log` in the run directory: its own
+//!   log lines (info and above; debug too when the parent logs debug,
+//!   `--debug`), and last, why it ended; the last lines of it are the
+//!   detail of a failure (`VmExit::VmmFailed`).
 //!
 //! In the child, in this order, before the guest's first instruction:
 //!
@@ -126,6 +128,9 @@ struct Wire {
     macs: Vec<String>,
     log_limit: u64,
     run_dir: PathBuf,
+    /// Whether the parent logs debug lines (`--debug`): the VMM's own go
+    /// to its log then; info and above always do.
+    debug: bool,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -156,6 +161,7 @@ impl Wire {
             macs: c.nets.iter().map(|n| n.mac.clone()).collect(),
             log_limit: c.log_limit,
             run_dir: c.run_dir.clone(),
+            debug: tracing::enabled!(tracing::Level::DEBUG),
         }
     }
 
@@ -328,6 +334,7 @@ pub fn is_vmm(first_arg: Option<&OsStr>) -> bool {
 
 fn serve() -> Result<VmExit, ProcessError> {
     let wire: Wire = serde_json::from_reader(io::stdin().lock()).map_err(ProcessError::Config)?;
+    log_to_stderr(wire.debug);
     let readonly = wire.shares.iter().all(|s| s.readonly);
     let config = wire.into_config(take_fd)?;
     let run_dir = config.run_dir.clone();
@@ -350,6 +357,23 @@ fn serve() -> Result<VmExit, ProcessError> {
         return Err(ProcessError::Seccomp(e));
     }
     Ok(vm.wait_until_end(VIOLATION_POLL))
+}
+
+/// The VMM's own log lines (the `tracing` events of this crate and of
+/// krun_hypervisor) go to its stderr, the capped `vmm.log`: info and
+/// above, debug too when the parent logs debug. One `write` per line,
+/// which every thread's filter allows.
+fn log_to_stderr(debug: bool) {
+    let level = if debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_max_level(level)
+        .with_thread_names(true)
+        .try_init();
 }
 
 /// The descriptor the parent passed at `fd`.
@@ -451,6 +475,8 @@ mod tests {
             macs: vec!["02:00:00:00:00:01".into()],
             log_limit: 1 << 20,
             run_dir: "/run/r".into(),
+            // What Wire::of gives without a subscriber that logs debug.
+            debug: false,
         };
         let json = serde_json::to_vec(&w).unwrap();
         let back: Wire = serde_json::from_slice(&json).unwrap();
