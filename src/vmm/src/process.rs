@@ -349,6 +349,11 @@ fn serve() -> Result<VmExit, ProcessError> {
     })
     .map_err(ProcessError::Caps)?;
     ready().map_err(ProcessError::Ready)?;
+    tracing::debug!(
+        ?run_dir,
+        readonly,
+        "VMM: the VM is built and the process jailed; starting the vCPUs"
+    );
     let mut vm = built.run().map_err(ProcessError::Run)?;
     // Only now: the spawner and the vCPUs start from this thread and would
     // inherit its filter.
