@@ -173,3 +173,36 @@ fn an_existing_container_id_is_refused_and_kept() {
     std::fs::remove_dir(sb.root().join("taken")).unwrap();
     sb.assert_clean();
 }
+
+/// A hook path that is not absolute (the runtime-spec says it MUST be) is
+/// refused by `run` and by `create` before anything starts, naming the
+/// hook, for every kind that can fail a container.
+#[test]
+fn relative_hook_paths_are_refused_before_anything_starts() {
+    let sb = Sandbox::new("hookrel");
+    let mut b = sb.bundle(&["true"]);
+    for kind in [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+    ] {
+        b.config["hooks"] = json!({ kind: [{"path": "hooks/setup.sh"}] });
+        b.write();
+        let want = format!("hooks.{kind}[0].path: must be absolute");
+        for command in ["run", "create"] {
+            let out = sb
+                .cmd()
+                .args([command, "--bundle"])
+                .arg(&b.dir)
+                .arg("h1")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_ne!(out.status.code(), Some(0), "{command}, {kind}");
+            assert!(stderr.contains(&want), "{command}, {kind}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            sb.assert_clean();
+        }
+    }
+}

@@ -160,6 +160,13 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         }
     }
 
+    for (field, path) in crate::hooks::relative_paths(spec) {
+        problems.add(
+            field,
+            format!("must be absolute, as the runtime-spec requires (got {path:?})"),
+        );
+    }
+
     let process = process::plan_process(spec, &mut problems);
     let mounts = mounts::plan_mounts(spec, id, bundle, &mut binds, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);

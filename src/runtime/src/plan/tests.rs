@@ -528,3 +528,18 @@ fn the_host_side_gets_the_vm_plus_overhead_and_the_specs_cpu_limits() {
     .unwrap();
     assert_eq!((p.host.cpu_quota, p.host.cpuset_cpus), (None, None));
 }
+
+#[test]
+fn hook_paths_must_be_absolute() {
+    let fields = problem_fields("runc-spec", |c| {
+        c["hooks"] = json!({
+            "prestart": [{"path": "/bin/true"}, {"path": "hooks/prestart"}],
+            "createRuntime": [{"path": "false"}],
+            "poststop": [{"path": "/bin/true"}]
+        });
+    });
+    assert_eq!(
+        fields,
+        ["hooks.prestart[1].path", "hooks.createRuntime[0].path"]
+    );
+}
