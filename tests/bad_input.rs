@@ -206,3 +206,32 @@ fn relative_hook_paths_are_refused_before_anything_starts() {
         }
     }
 }
+
+/// A setup too large for the one control message that carries it to the
+/// guest (10,000 tmpfs mounts) is a one-line error naming `mounts` and
+/// the limit, in plain and in JSON logs, never a panic.
+#[test]
+fn ten_thousand_mounts_are_one_clear_error() {
+    let prepare = |_: &Sandbox, b: &mut harness::TestBundle| {
+        for i in 0..10_000 {
+            b.add_mount(json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1k"]}));
+        }
+        b.write();
+    };
+    fails_naming(
+        "tenk",
+        prepare,
+        "mounts: too large for the VM: 10007 mounts take",
+    );
+    let sb = Sandbox::new("tenkjson");
+    let mut b = sb.bundle(&["true"]);
+    prepare(&sb, &mut b);
+    let out = sb.run_output(&["--log-format", "json"], &b, "j1");
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["level"], "error");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.starts_with("mounts: too large for the VM"), "{msg}");
+    assert!(msg.contains("-byte message to the guest"), "{msg}");
+    sb.assert_clean();
+}

@@ -243,6 +243,9 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         readonly_paths: linux.readonly_paths,
         network: None,
     };
+    if let Some(p) = setup_too_large(&setup) {
+        return Err(PlanError(vec![p]));
+    }
     Ok(VmPlan {
         host: host::plan_host(spec, memory_mib),
         host_cgroup: None,
@@ -257,6 +260,66 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         require_kvm,
         netns: linux.netns,
         warnings,
+    })
+}
+
+/// Room kept in the guest's first control message for what the monitor
+/// adds to the setup at launch (the network's addresses and routes).
+const SETUP_SLACK: usize = 16 << 10;
+
+/// The container's setup goes to the guest in one control message, which
+/// may carry [`krun_proto::MAX_PAYLOAD`] bytes: a larger one is a problem
+/// of the field that takes the most room (10,000 mounts), found here,
+/// before anything is started.
+fn setup_too_large(setup: &ContainerSetup) -> Option<Problem> {
+    fn size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+        serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+    }
+    let limit = krun_proto::MAX_PAYLOAD - SETUP_SLACK;
+    let total = size(&krun_proto::ToGuest::Create(Box::new(setup.clone())));
+    if total <= limit {
+        return None;
+    }
+    let n = |what: &str, len: usize| format!("{len} {what}");
+    let parts = [
+        (
+            "mounts",
+            size(&setup.mounts),
+            n("mounts", setup.mounts.len()),
+        ),
+        (
+            "process.env",
+            size(&setup.process.env),
+            n("variables", setup.process.env.len()),
+        ),
+        (
+            "process.args",
+            size(&setup.process.args),
+            n("arguments", setup.process.args.len()),
+        ),
+        (
+            "linux.maskedPaths",
+            size(&setup.masked_paths),
+            n("paths", setup.masked_paths.len()),
+        ),
+        (
+            "linux.readonlyPaths",
+            size(&setup.readonly_paths),
+            n("paths", setup.readonly_paths.len()),
+        ),
+        (
+            "linux.sysctl",
+            size(&setup.sysctl),
+            n("settings", setup.sysctl.len()),
+        ),
+    ];
+    let (field, bytes, what) = parts.into_iter().max_by_key(|p| p.1)?;
+    Some(Problem {
+        field: field.to_string(),
+        problem: format!(
+            "too large for the VM: {what} take {bytes} of the {total} bytes of the container's \
+             setup, which must fit in one {limit}-byte message to the guest"
+        ),
     })
 }
 

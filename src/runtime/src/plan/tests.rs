@@ -543,3 +543,35 @@ fn hook_paths_must_be_absolute() {
         ["hooks.prestart[1].path", "hooks.createRuntime[0].path"]
     );
 }
+
+#[test]
+fn a_setup_too_large_for_one_message_names_the_mounts() {
+    let err = plan_of("runc-spec", |c| {
+        let tmpfs: Vec<Value> = (0..10_000)
+            .map(|i| json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1k"]}))
+            .collect();
+        c["mounts"] = Value::Array(tmpfs);
+    })
+    .unwrap_err();
+    assert_eq!(err.fields(), ["mounts"]);
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("mounts: too large for the VM: 10000 mounts take "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "{}-byte message",
+            krun_proto::MAX_PAYLOAD - SETUP_SLACK
+        )),
+        "{msg}"
+    );
+    // A thousand fit.
+    plan_of("runc-spec", |c| {
+        let tmpfs: Vec<Value> = (0..1_000)
+            .map(|i| json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs"}))
+            .collect();
+        c["mounts"] = Value::Array(tmpfs);
+    })
+    .unwrap();
+}
