@@ -235,3 +235,28 @@ fn ten_thousand_mounts_are_one_clear_error() {
     assert!(msg.contains("-byte message to the guest"), "{msg}");
     sb.assert_clean();
 }
+
+/// A root.path that is a symlink, relative to the bundle or absolute, is
+/// refused as runc refuses it, naming root.path.
+#[test]
+fn a_symlinked_rootfs_is_refused() {
+    fails_naming(
+        "rootlink",
+        |_, b| {
+            std::os::unix::fs::symlink("rootfs", b.dir.join("rootlink")).unwrap();
+            b.config["root"]["path"] = json!("rootlink");
+            b.write();
+        },
+        "/rootlink is a symlink or goes through one",
+    );
+    fails_naming(
+        "rootlinkabs",
+        |sb, b| {
+            let link = sb.path().join("abs-rootlink");
+            std::os::unix::fs::symlink(b.rootfs(), &link).unwrap();
+            b.config["root"]["path"] = json!(link);
+            b.write();
+        },
+        "root.path: ",
+    );
+}

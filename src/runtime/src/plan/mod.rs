@@ -139,11 +139,21 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     match spec.root() {
         None => problems.add("root", "missing: the bundle must name its root filesystem"),
         Some(root) => {
-            let path = bundle.join(root.path());
+            let path = root_path(bundle, root.path());
             if !path.is_dir() {
                 problems.add(
                     "root.path",
                     format!("{} does not exist or is not a directory", path.display()),
+                );
+            } else if let Some(real) = through_a_symlink(&path) {
+                problems.add(
+                    "root.path",
+                    format!(
+                        "{} is a symlink or goes through one (it resolves to {}): as runc \
+                         requires, name the root filesystem by its real path",
+                        path.display(),
+                        real.display()
+                    ),
                 );
             }
             root_setup.readonly = root.readonly().unwrap_or(false);
@@ -261,6 +271,40 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         netns: linux.netns,
         warnings,
     })
+}
+
+/// `root.path` on the host: as under runc, a relative one is taken from
+/// the bundle directory's real path (runc resolves it from its working
+/// directory, which is the bundle's).
+fn root_path(bundle: &Path, root: &Path) -> std::path::PathBuf {
+    if root.is_absolute() {
+        return root.to_path_buf();
+    }
+    bundle
+        .canonicalize()
+        .unwrap_or_else(|_| bundle.to_path_buf())
+        .join(root)
+}
+
+/// Where `path` really is, if that is not `path` itself (lexically
+/// cleaned): a symlink on the way. runc refuses such a root ("invalid
+/// rootfs: not an absolute path, or a symlink"): the VM's share is made of
+/// the path as given, and virtiofsd's sandbox would refuse it later with a
+/// far less clear error.
+fn through_a_symlink(path: &Path) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let mut clean = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    let real = path.canonicalize().ok()?;
+    (real != clean).then_some(real)
 }
 
 /// Room kept in the guest's first control message for what the monitor

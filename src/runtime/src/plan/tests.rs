@@ -575,3 +575,50 @@ fn a_setup_too_large_for_one_message_names_the_mounts() {
     })
     .unwrap();
 }
+
+#[test]
+fn a_symlinked_root_is_refused_as_runc_refuses_it() {
+    let (dir, b) = bundle("runc-spec", |_| {});
+    let d = dir.path();
+    std::os::unix::fs::symlink("rootfs", d.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink(d.join("rootfs"), d.join("abs-link")).unwrap();
+    std::fs::create_dir_all(d.join("real/inner")).unwrap();
+    std::os::unix::fs::symlink(d.join("real"), d.join("via")).unwrap();
+    let with_root = |root: &Path| {
+        let mut spec = b.spec.clone();
+        spec.set_root(Some(
+            oci_spec::runtime::RootBuilder::default()
+                .path(root)
+                .build()
+                .unwrap(),
+        ));
+        plan("c1", &b.dir, &spec, &HOST)
+    };
+    for root in [
+        Path::new("rel-link"),
+        &d.join("abs-link"),
+        &d.join("via/inner"),
+    ] {
+        let err = with_root(root).unwrap_err();
+        assert_eq!(err.fields(), ["root.path"], "{root:?}");
+        assert!(err.to_string().contains("symlink"), "{err}");
+    }
+    // The real path, relative or absolute, `..` and `.` included, is fine.
+    for root in [
+        Path::new("rootfs"),
+        Path::new("./real/../rootfs"),
+        &d.join("real/inner"),
+    ] {
+        with_root(root).unwrap_or_else(|e| panic!("{root:?}: {e}"));
+    }
+    // A relative root.path is taken from the bundle's real path, as runc's
+    // working directory is: a bundle reached through a link is fine.
+    let link = tempfile::tempdir().unwrap();
+    let bundle_link = link.path().join("bundle");
+    std::os::unix::fs::symlink(d, &bundle_link).unwrap();
+    let p = plan("c1", &bundle_link, &b.spec, &HOST).unwrap();
+    assert_eq!(
+        p.paths.binds[0].source,
+        d.canonicalize().unwrap().join("rootfs")
+    );
+}
