@@ -202,6 +202,47 @@ fn readonly_root_tmpfs_and_bind_mounts() {
     assert!(!b.rootfs().join("rootfile").exists());
 }
 
+/// Mount options as runc takes them: on a bind mount, what is neither a
+/// flag nor a propagation is mount data, which bind ignores (podman's
+/// `mode=755`, `size=1k` on a volume), while its flags (nosuid) apply;
+/// and `linux.rootfsPropagation` is applied to the container's `/`.
+#[test]
+fn bind_mount_data_is_ignored_and_rootfs_propagation_applies() {
+    let sb = Sandbox::new("mountopts");
+    let vols = HostVolumes::new(sb.path(), "rw", "ro");
+    // The optional fields of mountinfo (field 7 on, up to "-") of `/` and
+    // /vol, and /vol's per-mount options (field 6).
+    let script = "awk '$5 == \"/\" || $5 == \"/vol\" { o = \"\"; \
+                  for (i = 7; $i != \"-\"; i++) o = o \" \" $i; print $5, $6, \"[\" o \" ]\" }' \
+                  /proc/self/mountinfo; cat /vol/from-host";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.add_mount(
+        json!({"destination": "/vol", "type": "bind", "source": &vols.rw,
+        "options": ["bind", "nosuid", "mode=755", "size=1k"]}),
+    );
+    b.config["linux"]["rootfsPropagation"] = json!("unbindable");
+    let out = sb.run(&b, "o1", None);
+    out.expect_code(0);
+    let text = out.stdout();
+    let line = |dest: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{dest} ")))
+            .unwrap_or_else(|| panic!("no mountinfo line for {dest}: {text}"))
+            .to_string()
+    };
+    assert!(line("/").contains("[ unbindable ]"), "{text}");
+    let vol = line("/vol");
+    assert!(
+        vol.split(' ')
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "nosuid"),
+        "{text}"
+    );
+    assert!(text.ends_with("host wrote this\n"), "{text}");
+}
+
 #[test]
 fn the_guest_kernel_is_not_the_hosts() {
     let sb = Sandbox::new("kernel");

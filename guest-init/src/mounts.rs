@@ -142,6 +142,18 @@ fn set_sysctls_and_names(setup: &ContainerSetup) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `linux.rootfsPropagation` on the container's `/`, once it is the root
+/// (and after the console is bound in, which an `runbindable` tree would
+/// refuse), as runc applies it after its pivot_root. The tree is private
+/// until then.
+pub fn set_root_propagation(setup: &ContainerSetup) -> Result<(), Failure> {
+    if setup.root.propagation == 0 {
+        return Ok(());
+    }
+    sys::mount(None, Path::new("/"), None, setup.root.propagation, None)
+        .or_fail(|| "linux.rootfsPropagation: setting the propagation of /".into())
+}
+
 /// Makes `root` this process's root. The initramfs cannot be pivoted away
 /// from; move the root over / and chroot into it (in this private mount
 /// namespace, nothing else sees it).

@@ -197,6 +197,11 @@ pub struct RootSetup {
     #[serde(default)]
     pub path: String,
     pub readonly: bool,
+    /// `linux.rootfsPropagation` as MS_* flags (MS_UNBINDABLE, MS_SHARED,
+    /// with MS_REC for the r- variants), applied to the container's `/`
+    /// once it is its root; 0: left private.
+    #[serde(default)]
+    pub propagation: u64,
 }
 
 /// One mount inside the container, destination relative to its root.

@@ -135,6 +135,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         tag: SHARE_TAG.to_string(),
         path: staging::root_path(id),
         readonly: false,
+        propagation: mounts::root_propagation(spec, &mut problems),
     };
     match spec.root() {
         None => problems.add("root", "missing: the bundle must name its root filesystem"),

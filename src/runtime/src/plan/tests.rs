@@ -622,3 +622,42 @@ fn a_symlinked_root_is_refused_as_runc_refuses_it() {
         d.canonicalize().unwrap().join("rootfs")
     );
 }
+
+#[test]
+fn bind_mount_data_is_dropped_and_root_propagation_is_carried() {
+    let (_dir, b) = bundle("runc-spec", |c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/vol", "type": "bind", "source": "rootfs",
+            "options": ["bind", "nosuid", "mode=755", "size=1k"]
+        }));
+        c["linux"]["rootfsPropagation"] = json!("unbindable");
+    });
+    let p = plan("c1", &b.dir, &b.spec, &HOST).unwrap();
+    let vol = p
+        .setup
+        .mounts
+        .iter()
+        .find(|m| m.destination == "/vol")
+        .unwrap();
+    assert!(matches!(vol.source, MountSource::Share { .. }));
+    assert_eq!(vol.flags, libc::MS_NOSUID);
+    assert_eq!(vol.data, "", "a bind mount takes no data");
+    assert_eq!(p.setup.root.propagation, libc::MS_UNBINDABLE);
+    for (value, flags) in [
+        ("rshared", libc::MS_SHARED | libc::MS_REC),
+        ("slave", libc::MS_SLAVE),
+        ("rprivate", libc::MS_PRIVATE | libc::MS_REC),
+        ("", 0),
+    ] {
+        let p = plan_of("runc-spec", |c| {
+            c["linux"]["rootfsPropagation"] = json!(value)
+        })
+        .unwrap();
+        assert_eq!(p.setup.root.propagation, flags, "{value}");
+    }
+    assert_eq!(
+        problem_fields("runc-spec", |c| c["linux"]["rootfsPropagation"] =
+            json!("sideways")),
+        ["linux.rootfsPropagation"]
+    );
+}
