@@ -15,8 +15,9 @@
 //! * a plan that succeeds sizes the VM within the host (1 to 4 vCPUs,
 //!   64 MiB to 8 GiB), gives the container its root filesystem first and
 //!   each host path under a name of its own, and its container setup
-//!   survives the JSON trip to the guest unchanged, and its host memory
-//!   limit is the VM's plus the host overhead;
+//!   survives the JSON trip to the guest unchanged and fits in the one
+//!   control frame that carries it, and its host memory limit is the VM's
+//!   plus the host overhead;
 //! * `linux.cgroupsPath`, read as runc reads it with and without
 //!   `--systemd-cgroup`, never names a path that climbs (`..`), is rooted
 //!   or is empty below a hierarchy's root.
@@ -167,6 +168,11 @@ fn run(data: &[u8]) {
             );
             let msg = ToGuest::Create(Box::new(p.setup));
             let json = serde_json::to_vec(&msg).expect("a setup serializes");
+            assert!(
+                json.len() <= krun_proto::MAX_PAYLOAD,
+                "a planned setup of {} bytes does not fit in a control frame",
+                json.len()
+            );
             let back: ToGuest = serde_json::from_slice(&json).expect("a setup parses back");
             assert_eq!(back, msg, "the setup changed on its way to the guest");
         }
