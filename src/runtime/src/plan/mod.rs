@@ -5,6 +5,7 @@
 //! VM, e.g. host device cgroup rules), or reported as unsupported — all
 //! problems of a bundle at once, each naming its field.
 
+mod devices;
 mod host;
 pub mod host_cgroup;
 mod mounts;
@@ -182,6 +183,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mounts = mounts::plan_mounts(spec, id, bundle, &mut binds, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
+    let devices = devices::plan_devices(spec, &mut problems, &mut warnings);
     let has_netns = spec
         .linux()
         .as_ref()
@@ -252,6 +254,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         sysctl: linux.sysctl,
         masked_paths: linux.masked_paths,
         readonly_paths: linux.readonly_paths,
+        devices,
         network: None,
     };
     if let Some(p) = setup_too_large(&setup) {
@@ -353,6 +356,11 @@ fn setup_too_large(setup: &ContainerSetup) -> Option<Problem> {
             n("paths", setup.readonly_paths.len()),
         ),
         (
+            "linux.devices",
+            size(&setup.devices),
+            n("devices", setup.devices.len()),
+        ),
+        (
             "linux.sysctl",
             size(&setup.sysctl),
             n("settings", setup.sysctl.len()),
@@ -395,9 +403,6 @@ fn linux_extras(spec: &Spec, problems: &mut Problems, warnings: &mut Vec<String>
             "linux.uidMappings",
             "user namespaces with id mappings are not supported",
         );
-    }
-    if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-        problems.add("linux.devices", "host devices cannot be passed into the VM");
     }
     if linux.intel_rdt().is_some() {
         problems.add("linux.intelRdt", "not supported inside a VM");

@@ -382,10 +382,12 @@ fn bad_bundles_name_every_bad_field() {
             }),
         ),
         (
-            "linux.devices",
+            "linux.devices[1] (/dev/sda, b 8:0)",
             Box::new(|c| {
-                c["linux"]["devices"] =
-                    json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+                c["linux"]["devices"] = json!([
+                    {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                    {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}
+                ])
             }),
         ),
     ];
@@ -660,4 +662,81 @@ fn bind_mount_data_is_dropped_and_root_propagation_is_carried() {
             json!("sideways")),
         ["linux.rootfsPropagation"]
     );
+}
+
+#[test]
+fn devices_the_guest_kernel_provides_are_made_as_given() {
+    let p = plan_of("full", |c| {
+        c["linux"]["devices"] = json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+            {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o20600},
+            {"path": "/dev/loop7", "type": "b", "major": 7, "minor": 7},
+            {"path": "/dev/mynull", "type": "u", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1001}
+        ])
+    })
+    .unwrap();
+    let d = &p.setup.devices;
+    assert_eq!(d.len(), 4);
+    assert_eq!(
+        (d[0].path.as_str(), d[0].block, d[0].mode),
+        ("/dev/fuse", false, 0o666)
+    );
+    assert_eq!((d[1].major, d[1].minor, d[1].mode), (10, 200, 0o600));
+    assert_eq!((d[2].block, d[2].major, d[2].minor), (true, 7, 7));
+    assert_eq!((d[3].mode, d[3].uid, d[3].gid), (0o600, 1000, 1001));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn a_device_the_guest_lacks_is_refused_unless_privileged() {
+    let sda = json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+                     {"path": "/dev/null2", "type": "b", "major": 1, "minor": 3},
+                     {"path": "/dev/fifo", "type": "p"},
+                     {"path": "dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+    let err = plan_of("full", |c| c["linux"]["devices"] = sda.clone()).unwrap_err();
+    assert_eq!(
+        err.fields(),
+        vec![
+            "linux.devices[0] (/dev/sda, b 8:0)",
+            "linux.devices[1] (/dev/null2, b 1:3)",
+            "linux.devices[2] (/dev/fifo, p 0:0)",
+            "linux.devices[3]"
+        ]
+    );
+    assert!(
+        err.to_string()
+            .contains("not a device the VM's kernel provides; only null (c 1:3)"),
+        "{err}"
+    );
+    // Privileged (every capability in the bounding set): skipped, with a
+    // warning naming each.
+    let p = plan_of("full", |c| {
+        c["linux"]["devices"] = sda.clone();
+        c["linux"]["devices"].as_array_mut().unwrap().pop();
+        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES);
+    })
+    .unwrap();
+    assert!(p.setup.devices.is_empty());
+    assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
+    assert!(
+        p.warnings[0].starts_with("linux.devices[0] (/dev/sda, b 8:0): skipped"),
+        "{:?}",
+        p.warnings
+    );
+}
+
+#[test]
+fn privileged_means_every_capability_in_the_bounding_set() {
+    let spec = |edit: &dyn Fn(&mut Value)| bundle("full", edit).1.spec;
+    assert!(!devices::is_privileged(&spec(&|_| {})));
+    assert!(devices::is_privileged(&spec(&|c| {
+        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES)
+    })));
+    assert!(!devices::is_privileged(&spec(&|c| {
+        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES[1..])
+    })));
+    // No capabilities at all: root keeps its full set.
+    assert!(devices::is_privileged(&spec(&|c| {
+        c["process"].as_object_mut().unwrap().remove("capabilities");
+    })));
 }
