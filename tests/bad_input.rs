@@ -1,5 +1,6 @@
 //! Bad bundles and arguments: a one-line error naming what is wrong, a
-//! non-zero exit, and nothing left behind. None of these boot a VM.
+//! non-zero exit, and nothing left behind. None of these boot a VM but
+//! the privileged container that runs without a host device.
 
 use krun_e2e as harness;
 
@@ -260,3 +261,90 @@ fn a_symlinked_rootfs_is_refused() {
         "root.path: ",
     );
 }
+
+/// A host device the VM's kernel does not provide (a disk) is refused,
+/// naming `linux.devices[i]`, in a container that is not privileged.
+#[test]
+fn a_host_device_is_refused_naming_it() {
+    fails_naming(
+        "hostdev",
+        |_, b| {
+            b.config["linux"]["devices"] = json!([
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}
+            ]);
+            b.write();
+        },
+        "linux.devices[1] (/dev/sda, b 8:0): not a device the VM's kernel provides; only null",
+    );
+}
+
+/// In a privileged container (every capability in its bounding set, as
+/// `podman run --privileged` gives), such a device is skipped with a
+/// warning in the log naming it, and the container runs (this boots a VM).
+#[test]
+fn a_privileged_container_runs_without_a_host_device_and_says_so() {
+    let sb = Sandbox::new("hostdevpriv");
+    let mut b = sb.bundle(&["sh", "-c", "test -e /dev/sda || echo no-sda"]);
+    b.config["linux"]["devices"] =
+        json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+    let caps = json!(ALL_CAPABILITIES);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    b.write();
+    let log = sb.path().join("log");
+    let out = sb.run_output(&["--log", log.to_str().unwrap()], &b, "p1");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no-sda\n");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("linux.devices[0] (/dev/sda, b 8:0): skipped")),
+        "{log}"
+    );
+    sb.assert_clean();
+}
+
+/// Every capability of the guest kernel (Linux 6.1), 0 to 40.
+const ALL_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];

@@ -118,10 +118,8 @@ pub(crate) fn is_privileged(spec: &Spec) -> bool {
     let Some(bounding) = caps.bounding() else {
         return false;
     };
-    let names: std::collections::BTreeSet<String> = bounding
-        .iter()
-        .map(|c| super::process::cap_name(c))
-        .collect();
+    let names: std::collections::BTreeSet<String> =
+        bounding.iter().map(super::process::cap_name).collect();
     ALL_CAPABILITIES.iter().all(|c| names.contains(*c))
 }
 
