@@ -584,3 +584,45 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     reader.join().unwrap();
     sb.assert_clean();
 }
+
+/// `linux.devices` the guest kernel provides are made in the container as
+/// the bundle gives them (type, numbers, mode, owner, path, also a default
+/// device's), and work: tun makes an interface, fuse opens, a loop device
+/// attaches a file.
+#[test]
+fn devices_the_guest_kernel_provides_are_made_and_work() {
+    let sb = Sandbox::new("devices");
+    let script = "stat -c '%n %F %t:%T %a %u:%g' /dev/fuse /dev/net/tun /dev/loop-control \
+                  /dev/loop0 /dev/mynull /dev/zero; \
+                  (exec 3<>/dev/fuse) && echo fuse-opens; \
+                  (exec 3<>/dev/net/tun) && echo tun-opens; \
+                  tunctl -t t0 >/dev/null && ip link show t0 >/dev/null && echo tun-made; \
+                  losetup -f; \
+                  dd if=/dev/zero of=/dev/img bs=1k count=64 2>/dev/null; \
+                  losetup /dev/loop0 /dev/img && losetup /dev/loop0 && losetup -d /dev/loop0";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.config["linux"]["devices"] = json!([
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666},
+        {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o666},
+        {"path": "/dev/loop-control", "type": "c", "major": 10, "minor": 237, "fileMode": 0o660},
+        {"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0, "fileMode": 0o660},
+        {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000},
+        {"path": "/dev/zero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o640, "uid": 0, "gid": 1000}
+    ]);
+    // tun and loop want CAP_NET_ADMIN and CAP_SYS_ADMIN; not privileged.
+    let caps = json!(["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_KILL"]);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    let out = sb.run(&b, "d1", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "/dev/fuse character special file a:e5 666 0:0\n\
+         /dev/net/tun character special file a:c8 666 0:0\n\
+         /dev/loop-control character special file a:ed 660 0:0\n\
+         /dev/loop0 block special file 7:0 660 0:0\n\
+         /dev/mynull character special file 1:3 600 1000:1000\n\
+         /dev/zero character special file 1:5 640 0:1000\n\
+         fuse-opens\ntun-opens\ntun-made\n/dev/loop0\n\
+         /dev/loop0: 0 /dev/img\n"
+    );
+}
