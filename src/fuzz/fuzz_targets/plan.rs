@@ -18,6 +18,10 @@
 //!   survives the JSON trip to the guest unchanged and fits in the one
 //!   control frame that carries it, and its host memory limit is the VM's
 //!   plus the host overhead;
+//! * every device a plan gives the container (`linux.devices`) has an
+//!   absolute path, permission bits only, and the type and numbers of a
+//!   device the guest kernel provides (memory devices, tty, ptmx, fuse,
+//!   tun, loop-control, loop): nothing else of the host reaches the guest;
 //! * `linux.cgroupsPath`, read as runc reads it with and without
 //!   `--systemd-cgroup`, never names a path that climbs (`..`), is rooted
 //!   or is empty below a hierarchy's root.
@@ -166,6 +170,17 @@ fn run(data: &[u8]) {
                 p.paths.binds.len(),
                 "two host paths share a name"
             );
+            for d in &p.setup.devices {
+                let n = (d.major, d.minor);
+                let provided = if d.block {
+                    d.major == 7
+                } else {
+                    matches!(n, (1, 3 | 5 | 7 | 8 | 9) | (5, 0 | 2) | (10, 200 | 229 | 237))
+                };
+                assert!(provided, "device {d:?} is not one the guest provides");
+                assert!(d.path.starts_with('/'), "device path {:?}", d.path);
+                assert!(d.mode <= 0o7777, "device mode {:o}", d.mode);
+            }
             let msg = ToGuest::Create(Box::new(p.setup));
             let json = serde_json::to_vec(&msg).expect("a setup serializes");
             assert!(
