@@ -59,6 +59,7 @@ fn host() -> HostInfo {
         cpus: 4,
         memory_mib: 8192,
         hostname: "fuzz-host".into(),
+        capabilities: 0x1ff_feff_ffff,
     }
 }
 

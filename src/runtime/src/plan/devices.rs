@@ -55,7 +55,8 @@ const GUEST_DEVICES: &[GuestDevice] = &[
 ];
 
 /// Every capability of Linux 6.1 (the guest kernel), CAP_CHOWN (0) to
-/// CAP_CHECKPOINT_RESTORE (40), as config.json names them.
+/// CAP_CHECKPOINT_RESTORE (40), as config.json names them, in the order
+/// of their numbers.
 pub(crate) const ALL_CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -102,12 +103,18 @@ pub(crate) const ALL_CAPABILITIES: &[&str] = &[
 
 /// A privileged container: its bounding capability set holds every
 /// capability (or the bundle sets no capabilities, which keeps root's full
-/// set). This is what `podman run --privileged` gives, and what
-/// containerd's `privileged_without_host_devices` relies on: an engine
-/// that asks for every capability also lists every host device, and a
-/// privileged container is expected to run without the ones a VM cannot
-/// have, which are then skipped with a warning instead of refused.
-pub(crate) fn is_privileged(spec: &Spec) -> bool {
+/// set). "Every" is every capability of the guest kernel that the
+/// runtime's own bounding set (`host_capabilities`, `CapBnd`) holds: an
+/// engine cannot give more than it has, and `podman run --privileged` on a
+/// host without, say, CAP_SYS_RESOURCE gives all the others.
+///
+/// This is what `podman run --privileged` asks for, and what containerd's
+/// `privileged_without_host_devices` relies on: an engine that asks for
+/// every capability also lists every host device, and a privileged
+/// container is expected to run without the ones a VM cannot have, which
+/// are then skipped with a warning instead of refused. It gives the
+/// container nothing more.
+pub(crate) fn is_privileged(spec: &Spec, host_capabilities: u64) -> bool {
     let Some(caps) = spec
         .process()
         .as_ref()
@@ -120,7 +127,11 @@ pub(crate) fn is_privileged(spec: &Spec) -> bool {
     };
     let names: std::collections::BTreeSet<String> =
         bounding.iter().map(super::process::cap_name).collect();
-    ALL_CAPABILITIES.iter().all(|c| names.contains(*c))
+    ALL_CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| host_capabilities & (1 << n) != 0)
+        .all(|(_, c)| names.contains(*c))
 }
 
 fn list_of_guest_devices() -> String {
@@ -142,13 +153,16 @@ fn list_of_guest_devices() -> String {
 /// skipped with a warning.
 pub(crate) fn plan_devices(
     spec: &Spec,
+    host_capabilities: u64,
     problems: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> Vec<DeviceSetup> {
     let Some(devices) = spec.linux().as_ref().and_then(|l| l.devices().as_ref()) else {
         return Vec::new();
     };
-    let privileged = is_privileged(spec);
+    let privileged = is_privileged(spec, host_capabilities);
+    // The list of what can be given, once: an engine may list a hundred.
+    let mut listed = false;
     let mut out = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         let field = format!("linux.devices[{i}]");
@@ -183,14 +197,14 @@ pub(crate) fn plan_devices(
                      privileged, so it runs without it)"
                 ));
             } else {
-                problems.add(
-                    what,
-                    format!(
-                        "not a device the VM's kernel provides; only {} can be given to a \
-                         container",
+                let mut problem = "not a device the VM's kernel provides".to_string();
+                if !std::mem::replace(&mut listed, true) {
+                    problem += &format!(
+                        "; only {} can be given to a container",
                         list_of_guest_devices()
-                    ),
-                );
+                    );
+                }
+                problems.add(what, problem);
             }
             continue;
         };

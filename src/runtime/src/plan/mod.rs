@@ -183,7 +183,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let mounts = mounts::plan_mounts(spec, id, bundle, &mut binds, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
-    let devices = devices::plan_devices(spec, &mut problems, &mut warnings);
+    let devices = devices::plan_devices(spec, host.capabilities, &mut problems, &mut warnings);
     let has_netns = spec
         .linux()
         .as_ref()

@@ -12,6 +12,7 @@ const HOST: HostInfo = HostInfo {
     cpus: 4,
     memory_mib: 8192,
     hostname: String::new(),
+    capabilities: u64::MAX,
 };
 
 /// A bundle in a temporary directory from fixture `name`, edited by `edit`,
@@ -728,15 +729,23 @@ fn a_device_the_guest_lacks_is_refused_unless_privileged() {
 #[test]
 fn privileged_means_every_capability_in_the_bounding_set() {
     let spec = |edit: &dyn Fn(&mut Value)| bundle("full", edit).1.spec;
-    assert!(!devices::is_privileged(&spec(&|_| {})));
-    assert!(devices::is_privileged(&spec(&|c| {
-        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES)
-    })));
-    assert!(!devices::is_privileged(&spec(&|c| {
-        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES[1..])
-    })));
+    let all = u64::MAX;
+    assert!(!devices::is_privileged(&spec(&|_| {}), all));
+    assert!(devices::is_privileged(
+        &spec(&|c| c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES)),
+        all
+    ));
+    let no_chown =
+        spec(&|c| c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES[1..]));
+    assert!(!devices::is_privileged(&no_chown, all));
+    // Every capability the runtime itself has: what podman --privileged
+    // gives on a host whose engine lacks CAP_CHOWN.
+    assert!(devices::is_privileged(&no_chown, all & !1));
     // No capabilities at all: root keeps its full set.
-    assert!(devices::is_privileged(&spec(&|c| {
-        c["process"].as_object_mut().unwrap().remove("capabilities");
-    })));
+    assert!(devices::is_privileged(
+        &spec(&|c| {
+            c["process"].as_object_mut().unwrap().remove("capabilities");
+        }),
+        all
+    ));
 }
