@@ -587,8 +587,9 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
 
 /// `linux.devices` the guest kernel provides are made in the container as
 /// the bundle gives them (type, numbers, mode, owner, path, also a default
-/// device's), and work: tun makes an interface, fuse opens, a loop device
-/// attaches a file.
+/// device's), and work: tun makes an interface, a loop device attaches a
+/// file, and a FUSE file system (guest-init/examples/fusehello.rs) is
+/// served and mounted.
 #[test]
 fn devices_the_guest_kernel_provides_are_made_and_work() {
     let sb = Sandbox::new("devices");
@@ -599,8 +600,12 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
                   tunctl -t t0 >/dev/null && ip link show t0 >/dev/null && echo tun-made; \
                   losetup -f; \
                   dd if=/dev/zero of=/dev/img bs=1k count=64 2>/dev/null; \
-                  losetup /dev/loop0 /dev/img && losetup /dev/loop0 && losetup -d /dev/loop0";
+                  losetup /dev/loop0 /dev/img && losetup /dev/loop0 && losetup -d /dev/loop0; \
+                  mkdir -p /mnt/f; fusehello /mnt/f & \
+                  for i in $(seq 100); do grep -q ' /mnt/f fuse' /proc/mounts && break; sleep 0.1; done; \
+                  ls /mnt/f; cat /mnt/f/hello; umount /mnt/f; wait";
     let mut b = sb.bundle(&["sh", "-c", script]);
+    std::fs::copy(harness::fusehello(), b.rootfs().join("bin/fusehello")).unwrap();
     b.config["linux"]["devices"] = json!([
         {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666},
         {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o666},
@@ -623,6 +628,7 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
          /dev/mynull character special file 1:3 600 1000:1000\n\
          /dev/zero character special file 1:5 640 0:1000\n\
          fuse-opens\ntun-opens\ntun-made\n/dev/loop0\n\
-         /dev/loop0: 0 /dev/img\n"
+         /dev/loop0: 0 /dev/img\n\
+         hello\nhello from fuse\n"
     );
 }
