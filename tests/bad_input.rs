@@ -1,5 +1,6 @@
 //! Bad bundles and arguments: a one-line error naming what is wrong, a
-//! non-zero exit, and nothing left behind. None of these boot a VM.
+//! non-zero exit, and nothing left behind. None of these boot a VM but
+//! the privileged container that runs without a host device.
 
 use krun_e2e as harness;
 
@@ -173,3 +174,177 @@ fn an_existing_container_id_is_refused_and_kept() {
     std::fs::remove_dir(sb.root().join("taken")).unwrap();
     sb.assert_clean();
 }
+
+/// A hook path that is not absolute (the runtime-spec says it MUST be) is
+/// refused by `run` and by `create` before anything starts, naming the
+/// hook, for every kind that can fail a container.
+#[test]
+fn relative_hook_paths_are_refused_before_anything_starts() {
+    let sb = Sandbox::new("hookrel");
+    let mut b = sb.bundle(&["true"]);
+    for kind in [
+        "prestart",
+        "createRuntime",
+        "createContainer",
+        "startContainer",
+    ] {
+        b.config["hooks"] = json!({ kind: [{"path": "hooks/setup.sh"}] });
+        b.write();
+        let want = format!("hooks.{kind}[0].path: must be absolute");
+        for command in ["run", "create"] {
+            let out = sb
+                .cmd()
+                .args([command, "--bundle"])
+                .arg(&b.dir)
+                .arg("h1")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_ne!(out.status.code(), Some(0), "{command}, {kind}");
+            assert!(stderr.contains(&want), "{command}, {kind}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            sb.assert_clean();
+        }
+    }
+}
+
+/// A setup too large for the one control message that carries it to the
+/// guest (10,000 tmpfs mounts) is a one-line error naming `mounts` and
+/// the limit, in plain and in JSON logs, never a panic.
+#[test]
+fn ten_thousand_mounts_are_one_clear_error() {
+    let prepare = |_: &Sandbox, b: &mut harness::TestBundle| {
+        for i in 0..10_000 {
+            b.add_mount(json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1k"]}));
+        }
+        b.write();
+    };
+    fails_naming(
+        "tenk",
+        prepare,
+        "mounts: too large for the VM: 10007 mounts take",
+    );
+    let sb = Sandbox::new("tenkjson");
+    let mut b = sb.bundle(&["true"]);
+    prepare(&sb, &mut b);
+    let out = sb.run_output(&["--log-format", "json"], &b, "j1");
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["level"], "error");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.starts_with("mounts: too large for the VM"), "{msg}");
+    assert!(msg.contains("-byte message to the guest"), "{msg}");
+    sb.assert_clean();
+}
+
+/// A root.path that is a symlink, relative to the bundle or absolute, is
+/// refused as runc refuses it, naming root.path.
+#[test]
+fn a_symlinked_rootfs_is_refused() {
+    fails_naming(
+        "rootlink",
+        |_, b| {
+            std::os::unix::fs::symlink("rootfs", b.dir.join("rootlink")).unwrap();
+            b.config["root"]["path"] = json!("rootlink");
+            b.write();
+        },
+        "/rootlink is a symlink or goes through one",
+    );
+    fails_naming(
+        "rootlinkabs",
+        |sb, b| {
+            let link = sb.path().join("abs-rootlink");
+            std::os::unix::fs::symlink(b.rootfs(), &link).unwrap();
+            b.config["root"]["path"] = json!(link);
+            b.write();
+        },
+        "root.path: ",
+    );
+}
+
+/// A host device the VM's kernel does not provide (a disk) is refused,
+/// naming `linux.devices[i]`, in a container that is not privileged.
+#[test]
+fn a_host_device_is_refused_naming_it() {
+    fails_naming(
+        "hostdev",
+        |_, b| {
+            b.config["linux"]["devices"] = json!([
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}
+            ]);
+            b.write();
+        },
+        "linux.devices[1] (/dev/sda, b 8:0): not a device the VM's kernel provides; only null",
+    );
+}
+
+/// In a privileged container (every capability in its bounding set, as
+/// `podman run --privileged` gives), such a device is skipped with a
+/// warning in the log naming it, and the container runs (this boots a VM).
+#[test]
+fn a_privileged_container_runs_without_a_host_device_and_says_so() {
+    let sb = Sandbox::new("hostdevpriv");
+    let mut b = sb.bundle(&["sh", "-c", "test -e /dev/sda || echo no-sda"]);
+    b.config["linux"]["devices"] =
+        json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}]);
+    let caps = json!(ALL_CAPABILITIES);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    b.write();
+    let log = sb.path().join("log");
+    let out = sb.run_output(&["--log", log.to_str().unwrap()], &b, "p1");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no-sda\n");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("linux.devices[0] (/dev/sda, b 8:0): skipped")),
+        "{log}"
+    );
+    sb.assert_clean();
+}
+
+/// Every capability of the guest kernel (Linux 6.1), 0 to 40.
+const ALL_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];

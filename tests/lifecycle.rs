@@ -368,6 +368,18 @@ fn features_spec_list_and_version() {
     let o = krun(&sb, &["features"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["ociVersionMin"], "1.0.0");
+    // Every kind of hook runs, as runc lists them.
+    assert_eq!(
+        v["hooks"],
+        serde_json::json!([
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop"
+        ])
+    );
     assert!(v["annotations"]["io.krun-oci.systemd-cgroup"].is_string());
     let dir = sb.path().join("specdir");
     std::fs::create_dir_all(&dir).unwrap();
@@ -477,5 +489,143 @@ fn an_oom_kill_in_the_guest_is_recorded() {
         serde_json::from_slice(&std::fs::read(sb.root().join("o1/state.json")).unwrap()).unwrap();
     assert_eq!(state["oomKilled"], true, "{state}");
     ok(krun(&sb, &["delete", "o1"]));
+    sb.assert_clean();
+}
+
+/// The create-side hooks that can fail a container: the three `create`
+/// runs, and startContainer, which `start` runs.
+const CREATE_SIDE: [&str; 4] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+];
+
+/// A hook of kind `kind` that records the state it got, then one that
+/// fails (exits 1, or does not exist), and a poststop hook that records
+/// the state it got.
+fn failing_hooks(kind: &str, failing: &serde_json::Value, log: &Path) -> serde_json::Value {
+    let mut hooks = serde_json::Map::new();
+    hooks.insert(kind.into(), serde_json::json!([hook(kind, log), failing]));
+    hooks.insert(
+        "poststop".into(),
+        serde_json::json!([hook("poststop", log)]),
+    );
+    serde_json::Value::Object(hooks)
+}
+
+/// The status runc gives the state a hook of `kind` reads.
+fn status_for(kind: &str) -> &'static str {
+    if kind == "startContainer" {
+        "created"
+    } else {
+        "creating"
+    }
+}
+
+/// A create-side hook that fails, under `run` and under `create` (and
+/// `start` for startContainer): the command fails naming the hook, the
+/// hooks before it saw the state runc gives them, the VM is gone, the
+/// poststop hooks ran (as runc's destroy runs them), nothing is left.
+/// `run` used to hang with the VM up.
+#[test]
+fn a_failing_create_side_hook_fails_run_and_create_and_leaves_nothing() {
+    let sb = Sandbox::new("hookfail");
+    let log = sb.path().join("hooks.log");
+    let mut b = sb.bundle(&["sleep", "1000"]);
+    let exit_1 =
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", "echo nope >&2; exit 1"]});
+    let missing = serde_json::json!({"path": "/no/such/hook"});
+    for (how, failing, says) in [
+        ("exit 1", &exit_1, "failed with exit status: 1: nope"),
+        ("missing", &missing, "(/no/such/hook): cannot run it"),
+    ] {
+        for kind in CREATE_SIDE {
+            let case = format!("{kind}, {how}");
+            let want = format!("hooks.{kind}[1] ");
+            b.config["hooks"] = failing_hooks(kind, failing, &log);
+            b.write();
+            let _ = std::fs::remove_file(&log);
+            let ran = || std::fs::read_to_string(&log).unwrap_or_default();
+            let expected = format!("{kind} {}\npoststop stopped\n", status_for(kind));
+
+            // run: an error naming the hook, at once, and nothing left.
+            let t = Instant::now();
+            let mut c = sb.cmd();
+            c.args(["run", "--bundle"]).arg(&b.dir).arg("r1");
+            let o = harness::run_with_timeout(
+                c,
+                None,
+                Duration::from_secs(90),
+                &sb.path().join("console"),
+            );
+            assert_ne!(o.code, 0, "run, {case}");
+            assert!(o.stderr().contains(&want), "run, {case}: {}", o.stderr());
+            assert!(o.stderr().contains(says), "run, {case}: {}", o.stderr());
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "run, {case}: {:?}",
+                t.elapsed()
+            );
+            assert_eq!(ran(), expected, "run, {case}");
+            sb.assert_clean();
+            let _ = std::fs::remove_file(&log);
+
+            if kind == "startContainer" {
+                // create succeeds; start fails and stops the container;
+                // delete runs the poststop hooks.
+                let pid = create(&sb, &b, "c1");
+                refused(&sb, &["start", "c1"], &want);
+                delete_once_stopped(&sb, "c1", pid);
+            } else {
+                let mut c = sb.cmd();
+                c.args(["create", "--bundle"])
+                    .arg(&b.dir)
+                    .arg("c1")
+                    .stdin(Stdio::null());
+                let o = harness::run_with_timeout(
+                    c,
+                    None,
+                    harness::RUN_TIMEOUT,
+                    &sb.path().join("console"),
+                );
+                assert_ne!(o.code, 0, "create, {case}");
+                assert!(o.stderr().contains(&want), "create, {case}: {}", o.stderr());
+                assert!(o.stderr().contains(says), "create, {case}: {}", o.stderr());
+            }
+            assert_eq!(ran(), expected, "create, {case}");
+            sb.assert_clean();
+        }
+    }
+}
+
+/// A poststart or poststop hook that fails is a warning, as under runc:
+/// the container runs and its status is the workload's.
+#[test]
+fn failing_poststart_and_poststop_hooks_only_warn() {
+    let sb = Sandbox::new("hookwarn");
+    let mut b = sb.bundle(&["sh", "-c", "exit 3"]);
+    b.config["hooks"] = serde_json::json!({
+        "poststart": [{"path": "/bin/false"}],
+        "poststop": [{"path": "/no/such/hook"}]
+    });
+    let out = sb.run(&b, "w1", None);
+    out.expect_code(3);
+    let err = out.stderr();
+    assert!(
+        err.contains("hooks.poststart[0] (/bin/false) failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hooks.poststop[0] (/no/such/hook): cannot run it"),
+        "{err}"
+    );
+
+    b.config["process"]["args"] = serde_json::json!(["sleep", "1000"]);
+    b.write();
+    let pid = create(&sb, &b, "w2");
+    ok(krun(&sb, &["start", "w2"]));
+    assert_eq!(status(&sb, "w2"), "running");
+    delete_force(&sb, "w2", pid);
     sb.assert_clean();
 }

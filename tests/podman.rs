@@ -998,3 +998,64 @@ fn the_host_cgroup_limits_and_accounts_the_container() {
     pm.ok(&["rm", "-f", "-t", "0", "burn"]);
     pm.finish();
 }
+
+/// `--device` of a device the VM's kernel provides (fuse, tun): the node
+/// is in the container with its type and numbers, and opens.
+#[test]
+fn device_fuse_and_tun_are_given_and_open() {
+    let pm = Podman::new("devices");
+    let script = "stat -c '%n %F %t:%T' /dev/fuse /dev/net/tun; \
+                  (exec 3<>/dev/fuse) && echo fuse-opens; \
+                  (exec 3<>/dev/net/tun) && echo tun-opens";
+    let out = pm.run_rm(
+        &["--device", "/dev/fuse", "--device", "/dev/net/tun"],
+        busybox(),
+        &["sh", "-c", script],
+    );
+    assert_eq!(
+        out.ok(),
+        "/dev/fuse character special file a:e5\n\
+         /dev/net/tun character special file a:c8\n\
+         fuse-opens\ntun-opens"
+    );
+    pm.finish();
+}
+
+/// `--privileged` runs (under krun-oci the host devices podman lists that
+/// a VM cannot have are skipped, with a warning in the runtime's log) and
+/// the workload has every capability podman itself has (its own bounding
+/// set, which is this test's: a host may lack some), under runc and in the
+/// guest (whose kernel, Linux 6.1, has capabilities 0 to 40).
+#[test]
+fn privileged_runs_with_every_capability() {
+    let pm = Podman::new("privileged");
+    let out = pm.run_rm(
+        &["--privileged"],
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "grep -E '^Cap(Eff|Bnd)' /proc/self/status; echo ran",
+        ],
+    );
+    let text = out.ok();
+    let mask = |status: &str, field: &str| {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field}: {status}"));
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let full = mask(&ours, "CapBnd") & ((1u64 << 41) - 1);
+    for field in ["CapEff", "CapBnd"] {
+        assert_eq!(
+            mask(&text, field),
+            full,
+            "{field} {:x} wanted: {text}",
+            full
+        );
+    }
+    assert!(text.ends_with("ran"), "{text}");
+    pm.finish();
+}

@@ -202,6 +202,47 @@ fn readonly_root_tmpfs_and_bind_mounts() {
     assert!(!b.rootfs().join("rootfile").exists());
 }
 
+/// Mount options as runc takes them: on a bind mount, what is neither a
+/// flag nor a propagation is mount data, which bind ignores (podman's
+/// `mode=755`, `size=1k` on a volume), while its flags (nosuid) apply;
+/// and `linux.rootfsPropagation` is applied to the container's `/`.
+#[test]
+fn bind_mount_data_is_ignored_and_rootfs_propagation_applies() {
+    let sb = Sandbox::new("mountopts");
+    let vols = HostVolumes::new(sb.path(), "rw", "ro");
+    // The optional fields of mountinfo (field 7 on, up to "-") of `/` and
+    // /vol, and /vol's per-mount options (field 6).
+    let script = "awk '$5 == \"/\" || $5 == \"/vol\" { o = \"\"; \
+                  for (i = 7; $i != \"-\"; i++) o = o \" \" $i; print $5, $6, \"[\" o \" ]\" }' \
+                  /proc/self/mountinfo; cat /vol/from-host";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    b.add_mount(
+        json!({"destination": "/vol", "type": "bind", "source": &vols.rw,
+        "options": ["bind", "nosuid", "mode=755", "size=1k"]}),
+    );
+    b.config["linux"]["rootfsPropagation"] = json!("unbindable");
+    let out = sb.run(&b, "o1", None);
+    out.expect_code(0);
+    let text = out.stdout();
+    let line = |dest: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{dest} ")))
+            .unwrap_or_else(|| panic!("no mountinfo line for {dest}: {text}"))
+            .to_string()
+    };
+    assert!(line("/").contains("[ unbindable ]"), "{text}");
+    let vol = line("/vol");
+    assert!(
+        vol.split(' ')
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "nosuid"),
+        "{text}"
+    );
+    assert!(text.ends_with("host wrote this\n"), "{text}");
+}
+
 #[test]
 fn the_guest_kernel_is_not_the_hosts() {
     let sb = Sandbox::new("kernel");
@@ -542,4 +583,52 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
     assert_eq!(status.code(), Some(0));
     reader.join().unwrap();
     sb.assert_clean();
+}
+
+/// `linux.devices` the guest kernel provides are made in the container as
+/// the bundle gives them (type, numbers, mode, owner, path, also a default
+/// device's), and work: tun makes an interface, a loop device attaches a
+/// file, and a FUSE file system (guest-init/examples/fusehello.rs) is
+/// served and mounted.
+#[test]
+fn devices_the_guest_kernel_provides_are_made_and_work() {
+    let sb = Sandbox::new("devices");
+    let script = "stat -c '%n %F %t:%T %a %u:%g' /dev/fuse /dev/net/tun /dev/loop-control \
+                  /dev/loop0 /dev/mynull /dev/zero; \
+                  (exec 3<>/dev/fuse) && echo fuse-opens; \
+                  (exec 3<>/dev/net/tun) && echo tun-opens; \
+                  tunctl -t t0 >/dev/null && ip link show t0 >/dev/null && echo tun-made; \
+                  losetup -f; \
+                  dd if=/dev/zero of=/dev/img bs=1k count=64 2>/dev/null; \
+                  losetup /dev/loop0 /dev/img && losetup /dev/loop0 && losetup -d /dev/loop0; \
+                  mkdir -p /mnt/f; fusehello /mnt/f & \
+                  for i in $(seq 100); do grep -q ' /mnt/f fuse' /proc/mounts && break; sleep 0.1; done; \
+                  ls /mnt/f; cat /mnt/f/hello; umount /mnt/f; wait";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    std::fs::copy(harness::fusehello(), b.rootfs().join("bin/fusehello")).unwrap();
+    b.config["linux"]["devices"] = json!([
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666},
+        {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o666},
+        {"path": "/dev/loop-control", "type": "c", "major": 10, "minor": 237, "fileMode": 0o660},
+        {"path": "/dev/loop0", "type": "b", "major": 7, "minor": 0, "fileMode": 0o660},
+        {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000},
+        {"path": "/dev/zero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o640, "uid": 0, "gid": 1000}
+    ]);
+    // tun and loop want CAP_NET_ADMIN and CAP_SYS_ADMIN; not privileged.
+    let caps = json!(["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_KILL"]);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    let out = sb.run(&b, "d1", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "/dev/fuse character special file a:e5 666 0:0\n\
+         /dev/net/tun character special file a:c8 666 0:0\n\
+         /dev/loop-control character special file a:ed 660 0:0\n\
+         /dev/loop0 block special file 7:0 660 0:0\n\
+         /dev/mynull character special file 1:3 600 1000:1000\n\
+         /dev/zero character special file 1:5 640 0:1000\n\
+         fuse-opens\ntun-opens\ntun-made\n/dev/loop0\n\
+         /dev/loop0: 0 /dev/img\n\
+         hello\nhello from fuse\n"
+    );
 }

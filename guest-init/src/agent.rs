@@ -210,8 +210,10 @@ impl Agent {
         if n == 0 {
             *fd = None;
         } else {
+            let frame =
+                krun_proto::encode_frame(kind, id, &buf[..n]).context("encoding process output")?;
             self.port
-                .write_all(&krun_proto::encode_frame(kind, id, &buf[..n]))
+                .write_all(&frame)
                 .context("writing to the control port")?;
         }
         Ok(())

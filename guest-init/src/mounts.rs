@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
-use krun_proto::{ContainerSetup, MountSetup, MountSource};
+use krun_proto::{ContainerSetup, DeviceSetup, MountSetup, MountSource};
 
 use crate::failure::{Failure, OrFail};
 use crate::sys;
@@ -58,7 +58,11 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
         None => true,
         Some(m) => matches!(&m.source, MountSource::Fs { fstype, .. } if fstype == "tmpfs"),
     };
+    // As runc: no nodes are made in a /dev bound from elsewhere; the
+    // bundle's first, so that its entry for a default device (its mode,
+    // its owner) is the node the container gets.
     if dev_is_tmpfs {
+        spec_devices(&root, &setup.devices)?;
         default_devices(&root)?;
     }
     restrict_paths(setup, &root)?;
@@ -140,6 +144,18 @@ fn set_sysctls_and_names(setup: &ContainerSetup) -> Result<(), Failure> {
         sys::setdomainname(d).or_fail(|| format!("domainname: setting {d:?}"))?;
     }
     Ok(())
+}
+
+/// `linux.rootfsPropagation` on the container's `/`, once it is the root
+/// (and after the console is bound in, which an `runbindable` tree would
+/// refuse), as runc applies it after its pivot_root. The tree is private
+/// until then.
+pub fn set_root_propagation(setup: &ContainerSetup) -> Result<(), Failure> {
+    if setup.root.propagation == 0 {
+        return Ok(());
+    }
+    sys::mount(None, Path::new("/"), None, setup.root.propagation, None)
+        .or_fail(|| "linux.rootfsPropagation: setting the propagation of /".into())
 }
 
 /// Makes `root` this process's root. The initramfs cannot be pivoted away
@@ -281,6 +297,33 @@ fn mount_one(root: &Path, m: &MountSetup, shares: &mut Shares) -> Result<(), Fai
     Ok(())
 }
 
+/// `linux.devices`: each node made at its path as if `root` were `/`
+/// (symlinks on the way resolved inside the root, never out of it), with
+/// its parent directories, as runc makes them; a file already there (the
+/// /dev/ptmx link of a devpts mount) is left as it is, as runc leaves it.
+fn spec_devices(root: &Path, devices: &[DeviceSetup]) -> Result<(), Failure> {
+    for (i, d) in devices.iter().enumerate() {
+        make_device(root, d).or_fail(|| format!("linux.devices[{i}] ({})", d.path))?;
+    }
+    Ok(())
+}
+
+fn make_device(root: &Path, d: &DeviceSetup) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = resolve_in_root(root, &d.path)?;
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match sys::mknod(&p, d.block, d.mode, d.major, d.minor) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        r => r?,
+    }
+    std::os::unix::fs::lchown(&p, Some(d.uid), Some(d.gid))?;
+    // mknod honours the umask; the mode must be exact. The node was just
+    // made here, so this follows no link.
+    fs::set_permissions(&p, fs::Permissions::from_mode(d.mode))
+}
+
 /// The device nodes every container gets (runc's default set).
 fn default_devices(root: &Path) -> Result<(), Failure> {
     let dev = resolve_in_root(root, "/dev").or_fail(|| "resolving /dev".into())?;
@@ -294,7 +337,8 @@ fn default_devices(root: &Path) -> Result<(), Failure> {
     ] {
         let p = dev.join(name);
         if fs::symlink_metadata(&p).is_err() {
-            sys::mknod_char(&p, 0o666, major, minor).or_fail(|| format!("creating /dev/{name}"))?;
+            sys::mknod(&p, false, 0o666, major, minor)
+                .or_fail(|| format!("creating /dev/{name}"))?;
             // mknod honours the umask; the mode must be exact.
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&p, fs::Permissions::from_mode(0o666))
@@ -422,6 +466,49 @@ mod tests {
             resolve_in_root(root, "/loop").unwrap_err().raw_os_error(),
             Some(libc::ELOOP)
         );
+    }
+
+    #[test]
+    fn devices_are_made_as_given_and_inside_the_root() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: mknod cannot be tested");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("dev")).unwrap();
+        symlink("/dev", root.join("devlink")).unwrap();
+        let null = DeviceSetup {
+            path: "/devlink/net/mynull".into(),
+            block: false,
+            major: 1,
+            minor: 3,
+            mode: 0o600,
+            uid: 1000,
+            gid: 1001,
+        };
+        let lo = DeviceSetup {
+            path: "/dev/loop3".into(),
+            block: true,
+            major: 7,
+            minor: 3,
+            mode: 0o660,
+            ..Default::default()
+        };
+        spec_devices(root, &[null.clone(), lo]).unwrap();
+        let md = fs::symlink_metadata(root.join("dev/net/mynull")).unwrap();
+        assert!(md.file_type().is_char_device());
+        assert_eq!(md.rdev(), nix::sys::stat::makedev(1, 3));
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (0o600, 1000, 1001)
+        );
+        let md = fs::symlink_metadata(root.join("dev/loop3")).unwrap();
+        assert!(md.file_type().is_block_device());
+        assert_eq!(md.rdev(), nix::sys::stat::makedev(7, 3));
+        // Made again (or where something is): left as it is.
+        spec_devices(root, &[null]).unwrap();
     }
 
     #[test]

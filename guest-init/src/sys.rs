@@ -60,16 +60,16 @@ pub fn mount(
     Ok(())
 }
 
-/// mknod(2) for a character device.
-pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+/// mknod(2) for a character device, or a block device with `block`.
+pub fn mknod(path: &Path, block: bool, mode: u32, major: u32, minor: u32) -> io::Result<()> {
     let p = cstring(path)?;
     let dev = stat::makedev(major.into(), minor.into());
-    stat::mknod(
-        p.as_c_str(),
-        SFlag::S_IFCHR,
-        Mode::from_bits_retain(mode),
-        dev,
-    )?;
+    let kind = if block {
+        SFlag::S_IFBLK
+    } else {
+        SFlag::S_IFCHR
+    };
+    stat::mknod(p.as_c_str(), kind, Mode::from_bits_retain(mode), dev)?;
     Ok(())
 }
 

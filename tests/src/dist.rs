@@ -103,13 +103,23 @@ fn dist_bin(name: &str, sources: &[&str]) -> PathBuf {
 /// `hack/build` puts in target/dist/tools, for tests to copy into a busybox
 /// rootfs. Panics with instructions when it is missing or stale.
 pub fn netperf() -> PathBuf {
-    let bin = dist().join("tools/netperf");
+    tool("netperf")
+}
+
+/// The static FUSE file system (guest-init/examples/fusehello.rs), as
+/// [`netperf`].
+pub fn fusehello() -> PathBuf {
+    tool("fusehello")
+}
+
+fn tool(name: &str) -> PathBuf {
+    let bin = dist().join("tools").join(name);
     assert!(
         bin.is_file(),
         "{} is missing: run hack/build",
         bin.display()
     );
-    let src = workspace().join("guest-init/examples/netperf.rs");
+    let src = workspace().join(format!("guest-init/examples/{name}.rs"));
     assert!(
         mtime(&bin) >= mtime(&src),
         "{} is older than {}: run hack/build",

@@ -208,6 +208,7 @@ fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<P
     if let ChildStdio::Tty { sock, size, uid } = stdio {
         stdio::attach_terminal(&sock, size, uid)?;
     }
+    mounts::set_root_propagation(setup)?;
     process::apply(&setup.process)
 }
 

@@ -15,8 +15,13 @@
 //! * a plan that succeeds sizes the VM within the host (1 to 4 vCPUs,
 //!   64 MiB to 8 GiB), gives the container its root filesystem first and
 //!   each host path under a name of its own, and its container setup
-//!   survives the JSON trip to the guest unchanged, and its host memory
-//!   limit is the VM's plus the host overhead;
+//!   survives the JSON trip to the guest unchanged and fits in the one
+//!   control frame that carries it, and its host memory limit is the VM's
+//!   plus the host overhead;
+//! * every device a plan gives the container (`linux.devices`) has an
+//!   absolute path, permission bits only, and the type and numbers of a
+//!   device the guest kernel provides (memory devices, tty, ptmx, fuse,
+//!   tun, loop-control, loop): nothing else of the host reaches the guest;
 //! * `linux.cgroupsPath`, read as runc reads it with and without
 //!   `--systemd-cgroup`, never names a path that climbs (`..`), is rooted
 //!   or is empty below a hierarchy's root.
@@ -54,6 +59,7 @@ fn host() -> HostInfo {
         cpus: 4,
         memory_mib: 8192,
         hostname: "fuzz-host".into(),
+        capabilities: 0x1ff_feff_ffff,
     }
 }
 
@@ -165,8 +171,24 @@ fn run(data: &[u8]) {
                 p.paths.binds.len(),
                 "two host paths share a name"
             );
+            for d in &p.setup.devices {
+                let n = (d.major, d.minor);
+                let provided = if d.block {
+                    d.major == 7
+                } else {
+                    matches!(n, (1, 3 | 5 | 7 | 8 | 9) | (5, 0 | 2) | (10, 200 | 229 | 237))
+                };
+                assert!(provided, "device {d:?} is not one the guest provides");
+                assert!(d.path.starts_with('/'), "device path {:?}", d.path);
+                assert!(d.mode <= 0o7777, "device mode {:o}", d.mode);
+            }
             let msg = ToGuest::Create(Box::new(p.setup));
             let json = serde_json::to_vec(&msg).expect("a setup serializes");
+            assert!(
+                json.len() <= krun_proto::MAX_PAYLOAD,
+                "a planned setup of {} bytes does not fit in a control frame",
+                json.len()
+            );
             let back: ToGuest = serde_json::from_slice(&json).expect("a setup parses back");
             assert_eq!(back, msg, "the setup changed on its way to the guest");
         }

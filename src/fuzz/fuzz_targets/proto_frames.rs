@@ -162,7 +162,7 @@ impl Read for Pieces<'_> {
 /// Checks a decoded frame: size, re-encoding, and its message if any.
 fn check_frame(f: &Frame, bytes: &[u8]) {
     assert!(f.payload.len() <= MAX_PAYLOAD);
-    let enc = f.encode();
+    let enc = f.encode().expect("a decoded frame fits in one");
     assert_eq!(enc, bytes, "a frame re-encodes to the bytes it came from");
     if let Ok(m) = f.message::<ToHost>() {
         let again = Frame::control(f.stream, &m);

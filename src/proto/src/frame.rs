@@ -86,26 +86,35 @@ impl Frame {
 
     /// Header and payload as one buffer, so that one `write_all` sends the
     /// whole frame (writers sharing a channel hold a lock around it).
-    pub fn encode(&self) -> Vec<u8> {
+    /// [`ProtoError::TooLarge`] if the payload exceeds [`MAX_PAYLOAD`].
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         encode_frame(self.kind, self.stream, &self.payload)
     }
 
-    /// Writes the frame to `w` in one call.
+    /// Writes the frame to `w` in one call; a payload over [`MAX_PAYLOAD`]
+    /// is an `InvalidInput` error and nothing is written.
     pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<()> {
-        w.write_all(&self.encode())
+        let bytes = self
+            .encode()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        w.write_all(&bytes)
     }
 }
 
-/// Encodes one frame. Panics if `payload` exceeds [`MAX_PAYLOAD`]: senders
-/// split data themselves, so that is a bug, never input.
-pub fn encode_frame(kind: FrameKind, stream: u32, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() <= MAX_PAYLOAD, "frame payload too large");
+/// Encodes one frame; [`ProtoError::TooLarge`] if `payload` exceeds
+/// [`MAX_PAYLOAD`], which the reading side would refuse. Data streams are
+/// split by their senders; a control message that large (a config.json
+/// with 10,000 mounts) is an error for the sender to report, never a panic.
+pub fn encode_frame(kind: FrameKind, stream: u32, payload: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtoError::TooLarge(payload.len()));
+    }
     let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
     buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     buf.push(kind as u8);
     buf.extend_from_slice(&stream.to_le_bytes());
     buf.extend_from_slice(payload);
-    buf
+    Ok(buf)
 }
 
 fn parse_header(h: &[u8]) -> Result<(usize, FrameKind, u32), ProtoError> {
@@ -246,7 +255,7 @@ mod tests {
         #[test]
         fn roundtrip_any_chunking(frames in proptest::collection::vec(frame_strategy(), 0..8),
                                   cuts in proptest::collection::vec(1usize..700, 0..64)) {
-            let bytes: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();
+            let bytes: Vec<u8> = frames.iter().flat_map(|f| f.encode().unwrap()).collect();
             let mut dec = Decoder::new();
             let mut out = Vec::new();
             let mut pos = 0;
@@ -303,14 +312,34 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_payload_is_an_error_to_encode_not_a_panic() {
+        let big = vec![b'x'; MAX_PAYLOAD + 1];
+        assert!(matches!(
+            encode_frame(FrameKind::Control, 0, &big),
+            Err(ProtoError::TooLarge(n)) if n == MAX_PAYLOAD + 1
+        ));
+        let f = Frame {
+            kind: FrameKind::Control,
+            stream: 0,
+            payload: big,
+        };
+        let mut out = Vec::new();
+        let e = f.write_to(&mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(out.is_empty(), "nothing of the frame was written");
+        let exact = encode_frame(FrameKind::Stdout, 1, &vec![0; MAX_PAYLOAD]).unwrap();
+        assert_eq!(exact.len(), HEADER_LEN + MAX_PAYLOAD);
+    }
+
+    #[test]
     fn unknown_kind_and_truncation_are_errors() {
-        let mut bytes = encode_frame(FrameKind::Stdout, 7, b"hello");
+        let mut bytes = encode_frame(FrameKind::Stdout, 7, b"hello").unwrap();
         bytes[4] = 99;
         assert!(matches!(
             FrameReader::new(&bytes[..]).read_frame(),
             Err(ProtoError::UnknownKind(99))
         ));
-        let bytes = encode_frame(FrameKind::Stdout, 7, b"hello");
+        let bytes = encode_frame(FrameKind::Stdout, 7, b"hello").unwrap();
         assert!(matches!(
             FrameReader::new(&bytes[..7]).read_frame(),
             Err(ProtoError::Truncated)

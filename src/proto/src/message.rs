@@ -152,6 +152,10 @@ pub struct ContainerSetup {
     pub masked_paths: Vec<String>,
     /// Paths made read-only (runtime-spec `linux.readonlyPaths`).
     pub readonly_paths: Vec<String>,
+    /// Device nodes made in the container (runtime-spec `linux.devices`),
+    /// each one the guest kernel provides.
+    #[serde(default)]
+    pub devices: Vec<DeviceSetup>,
     /// The VM's network, carried in from the container's network namespace
     /// on the host; set by the container that boots the VM. None: the guest
     /// keeps loopback only.
@@ -197,6 +201,11 @@ pub struct RootSetup {
     #[serde(default)]
     pub path: String,
     pub readonly: bool,
+    /// `linux.rootfsPropagation` as MS_* flags (MS_UNBINDABLE, MS_SHARED,
+    /// with MS_REC for the r- variants), applied to the container's `/`
+    /// once it is its root; 0: left private.
+    #[serde(default)]
+    pub propagation: u64,
 }
 
 /// One mount inside the container, destination relative to its root.
@@ -210,6 +219,21 @@ pub struct MountSetup {
     pub propagation: u64,
     /// Filesystem-specific options (`mode=755,size=65536k`).
     pub data: String,
+}
+
+/// One device node of the container (runtime-spec `linux.devices`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSetup {
+    /// Absolute path inside the container (`/dev/net/tun`).
+    pub path: String,
+    /// A block device; otherwise a character device.
+    pub block: bool,
+    pub major: u32,
+    pub minor: u32,
+    /// Permission bits (0o666 when the bundle gives none).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Where a mount comes from.

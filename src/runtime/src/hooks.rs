@@ -26,7 +26,18 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    /// Every kind, in the order the runtime-spec runs them.
+    pub const ALL: [Kind; 6] = [
+        Kind::Prestart,
+        Kind::CreateRuntime,
+        Kind::CreateContainer,
+        Kind::StartContainer,
+        Kind::Poststart,
+        Kind::Poststop,
+    ];
+
+    /// The kind's name in config.json (and in `features`).
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Prestart => "prestart",
             Kind::CreateRuntime => "createRuntime",
@@ -76,6 +87,28 @@ pub enum HookError {
         path: String,
         secs: i64,
     },
+}
+
+/// The hooks of `spec` whose path is not absolute, which the runtime-spec
+/// forbids ("path MUST be absolute"), as (field, path): refused when the
+/// container is planned, before anything runs, rather than run relative to
+/// whatever directory the runtime happens to be in.
+pub fn relative_paths(spec: &Spec) -> Vec<(String, String)> {
+    let Some(hooks) = spec.hooks() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for kind in Kind::ALL {
+        for (index, hook) in kind.of(hooks).iter().enumerate() {
+            if !hook.path().is_absolute() {
+                out.push((
+                    format!("hooks.{}[{index}].path", kind.name()),
+                    hook.path().display().to_string(),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Runs the `kind` hooks of `spec` in order, each with `state` on stdin;
@@ -222,6 +255,29 @@ mod tests {
             "{e}"
         );
         assert!(!marker.exists());
+    }
+
+    #[test]
+    fn relative_hook_paths_are_found_in_every_kind() {
+        let s = spec(serde_json::json!({
+            "prestart": [{"path": "/bin/true"}, {"path": "bin/false"}],
+            "startContainer": [{"path": "false"}],
+            "poststop": [{"path": "/bin/true"}]
+        }));
+        assert_eq!(
+            relative_paths(&s),
+            vec![
+                (
+                    "hooks.prestart[1].path".to_string(),
+                    "bin/false".to_string()
+                ),
+                (
+                    "hooks.startContainer[0].path".to_string(),
+                    "false".to_string()
+                )
+            ]
+        );
+        assert!(relative_paths(&spec(serde_json::json!({}))).is_empty());
     }
 
     #[test]

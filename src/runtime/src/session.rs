@@ -592,7 +592,7 @@ mod tests {
         let flag = control.clone();
         std::thread::spawn(move || read_frames(FrameReader::new(from_guest), events_tx, flag));
         for _ in 0..3 {
-            let f = Frame::control(MAIN_STREAM, &ToHost::Oom).encode();
+            let f = Frame::control(MAIN_STREAM, &ToHost::Oom).encode().unwrap();
             guest_out.write_all(&f).unwrap();
         }
         // One event fits in the channel; the reader blocks on the second.

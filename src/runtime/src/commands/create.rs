@@ -106,15 +106,23 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
             let _ = ready_r.read_to_string(&mut report);
             if report.trim() == "ok" {
                 if let Err(e) = create_hooks(&ctx, id, &spec) {
-                    // The container is taken down, as the runtime-spec says.
+                    // The container is taken down, as the runtime-spec says,
+                    // and its poststop hooks run, as runc's destroy runs
+                    // them (their failures only warn).
+                    let mut stopped = None;
                     if let Ok(c) = Existing::open(&ctx.root, id) {
-                        let _ = c
-                            .client()
-                            .and_then(|mut cl| Ok(cl.call(&crate::api::Request::Shutdown)?));
-                        c.wait_monitor_gone(std::time::Duration::from_secs(10));
+                        let mut state = c.state.to_oci();
+                        state["status"] = "stopped".into();
+                        state["pid"] = 0.into();
+                        stopped = Some(state);
+                        let _ = super::lifecycle::stop_now(&c);
                         let _ = c.dir.remove();
                     }
                     super::reap(pid);
+                    drop(cgroup);
+                    if let Some(state) = stopped {
+                        hooks::run_warn(hooks::Kind::Poststop, &spec, &state);
+                    }
                     return Err(e);
                 }
                 // The container lives: its cgroup is delete's to remove.
@@ -221,7 +229,10 @@ pub(super) fn host_cgroup(ctx: &Context, launch: &mut Launch) -> Result<cgroups:
 }
 
 /// The hooks that run when a container is created, in the runtime-spec's
-/// order, with its state (status `creating`) on stdin.
+/// order, with its state on stdin. Its status is `creating`, as runc gives
+/// these three (libcontainer sets `specs.StateCreating` for prestart and
+/// createRuntime, and for createContainer in the container's init);
+/// startContainer gets `created`, poststart `running`, poststop `stopped`.
 pub fn create_hooks(ctx: &Context, id: &str, spec: &oci_spec::runtime::Spec) -> Result<()> {
     let c = Existing::open(&ctx.root, id)?;
     let mut state = c.state.to_oci();

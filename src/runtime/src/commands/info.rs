@@ -118,7 +118,9 @@ pub fn features() -> Result<i32> {
     let v = json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
-        "hooks": [],
+        // Every kind runs (on the host, in the runtime's namespaces), as
+        // runc lists them: its configs.KnownHookNames().
+        "hooks": crate::hooks::Kind::ALL.map(crate::hooks::Kind::name),
         "mountOptions": ["ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "sync", "async", "dirsync",
             "mand", "nomand", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
             "nostrictatime", "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",

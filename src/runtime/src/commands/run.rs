@@ -54,19 +54,28 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
         )?)
     });
     if let Err(e) = hooked {
-        let _ = monitor.serve(false);
+        // The process never runs: the container is taken down at once and
+        // its poststop hooks run, as runc's destroy does after a failed
+        // hook (their failures only warn).
+        take_down(monitor, &spec);
         return Err(e);
     }
     if let Some(p) = &args.pid_file {
-        super::create::write_pid_file(p, std::process::id() as i32)?;
+        if let Err(e) = super::create::write_pid_file(p, std::process::id() as i32) {
+            take_down(monitor, &spec);
+            return Err(e);
+        }
     }
     signals.attach(monitor.sender());
     let started = monitor.start_now();
     if started.is_ok() {
         hooks::run_warn(hooks::Kind::Poststart, &spec, &monitor.oci_state());
     }
+    let mut stopped = monitor.oci_state();
+    stopped["status"] = "stopped".into();
     if let Err(e) = started {
         let _ = monitor.serve(false);
+        hooks::run_warn(hooks::Kind::Poststop, &spec, &stopped);
         return Err(match e {
             SessionError::Process { code, message } => Error::Exit { code, message },
             source => Error::Vm {
@@ -75,8 +84,6 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
             },
         });
     }
-    let mut stopped = monitor.oci_state();
-    stopped["status"] = "stopped".into();
     let result = monitor.serve(false);
     hooks::run_warn(hooks::Kind::Poststop, &spec, &stopped);
     match result {
@@ -86,6 +93,16 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
             source,
         }),
     }
+}
+
+/// Stops a container whose process never started, removes everything of
+/// it, then runs its poststop hooks with its state, now `stopped`.
+fn take_down(monitor: Monitor, spec: &oci_spec::runtime::Spec) {
+    let mut stopped = monitor.oci_state();
+    stopped["status"] = "stopped".into();
+    stopped["pid"] = 0.into();
+    monitor.abort();
+    hooks::run_warn(hooks::Kind::Poststop, spec, &stopped);
 }
 
 /// The forwarded signals blocked on the calling thread until dropped; one

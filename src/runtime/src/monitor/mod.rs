@@ -174,6 +174,27 @@ impl Monitor {
     /// `stopped`, for `delete` (a detached container); otherwise remove it.
     pub fn serve(mut self, keep_state: bool) -> Result<Outcome, SessionError> {
         let result = self.event_loop();
+        self.finish(result, keep_state)
+    }
+
+    /// Takes the container down without serving it (its process never
+    /// started, or `run` gave up on it): the VM is stopped and everything
+    /// of the container on the host goes, its state directory included.
+    pub fn abort(self) {
+        let killed = Outcome {
+            status: ExitStatus::Signal(libc::SIGKILL),
+            oom_killed: false,
+        };
+        let _ = self.finish(Ok(killed), false);
+    }
+
+    /// Stops the VM after the event loop ended with `result`, and records
+    /// the container as stopped (`keep_state`) or removes its state.
+    fn finish(
+        mut self,
+        result: Result<Outcome, SessionError>,
+        keep_state: bool,
+    ) -> Result<Outcome, SessionError> {
         let exited_ms = crate::since_start_ms();
         self.container.streams.container_stopped();
         let timings = self.session.timings.clone();

@@ -5,6 +5,7 @@
 //! VM, e.g. host device cgroup rules), or reported as unsupported — all
 //! problems of a bundle at once, each naming its field.
 
+mod devices;
 mod host;
 pub mod host_cgroup;
 mod mounts;
@@ -135,15 +136,26 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         tag: SHARE_TAG.to_string(),
         path: staging::root_path(id),
         readonly: false,
+        propagation: mounts::root_propagation(spec, &mut problems),
     };
     match spec.root() {
         None => problems.add("root", "missing: the bundle must name its root filesystem"),
         Some(root) => {
-            let path = bundle.join(root.path());
+            let path = root_path(bundle, root.path());
             if !path.is_dir() {
                 problems.add(
                     "root.path",
                     format!("{} does not exist or is not a directory", path.display()),
+                );
+            } else if let Some(real) = through_a_symlink(&path) {
+                problems.add(
+                    "root.path",
+                    format!(
+                        "{} is a symlink or goes through one (it resolves to {}): as runc \
+                         requires, name the root filesystem by its real path",
+                        path.display(),
+                        real.display()
+                    ),
                 );
             }
             root_setup.readonly = root.readonly().unwrap_or(false);
@@ -160,10 +172,18 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         }
     }
 
+    for (field, path) in crate::hooks::relative_paths(spec) {
+        problems.add(
+            field,
+            format!("must be absolute, as the runtime-spec requires (got {path:?})"),
+        );
+    }
+
     let process = process::plan_process(spec, &mut problems);
     let mounts = mounts::plan_mounts(spec, id, bundle, &mut binds, &mut problems);
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
+    let devices = devices::plan_devices(spec, host.capabilities, &mut problems, &mut warnings);
     let has_netns = spec
         .linux()
         .as_ref()
@@ -234,8 +254,12 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         sysctl: linux.sysctl,
         masked_paths: linux.masked_paths,
         readonly_paths: linux.readonly_paths,
+        devices,
         network: None,
     };
+    if let Some(p) = setup_too_large(&setup) {
+        return Err(PlanError(vec![p]));
+    }
     Ok(VmPlan {
         host: host::plan_host(spec, memory_mib),
         host_cgroup: None,
@@ -250,6 +274,105 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         require_kvm,
         netns: linux.netns,
         warnings,
+    })
+}
+
+/// `root.path` on the host: as under runc, a relative one is taken from
+/// the bundle directory's real path (runc resolves it from its working
+/// directory, which is the bundle's).
+fn root_path(bundle: &Path, root: &Path) -> std::path::PathBuf {
+    if root.is_absolute() {
+        return root.to_path_buf();
+    }
+    bundle
+        .canonicalize()
+        .unwrap_or_else(|_| bundle.to_path_buf())
+        .join(root)
+}
+
+/// Where `path` really is, if that is not `path` itself (lexically
+/// cleaned): a symlink on the way. runc refuses such a root ("invalid
+/// rootfs: not an absolute path, or a symlink"): the VM's share is made of
+/// the path as given, and virtiofsd's sandbox would refuse it later with a
+/// far less clear error.
+fn through_a_symlink(path: &Path) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let mut clean = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                clean.pop();
+            }
+            other => clean.push(other),
+        }
+    }
+    let real = path.canonicalize().ok()?;
+    (real != clean).then_some(real)
+}
+
+/// Room kept in the guest's first control message for what the monitor
+/// adds to the setup at launch (the network's addresses and routes).
+const SETUP_SLACK: usize = 16 << 10;
+
+/// The container's setup goes to the guest in one control message, which
+/// may carry [`krun_proto::MAX_PAYLOAD`] bytes: a larger one is a problem
+/// of the field that takes the most room (10,000 mounts), found here,
+/// before anything is started.
+fn setup_too_large(setup: &ContainerSetup) -> Option<Problem> {
+    fn size<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+        serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+    }
+    let limit = krun_proto::MAX_PAYLOAD - SETUP_SLACK;
+    let total = size(&krun_proto::ToGuest::Create(Box::new(setup.clone())));
+    if total <= limit {
+        return None;
+    }
+    let n = |what: &str, len: usize| format!("{len} {what}");
+    let parts = [
+        (
+            "mounts",
+            size(&setup.mounts),
+            n("mounts", setup.mounts.len()),
+        ),
+        (
+            "process.env",
+            size(&setup.process.env),
+            n("variables", setup.process.env.len()),
+        ),
+        (
+            "process.args",
+            size(&setup.process.args),
+            n("arguments", setup.process.args.len()),
+        ),
+        (
+            "linux.maskedPaths",
+            size(&setup.masked_paths),
+            n("paths", setup.masked_paths.len()),
+        ),
+        (
+            "linux.readonlyPaths",
+            size(&setup.readonly_paths),
+            n("paths", setup.readonly_paths.len()),
+        ),
+        (
+            "linux.devices",
+            size(&setup.devices),
+            n("devices", setup.devices.len()),
+        ),
+        (
+            "linux.sysctl",
+            size(&setup.sysctl),
+            n("settings", setup.sysctl.len()),
+        ),
+    ];
+    let (field, bytes, what) = parts.into_iter().max_by_key(|p| p.1)?;
+    Some(Problem {
+        field: field.to_string(),
+        problem: format!(
+            "too large for the VM: {what} take {bytes} of the {total} bytes of the container's \
+             setup, which must fit in one {limit}-byte message to the guest"
+        ),
     })
 }
 
@@ -280,9 +403,6 @@ fn linux_extras(spec: &Spec, problems: &mut Problems, warnings: &mut Vec<String>
             "linux.uidMappings",
             "user namespaces with id mappings are not supported",
         );
-    }
-    if linux.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-        problems.add("linux.devices", "host devices cannot be passed into the VM");
     }
     if linux.intel_rdt().is_some() {
         problems.add("linux.intelRdt", "not supported inside a VM");

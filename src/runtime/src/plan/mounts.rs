@@ -63,6 +63,36 @@ const IGNORED: &[&str] = &[
     "remount",
 ];
 
+/// `linux.rootfsPropagation` as MS_* flags (0 when absent); an unknown
+/// value is a problem, as it is to runc.
+pub(super) fn root_propagation(spec: &Spec, problems: &mut Problems) -> u64 {
+    let Some(value) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().clone())
+        .filter(|v| !v.is_empty())
+    else {
+        return 0;
+    };
+    match PROPAGATION.iter().find(|(name, _)| *name == value) {
+        Some((_, flags)) => *flags,
+        None => {
+            problems.add(
+                "linux.rootfsPropagation",
+                format!(
+                    "unknown propagation {value:?} (want one of {})",
+                    PROPAGATION
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            0
+        }
+    }
+}
+
 /// Parsed `options` of one mount.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Options {
@@ -180,13 +210,14 @@ pub(super) fn plan_mounts(
             MountSource::Fs { fstype, .. } if fstype == "cgroup2" => String::new(),
             _ => opts.data.join(","),
         };
-        if matches!(source, MountSource::Share { .. }) && !data.is_empty() {
-            problems.add(
-                field("options"),
-                format!("unknown option(s) for a bind mount: {data}"),
-            );
-            continue;
-        }
+        // What is neither a flag nor a propagation is mount data, which a
+        // bind mount does not take: runc passes it to mount(2), whose bind
+        // ignores it (podman's `mode=755`, `size=1k` on a volume); so is it
+        // dropped here.
+        let data = match source {
+            MountSource::Share { .. } => String::new(),
+            MountSource::Fs { .. } => data,
+        };
         out.push(MountSetup {
             destination: dest.to_string_lossy().into_owned(),
             source,

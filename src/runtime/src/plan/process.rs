@@ -95,7 +95,7 @@ pub(crate) fn process_setup(p: &Process, problems: &mut Problems) -> ProcessSetu
 }
 
 /// `CAP_CHOWN` and so on, as config.json spells them.
-fn cap_name(c: &Capability) -> String {
+pub(super) fn cap_name(c: &Capability) -> String {
     serde_json::to_value(c)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

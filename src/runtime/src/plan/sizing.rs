@@ -35,10 +35,15 @@ pub struct HostInfo {
     /// This machine's hostname: a container whose spec names none sees it,
     /// as it would under runc (a new UTS namespace starts with the host's).
     pub hostname: String,
+    /// The runtime's own bounding capability set (`CapBnd`, bit N for
+    /// capability N): the most an engine running beside it can give a
+    /// container, which is what `--privileged` gives.
+    pub capabilities: u64,
 }
 
 impl HostInfo {
-    /// This machine's CPUs, memory and hostname.
+    /// This machine's CPUs, memory and hostname, and this process's
+    /// bounding capability set.
     pub fn detect() -> HostInfo {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u32)
@@ -57,10 +62,20 @@ impl HostInfo {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
+        let capabilities = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("CapBnd:")
+                        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                })
+            })
+            .unwrap_or(u64::MAX);
         HostInfo {
             cpus,
             memory_mib,
             hostname,
+            capabilities,
         }
     }
 }

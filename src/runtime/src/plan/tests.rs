@@ -12,6 +12,7 @@ const HOST: HostInfo = HostInfo {
     cpus: 4,
     memory_mib: 8192,
     hostname: String::new(),
+    capabilities: u64::MAX,
 };
 
 /// A bundle in a temporary directory from fixture `name`, edited by `edit`,
@@ -382,10 +383,12 @@ fn bad_bundles_name_every_bad_field() {
             }),
         ),
         (
-            "linux.devices",
+            "linux.devices[1] (/dev/sda, b 8:0)",
             Box::new(|c| {
-                c["linux"]["devices"] =
-                    json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}])
+                c["linux"]["devices"] = json!([
+                    {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                    {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}
+                ])
             }),
         ),
     ];
@@ -527,4 +530,222 @@ fn the_host_side_gets_the_vm_plus_overhead_and_the_specs_cpu_limits() {
     })
     .unwrap();
     assert_eq!((p.host.cpu_quota, p.host.cpuset_cpus), (None, None));
+}
+
+#[test]
+fn hook_paths_must_be_absolute() {
+    let fields = problem_fields("runc-spec", |c| {
+        c["hooks"] = json!({
+            "prestart": [{"path": "/bin/true"}, {"path": "hooks/prestart"}],
+            "createRuntime": [{"path": "false"}],
+            "poststop": [{"path": "/bin/true"}]
+        });
+    });
+    assert_eq!(
+        fields,
+        ["hooks.prestart[1].path", "hooks.createRuntime[0].path"]
+    );
+}
+
+#[test]
+fn a_setup_too_large_for_one_message_names_the_mounts() {
+    let err = plan_of("runc-spec", |c| {
+        let tmpfs: Vec<Value> = (0..10_000)
+            .map(|i| json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1k"]}))
+            .collect();
+        c["mounts"] = Value::Array(tmpfs);
+    })
+    .unwrap_err();
+    assert_eq!(err.fields(), ["mounts"]);
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("mounts: too large for the VM: 10000 mounts take "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "{}-byte message",
+            krun_proto::MAX_PAYLOAD - SETUP_SLACK
+        )),
+        "{msg}"
+    );
+    // A thousand fit.
+    plan_of("runc-spec", |c| {
+        let tmpfs: Vec<Value> = (0..1_000)
+            .map(|i| json!({"destination": format!("/t/{i}"), "type": "tmpfs", "source": "tmpfs"}))
+            .collect();
+        c["mounts"] = Value::Array(tmpfs);
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_symlinked_root_is_refused_as_runc_refuses_it() {
+    let (dir, b) = bundle("runc-spec", |_| {});
+    let d = dir.path();
+    std::os::unix::fs::symlink("rootfs", d.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink(d.join("rootfs"), d.join("abs-link")).unwrap();
+    std::fs::create_dir_all(d.join("real/inner")).unwrap();
+    std::os::unix::fs::symlink(d.join("real"), d.join("via")).unwrap();
+    let with_root = |root: &Path| {
+        let mut spec = b.spec.clone();
+        spec.set_root(Some(
+            oci_spec::runtime::RootBuilder::default()
+                .path(root)
+                .build()
+                .unwrap(),
+        ));
+        plan("c1", &b.dir, &spec, &HOST)
+    };
+    for root in [
+        Path::new("rel-link"),
+        &d.join("abs-link"),
+        &d.join("via/inner"),
+    ] {
+        let err = with_root(root).unwrap_err();
+        assert_eq!(err.fields(), ["root.path"], "{root:?}");
+        assert!(err.to_string().contains("symlink"), "{err}");
+    }
+    // The real path, relative or absolute, `..` and `.` included, is fine.
+    for root in [
+        Path::new("rootfs"),
+        Path::new("./real/../rootfs"),
+        &d.join("real/inner"),
+    ] {
+        with_root(root).unwrap_or_else(|e| panic!("{root:?}: {e}"));
+    }
+    // A relative root.path is taken from the bundle's real path, as runc's
+    // working directory is: a bundle reached through a link is fine.
+    let link = tempfile::tempdir().unwrap();
+    let bundle_link = link.path().join("bundle");
+    std::os::unix::fs::symlink(d, &bundle_link).unwrap();
+    let p = plan("c1", &bundle_link, &b.spec, &HOST).unwrap();
+    assert_eq!(
+        p.paths.binds[0].source,
+        d.canonicalize().unwrap().join("rootfs")
+    );
+}
+
+#[test]
+fn bind_mount_data_is_dropped_and_root_propagation_is_carried() {
+    let (_dir, b) = bundle("runc-spec", |c| {
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/vol", "type": "bind", "source": "rootfs",
+            "options": ["bind", "nosuid", "mode=755", "size=1k"]
+        }));
+        c["linux"]["rootfsPropagation"] = json!("unbindable");
+    });
+    let p = plan("c1", &b.dir, &b.spec, &HOST).unwrap();
+    let vol = p
+        .setup
+        .mounts
+        .iter()
+        .find(|m| m.destination == "/vol")
+        .unwrap();
+    assert!(matches!(vol.source, MountSource::Share { .. }));
+    assert_eq!(vol.flags, libc::MS_NOSUID);
+    assert_eq!(vol.data, "", "a bind mount takes no data");
+    assert_eq!(p.setup.root.propagation, libc::MS_UNBINDABLE);
+    for (value, flags) in [
+        ("rshared", libc::MS_SHARED | libc::MS_REC),
+        ("slave", libc::MS_SLAVE),
+        ("rprivate", libc::MS_PRIVATE | libc::MS_REC),
+        ("", 0),
+    ] {
+        let p = plan_of("runc-spec", |c| {
+            c["linux"]["rootfsPropagation"] = json!(value)
+        })
+        .unwrap();
+        assert_eq!(p.setup.root.propagation, flags, "{value}");
+    }
+    assert_eq!(
+        problem_fields("runc-spec", |c| c["linux"]["rootfsPropagation"] =
+            json!("sideways")),
+        ["linux.rootfsPropagation"]
+    );
+}
+
+#[test]
+fn devices_the_guest_kernel_provides_are_made_as_given() {
+    let p = plan_of("full", |c| {
+        c["linux"]["devices"] = json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+            {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200, "fileMode": 0o20600},
+            {"path": "/dev/loop7", "type": "b", "major": 7, "minor": 7},
+            {"path": "/dev/mynull", "type": "u", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1001}
+        ])
+    })
+    .unwrap();
+    let d = &p.setup.devices;
+    assert_eq!(d.len(), 4);
+    assert_eq!(
+        (d[0].path.as_str(), d[0].block, d[0].mode),
+        ("/dev/fuse", false, 0o666)
+    );
+    assert_eq!((d[1].major, d[1].minor, d[1].mode), (10, 200, 0o600));
+    assert_eq!((d[2].block, d[2].major, d[2].minor), (true, 7, 7));
+    assert_eq!((d[3].mode, d[3].uid, d[3].gid), (0o600, 1000, 1001));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
+#[test]
+fn a_device_the_guest_lacks_is_refused_unless_privileged() {
+    let sda = json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0},
+                     {"path": "/dev/null2", "type": "b", "major": 1, "minor": 3},
+                     {"path": "/dev/fifo", "type": "p"},
+                     {"path": "dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+    let err = plan_of("full", |c| c["linux"]["devices"] = sda.clone()).unwrap_err();
+    assert_eq!(
+        err.fields(),
+        vec![
+            "linux.devices[0] (/dev/sda, b 8:0)",
+            "linux.devices[1] (/dev/null2, b 1:3)",
+            "linux.devices[2] (/dev/fifo, p 0:0)",
+            "linux.devices[3]"
+        ]
+    );
+    assert!(
+        err.to_string()
+            .contains("not a device the VM's kernel provides; only null (c 1:3)"),
+        "{err}"
+    );
+    // Privileged (every capability in the bounding set): skipped, with a
+    // warning naming each.
+    let p = plan_of("full", |c| {
+        c["linux"]["devices"] = sda.clone();
+        c["linux"]["devices"].as_array_mut().unwrap().pop();
+        c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES);
+    })
+    .unwrap();
+    assert!(p.setup.devices.is_empty());
+    assert_eq!(p.warnings.len(), 3, "{:?}", p.warnings);
+    assert!(
+        p.warnings[0].starts_with("linux.devices[0] (/dev/sda, b 8:0): skipped"),
+        "{:?}",
+        p.warnings
+    );
+}
+
+#[test]
+fn privileged_means_every_capability_in_the_bounding_set() {
+    let spec = |edit: &dyn Fn(&mut Value)| bundle("full", edit).1.spec;
+    let all = u64::MAX;
+    assert!(!devices::is_privileged(&spec(&|_| {}), all));
+    assert!(devices::is_privileged(
+        &spec(&|c| c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES)),
+        all
+    ));
+    let no_chown =
+        spec(&|c| c["process"]["capabilities"]["bounding"] = json!(devices::ALL_CAPABILITIES[1..]));
+    assert!(!devices::is_privileged(&no_chown, all));
+    // Every capability the runtime itself has: what podman --privileged
+    // gives on a host whose engine lacks CAP_CHOWN.
+    assert!(devices::is_privileged(&no_chown, all & !1));
+    // No capabilities at all: root keeps its full set.
+    assert!(devices::is_privileged(
+        &spec(&|c| {
+            c["process"].as_object_mut().unwrap().remove("capabilities");
+        }),
+        all
+    ));
 }

@@ -186,14 +186,15 @@ impl Control {
 
     /// Queues a control message; fails only if the channel has ended or
     /// its queue is full.
+    /// A message too large for one frame is an `InvalidInput` error.
     pub fn send(&self, stream: u32, msg: &ToGuest) -> io::Result<()> {
-        self.queue_control(Frame::control(stream, msg).encode())
+        self.queue_control(encoded(Frame::control(stream, msg).encode())?)
     }
 
     /// Queues `data` for the stdin of process `stream`, waiting for room.
     pub fn stdin(&self, stream: u32, data: &[u8]) -> io::Result<()> {
         for chunk in data.chunks(krun_proto::MAX_PAYLOAD) {
-            self.queue_stdin(encode_frame(FrameKind::Stdin, stream, chunk))?;
+            self.queue_stdin(encoded(encode_frame(FrameKind::Stdin, stream, chunk))?)?;
         }
         Ok(())
     }
@@ -201,7 +202,7 @@ impl Control {
     /// Queues the end of the stdin of process `stream` behind the data
     /// queued for it; never waits.
     pub fn stdin_eof(&self, stream: u32) -> io::Result<()> {
-        let frame = encode_frame(FrameKind::Stdin, stream, &[]);
+        let frame = encoded(encode_frame(FrameKind::Stdin, stream, &[]))?;
         let mut q = self.0.lock();
         if let Some(end) = q.end {
             return Err(end.error());
@@ -293,6 +294,12 @@ impl Control {
 
 /// The writer thread: frame after frame until the channel ends; returns
 /// how it ended.
+/// An encoded frame, or the encoding error as `InvalidInput`: a message
+/// larger than a frame may carry is the caller's to report.
+fn encoded(frame: Result<Vec<u8>, krun_proto::ProtoError>) -> io::Result<Vec<u8>> {
+    frame.map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))
+}
+
 fn write_frames(shared: &Shared, socket: &UnixStream) -> Option<End> {
     loop {
         let frame = match next_frame(shared) {
