@@ -54,52 +54,14 @@ const GUEST_DEVICES: &[GuestDevice] = &[
     dev(Kind::Block, 7, None, "loopN"),
 ];
 
-/// Every capability of Linux 6.1 (the guest kernel), CAP_CHOWN (0) to
-/// CAP_CHECKPOINT_RESTORE (40), as config.json names them, in the order
-/// of their numbers.
-pub(crate) const ALL_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
+/// Every capability the `caps` crate knows, CAP_CHOWN (0) to
+/// CAP_CHECKPOINT_RESTORE (40): those of Linux 6.1, the guest kernel, as
+/// config.json names them, in the order of their numbers.
+pub(crate) fn all_capabilities() -> Vec<caps::Capability> {
+    let mut all: Vec<_> = caps::all().into_iter().collect();
+    all.sort_by_key(|c| c.index());
+    all
+}
 
 /// A privileged container: its bounding capability set holds every
 /// capability (or the bundle sets no capabilities, which keeps root's full
@@ -127,11 +89,10 @@ pub(crate) fn is_privileged(spec: &Spec, host_capabilities: u64) -> bool {
     };
     let names: std::collections::BTreeSet<String> =
         bounding.iter().map(super::process::cap_name).collect();
-    ALL_CAPABILITIES
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| host_capabilities & (1 << n) != 0)
-        .all(|(_, c)| names.contains(*c))
+    all_capabilities()
+        .into_iter()
+        .filter(|c| host_capabilities & (1 << c.index()) != 0)
+        .all(|c| names.contains(&c.to_string()))
 }
 
 fn list_of_guest_devices() -> String {
