@@ -632,3 +632,53 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
          hello\nhello from fuse\n"
     );
 }
+
+/// `linux.uidMappings`/`gidMappings` with a user namespace, as runc runs
+/// them: inside, the container's root is 0 with the spec's maps; on the
+/// rootfs (owned by the mapped root on the host, as podman makes it) it
+/// creates files that belong on the host to the mapped ids; what runc's
+/// container root would own (a tmpfs /dev, `linux.devices` nodes by their
+/// container ids) it owns.
+#[test]
+fn a_user_namespace_maps_the_containers_ids_onto_the_hosts() {
+    let sb = Sandbox::new("userns");
+    let script = "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; \
+                  touch /newfile && stat -c 'newfile %u:%g' /newfile; \
+                  mkdir /tmp/x && echo tmp-ok; \
+                  stat -c '%n %u:%g' /dev /dev/shm /dev/mynull /proc/1; \
+                  head -1 /proc/self/status; \
+                  touch /dev/null2 && echo dev-writable";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    let chown = std::process::Command::new("chown")
+        .args(["-hR", "100000:100000"])
+        .arg(b.rootfs())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    b.config["linux"]["uidMappings"] = map.clone();
+    b.config["linux"]["gidMappings"] = map;
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    b.config["linux"]["devices"] = json!([
+        {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000}
+    ]);
+    let out = sb.run(&b, "u1", None);
+    out.expect_code(0);
+    let map_line = "         0     100000      65536\n";
+    assert_eq!(
+        out.stdout(),
+        format!(
+            "0\n0\n{map_line}{map_line}newfile 0:0\ntmp-ok\n\
+             /dev 0:0\n/dev/shm 0:0\n/dev/mynull 1000:1000\n/proc/1 0:0\n\
+             Name:\thead\ndev-writable\n"
+        )
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(b.rootfs().join("newfile")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+    let md = std::fs::metadata(b.rootfs().join("tmp/x")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+}
