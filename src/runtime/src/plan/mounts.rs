@@ -286,7 +286,9 @@ mod tests {
         let opts = m(&format!(r#"{{{bind},"options":["ridmap"]}}"#));
         assert_eq!(idmapped(&opts), Some("options"));
         let map = r#"[{"containerID":0,"hostID":1,"size":1}]"#;
-        let maps = m(&format!(r#"{{{bind},"uidMappings":{map},"gidMappings":{map}}}"#));
+        let maps = m(&format!(
+            r#"{{{bind},"uidMappings":{map},"gidMappings":{map}}}"#
+        ));
         assert_eq!(idmapped(&maps), Some("uidMappings"));
         assert_eq!(idmapped(&m(&format!("{{{bind}}}"))), None);
     }
