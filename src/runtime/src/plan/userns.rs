@@ -54,7 +54,21 @@ pub(super) fn plan_user_ns(spec: &Spec, problems: &mut Problems) -> Option<UserN
     }
     let uid_map = check_map("linux.uidMappings", &uids, problems);
     let gid_map = check_map("linux.gidMappings", &gids, problems);
-    Some(UserNsSetup { uid_map, gid_map })
+    let ns = UserNsSetup { uid_map, gid_map };
+    // runc's init becomes root in the namespace before anything else.
+    for (field, map, mapped) in [
+        ("linux.uidMappings", &ns.uid_map, ns.host_uid(0)),
+        ("linux.gidMappings", &ns.gid_map, ns.host_gid(0)),
+    ] {
+        if !map.is_empty() && mapped.is_none() {
+            problems.add(
+                field,
+                "container id 0 is not mapped; the container's init becomes root in its user \
+                 namespace first, as under runc",
+            );
+        }
+    }
+    Some(ns)
 }
 
 /// One map as the kernel would take it: not empty, at most [`MAX_LINES`],
@@ -208,6 +222,16 @@ mod tests {
                 "linux.uidMappings[4]: the range goes past the largest id (4294967295)",
             ]
         );
+    }
+
+    #[test]
+    fn container_root_must_be_mapped() {
+        let m1000 = r#"[{"containerID":1000,"hostID":101000,"size":10}]"#;
+        let (_, p) = plan(&format!(
+            r#"{{{USER},"uidMappings":{m1000},"gidMappings":{MAP}}}"#
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("linux.uidMappings: container id 0 is not mapped"));
     }
 
     #[test]
