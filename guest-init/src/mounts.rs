@@ -48,12 +48,14 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
         private_dev(&root, ns)?;
     }
     for (i, m) in setup.mounts.iter().enumerate() {
-        mount_one(&root, m, &mut shares, ns).map_err(|f| {
-            Failure::new(
-                f.code,
-                format!("mounts[{i}] ({}): {}", m.destination, f.message),
-            )
-        })?;
+        if ns.is_some() && is_devpts(m) {
+            // Mounted from inside the user namespace: [`mount_in_user_ns`].
+            resolve_in_root(&root, &m.destination)
+                .and_then(fs::create_dir_all)
+                .or_fail(|| format!("mounts[{i}] ({}): creating it", m.destination))?;
+            continue;
+        }
+        mount_one(&root, m, &mut shares, ns).map_err(|f| in_mount(i, m, f))?;
     }
     let dev_is_tmpfs = match spec_dev {
         None => true,
@@ -73,6 +75,34 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
             .or_fail(|| "root.readonly: remounting /".into())?;
     }
     switch_root(&root)
+}
+
+fn in_mount(i: usize, m: &MountSetup, f: Failure) -> Failure {
+    Failure::new(
+        f.code,
+        format!("mounts[{i}] ({}): {}", m.destination, f.message),
+    )
+}
+
+fn is_devpts(m: &MountSetup) -> bool {
+    matches!(&m.source, MountSource::Fs { fstype, .. } if fstype == "devpts")
+}
+
+/// The devpts mounts of a container with a user namespace, made by its
+/// root once inside (devpts may be mounted there), as runc makes them:
+/// their `gid=` is a container id, which Linux 6.1's devpts cannot take as
+/// an outside id above 2^31 (podman's `--userns=auto` ranges start there).
+pub fn mount_in_user_ns(setup: &ContainerSetup) -> Result<(), Failure> {
+    let mut no_shares = Shares {
+        dir: PathBuf::new(),
+        mounted: BTreeSet::new(),
+    };
+    for (i, m) in setup.mounts.iter().enumerate() {
+        if is_devpts(m) {
+            mount_one(Path::new("/"), m, &mut no_shares, None).map_err(|f| in_mount(i, m, f))?;
+        }
+    }
+    Ok(())
 }
 
 /// Mounts the container's root filesystem on `root`: a share of its own,
@@ -606,11 +636,11 @@ mod tests {
             "uid=101000,gid=100000"
         );
         assert_eq!(
-            owned_data("devpts", "newinstance,gid=5,mode=0620", ns).unwrap(),
-            "newinstance,gid=100005,mode=0620"
+            owned_data("mqueue", "gid=5,mode=0620", ns).unwrap(),
+            "gid=100005,mode=0620"
         );
         assert_eq!(owned_data("proc", "", ns).unwrap(), "");
-        assert!(owned_data("devpts", "gid=70000", ns).is_err());
+        assert!(owned_data("tmpfs", "gid=70000", ns).is_err());
     }
 
     #[test]

@@ -231,12 +231,14 @@ fn prepare(
         .or_fail(|| "creating the container's cgroup namespace".into())?;
     set_oom_score_adj(setup.process.oom_score_adj)?;
     mounts::setup_root(setup)?;
-    if let ChildStdio::Tty { sock, size, uid } = stdio {
-        stdio::attach_terminal(&sock, size, outside_uid(setup.user_ns.as_ref(), uid)?)?;
-    }
     process::set_rlimits(&setup.process)?;
     if let Some(inside) = userns {
         inside.enter()?;
+        mounts::mount_in_user_ns(setup)?;
+    }
+    // In the user namespace, if any: the owner is the container's uid.
+    if let ChildStdio::Tty { sock, size, uid } = stdio {
+        stdio::attach_terminal(&sock, size, uid)?;
     }
     mounts::set_root_propagation(setup)?;
     process::apply(&setup.process)
@@ -327,6 +329,7 @@ fn exec_child(
     if let Some(ns) = user_ns {
         sys::setns(&ns, libc::CLONE_NEWUSER)
             .or_fail(|| "entering the container's user namespace".into())?;
+        userns::become_root()?;
     }
     process::apply(p)
 }

@@ -12,8 +12,9 @@
 //! `unshare(CLONE_NEWUSER)`, guest-init (its parent, outside) writes the
 //! maps, and a new mount namespace, owned by the new user namespace, takes
 //! a copy of the finished tree, so that the container's root may mount in
-//! it as under runc. Process rlimits are set before, from outside, as
-//! runc does; setgroups stays allowed, as runc leaves it when run by root.
+//! it as under runc. It becomes the namespace's root first, as runc's init
+//! does (so container id 0 must be mapped, which the plan checks). Process
+//! rlimits are set before, from outside, as runc does; setgroups stays allowed, as runc leaves it when run by root.
 //! Creating the user namespace first (runc's order) would leave guest-init
 //! unable to mount virtio-fs, and would need the whole mount code to run
 //! in two processes; the result inside is the same: `id` says 0,
@@ -77,9 +78,20 @@ impl Inside {
                 "linux.uidMappings: the user namespace's id maps were not written",
             ));
         }
+        become_root()?;
         sys::unshare(libc::CLONE_NEWNS)
             .or_fail(|| "creating a mount namespace in the user namespace".into())
     }
+}
+
+/// Makes the caller, just arrived in a user namespace, its root, as runc's
+/// init does before anything else: what it creates from here (a cwd, the
+/// terminal) is the container root's, never the unmapped outside root's.
+pub fn become_root() -> Result<(), Failure> {
+    sys::setresgid(0)
+        .or_fail(|| "linux.gidMappings: becoming root (gid 0) in the user namespace".into())?;
+    sys::setresuid(0)
+        .or_fail(|| "linux.uidMappings: becoming root (uid 0) in the user namespace".into())
 }
 
 impl Outside {
