@@ -5,24 +5,29 @@
 //! The design, and why: guest-init makes the container's filesystem (the
 //! virtio-fs root and shares, which only the initial namespace may mount,
 //! /proc, tmpfs, /dev) in the initial user namespace, as for any container,
-//! giving the container's root what runc's container root would own
-//! (tmpfs roots and `uid=`/`gid=` mount options go through the maps, as
-//! do the owners of `linux.devices` nodes; see `mounts::owned_data`).
+//! giving the container's root what runc's container root would own:
+//! tmpfs roots, `uid=`/`gid=` mount options and the owners of
+//! `linux.devices` nodes go through the maps (`mounts::owned_data`).
 //! Only then the container process leaves for its own user namespace:
 //! `unshare(CLONE_NEWUSER)`, guest-init (its parent, outside) writes the
-//! maps, and a new mount namespace, owned by the new user namespace, takes
-//! a copy of the finished tree, so that the container's root may mount in
-//! it as under runc. It becomes the namespace's root first, as runc's init
-//! does (so container id 0 must be mapped, which the plan checks). Process
-//! rlimits are set before, from outside, as runc does; setgroups stays allowed, as runc leaves it when run by root.
+//! maps, the process becomes the namespace's root (as runc's init does
+//! before anything else; so container id 0 must be mapped, which the plan
+//! checks), and a new mount namespace owned by the user namespace takes a
+//! copy of the finished tree, so that the container's root may mount in it
+//! as under runc. devpts is mounted then, from inside, as runc mounts it:
+//! its `gid=5` is a container id (Linux 6.1's devpts could not take the
+//! outside id of podman's `--userns=auto` ranges, above 2^31). Process
+//! rlimits are set before, from outside, as runc sets them; setgroups stays
+//! allowed, as runc leaves it when run by root.
+//!
 //! Creating the user namespace first (runc's order) would leave guest-init
-//! unable to mount virtio-fs, and would need the whole mount code to run
-//! in two processes; the result inside is the same: `id` says 0,
-//! /proc/self/uid_map is the spec's, files the container's root creates
-//! belong to the mapped ids on the host (the guest kernel sends the outside
-//! ids in its FUSE requests). What differs: the PID, UTS, IPC and cgroup
-//! namespaces stay owned by the initial user namespace, so the container's
-//! root cannot set its hostname or sysctls itself (runc's can).
+//! unable to mount virtio-fs and split the mount code over two processes;
+//! the result inside is the same: `id` says 0, /proc/self/uid_map is the
+//! spec's, files the container's root creates belong to the mapped ids on
+//! the host (the guest kernel sends the outside ids in its FUSE requests).
+//! What differs: the PID, UTS, IPC and cgroup namespaces stay owned by the
+//! initial user namespace, so the container's root cannot set its hostname
+//! or namespaced sysctls itself (runc's can); the bundle's are applied.
 
 use std::fs::File;
 use std::io::{Read, Write};
