@@ -381,6 +381,16 @@ fn features_spec_list_and_version() {
         ])
     );
     assert!(v["annotations"]["io.krun-oci.systemd-cgroup"].is_string());
+    // User namespaces run; idmapped mounts do not (Linux 6.1's virtio-fs).
+    assert!(
+        v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("user")),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(v["linux"]["mountExtensions"]["idmap"]["enabled"], false);
     let dir = sb.path().join("specdir");
     std::fs::create_dir_all(&dir).unwrap();
     ok(krun(&sb, &["spec", "--bundle", dir.to_str().unwrap()]));
