@@ -717,3 +717,24 @@ fn a_terminal_in_a_user_namespace_is_the_containers_users() {
     );
     sb.assert_clean();
 }
+
+/// The container's root owns its mount namespace, as under runc: with
+/// CAP_SYS_ADMIN it mounts a tmpfs; a non-root user maps like root does.
+/// Its UTS namespace stays the VM's (the README says so): no hostname.
+#[test]
+fn the_root_of_a_user_namespace_mounts_in_its_own_mount_namespace() {
+    let sb = Sandbox::new("usernsmount");
+    let script = "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t && stat -c 'tmpfs %u:%g' /mnt/t; \
+                  hostname other 2>/dev/null && echo hostname-set || echo hostname-kept; \
+                  su -s /bin/sh user -c 'id -u; touch /tmp/by-user'";
+    let mut b = userns_bundle(&sb, &["sh", "-c", script]);
+    let caps = json!(["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"]);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    b.process()["noNewPrivileges"] = json!(false);
+    let out = sb.run(&b, "um1", None);
+    out.expect_code(0);
+    assert_eq!(out.stdout(), "tmpfs 0:0\nhostname-kept\n1000\n");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(b.rootfs().join("tmp/by-user")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (101000, 101000));
+}
