@@ -305,3 +305,59 @@ fn a_privileged_container_runs_without_a_host_device_and_says_so() {
     );
     sb.assert_clean();
 }
+
+/// User namespaces: runc's checks (mappings need a user namespace and the
+/// reverse, with runc's words), and what a VM cannot do (join one by
+/// path; idmap a virtio-fs mount on Linux 6.1), each named.
+#[test]
+fn bad_user_namespace_configs_are_refused_naming_the_field() {
+    let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    let with_userns = |b: &mut harness::TestBundle, path: Option<&str>| {
+        let ns = b.config["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.push(match path {
+            Some(p) => json!({"type": "user", "path": p}),
+            None => json!({"type": "user"}),
+        });
+    };
+    fails_naming(
+        "mapsnouserns",
+        |_, b| {
+            b.config["linux"]["uidMappings"] = map.clone();
+            b.config["linux"]["gidMappings"] = map.clone();
+            b.write();
+        },
+        "linux.uidMappings: user namespace mappings specified, but user namespace isn't enabled",
+    );
+    fails_naming(
+        "usernsnomaps",
+        |_, b| {
+            with_userns(b, None);
+            b.write();
+        },
+        "linux.namespaces: user namespaces enabled, but no namespace path to join nor mappings",
+    );
+    fails_naming(
+        "usernspath",
+        |_, b| {
+            with_userns(b, Some("/proc/1/ns/user"));
+            b.config["linux"]["uidMappings"] = map.clone();
+            b.config["linux"]["gidMappings"] = map.clone();
+            b.write();
+        },
+        "joining an existing user namespace is not possible",
+    );
+    fails_naming(
+        "idmapmount",
+        |sb, b| {
+            with_userns(b, None);
+            b.config["linux"]["uidMappings"] = map.clone();
+            b.config["linux"]["gidMappings"] = map.clone();
+            b.add_mount(
+                json!({"destination": "/x", "type": "bind", "source": sb.path(),
+                "options": ["rbind", "idmap"]}),
+            );
+            b.write();
+        },
+        "mounts[7].options: idmapped mounts are not supported for /x",
+    );
+}

@@ -381,6 +381,16 @@ fn features_spec_list_and_version() {
         ])
     );
     assert!(v["annotations"]["io.krun-oci.systemd-cgroup"].is_string());
+    // User namespaces run; idmapped mounts do not (Linux 6.1's virtio-fs).
+    assert!(
+        v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("user")),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(v["linux"]["mountExtensions"]["idmap"]["enabled"], false);
     let dir = sb.path().join("specdir");
     std::fs::create_dir_all(&dir).unwrap();
     ok(krun(&sb, &["spec", "--bundle", dir.to_str().unwrap()]));
@@ -627,5 +637,46 @@ fn failing_poststart_and_poststop_hooks_only_warn() {
     ok(krun(&sb, &["start", "w2"]));
     assert_eq!(status(&sb, "w2"), "running");
     delete_force(&sb, "w2", pid);
+    sb.assert_clean();
+}
+
+/// A process exec'd into a container with a user namespace joins it: the
+/// same ids inside, the same mapped owner on the host.
+#[test]
+fn exec_joins_the_containers_user_namespace() {
+    let sb = Sandbox::new("execuserns");
+    let mut b = sb.bundle(&["sleep", "1000"]);
+    let chown = std::process::Command::new("chown")
+        .args(["-hR", "100000:100000"])
+        .arg(b.rootfs())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    b.config["linux"]["uidMappings"] = map.clone();
+    b.config["linux"]["gidMappings"] = map;
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "user"}));
+    b.write();
+    let pid = create(&sb, &b, "u1");
+    ok(krun(&sb, &["start", "u1"]));
+    let o = krun(
+        &sb,
+        &[
+            "exec",
+            "u1",
+            "sh",
+            "-c",
+            "id -u; cat /proc/self/uid_map; touch /from-exec",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "0\n         0     100000      65536\n");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(b.rootfs().join("from-exec")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+    delete_force(&sb, "u1", pid);
     sb.assert_clean();
 }

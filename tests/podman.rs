@@ -1059,3 +1059,60 @@ fn privileged_runs_with_every_capability() {
     assert!(text.ends_with("ran"), "{text}");
     pm.finish();
 }
+
+/// `--uidmap`: the container runs in a user namespace with that map; its
+/// root is 0 inside, and what it writes to a volume belongs to the mapped
+/// id on the host (the volume owned by the mapped root, as for runc).
+#[test]
+fn uidmap_runs_the_container_in_a_user_namespace() {
+    let pm = Podman::new("uidmap");
+    let vol = pm.path().join("uvol");
+    std::fs::create_dir(&vol).unwrap();
+    std::os::unix::fs::chown(&vol, Some(100000), Some(100000)).unwrap();
+    let v = format!("{}:/vol", vol.display());
+    let out = pm.run_rm(
+        &["--uidmap", "0:100000:65536", "-v", &v],
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; cat /proc/self/uid_map; touch /f && echo root-writable; \
+             touch /vol/g && stat -c '%u:%g' /vol/g",
+        ],
+    );
+    assert_eq!(
+        out.ok(),
+        "0\n0\n         0     100000      65536\nroot-writable\n0:0"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(vol.join("g")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+    pm.finish();
+}
+
+/// `--userns=auto`: podman picks a range from /etc/subuid's `containers`
+/// entry (hack/podman-env adds one); the container's root is 0 inside and
+/// not root outside.
+#[test]
+fn userns_auto_runs_the_container_in_a_user_namespace() {
+    let pm = Podman::new("userns_auto");
+    let out = pm.run_rm(
+        &["--userns=auto"],
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "id -u; awk '{print $1, ($2 != 0), $3}' /proc/self/uid_map; touch /f && echo ok",
+        ],
+    );
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], "0", "{text}");
+    assert!(
+        lines[1].starts_with("0 1 "),
+        "mapped away from root: {text}"
+    );
+    assert_eq!(lines[2], "ok", "{text}");
+    pm.finish();
+}

@@ -632,3 +632,109 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
          hello\nhello from fuse\n"
     );
 }
+
+/// A bundle running `args` in a user namespace mapping 0 to 100000 (65536
+/// ids), its rootfs owned by 100000 as podman makes it.
+fn userns_bundle(sb: &Sandbox, args: &[&str]) -> harness::TestBundle {
+    let mut b = sb.bundle(args);
+    let chown = std::process::Command::new("chown")
+        .args(["-hR", "100000:100000"])
+        .arg(b.rootfs())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    b.config["linux"]["uidMappings"] = map.clone();
+    b.config["linux"]["gidMappings"] = map;
+    b.config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    b
+}
+
+/// `linux.uidMappings`/`gidMappings` with a user namespace, as runc runs
+/// them: inside, the container's root is 0 with the spec's maps; on the
+/// rootfs (owned by the mapped root on the host, as podman makes it) it
+/// creates files that belong on the host to the mapped ids; what runc's
+/// container root would own (a tmpfs /dev, `linux.devices` nodes by their
+/// container ids) it owns.
+#[test]
+fn a_user_namespace_maps_the_containers_ids_onto_the_hosts() {
+    let sb = Sandbox::new("userns");
+    let script = "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; \
+                  touch /newfile && stat -c 'newfile %u:%g' /newfile; \
+                  mkdir /tmp/x && echo tmp-ok; \
+                  stat -c '%n %u:%g' /dev /dev/shm /dev/mynull /proc/1; \
+                  head -1 /proc/self/status; \
+                  touch /dev/null2 && echo dev-writable";
+    let mut b = userns_bundle(&sb, &["sh", "-c", script]);
+    b.config["linux"]["devices"] = json!([
+        {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000}
+    ]);
+    let out = sb.run(&b, "u1", None);
+    out.expect_code(0);
+    let map_line = "         0     100000      65536\n";
+    assert_eq!(
+        out.stdout(),
+        format!(
+            "0\n0\n{map_line}{map_line}newfile 0:0\ntmp-ok\n\
+             /dev 0:0\n/dev/shm 0:0\n/dev/mynull 1000:1000\n/proc/1 0:0\n\
+             Name:\thead\ndev-writable\n"
+        )
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(b.rootfs().join("newfile")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+    let md = std::fs::metadata(b.rootfs().join("tmp/x")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (100000, 100000));
+}
+
+/// The terminal of a container with a user namespace belongs to its user
+/// as the container sees it, with devpts' `gid=5` its tty group inside.
+#[test]
+fn a_terminal_in_a_user_namespace_is_the_containers_users() {
+    let sb = Sandbox::new("ttyuserns");
+    let mut b = userns_bundle(
+        &sb,
+        &[
+            "sh",
+            "-c",
+            "tty; stat -c 'owner %u:%g' $(tty); read line; echo \"got:$line\"; exit 5",
+        ],
+    );
+    b.process()["terminal"] = json!(true);
+    b.write();
+    let out = sb.on_a_terminal(
+        "rows 33 cols 101",
+        &format!("run --bundle {} tu1", b.dir.display()),
+        b"hello\n",
+    );
+    out.expect_on_a_terminal(
+        5,
+        ["/dev/pts/0\n", "owner 0:5\n", "got:hello\n"],
+        "the terminal's owner",
+    );
+    sb.assert_clean();
+}
+
+/// The container's root owns its mount namespace, as under runc: with
+/// CAP_SYS_ADMIN it mounts a tmpfs; a non-root user maps like root does.
+/// Its UTS namespace stays the VM's (the README says so): no hostname.
+#[test]
+fn the_root_of_a_user_namespace_mounts_in_its_own_mount_namespace() {
+    let sb = Sandbox::new("usernsmount");
+    let script = "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t && stat -c 'tmpfs %u:%g' /mnt/t; \
+                  hostname other 2>/dev/null && echo hostname-set || echo hostname-kept; \
+                  su -s /bin/sh user -c 'id -u; touch /tmp/by-user'";
+    let mut b = userns_bundle(&sb, &["sh", "-c", script]);
+    let caps = json!(["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"]);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    b.process()["noNewPrivileges"] = json!(false);
+    let out = sb.run(&b, "um1", None);
+    out.expect_code(0);
+    assert_eq!(out.stdout(), "tmpfs 0:0\nhostname-kept\n1000\n");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(b.rootfs().join("tmp/by-user")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (101000, 101000));
+}

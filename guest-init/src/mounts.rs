@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 
-use krun_proto::{ContainerSetup, DeviceSetup, MountSetup, MountSource};
+use krun_proto::{ContainerSetup, DeviceSetup, MountSetup, MountSource, UserNsSetup};
 
 use crate::failure::{Failure, OrFail};
 use crate::sys;
@@ -43,16 +43,19 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
         .mounts
         .iter()
         .find(|m| is_path(&m.destination, "/dev"));
+    let ns = setup.user_ns.as_ref();
     if spec_dev.is_none() {
-        private_dev(&root)?;
+        private_dev(&root, ns)?;
     }
     for (i, m) in setup.mounts.iter().enumerate() {
-        mount_one(&root, m, &mut shares).map_err(|f| {
-            Failure::new(
-                f.code,
-                format!("mounts[{i}] ({}): {}", m.destination, f.message),
-            )
-        })?;
+        if ns.is_some() && is_devpts(m) {
+            // Mounted from inside the user namespace: [`mount_in_user_ns`].
+            resolve_in_root(&root, &m.destination)
+                .and_then(fs::create_dir_all)
+                .or_fail(|| format!("mounts[{i}] ({}): creating it", m.destination))?;
+            continue;
+        }
+        mount_one(&root, m, &mut shares, ns).map_err(|f| in_mount(i, m, f))?;
     }
     let dev_is_tmpfs = match spec_dev {
         None => true,
@@ -62,7 +65,7 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
     // bundle's first, so that its entry for a default device (its mode,
     // its owner) is the node the container gets.
     if dev_is_tmpfs {
-        spec_devices(&root, &setup.devices)?;
+        spec_devices(&root, &setup.devices, ns)?;
         default_devices(&root)?;
     }
     restrict_paths(setup, &root)?;
@@ -72,6 +75,34 @@ pub fn setup_root(setup: &ContainerSetup) -> Result<(), Failure> {
             .or_fail(|| "root.readonly: remounting /".into())?;
     }
     switch_root(&root)
+}
+
+fn in_mount(i: usize, m: &MountSetup, f: Failure) -> Failure {
+    Failure::new(
+        f.code,
+        format!("mounts[{i}] ({}): {}", m.destination, f.message),
+    )
+}
+
+fn is_devpts(m: &MountSetup) -> bool {
+    matches!(&m.source, MountSource::Fs { fstype, .. } if fstype == "devpts")
+}
+
+/// The devpts mounts of a container with a user namespace, made by its
+/// root once inside (devpts may be mounted there), as runc makes them:
+/// their `gid=` is a container id, which Linux 6.1's devpts cannot take as
+/// an outside id above 2^31 (podman's `--userns=auto` ranges start there).
+pub fn mount_in_user_ns(setup: &ContainerSetup) -> Result<(), Failure> {
+    let mut no_shares = Shares {
+        dir: PathBuf::new(),
+        mounted: BTreeSet::new(),
+    };
+    for (i, m) in setup.mounts.iter().enumerate() {
+        if is_devpts(m) {
+            mount_one(Path::new("/"), m, &mut no_shares, None).map_err(|f| in_mount(i, m, f))?;
+        }
+    }
+    Ok(())
 }
 
 /// Mounts the container's root filesystem on `root`: a share of its own,
@@ -105,7 +136,7 @@ fn mount_rootfs(setup: &ContainerSetup, root: &Path, shares: &mut Shares) -> Res
 
 /// Without a /dev from the bundle, the container still gets a private one,
 /// rather than device nodes written into the host's rootfs.
-fn private_dev(root: &Path) -> Result<(), Failure> {
+fn private_dev(root: &Path, ns: Option<&UserNsSetup>) -> Result<(), Failure> {
     let dev = resolve_in_root(root, "/dev").or_fail(|| "resolving /dev".into())?;
     fs::create_dir_all(&dev).or_fail(|| "creating /dev".into())?;
     let flags = libc::MS_NOSUID | libc::MS_STRICTATIME;
@@ -114,7 +145,7 @@ fn private_dev(root: &Path) -> Result<(), Failure> {
         &dev,
         Some("tmpfs"),
         flags,
-        Some("mode=755,size=65536k"),
+        Some(&owned_data("tmpfs", "mode=755,size=65536k", ns)?),
     )
     .or_fail(|| "mounting a tmpfs on /dev".into())
 }
@@ -239,13 +270,19 @@ impl Shares {
     }
 }
 
-fn mount_one(root: &Path, m: &MountSetup, shares: &mut Shares) -> Result<(), Failure> {
+fn mount_one(
+    root: &Path,
+    m: &MountSetup,
+    shares: &mut Shares,
+    ns: Option<&UserNsSetup>,
+) -> Result<(), Failure> {
     let dest =
         resolve_in_root(root, &m.destination).or_fail(|| "resolving the destination".into())?;
     match &m.source {
         MountSource::Fs { fstype, source } => {
             fs::create_dir_all(&dest).or_fail(|| format!("creating {}", m.destination))?;
-            sys::mount(Some(source), &dest, Some(fstype), m.flags, Some(&m.data))
+            let data = owned_data(fstype, &m.data, ns)?;
+            sys::mount(Some(source), &dest, Some(fstype), m.flags, Some(&data))
                 .or_fail(|| format!("mounting {fstype}"))?;
             if fstype == "devpts" {
                 // /dev/ptmx must lead to this devpts instance.
@@ -301,11 +338,76 @@ fn mount_one(root: &Path, m: &MountSetup, shares: &mut Shares) -> Result<(), Fai
 /// (symlinks on the way resolved inside the root, never out of it), with
 /// its parent directories, as runc makes them; a file already there (the
 /// /dev/ptmx link of a devpts mount) is left as it is, as runc leaves it.
-fn spec_devices(root: &Path, devices: &[DeviceSetup]) -> Result<(), Failure> {
+fn spec_devices(
+    root: &Path,
+    devices: &[DeviceSetup],
+    ns: Option<&UserNsSetup>,
+) -> Result<(), Failure> {
     for (i, d) in devices.iter().enumerate() {
-        make_device(root, d).or_fail(|| format!("linux.devices[{i}] ({})", d.path))?;
+        let field = || format!("linux.devices[{i}] ({})", d.path);
+        // The owner is given as the container sees it.
+        let mut d = d.clone();
+        if let Some(ns) = ns {
+            d.uid = ns.host_uid(d.uid).ok_or_else(|| {
+                Failure::new(1, format!("{}: uid {} is not mapped", field(), d.uid))
+            })?;
+            d.gid = ns.host_gid(d.gid).ok_or_else(|| {
+                Failure::new(1, format!("{}: gid {} is not mapped", field(), d.gid))
+            })?;
+        }
+        make_device(root, &d).or_fail(field)?;
     }
     Ok(())
+}
+
+/// The mount data of a guest filesystem, made as if the container's root
+/// mounted it from inside its user namespace (as runc's does): `uid=` and
+/// `gid=` are container ids, and a tmpfs belongs to the container's root.
+/// Without a user namespace, `data` unchanged.
+fn owned_data(fstype: &str, data: &str, ns: Option<&UserNsSetup>) -> Result<String, Failure> {
+    let Some(ns) = ns else {
+        return Ok(data.to_string());
+    };
+    let mut out = Vec::new();
+    let (mut uid, mut gid) = (false, false);
+    for opt in data.split(',').filter(|o| !o.is_empty()) {
+        let mapped = if let Some(v) = opt.strip_prefix("uid=") {
+            uid = true;
+            map_option("uid", v, |id| ns.host_uid(id))?
+        } else if let Some(v) = opt.strip_prefix("gid=") {
+            gid = true;
+            map_option("gid", v, |id| ns.host_gid(id))?
+        } else {
+            opt.to_string()
+        };
+        out.push(mapped);
+    }
+    if fstype == "tmpfs" {
+        if !uid {
+            out.push(map_option("uid", "0", |id| ns.host_uid(id))?);
+        }
+        if !gid {
+            out.push(map_option("gid", "0", |id| ns.host_gid(id))?);
+        }
+    }
+    Ok(out.join(","))
+}
+
+fn map_option(
+    name: &str,
+    value: &str,
+    map: impl Fn(u32) -> Option<u32>,
+) -> Result<String, Failure> {
+    let id: u32 = value
+        .parse()
+        .map_err(|_| Failure::new(1, format!("{name}={value}: not a number")))?;
+    let host = map(id).ok_or_else(|| {
+        Failure::new(
+            1,
+            format!("{name}={value}: not mapped in the container's user namespace"),
+        )
+    })?;
+    Ok(format!("{name}={host}"))
 }
 
 fn make_device(root: &Path, d: &DeviceSetup) -> io::Result<()> {
@@ -496,7 +598,7 @@ mod tests {
             mode: 0o660,
             ..Default::default()
         };
-        spec_devices(root, &[null.clone(), lo]).unwrap();
+        spec_devices(root, &[null.clone(), lo], None).unwrap();
         let md = fs::symlink_metadata(root.join("dev/net/mynull")).unwrap();
         assert!(md.file_type().is_char_device());
         assert_eq!(md.rdev(), nix::sys::stat::makedev(1, 3));
@@ -508,7 +610,37 @@ mod tests {
         assert!(md.file_type().is_block_device());
         assert_eq!(md.rdev(), nix::sys::stat::makedev(7, 3));
         // Made again (or where something is): left as it is.
-        spec_devices(root, &[null]).unwrap();
+        spec_devices(root, &[null], None).unwrap();
+    }
+
+    #[test]
+    fn mount_data_is_owned_by_the_containers_root() {
+        use krun_proto::IdMap;
+        let map = vec![IdMap {
+            container: 0,
+            host: 100000,
+            size: 65536,
+        }];
+        let ns = UserNsSetup {
+            uid_map: map.clone(),
+            gid_map: map,
+        };
+        let ns = Some(&ns);
+        assert_eq!(owned_data("tmpfs", "mode=755", None).unwrap(), "mode=755");
+        assert_eq!(
+            owned_data("tmpfs", "mode=755", ns).unwrap(),
+            "mode=755,uid=100000,gid=100000"
+        );
+        assert_eq!(
+            owned_data("tmpfs", "uid=1000", ns).unwrap(),
+            "uid=101000,gid=100000"
+        );
+        assert_eq!(
+            owned_data("mqueue", "gid=5,mode=0620", ns).unwrap(),
+            "gid=100005,mode=0620"
+        );
+        assert_eq!(owned_data("proc", "", ns).unwrap(), "");
+        assert!(owned_data("tmpfs", "gid=70000", ns).is_err());
     }
 
     #[test]

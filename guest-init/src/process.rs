@@ -16,8 +16,9 @@ use crate::sys;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Applies everything but the exec; returns the program to exec.
-pub fn apply(p: &ProcessSetup) -> Result<PathBuf, Failure> {
+/// process.rlimits. Before entering a user namespace: inside it, a hard
+/// limit can no longer be raised (runc sets them from outside for this).
+pub fn set_rlimits(p: &ProcessSetup) -> Result<(), Failure> {
     for r in &p.rlimits {
         sys::setrlimit(r.resource, r.soft, r.hard).or_fail(|| {
             format!(
@@ -26,6 +27,12 @@ pub fn apply(p: &ProcessSetup) -> Result<PathBuf, Failure> {
             )
         })?;
     }
+    Ok(())
+}
+
+/// Applies everything but the rlimits ([`set_rlimits`]) and the exec;
+/// returns the program to exec.
+pub fn apply(p: &ProcessSetup) -> Result<PathBuf, Failure> {
     let cwd = Path::new(if p.cwd.is_empty() { "/" } else { &p.cwd });
     // As root, so that a cwd the image lacks can be created (runc does).
     if !cwd.exists() {

@@ -3,19 +3,23 @@
 //! prepared up to the exec of the workload; and exec'ing more processes in
 //! it. The pieces live beside this file: the cgroup in [`cgroup`], stdio
 //! and the terminal in [`stdio`], the child's setup report in [`report`],
-//! the process list in [`ps`]. None of them imports this module.
+//! the process list in [`ps`], the user namespace in [`userns`] (whose
+//! doc says how the container gets one). None of them imports this module.
 
 mod cgroup;
 mod ps;
 mod report;
 mod stdio;
+mod userns;
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use krun_proto::{CgroupSetup, CgroupStats, ContainerSetup, ProcessInfo, ProcessSetup};
+use krun_proto::{
+    CgroupSetup, CgroupStats, ContainerSetup, ProcessInfo, ProcessSetup, UserNsSetup,
+};
 
 use crate::failure::{Failure, OrFail};
 use crate::{mounts, process, sys};
@@ -36,6 +40,9 @@ pub struct Container {
     pub main_stream: u32,
     cgroup: PathBuf,
     oom: OomEvents,
+    /// The maps of its user namespace, if it has one of its own (which
+    /// exec'd processes join).
+    user_ns: Option<UserNsSetup>,
 }
 
 impl Container {
@@ -108,24 +115,36 @@ pub fn create(
     let (stdio, child_stdio) = stdio::make(&setup.process)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
+    let userns = match &setup.user_ns {
+        Some(_) => Some(userns::pipes()?),
+        None => None,
+    };
+    let (outside, inside) = userns.unzip();
     let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
     if joined.is_empty() {
         flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     }
     let pid = sys::fork_into(flags).or_fail(|| "creating the container's namespaces".into())?;
     if pid == 0 {
-        drop((report_r, start_w, stdio));
+        drop((report_r, start_w, stdio, outside));
         for (ns, kind) in &joined {
             if let Err(e) = sys::setns(ns, *kind) {
                 let f = Failure::new(1, format!("joining the pod's namespaces: {e}"));
                 report::fail_and_exit(&report_w, f);
             }
         }
-        child(setup, &cgroup, child_stdio, report_w, start_r);
+        child(setup, &cgroup, child_stdio, inside, report_w, start_r);
     }
-    drop((report_w, start_r, child_stdio));
+    drop((report_w, start_r, child_stdio, inside));
+    let mapped = match (outside, &setup.user_ns) {
+        (Some(o), Some(ns)) => o.map(pid, ns),
+        _ => Ok(()),
+    };
     let mut report = File::from(report_r);
-    report::read(&mut report, false)?;
+    // A failed mapping lets the child fail too; its report is the echo.
+    let reported = report::read(&mut report, false);
+    mapped?;
+    reported?;
     let stdio = stdio.finish()?;
     let oom = OomEvents::open(&cgroup);
     let mut c = Container {
@@ -133,6 +152,7 @@ pub fn create(
         main_stream: stream,
         cgroup,
         oom,
+        user_ns: setup.user_ns.clone(),
     };
     c.new_oom_kills();
     Ok((
@@ -162,10 +182,11 @@ fn child(
     setup: &ContainerSetup,
     cgroup: &Path,
     stdio: ChildStdio,
+    userns: Option<userns::Inside>,
     report: OwnedFd,
     start: OwnedFd,
 ) -> ! {
-    let exe = match prepare(setup, cgroup, stdio) {
+    let exe = match prepare(setup, cgroup, stdio, userns) {
         Ok(exe) => exe,
         Err(f) => report::fail_and_exit(&report, f),
     };
@@ -197,7 +218,12 @@ fn set_oom_score_adj(adj: Option<i32>) -> Result<(), Failure> {
 
 /// Everything up to the exec, in the order runc does it. Returns the
 /// resolved path of the program.
-fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<PathBuf, Failure> {
+fn prepare(
+    setup: &ContainerSetup,
+    cgroup: &Path,
+    stdio: ChildStdio,
+    userns: Option<userns::Inside>,
+) -> Result<PathBuf, Failure> {
     enter(&stdio, cgroup)?;
     // Its own cgroup namespace, rooted at its cgroup: /sys/fs/cgroup in the
     // container shows the container's limits, as under runc.
@@ -205,11 +231,31 @@ fn prepare(setup: &ContainerSetup, cgroup: &Path, stdio: ChildStdio) -> Result<P
         .or_fail(|| "creating the container's cgroup namespace".into())?;
     set_oom_score_adj(setup.process.oom_score_adj)?;
     mounts::setup_root(setup)?;
+    process::set_rlimits(&setup.process)?;
+    if let Some(inside) = userns {
+        inside.enter()?;
+        mounts::mount_in_user_ns(setup)?;
+    }
+    // In the user namespace, if any: the owner is the container's uid.
     if let ChildStdio::Tty { sock, size, uid } = stdio {
         stdio::attach_terminal(&sock, size, uid)?;
     }
     mounts::set_root_propagation(setup)?;
     process::apply(&setup.process)
+}
+
+/// `uid` as the initial user namespace knows it: through the container's
+/// uid map, if it has a user namespace.
+fn outside_uid(ns: Option<&UserNsSetup>, uid: u32) -> Result<u32, Failure> {
+    match ns {
+        None => Ok(uid),
+        Some(ns) => ns.host_uid(uid).ok_or_else(|| {
+            Failure::new(
+                1,
+                format!("process.user.uid: {uid} is not mapped in linux.uidMappings"),
+            )
+        }),
+    }
 }
 
 /// Runs one more process in the running container `c`: in its namespaces,
@@ -226,6 +272,11 @@ pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
         (open_ns("cgroup")?, libc::CLONE_NEWCGROUP),
         (open_ns("mnt")?, libc::CLONE_NEWNS),
     ];
+    let user_ns = if c.user_ns.is_some() {
+        Some(open_ns("user")?)
+    } else {
+        None
+    };
     let root = open(format!("/proc/{}/root", c.init_pid))?;
     let (stdio, child_stdio) = stdio::make(p)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
@@ -238,7 +289,7 @@ pub fn exec(c: &Container, p: &ProcessSetup) -> Result<(i32, Stdio), Failure> {
     let pid = forked.or_fail(|| "starting the process".into())?;
     if pid == 0 {
         drop((report_r, stdio));
-        let f = match exec_child(c, p, &others, &root, child_stdio) {
+        let f = match exec_child(c, p, &others, user_ns, &root, child_stdio) {
             Ok(exe) => process::exec(&exe, p),
             Err(f) => f,
         };
@@ -257,6 +308,7 @@ fn exec_child(
     c: &Container,
     p: &ProcessSetup,
     ns: &[(File, libc::c_int)],
+    user_ns: Option<File>,
     root: &File,
     stdio: ChildStdio,
 ) -> Result<PathBuf, Failure> {
@@ -269,7 +321,15 @@ fn exec_child(
     sys::chroot(Path::new(".")).or_fail(|| "entering the container's root".into())?;
     std::env::set_current_dir("/").or_fail(|| "entering /".into())?;
     if let ChildStdio::Tty { sock, size, uid } = stdio {
+        // Still outside the user namespace: the owner as it is seen here.
+        let uid = outside_uid(c.user_ns.as_ref(), uid)?;
         stdio::attach_terminal(&sock, size, uid)?;
+    }
+    process::set_rlimits(p)?;
+    if let Some(ns) = user_ns {
+        sys::setns(&ns, libc::CLONE_NEWUSER)
+            .or_fail(|| "entering the container's user namespace".into())?;
+        userns::become_root()?;
     }
     process::apply(p)
 }

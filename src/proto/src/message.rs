@@ -161,6 +161,55 @@ pub struct ContainerSetup {
     /// keeps loopback only.
     #[serde(default)]
     pub network: Option<NetworkSetup>,
+    /// Run the container's processes in a user namespace of their own with
+    /// these id maps (runtime-spec `linux.uidMappings`/`gidMappings`); the
+    /// guest's initial namespace plays the host's part. None: no user
+    /// namespace.
+    #[serde(default)]
+    pub user_ns: Option<UserNsSetup>,
+}
+
+/// The id maps of the container's user namespace, as written to
+/// `/proc/PID/uid_map` and `gid_map`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNsSetup {
+    pub uid_map: Vec<IdMap>,
+    pub gid_map: Vec<IdMap>,
+}
+
+/// One line of an id map: `size` ids from `container` inside map to ids
+/// from `host` outside.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub container: u32,
+    pub host: u32,
+    pub size: u32,
+}
+
+impl UserNsSetup {
+    /// The outside uid of `uid`, if the map covers it.
+    pub fn host_uid(&self, uid: u32) -> Option<u32> {
+        map_id(&self.uid_map, uid)
+    }
+
+    /// The outside gid of `gid`, if the map covers it.
+    pub fn host_gid(&self, gid: u32) -> Option<u32> {
+        map_id(&self.gid_map, gid)
+    }
+}
+
+fn map_id(map: &[IdMap], id: u32) -> Option<u32> {
+    map.iter().find_map(|m| {
+        let off = id.checked_sub(m.container)?;
+        (off < m.size).then(|| m.host.checked_add(off)).flatten()
+    })
+}
+
+/// The text of a `/proc/PID/uid_map` (or `gid_map`) for `map`.
+pub fn id_map_text(map: &[IdMap]) -> String {
+    map.iter()
+        .map(|m| format!("{} {} {}\n", m.container, m.host, m.size))
+        .collect()
 }
 
 /// The guest's network: its interfaces and routes, as the host's network
@@ -353,5 +402,35 @@ mod tests {
         let msg = ToGuest::Create(Box::new(setup));
         let json = serde_json::to_vec(&msg).unwrap();
         assert_eq!(serde_json::from_slice::<ToGuest>(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn ids_map_through_the_lines_that_cover_them() {
+        let ns = UserNsSetup {
+            uid_map: vec![
+                IdMap {
+                    container: 0,
+                    host: 100000,
+                    size: 1000,
+                },
+                IdMap {
+                    container: 5000,
+                    host: 7,
+                    size: 1,
+                },
+            ],
+            gid_map: vec![IdMap {
+                container: 0,
+                host: u32::MAX - 1,
+                size: 10,
+            }],
+        };
+        assert_eq!(ns.host_uid(0), Some(100000));
+        assert_eq!(ns.host_uid(999), Some(100999));
+        assert_eq!(ns.host_uid(1000), None);
+        assert_eq!(ns.host_uid(5000), Some(7));
+        assert_eq!(ns.host_gid(1), Some(u32::MAX));
+        assert_eq!(ns.host_gid(2), None);
+        assert_eq!(id_map_text(&ns.uid_map), "0 100000 1000\n5000 7 1\n");
     }
 }

@@ -126,7 +126,7 @@ pub fn features() -> Result<i32> {
             "nostrictatime", "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",
             "unbindable", "runbindable", "tmpcopyup"],
         "linux": {
-            "namespaces": ["pid", "mount", "uts", "ipc", "network", "cgroup"],
+            "namespaces": ["pid", "mount", "uts", "ipc", "network", "cgroup", "user"],
             "capabilities": caps::all().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
             "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false, "rdma": false },
             "seccomp": { "enabled": false },

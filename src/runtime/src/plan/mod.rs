@@ -11,6 +11,7 @@ pub mod host_cgroup;
 mod mounts;
 mod process;
 mod sizing;
+mod userns;
 
 pub(crate) use sizing::shares_to_weight;
 
@@ -184,6 +185,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
     let devices = devices::plan_devices(spec, host.capabilities, &mut problems, &mut warnings);
+    let user_ns = userns::plan_user_ns(spec, &mut problems);
     let has_netns = spec
         .linux()
         .as_ref()
@@ -256,6 +258,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         readonly_paths: linux.readonly_paths,
         devices,
         network: None,
+        user_ns,
     };
     if let Some(p) = setup_too_large(&setup) {
         return Err(PlanError(vec![p]));
@@ -396,14 +399,6 @@ fn linux_extras(spec: &Spec, problems: &mut Problems, warnings: &mut Vec<String>
     }
     out.masked_paths = linux.masked_paths().clone().unwrap_or_default();
     out.readonly_paths = linux.readonly_paths().clone().unwrap_or_default();
-    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-        || linux.gid_mappings().as_ref().is_some_and(|m| !m.is_empty())
-    {
-        problems.add(
-            "linux.uidMappings",
-            "user namespaces with id mappings are not supported",
-        );
-    }
     if linux.intel_rdt().is_some() {
         problems.add("linux.intelRdt", "not supported inside a VM");
     }

@@ -123,6 +123,21 @@ fn parse_options(options: &[String]) -> Options {
     o
 }
 
+/// The field that asks for an idmapped mount (`idmap`/`ridmap` among the
+/// options, or the mount's own uid/gid mappings), if any.
+fn idmapped(m: &oci_spec::runtime::Mount) -> Option<&'static str> {
+    let opts = m.options().as_deref().unwrap_or(&[]);
+    if opts.iter().any(|o| o == "idmap" || o == "ridmap") {
+        Some("options")
+    } else if m.uid_mappings().as_ref().is_some_and(|v| !v.is_empty()) {
+        Some("uidMappings")
+    } else if m.gid_mappings().as_ref().is_some_and(|v| !v.is_empty()) {
+        Some("gidMappings")
+    } else {
+        None
+    }
+}
+
 /// The bundle's mounts as guest-init makes them; each bind mount's source
 /// goes into `binds`, to be bound into the VM's share as `ID/mN`.
 pub(super) fn plan_mounts(
@@ -144,6 +159,17 @@ pub(super) fn plan_mounts(
             continue;
         }
         let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
+        if let Some(why) = idmapped(m) {
+            problems.add(
+                field(why),
+                format!(
+                    "idmapped mounts are not supported for {}: the guest kernel (Linux 6.1) \
+                     cannot idmap a virtio-fs (FUSE) mount, which needs Linux 6.12",
+                    dest.display()
+                ),
+            );
+            continue;
+        }
         let typ = m.typ().as_deref().unwrap_or("");
         let is_bind = opts.bind || typ == "bind" || typ == "rbind";
         let source = if is_bind {
@@ -249,5 +275,21 @@ mod tests {
         assert_eq!(o.data, vec!["mode=755", "size=65536k"]);
         assert!(!o.bind);
         assert!(parse_options(&["rbind".into(), "z".into()]).bind);
+    }
+
+    #[test]
+    fn idmapped_mounts_are_named() {
+        let m = |json: &str| serde_json::from_str::<oci_spec::runtime::Mount>(json).unwrap();
+        let bind = r#""destination":"/d","source":"/tmp","type":"bind""#;
+        let opts = m(&format!(r#"{{{bind},"options":["rbind","idmap"]}}"#));
+        assert_eq!(idmapped(&opts), Some("options"));
+        let opts = m(&format!(r#"{{{bind},"options":["ridmap"]}}"#));
+        assert_eq!(idmapped(&opts), Some("options"));
+        let map = r#"[{"containerID":0,"hostID":1,"size":1}]"#;
+        let maps = m(&format!(
+            r#"{{{bind},"uidMappings":{map},"gidMappings":{map}}}"#
+        ));
+        assert_eq!(idmapped(&maps), Some("uidMappings"));
+        assert_eq!(idmapped(&m(&format!("{{{bind}}}"))), None);
     }
 }
