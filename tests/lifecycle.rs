@@ -645,20 +645,7 @@ fn failing_poststart_and_poststop_hooks_only_warn() {
 #[test]
 fn exec_joins_the_containers_user_namespace() {
     let sb = Sandbox::new("execuserns");
-    let mut b = sb.bundle(&["sleep", "1000"]);
-    let chown = std::process::Command::new("chown")
-        .args(["-hR", "100000:100000"])
-        .arg(b.rootfs())
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-    b.config["linux"]["uidMappings"] = map.clone();
-    b.config["linux"]["gidMappings"] = map;
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"type": "user"}));
+    let b = sb.userns_bundle(&["sleep", "1000"]);
     b.write();
     let pid = create(&sb, &b, "u1");
     ok(krun(&sb, &["start", "u1"]));

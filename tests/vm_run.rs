@@ -633,26 +633,6 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
     );
 }
 
-/// A bundle running `args` in a user namespace mapping 0 to 100000 (65536
-/// ids), its rootfs owned by 100000 as podman makes it.
-fn userns_bundle(sb: &Sandbox, args: &[&str]) -> harness::TestBundle {
-    let mut b = sb.bundle(args);
-    let chown = std::process::Command::new("chown")
-        .args(["-hR", "100000:100000"])
-        .arg(b.rootfs())
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
-    b.config["linux"]["uidMappings"] = map.clone();
-    b.config["linux"]["gidMappings"] = map;
-    b.config["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"type": "user"}));
-    b
-}
-
 /// `linux.uidMappings`/`gidMappings` with a user namespace, as runc runs
 /// them: inside, the container's root is 0 with the spec's maps; on the
 /// rootfs (owned by the mapped root on the host, as podman makes it) it
@@ -668,7 +648,7 @@ fn a_user_namespace_maps_the_containers_ids_onto_the_hosts() {
                   stat -c '%n %u:%g' /dev /dev/shm /dev/mynull /proc/1; \
                   head -1 /proc/self/status; \
                   touch /dev/null2 && echo dev-writable";
-    let mut b = userns_bundle(&sb, &["sh", "-c", script]);
+    let mut b = sb.userns_bundle(&["sh", "-c", script]);
     b.config["linux"]["devices"] = json!([
         {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000}
     ]);
@@ -695,14 +675,11 @@ fn a_user_namespace_maps_the_containers_ids_onto_the_hosts() {
 #[test]
 fn a_terminal_in_a_user_namespace_is_the_containers_users() {
     let sb = Sandbox::new("ttyuserns");
-    let mut b = userns_bundle(
-        &sb,
-        &[
-            "sh",
-            "-c",
-            "tty; stat -c 'owner %u:%g' $(tty); read line; echo \"got:$line\"; exit 5",
-        ],
-    );
+    let mut b = sb.userns_bundle(&[
+        "sh",
+        "-c",
+        "tty; stat -c 'owner %u:%g' $(tty); read line; echo \"got:$line\"; exit 5",
+    ]);
     b.process()["terminal"] = json!(true);
     b.write();
     let out = sb.on_a_terminal(
@@ -727,7 +704,7 @@ fn the_root_of_a_user_namespace_mounts_in_its_own_mount_namespace() {
     let script = "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t && stat -c 'tmpfs %u:%g' /mnt/t; \
                   hostname other 2>/dev/null && echo hostname-set || echo hostname-kept; \
                   su -s /bin/sh user -c 'id -u; touch /tmp/by-user'";
-    let mut b = userns_bundle(&sb, &["sh", "-c", script]);
+    let mut b = sb.userns_bundle(&["sh", "-c", script]);
     let caps = json!(["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"]);
     b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
     b.process()["noNewPrivileges"] = json!(false);

@@ -83,6 +83,27 @@ impl Sandbox {
         }
     }
 
+    /// A busybox bundle running `args` in a user namespace mapping 0 to
+    /// 100000 (65536 ids) for users and groups, its rootfs owned by 100000
+    /// as podman makes it for `--uidmap 0:100000:65536`.
+    pub fn userns_bundle(&self, args: &[&str]) -> TestBundle {
+        let mut b = self.bundle(args);
+        let chown = Command::new("chown")
+            .args(["-hR", "100000:100000"])
+            .arg(b.rootfs())
+            .status()
+            .unwrap();
+        assert!(chown.success(), "chown of the rootfs: {chown}");
+        let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        b.config["linux"]["uidMappings"] = map.clone();
+        b.config["linux"]["gidMappings"] = map;
+        b.config["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "user"}));
+        b
+    }
+
     /// [`Sandbox::bundle`], its config written as it is.
     pub fn written_bundle(&self, args: &[&str]) -> TestBundle {
         let b = self.bundle(args);
