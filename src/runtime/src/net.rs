@@ -146,6 +146,7 @@ fn open_tap(netns: &Path) -> anyhow::Result<OwnedFd> {
 /// Carries the network namespace at `netns` into the VM: None when it has
 /// no interface beyond loopback (the guest keeps loopback only).
 pub fn carry(netns: &Path) -> anyhow::Result<Option<Carried>> {
+    refuse_our_own(netns)?;
     let Some((iface, routes)) = read(netns)? else {
         return Ok(None);
     };
@@ -196,6 +197,25 @@ pub fn carry(netns: &Path) -> anyhow::Result<Option<Carried>> {
         },
         record,
     }))
+}
+
+/// Refuses the network namespace this process runs in (the host's): its
+/// first interface would be redirected into the VM, taking the host off
+/// its network. A path such as `/proc/PID/ns/net` names the host's when
+/// PID is a process of the host (a pod's infra container's monitor).
+pub fn refuse_our_own(netns: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let ours = std::fs::metadata("/proc/self/ns/net").context("reading our network namespace")?;
+    if (ns.dev(), ns.ino()) == (ours.dev(), ours.ino()) {
+        bail!(
+            "{} is the host's own network namespace (the runtime's): a VM cannot share the \
+             host's network, and carrying it in would take the host's interface away",
+            netns.display()
+        );
+    }
+    Ok(())
 }
 
 /// Undoes [`carry`] on the namespace's side (the tap goes with its last
