@@ -361,3 +361,38 @@ fn bad_user_namespace_configs_are_refused_naming_the_field() {
         "mounts[7].options: idmapped mounts are not supported for /x",
     );
 }
+
+/// A namespace path the VM cannot join is refused naming it, before
+/// anything starts; the host's own network namespace above all, whose
+/// interface would otherwise be redirected into the VM.
+#[test]
+fn namespace_paths_a_vm_cannot_join_are_refused_naming_them() {
+    let with_path = |b: &mut harness::TestBundle, typ: &str, path: &str| {
+        let ns = b.config["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != typ);
+        ns.push(json!({"type": typ, "path": path}));
+        b.write();
+    };
+    // Ours, as a pod member's path to another container's pid would be.
+    let ours = format!("/proc/{}/ns/net", std::process::id());
+    for (name, path) in [("hostnet", "/proc/self/ns/net"), ("ournet", ours.as_str())] {
+        fails_naming(
+            name,
+            |_, b| with_path(b, "network", path),
+            &format!(
+                "linux.namespaces: carrying network namespace {path} into the VM: {path} is the \
+                 host's own network namespace"
+            ),
+        );
+    }
+    fails_naming(
+        "hostipc",
+        |_, b| with_path(b, "ipc", "/proc/1/ns/ipc"),
+        "(ipc /proc/1/ns/ipc): not a namespace of a krun-oci container",
+    );
+    fails_naming(
+        "hostpid",
+        |_, b| with_path(b, "pid", "/proc/1/ns/pid"),
+        "(pid /proc/1/ns/pid): not a namespace of a krun-oci container",
+    );
+}

@@ -1116,3 +1116,89 @@ fn userns_auto_runs_the_container_in_a_user_namespace() {
     assert_eq!(lines[2], "ok", "{text}");
     pm.finish();
 }
+
+/// The namespaces a process of the container is in, as `readlink` shows
+/// them (`ipc:[4026532082]`), one a line.
+const NAMESPACES: &str = "for n in ipc uts net pid; do readlink /proc/self/ns/$n; done";
+
+/// `podman pod create -p` and two containers in the pod: they run in one
+/// VM (the infra container's), reach each other on localhost, share the
+/// pod's IPC and UTS namespaces (its hostname too) but not their PID
+/// namespaces, the published port serves the host, and exit codes and
+/// exec reach the right container.
+#[test]
+fn a_pod_runs_its_containers_in_one_vm_with_a_published_port() {
+    let pm = Podman::new("pod");
+    let pod = format!("krun-pod-{}", std::process::id());
+    pm.ok(&[
+        "pod",
+        "create",
+        "--name",
+        &pod,
+        "--network",
+        "bridge",
+        "-p",
+        "18081:80",
+    ]);
+    let podarg = format!("--pod={pod}");
+    let args = serve_page("served-in-the-pod");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pm.run_d("web", &[&podarg], busybox(), &args);
+    pm.wait_for_status("web", "running", WAIT);
+    // From the host, through the pod's published port.
+    let page = http_get(18081, "/");
+    assert!(page.contains("served-in-the-pod"), "{page}");
+    // From the pod's other container, on localhost; its exit code is its own.
+    let script = format!(
+        "for i in $(seq 30); do wget -qO- http://127.0.0.1/ && break; sleep 1; done; \
+         hostname; {NAMESPACES}; exit 7"
+    );
+    let out = pm.run_rm(&[&podarg], busybox(), &["sh", "-c", &script]);
+    out.expect(7);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"served-in-the-pod"), "{}", out.stdout);
+    assert_eq!(lines.get(1), Some(&pod.as_str()), "the pod's hostname");
+    let theirs = pm.ok(&["exec", "web", "sh", "-c", NAMESPACES]);
+    let theirs: Vec<&str> = theirs.lines().collect();
+    assert_eq!(theirs.len(), 4, "{theirs:?}");
+    assert_eq!(lines[2..5], theirs[..3], "ipc, uts and net are the pod's");
+    assert_ne!(lines[5], theirs[3], "each container has its own PIDs");
+    pm.ok(&["pod", "rm", "-f", "-t", "0", &pod]);
+    pm.finish();
+}
+
+/// `--ipc container:X --uts container:X` (no pod) runs in X's VM; a PID
+/// namespace of another container cannot be joined, and says so.
+#[test]
+fn namespaces_of_another_container_are_joined_in_its_vm() {
+    let pm = Podman::new("joinns");
+    pm.run_d(
+        "first",
+        &["--hostname", "first-host"],
+        busybox(),
+        &["sleep", "600"],
+    );
+    pm.wait_for_status("first", "running", WAIT);
+    let theirs = pm.ok(&["exec", "first", "sh", "-c", NAMESPACES]);
+    let out = pm.run_rm(
+        &["--ipc", "container:first", "--uts", "container:first"],
+        busybox(),
+        &["sh", "-c", &format!("hostname; {NAMESPACES}")],
+    );
+    let mine = out.ok();
+    let mine: Vec<&str> = mine.lines().collect();
+    let theirs: Vec<&str> = theirs.lines().collect();
+    assert_eq!(mine[0], "first-host");
+    assert_eq!(mine[1..3], theirs[..2], "ipc and uts are first's");
+    if !pm.is_runc() {
+        let out = pm.run_rm(&["--pid", "container:first"], busybox(), &["true"]);
+        assert_ne!(out.code, 0, "{out:?}");
+        assert!(
+            out.stderr.contains("a pid namespace of container"),
+            "{}",
+            out.stderr
+        );
+    }
+    pm.ok(&["rm", "-f", "-t", "0", "first"]);
+    pm.finish();
+}

@@ -554,15 +554,21 @@ impl Drop for Podman {
         if !self.finished {
             // A failed test: stop whatever it left running, best effort, so
             // that it does not disturb the tests after it.
-            let mut c = self.cmd();
-            c.args(["rm", "-af", "-t", "0"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Ok(mut child) = c.spawn() {
-                if wait_timeout(&mut child, Duration::from_secs(60)).is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
+            // Pods first: their infra containers go only with them.
+            for args in [
+                &["pod", "rm", "-af", "-t", "0"][..],
+                &["rm", "-af", "-t", "0"],
+            ] {
+                let mut c = self.cmd();
+                c.args(args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                if let Ok(mut child) = c.spawn() {
+                    if wait_timeout(&mut child, Duration::from_secs(60)).is_none() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
                 }
             }
         }
@@ -614,13 +620,15 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// `--network none` unless the test's own options name a network: tests
-/// do not touch the host's firewall unless they are about networking.
+/// `--network none` unless the test's own options name a network (or a
+/// pod, whose network is the pod's): tests do not touch the host's
+/// firewall unless they are about networking.
 fn default_network(opts: &[&str]) -> Vec<&'static str> {
-    if opts
-        .iter()
-        .any(|o| *o == "--network" || o.starts_with("--network="))
-    {
+    if opts.iter().any(|o| {
+        ["--network", "--pod"]
+            .iter()
+            .any(|f| o == f || o.starts_with(&format!("{f}=")))
+    }) {
         Vec::new()
     } else {
         vec!["--network", "none"]

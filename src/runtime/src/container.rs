@@ -63,10 +63,51 @@ impl Existing {
             .with_context(|| format!("container {:?}: cannot reach its monitor", self.id))
     }
 
+    /// `req` as this container's monitor must get it. A container in
+    /// another's VM (a pod's) has that VM's monitor: the request names its
+    /// stream (or, for an exec, its id), and what would act on the whole
+    /// VM (pause, resume) is refused.
+    pub fn routed(&self, req: Request) -> Result<Request> {
+        let Some(m) = &self.state.member else {
+            return Ok(req);
+        };
+        let stream = m.stream;
+        Ok(match req {
+            Request::Start => Request::StartContainer { stream },
+            Request::Kill { signal, all, .. } => Request::Kill {
+                signal,
+                all,
+                stream,
+            },
+            Request::Ps { .. } => Request::Ps { stream },
+            Request::Stats { .. } => Request::Stats { stream },
+            Request::Update { limits, .. } => Request::Update { limits, stream },
+            Request::Exec { process, .. } => Request::Exec {
+                process,
+                container: Some(self.id.clone()),
+            },
+            // Its processes go; the VM stays for the others.
+            Request::Shutdown => Request::Kill {
+                signal: libc::SIGKILL,
+                all: true,
+                stream,
+            },
+            Request::Pause | Request::Resume => {
+                return Err(Error::Unsupported(format!(
+                    "container {:?} runs in the VM of container {:?}, and pausing stops a \
+                     whole VM: pause or resume {:?} instead (podman: the pod)",
+                    self.id, m.leader, m.leader
+                )))
+            }
+            other => other,
+        })
+    }
+
     /// Sends one request and turns an error response into an error. A
     /// monitor whose guest never answers (a request the guest must reply
     /// to: start, ps, stats, update) does not hang the command.
     pub fn call(&self, req: &Request) -> Result<Response> {
+        let req = &self.routed(req.clone())?;
         let mut client = self.client()?;
         client.set_timeout(Some(crate::session::BOOT_TIMEOUT))?;
         let resp = client

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod monitor;
 pub mod net;
 pub mod plan;
+pub mod pod;
 pub mod relay;
 pub mod session;
 pub mod staging;

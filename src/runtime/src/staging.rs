@@ -199,6 +199,15 @@ impl Staging {
     /// Binds a container's root and volumes into the share, under its id.
     /// On error nothing of it is left.
     pub fn add(&self, c: &ContainerPaths) -> Result<(), StagingError> {
+        let trees = Trees::clone_from(c)?;
+        self.add_trees(c, trees)
+    }
+
+    /// Binds the trees [`Trees::clone_from`] took of `c`'s paths (perhaps
+    /// in another mount namespace: a pod member's create clones them in
+    /// the host's, and attaches them in the pod VM's monitor's) into the
+    /// share, under `c`'s id. On error nothing of it is left.
+    pub fn add_trees(&self, c: &ContainerPaths, trees: Trees) -> Result<(), StagingError> {
         let id = c.id.as_str();
         let prep = |what| {
             let path = self.dir.join("w").join(id);
@@ -213,8 +222,8 @@ impl Staging {
         let result = (|| {
             let cdir = openat_path(&self.work, OsStr::new(id), libc::O_DIRECTORY)
                 .map_err(prep("opening the container's directory"))?;
-            for b in &c.binds {
-                attach(&cdir, b)?;
+            for (b, tree) in c.binds.iter().zip(trees.0) {
+                place(&cdir, b, &tree)?;
             }
             Ok(())
         })();
@@ -238,9 +247,27 @@ impl Staging {
     }
 }
 
-/// Makes the mount point `b.name` below `parent` and moves a clone of the
-/// source's mount tree onto it, with the host-side flags applied first.
-fn attach(parent: &OwnedFd, b: &HostBind) -> Result<(), StagingError> {
+/// Detached clones of the mount trees of one container's paths, in the
+/// order of its binds, each checked against the plan and with the
+/// host-side flags already applied: what the mount points in a share get.
+pub struct Trees(Vec<OwnedFd>);
+
+impl Trees {
+    /// Clones the mount tree at each of `c`'s paths (symlinks followed, as
+    /// runc resolves a bind source), in the calling mount namespace.
+    pub fn clone_from(c: &ContainerPaths) -> Result<Trees, StagingError> {
+        c.binds
+            .iter()
+            .map(detach)
+            .collect::<Result<_, _>>()
+            .map(Trees)
+    }
+}
+
+/// A clone of `b`'s source mount tree, checked to be what the plan saw
+/// (a directory or a file), with `nosuid`, `nodev`, `nosymfollow` (and
+/// `rdonly` for a read-only mount) set on every mount of it.
+fn detach(b: &HostBind) -> Result<OwnedFd, StagingError> {
     let bind_err = |source| StagingError::Bind {
         field: b.field.clone(),
         source_path: b.source.clone(),
@@ -266,6 +293,17 @@ fn attach(parent: &OwnedFd, b: &HostBind) -> Result<(), StagingError> {
         attrs |= libc::MOUNT_ATTR_RDONLY;
     }
     mount_setattr(&tree, attrs, libc::MS_PRIVATE).map_err(bind_err)?;
+    Ok(tree)
+}
+
+/// Makes the mount point `b.name` below `parent` and moves `tree` (the
+/// [`detach`]ed clone of `b`'s source) onto it.
+fn place(parent: &OwnedFd, b: &HostBind, tree: &OwnedFd) -> Result<(), StagingError> {
+    let bind_err = |source| StagingError::Bind {
+        field: b.field.clone(),
+        source_path: b.source.clone(),
+        source,
+    };
     let name = OsStr::new(&b.name);
     if b.file {
         openat_create(parent, name).map_err(bind_err)?;
@@ -273,7 +311,7 @@ fn attach(parent: &OwnedFd, b: &HostBind) -> Result<(), StagingError> {
         mkdirat(parent, name, 0o755).map_err(bind_err)?;
     }
     let target = openat_path(parent, name, 0).map_err(bind_err)?;
-    move_mount(&tree, &target).map_err(bind_err)
+    move_mount(tree, &target).map_err(bind_err)
 }
 
 /// Unmounts and removes a staging directory, whatever state it is in

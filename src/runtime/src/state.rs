@@ -158,6 +158,18 @@ pub struct State {
     /// runc's `cgroup_paths`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<crate::cgroups::CgroupPaths>,
+    /// A container that runs in another container's VM (a podman pod's):
+    /// its requests go to that VM's monitor, about its own stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<Member>,
+}
+
+/// Where a container in another container's VM is: the container whose
+/// VM it runs in, and the stream of its main process there.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Member {
+    pub leader: String,
+    pub stream: u32,
 }
 
 impl State {

@@ -22,7 +22,22 @@ use crate::state::StateDir;
 /// is started.
 pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> Result<Launch> {
     let bundle = Bundle::load(bundle)?;
+    if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
+        return Err(Error::Unsupported(format!(
+            "linux.namespaces: the container joins container {:?}, so it runs in that \
+             container's VM; `run` cannot do that: create and start it",
+            leader.id
+        )));
+    }
     let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
+    // Checked here too, where /proc is the host's, to fail before anything
+    // starts (the monitor has a /proc of its own).
+    if let Some(ns) = &plan.netns {
+        crate::net::refuse_our_own(ns).map_err(|e| Error::Network {
+            netns: ns.clone(),
+            source: e.into(),
+        })?;
+    }
     for w in &plan.warnings {
         tracing::warn!(container = %id, "{w}");
     }
@@ -58,6 +73,12 @@ pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> Resul
 pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
     let id = &args.container_id;
     refuse_preserved_fds(args.preserve_fds)?;
+    // One that joins another container's namespaces runs in its VM.
+    let bundle = Bundle::load(&args.bundle)?;
+    if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
+        return super::member::create(ctx, args, bundle, leader);
+    }
+    drop(bundle);
     let stdio = match &args.console_socket {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
@@ -173,7 +194,7 @@ struct CloneArgs {
 /// parent's thread id for the main thread: the monitor never signals its
 /// own main thread by `pthread_kill` (nor `raise`s), and the threads it
 /// starts get their own ids.
-fn fork_monitor(cgroup: Option<&OwnedFd>) -> std::io::Result<(libc::pid_t, bool)> {
+pub(super) fn fork_monitor(cgroup: Option<&OwnedFd>) -> std::io::Result<(libc::pid_t, bool)> {
     if let Some(dir) = cgroup {
         let args = CloneArgs {
             flags: CLONE_INTO_CGROUP,

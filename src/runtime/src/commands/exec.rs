@@ -189,14 +189,12 @@ impl Exec {
             )
         };
         let raw_fds: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let req = c.routed(Request::Exec {
+            process: Box::new(process),
+            container: None,
+        })?;
         client
-            .send(
-                &Request::Exec {
-                    process: Box::new(process),
-                    container: None,
-                },
-                &raw_fds,
-            )
+            .send(&req, &raw_fds)
             .context("sending the exec request")?;
         drop(fds);
         match client.recv().context("waiting for the exec to start")? {

@@ -28,6 +28,14 @@ pub fn start(ctx: &Context, args: &liboci_cli::Start) -> Result<i32> {
         }
     }
     c.call(&Request::Start)?;
+    if c.state.member.is_some() {
+        // A container in another's VM has no monitor of its own to note it.
+        let mut state = c.dir.read()?;
+        if state.status == Status::Created {
+            state.status = Status::Running;
+            c.dir.write(&state)?;
+        }
+    }
     if let Some(spec) = &spec {
         let mut state = c.state.to_oci();
         state["status"] = "running".into();
@@ -98,6 +106,10 @@ pub fn delete(ctx: &Context, args: &liboci_cli::Delete) -> Result<i32> {
             }
             other => other?,
         }
+    }
+    // A container in another's VM leaves its share.
+    if let Some(m) = &c.state.member {
+        crate::pod::leave(&ctx.root, &m.leader, &c.id);
     }
     let Existing { dir, .. } = c;
     dir.remove()?;

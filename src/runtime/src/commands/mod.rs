@@ -8,6 +8,7 @@ pub mod create;
 pub mod exec;
 pub mod info;
 pub mod lifecycle;
+pub mod member;
 pub mod run;
 
 /// What every command gets from the global flags.

@@ -75,6 +75,7 @@ impl Kit {
             oom_killed: false,
             network: None,
             cgroup: None,
+            member: None,
         };
         let (host, guest) = UnixStream::pair().unwrap();
         guest

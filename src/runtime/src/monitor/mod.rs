@@ -259,7 +259,7 @@ impl Monitor {
 }
 
 /// The state of a container being created.
-fn creating(id: &str, bundle: &Bundle) -> State {
+pub(crate) fn creating(id: &str, bundle: &Bundle) -> State {
     State {
         oci_version: bundle.spec.version().clone(),
         id: id.to_string(),
@@ -273,11 +273,12 @@ fn creating(id: &str, bundle: &Bundle) -> State {
         oom_killed: false,
         network: None,
         cgroup: None,
+        member: None,
     }
 }
 
 /// The state of a container whose process ended with `status`.
-fn stopped(state: &mut State, status: ExitStatus) {
+pub(crate) fn stopped(state: &mut State, status: ExitStatus) {
     state.status = Status::Stopped;
     state.exit = Some(state::Exit {
         code: status.shell_code(),

@@ -12,7 +12,7 @@ use krun_proto::{ContainerSetup, ExitStatus, ProcessSetup, ToGuest, MAIN_STREAM}
 
 use super::container::Container;
 use super::report::Outcome;
-use super::stdio::{exec_stdio, member_stdio, Stdio};
+use super::stdio::{exec_stdio, Stdio};
 use super::streams::Process;
 use crate::api::{Incoming, Request, Response};
 use crate::relay::pump_stdin;
@@ -143,10 +143,13 @@ impl Container {
         fds: Vec<OwnedFd>,
         reply: Sender<Response>,
     ) {
-        let stdio = match member_stdio(fds) {
+        let stdio = match exec_stdio(fds) {
             Ok(s) => s,
             Err(n) => {
-                let _ = reply.send(error(1, &format!("create needs 3 descriptors, got {n}")));
+                let _ = reply.send(error(
+                    1,
+                    &format!("create needs 1 (a terminal) or 3 descriptors, got {n}"),
+                ));
                 return;
             }
         };
