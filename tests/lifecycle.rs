@@ -667,3 +667,74 @@ fn exec_joins_the_containers_user_namespace() {
     delete_force(&sb, "u1", pid);
     sb.assert_clean();
 }
+
+/// A container whose namespaces are another's (`/proc/PID/ns/...`, PID the
+/// other's pid: what podman writes for a pod's containers) runs in that
+/// container's VM, by hand: its own state, pid, stdio, start, kill, exec
+/// and exit status; the leader runs on without it; nothing is left.
+#[test]
+fn a_container_joining_anothers_namespaces_runs_in_its_vm() {
+    let sb = Sandbox::new("member");
+    let leader = start_new(&sb, &["sh", "-c", "hostname; exec sleep 1000"], "lead");
+    wait_for_output(&sb, "lead", "\n");
+    let mut b = sb.written_bundle(&["sh", "-c", TRAP_TERM]);
+    let ns = b.config["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.retain(|n| !matches!(n["type"].as_str(), Some("network" | "ipc" | "uts")));
+    for t in ["net", "ipc", "uts"] {
+        let typ = if t == "net" { "network" } else { t };
+        ns.push(serde_json::json!({"type": typ, "path": format!("/proc/{leader}/ns/{t}")}));
+    }
+    b.config["hostname"] = serde_json::Value::Null;
+    b.write();
+    let pid = create(&sb, &b, "memb");
+    assert_ne!(pid, leader);
+    assert_eq!(status(&sb, "memb"), "created");
+    let o = krun(&sb, &["state", "memb"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["pid"], pid, "the state's pid is the pid file's");
+    ok(krun(&sb, &["start", "memb"]));
+    assert_eq!(status(&sb, "memb"), "running");
+    wait_for_output(&sb, "memb", "started\n");
+    // In the leader's UTS and IPC namespaces, in its own PID namespace.
+    let ns_of = |id: &str| {
+        let o = krun(
+            &sb,
+            &[
+                "exec",
+                id,
+                "sh",
+                "-c",
+                "hostname; readlink /proc/self/ns/ipc; readlink /proc/self/ns/pid",
+            ],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        o.stdout
+    };
+    let (mine, theirs) = (ns_of("memb"), ns_of("lead"));
+    let (mine, theirs): (Vec<&str>, Vec<&str>) = (mine.lines().collect(), theirs.lines().collect());
+    assert_eq!(mine[..2], theirs[..2], "hostname and IPC are the leader's");
+    assert_ne!(mine[2], theirs[2], "PIDs are its own");
+    refused(&sb, &["pause", "memb"], "pause or resume \"lead\" instead");
+    // Its signal reaches its process; its pid exits with its status.
+    ok(krun(&sb, &["kill", "memb", "TERM"]));
+    assert_eq!(wait_exit(pid), (Some(3), None));
+    assert_eq!(out_of(&sb, "memb"), "started\ngot TERM\n");
+    assert_eq!(status(&sb, "memb"), "stopped");
+    ok(krun(&sb, &["delete", "memb"]));
+    assert_eq!(status(&sb, "lead"), "running", "the leader runs on");
+    // A PID namespace of another container cannot be joined.
+    let mut b2 = sb.written_bundle(&["true"]);
+    let ns = b2.config["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.retain(|n| n["type"] != "ipc");
+    ns.push(serde_json::json!({"type": "pid", "path": format!("/proc/{leader}/ns/pid")}));
+    b2.write();
+    let o = sb.run_output(&[], &b2, "nopid");
+    assert_ne!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("a pid namespace of container \"lead\" cannot be joined"),
+        "{err}"
+    );
+    delete_force(&sb, "lead", leader);
+    sb.assert_clean();
+}
