@@ -308,7 +308,7 @@ fn a_privileged_container_runs_without_a_host_device_and_says_so() {
 
 /// User namespaces: runc's checks (mappings need a user namespace and the
 /// reverse, with runc's words), and what a VM cannot do (join one by
-/// path; idmap a virtio-fs mount on Linux 6.1), each named.
+/// path; an idmapped mount that is no bind mount, or without both maps), each named.
 #[test]
 fn bad_user_namespace_configs_are_refused_naming_the_field() {
     let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
@@ -347,18 +347,40 @@ fn bad_user_namespace_configs_are_refused_naming_the_field() {
         "joining an existing user namespace is not possible",
     );
     fails_naming(
-        "idmapmount",
-        |sb, b| {
+        "idmaptmpfs",
+        |_, b| {
             with_userns(b, None);
             b.config["linux"]["uidMappings"] = map.clone();
             b.config["linux"]["gidMappings"] = map.clone();
+            b.add_mount(
+                json!({"destination": "/x", "type": "tmpfs", "source": "tmpfs",
+                "options": ["idmap"]}),
+            );
+            b.write();
+        },
+        "mounts[7].options: only a bind mount can be idmapped (/x is a \"tmpfs\" mount)",
+    );
+    fails_naming(
+        "idmaphalf",
+        |sb, b| {
+            b.add_mount(
+                json!({"destination": "/x", "type": "bind", "source": sb.path(),
+                "options": ["rbind"], "uidMappings": map.clone()}),
+            );
+            b.write();
+        },
+        "mounts[7].gidMappings: uidMappings is given, so gidMappings must be too",
+    );
+    fails_naming(
+        "idmapnomaps",
+        |sb, b| {
             b.add_mount(
                 json!({"destination": "/x", "type": "bind", "source": sb.path(),
                 "options": ["rbind", "idmap"]}),
             );
             b.write();
         },
-        "mounts[7].options: idmapped mounts are not supported for /x",
+        "mounts[7].options: idmap without mappings of its own needs the container's",
     );
 }
 

@@ -313,3 +313,114 @@ fn a_pod_on_a_cni_network_serves_the_host() {
     c.remember("k8s.io", &pod_id);
     c.finish();
 }
+
+/// Kubernetes `hostUsers: false`: the pod's containers run in one user
+/// namespace with the pod's mappings (container root is a high id
+/// outside), the image and containerd's /etc files show their owners as
+/// they are inside (idmapped on the host: containerd's `uidmap=` overlay
+/// layers and idmapped bind mounts), and a file the container's root
+/// creates belongs to the mapped id on the host.
+#[test]
+fn a_user_namespaced_pod_runs_and_its_files_belong_to_the_mapped_ids() {
+    if handler() != "krun" {
+        // Debian 12's runc 1.1 has no idmapped mounts, which containerd
+        // asks of the runtime for such a pod.
+        harness::podman::loud(&format!(
+            "NOT RUN under handler {}: its runc cannot idmap mounts (needs runc 1.2)",
+            handler()
+        ));
+        return;
+    }
+    let c = Containerd::start("cri-userns");
+    let _net = cri::CniNetwork::install(c.path(), 3);
+    let mut cri = Cri::connect(&c.address());
+    let logs = c.path().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    // As kubelet allocates them: 65536 ids, at a multiple of 65536.
+    let host_id = 65536 * 7;
+    let map = vec![cri::IdMapping {
+        host_id,
+        container_id: 0,
+        length: 65536,
+    }];
+    let userns = cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        uids: map.clone(),
+        gids: map,
+    };
+    let mut pod = pod_config("krun-userns", &logs);
+    let sc = pod
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap();
+    sc.namespace_options.as_mut().unwrap().userns_options = Some(userns);
+    let pod_id = cri.run_pod_when_ready(&pod, &handler());
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let mut cc = container_config(name, BUSYBOX, SERVE);
+        cc.linux.as_mut().unwrap().security_context = Some(cri::LinuxContainerSecurityContext {
+            namespace_options: sc_namespaces(&pod),
+            ..Default::default()
+        });
+        let id = cri.create_container(&pod_id, cc, &pod);
+        cri.start_container(&id);
+        cri.wait_state(&id, ContainerState::ContainerRunning);
+        ids.push(id);
+    }
+    let script = "id -u; id -g; cat /proc/self/uid_map; stat -c '%u:%g' /bin/busybox /etc/hosts; \
+                  touch /made-by-root; readlink /proc/self/ns/user";
+    let r = cri.exec_sync(&ids[0], &["sh", "-c", script]);
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["0", "0"], "root inside: {out}");
+    let map_line: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(map_line, ["0", &host_id.to_string(), "65536"], "{out}");
+    assert_eq!(lines[3..5], ["0:0", "0:0"], "owners as inside: {out}");
+    let r = cri.exec_sync(&ids[1], &["readlink", "/proc/self/ns/user"]);
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        lines[5],
+        "the pod's containers share its user namespace"
+    );
+    // On the host the new file belongs to the mapped root.
+    use std::os::unix::fs::MetadataExt;
+    let made = c
+        .path()
+        .join("state/io.containerd.runtime.v2.task/k8s.io")
+        .join(&ids[0])
+        .join("rootfs/made-by-root");
+    let md = std::fs::metadata(&made).unwrap_or_else(|e| panic!("{}: {e}", made.display()));
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (host_id, host_id),
+        "{}",
+        made.display()
+    );
+    for id in &ids {
+        cri.stop_container(id, 10);
+        cri.remove_container(id);
+    }
+    cri.stop_pod(&pod_id);
+    cri.remove_pod(&pod_id);
+    for id in ids.iter().chain([&pod_id]) {
+        c.remember("k8s.io", id);
+    }
+    c.finish();
+}
+
+/// The namespace options of a pod's security context, for its containers.
+fn sc_namespaces(pod: &cri::PodSandboxConfig) -> Option<cri::NamespaceOption> {
+    pod.linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+}

@@ -381,7 +381,7 @@ fn features_spec_list_and_version() {
         ])
     );
     assert!(v["annotations"]["io.krun-oci.systemd-cgroup"].is_string());
-    // User namespaces run; idmapped mounts do not (Linux 6.1's virtio-fs).
+    // User namespaces run, and idmapped mounts (made on the host).
     assert!(
         v["linux"]["namespaces"]
             .as_array()
@@ -390,7 +390,7 @@ fn features_spec_list_and_version() {
         "{}",
         o.stdout
     );
-    assert_eq!(v["linux"]["mountExtensions"]["idmap"]["enabled"], false);
+    assert_eq!(v["linux"]["mountExtensions"]["idmap"]["enabled"], true);
     let dir = sb.path().join("specdir");
     std::fs::create_dir_all(&dir).unwrap();
     ok(krun(&sb, &["spec", "--bundle", dir.to_str().unwrap()]));

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use krun_proto::UserNsSetup;
 use nix::mount::{mount, MsFlags};
 
 /// One mount option that is a flag: its bits, and whether it clears them.
@@ -97,6 +98,81 @@ fn compact(data: &[String]) -> Option<(String, Vec<String>)> {
     Some((base, data))
 }
 
+/// containerd's `uidmap=`/`gidmap=` overlay options (a user-namespaced
+/// pod's image, on a kernel that idmaps overlay layers): the maps, and the
+/// data without them. None: no such options.
+fn id_maps(data: &[String]) -> anyhow::Result<Option<(UserNsSetup, Vec<String>)>> {
+    let mut maps = UserNsSetup::default();
+    let mut rest = Vec::new();
+    for o in data {
+        let (field, value) = match o.split_once('=') {
+            Some((k @ ("uidmap" | "gidmap"), v)) => (k, v),
+            _ => {
+                rest.push(o.clone());
+                continue;
+            }
+        };
+        let Some(ranges) = krun_oci::idmap::parse_ranges(value) else {
+            anyhow::bail!("overlay option {o:?}: not CONTAINER:HOST:SIZE ranges");
+        };
+        if field == "uidmap" {
+            maps.uid_map = ranges;
+        } else {
+            maps.gid_map = ranges;
+        }
+    }
+    if maps.uid_map.is_empty() && maps.gid_map.is_empty() {
+        return Ok(None);
+    }
+    if maps.uid_map.is_empty() || maps.gid_map.is_empty() {
+        anyhow::bail!("overlay options: uidmap and gidmap come together");
+    }
+    Ok(Some((maps, rest)))
+}
+
+/// An overlay whose lower layers are seen through `maps` (as containerd
+/// mounts one): each lowerdir is bound idmapped below `scratch`, the
+/// overlay mounted on those, and the binds dropped again (the overlay
+/// keeps its own references to its layers). The upper layer is the
+/// snapshotter's, already owned by the mapped ids.
+fn mount_idmapped_overlay(
+    maps: &UserNsSetup,
+    data: Vec<String>,
+    flags: MsFlags,
+    source: &str,
+    target: &Path,
+) -> anyhow::Result<()> {
+    let scratch = target.with_extension("idmap");
+    std::fs::create_dir_all(&scratch)?;
+    let result = (|| {
+        let ns = krun_oci::idmap::user_namespace(maps)?;
+        let mut layers = Vec::new();
+        let mut data = data;
+        for o in data.iter_mut() {
+            let Some(lower) = o.strip_prefix("lowerdir=") else {
+                continue;
+            };
+            let mut mapped = Vec::new();
+            for (i, dir) in lower.split(':').enumerate() {
+                let at = scratch.join(i.to_string());
+                std::fs::create_dir_all(&at)?;
+                krun_oci::idmap::bind_idmapped(Path::new(dir), &ns, &at)
+                    .map_err(|e| anyhow::anyhow!("idmapping the layer {dir}: {e}"))?;
+                layers.push(at.clone());
+                mapped.push(at.display().to_string());
+            }
+            *o = format!("lowerdir={}", mapped.join(":"));
+        }
+        let r = mount_one_plain("overlay", source, flags, &data, target);
+        for l in &layers {
+            let _ = nix::mount::umount2(l, nix::mount::MntFlags::MNT_DETACH);
+        }
+        r
+    })();
+    let _ = krun_oci::staging::remove_tree(&scratch);
+    result
+}
+
 /// Mounts one rootfs mount at `target`.
 pub fn mount_one(
     fs_type: &str,
@@ -105,10 +181,26 @@ pub fn mount_one(
     target: &Path,
 ) -> anyhow::Result<()> {
     let (flags, data) = parse(options);
+    if fs_type == "overlay" {
+        if let Some((maps, data)) = id_maps(&data)? {
+            return mount_idmapped_overlay(&maps, data, flags, source, target);
+        }
+    }
+    mount_one_plain(fs_type, source, flags, &data, target)
+}
+
+/// [`mount_one`] once the options are split.
+fn mount_one_plain(
+    fs_type: &str,
+    source: &str,
+    flags: MsFlags,
+    data: &[String],
+    target: &Path,
+) -> anyhow::Result<()> {
     let page = 4096;
     let joined = data.join(",");
     if fs_type == "overlay" && joined.len() >= page - 512 {
-        let Some((dir, data)) = compact(&data) else {
+        let Some((dir, data)) = compact(data) else {
             anyhow::bail!(
                 "overlay options are {} bytes, too long for one mount",
                 joined.len()
@@ -179,6 +271,24 @@ mod tests {
         assert_eq!(d, s(&["index=off", "lowerdir=/a:/b"]));
         let (f, _) = parse(&s(&["rbind", "ro"]));
         assert_eq!(f, MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY);
+    }
+
+    #[test]
+    fn containerds_id_map_options_are_taken_out() {
+        let (maps, rest) = id_maps(&s(&[
+            "uidmap=0:200000:65536",
+            "gidmap=0:300000:65536",
+            "workdir=/w",
+            "lowerdir=/a:/b",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(maps.uid_map[0].host, 200000);
+        assert_eq!(maps.gid_map[0].host, 300000);
+        assert_eq!(rest, s(&["workdir=/w", "lowerdir=/a:/b"]));
+        assert!(id_maps(&s(&["lowerdir=/a"])).unwrap().is_none());
+        assert!(id_maps(&s(&["uidmap=0:1:1"])).is_err());
+        assert!(id_maps(&s(&["uidmap=x", "gidmap=0:1:1"])).is_err());
     }
 
     #[test]

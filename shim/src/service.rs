@@ -8,6 +8,7 @@ use containerd_shim::api;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::ttrpc::Code;
+use containerd_shim::protos::types::introspection::RuntimeInfo;
 use containerd_shim::synchronous::publisher::RemotePublisher;
 use containerd_shim::{DeleteResponse, ExitSignal, Flags, TtrpcContext, TtrpcResult};
 
@@ -15,6 +16,11 @@ use crate::rpc::{rpc_error, timestamp};
 use crate::task::Tasks;
 
 pub const RUNTIME_ID: &str = "io.containerd.krun.v2";
+
+/// The type containerd registers the runtime-spec features document under
+/// (JSON in an `Any`).
+const FEATURES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
 
 /// Where the shim keeps its containers' state, per containerd namespace;
 /// `krun-oci --root /run/krun-oci/containerd/NS state ID` reads it too.
@@ -46,6 +52,24 @@ impl containerd_shim::Shim for Service {
             exit: Arc::new(ExitSignal::default()),
             tasks: None,
         }
+    }
+
+    /// What containerd asks (`-info`) before it gives a task idmapped
+    /// mounts (a user-namespaced pod's): the runtime's features, as the
+    /// runc shim reports runc's.
+    fn runtime_info(
+        runtime_id: &str,
+        _options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+    ) -> Result<RuntimeInfo, containerd_shim::Error> {
+        let mut features = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
+        features.type_url = FEATURES_TYPE_URL.into();
+        features.value = serde_json::to_vec(&krun_oci::commands::info::features_json())
+            .map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
+        Ok(RuntimeInfo {
+            name: runtime_id.to_string(),
+            features: MessageField::some(features),
+            ..Default::default()
+        })
     }
 
     /// Starts the shim daemon, or returns the address of the one already

@@ -115,9 +115,27 @@ pub fn create(
     let (stdio, child_stdio) = stdio::make(&setup.process)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
+    // A pod's container joins the user namespace of the container it
+    // shares the VM with, when that one has one (a user-namespaced pod).
+    let join_user = match (share, &setup.user_ns) {
+        (Some(c), Some(ns)) if c.user_ns.is_some() => {
+            if c.user_ns.as_ref() != Some(ns) {
+                return Err(Failure::new(
+                    1,
+                    "linux.uidMappings: the pod's user namespace is joined, but these \
+                     mappings differ from its",
+                ));
+            }
+            Some(
+                File::open(format!("/proc/{}/ns/user", c.init_pid))
+                    .or_fail(|| "joining the pod's user namespace".into())?,
+            )
+        }
+        _ => None,
+    };
     let userns = match &setup.user_ns {
-        Some(_) => Some(userns::pipes()?),
-        None => None,
+        Some(_) if join_user.is_none() => Some(userns::pipes()?),
+        _ => None,
     };
     let (outside, inside) = userns.unzip();
     let mut flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
@@ -133,8 +151,13 @@ pub fn create(
                 report::fail_and_exit(&report_w, f);
             }
         }
-        child(setup, &cgroup, child_stdio, inside, report_w, start_r);
+        let userns = match join_user {
+            Some(ns) => Some(userns::UserNs::Join(ns)),
+            None => inside.map(userns::UserNs::New),
+        };
+        child(setup, &cgroup, child_stdio, userns, report_w, start_r);
     }
+    drop(join_user);
     drop((report_w, start_r, child_stdio, inside));
     let mapped = match (outside, &setup.user_ns) {
         (Some(o), Some(ns)) => o.map(pid, ns),
@@ -182,7 +205,7 @@ fn child(
     setup: &ContainerSetup,
     cgroup: &Path,
     stdio: ChildStdio,
-    userns: Option<userns::Inside>,
+    userns: Option<userns::UserNs>,
     report: OwnedFd,
     start: OwnedFd,
 ) -> ! {
@@ -222,7 +245,7 @@ fn prepare(
     setup: &ContainerSetup,
     cgroup: &Path,
     stdio: ChildStdio,
-    userns: Option<userns::Inside>,
+    userns: Option<userns::UserNs>,
 ) -> Result<PathBuf, Failure> {
     enter(&stdio, cgroup)?;
     // Its own cgroup namespace, rooted at its cgroup: /sys/fs/cgroup in the

@@ -89,6 +89,33 @@ impl Inside {
     }
 }
 
+/// The user namespace a container process goes into.
+pub enum UserNs {
+    /// A new one, whose maps guest-init writes.
+    New(Inside),
+    /// The one of the pod's container it shares the VM with (the same
+    /// maps, checked), as a pod's containers share the sandbox's.
+    Join(File),
+}
+
+impl UserNs {
+    /// In the container process: into the user namespace, as its root,
+    /// then into a new mount namespace owned by it, with a copy of the
+    /// container's tree.
+    pub fn enter(self) -> Result<(), Failure> {
+        match self {
+            UserNs::New(inside) => inside.enter(),
+            UserNs::Join(ns) => {
+                sys::setns(&ns, libc::CLONE_NEWUSER)
+                    .or_fail(|| "joining the pod's user namespace".into())?;
+                become_root()?;
+                sys::unshare(libc::CLONE_NEWNS)
+                    .or_fail(|| "creating a mount namespace in the user namespace".into())
+            }
+        }
+    }
+}
+
 /// Makes the caller, just arrived in a user namespace, its root, as runc's
 /// init does before anything else: what it creates from here (a cwd, the
 /// terminal) is the container root's, never the unmapped outside root's.

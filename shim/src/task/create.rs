@@ -249,7 +249,9 @@ impl Tasks {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
         let host = krun_oci::plan::HostInfo::detect();
-        let plan = krun_oci::plan::plan(&id, &bundle, spec, &host)
+        let mut spec = spec.clone();
+        krun_oci::pod::forget_user_ns_path(&mut spec);
+        let plan = krun_oci::plan::plan(&id, &bundle, &spec, &host)
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
         let setup = pod::place_member(sandbox, &plan.paths, plan.setup)
             .map_err(|e| rpc_error(Code::INTERNAL, format!("placing {id} in its pod: {e}")))?;

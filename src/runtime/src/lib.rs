@@ -19,6 +19,7 @@ pub mod commands;
 pub mod container;
 pub mod error;
 pub mod hooks;
+pub mod idmap;
 pub mod logging;
 pub mod monitor;
 pub mod net;

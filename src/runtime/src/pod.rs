@@ -20,10 +20,11 @@ use crate::staging::{ContainerPaths, Staging, Trees};
 use crate::state::Status;
 
 /// The namespaces a container can share with another of its VM.
-const SHARED: [LinuxNamespaceType; 3] = [
+const SHARED: [LinuxNamespaceType; 4] = [
     LinuxNamespaceType::Network,
     LinuxNamespaceType::Ipc,
     LinuxNamespaceType::Uts,
+    LinuxNamespaceType::User,
 ];
 
 fn kind(t: LinuxNamespaceType) -> &'static str {
@@ -79,12 +80,13 @@ pub fn leader_of(spec: &Spec, root: &Path) -> Result<Option<Existing>> {
             continue;
         };
         let t = n.typ();
-        // Joining a user namespace is refused with the user mappings.
-        if t == LinuxNamespaceType::User {
-            continue;
-        }
         let field = format!("linux.namespaces[{i}] ({} {})", kind(t), path.display());
         let owner = proc_pid(path).and_then(|pid| container_with_pid(root, pid));
+        // Joining another user namespace is refused with the user
+        // mappings; a leader's is joined in its VM.
+        if t == LinuxNamespaceType::User && owner.is_none() {
+            continue;
+        }
         match owner {
             Some(id) if SHARED.contains(&t) => match &leader {
                 Some(l) if *l != id => problems.push(format!(
@@ -94,7 +96,7 @@ pub fn leader_of(spec: &Spec, root: &Path) -> Result<Option<Existing>> {
                 _ => leader = Some(id),
             },
             Some(id) => problems.push(format!(
-                "{field}: the containers of one VM share its network, IPC and UTS \
+                "{field}: the containers of one VM share its network, IPC, UTS and user \
                  namespaces only; a {} namespace of container {id:?} cannot be joined",
                 kind(t)
             )),
@@ -126,6 +128,28 @@ pub fn leader_of(spec: &Spec, root: &Path) -> Result<Option<Existing>> {
             "linux.namespaces: container {id:?}, whose namespaces this container joins, is {status}"
         ))),
     }
+}
+
+/// A container in another's VM joins that VM's container's user
+/// namespace, which its spec names by a path of the host (CRI: the
+/// sandbox's `/proc/PID/ns/user`; podman: the infra container's): the
+/// path goes, the mappings stay, and guest-init, seeing the leader has a
+/// user namespace, joins it instead of making one.
+pub fn forget_user_ns_path(spec: &mut Spec) {
+    let Some(linux) = spec.linux().clone() else {
+        return;
+    };
+    let Some(mut namespaces) = linux.namespaces().clone() else {
+        return;
+    };
+    for n in namespaces.iter_mut() {
+        if n.typ() == LinuxNamespaceType::User {
+            n.set_path(None);
+        }
+    }
+    let mut linux = linux;
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
 }
 
 /// Where the leader's monitor composed its VM's share.

@@ -84,6 +84,8 @@ pub struct HostBind {
     pub readonly: bool,
     /// A regular file rather than a directory.
     pub file: bool,
+    /// Bound idmapped through these mappings ([`crate::idmap`]).
+    pub idmap: Option<krun_proto::UserNsSetup>,
 }
 
 /// What of the host one container is given.
@@ -293,6 +295,10 @@ fn detach(b: &HostBind) -> Result<OwnedFd, StagingError> {
         attrs |= libc::MOUNT_ATTR_RDONLY;
     }
     mount_setattr(&tree, attrs, libc::MS_PRIVATE).map_err(bind_err)?;
+    if let Some(maps) = &b.idmap {
+        let ns = crate::idmap::user_namespace(maps).map_err(bind_err)?;
+        crate::idmap::idmap_tree(&tree, &ns).map_err(bind_err)?;
+    }
     Ok(tree)
 }
 

@@ -101,8 +101,15 @@ pub fn list(ctx: &Context, args: &liboci_cli::List) -> Result<i32> {
     Ok(0)
 }
 
-/// What this runtime supports, in the runtime-spec `features` shape.
+/// `krun-oci features`.
 pub fn features() -> Result<i32> {
+    println!("{}", serde_json::to_string_pretty(&features_json())?);
+    Ok(0)
+}
+
+/// What this runtime supports, in the runtime-spec `features` shape (the
+/// shim reports the same to containerd's `-info`).
+pub fn features_json() -> serde_json::Value {
     let accel = krun_hypervisor::detect_accel();
     let isolation = match accel.accel {
         krun_hypervisor::Accel::Kvm => format!(
@@ -115,7 +122,7 @@ pub fn features() -> Result<i32> {
             accel.reason
         ),
     };
-    let v = json!({
+    json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
         // Every kind runs (on the host, in the runtime's namespaces), as
@@ -133,7 +140,8 @@ pub fn features() -> Result<i32> {
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false },
             "intelRdt": { "enabled": false },
-            "mountExtensions": { "idmap": { "enabled": false } }
+            // Made on the host, into the VM's share (crate::idmap).
+            "mountExtensions": { "idmap": { "enabled": true } }
         },
         "annotations": {
             "io.krun-oci.hypervisor": "builtin (krun-oci's own VMM on KVM) or qemu; default: builtin where KVM can boot the guest, else qemu",
@@ -148,9 +156,7 @@ pub fn features() -> Result<i32> {
             },
             "io.krun-oci.isolation": isolation
         }
-    });
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(0)
+    })
 }
 
 /// A default config.json, as `runc spec` writes one.

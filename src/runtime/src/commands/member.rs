@@ -28,7 +28,9 @@ pub fn create(
     leader: Existing,
 ) -> Result<i32> {
     let id = args.container_id.as_str();
-    let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
+    let mut spec = bundle.spec.clone();
+    crate::pod::forget_user_ns_path(&mut spec);
+    let plan = plan::plan(id, &bundle.dir, &spec, &HostInfo::detect())?;
     for w in &plan.warnings {
         tracing::warn!(container = %id, "{w}");
     }

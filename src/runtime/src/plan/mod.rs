@@ -169,6 +169,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
                 source: path,
                 readonly: false,
                 file: false,
+                idmap: None,
             });
         }
     }
@@ -185,7 +186,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
     let devices = devices::plan_devices(spec, host.capabilities, &mut problems, &mut warnings);
-    let user_ns = userns::plan_user_ns(spec, &mut problems);
+    let user_ns = userns::plan_user_ns(spec, &mut problems, &mut warnings);
     let has_netns = spec
         .linux()
         .as_ref()

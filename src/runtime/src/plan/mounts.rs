@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use krun_proto::{MountSetup, MountSource, SHARE_TAG};
+use krun_proto::{MountSetup, MountSource, UserNsSetup, SHARE_TAG};
 use oci_spec::runtime::Spec;
 
 use super::Problems;
@@ -138,6 +138,61 @@ fn idmapped(m: &oci_spec::runtime::Mount) -> Option<&'static str> {
     }
 }
 
+/// The mappings of an idmapped bind mount, made on the host (see
+/// [`crate::idmap`]): the mount's own `uidMappings` and `gidMappings`
+/// (both, as runc requires), or with the `idmap`/`ridmap` option alone the
+/// container's user namespace's.
+fn id_maps(
+    spec: &Spec,
+    m: &oci_spec::runtime::Mount,
+    field: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Option<UserNsSetup> {
+    let own = (
+        m.uid_mappings().clone().unwrap_or_default(),
+        m.gid_mappings().clone().unwrap_or_default(),
+    );
+    let (uids, gids, uf, gf) = match own {
+        (u, g) if !u.is_empty() && !g.is_empty() => {
+            (u, g, field("uidMappings"), field("gidMappings"))
+        }
+        (u, g) if !u.is_empty() || !g.is_empty() => {
+            let (missing, given) = if u.is_empty() {
+                ("uidMappings", "gidMappings")
+            } else {
+                ("gidMappings", "uidMappings")
+            };
+            problems.add(
+                field(missing),
+                format!("{given} is given, so {missing} must be too (an idmapped mount maps both)"),
+            );
+            return None;
+        }
+        _ => {
+            let linux = spec.linux().as_ref();
+            let u = linux
+                .and_then(|l| l.uid_mappings().clone())
+                .unwrap_or_default();
+            let g = linux
+                .and_then(|l| l.gid_mappings().clone())
+                .unwrap_or_default();
+            if u.is_empty() || g.is_empty() {
+                problems.add(
+                    field("options"),
+                    "idmap without mappings of its own needs the container's \
+                     (linux.uidMappings and linux.gidMappings)",
+                );
+                return None;
+            }
+            (u, g, "linux.uidMappings".into(), "linux.gidMappings".into())
+        }
+    };
+    let before = problems.0.len();
+    let uid_map = super::userns::check_map(&uf, &uids, problems);
+    let gid_map = super::userns::check_map(&gf, &gids, problems);
+    (problems.0.len() == before).then_some(UserNsSetup { uid_map, gid_map })
+}
+
 /// The bundle's mounts as guest-init makes them; each bind mount's source
 /// goes into `binds`, to be bound into the VM's share as `ID/mN`.
 pub(super) fn plan_mounts(
@@ -159,19 +214,25 @@ pub(super) fn plan_mounts(
             continue;
         }
         let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
-        if let Some(why) = idmapped(m) {
-            problems.add(
-                field(why),
-                format!(
-                    "idmapped mounts are not supported for {}: the guest kernel (Linux 6.1) \
-                     cannot idmap a virtio-fs (FUSE) mount, which needs Linux 6.12",
-                    dest.display()
-                ),
-            );
-            continue;
-        }
         let typ = m.typ().as_deref().unwrap_or("");
         let is_bind = opts.bind || typ == "bind" || typ == "rbind";
+        let idmap = match idmapped(m) {
+            None => None,
+            Some(why) if !is_bind => {
+                problems.add(
+                    field(why),
+                    format!(
+                        "only a bind mount can be idmapped ({} is a {typ:?} mount)",
+                        dest.display()
+                    ),
+                );
+                continue;
+            }
+            Some(_) => match id_maps(spec, m, &field, problems) {
+                Some(maps) => Some(maps),
+                None => continue,
+            },
+        };
         let source = if is_bind {
             let Some(src) = m.source() else {
                 problems.add(field("source"), "a bind mount needs a source");
@@ -206,6 +267,7 @@ pub(super) fn plan_mounts(
                 source: src,
                 readonly: opts.flags & libc::MS_RDONLY != 0,
                 file: md.is_file(),
+                idmap: idmap.clone(),
             });
             MountSource::Share {
                 tag: SHARE_TAG.to_string(),

@@ -4,7 +4,7 @@
 //! own with these maps (the guest kernel's initial namespace plays the
 //! host's part).
 
-use krun_proto::{IdMap, UserNsSetup};
+use krun_proto::{id_map_text, IdMap, UserNsSetup};
 use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Spec};
 
 use super::Problems;
@@ -14,7 +14,11 @@ pub(super) const MAX_LINES: usize = 340;
 
 /// The user namespace the container asks for, or None; every problem with
 /// it goes to `problems`.
-pub(super) fn plan_user_ns(spec: &Spec, problems: &mut Problems) -> Option<UserNsSetup> {
+pub(super) fn plan_user_ns(
+    spec: &Spec,
+    problems: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<UserNsSetup> {
     let linux = spec.linux().as_ref()?;
     let user = linux
         .namespaces()
@@ -33,7 +37,30 @@ pub(super) fn plan_user_ns(spec: &Spec, problems: &mut Problems) -> Option<UserN
         }
         return None;
     };
-    if let Some(path) = user.path() {
+    // A namespace of the host with its mappings given too (containerd's
+    // pinned namespace of a user-namespaced pod): the guest makes one with
+    // those mappings in its place.
+    let given = UserNsSetup {
+        uid_map: uids.iter().map(to_map).collect(),
+        gid_map: gids.iter().map(to_map).collect(),
+    };
+    let same_maps = |path: &std::path::Path| {
+        maps_of(path).is_ok_and(|(u, g)| {
+            same_text(&u, &id_map_text(&given.uid_map))
+                && same_text(&g, &id_map_text(&given.gid_map))
+        })
+    };
+    if let Some(path) = user
+        .path()
+        .as_ref()
+        .filter(|p| !uids.is_empty() && !gids.is_empty() && same_maps(p))
+    {
+        warnings.push(format!(
+            "linux.namespaces: user namespace path {}: the VM's guest makes a user namespace \
+             with the same mappings in its place",
+            path.display()
+        ));
+    } else if let Some(path) = user.path() {
         problems.add(
             "linux.namespaces",
             format!(
@@ -71,10 +98,82 @@ pub(super) fn plan_user_ns(spec: &Spec, problems: &mut Problems) -> Option<UserN
     Some(ns)
 }
 
+fn to_map(m: &LinuxIdMapping) -> IdMap {
+    IdMap {
+        container: m.container_id(),
+        host: m.host_id(),
+        size: m.size(),
+    }
+}
+
+/// Two id map texts alike but for white space.
+fn same_text(a: &str, b: &str) -> bool {
+    a.split_whitespace().eq(b.split_whitespace())
+}
+
+/// The uid and gid maps of the user namespace at `path`, as a process in
+/// it reads them (a short-lived child that enters it; safe in a process
+/// with threads: the child makes raw system calls only).
+fn maps_of(path: &std::path::Path) -> std::io::Result<(String, String)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(path)?;
+    let (mut r, w) = std::io::pipe()?;
+    // SAFETY: the child only makes raw system calls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: raw calls on descriptors open here and NUL-terminated
+        // literals; _exit ends the child.
+        unsafe {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWUSER) != 0 {
+                libc::_exit(1);
+            }
+            for (i, file) in [c"/proc/self/uid_map", c"/proc/self/gid_map"]
+                .iter()
+                .enumerate()
+            {
+                let fd = libc::open(file.as_ptr(), libc::O_RDONLY);
+                let mut buf = [0u8; 8192];
+                let n = if fd < 0 {
+                    0
+                } else {
+                    libc::read(fd, buf.as_mut_ptr().cast(), buf.len())
+                };
+                if n > 0 {
+                    libc::write(w.as_raw_fd(), buf.as_ptr().cast(), n as usize);
+                }
+                if i == 0 {
+                    libc::write(w.as_raw_fd(), c"|".as_ptr().cast(), 1);
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(w);
+    let mut text = String::new();
+    let read = r.read_to_string(&mut text);
+    let mut st = 0;
+    // SAFETY: waitpid on our own child, into a local.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    read?;
+    if !libc::WIFEXITED(st) || libc::WEXITSTATUS(st) != 0 {
+        return Err(std::io::Error::other("cannot enter the user namespace"));
+    }
+    let (u, g) = text.split_once('|').unwrap_or((&text, ""));
+    Ok((u.to_string(), g.to_string()))
+}
+
 /// One map as the kernel would take it: not empty, at most [`MAX_LINES`],
 /// no empty or overflowing line, no two lines overlapping inside or
 /// outside.
-fn check_map(field: &str, map: &[LinuxIdMapping], problems: &mut Problems) -> Vec<IdMap> {
+pub(super) fn check_map(
+    field: &str,
+    map: &[LinuxIdMapping],
+    problems: &mut Problems,
+) -> Vec<IdMap> {
     if map.is_empty() {
         problems.add(
             field,
@@ -143,7 +242,7 @@ mod tests {
             r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"linux":{linux}}}"#
         ));
         let mut p = Problems::default();
-        let out = plan_user_ns(&s, &mut p);
+        let out = plan_user_ns(&s, &mut p, &mut Vec::new());
         let msgs =
             p.0.iter()
                 .map(|p| format!("{}: {}", p.field, p.problem))

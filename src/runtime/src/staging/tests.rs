@@ -82,6 +82,7 @@ fn paths(f: &Fixture, id: &str) -> ContainerPaths {
         source,
         readonly,
         file,
+        idmap: None,
     };
     ContainerPaths {
         id: id.into(),
