@@ -259,6 +259,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         devices,
         network: None,
         user_ns,
+        device_rules: None,
     };
     if let Some(p) = setup_too_large(&setup) {
         return Err(PlanError(vec![p]));
