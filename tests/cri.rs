@@ -121,6 +121,26 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
         namespaces[0], namespaces[1],
         "IPC and network namespaces of the pod's containers"
     );
+    // Each member's device rules hold (containerd's: deny everything but
+    // its default devices and mknod of any): a loop device's node can be
+    // made, not opened.
+    for id in &ids {
+        let r = cri.exec_sync(
+            id,
+            &[
+                "sh",
+                "-c",
+                "mknod /dev/x b 7 0 && echo made; \
+                 if dd if=/dev/x of=/dev/null count=0 2>/dev/err; then echo opens; \
+                 else cat /dev/err; fi; rm -f /dev/x /dev/err",
+            ],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "made\ndd: can't open '/dev/x': Operation not permitted\n",
+            "{r:?}"
+        );
+    }
     let host_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     if krun {
         assert_ne!(

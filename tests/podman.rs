@@ -1021,6 +1021,30 @@ fn device_fuse_and_tun_are_given_and_open() {
     pm.finish();
 }
 
+/// podman's device rules (deny everything, allow its default devices and
+/// mknod of any): with CAP_MKNOD a container makes the node of a loop
+/// device it was not given, but opening it fails with EPERM, while
+/// /dev/null opens; `--device-cgroup-rule` for it lets it open.
+#[test]
+fn a_device_not_given_can_be_made_but_not_opened() {
+    let pm = Podman::new("devrules");
+    let script = "mknod /dev/x b 7 0 && echo made; echo y >/dev/null && echo null-works; \
+                  if dd if=/dev/x of=/dev/null count=0 2>/dev/err; then echo opens; \
+                  else cat /dev/err; fi";
+    let out = pm.run_rm(&["--cap-add", "MKNOD"], busybox(), &["sh", "-c", script]);
+    assert_eq!(
+        out.ok(),
+        "made\nnull-works\ndd: can't open '/dev/x': Operation not permitted"
+    );
+    let out = pm.run_rm(
+        &["--cap-add", "MKNOD", "--device-cgroup-rule", "b 7:0 rw"],
+        busybox(),
+        &["sh", "-c", script],
+    );
+    assert_eq!(out.ok(), "made\nnull-works\nopens");
+    pm.finish();
+}
+
 /// `--privileged` runs (under krun-oci the host devices podman lists that
 /// a VM cannot have are skipped, with a warning in the runtime's log) and
 /// the workload has every capability podman itself has (its own bounding

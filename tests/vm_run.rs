@@ -614,6 +614,8 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
         {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o600, "uid": 1000, "gid": 1000},
         {"path": "/dev/zero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o640, "uid": 0, "gid": 1000}
     ]);
+    // As runc runs it: only what is given (and the defaults) may be opened.
+    b.config["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
     // tun and loop want CAP_NET_ADMIN and CAP_SYS_ADMIN; not privileged.
     let caps = json!(["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_KILL"]);
     b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
@@ -630,6 +632,53 @@ fn devices_the_guest_kernel_provides_are_made_and_work() {
          fuse-opens\ntun-opens\ntun-made\n/dev/loop0\n\
          /dev/loop0: 0 /dev/img\n\
          hello\nhello from fuse\n"
+    );
+}
+
+/// `linux.resources.devices` as podman writes them (deny everything, allow
+/// the usual devices and mknod of any): a container with CAP_MKNOD makes a
+/// loop device (b 7:0) and /dev/net/tun (c 10:200) it was not given, and
+/// cannot open them (EPERM), while /dev/null works; a rule that allows the
+/// loop device lets it open that one.
+#[test]
+fn device_rules_keep_a_container_from_devices_it_was_not_given() {
+    let sb = Sandbox::new("devrules");
+    let script = "mknod /dev/l0 b 7 0 && mknod /dev/t0 c 10 200 && echo made; \
+                  echo x >/dev/null && echo null-works; \
+                  for d in l0 t0; do \
+                    if (exec 3<>/dev/$d) 2>/dev/err; then echo $d-opens; \
+                    else echo $d-refused; grep -o 'Operation not permitted' /dev/err; fi; \
+                  done";
+    let mut b = sb.bundle(&["sh", "-c", script]);
+    let caps = json!(["CAP_MKNOD", "CAP_KILL"]);
+    b.process()["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps});
+    let podman = |extra: &[serde_json::Value]| {
+        let mut rules = vec![json!({"allow": false, "access": "rwm"})];
+        for (major, minor) in [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)] {
+            rules.push(json!({"allow": true, "type": "c", "major": major, "minor": minor, "access": "rwm"}));
+        }
+        rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"}));
+        rules.push(json!({"allow": true, "type": "c", "access": "m"}));
+        rules.push(json!({"allow": true, "type": "b", "access": "m"}));
+        rules.extend(extra.iter().cloned());
+        json!({"devices": rules})
+    };
+    b.config["linux"]["resources"] = podman(&[]);
+    let out = sb.run(&b, "r1", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "made\nnull-works\n\
+         l0-refused\nOperation not permitted\n\
+         t0-refused\nOperation not permitted\n"
+    );
+    b.config["linux"]["resources"] =
+        podman(&[json!({"allow": true, "type": "b", "major": 7, "minor": 0, "access": "rw"})]);
+    let out = sb.run(&b, "r2", None);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout(),
+        "made\nnull-works\nl0-opens\nt0-refused\nOperation not permitted\n"
     );
 }
 

@@ -738,3 +738,124 @@ mod tests {
         assert!(!can_execute(Path::new("nul\0byte")));
     }
 }
+
+/// bpf(2) commands, program and attach types, and attach flags
+/// (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// The `BPF_PROG_LOAD` part of `union bpf_attr`, up to the fields used.
+#[repr(C)]
+#[derive(Default)]
+struct BpfProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The `BPF_PROG_ATTACH` part of `union bpf_attr`.
+#[repr(C)]
+struct BpfProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+/// Loads a cgroup device program of `insns` (each a `struct bpf_insn`'s
+/// 8 bytes). When the kernel refuses it, the error carries the end of the
+/// verifier's log.
+pub fn load_device_program(insns: &[[u8; 8]]) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let load = |log: &mut [u8]| -> io::Result<OwnedFd> {
+        let mut attr = BpfProgLoad {
+            prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+            insn_cnt: u32::try_from(insns.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type: BPF_CGROUP_DEVICE,
+            ..Default::default()
+        };
+        attr.prog_name[..12].copy_from_slice(b"krun_devices");
+        if !log.is_empty() {
+            attr.log_level = 1;
+            attr.log_size = log.len() as u32;
+            attr.log_buf = log.as_mut_ptr() as u64;
+        }
+        // SAFETY: `attr` is a valid BPF_PROG_LOAD attribute of the size
+        // given; the instructions, the license and the log buffer it points
+        // to outlive the call, and the kernel writes at most `log_size`
+        // bytes to the log.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &attr as *const BpfProgLoad,
+                std::mem::size_of::<BpfProgLoad>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    };
+    if let Ok(fd) = load(&mut []) {
+        return Ok(fd);
+    }
+    // Again, for the verifier's word on why.
+    let mut log = vec![0u8; 64 << 10];
+    let err = match load(&mut log) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+    let text = String::from_utf8_lossy(&log[..end]);
+    let mut tail: Vec<&str> = text.lines().rev().take(8).collect();
+    tail.reverse();
+    Err(io::Error::new(
+        err.kind(),
+        format!("{err}; verifier: {}", tail.join(" / ")),
+    ))
+}
+
+/// Attaches the cgroup device program `prog` to the cgroup open as
+/// `cgroup`, beside any others (BPF_F_ALLOW_MULTI: a program of a
+/// descendant cgroup still runs, and each must allow).
+pub fn attach_device_program(cgroup: &File, prog: &OwnedFd) -> io::Result<()> {
+    let attr = BpfProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_PROG_ATTACH attribute of the size
+    // given, naming descriptors this process holds.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const BpfProgAttach,
+            std::mem::size_of::<BpfProgAttach>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,14 +1,17 @@
-//! The container's cgroup in the guest: its limits, what it has used, its
-//! processes and its OOM kills.
+//! The container's cgroup in the guest: its limits, its device program
+//! (see [`super::device_program`]), what it has used, its processes and
+//! its OOM kills.
 
 use std::fs::{self, File};
 use std::io::{Read, Seek};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use krun_proto::{CgroupSetup, CgroupStats};
+use krun_proto::{CgroupSetup, CgroupStats, DeviceRule};
 
+use super::device_program;
 use crate::failure::{Failure, OrFail};
+use crate::sys;
 
 /// Where the cgroup of container `id` is.
 fn dir_for(id: &str) -> PathBuf {
@@ -25,12 +28,36 @@ fn dir_for(id: &str) -> PathBuf {
     Path::new("/sys/fs/cgroup").join(format!("krun-{name}"))
 }
 
-/// The container's cgroup in the guest, with the bundle's limits.
-pub fn create(id: &str, limits: &CgroupSetup) -> Result<PathBuf, Failure> {
+/// The container's cgroup in the guest, with the bundle's limits and, when
+/// it has device rules, their program, before any process joins it.
+pub fn create(
+    id: &str,
+    limits: &CgroupSetup,
+    device_rules: Option<&[DeviceRule]>,
+) -> Result<PathBuf, Failure> {
     let dir = dir_for(id);
     fs::create_dir_all(&dir).or_fail(|| format!("creating cgroup {}", dir.display()))?;
     apply_limits(&dir, limits)?;
+    if let Some(rules) = device_rules {
+        restrict_devices(&dir, rules)?;
+    }
     Ok(dir)
+}
+
+/// Attaches the program of `rules` to the cgroup at `dir`. It stays while
+/// the cgroup does: `update` leaves device rules as they are, as runc's
+/// does.
+fn restrict_devices(dir: &Path, rules: &[DeviceRule]) -> Result<(), Failure> {
+    let rules = device_program::rules(rules).map_err(|e| Failure::new(1, e))?;
+    let insns: Vec<[u8; 8]> = device_program::program(&rules)
+        .iter()
+        .map(|i| i.encode())
+        .collect();
+    let prog = sys::load_device_program(&insns)
+        .or_fail(|| "loading the container's device cgroup program".into())?;
+    let cgroup = File::open(dir).or_fail(|| format!("opening cgroup {}", dir.display()))?;
+    sys::attach_device_program(&cgroup, &prog)
+        .or_fail(|| "attaching the device program to the container's cgroup".into())
 }
 
 /// Moves this process into the cgroup at `dir`.

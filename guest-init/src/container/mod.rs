@@ -1,12 +1,14 @@
 //! Creating the container: its cgroup, its stdio, and the child that
 //! becomes its init (PID 1 of new PID, mount, UTS and IPC namespaces),
 //! prepared up to the exec of the workload; and exec'ing more processes in
-//! it. The pieces live beside this file: the cgroup in [`cgroup`], stdio
+//! it. The pieces live beside this file: the cgroup in [`cgroup`] (its
+//! device rules' program in [`device_program`]), stdio
 //! and the terminal in [`stdio`], the child's setup report in [`report`],
 //! the process list in [`ps`], the user namespace in [`userns`] (whose
 //! doc says how the container gets one). None of them imports this module.
 
 mod cgroup;
+mod device_program;
 mod ps;
 mod report;
 mod stdio;
@@ -111,7 +113,7 @@ pub fn create(
         }
         None => Vec::new(),
     };
-    let cgroup = cgroup::create(&setup.id, &setup.cgroup)?;
+    let cgroup = cgroup::create(&setup.id, &setup.cgroup, setup.device_rules.as_deref())?;
     let (stdio, child_stdio) = stdio::make(&setup.process)?;
     let (report_r, report_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;
     let (start_r, start_w) = sys::pipe().or_fail(|| "creating a pipe".into())?;

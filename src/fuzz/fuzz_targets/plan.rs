@@ -22,6 +22,10 @@
 //!   absolute path, permission bits only, and the type and numbers of a
 //!   device the guest kernel provides (memory devices, tty, ptmx, fuse,
 //!   tun, loop-control, loop): nothing else of the host reaches the guest;
+//! * the device rules a plan sends (`linux.resources.devices`) are settled
+//!   as runc's emulator leaves them: none, or only deny exceptions, or one
+//!   deny-everything rule first and only allow exceptions after it, each
+//!   with access a non-empty subset of "rwm";
 //! * `linux.cgroupsPath`, read as runc reads it with and without
 //!   `--systemd-cgroup`, never names a path that climbs (`..`), is rooted
 //!   or is empty below a hierarchy's root.
@@ -33,7 +37,7 @@ use std::sync::OnceLock;
 use krun_oci::bundle::parse_spec;
 use krun_oci::plan::host_cgroup::{host_cgroup, HostCgroup};
 use krun_oci::plan::{exec_process, plan, HostInfo, PlanError, HOST_OVERHEAD_MIB};
-use krun_proto::ToGuest;
+use krun_proto::{DeviceType, ToGuest};
 use libfuzzer_sys::fuzz_target;
 
 /// The runtime spec's top-level keys: every problem's field starts with
@@ -181,6 +185,21 @@ fn run(data: &[u8]) {
                 assert!(provided, "device {d:?} is not one the guest provides");
                 assert!(d.path.starts_with('/'), "device path {:?}", d.path);
                 assert!(d.mode <= 0o7777, "device mode {:o}", d.mode);
+            }
+            if let Some(rules) = &p.setup.device_rules {
+                let deny_all = rules
+                    .first()
+                    .is_some_and(|r| r.kind == DeviceType::All && !r.allow);
+                assert!(deny_all || !rules.is_empty(), "empty device rules sent");
+                for r in &rules[usize::from(deny_all)..] {
+                    assert_ne!(r.kind, DeviceType::All, "a second type-a rule: {rules:?}");
+                    assert_eq!(r.allow, deny_all, "a rule that changes nothing: {rules:?}");
+                    assert!(
+                        !r.access.is_empty() && r.access.chars().all(|c| "rwm".contains(c)),
+                        "device rule access {:?}",
+                        r.access
+                    );
+                }
             }
             let msg = ToGuest::Create(Box::new(p.setup));
             let json = serde_json::to_vec(&msg).expect("a setup serializes");

@@ -167,6 +167,45 @@ pub struct ContainerSetup {
     /// namespace.
     #[serde(default)]
     pub user_ns: Option<UserNsSetup>,
+    /// Which devices the container's processes may open and mknod (the
+    /// runtime-spec `linux.resources.devices`, with the devices the
+    /// container is given and runc's default ones): enforced by a cgroup
+    /// device program on the container's cgroup from before its process
+    /// runs. None: no restriction.
+    #[serde(default)]
+    pub device_rules: Option<Vec<DeviceRule>>,
+}
+
+/// One device cgroup rule. The rules of a container are read in order over
+/// a start that allows everything, and the last one that matches a request
+/// decides it: a rule of type [`DeviceType::All`] matches every request
+/// (whatever its numbers and access), an allow rule one whose access it
+/// covers entirely, a deny rule one whose access it shares a letter with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRule {
+    pub allow: bool,
+    #[serde(rename = "type")]
+    pub kind: DeviceType,
+    /// None: any major.
+    #[serde(default)]
+    pub major: Option<u32>,
+    /// None: any minor.
+    #[serde(default)]
+    pub minor: Option<u32>,
+    /// A subset of "rwm": read, write, mknod.
+    pub access: String,
+}
+
+/// The devices a [`DeviceRule`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DeviceType {
+    /// Every device: the rule says what is done with any request.
+    #[serde(rename = "a")]
+    All,
+    #[serde(rename = "c")]
+    Char,
+    #[serde(rename = "b")]
+    Block,
 }
 
 /// The id maps of the container's user namespace, as written to
@@ -373,6 +412,41 @@ mod tests {
         );
         let back: ToGuest = serde_json::from_str(r#"{"type":"start"}"#).unwrap();
         assert_eq!(back, ToGuest::Start);
+        let rules = [
+            DeviceRule {
+                allow: false,
+                kind: DeviceType::All,
+                major: None,
+                minor: None,
+                access: "rwm".into(),
+            },
+            DeviceRule {
+                allow: true,
+                kind: DeviceType::Block,
+                major: Some(7),
+                minor: None,
+                access: "m".into(),
+            },
+        ];
+        assert_eq!(
+            serde_json::to_string(&rules).unwrap(),
+            r#"[{"allow":false,"type":"a","major":null,"minor":null,"access":"rwm"},"#.to_owned()
+                + r#"{"allow":true,"type":"b","major":7,"minor":null,"access":"m"}]"#
+        );
+        let back: DeviceRule =
+            serde_json::from_str(r#"{"allow":true,"type":"c","access":"r"}"#).unwrap();
+        assert_eq!(
+            (back.kind, back.major, back.minor),
+            (DeviceType::Char, None, None)
+        );
+    }
+
+    #[test]
+    fn a_setup_without_device_rules_still_parses() {
+        let mut json = serde_json::to_value(ContainerSetup::default()).unwrap();
+        json.as_object_mut().unwrap().remove("device_rules");
+        let back: ContainerSetup = serde_json::from_value(json).unwrap();
+        assert_eq!(back.device_rules, None);
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Nothing here starts anything. Every field of config.json is either
 //! carried into the plan, deliberately ignored (it has no meaning inside a
-//! VM, e.g. host device cgroup rules), or reported as unsupported — all
+//! VM, e.g. a mount's SELinux relabelling), or reported as unsupported — all
 //! problems of a bundle at once, each naming its field.
 
+mod device_rules;
 mod devices;
 mod host;
 pub mod host_cgroup;
@@ -186,6 +187,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let (vcpus, memory_mib, cgroup) = sizing::plan_sizing(spec, host, &mut problems);
     let linux = linux_extras(spec, &mut problems, &mut warnings);
     let devices = devices::plan_devices(spec, host.capabilities, &mut problems, &mut warnings);
+    let device_rules = device_rules::plan_device_rules(spec, &devices, &mut problems);
     let user_ns = userns::plan_user_ns(spec, &mut problems, &mut warnings);
     let has_netns = spec
         .linux()
@@ -260,6 +262,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         devices,
         network: None,
         user_ns,
+        device_rules,
     };
     if let Some(p) = setup_too_large(&setup) {
         return Err(PlanError(vec![p]));

@@ -757,3 +757,109 @@ fn all_capability_names() -> Vec<String> {
         .map(|c| c.to_string())
         .collect()
 }
+
+/// The device rules of a plan, one line each.
+fn device_rules(p: &VmPlan) -> Option<Vec<String>> {
+    let rules = p.setup.device_rules.as_ref()?;
+    Some(
+        rules
+            .iter()
+            .map(|r| {
+                let n = |v: Option<u32>| v.map_or("*".to_string(), |v| v.to_string());
+                let t = serde_json::to_value(r.kind).unwrap();
+                let verb = if r.allow { "allow" } else { "deny" };
+                format!(
+                    "{verb} {} {}:{} {}",
+                    t.as_str().unwrap(),
+                    n(r.major),
+                    n(r.minor),
+                    r.access
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn device_rules_are_runcs_with_the_given_devices_and_the_defaults() {
+    let p = plan_of("runc-spec", |c| {
+        c["linux"]["devices"] = json!([
+            {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200}
+        ])
+    })
+    .unwrap();
+    assert_eq!(
+        device_rules(&p).unwrap(),
+        [
+            "deny a *:* rwm",
+            "allow c *:* m",
+            "allow c 1:3 rwm",
+            "allow c 1:5 rwm",
+            "allow c 1:7 rwm",
+            "allow c 1:8 rwm",
+            "allow c 1:9 rwm",
+            "allow c 5:0 rwm",
+            "allow c 5:2 rwm",
+            "allow c 10:200 rwm",
+            "allow c 136:* rwm",
+            "allow b *:* m",
+        ]
+    );
+    // No deny-everything rule (or none at all): no restriction.
+    assert_eq!(device_rules(&plan_of("full", |_| {}).unwrap()), None);
+    let p = plan_of("runc-spec", |c| {
+        c["linux"]["resources"]["devices"] = json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "access": "rwm"},
+            {"allow": false, "type": "b", "major": 7, "access": "rw"}
+        ])
+    })
+    .unwrap();
+    assert_eq!(device_rules(&p).unwrap(), ["deny b 7:* rw"]);
+}
+
+#[test]
+fn bad_device_rules_name_their_index() {
+    let err = plan_of("runc-spec", |c| {
+        c["linux"]["resources"]["devices"] = json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "p", "access": "r"},
+            {"allow": true, "type": "c", "access": "rwx"},
+            {"allow": true, "type": "c", "major": 1},
+            {"allow": true, "type": "c", "major": -2, "access": "r"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rw"}
+        ])
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.fields(),
+        [
+            "linux.resources.devices[1]",
+            "linux.resources.devices[2]",
+            "linux.resources.devices[3]",
+            "linux.resources.devices[4]",
+        ]
+    );
+    let text = err.to_string();
+    for part in [
+        "type \"p\" is not one of a, c and b",
+        "access \"rwx\" is not a subset of \"rwm\"",
+        "access is empty",
+        "major Some(-2)",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    // A rule the defaults cannot be applied over, as under runc.
+    let err = plan_of("runc-spec", |c| {
+        c["linux"]["resources"]["devices"] = json!([
+            {"allow": false, "type": "c", "access": "rw"}
+        ])
+    })
+    .unwrap_err();
+    assert_eq!(err.fields(), ["linux.resources.devices"]);
+    assert!(
+        err.to_string()
+            .contains("c 1:3 rwm cannot be allowed inside the wider rule c *:* rw"),
+        "{err}"
+    );
+}
