@@ -67,30 +67,7 @@ pub fn user_namespace(maps: &UserNsSetup) -> io::Result<OwnedFd> {
 
 /// Idmaps every mount of the detached tree `tree` through `userns`.
 pub fn idmap_tree(tree: &OwnedFd, userns: &OwnedFd) -> io::Result<()> {
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    let empty = c"";
-    // SAFETY: `tree` and `userns` are open; `empty` and `attr` outlive the
-    // call, and the size passed is the size of `attr`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    crate::staging::mount_setattr(tree, 0, 0, Some(userns))
 }
 
 /// Mounts an idmapped clone of the mount at `source` (not its submounts)

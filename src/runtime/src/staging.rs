@@ -294,7 +294,7 @@ fn detach(b: &HostBind) -> Result<OwnedFd, StagingError> {
     if b.readonly {
         attrs |= libc::MOUNT_ATTR_RDONLY;
     }
-    mount_setattr(&tree, attrs, libc::MS_PRIVATE).map_err(bind_err)?;
+    mount_setattr(&tree, attrs, libc::MS_PRIVATE, None).map_err(bind_err)?;
     if let Some(maps) = &b.idmap {
         let ns = crate::idmap::user_namespace(maps).map_err(bind_err)?;
         crate::idmap::idmap_tree(&tree, &ns).map_err(bind_err)?;
@@ -487,17 +487,23 @@ fn open_tree(source: &Path) -> io::Result<OwnedFd> {
     owned(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) })
 }
 
-/// Sets `attrs` and the propagation on every mount of a detached tree.
-fn mount_setattr(tree: &OwnedFd, attrs: u64, propagation: libc::c_ulong) -> io::Result<()> {
+/// Sets `attrs` and the propagation on every mount of a detached tree;
+/// with `userns`, idmaps them through it too (`MOUNT_ATTR_IDMAP`).
+pub(crate) fn mount_setattr(
+    tree: &OwnedFd,
+    attrs: u64,
+    propagation: libc::c_ulong,
+    userns: Option<&OwnedFd>,
+) -> io::Result<()> {
     let attr = libc::mount_attr {
-        attr_set: attrs,
+        attr_set: attrs | userns.map_or(0, |_| libc::MOUNT_ATTR_IDMAP),
         attr_clr: 0,
         propagation,
-        userns_fd: 0,
+        userns_fd: userns.map_or(0, |u| u.as_raw_fd() as u64),
     };
     let empty = c"";
-    // SAFETY: `tree` is open; `empty` and `attr` outlive the call, and the
-    // size passed is the size of `attr`.
+    // SAFETY: `tree` (and `userns`) are open; `empty` and `attr` outlive
+    // the call, and the size passed is the size of `attr`.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
