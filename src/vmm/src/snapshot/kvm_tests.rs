@@ -13,10 +13,14 @@ use super::*;
 const COUNTER: u64 = 0x2000;
 /// The port the guest reports each count on.
 const PORT: u16 = 0x80;
+/// The port the guest reads a number from after each count, and adds to
+/// ebx: the VMM answers ten times the count.
+const ASK: u16 = 0x81;
 
 /// Real mode at 0x1000: optionally program PIT channel 0 (count 0x3412;
 /// with an in-kernel PIT these writes do not exit), then loop: increment
-/// the counter in memory, `out` it on PORT, increment ebx.
+/// the counter in memory, `out` it on PORT, `in` a number from ASK and
+/// add it to ebx.
 fn program(pit: bool) -> Vec<u8> {
     let mut code = Vec::new();
     if pit {
@@ -27,8 +31,9 @@ fn program(pit: bool) -> Vec<u8> {
     code.extend_from_slice(&[0x66, 0xff, 0x06, 0x00, 0x20]); // inc dword [0x2000]
     code.extend_from_slice(&[0x66, 0xa1, 0x00, 0x20]); // mov eax, [0x2000]
     code.extend_from_slice(&[0x66, 0xe7, PORT as u8]); // out PORT, eax
-    code.extend_from_slice(&[0x66, 0x43]); // inc ebx
-    code.extend_from_slice(&[0xeb, 0xf0]); // jmp back to the inc (-16)
+    code.extend_from_slice(&[0x66, 0xe5, ASK as u8]); // in eax, ASK
+    code.extend_from_slice(&[0x66, 0x01, 0xc3]); // add ebx, eax
+    code.extend_from_slice(&[0xeb, 0xec]); // jmp back to the inc (-20)
     code
 }
 
@@ -88,13 +93,22 @@ fn original(irqchip: bool) -> Vm {
     v
 }
 
-/// Runs until the guest has reported `n` counts; returns them.
+/// Runs until the guest has reported `n` more counts, and stops at the
+/// `in` that follows the last, answered but not yet completed (the state
+/// a pause can find a vCPU in); returns the counts. Exits must alternate,
+/// a count first: an `in` first means a restored vCPU repeated the one it
+/// was captured at.
 fn counts(v: &mut Vm, n: usize) -> Vec<u32> {
-    let mut out = Vec::new();
-    while out.len() < n {
+    let mut out: Vec<u32> = Vec::new();
+    let mut asked = 0;
+    while asked < n {
         match v.vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(PORT, data) => {
+            VcpuExit::IoOut(PORT, data) if out.len() == asked => {
                 out.push(u32::from_le_bytes(data.try_into().expect("a 4-byte out")))
+            }
+            VcpuExit::IoIn(ASK, data) if out.len() == asked + 1 => {
+                data.copy_from_slice(&(out[asked] * 10).to_le_bytes());
+                asked += 1;
             }
             exit => panic!("unexpected exit {exit:?} after counts {out:?}"),
         }
@@ -103,7 +117,8 @@ fn counts(v: &mut Vm, n: usize) -> Vec<u32> {
 }
 
 /// Captures `v` (its vCPU out of KVM_RUN) to a file at `path`.
-fn capture(v: &Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
+fn capture(v: &mut Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
+    settle(&mut v.vcpu).unwrap();
     let msrs = msrs_to_save(&v.kvm, &v.vcpu).unwrap();
     let cpu = VcpuState::capture(&v.vm, &v.vcpu, 0, &msrs, irqchip).unwrap();
     let state = VmState::capture(&v.vm, irqchip, irqchip).unwrap();
@@ -142,15 +157,16 @@ fn a_restored_vm_counts_on_from_where_it_was_captured() {
     let path = dir.path().join("snap");
     let mut orig = original(false);
     assert_eq!(counts(&mut orig, 5), [1, 2, 3, 4, 5]);
-    let snap = capture(&orig, &path, false);
+    let snap = capture(&mut orig, &path, false);
     assert!(!snap.vcpus[0].msrs.is_empty(), "no MSRs captured");
     // The original is not disturbed by its capture.
     assert_eq!(counts(&mut orig, 2), [6, 7]);
 
     let mut clone = restore(&path, false);
     assert_eq!(counts(&mut clone, 3), [6, 7, 8]);
-    // ebx counts too, one behind: the vCPU stopped at the out.
-    assert_eq!(clone.vcpu.get_regs().unwrap().rbx, 7);
+    // ebx sums ten times each count whose `in` completed: 1 to 7 (the
+    // clone stopped at the 8th's), the first five of them before capture.
+    assert_eq!(clone.vcpu.get_regs().unwrap().rbx, 280);
     assert_eq!(counter(&clone.mem), 8);
     // A second clone of the same file starts at the same point: the first
     // one's writes stayed in its private copy, never reached the file...
@@ -168,7 +184,7 @@ fn with_an_irqchip_and_a_pit_their_state_travels_too() {
     let path = dir.path().join("snap");
     let mut orig = original(true);
     assert_eq!(counts(&mut orig, 3), [1, 2, 3]);
-    let snap = capture(&orig, &path, true);
+    let snap = capture(&mut orig, &path, true);
     assert!(snap.vcpus[0].lapic.is_some());
     let pit = orig.vm.get_pit2().unwrap();
     assert_eq!(

@@ -20,8 +20,10 @@
 //!   only carries them).
 //!
 //! # Order
-//! Capture with every vCPU out of KVM_RUN (paused): each vCPU in the order
-//! [`VcpuState`] gives (mp_state first, events last), then the VM. Restore
+//! Capture with every vCPU out of KVM_RUN (paused) and [`settle`]d (its
+//! last exit completed, so that the value of an `in` is not lost): each
+//! vCPU in the order [`VcpuState`] gives (mp_state first, events last),
+//! then the VM. Restore
 //! into a new VM built with the same memory layout and the same irqchip
 //! and PIT: memory registered first, then [`VmState::restore`] (irqchip,
 //! PIT, the KVM clock: before any vCPU runs), then each vCPU's
@@ -76,7 +78,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use file::{frame, Loaded, Region};
-pub use vcpu::{msrs_to_save, VcpuState, MAX_MSRS};
+pub use vcpu::{msrs_to_save, settle, VcpuState, MAX_MSRS};
 pub use vmstate::VmState;
 
 /// The format this module writes and the only one it reads.

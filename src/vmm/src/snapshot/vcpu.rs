@@ -53,6 +53,28 @@ pub fn msrs_to_save(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, SnapshotErr
     Ok(keep)
 }
 
+/// Lets KVM finish the exit the vCPU last made before it is captured:
+/// after an `in`, the value the VMM supplied only reaches the guest's
+/// register on the next KVM_RUN (and string or MMIO exits likewise), so a
+/// capture right after the exit would lose it. A KVM_RUN with
+/// immediate_exit set completes that and returns at once (EINTR) without
+/// running guest code. Call it on each paused vCPU, from its own thread,
+/// before [`VcpuState::capture`].
+pub fn settle(vcpu: &mut VcpuFd) -> Result<(), SnapshotError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let ran = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match ran {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(source) => Err(SnapshotError::Kvm {
+            what: "completing the vCPU's last exit",
+            source,
+        }),
+        // KVM ran nothing and reported an exit anyway: nothing pending.
+        Ok(()) => Ok(()),
+    }
+}
+
 /// Reads `indices` (at most KVM_MAX_MSR_ENTRIES at a time); an MSR KVM
 /// does not return is an error naming it.
 fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, SnapshotError> {
