@@ -223,3 +223,23 @@ fn a_checksummed_file_with_bad_content_is_still_refused() {
     let e = read_bytes(&frame(FORMAT_VERSION, &state(&big, one), &mib)).unwrap_err();
     assert!(e.to_string().contains("memory size"), "{e}");
 }
+
+#[test]
+fn the_fuzzers_hand_made_seeds_are_snapshots_this_reader_accepts() {
+    // src/fuzz/make-seeds writes them in this format by hand: a change of
+    // the format must change them too, or the fuzzer starts from nothing.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/snapshot_file");
+    let file = std::fs::read(dir.join("seed-file")).unwrap();
+    let (snap, regions, offset) = read_bytes(&file[1..]).unwrap();
+    assert_eq!(
+        (snap.header.memory_size, regions.len(), offset),
+        (4096, 1, 4096)
+    );
+    let state = std::fs::read(dir.join("seed-state")).unwrap();
+    let framed = frame(FORMAT_VERSION, &state[1..], &[0; PAGE as usize]);
+    assert_eq!(read_bytes(&framed).unwrap().0, snap);
+    let short = std::fs::read(dir.join("seed-state-short-pit")).unwrap();
+    let framed = frame(FORMAT_VERSION, &short[1..], &[0; PAGE as usize]);
+    let e = read_bytes(&framed).unwrap_err().to_string();
+    assert!(e.contains("the PIT: 111 bytes"), "{e}");
+}
