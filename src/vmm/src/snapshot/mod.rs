@@ -64,6 +64,15 @@
 //! against the file's size before anything is allocated, the checksum is
 //! verified before any state is returned, and a corrupt or foreign file
 //! is an error that names what is wrong, never a VM.
+//!
+//! Verifying is a pass over the whole file: measured here (release build,
+//! `tests::snapshot_costs`), 256 MiB with a quarter of its pages written
+//! takes ~340 ms to write (64 MiB on disk: zero pages are holes), ~230 ms
+//! to read and verify, ~20 us to map, ~12 ms to fault every page in once
+//! from the page cache, ~110 ms to copy instead. The checksum, not the
+//! mapping, is a template start's cost: a template manager should verify
+//! a template once (when it builds or first loads it) and keep it where
+//! only root writes, never rewritten, rather than verify it per start.
 
 mod file;
 mod pod;

@@ -243,3 +243,47 @@ fn the_fuzzers_hand_made_seeds_are_snapshots_this_reader_accepts() {
     let e = read_bytes(&framed).unwrap_err().to_string();
     assert!(e.contains("the PIT: 111 bytes"), "{e}");
 }
+
+/// A measurement, not a check: writing, verifying, mapping and copying a
+/// 256 MiB snapshot with a quarter of its pages written (run it with
+/// `cargo test --release -p krun-vmm snapshot_costs -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn snapshot_costs() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap");
+    let mib = 256;
+    let mem = crate::memory::create(mib << 20).unwrap();
+    for page in (0..(mib << 20)).step_by(4 * PAGE as usize) {
+        mem.write_obj(page | 1, GuestAddress(page)).unwrap();
+    }
+    let mut snap = snapshot(1);
+    snap.header.memory_size = mib << 20;
+    let t = Instant::now();
+    snap.write(&path, &mem).unwrap();
+    let write = t.elapsed();
+    let t = Instant::now();
+    let loaded = Snapshot::read(&path).unwrap();
+    let read = t.elapsed();
+    let t = Instant::now();
+    let mapped = loaded.map_memory().unwrap();
+    let map = t.elapsed();
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for page in (0..(mib << 20)).step_by(PAGE as usize) {
+        sum = sum.wrapping_add(mapped.read_obj::<u64>(GuestAddress(page)).unwrap());
+    }
+    let touch = t.elapsed();
+    let t = Instant::now();
+    let copied = loaded.copy_memory().unwrap();
+    let copy = t.elapsed();
+    assert_eq!(copied.read_obj::<u64>(GuestAddress(0)).unwrap(), 1);
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    println!(
+        "{mib} MiB, 1/4 pages written: write {write:?}, read+verify {read:?}, map {map:?}, \
+         first read of every page {touch:?} ({sum:x}), copy {copy:?}, {} MiB on disk",
+        on_disk >> 20
+    );
+}
