@@ -361,8 +361,10 @@ impl Loaded {
     /// clone reads the file's pages (shared through the page cache with
     /// every other clone) until it writes one, which becomes its own. The
     /// file must not change while mapped (MAP_PRIVATE shows later writes
-    /// to pages not yet copied): a template file is written once, under a
-    /// fresh name, and never rewritten.
+    /// to pages not yet copied, and a file truncated under a mapping faults
+    /// the VMM with SIGBUS): a template file is written once, under a
+    /// fresh name, and never rewritten or truncated; it is removed only
+    /// by unlinking, which mappings survive.
     pub fn map_memory(&self) -> Result<GuestMemoryMmap<()>, SnapshotError> {
         let mut out = Vec::with_capacity(self.regions.len());
         let mut offset = self.memory_offset;
