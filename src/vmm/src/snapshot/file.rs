@@ -107,22 +107,12 @@ impl Snapshot {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io("creating the snapshot", path))?;
-        let fixed = fixed(FORMAT_VERSION, json.len() as u64);
-        let mut hash = Sha256::new();
-        hash.update(fixed);
-        file.write_all_at(&fixed, 0)
-            .and_then(|()| file.write_all_at(&json, PREFIX as u64))
-            .map_err(io("writing the snapshot", path))?;
-        hash.update(&json);
-        let start = align_up((PREFIX + json.len()) as u64).unwrap_or(u64::MAX);
-        hash.update(vec![0u8; (start as usize) - PREFIX - json.len()]);
-        let end = write_memory(&file, mem, &state.regions, start, &mut hash)
-            .map_err(io("writing guest memory to the snapshot", path))?;
-        file.set_len(end)
-            .map_err(io("writing the snapshot", path))?;
-        file.write_all_at(&hash.finalize(), FIXED as u64)
-            .map_err(io("writing the snapshot", path))?;
-        Ok(())
+        let written = write_body(&file, &json, mem, &state.regions, path);
+        if written.is_err() {
+            // A partial file is no snapshot: leave nothing behind.
+            let _ = std::fs::remove_file(path);
+        }
+        written
     }
 
     /// Reads the snapshot at `path`, verifying it whole (checksum, format,
@@ -248,6 +238,32 @@ impl Snapshot {
         }
         Ok((snapshot, regions, memory_offset))
     }
+}
+
+/// Writes everything after the file is created: the prefix, the state,
+/// the memory, and last the checksum.
+fn write_body(
+    file: &File,
+    json: &[u8],
+    mem: &GuestMemoryMmap<()>,
+    regions: &[Region],
+    path: &Path,
+) -> Result<(), SnapshotError> {
+    let fixed = fixed(FORMAT_VERSION, json.len() as u64);
+    let mut hash = Sha256::new();
+    hash.update(fixed);
+    file.write_all_at(&fixed, 0)
+        .and_then(|()| file.write_all_at(json, PREFIX as u64))
+        .map_err(io("writing the snapshot", path))?;
+    hash.update(json);
+    let start = align_up((PREFIX + json.len()) as u64).unwrap_or(u64::MAX);
+    hash.update(vec![0u8; (start as usize) - PREFIX - json.len()]);
+    let end = write_memory(file, mem, regions, start, &mut hash)
+        .map_err(io("writing guest memory to the snapshot", path))?;
+    file.set_len(end)
+        .map_err(io("writing the snapshot", path))?;
+    file.write_all_at(&hash.finalize(), FIXED as u64)
+        .map_err(io("writing the snapshot", path))
 }
 
 /// Hashes what is left of `r`; returns how many bytes that was.
