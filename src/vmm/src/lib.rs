@@ -13,7 +13,8 @@
 //! KVM tests use it); [`boot`] loads the kernel through its PVH entry; [`cpu`] sets
 //! vCPUs up; [`mptable`] describes CPUs and interrupts to a guest without
 //! ACPI; [`bus`] dispatches guest I/O; [`virtio`] is the transport and
-//! device trait; [`devices`] the virtio devices.
+//! device trait; [`devices`] the virtio devices; [`snapshot`] captures a
+//! paused VM's state and memory and restores them into a new VM.
 
 pub mod boot;
 pub mod bus;
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod mptable;
 pub mod process;
 pub mod seccomp;
+pub mod snapshot;
 pub mod spawner;
 pub mod vcpu;
 pub mod virtio;

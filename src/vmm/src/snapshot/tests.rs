@@ -1,0 +1,289 @@
+//! The snapshot file without KVM: a round trip, and every way a damaged
+//! or foreign file is refused.
+
+use std::path::Path;
+
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::pod::to_bytes;
+use super::*;
+
+fn vcpu(id: u32) -> VcpuState {
+    VcpuState {
+        id,
+        tsc_khz: None,
+        mp_state: to_bytes(&kvm_mp_state::default()),
+        regs: to_bytes(&kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        }),
+        sregs: to_bytes(&kvm_sregs::default()),
+        fpu: to_bytes(&kvm_fpu::default()),
+        xsave: None,
+        xcrs: None,
+        debugregs: None,
+        lapic: None,
+        cpuid: vec![],
+        msrs: vec![(0x10, 42)],
+        events: None,
+    }
+}
+
+fn snapshot(mib: u64) -> Snapshot {
+    Snapshot {
+        header: Header {
+            vcpus: 1,
+            memory_size: mib << 20,
+            kernel: "sha256:k".into(),
+            initramfs: "sha256:i".into(),
+            guest_init: "sha256:g".into(),
+        },
+        vcpus: vec![vcpu(0)],
+        vm: VmState::default(),
+    }
+}
+
+/// A valid snapshot file of 1 MiB of memory with a marker in it.
+fn write_one(dir: &Path) -> std::path::PathBuf {
+    let mem = crate::memory::create(1 << 20).unwrap();
+    mem.write_obj(0xfeed_f00du32, GuestAddress(0x2000)).unwrap();
+    let path = dir.join("snap");
+    snapshot(1).write(&path, &mem).unwrap();
+    path
+}
+
+fn err(path: &Path) -> String {
+    Snapshot::read(path).unwrap_err().to_string()
+}
+
+#[test]
+fn a_snapshot_round_trips_and_its_memory_maps_and_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let loaded = Snapshot::read(&path).unwrap();
+    assert_eq!(loaded.snapshot, snapshot(1));
+    for mem in [loaded.map_memory().unwrap(), loaded.copy_memory().unwrap()] {
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(),
+            0xfeed_f00d
+        );
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3000)).unwrap(), 0);
+    }
+    // Zero pages are holes: 1 MiB of memory, one page of it written.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+    assert!(blocks * 512 < 64 << 10, "{blocks} blocks");
+}
+
+#[test]
+fn a_private_mapping_never_writes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let loaded = Snapshot::read(&path).unwrap();
+    let mem = loaded.map_memory().unwrap();
+    mem.write_obj(1u32, GuestAddress(0x2000)).unwrap();
+    let again = Snapshot::read(&path).unwrap();
+    let fresh = again.map_memory().unwrap();
+    assert_eq!(
+        fresh.read_obj::<u32>(GuestAddress(0x2000)).unwrap(),
+        0xfeed_f00d
+    );
+}
+
+#[test]
+fn an_existing_file_or_a_symlink_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let mem = crate::memory::create(1 << 20).unwrap();
+    let e = snapshot(1).write(&path, &mem).unwrap_err().to_string();
+    assert!(e.contains("creating the snapshot"), "{e}");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+    assert!(snapshot(1).write(&link, &mem).is_err());
+    assert!(!dir.path().join("elsewhere").exists());
+}
+
+#[test]
+fn a_snapshot_whose_shape_does_not_match_its_memory_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = crate::memory::create(2 << 20).unwrap();
+    let e = snapshot(1)
+        .write(&dir.path().join("s"), &mem)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the header says 0x100000"), "{e}");
+}
+
+#[test]
+fn a_corrupt_byte_anywhere_is_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    // In the hash, the state, the padding, and the memory.
+    for at in [30, 70, 4000, good.len() - 1, 0x2000 + 4096] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x40;
+        std::fs::write(&path, &bad).unwrap();
+        assert_eq!(
+            err(&path),
+            "snapshot checksum mismatch: the file is corrupt",
+            "at {at}"
+        );
+    }
+}
+
+#[test]
+fn a_truncated_file_is_refused_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    for len in [0, 5, 30, 100, good.len() - 4096] {
+        std::fs::write(&path, &good[..len]).unwrap();
+        let e = err(&path);
+        assert!(e.starts_with("snapshot truncated"), "{len}: {e}");
+    }
+    // Bytes appended: the checksum no longer holds.
+    let mut long = good.clone();
+    long.extend_from_slice(&[0; 4096]);
+    std::fs::write(&path, &long).unwrap();
+    assert!(Snapshot::read(&path).is_err());
+}
+
+#[test]
+fn a_foreign_or_other_version_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    let good = std::fs::read(&path).unwrap();
+    let mut v2 = good.clone();
+    v2[8] = 2;
+    std::fs::write(&path, &v2).unwrap();
+    assert_eq!(
+        err(&path),
+        "snapshot format version 2; this runtime reads version 1"
+    );
+    let mut elf = good.clone();
+    elf[..4].copy_from_slice(b"\x7fELF");
+    std::fs::write(&path, &elf).unwrap();
+    assert_eq!(err(&path), "not a krun-oci snapshot (bad magic)");
+    let mut huge = good;
+    huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&path, &huge).unwrap();
+    assert!(err(&path).starts_with("snapshot invalid"), "{}", err(&path));
+}
+
+/// Reads bytes as a file would be read.
+fn read_bytes(b: &[u8]) -> Result<(Snapshot, Vec<Region>, u64), SnapshotError> {
+    Snapshot::read_from(&mut &b[..], b.len() as u64)
+}
+
+#[test]
+fn a_checksummed_file_with_bad_content_is_still_refused() {
+    // Not JSON.
+    let e = read_bytes(&frame(FORMAT_VERSION, b"{not json", &[])).unwrap_err();
+    assert!(matches!(e, SnapshotError::State(_)), "{e}");
+    let state = |snap: &Snapshot, regions: &str| {
+        let s = serde_json::to_string(snap).unwrap();
+        format!(r#"{{"snapshot":{s},"regions":{regions}}}"#).into_bytes()
+    };
+    let one = r#"[{"guest_addr":0,"len":1048576}]"#;
+    let mib = vec![0u8; 1 << 20];
+    // Memory missing from the file.
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&snapshot(1), one), &[])).unwrap_err();
+    assert!(e.to_string().starts_with("snapshot truncated"), "{e}");
+    // Two vCPUs in the header, one in the state.
+    let mut two = snapshot(1);
+    two.header.vcpus = 2;
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&two, one), &mib)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "snapshot invalid: the header says 2 vCPUs, the state has 1"
+    );
+    // A register struct of the wrong size.
+    let mut short = snapshot(1);
+    short.vcpus[0].regs.pop();
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&short, one), &mib)).unwrap_err();
+    assert!(e.to_string().contains("regs: 143 bytes"), "{e}");
+    // Regions that overlap, or do not add up to the memory size.
+    for regions in [
+        r#"[{"guest_addr":0,"len":524288},{"guest_addr":4096,"len":524288}]"#,
+        r#"[{"guest_addr":0,"len":4096}]"#,
+        r#"[]"#,
+        r#"[{"guest_addr":18446744073709547520,"len":1048576}]"#,
+    ] {
+        let e =
+            read_bytes(&frame(FORMAT_VERSION, &state(&snapshot(1), regions), &mib)).unwrap_err();
+        assert!(
+            e.to_string().starts_with("snapshot invalid"),
+            "{regions}: {e}"
+        );
+    }
+    // A memory size past the limit is refused before anything is mapped.
+    let mut big = snapshot(1);
+    big.header.memory_size = MAX_MEMORY * 2;
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&big, one), &mib)).unwrap_err();
+    assert!(e.to_string().contains("memory size"), "{e}");
+}
+
+#[test]
+fn the_fuzzers_hand_made_seeds_are_snapshots_this_reader_accepts() {
+    // src/fuzz/make-seeds writes them in this format by hand: a change of
+    // the format must change them too, or the fuzzer starts from nothing.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/snapshot_file");
+    let file = std::fs::read(dir.join("seed-file")).unwrap();
+    let (snap, regions, offset) = read_bytes(&file[1..]).unwrap();
+    assert_eq!(
+        (snap.header.memory_size, regions.len(), offset),
+        (4096, 1, 4096)
+    );
+    let state = std::fs::read(dir.join("seed-state")).unwrap();
+    let framed = frame(FORMAT_VERSION, &state[1..], &[0; PAGE as usize]);
+    assert_eq!(read_bytes(&framed).unwrap().0, snap);
+    let short = std::fs::read(dir.join("seed-state-short-pit")).unwrap();
+    let framed = frame(FORMAT_VERSION, &short[1..], &[0; PAGE as usize]);
+    let e = read_bytes(&framed).unwrap_err().to_string();
+    assert!(e.contains("the PIT: 111 bytes"), "{e}");
+}
+
+/// A measurement, not a check: writing, verifying, mapping and copying a
+/// 256 MiB snapshot with a quarter of its pages written (run it with
+/// `cargo test --release -p krun-vmm snapshot_costs -- --ignored
+/// --nocapture`).
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn snapshot_costs() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap");
+    let mib = 256;
+    let mem = crate::memory::create(mib << 20).unwrap();
+    for page in (0..(mib << 20)).step_by(4 * PAGE as usize) {
+        mem.write_obj(page | 1, GuestAddress(page)).unwrap();
+    }
+    let mut snap = snapshot(1);
+    snap.header.memory_size = mib << 20;
+    let t = Instant::now();
+    snap.write(&path, &mem).unwrap();
+    let write = t.elapsed();
+    let t = Instant::now();
+    let loaded = Snapshot::read(&path).unwrap();
+    let read = t.elapsed();
+    let t = Instant::now();
+    let mapped = loaded.map_memory().unwrap();
+    let map = t.elapsed();
+    let t = Instant::now();
+    let mut sum = 0u64;
+    for page in (0..(mib << 20)).step_by(PAGE as usize) {
+        sum = sum.wrapping_add(mapped.read_obj::<u64>(GuestAddress(page)).unwrap());
+    }
+    let touch = t.elapsed();
+    let t = Instant::now();
+    let copied = loaded.copy_memory().unwrap();
+    let copy = t.elapsed();
+    assert_eq!(copied.read_obj::<u64>(GuestAddress(0)).unwrap(), 1);
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+    println!(
+        "{mib} MiB, 1/4 pages written: write {write:?}, read+verify {read:?}, map {map:?}, \
+         first read of every page {touch:?} ({sum:x}), copy {copy:?}, {} MiB on disk",
+        on_disk >> 20
+    );
+}
