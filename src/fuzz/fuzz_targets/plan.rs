@@ -180,7 +180,10 @@ fn run(data: &[u8]) {
                 let provided = if d.block {
                     d.major == 7
                 } else {
-                    matches!(n, (1, 3 | 5 | 7 | 8 | 9) | (5, 0 | 2) | (10, 200 | 229 | 237))
+                    matches!(
+                        n,
+                        (1, 3 | 5 | 7 | 8 | 9) | (5, 0 | 2) | (10, 200 | 229 | 237)
+                    )
                 };
                 assert!(provided, "device {d:?} is not one the guest provides");
                 assert!(d.path.starts_with('/'), "device path {:?}", d.path);

@@ -23,72 +23,16 @@
 //!   more.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Read;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use krun_proto::{
     Decoder, Frame, FrameReader, ProtoError, ToGuest, ToHost, HEADER_LEN, MAX_PAYLOAD,
 };
 use libfuzzer_sys::fuzz_target;
 
-/// Counts live heap bytes and their peak, for the memory invariant.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator, which
-// upholds GlobalAlloc's contract; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            note(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            note(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract is System's.
-        unsafe { System.dealloc(ptr, layout) };
-        note(-(layout.size() as isize));
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            note(new_size as isize - layout.size() as isize);
-        }
-        p
-    }
-}
-
-fn note(delta: isize) {
-    let now = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Live heap bytes now, and resets the peak to it.
-fn mark() -> isize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+#[path = "common/heap.rs"]
+mod heap;
+use heap::{mark, peak_since};
 
 /// The input, a plain byte format so that seeds are easy to write by
 /// hand (`src/fuzz/seeds`):
@@ -217,7 +161,7 @@ fn run(input: Input) {
         // The decoder's buffer (at most twice what was fed: it compacts
         // once half of it is consumed, and grows by doubling), the frames
         // taken out and their payloads (at most what was fed).
-        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let peak = peak_since(base);
         let bound = 4 * fed as isize + 4096 + (frames.len() * 128) as isize;
         assert!(
             peak <= bound,
@@ -275,7 +219,7 @@ fn run(input: Input) {
         }
         // The frame being read (its payload is allocated by its header's
         // length, so at most one MAX_PAYLOAD beyond what arrived).
-        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let peak = peak_since(base);
         let bound = (HEADER_LEN + MAX_PAYLOAD) as isize + 4096;
         assert!(peak <= bound, "reader memory: peak {peak} bytes");
     }

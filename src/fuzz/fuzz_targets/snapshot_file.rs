@@ -20,76 +20,23 @@
 //!   sizes the file announces (a counting allocator tracks the peak).
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use krun_vmm::snapshot::{frame, Snapshot, SnapshotError, FORMAT_VERSION, PAGE};
 use libfuzzer_sys::fuzz_target;
 
-/// Counts live heap bytes and their peak, for the memory invariant.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator, which
-// upholds GlobalAlloc's contract; the counters only observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            note(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            note(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract is System's.
-        unsafe { System.dealloc(ptr, layout) };
-        note(-(layout.size() as isize));
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract is System's.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            note(new_size as isize - layout.size() as isize);
-        }
-        p
-    }
-}
-
-fn note(delta: isize) {
-    let now = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Live heap bytes now, and resets the peak to it.
-fn mark() -> isize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+#[path = "common/heap.rs"]
+mod heap;
+use heap::{mark, peak_since};
 
 fn read(file: &[u8]) -> Result<(Snapshot, Vec<krun_vmm::snapshot::Region>, u64), SnapshotError> {
     let before = mark();
     let out = Snapshot::read_from(&mut &file[..], file.len() as u64);
-    let peak = PEAK.load(Ordering::Relaxed) - before;
+    let peak = peak_since(before);
     let bound = (1 << 20) + 32 * file.len() as isize + 65536;
-    assert!(peak <= bound, "{peak} bytes of heap for a {}-byte file", file.len());
+    assert!(
+        peak <= bound,
+        "{peak} bytes of heap for a {}-byte file",
+        file.len()
+    );
     out
 }
 
@@ -114,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
         _ => {
             let other = FORMAT_VERSION + 1 + u32::from(mode);
             let e = read(&frame(other, rest, &page)).unwrap_err();
-            assert!(matches!(e, SnapshotError::Version { found, .. } if found == other), "{e}");
+            assert!(
+                matches!(e, SnapshotError::Version { found, .. } if found == other),
+                "{e}"
+            );
             return;
         }
     };
