@@ -51,7 +51,7 @@ fn v1_dir(root: &Path, ctl: &str, dir: &str) {
         "pids" => &[("pids.max", "max"), ("pids.current", "3")],
         _ => &[],
     };
-    for (f, v) in files.iter().chain(&[("cgroup.procs", "")]) {
+    for (f, v) in files.iter().chain(&[("cgroup.procs", ""), ("tasks", "")]) {
         fs::write(d.join(f), v).unwrap();
     }
 }
@@ -117,6 +117,26 @@ fn v1_hybrid_sets_each_controller_in_its_own_hierarchy() {
     for ctl in HYBRID_DIRS {
         assert_eq!(read(r.join(ctl).join("p/c1/cgroup.procs")), "4242", "{ctl}");
     }
+    // The calling thread, alone in its process (this test's thread is
+    // not), moves through `tasks` in v1 hierarchies; the unified one is
+    // left alone when the process started there.
+    for ctl in HYBRID_DIRS {
+        fs::write(r.join(ctl).join("p/c1/cgroup.procs"), "").unwrap();
+    }
+    cg.join_self(true).unwrap();
+    let alone = only_thread();
+    for ctl in HYBRID_DIRS {
+        let (procs, tasks) = match (ctl, alone) {
+            ("unified", _) => ("", ""),
+            (_, true) => ("", "0"),
+            (_, false) => ("0", ""),
+        };
+        assert_eq!(read(r.join(ctl).join("p/c1/cgroup.procs")), procs, "{ctl}");
+        assert_eq!(read(r.join(ctl).join("p/c1/tasks")), tasks, "{ctl}");
+    }
+    cg.join_self(false).unwrap();
+    assert_eq!(read(r.join("unified/p/c1/cgroup.procs")), "0");
+
     let s = cg.stats();
     assert_eq!(s.memory_limit, Some(536870912));
     assert_eq!(

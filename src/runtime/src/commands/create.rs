@@ -104,7 +104,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
     }
     // On cgroup v2 the monitor starts inside its cgroup: no migration.
     let into = match cgroup.cgroup() {
-        Some(cg) => cg.v2_dir()?,
+        Some(cg) => cg.unified_dir()?,
         None => None,
     };
     match fork_monitor(into.as_ref()).context("cannot fork the monitor")? {
@@ -183,11 +183,12 @@ struct CloneArgs {
 }
 
 /// Forks the monitor: 0 in the child, its pid in the parent, and whether
-/// it started inside `cgroup` (a cgroup v2 directory): there with
-/// `clone3(CLONE_INTO_CGROUP)`, as crun does, so that it needs no
-/// migration, whose write to `cgroup.procs` waits an RCU grace period
-/// (6-22 ms measured on this machine's v1). A kernel without it (before
-/// 5.7) gets a plain fork, and the monitor joins as on v1.
+/// it started inside `cgroup` (a directory of the unified hierarchy, v2's
+/// or a hybrid host's): there with `clone3(CLONE_INTO_CGROUP)`, as crun
+/// does, so that it needs no migration there, whose write to
+/// `cgroup.procs` waits an RCU grace period (6-22 ms measured on this
+/// machine). A kernel without it (before 5.7) gets a plain fork, and the
+/// monitor joins as [`cgroups::Cgroup::join_self`] says.
 ///
 /// Only while no other thread runs (a fork copies the calling thread
 /// alone). After the raw clone3 the child's C library still holds its
@@ -327,10 +328,12 @@ fn monitor_main(launch: Launch, mut ready: std::io::PipeWriter, placed: bool) ->
     unsafe { libc::setsid() };
     crate::state::capture_identity();
     let id = launch.id.clone();
-    // Into the host cgroup first (unless it started there): every helper
-    // spawned from here on (QEMU, virtiofsd) and every thread starts in it.
-    if let Some(paths) = launch.plan.host_cgroup.as_ref().filter(|_| !placed) {
-        if let Err(e) = cgroups::Cgroup::from_paths(paths.clone()).join(0) {
+    // Into the host cgroup first (the unified hierarchy's part done if it
+    // started there; this process has one thread, so v1 hierarchies take
+    // it without a grace period): every helper spawned from here on (QEMU,
+    // virtiofsd) and every thread starts in it.
+    if let Some(paths) = launch.plan.host_cgroup.as_ref() {
+        if let Err(e) = cgroups::Cgroup::from_paths(paths.clone()).join_self(placed) {
             let _ = write!(ready, "1 {}", Error::from(e).message());
             std::process::exit(1);
         }

@@ -84,7 +84,7 @@ pub fn create(
         })?;
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;
     let into = match cgroup.cgroup() {
-        Some(cg) => cg.v2_dir()?,
+        Some(cg) => cg.unified_dir()?,
         None => None,
     };
     match super::create::fork_monitor(into.as_ref()).context("cannot fork") {
@@ -211,8 +211,8 @@ impl Waiter {
         stdio: Vec<OwnedFd>,
         placed: bool,
     ) -> Result<Client> {
-        if let Some(paths) = self.state.cgroup.as_ref().filter(|_| !placed) {
-            cgroups::Cgroup::from_paths(paths.clone()).join(0)?;
+        if let Some(paths) = self.state.cgroup.as_ref() {
+            cgroups::Cgroup::from_paths(paths.clone()).join_self(placed)?;
         }
         super::create::confine_monitor()
             .map_err(|e| Error::Failed(format!("cannot confine the container's process: {e:#}")))?;

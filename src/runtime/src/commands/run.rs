@@ -37,7 +37,7 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
     // removes it when `_cgroup` goes, on every way out.
     let _cgroup = super::create::host_cgroup(ctx, &mut launch)?;
     if let Some(cg) = _cgroup.cgroup() {
-        cg.join(0)?;
+        cg.join_self(false)?;
     }
     super::create::confine_monitor()
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
