@@ -317,6 +317,8 @@ fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
     // so for three deadlines.
     feeder.wait_stuck(Duration::from_secs(6));
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let pipes = [harness::pipe_inode(&stdout), harness::pipe_inode(&stderr)];
     let stdout = std::thread::spawn(move || {
         let mut n = 0u64;
         let mut r = std::io::BufReader::new(stdout);
@@ -329,12 +331,20 @@ fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
             n += got as u64;
         }
     });
-    let stderr = child.stderr.take().unwrap();
     let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
-    let status = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("run hung");
-    let stderr = stderr.join().unwrap();
+    let Some(status) = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT) else {
+        panic!(
+            "run hung; its output is held by {:?}",
+            harness::pipe_holders(&pipes)
+        );
+    };
+    // Once run has gone, its output ends at once unless some process kept
+    // it open: that fails here, naming the process, rather than hanging.
+    let ended = Duration::from_secs(10);
+    let stderr = harness::join_within(stderr, ended, "run's stderr", &pipes);
     assert_eq!(status.code(), Some(0), "{stderr}");
-    assert_eq!(stdout.join().unwrap(), (CHUNKS * CHUNK) as u64);
+    let n = harness::join_within(stdout, ended, "run's stdout", &pipes);
+    assert_eq!(n, (CHUNKS * CHUNK) as u64);
     sb.assert_clean();
 }
 

@@ -30,7 +30,7 @@ pub mod sandbox;
 // What the suites use most, at the top, as `harness::NAME`.
 pub use bundle::{base_config, make_busybox_rootfs, HostVolumes, TestBundle};
 pub use dist::{dist, fusehello, krun_oci_bin, libdir, netperf, shim_bin, workspace};
-pub use process::{processes_mentioning, wait_timeout};
+pub use process::{join_within, pipe_holders, pipe_inode, processes_mentioning, wait_timeout};
 pub use sandbox::{
     hypervisor, krun_oci, run_with_timeout, spawn_run, Output, Sandbox, RUN_TIMEOUT,
 };

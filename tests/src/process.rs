@@ -8,6 +8,69 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The inode of the pipe `fd` is an end of, which [`pipe_holders`] looks for.
+pub fn pipe_inode(fd: &impl std::os::fd::AsFd) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
+    f.metadata().unwrap().ino()
+}
+
+/// Every process holding one of the pipes `inodes` open, as "pid (comm)
+/// state wchan": who keeps a stream from ending. Reads neither cmdline nor
+/// environ, which wait on the process's memory map lock.
+pub fn pipe_holders(inodes: &[u64]) -> Vec<String> {
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("pipe:[{i}]")).collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let holds = std::fs::read_dir(e.path().join("fd"))
+            .map(|d| {
+                d.flatten().any(|f| {
+                    std::fs::read_link(f.path())
+                        .is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str()))
+                })
+            })
+            .unwrap_or(false);
+        if holds {
+            let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .unwrap_or("")
+                .split(' ')
+                .next()
+                .unwrap_or("?");
+            out.push(format!(
+                "{pid} ({}) {state} {}",
+                read("comm").trim(),
+                read("wchan")
+            ));
+        }
+    }
+    out
+}
+
+/// `handle`'s result, waited for `timeout` at the most; then a panic
+/// naming `what` and the processes holding the pipes `inodes` (a reader
+/// thread that never ends is a stream some process kept open).
+#[track_caller]
+pub fn join_within<T>(handle: JoinHandle<T>, timeout: Duration, what: &str, inodes: &[u64]) -> T {
+    let deadline = Instant::now() + timeout;
+    while !handle.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not end within {timeout:?}; its pipe is held by {:?}",
+            pipe_holders(inodes)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handle.join().unwrap()
+}
+
 /// Processes whose command line mentions `needle`, as "pid: cmdline".
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let me = std::process::id().to_string();
