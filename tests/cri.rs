@@ -246,6 +246,15 @@ fn a_pod_of_two_containers_runs_in_one_vm() {
     // The other container still runs in the pod's VM.
     let r = cri.exec_sync(&ids[1], &["echo", "still here"]);
     assert_eq!(String::from_utf8_lossy(&r.stdout), "still here\n");
+    // One container of the pod paused and resumed through containerd's
+    // task API (under krun: its processes frozen in the guest, the VM
+    // running on).
+    c.ctr_in("k8s.io", &["task", "pause", &ids[1]], None).ok();
+    assert_eq!(c.status_in("k8s.io", &ids[1]), "PAUSED");
+    c.ctr_in("k8s.io", &["task", "resume", &ids[1]], None).ok();
+    assert_eq!(c.status_in("k8s.io", &ids[1]), "RUNNING");
+    let r = cri.exec_sync(&ids[1], &["echo", "resumed"]);
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "resumed\n");
 
     for id in ids.iter().chain([&quitter]) {
         cri.stop_container(id, 10);

@@ -714,9 +714,18 @@ fn a_container_joining_anothers_namespaces_runs_in_its_vm() {
     let (mine, theirs): (Vec<&str>, Vec<&str>) = (mine.lines().collect(), theirs.lines().collect());
     assert_eq!(mine[..2], theirs[..2], "hostname and IPC are the leader's");
     assert_ne!(mine[2], theirs[2], "PIDs are its own");
-    refused(&sb, &["pause", "memb"], "pause or resume \"lead\" instead");
-    // Its signal reaches its process; its pid exits with its status.
+    // Pause freezes its own processes in the guest; the leader runs on. A
+    // signal sent meanwhile waits for the thaw; then it reaches its
+    // process, and its pid exits with its status.
+    ok(krun(&sb, &["pause", "memb"]));
+    assert_eq!(status(&sb, "memb"), "paused");
+    assert_eq!(status(&sb, "lead"), "running");
+    ok(krun(&sb, &["exec", "lead", "true"]));
+    refused(&sb, &["exec", "memb", "true"], "paused");
     ok(krun(&sb, &["kill", "memb", "TERM"]));
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(out_of(&sb, "memb"), "started\n", "frozen, its trap waits");
+    ok(krun(&sb, &["resume", "memb"]));
     assert_eq!(wait_exit(pid), (Some(3), None));
     assert_eq!(out_of(&sb, "memb"), "started\ngot TERM\n");
     assert_eq!(status(&sb, "memb"), "stopped");

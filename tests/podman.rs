@@ -1191,6 +1191,90 @@ fn a_pod_runs_its_containers_in_one_vm_with_a_published_port() {
     pm.finish();
 }
 
+/// `podman pause` of one container of a pod stops its processes (its
+/// counter, written to a volume the host reads, stands still) while the
+/// pod's other container counts on; `podman pod pause` stops them all (the
+/// infra container's VM and each member), and unpausing resumes each from
+/// where it stood.
+#[test]
+fn a_pod_and_each_of_its_containers_pause_and_resume() {
+    let pm = Podman::new("podpause");
+    let pod = format!("krun-podpause-{}", std::process::id());
+    pm.ok(&["pod", "create", "--name", &pod, "--network", "none"]);
+    let podarg = format!("--pod={pod}");
+    let dir = pm.path().join("counters");
+    std::fs::create_dir_all(&dir).unwrap();
+    let vol = format!("{}:/c", dir.display());
+    for name in ["one", "two"] {
+        let script =
+            format!("i=0; while :; do i=$((i+1)); echo $i > /c/{name}.new; mv /c/{name}.new /c/{name}; sleep 0.1; done");
+        pm.run_d(
+            name,
+            &[&podarg, "-v", &vol],
+            busybox(),
+            &["sh", "-c", &script],
+        );
+    }
+    let count = |name: &str| -> u64 {
+        krun_e2e::process::poll(
+            WAIT,
+            Duration::from_millis(50),
+            || {
+                std::fs::read_to_string(dir.join(name))
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| s.trim().parse::<u64>().map_err(|e| format!("{s:?}: {e}")))
+            },
+            |e| format!("no count from {name}: {e}"),
+        )
+    };
+    let advances = |name: &str| {
+        let from = count(name);
+        krun_e2e::process::poll(
+            WAIT,
+            Duration::from_millis(100),
+            || if count(name) > from { Ok(()) } else { Err(()) },
+            |()| format!("{name} stopped counting at {from}\n{}", pm.runtime_log()),
+        );
+    };
+    let stands_still = |name: &str| {
+        // A write under way when the freeze came lands at once.
+        std::thread::sleep(Duration::from_millis(300));
+        let at = count(name);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(count(name), at, "{name} counted on while paused");
+    };
+    advances("one");
+    advances("two");
+
+    pm.ok(&["pause", "two"]);
+    assert_eq!(pm.status("two"), "paused");
+    assert_eq!(pm.status("one"), "running");
+    stands_still("two");
+    advances("one");
+    pm.ok(&["unpause", "two"]);
+    assert_eq!(pm.status("two"), "running");
+    advances("two");
+
+    pm.ok(&["pod", "pause", &pod]);
+    assert_eq!(
+        (pm.status("one"), pm.status("two")),
+        ("paused".into(), "paused".into())
+    );
+    stands_still("one");
+    stands_still("two");
+    pm.ok(&["pod", "unpause", &pod]);
+    assert_eq!(
+        (pm.status("one"), pm.status("two")),
+        ("running".into(), "running".into())
+    );
+    advances("one");
+    advances("two");
+    // A paused member is removed as any paused container is.
+    pm.ok(&["pause", "two"]);
+    pm.ok(&["pod", "rm", "-f", "-t", "0", &pod]);
+    pm.finish();
+}
+
 /// `--ipc container:X --uts container:X` (no pod) runs in X's VM; a PID
 /// namespace of another container cannot be joined, and says so.
 #[test]

@@ -276,6 +276,13 @@ impl Agent {
                 Some(Err(f)) => self.fail(stream, f),
                 None => self.fail(stream, Failure::new(1, "update: no such container")),
             },
+            ToGuest::Freeze { frozen } => {
+                match self.container_of(stream).map(|c| c.freeze(frozen)) {
+                    Some(Ok(())) => self.send(stream, &ToHost::Updated),
+                    Some(Err(f)) => self.fail(stream, f),
+                    None => self.fail(stream, Failure::new(1, "freeze: no such container")),
+                }
+            }
             ToGuest::Signal { signal, all } => {
                 self.signal(stream, signal, all);
                 Ok(())

@@ -208,7 +208,12 @@ impl Containerd {
 
     /// The task's status as `ctr task ls` prints it (empty: no task).
     pub fn status(&self, id: &str) -> String {
-        let out = self.ctr(&["task", "ls"]);
+        self.status_in("default", id)
+    }
+
+    /// The status of task `id` in namespace `ns`, as `ctr task ls` gives it.
+    pub fn status_in(&self, ns: &str, id: &str) -> String {
+        let out = self.ctr_in(ns, &["task", "ls"], None);
         out.stdout
             .lines()
             .skip(1)

@@ -65,6 +65,43 @@ pub fn join(dir: &Path) -> Result<(), Failure> {
     fs::write(dir.join("cgroup.procs"), "0").or_fail(|| "joining the container's cgroup".into())
 }
 
+/// How long a freeze may take to reach every process (one in the middle
+/// of a system call stops at its end).
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Freezes (or thaws) the cgroup at `dir` and everything below it, and
+/// waits until `cgroup.events` says it is so; a freeze that does not take
+/// within [`FREEZE_WAIT`] is undone and fails.
+pub fn freeze(dir: &Path, frozen: bool) -> Result<(), Failure> {
+    let set = |on: bool| {
+        fs::write(dir.join("cgroup.freeze"), if on { "1" } else { "0" })
+            .or_fail(|| "writing the container's cgroup.freeze".into())
+    };
+    set(frozen)?;
+    let want = if frozen { "frozen 1" } else { "frozen 0" };
+    let deadline = std::time::Instant::now() + FREEZE_WAIT;
+    loop {
+        let events = fs::read_to_string(dir.join("cgroup.events"))
+            .or_fail(|| "reading the container's cgroup.events".into())?;
+        if events.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            if frozen {
+                let _ = set(false);
+            }
+            return Err(Failure::new(
+                1,
+                format!(
+                    "the container's processes did not {} within {FREEZE_WAIT:?}",
+                    if frozen { "freeze" } else { "thaw" }
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Removes the cgroup once its processes are gone.
 pub fn remove(dir: &Path) {
     for _ in 0..100 {

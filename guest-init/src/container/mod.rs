@@ -74,6 +74,11 @@ impl Container {
         cgroup::apply_limits(&self.cgroup, limits)
     }
 
+    /// Freezes (or thaws) every process of the container.
+    pub fn freeze(&self, frozen: bool) -> Result<(), Failure> {
+        cgroup::freeze(&self.cgroup, frozen)
+    }
+
     /// The container's processes, with their pids as the container sees
     /// them.
     pub fn processes(&self) -> Vec<ProcessInfo> {

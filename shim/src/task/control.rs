@@ -62,16 +62,15 @@ impl Tasks {
 
     pub fn pause(&self, id: &str, pause: bool) -> TtrpcResult<()> {
         let c = self.get(id)?;
-        if matches!(c.role, Role::Member(_)) {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                "pausing one container of a pod VM is not supported; pause the pod",
-            ));
-        }
-        c.call(if pause {
-            Request::Pause
-        } else {
-            Request::Resume
+        c.call(match (&c.role, pause) {
+            // One container of a pod's VM: its processes freeze in the
+            // guest, the VM runs on.
+            (Role::Member(_), frozen) => Request::Freeze {
+                stream: c.stream,
+                frozen,
+            },
+            (_, true) => Request::Pause,
+            (_, false) => Request::Resume,
         })?;
         c.lock().phase = if pause { Phase::Paused } else { Phase::Running };
         if pause {

@@ -37,6 +37,11 @@ pub enum ToGuest {
     /// Change the container's cgroup limits; answered with
     /// [`ToHost::Updated`] or [`ToHost::Failed`].
     Update(CgroupSetup),
+    /// Freeze (or thaw) every process of the stream's container, with its
+    /// cgroup's freezer: `pause` of one container of a pod's VM. Answered
+    /// with [`ToHost::Updated`] once the cgroup says it is so, or
+    /// [`ToHost::Failed`].
+    Freeze { frozen: bool },
     /// The host is done: flush and power the VM off.
     Shutdown,
 }

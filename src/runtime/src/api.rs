@@ -71,8 +71,15 @@ pub enum Request {
         #[serde(default)]
         stream: u32,
     },
+    /// Pause or resume the whole VM.
     Pause,
     Resume,
+    /// Freeze (or thaw) the processes of one container of the VM (a pod
+    /// member's pause and resume), by its main process's stream.
+    Freeze {
+        stream: u32,
+        frozen: bool,
+    },
     Update {
         limits: CgroupSetup,
         #[serde(default)]

@@ -65,8 +65,8 @@ impl Existing {
 
     /// `req` as this container's monitor must get it. A container in
     /// another's VM (a pod's) has that VM's monitor: the request names its
-    /// stream (or, for an exec, its id), and what would act on the whole
-    /// VM (pause, resume) is refused.
+    /// stream (or, for an exec, its id), and pause and resume freeze its
+    /// own processes in the guest rather than the VM.
     pub fn routed(&self, req: Request) -> Result<Request> {
         let Some(m) = &self.state.member else {
             return Ok(req);
@@ -92,13 +92,15 @@ impl Existing {
                 all: true,
                 stream,
             },
-            Request::Pause | Request::Resume => {
-                return Err(Error::Unsupported(format!(
-                    "container {:?} runs in the VM of container {:?}, and pausing stops a \
-                     whole VM: pause or resume {:?} instead (podman: the pod)",
-                    self.id, m.leader, m.leader
-                )))
-            }
+            // Its own processes are frozen in the guest; the VM runs on.
+            Request::Pause => Request::Freeze {
+                stream,
+                frozen: true,
+            },
+            Request::Resume => Request::Freeze {
+                stream,
+                frozen: false,
+            },
             other => other,
         })
     }

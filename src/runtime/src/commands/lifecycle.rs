@@ -28,14 +28,7 @@ pub fn start(ctx: &Context, args: &liboci_cli::Start) -> Result<i32> {
         }
     }
     c.call(&Request::Start)?;
-    if c.state.member.is_some() {
-        // A container in another's VM has no monitor of its own to note it.
-        let mut state = c.dir.read()?;
-        if state.status == Status::Created {
-            state.status = Status::Running;
-            c.dir.write(&state)?;
-        }
-    }
+    note_member_status(&c, Status::Running)?;
     if let Some(spec) = &spec {
         let mut state = c.state.to_oci();
         state["status"] = "running".into();
@@ -143,8 +136,30 @@ pub fn pause(ctx: &Context, args: &liboci_cli::Pause) -> Result<i32> {
             })
         }
     }
+    if c.state.member.is_some() && c.status() != Status::Running {
+        // Its processes are frozen in the guest, which only a started
+        // container has.
+        return Err(Error::Status {
+            action: "pause",
+            status: c.status(),
+        });
+    }
     c.call(&Request::Pause)?;
+    note_member_status(&c, Status::Paused)?;
     Ok(0)
+}
+
+/// A container in another's VM has no monitor of its own to note its
+/// status: the command that changed it does.
+fn note_member_status(c: &Existing, status: Status) -> Result<()> {
+    if c.state.member.is_some() {
+        let mut state = c.dir.read()?;
+        if state.status != Status::Stopped {
+            state.status = status;
+            c.dir.write(&state)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn resume(ctx: &Context, args: &liboci_cli::Resume) -> Result<i32> {
@@ -157,5 +172,6 @@ pub fn resume(ctx: &Context, args: &liboci_cli::Resume) -> Result<i32> {
         });
     }
     c.call(&Request::Resume)?;
+    note_member_status(&c, Status::Running)?;
     Ok(0)
 }

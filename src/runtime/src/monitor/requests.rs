@@ -64,6 +64,7 @@ impl Container {
             Request::Ps { stream } => self.ask_guest(stream, ToGuest::Ps, reply),
             Request::Stats { stream } => self.ask_guest(stream, ToGuest::Stats, reply),
             Request::Update { limits, stream } => self.update(limits, stream, reply),
+            Request::Freeze { stream, frozen } => self.freeze(stream, frozen, reply),
             Request::Pause => self.pause(vm, true, reply),
             Request::Resume => self.pause(vm, false, reply),
             Request::Shutdown => {
@@ -200,12 +201,40 @@ impl Container {
         }
     }
 
+    /// Freezes (or thaws) one container of the VM (a pod member), once
+    /// guest-init says it is done. While the VM itself is paused (`podman
+    /// pod pause` pauses the infra container's VM as well as each member,
+    /// in any order) the guest cannot answer: the change is queued for it,
+    /// to take effect when the VM resumes, and the client is answered at
+    /// once, as it is when the VM pauses while its answer is awaited.
+    fn freeze(&mut self, stream: u32, frozen: bool, reply: Sender<Response>) {
+        if !self.streams.has_process(stream) {
+            let _ = reply.send(error(1, "no such container to pause or resume"));
+        } else if self
+            .control
+            .send(stream, &ToGuest::Freeze { frozen })
+            .is_err()
+        {
+            let _ = reply.send(error(1, VM_GONE));
+        } else if self.state.status == Status::Paused {
+            // The guest's answer, when it comes, goes to nobody.
+            self.streams
+                .await_answer(stream, std::sync::mpsc::channel().0);
+            let _ = reply.send(Response::Ok);
+        } else {
+            self.streams.await_freeze(stream, reply);
+        }
+    }
+
     /// Pauses (or resumes) the VM, and with it the container.
     fn pause(&mut self, vm: &mut dyn Vm, pause: bool, reply: Sender<Response>) {
         let r = if pause { vm.pause() } else { vm.resume() };
         if let Err(e) = r {
             let _ = reply.send(error(1, &format!("{e}")));
             return;
+        }
+        if pause {
+            self.streams.answer_freezes(&Response::Ok);
         }
         self.state.status = match (pause, self.started) {
             (true, _) => Status::Paused,
@@ -227,7 +256,7 @@ pub(super) fn realtime_ns() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use krun_proto::CgroupSetup;
+    use krun_proto::{CgroupSetup, ToHost};
 
     use super::super::kit::Kit;
     use super::*;
@@ -325,6 +354,63 @@ mod tests {
         k.request(Request::StartContainer { stream });
         assert_eq!(k.guest_got(), (stream, ToGuest::Start));
         assert!(k.c.streams.start_pending(stream));
+    }
+
+    #[test]
+    fn a_member_freezes_in_the_guest_and_unanswered_while_the_vm_is_paused() {
+        let mut k = Kit::new();
+        k.c.on_started();
+        let (_, _life) = k.request_with(
+            Request::CreateContainer {
+                setup: Box::default(),
+            },
+            fds(3),
+        );
+        let (stream, _) = k.guest_got();
+        let (_, r) = k.request(Request::Freeze {
+            stream: stream + 1,
+            frozen: true,
+        });
+        assert_eq!(
+            error_of(r.try_recv().unwrap()).1,
+            "no such container to pause or resume"
+        );
+        let (_, r) = k.request(Request::Freeze {
+            stream,
+            frozen: true,
+        });
+        assert_eq!(k.guest_got(), (stream, ToGuest::Freeze { frozen: true }));
+        assert!(r.try_recv().is_err(), "the guest's answer is awaited");
+        k.frame(stream, ToHost::Updated);
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        // The VM paused (podman's pod pause, in any order): queued for the
+        // guest, answered at once, the guest's late answer to nobody.
+        k.request(Request::Pause);
+        let (_, r) = k.request(Request::Freeze {
+            stream,
+            frozen: false,
+        });
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        assert_eq!(k.guest_got(), (stream, ToGuest::Freeze { frozen: false }));
+        k.request(Request::Resume);
+        assert_eq!(k.frame(stream, ToHost::Updated), None);
+        assert_eq!(k.saved().status, Status::Running, "the VM's own status");
+        // The VM paused while a freeze's answer is awaited: answered then;
+        // the guest's answer, later, goes to nobody and keeps the order.
+        let (_, r) = k.request(Request::Freeze {
+            stream,
+            frozen: true,
+        });
+        let (_, stats) = k.request(Request::Stats { stream });
+        assert!(r.try_recv().is_err());
+        k.request(Request::Pause);
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        k.request(Request::Resume);
+        k.frame(stream, ToHost::Updated);
+        assert!(
+            stats.try_recv().is_err(),
+            "the freeze's answer was not the stats'"
+        );
     }
 
     #[test]

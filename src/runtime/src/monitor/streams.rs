@@ -20,11 +20,18 @@ pub(super) struct Process {
     pub reply: Sender<Response>,
 }
 
+/// A client waiting for guest-init's answer; `freeze`: to a freeze, which
+/// a VM pause answers early (see [`Streams::answer_freezes`]).
+struct Answer {
+    reply: Sender<Response>,
+    freeze: bool,
+}
+
 /// What waits on one stream.
 #[derive(Default)]
 struct Waiting {
     start: Option<Sender<Response>>,
-    answers: VecDeque<Sender<Response>>,
+    answers: VecDeque<Answer>,
     process: Option<Process>,
 }
 
@@ -83,12 +90,43 @@ impl Streams {
 
     /// `reply` waits for guest-init's next answer about `stream`.
     pub fn await_answer(&mut self, stream: u32, reply: Sender<Response>) {
-        self.with(stream, |w| w.answers.push_back(reply));
+        self.with(stream, |w| {
+            w.answers.push_back(Answer {
+                reply,
+                freeze: false,
+            })
+        });
+    }
+
+    /// `reply` waits for guest-init's answer to a freeze of `stream`'s
+    /// container.
+    pub fn await_freeze(&mut self, stream: u32, reply: Sender<Response>) {
+        self.with(stream, |w| {
+            w.answers.push_back(Answer {
+                reply,
+                freeze: true,
+            })
+        });
     }
 
     /// Who waits longest for an answer about `stream`.
     pub fn take_answer(&mut self, stream: u32) -> Option<Sender<Response>> {
-        self.with(stream, |w| w.answers.pop_front())
+        self.with(stream, |w| w.answers.pop_front().map(|a| a.reply))
+    }
+
+    /// Answers every client still waiting for a freeze with `resp` now:
+    /// the VM is pausing, and its guest answers nothing until it resumes
+    /// (a pod's pause pauses the VM and freezes each member, in any
+    /// order). Guest-init's answers, when they come, keep their place in
+    /// each stream's order and go to nobody.
+    pub fn answer_freezes(&mut self, resp: &Response) {
+        for w in self.table.values_mut() {
+            for a in w.answers.iter_mut().filter(|a| a.freeze) {
+                let reply = std::mem::replace(&mut a.reply, std::sync::mpsc::channel().0);
+                let _ = reply.send(resp.clone());
+                a.freeze = false;
+            }
+        }
     }
 
     pub fn add_process(&mut self, stream: u32, p: Process) {
