@@ -313,6 +313,7 @@ fn balloon_state() -> TransportState {
         interrupt_status: 1,
         config_generation: 0,
         activated: true,
+        failed: false,
         queues: vec![queue(0, 3), queue(0x1000, 0), queue(0x2000, u16::MAX)],
         device: vec![7, 0, 0, 0],
     }

@@ -85,6 +85,9 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The activation failed: the device has no worker (NEEDS_RESET was
+    /// set, but the driver may write the status over it).
+    failed: bool,
     /// The line that parks the device's worker for a snapshot, if the
     /// transport was built with one ([`MmioTransport::enable_pause`]).
     pause: Option<Arc<Pause>>,
@@ -150,6 +153,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            failed: false,
             pause: None,
         })
     }
@@ -194,8 +198,7 @@ impl MmioTransport {
             .save_state()
             .ok_or(CaptureError::Unsupported(ty))?;
         // A device whose activation failed has no worker: ours are all.
-        let dead = self.status & STATUS_NEEDS_RESET != 0 && !self.worker_running();
-        let queues = if self.activated && !dead {
+        let queues = if self.activated && !self.failed {
             // The worker owns the live queues; ours stopped at DRIVER_OK.
             if !self.worker_running() {
                 return Err(CaptureError::NotRunning(ty));
@@ -219,6 +222,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             config_generation: self.config_generation,
             activated: self.activated,
+            failed: self.failed,
             queues,
             device,
         })
@@ -268,12 +272,13 @@ impl MmioTransport {
         t.config_generation = state.config_generation;
         t.interrupt.restore_status(state.interrupt_status);
         if state.activated {
-            if state.status & STATUS_NEEDS_RESET != 0 {
+            if state.failed {
                 // It failed before the capture: it stays failed.
                 t.activated = true;
+                t.failed = true;
             } else {
                 t.activate();
-                if t.status & STATUS_NEEDS_RESET != 0 {
+                if t.failed {
                     return Err(RestoreError::Activation(t.device.device_type()));
                 }
             }
@@ -479,6 +484,7 @@ impl MmioTransport {
     }
 
     fn fail(&mut self) {
+        self.failed = true;
         self.status |= STATUS_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt.signal_config();

@@ -86,6 +86,9 @@ pub struct TransportState {
     pub config_generation: u32,
     /// Whether the device was activated (DRIVER_OK seen).
     pub activated: bool,
+    /// Whether that activation failed (the device has no worker and
+    /// stays failed).
+    pub failed: bool,
     pub queues: Vec<QueueSnapshot>,
     /// The device's own state ([`super::VirtioDevice::save_state`]).
     pub device: Vec<u8>,
