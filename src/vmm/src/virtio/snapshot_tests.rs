@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_queue::QueueT;
+use std::os::fd::AsRawFd;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{
@@ -32,6 +34,12 @@ fn w32(t: &mut MmioTransport, off: u64, v: u32) {
 /// Plays a driver's set-up of every queue of `g` over the registers, up
 /// to DRIVER_OK.
 fn set_up(t: &mut MmioTransport, g: &Guest, features: u64) {
+    let queues: Vec<Queue> = (0..g.queues.len()).map(|i| g.queue(i)).collect();
+    set_up_queues(t, &queues, features);
+}
+
+/// [`set_up`] with the driver's `queues`.
+fn set_up_queues(t: &mut MmioTransport, queues: &[Queue], features: u64) {
     w32(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     w32(t, 0x24, 0);
     w32(t, 0x20, features as u32);
@@ -39,8 +47,7 @@ fn set_up(t: &mut MmioTransport, g: &Guest, features: u64) {
     w32(t, 0x20, (features >> 32) as u32);
     let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
     w32(t, 0x70, ok);
-    for i in 0..g.queues.len() {
-        let q = g.queue(i);
+    for (i, q) in queues.iter().enumerate() {
         w32(t, 0x30, i as u32);
         w32(t, 0x38, u32::from(q.size()));
         for (lo, addr) in [
@@ -101,6 +108,9 @@ fn used_balloon(mem: &Mem, g: &mut Guest, stop: &EventFd) -> (MmioTransport, Tra
     let paused = t.pause(PAUSE).unwrap();
     let state = t.capture(&paused).unwrap();
     drop(paused);
+    // The worker ran confined (its seccomp allowlist, as in a VM): a
+    // forbidden call while it parked would have written the stop event.
+    assert_no_violation(stop);
     let json = serde_json::to_vec(&state).unwrap();
     let back: TransportState = serde_json::from_slice(&json).unwrap();
     assert_eq!(back, state);
@@ -136,11 +146,12 @@ fn a_restored_balloon_serves_the_next_chain_from_the_captured_index() {
     g2.used_seen = g.used_seen.clone();
     copy(&mem, &mem2);
     let irq = interrupt();
+    let stop2 = eventfd();
     let mut t = MmioTransport::restore(
         Box::new(Balloon::new()),
         mem2.clone(),
         irq.clone(),
-        eventfd(),
+        stop2.try_clone().unwrap(),
         &state,
     )
     .unwrap();
@@ -167,6 +178,20 @@ fn a_restored_balloon_serves_the_next_chain_from_the_captured_index() {
     let again = t.capture(&paused).unwrap();
     assert_eq!(again.queues[DEFLATE].next_avail, 3);
     assert_eq!(again.queues[DEFLATE].next_used, 3);
+    drop(paused);
+    assert_no_violation(&stop2);
+    stop2.write(1).unwrap();
+}
+
+/// No forbidden system call wrote the VM's stop event `stop`.
+fn assert_no_violation(stop: &EventFd) {
+    let read = stop.read().map_err(|e| e.kind());
+    assert_eq!(
+        read,
+        Err(std::io::ErrorKind::WouldBlock),
+        "the VM's stop event was written: {:?}",
+        crate::seccomp::violation()
+    );
 }
 
 /// A worker that counts its rounds of serving with a notification.
@@ -443,4 +468,39 @@ proptest::proptest! {
         let again = back.capture(&back.pause(PAUSE).unwrap()).unwrap();
         proptest::prop_assert_eq!(again, state);
     }
+}
+
+/// The lesson of an earlier attempt: activating a device with a pause line
+/// happens on a vCPU thread (the driver's DRIVER_OK write), whose
+/// allowlist has no eventfd2. Here the activation runs on a thread
+/// confined as a vCPU, with the VM's spawner, as in a VM: no forbidden
+/// call, and the worker parks under its own allowlist.
+#[test]
+fn a_pausable_device_activates_on_a_confined_vcpu_thread() {
+    let mem = memory(1 << 20);
+    let mut g = Guest::new(&mem, NUM_QUEUES);
+    let stop = eventfd();
+    let spawner = crate::spawner::Spawner::start(&stop).unwrap();
+    // Built on the set-up thread: the pause line's eventfd is made here.
+    let mut t = balloon_transport(&mem, &stop);
+    let vcpu_stop = stop.try_clone().unwrap();
+    let queues: Vec<Queue> = (0..NUM_QUEUES).map(|i| g.queue(i)).collect();
+    let mut t = std::thread::spawn(move || {
+        spawner.enter();
+        crate::seccomp::confine(crate::seccomp::Kind::Vcpu, vcpu_stop.as_raw_fd()).unwrap();
+        set_up_queues(&mut t, &queues, VIRTIO_F_VERSION_1);
+        t
+    })
+    .join()
+    .unwrap();
+    assert_no_violation(&stop);
+    assert!(t.worker_running());
+    g.post(DEFLATE, &[(BUFFERS, 4, 0)]);
+    w32(&mut t, 0x50, DEFLATE as u32);
+    assert_eq!(used(&mut g, DEFLATE, 1), [(0, 0)]);
+    let paused = t.pause(PAUSE).unwrap();
+    assert_eq!(t.capture(&paused).unwrap().queues[DEFLATE].next_used, 1);
+    drop(paused);
+    assert_no_violation(&stop);
+    stop.write(1).unwrap();
 }
