@@ -117,6 +117,8 @@ pub fn spawn_pausable<H: QueueHandler>(
 
 /// The body of every device thread.
 fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd, pause: Option<&Pause>) {
+    // However the thread ends (a panic too), a pause no longer waits.
+    let _detach = Detach(pause);
     handler.on_start();
     confine(stop);
     if let Err(e) = event_loop(&mut handler, notify, stop, pause) {
@@ -124,8 +126,16 @@ fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd, paus
         tracing::error!(thread = thread.name(), error = %e, "virtio device worker failed");
     }
     handler.on_exit();
-    if let Some(p) = pause {
-        p.detach();
+}
+
+/// Detaches the worker from its pause line when its thread ends.
+struct Detach<'a>(Option<&'a Pause>);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            p.detach();
+        }
     }
 }
 
