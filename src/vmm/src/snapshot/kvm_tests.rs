@@ -132,6 +132,7 @@ fn capture(v: &mut Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
         },
         vcpus: vec![cpu],
         vm: state,
+        devices: vec![],
     };
     snap.write(path, &v.mem).unwrap();
     snap
@@ -272,6 +273,7 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         },
         vcpus: states,
         vm: VmState::capture(&vm, false, false).unwrap(),
+        devices: vec![],
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap");

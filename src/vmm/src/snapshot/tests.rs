@@ -41,6 +41,7 @@ fn snapshot(mib: u64) -> Snapshot {
         },
         vcpus: vec![vcpu(0)],
         vm: VmState::default(),
+        devices: vec![],
     }
 }
 
@@ -154,12 +155,12 @@ fn a_foreign_or_other_version_file_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_one(dir.path());
     let good = std::fs::read(&path).unwrap();
-    let mut v2 = good.clone();
-    v2[8] = 2;
-    std::fs::write(&path, &v2).unwrap();
+    let mut v3 = good.clone();
+    v3[8] = 3;
+    std::fs::write(&path, &v3).unwrap();
     assert_eq!(
         err(&path),
-        "snapshot format version 2; this runtime reads version 1"
+        "snapshot format version 3; this runtime reads version 2"
     );
     let mut elf = good.clone();
     elf[..4].copy_from_slice(b"\x7fELF");
@@ -285,5 +286,114 @@ fn snapshot_costs() {
         "{mib} MiB, 1/4 pages written: write {write:?}, read+verify {read:?}, map {map:?}, \
          first read of every page {touch:?} ({sum:x}), copy {copy:?}, {} MiB on disk",
         on_disk >> 20
+    );
+}
+
+/// A device state as a capture writes it: an activated balloon.
+fn balloon_state() -> TransportState {
+    let queue = |base: u64, next: u16| crate::virtio::state::QueueSnapshot {
+        max_size: 128,
+        size: 128,
+        ready: true,
+        desc_table: base,
+        avail_ring: base + 0x800,
+        used_ring: base + 0xa00,
+        next_avail: next,
+        next_used: next,
+        event_idx: false,
+    };
+    TransportState {
+        device_type: crate::virtio::TYPE_BALLOON,
+        status: 15,
+        driver_features: crate::virtio::VIRTIO_F_VERSION_1,
+        acked_features: crate::virtio::VIRTIO_F_VERSION_1,
+        device_features_sel: 0,
+        driver_features_sel: 1,
+        queue_sel: 2,
+        interrupt_status: 1,
+        config_generation: 0,
+        activated: true,
+        failed: false,
+        queues: vec![queue(0, 3), queue(0x1000, 0), queue(0x2000, u16::MAX)],
+        device: vec![7, 0, 0, 0],
+    }
+}
+
+#[test]
+fn device_state_round_trips_through_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = crate::memory::create(1 << 20).unwrap();
+    let mut snap = snapshot(1);
+    snap.devices = vec![balloon_state(), balloon_state()];
+    snap.devices[1].queues[0].next_avail = 9;
+    let path = dir.path().join("snap");
+    snap.write(&path, &mem).unwrap();
+    let loaded = Snapshot::read(&path).unwrap();
+    assert_eq!(loaded.snapshot, snap);
+}
+
+#[test]
+fn a_version_1_file_is_refused_as_such() {
+    let s = serde_json::to_string(&snapshot(1)).unwrap();
+    let state = format!(r#"{{"snapshot":{s},"regions":[{{"guest_addr":0,"len":1048576}}]}}"#);
+    let e = read_bytes(&frame(1, state.as_bytes(), &vec![0u8; 1 << 20])).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SnapshotError::Version {
+                found: 1,
+                expected: 2
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "snapshot format version 1; this runtime reads version 2"
+    );
+}
+
+#[test]
+fn a_damaged_device_state_is_refused_naming_the_device_and_field() {
+    let state = |snap: &Snapshot| {
+        let s = serde_json::to_string(snap).unwrap();
+        format!(r#"{{"snapshot":{s},"regions":[{{"guest_addr":0,"len":1048576}}]}}"#).into_bytes()
+    };
+    let mib = vec![0u8; 1 << 20];
+    let mut snap = snapshot(1);
+    snap.devices = vec![balloon_state(), balloon_state()];
+    snap.devices[1].queues[2].size = 100;
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&snap), &mib)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "snapshot invalid: devices[1]: device state field queues[2].size: \
+         100 (a power of two up to max_size 128)"
+    );
+    // Counts and lengths past the limits, before anything is restored.
+    let mut many = snapshot(1);
+    many.devices = vec![balloon_state(); MAX_DEVICES + 1];
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&many), &mib)).unwrap_err();
+    assert!(e.to_string().contains("65 devices"), "{e}");
+    let mut big = snapshot(1);
+    big.devices = vec![balloon_state()];
+    big.devices[0].device = vec![0; 5000];
+    let e = read_bytes(&frame(FORMAT_VERSION, &state(&big), &mib)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("devices[0]: device state field device: 5000 bytes"),
+        "{e}"
+    );
+    // A file without the devices (a version 1 state framed as 2).
+    let s = serde_json::to_string(&snapshot(1)).unwrap();
+    let old = s.replace(r#","devices":[]"#, "");
+    let old = format!(r#"{{"snapshot":{old},"regions":[{{"guest_addr":0,"len":1048576}}]}}"#);
+    let e = read_bytes(&frame(FORMAT_VERSION, old.as_bytes(), &mib)).unwrap_err();
+    assert!(matches!(e, SnapshotError::State(_)), "{e}");
+    assert!(
+        std::error::Error::source(&e)
+            .unwrap()
+            .to_string()
+            .contains("devices"),
+        "{e}"
     );
 }

@@ -5,8 +5,17 @@
 //! Every value here comes from the guest, so nothing is trusted: unknown
 //! offsets read as zero and writes to them are ignored, bad sizes and
 //! addresses make the queue invalid rather than anything panic.
+//!
+//! For snapshots a transport built with a pause line
+//! ([`MmioTransport::enable_pause`], on the VM's set-up thread) parks its
+//! device's worker ([`MmioTransport::pause`]), captures its registers and
+//! the worker's queues ([`MmioTransport::capture`], a
+//! [`super::state::TransportState`]), and a new transport is built from
+//! such a state over restored memory ([`MmioTransport::restore`]). A
+//! transport without one (what `vm.rs` builds today) runs as before.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -26,6 +35,8 @@ use virtio_bindings::virtio_mmio::{
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::pause::{Pause, PauseError, Paused};
+use super::state::{bad, StateError, TransportState};
 use super::{Activation, ActiveQueue, Interrupt, Mem, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Size of one device's register window.
@@ -67,10 +78,45 @@ pub struct MmioTransport {
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
+    /// What the device was last told the driver accepted (at
+    /// FEATURES_OK); the driver may write the register after that.
+    acked_features: u64,
     queue_sel: u32,
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The activation failed: the device has no worker (NEEDS_RESET was
+    /// set, but the driver may write the status over it).
+    failed: bool,
+    /// The line that parks the device's worker for a snapshot, if the
+    /// transport was built with one ([`MmioTransport::enable_pause`]).
+    pause: Option<Arc<Pause>>,
+}
+
+/// Why a transport's state could not be captured.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("virtio device {0}: the transport has no pause line (enable_pause)")]
+    NotPausable(u32),
+    #[error("virtio device {0}: pausing its worker")]
+    Pause(u32, #[source] PauseError),
+    #[error("virtio device {0}: captured without pausing it first")]
+    NotPaused(u32),
+    #[error("virtio device {0}: its worker is not running (activation failed or the VM stopped)")]
+    NotRunning(u32),
+    #[error("virtio device {0} cannot be captured yet")]
+    Unsupported(u32),
+}
+
+/// Why a transport could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid device state")]
+    State(#[from] StateError),
+    #[error("setting up the transport")]
+    Io(#[source] std::io::Error),
+    #[error("virtio device {0}: activation failed on restore")]
+    Activation(u32),
 }
 
 impl MmioTransport {
@@ -102,11 +148,142 @@ impl MmioTransport {
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
+            acked_features: 0,
             queue_sel: 0,
             status: 0,
             config_generation: 0,
             activated: false,
+            failed: false,
+            pause: None,
         })
+    }
+
+    /// Gives the transport a pause line, so that its device can be
+    /// captured: call on the VM's set-up thread, before the guest runs
+    /// (it makes an eventfd, which no vCPU or worker thread may).
+    pub fn enable_pause(&mut self) -> std::io::Result<()> {
+        if self.pause.is_none() {
+            self.pause = Some(Arc::new(Pause::new()?));
+        }
+        Ok(())
+    }
+
+    /// Whether the device's worker thread runs (as far as the pause line
+    /// knows: false without one).
+    pub fn worker_running(&self) -> bool {
+        self.pause.as_ref().is_some_and(|p| p.attached())
+    }
+
+    /// Parks the device's worker (waiting at most `timeout`) so that no
+    /// queue is touched until the returned guard is dropped. A device not
+    /// activated has nothing to park.
+    pub fn pause(&self, timeout: Duration) -> Result<Paused, CaptureError> {
+        let ty = self.device.device_type();
+        match &self.pause {
+            Some(p) => p.request(timeout).map_err(|e| CaptureError::Pause(ty, e)),
+            None if !self.activated => Ok(Paused::nothing()),
+            None => Err(CaptureError::NotPausable(ty)),
+        }
+    }
+
+    /// The transport's and its device's state, `paused` being this
+    /// transport's [`MmioTransport::pause`].
+    pub fn capture(&self, paused: &Paused) -> Result<TransportState, CaptureError> {
+        let ty = self.device.device_type();
+        if !paused.is_of(self.pause.as_ref()) {
+            return Err(CaptureError::NotPaused(ty));
+        }
+        let device = self
+            .device
+            .save_state()
+            .ok_or(CaptureError::Unsupported(ty))?;
+        // A device whose activation failed has no worker: ours are all.
+        let queues = if self.activated && !self.failed {
+            // The worker owns the live queues; ours stopped at DRIVER_OK.
+            if !self.worker_running() {
+                return Err(CaptureError::NotRunning(ty));
+            }
+            let queues = paused.queues.clone().ok_or(CaptureError::Unsupported(ty))?;
+            if queues.len() != self.queues.len() {
+                return Err(CaptureError::Unsupported(ty));
+            }
+            queues
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        Ok(TransportState {
+            device_type: ty,
+            status: self.status,
+            driver_features: self.driver_features,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            activated: self.activated,
+            failed: self.failed,
+            queues,
+            device,
+        })
+    }
+
+    /// A transport around `device` as `state` captured it, over restored
+    /// guest memory `mem`; with a pause line. An activated device is
+    /// activated again here, its worker continuing from the captured queue
+    /// indices. Call on the VM's set-up thread, before the vCPUs run.
+    pub fn restore(
+        mut device: Box<dyn VirtioDevice>,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        stop: EventFd,
+        state: &TransportState,
+    ) -> Result<MmioTransport, RestoreError> {
+        state.validate()?;
+        check_device(device.as_ref(), state)?;
+        // Whether a ready queue lies in the restored memory is checked
+        // by the activation, as for the driver's own set-up.
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, q) in state.queues.iter().enumerate() {
+            match Queue::try_from(virtio_queue::QueueState::from(*q)) {
+                Ok(queue) => queues.push(queue),
+                Err(e) => {
+                    let e = StateError {
+                        field: format!("queues[{i}]"),
+                        why: format!("not a queue: {e:?}"),
+                    };
+                    return Err(e.into());
+                }
+            }
+        }
+        if state.status & STATUS_FEATURES_OK != 0 {
+            device.set_acked_features(state.acked_features);
+        }
+        device.restore_state(&state.device)?;
+        let mut t = MmioTransport::new(device, mem, interrupt, stop).map_err(RestoreError::Io)?;
+        t.enable_pause().map_err(RestoreError::Io)?;
+        t.queues = queues;
+        t.status = state.status;
+        t.driver_features = state.driver_features;
+        t.acked_features = state.acked_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        t.interrupt.restore_status(state.interrupt_status);
+        if state.activated {
+            if state.failed {
+                // It failed before the capture: it stays failed.
+                t.activated = true;
+                t.failed = true;
+            } else {
+                t.activate();
+                if t.failed {
+                    return Err(RestoreError::Activation(t.device.device_type()));
+                }
+            }
+        }
+        Ok(t)
     }
 
     /// The eventfd each queue's notifications arrive on, by queue index.
@@ -251,6 +428,7 @@ impl MmioTransport {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
+            self.acked_features = self.driver_features;
             self.device.set_acked_features(self.driver_features);
         }
         self.status = v;
@@ -297,6 +475,7 @@ impl MmioTransport {
             interrupt: self.interrupt.clone(),
             queues,
             stop,
+            pause: self.pause.clone(),
         };
         if let Err(e) = self.device.activate(activation) {
             tracing::warn!(device = self.device.device_type(), error = %e, "device activation failed");
@@ -305,10 +484,55 @@ impl MmioTransport {
     }
 
     fn fail(&mut self) {
+        self.failed = true;
         self.status |= STATUS_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt.signal_config();
     }
+}
+
+/// Whether `state` fits `device`: its type, queue count and sizes, and
+/// features it offers.
+fn check_device(device: &dyn VirtioDevice, state: &TransportState) -> Result<(), StateError> {
+    if state.device_type != device.device_type() {
+        return bad(
+            "device_type",
+            format!(
+                "{} where the device is of type {}",
+                state.device_type,
+                device.device_type()
+            ),
+        );
+    }
+    let sizes = device.queue_max_sizes();
+    if state.queues.len() != sizes.len() {
+        return bad(
+            "queues",
+            format!(
+                "{} where the device has {}",
+                state.queues.len(),
+                sizes.len()
+            ),
+        );
+    }
+    for (i, (q, max)) in state.queues.iter().zip(sizes).enumerate() {
+        if q.max_size != max {
+            return bad(
+                format!("queues[{i}].max_size"),
+                format!("{} where the device's is {max}", q.max_size),
+            );
+        }
+    }
+    // The register may hold anything the driver wrote; what the device
+    // was told it accepted was checked against the offer.
+    let offered = device.features() | VIRTIO_F_VERSION_1;
+    if state.acked_features & !offered != 0 {
+        return bad(
+            "acked_features",
+            format!("{:#x} were never offered", state.acked_features & !offered),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

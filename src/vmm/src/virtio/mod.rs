@@ -6,7 +6,11 @@
 //! notifications (ioeventfds) and the interrupt (an irqfd) to KVM.
 
 pub mod mmio;
+pub mod pause;
 mod queues;
+#[cfg(test)]
+mod snapshot_tests;
+pub mod state;
 #[cfg(test)]
 pub mod test_utils;
 pub mod worker;
@@ -76,6 +80,17 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the status bits to a captured `status` (a restore, before the
+    /// vCPUs run) and, if any is set, raises the interrupt again: a driver
+    /// finds nothing to do on a spurious one, but would wait forever on a
+    /// lost one.
+    pub fn restore_status(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            let _ = self.evt.write(1);
+        }
+    }
+
     /// The eventfd (for irqfd registration and tests).
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
@@ -95,6 +110,10 @@ pub struct Activation {
     pub queues: Vec<ActiveQueue>,
     /// Becomes readable when the VM stops; device threads then exit.
     pub stop: EventFd,
+    /// The transport's pause line, for a device that can be captured
+    /// ([`worker::spawn_pausable`]); None unless the transport was built
+    /// with one ([`mmio::MmioTransport::enable_pause`]).
+    pub pause: Option<Arc<pause::Pause>>,
 }
 
 /// Errors activating a device.
@@ -127,6 +146,17 @@ pub trait VirtioDevice: Send {
     /// The driver is ready (DRIVER_OK): serve the queues from now on,
     /// usually on a worker thread of the device's own.
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError>;
+    /// The device's own state for a snapshot (what the driver wrote to
+    /// its configuration space...), at most [`state::MAX_DEVICE_STATE`]
+    /// bytes. None: the device cannot be captured yet.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Takes back what [`VirtioDevice::save_state`] gave, before
+    /// activation; the bytes are untrusted.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), state::StateError> {
+        state::bad("device", "this device cannot be restored")
+    }
 }
 
 /// Copies `src` (a config space) into `data` at `offset`, zero past its end.

@@ -9,6 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::state::QueueSnapshot;
 use super::{ActiveQueue, DeviceError, Interrupt, Mem};
 
 /// `N` queues with the guest memory they live in and the device's
@@ -52,6 +53,12 @@ impl<const N: usize> DeviceQueues<N> {
                     want: N,
                 })?;
         Ok((queues, notify))
+    }
+
+    /// Every queue's state, by queue index (for a snapshot, on the
+    /// worker's thread while it is parked).
+    pub fn capture(&self) -> Vec<QueueSnapshot> {
+        self.queues.iter().map(|q| q.state().into()).collect()
     }
 
     /// Interrupts the guest if a queue got used buffers and the driver

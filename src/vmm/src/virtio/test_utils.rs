@@ -87,6 +87,7 @@ pub fn activation(
         interrupt: interrupt.clone(),
         queues,
         stop: stop.try_clone().unwrap(),
+        pause: None,
     }
 }
 

@@ -17,14 +17,24 @@
 //!
 //! The stop event is the VM's, shared by every device: it is seen, never
 //! read, so each device's thread sees it.
+//!
+//! A device that can be captured starts its thread with
+//! [`spawn_pausable`]: the loop then also watches the transport's pause
+//! line ([`super::pause`]) and, when asked, parks between two rounds of
+//! serving, after reporting its queues ([`QueueHandler::capture_queues`]).
+//! Without a pause line (every VM the CLI runs today) the loop is the
+//! same as before.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pause::Pause;
+use super::state::QueueSnapshot;
 use super::DeviceError;
 
 /// epoll token of the VM's stop event; queue notifications use their
@@ -32,6 +42,8 @@ use super::DeviceError;
 pub const TOKEN_STOP: u64 = u64::MAX;
 /// epoll token of the device's backend descriptor.
 pub const TOKEN_BACKEND: u64 = u64::MAX - 1;
+/// epoll token of the transport's pause line.
+pub const TOKEN_PAUSE: u64 = u64::MAX - 2;
 
 /// Events taken from epoll at a time.
 const EVENTS: usize = 8;
@@ -57,6 +69,14 @@ pub trait QueueHandler: Send + 'static {
 
     /// Runs last on the thread, after the loop ended.
     fn on_exit(&mut self) {}
+
+    /// The state of every queue, by queue index, as a restored device
+    /// must continue from it (a chain popped and not used yet is given
+    /// back: its entry comes again). Called on the worker's thread between
+    /// two rounds of serving. None: this device cannot be captured yet.
+    fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        None
+    }
 }
 
 /// Starts the thread `name` serving `handler`: `notify[i]` is the eventfd
@@ -67,20 +87,56 @@ pub fn spawn<H: QueueHandler>(
     notify: Vec<EventFd>,
     stop: EventFd,
 ) -> Result<JoinHandle<()>, DeviceError> {
+    spawn_pausable(name, handler, notify, stop, None)
+}
+
+/// [`spawn`], and the thread parks when `pause` asks it to (None: as
+/// [`spawn`]).
+pub fn spawn_pausable<H: QueueHandler>(
+    name: String,
+    handler: H,
+    notify: Vec<EventFd>,
+    stop: EventFd,
+    pause: Option<Arc<Pause>>,
+) -> Result<JoinHandle<()>, DeviceError> {
+    // Before the thread exists: a pause asked from now on waits for it.
+    if let Some(p) = &pause {
+        p.attach();
+    }
+    let detach = pause.clone();
     // On the VM's spawner thread, not on the vCPU that activates the
     // device (crate::spawner).
-    crate::spawner::spawn(name, move || run(handler, &notify, &stop)).map_err(DeviceError::Worker)
+    crate::spawner::spawn(name, move || run(handler, &notify, &stop, pause.as_deref()))
+        .inspect_err(|_| {
+            if let Some(p) = detach {
+                p.detach();
+            }
+        })
+        .map_err(DeviceError::Worker)
 }
 
 /// The body of every device thread.
-fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd) {
+fn run<H: QueueHandler>(mut handler: H, notify: &[EventFd], stop: &EventFd, pause: Option<&Pause>) {
+    // However the thread ends (a panic too), a pause no longer waits.
+    let _detach = Detach(pause);
     handler.on_start();
     confine(stop);
-    if let Err(e) = event_loop(&mut handler, notify, stop) {
+    if let Err(e) = event_loop(&mut handler, notify, stop, pause) {
         let thread = std::thread::current();
         tracing::error!(thread = thread.name(), error = %e, "virtio device worker failed");
     }
     handler.on_exit();
+}
+
+/// Detaches the worker from its pause line when its thread ends.
+struct Detach<'a>(Option<&'a Pause>);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            p.detach();
+        }
+    }
 }
 
 /// Where a device thread gives up what it does not need, after its own
@@ -98,12 +154,16 @@ fn event_loop<H: QueueHandler>(
     handler: &mut H,
     notify: &[EventFd],
     stop: &EventFd,
+    pause: Option<&Pause>,
 ) -> io::Result<()> {
     let epoll = Epoll::new()?;
     for (i, evt) in notify.iter().enumerate() {
         add(&epoll, evt.as_raw_fd(), i as u64)?;
     }
     add(&epoll, stop.as_raw_fd(), TOKEN_STOP)?;
+    if let Some(p) = pause {
+        add(&epoll, p.fd(), TOKEN_PAUSE)?;
+    }
     let all: Vec<usize> = (0..notify.len()).collect();
     // Anything the driver queued before it set DRIVER_OK.
     handler.serve(&all);
@@ -123,6 +183,13 @@ fn event_loop<H: QueueHandler>(
         }
         notified.clear();
         for ev in ready {
+            if ev.data() == TOKEN_PAUSE {
+                // Between two rounds of serving: no queue is in use.
+                if let Some(p) = pause {
+                    p.park(|| handler.capture_queues());
+                }
+                continue;
+            }
             let Some(i) = usize::try_from(ev.data()).ok() else {
                 continue;
             };

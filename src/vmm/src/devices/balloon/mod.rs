@@ -41,7 +41,8 @@ pub use worker::Worker;
 
 use std::thread::JoinHandle;
 
-use crate::virtio::worker::spawn;
+use crate::virtio::state::{bad, StateError};
+use crate::virtio::worker::spawn_pausable;
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, VirtioDevice, TYPE_BALLOON,
 };
@@ -150,6 +151,22 @@ impl VirtioDevice for Balloon {
         self.actual = u32::from_le_bytes(actual);
     }
 
+    /// `actual`, little-endian: all the state beyond the queues.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.actual.to_le_bytes().to_vec())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let Ok(actual) = <[u8; 4]>::try_from(state) else {
+            return bad(
+                "device",
+                format!("{} bytes, the balloon's are 4", state.len()),
+            );
+        };
+        self.actual = u32::from_le_bytes(actual);
+        Ok(())
+    }
+
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
         let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
         if self.acked_features & VIRTIO_BALLOON_F_REPORTING == 0 {
@@ -161,11 +178,12 @@ impl VirtioDevice for Balloon {
             activation.interrupt,
             queues,
         );
-        let handle = spawn(
+        let handle = spawn_pausable(
             "virtio-balloon".into(),
             Worker::new(queues),
             notify,
             activation.stop,
+            activation.pause,
         )?;
         self.worker = Some(handle);
         Ok(())

@@ -5,6 +5,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::release::{release_range, LogLimit};
 use super::{BALLOON_PAGE, DEFLATE, INFLATE, NUM_QUEUES, REPORTING};
+use crate::virtio::state::QueueSnapshot;
 use crate::virtio::worker::QueueHandler;
 use crate::virtio::DeviceQueues;
 
@@ -128,6 +129,11 @@ impl Worker {
 impl QueueHandler for Worker {
     fn serve(&mut self, _notified: &[usize]) {
         self.process_all();
+    }
+
+    /// Every chain is done with by the end of a round: nothing is held.
+    fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        Some(self.q.capture())
     }
 
     fn on_exit(&mut self) {

@@ -74,7 +74,8 @@ use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_net::{self, virtio_net_hdr_v1};
 
-use crate::virtio::worker::spawn;
+use crate::virtio::state::{bad, StateError};
+use crate::virtio::worker::spawn_pausable;
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, VirtioDevice, TYPE_NET,
 };
@@ -220,6 +221,25 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.mac, offset, data)
     }
 
+    /// The MAC address, the whole configuration space: a driver that
+    /// read it keeps it, so a restore must give the same one.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.mac.to_vec())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if state != self.mac {
+            return bad(
+                "device",
+                format!(
+                    "MAC {state:02x?} where the restored card's is {:02x?}",
+                    self.mac
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
         // The queue count first: a wrong one leaves the backend in place.
         let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
@@ -234,7 +254,13 @@ impl VirtioDevice for Net {
         let mergeable = self.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let queues = DeviceQueues::new("virtio-net", activation.mem, activation.interrupt, queues);
         let worker = Worker::new(queues, File::from(tap), mergeable, self.vnet_hdr);
-        let handle = spawn("virtio-net".into(), worker, notify, activation.stop)?;
+        let handle = spawn_pausable(
+            "virtio-net".into(),
+            worker,
+            notify,
+            activation.stop,
+            activation.pause,
+        )?;
         self.worker = Some(handle);
         Ok(())
     }

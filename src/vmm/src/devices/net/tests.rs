@@ -598,3 +598,38 @@ proptest! {
         }
     }
 }
+
+/// A capture gives back the receive chains held for a frame: the restored
+/// card takes them again, and no buffer of the guest is lost.
+#[test]
+fn a_capture_gives_back_the_receive_chains_held_for_a_frame() {
+    use crate::virtio::worker::QueueHandler;
+    let mem = memory(0x10_0000);
+    let (mut g, mut w, host, _irq) = rig_with(&mem, true);
+    host.send(&frame(4000, 7)).unwrap();
+    let h1 = g.post_in(RX, 1526);
+    w.process_all();
+    assert_eq!(w.rx_chains.len(), 1, "the chain waits for the frame");
+    let tx = send(&mut g, &frame(60, 8));
+    w.process_all();
+    assert_eq!(g.used(TX), vec![(tx, 0)]);
+    let queues = w.capture_queues().unwrap();
+    assert_eq!((queues[RX].next_avail, queues[RX].next_used), (0, 0));
+    assert_eq!((queues[TX].next_avail, queues[TX].next_used), (1, 1));
+
+    // The restored card over the same rings, a new tap.
+    let restored: [virtio_queue::Queue; NUM_QUEUES] = std::array::from_fn(|i| {
+        virtio_queue::Queue::try_from(virtio_queue::QueueState::from(queues[i])).unwrap()
+    });
+    let (dev, host) = tap_pair();
+    let q = crate::virtio::DeviceQueues::new("test", mem.clone(), interrupt(), restored);
+    let mut w = Worker::new(q, dev, true, false);
+    let f = frame(2000, 9);
+    host.send(&f).unwrap();
+    let h2 = g.post_in(RX, 1526);
+    w.process_all();
+    assert_eq!(
+        g.used(RX),
+        vec![(h1, 1526), (h2, (NET_HDR_LEN + 2000 - 1526) as u32)]
+    );
+}

@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{gather, Segment};
 use super::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_QUEUES, RX, TX};
+use crate::virtio::state::QueueSnapshot;
 use crate::virtio::worker::QueueHandler;
 use crate::virtio::DeviceQueues;
 
@@ -134,6 +135,17 @@ impl QueueHandler for Worker {
 
     fn backend(&self) -> Option<(RawFd, EventSet)> {
         Some((self.tap.as_raw_fd(), self.tap_interest()))
+    }
+
+    /// The receive chains held for a frame were the last ones popped:
+    /// the restored device takes them again (a frame read and not yet
+    /// given to the guest is lost, as a NIC drops one).
+    fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let mut queues = self.q.capture();
+        let held = u16::try_from(self.rx_chains.len()).ok()?;
+        let rx = &mut queues[RX];
+        rx.next_avail = rx.next_avail.wrapping_sub(held);
+        Some(queues)
     }
 
     fn on_exit(&mut self) {
