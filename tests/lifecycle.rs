@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use harness::Sandbox;
+use harness::{Sandbox, TestBundle};
 use lifecycle::{
     create, create_new, delete_and_wait, delete_force, delete_once_stopped, krun, ok, out_of,
     refused, start_new, status, wait_exit, wait_for_output,
@@ -668,6 +668,59 @@ fn exec_joins_the_containers_user_namespace() {
     sb.assert_clean();
 }
 
+/// A bundle running `args` in the network, IPC and UTS namespaces of the
+/// container whose pid is `leader`, as podman writes a pod member's.
+fn member_bundle(sb: &Sandbox, leader: i32, args: &[&str]) -> TestBundle {
+    let mut b = sb.written_bundle(args);
+    let ns = b.config["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.retain(|n| !matches!(n["type"].as_str(), Some("network" | "ipc" | "uts")));
+    for t in ["net", "ipc", "uts"] {
+        let typ = if t == "net" { "network" } else { t };
+        ns.push(serde_json::json!({"type": typ, "path": format!("/proc/{leader}/ns/{t}")}));
+    }
+    b.config["hostname"] = serde_json::Value::Null;
+    b.write();
+    b
+}
+
+/// A pod member whose pid on the host (its waiter, what conmon waits on)
+/// is killed with -9 takes its processes in the VM with it, as a runc
+/// container's go with its init: nothing of it runs on, it is stopped and
+/// deleted, and the leader runs on.
+#[test]
+fn a_member_whose_pid_is_killed_leaves_nothing_running_in_its_vm() {
+    let sb = Sandbox::new("memberkill");
+    let leader = start_new(&sb, &["sleep", "1000"], "lead");
+    let script =
+        "i=0; while :; do i=$((i+1)); echo $i > /count.new; mv /count.new /count; sleep 0.1; done";
+    let b = member_bundle(&sb, leader, &["sh", "-c", script]);
+    let pid = create(&sb, &b, "memb");
+    ok(krun(&sb, &["start", "memb"]));
+    let count = || {
+        std::fs::read_to_string(b.rootfs().join("count"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    harness::process::poll(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || count().filter(|&n| n > 2).ok_or(()),
+        |()| format!("the member never counted\n{}", sb.console()),
+    );
+    // SAFETY: kill has no memory effects.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(wait_exit(pid), (None, Some(libc::SIGKILL)));
+    std::thread::sleep(Duration::from_secs(1));
+    let at = count();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(count(), at, "the member's process runs on in the VM");
+    assert_eq!(status(&sb, "memb"), "stopped");
+    ok(krun(&sb, &["delete", "memb"]));
+    assert_eq!(status(&sb, "lead"), "running", "the leader runs on");
+    delete_force(&sb, "lead", leader);
+    sb.assert_clean();
+}
+
 /// A container whose namespaces are another's (`/proc/PID/ns/...`, PID the
 /// other's pid: what podman writes for a pod's containers) runs in that
 /// container's VM, by hand: its own state, pid, stdio, start, kill, exec
@@ -677,15 +730,7 @@ fn a_container_joining_anothers_namespaces_runs_in_its_vm() {
     let sb = Sandbox::new("member");
     let leader = start_new(&sb, &["sh", "-c", "hostname; exec sleep 1000"], "lead");
     wait_for_output(&sb, "lead", "\n");
-    let mut b = sb.written_bundle(&["sh", "-c", TRAP_TERM]);
-    let ns = b.config["linux"]["namespaces"].as_array_mut().unwrap();
-    ns.retain(|n| !matches!(n["type"].as_str(), Some("network" | "ipc" | "uts")));
-    for t in ["net", "ipc", "uts"] {
-        let typ = if t == "net" { "network" } else { t };
-        ns.push(serde_json::json!({"type": typ, "path": format!("/proc/{leader}/ns/{t}")}));
-    }
-    b.config["hostname"] = serde_json::Value::Null;
-    b.write();
+    let b = member_bundle(&sb, leader, &["sh", "-c", TRAP_TERM]);
     let pid = create(&sb, &b, "memb");
     assert_ne!(pid, leader);
     assert_eq!(status(&sb, "memb"), "created");

@@ -201,6 +201,19 @@ impl Conn {
         }
     }
 
+    /// Whether the client hung up (or its end failed), looked at without
+    /// waiting and without reading.
+    pub fn peer_gone(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd that outlives the call;
+        // the fd is this connection's, open for as long as `self`.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
     /// Reads one request and the descriptors that came with it.
     pub fn recv(&mut self) -> std::io::Result<(Request, Vec<OwnedFd>)> {
         let mut fds = Vec::new();

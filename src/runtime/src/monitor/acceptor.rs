@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::api::{Conn, Incoming, Response};
+use crate::api::{Conn, Incoming, Request, Response};
 use crate::session::Event;
 
 /// The pause after a failed accept.
 const BACKOFF: Duration = Duration::from_millis(100);
+/// How often a pod member's connection is looked at for its client gone.
+const HANGUP_CHECK: Duration = Duration::from_millis(250);
 
 /// The accepting thread; it ends when this is dropped.
 pub(super) struct Acceptor {
@@ -89,6 +91,7 @@ fn accept_loop<T>(
 fn serve_client(stream: UnixStream, events: SyncSender<Event>) {
     let mut conn = Conn::new(stream);
     while let Ok((req, fds)) = conn.recv() {
+        let member = matches!(req, Request::CreateContainer { .. });
         let (reply, replies) = mpsc::channel();
         if events
             .send(Event::Request(Incoming { req, fds, reply }))
@@ -100,11 +103,58 @@ fn serve_client(stream: UnixStream, events: SyncSender<Event>) {
             });
             return;
         }
+        if member {
+            return serve_member(&mut conn, &replies, &events);
+        }
         // Every response until the loop drops the sender.
         for r in replies {
             if conn.send(&r).is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// The replies about a pod member, whose client is its waiter: the
+/// container's pid on the host, what conmon waits on. Its processes in the
+/// VM live no longer than that client: once it is gone (killed with -9)
+/// they are killed, as a runc container's are when its init dies.
+fn serve_member(conn: &mut Conn, replies: &mpsc::Receiver<Response>, events: &SyncSender<Event>) {
+    let (mut stream, mut gone, mut killed) = (None, false, false);
+    loop {
+        match replies.recv_timeout(HANGUP_CHECK) {
+            Ok(r) => {
+                match r {
+                    Response::Created { stream: s, .. } => stream = Some(s),
+                    // Nothing of it runs any more.
+                    Response::Exited { .. } => killed = true,
+                    _ => {}
+                }
+                gone |= conn.send(&r).is_err();
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // The loop is done with it: its process has exited.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        gone = gone || conn.peer_gone();
+        if let (Some(stream), true, false) = (stream, gone, killed) {
+            tracing::warn!(
+                stream,
+                "a pod member's process on the host is gone; killing its processes in the VM"
+            );
+            let kill = Request::Kill {
+                signal: libc::SIGKILL,
+                all: true,
+                stream,
+            };
+            let (reply, _) = mpsc::channel();
+            killed = events
+                .send(Event::Request(Incoming {
+                    req: kill,
+                    fds: Vec::new(),
+                    reply,
+                }))
+                .is_ok();
         }
     }
 }
@@ -140,6 +190,61 @@ mod tests {
             "5 failed accepts in {:?}",
             start.elapsed()
         );
+    }
+
+    /// A pod member's client (its waiter) gone: its processes are killed;
+    /// gone after its process exited: nothing is.
+    #[test]
+    fn a_members_processes_are_killed_when_its_client_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (events, requests) = mpsc::sync_channel(4);
+        let _acceptor = Acceptor::spawn(listener, events).unwrap();
+        let next = || match requests.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Request(inc)) => inc,
+            _ => panic!("no request"),
+        };
+        let create = crate::api::Request::CreateContainer {
+            setup: Box::default(),
+        };
+        for exits_first in [false, true] {
+            let mut client = crate::api::Client::connect(&path).unwrap();
+            client.send(&create, &[]).unwrap();
+            let inc = next();
+            assert!(matches!(inc.req, Request::CreateContainer { .. }));
+            inc.reply
+                .send(Response::Created { stream: 5, pid: 9 })
+                .unwrap();
+            assert!(matches!(
+                client.recv().unwrap(),
+                Response::Created { stream: 5, .. }
+            ));
+            if exits_first {
+                inc.reply
+                    .send(Response::Exited {
+                        code: 0,
+                        signal: None,
+                    })
+                    .unwrap();
+                client.recv().unwrap();
+            }
+            drop(client);
+            if exits_first {
+                let r = requests.recv_timeout(HANGUP_CHECK * 4);
+                assert!(r.is_err(), "a kill after the exit");
+            } else {
+                let kill = next();
+                assert_eq!(
+                    kill.req,
+                    Request::Kill {
+                        signal: libc::SIGKILL,
+                        all: true,
+                        stream: 5
+                    }
+                );
+            }
+        }
     }
 
     #[test]
