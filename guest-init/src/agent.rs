@@ -306,6 +306,25 @@ impl Agent {
             let f = Failure::new(1, format!("container {} already exists", setup.id));
             return self.fail(stream, f);
         }
+        // Before anything of the container runs: a template's clones must
+        // not share what their RNG draws.
+        if setup.entropy.len() > krun_proto::MAX_ENTROPY {
+            let f = Failure::new(
+                1,
+                format!(
+                    "{} bytes of entropy: at most {}",
+                    setup.entropy.len(),
+                    krun_proto::MAX_ENTROPY
+                ),
+            );
+            return self.fail(stream, f);
+        }
+        if let Err(e) = sys::credit_entropy(&setup.entropy) {
+            return self.fail(
+                stream,
+                Failure::new(1, format!("reseeding the guest's RNG: {e}")),
+            );
+        }
         if self.containers.is_empty() {
             if let Err(e) = sys::set_realtime(setup.realtime_ns) {
                 sys::console(&format!("cannot set the clock: {e}"));

@@ -133,6 +133,9 @@ impl ExitStatus {
     }
 }
 
+/// The most random bytes a [`ContainerSetup`] carries.
+pub const MAX_ENTROPY: usize = 512;
+
 /// Everything guest-init needs to set up the container.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSetup {
@@ -140,6 +143,14 @@ pub struct ContainerSetup {
     /// The host's wall clock when the message was built (ns since the epoch);
     /// the guest has no RTC and sets its clock from this.
     pub realtime_ns: u64,
+    /// Random bytes from the host (its getrandom), credited to the guest
+    /// kernel's RNG and reseeding it before anything of the container
+    /// runs: a guest restored from a template shares its RNG state with
+    /// every clone of that template until then, and a fresh one gets its
+    /// RNG ready without waiting on its own entropy. At most
+    /// [`MAX_ENTROPY`] bytes.
+    #[serde(default)]
+    pub entropy: Vec<u8>,
     pub hostname: Option<String>,
     pub domainname: Option<String>,
     /// Join the IPC and UTS namespaces of this (running) container instead of

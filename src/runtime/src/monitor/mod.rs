@@ -128,7 +128,7 @@ impl Monitor {
         )?;
         let mut setup = plan.setup.clone();
         setup.network = net.setup;
-        setup.realtime_ns = requests::realtime_ns();
+        requests::stamp(&mut setup);
         let process = &mut setup.process;
         let main = stdio::main_io(stdio, process.terminal, &mut process.console_size)?;
         session.create(setup)?;

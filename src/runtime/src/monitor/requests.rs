@@ -155,7 +155,7 @@ impl Container {
             }
         };
         let stream = self.streams.open();
-        setup.realtime_ns = realtime_ns();
+        stamp(&mut setup);
         self.run_process(stream, ToGuest::Create(setup), stdio, reply);
     }
 
@@ -244,6 +244,38 @@ impl Container {
         self.save();
         let _ = reply.send(Response::Ok);
     }
+}
+
+/// Stamps a container's set-up as it leaves for the guest: the host's
+/// wall clock now, and fresh entropy for the guest's RNG.
+pub(super) fn stamp(setup: &mut krun_proto::ContainerSetup) {
+    setup.realtime_ns = realtime_ns();
+    setup.entropy = host_entropy();
+}
+
+/// Bytes of the host's entropy handed to a guest with each container.
+const ENTROPY_BYTES: usize = 64;
+
+/// [`ENTROPY_BYTES`] from the host's getrandom (empty, and said, if it
+/// fails: the guest then keeps what it has).
+fn host_entropy() -> Vec<u8> {
+    let mut buf = vec![0u8; ENTROPY_BYTES];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: getrandom writes at most the given length into `buf`,
+        // which outlives the call.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!(error = %e, "no entropy for the guest");
+            return Vec::new();
+        }
+        got += n as usize;
+    }
+    buf
 }
 
 /// The host's wall clock, for a guest that has none of its own.
@@ -345,7 +377,12 @@ mod tests {
             fds(3),
         );
         let (stream, msg) = k.guest_got();
-        assert!(matches!(msg, ToGuest::Create(s) if s.realtime_ns > 0));
+        let ToGuest::Create(s) = msg else {
+            panic!("not a create: {msg:?}");
+        };
+        assert!(s.realtime_ns > 0);
+        assert_eq!(s.entropy.len(), ENTROPY_BYTES);
+        assert_ne!(s.entropy, host_entropy(), "fresh bytes each time");
         let (_, r) = k.request(Request::StartContainer { stream: stream + 1 });
         assert_eq!(
             error_of(r.try_recv().unwrap()).1,

@@ -236,6 +236,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
     let setup = ContainerSetup {
         id: id.to_string(),
         realtime_ns: 0,
+        entropy: Vec::new(),
         // Without a name of its own, a container sees the host's, as under
         // runc; one that joins another's UTS namespace (a pod's) keeps that.
         hostname: spec.hostname().clone().or_else(|| {
