@@ -17,18 +17,11 @@ use crate::plan::{self, HostInfo};
 use crate::relay::SignalForwarder;
 use crate::state::StateDir;
 
-/// Everything a container needs before its VM boots: the bundle, its plan,
-/// the backend, its state directory. Bad input fails here, before anything
-/// is started.
-pub fn launch(ctx: &Context, id: &str, bundle: &Path, stdio: MainStdio) -> Result<Launch> {
-    let bundle = Bundle::load(bundle)?;
-    if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
-        return Err(Error::Unsupported(format!(
-            "linux.namespaces: the container joins container {:?}, so it runs in that \
-             container's VM; `run` cannot do that: create and start it",
-            leader.id
-        )));
-    }
+/// Everything a container of its own VM (not joining another's: see
+/// [`crate::pod::leader_of`]) needs before its VM boots: the bundle (loaded
+/// once, by the caller), its plan, the backend, its state directory. Bad
+/// input fails here, before anything is started.
+pub fn launch(ctx: &Context, id: &str, bundle: Bundle, stdio: MainStdio) -> Result<Launch> {
     let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
     // Checked here too, where /proc is the host's, to fail before anything
     // starts (the monitor has a /proc of its own).
@@ -78,7 +71,6 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
     if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
         return super::member::create(ctx, args, bundle, leader);
     }
-    drop(bundle);
     let stdio = match &args.console_socket {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
@@ -87,7 +79,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
         detached: true,
         ..ctx.clone()
     };
-    let mut launch = launch(&ctx, id, &args.bundle, stdio)?;
+    let mut launch = launch(&ctx, id, bundle, stdio)?;
     let cgroup = host_cgroup(&ctx, &mut launch)?;
     let spec = launch.bundle.spec.clone();
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;

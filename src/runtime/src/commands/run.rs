@@ -32,7 +32,15 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
         Some(p) => MainStdio::ConsoleSocket(p.clone()),
         None => MainStdio::Inherit,
     };
-    let mut launch = super::create::launch(ctx, id, &args.bundle, stdio)?;
+    let bundle = crate::bundle::Bundle::load(&args.bundle)?;
+    if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
+        return Err(Error::Unsupported(format!(
+            "linux.namespaces: the container joins container {:?}, so it runs in that \
+             container's VM; `run` cannot do that: create and start it",
+            leader.id
+        )));
+    }
+    let mut launch = super::create::launch(ctx, id, bundle, stdio)?;
     // This process is the monitor: it joins the host cgroup, and leaves and
     // removes it when `_cgroup` goes, on every way out.
     let _cgroup = super::create::host_cgroup(ctx, &mut launch)?;
