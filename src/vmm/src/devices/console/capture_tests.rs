@@ -74,6 +74,17 @@ fn read_exactly(s: &mut UnixStream, len: usize) -> Vec<u8> {
     v
 }
 
+/// `got` is `want`; else where they part (not a megabyte of numbers).
+fn same(got: &[u8], want: &[u8], what: &str) {
+    let at = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        got.len() == want.len() && at.is_none(),
+        "{what}: {} bytes, {} wanted, first difference at {at:?}",
+        got.len(),
+        want.len()
+    );
+}
+
 #[test]
 fn a_restored_console_loses_and_repeats_no_byte() {
     let mem = memory(MEM_SIZE);
@@ -129,7 +140,7 @@ fn a_restored_console_loses_and_repeats_no_byte() {
     wait_for("the old worker to end", || {
         (!t.worker_running()).then_some(())
     });
-    assert_eq!(drain(&mut host), data[..sent]);
+    same(&drain(&mut host), &data[..sent], "the old socket");
 
     let mem2 = memory(MEM_SIZE);
     let mut g2 = Guest::new(&mem2, NUM_QUEUES);
@@ -150,7 +161,11 @@ fn a_restored_console_loses_and_repeats_no_byte() {
     .unwrap();
     assert!(t2.worker_running());
     // The rest of the chain, then the chain is used once.
-    assert_eq!(read_exactly(&mut host2, BIG - sent), data[sent..]);
+    same(
+        &read_exactly(&mut host2, BIG - sent),
+        &data[sent..],
+        "the new socket",
+    );
     assert_eq!(used(&mut g2, TX, 1), vec![(tx_head, 0)]);
     // The host bytes held, then new ones.
     g2.post_in(RX, 64);
