@@ -37,14 +37,16 @@
 //!   state. The caller pauses every device's worker
 //!   ([`crate::virtio::mmio::MmioTransport::pause`]) before capturing,
 //!   and restores each with [`crate::virtio::mmio::MmioTransport::restore`]
-//!   over the restored memory. Balloon and network card only so far.
+//!   over the restored memory. Balloon, network card and console (its
+//!   buffered bytes and port state; a restored console gets a new host
+//!   socket), and a virtio-fs share only while the guest has not mounted
+//!   it (a capture of a mounted share is refused).
 //!
 //! # Not captured yet (the next increment)
-//! The console's and the file server's devices (the console's buffered
-//! bytes and port state; the file server's open inodes and handles), the
-//! serial port; and nothing of this is wired into the VM's run path or
-//! the CLI yet. A snapshot of a VM with those devices active cannot be
-//! restored to a working guest until then.
+//! A mounted virtio-fs share (the file server's open inodes and
+//! handles), the serial port; and nothing of this is wired into the VM's
+//! run path or the CLI yet. A snapshot of a VM with a mounted share
+//! cannot be taken until then.
 //!
 //! # Hazards the template manager must handle
 //! Clones of one snapshot are identical at the instant of capture: the

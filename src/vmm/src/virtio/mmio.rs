@@ -106,6 +106,10 @@ pub enum CaptureError {
     NotRunning(u32),
     #[error("virtio device {0} cannot be captured yet")]
     Unsupported(u32),
+    /// The device refuses to be captured in the state it is in now (the
+    /// second field says why).
+    #[error("virtio device {0} cannot be captured now: {1}")]
+    Busy(u32, String),
 }
 
 /// Why a transport could not be restored.
@@ -193,12 +197,13 @@ impl MmioTransport {
         if !paused.is_of(self.pause.as_ref()) {
             return Err(CaptureError::NotPaused(ty));
         }
-        let device = self
+        let saved = self
             .device
             .save_state()
             .ok_or(CaptureError::Unsupported(ty))?;
         // A device whose activation failed has no worker: ours are all.
-        let queues = if self.activated && !self.failed {
+        let running = self.activated && !self.failed;
+        let queues = if running {
             // The worker owns the live queues; ours stopped at DRIVER_OK.
             if !self.worker_running() {
                 return Err(CaptureError::NotRunning(ty));
@@ -210,6 +215,12 @@ impl MmioTransport {
             queues
         } else {
             self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        // A running device's worker may hold its state, or refuse.
+        let device = match &paused.device {
+            Ok(Some(held)) if running => held.clone(),
+            Err(why) if running => return Err(CaptureError::Busy(ty, why.clone())),
+            _ => saved,
         };
         Ok(TransportState {
             device_type: ty,

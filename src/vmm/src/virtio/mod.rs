@@ -9,7 +9,7 @@ pub mod mmio;
 pub mod pause;
 mod queues;
 #[cfg(test)]
-mod snapshot_tests;
+pub(crate) mod snapshot_tests;
 pub mod state;
 #[cfg(test)]
 pub mod test_utils;

@@ -34,7 +34,6 @@ pub struct Pause {
     changed: Condvar,
 }
 
-#[derive(Default)]
 struct State {
     /// The controller wants the worker parked.
     requested: bool,
@@ -46,7 +45,28 @@ struct State {
     /// What the parked worker reported of its queues (None: its device
     /// cannot be captured yet).
     queues: Option<Vec<QueueSnapshot>>,
+    /// What it reported of its device's own state.
+    device: DeviceReport,
 }
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            requested: false,
+            attached: false,
+            parked: false,
+            queues: None,
+            device: Ok(None),
+        }
+    }
+}
+
+/// What a parked worker reports of its device's own state, beside the
+/// queues ([`super::worker::QueueHandler::capture_device`]): `Ok(None)`
+/// when the device's [`super::VirtioDevice::save_state`] says it all,
+/// `Ok(Some(bytes))` when the worker holds it, `Err(why)` when the device
+/// cannot be captured in the state it is in now.
+pub type DeviceReport = Result<Option<Vec<u8>>, String>;
 
 /// Why a worker could not be paused.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +109,7 @@ impl Pause {
         s.attached = false;
         s.parked = false;
         s.queues = None;
+        s.device = Ok(None);
         self.changed.notify_all();
     }
 
@@ -129,10 +150,10 @@ impl Pause {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        let queues = s.queues.clone();
         Ok(Paused {
             pause: Some(self.clone()),
-            queues,
+            queues: s.queues.clone(),
+            device: s.device.clone(),
         })
     }
 
@@ -144,15 +165,16 @@ impl Pause {
     }
 
     /// On the worker's thread, woken by the pause eventfd: parks until
-    /// resumed, after publishing `capture()` (its queues' state). A
-    /// wake-up with no request pending (one taken back) returns at once.
-    pub fn park(&self, capture: impl FnOnce() -> Option<Vec<QueueSnapshot>>) {
+    /// resumed, after publishing `capture()` (its queues' state and its
+    /// device's). A wake-up with no request pending (one taken back)
+    /// returns at once.
+    pub fn park(&self, capture: impl FnOnce() -> (Option<Vec<QueueSnapshot>>, DeviceReport)) {
         let _ = self.evt.read();
         let mut s = self.lock();
         if !s.requested {
             return;
         }
-        s.queues = capture();
+        (s.queues, s.device) = capture();
         s.parked = true;
         self.changed.notify_all();
         while s.requested {
@@ -160,6 +182,7 @@ impl Pause {
         }
         s.parked = false;
         s.queues = None;
+        s.device = Ok(None);
     }
 }
 
@@ -168,6 +191,8 @@ pub struct Paused {
     pause: Option<Arc<Pause>>,
     /// The worker's queues as it left them (None: no worker reported).
     pub queues: Option<Vec<QueueSnapshot>>,
+    /// What the worker reported of its device's own state.
+    pub device: DeviceReport,
 }
 
 impl Paused {
@@ -176,6 +201,7 @@ impl Paused {
         Paused {
             pause: None,
             queues: None,
+            device: Ok(None),
         }
     }
 

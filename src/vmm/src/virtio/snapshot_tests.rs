@@ -25,15 +25,15 @@ use crate::devices::balloon::{Balloon, NUM_QUEUES, VIRTIO_BALLOON_F_REPORTING};
 
 /// The balloon's deflate queue: every chain comes back with length 0.
 const DEFLATE: usize = 1;
-const PAUSE: Duration = Duration::from_secs(10);
+pub(crate) const PAUSE: Duration = Duration::from_secs(10);
 
-fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+pub(crate) fn w32(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
 }
 
 /// Plays a driver's set-up of every queue of `g` over the registers, up
 /// to DRIVER_OK.
-fn set_up(t: &mut MmioTransport, g: &Guest, features: u64) {
+pub(crate) fn set_up(t: &mut MmioTransport, g: &Guest, features: u64) {
     let queues: Vec<Queue> = (0..g.queues.len()).map(|i| g.queue(i)).collect();
     set_up_queues(t, &queues, features);
 }
@@ -65,7 +65,7 @@ fn set_up_queues(t: &mut MmioTransport, queues: &[Queue], features: u64) {
 }
 
 /// Waits until `count` more chains of queue `q` are used; returns them.
-fn used(g: &mut Guest, q: usize, count: usize) -> Vec<(u16, u32)> {
+pub(crate) fn used(g: &mut Guest, q: usize, count: usize) -> Vec<(u16, u32)> {
     let mut got = Vec::new();
     wait_for("used chains", || {
         got.extend(g.used(q));
@@ -75,7 +75,7 @@ fn used(g: &mut Guest, q: usize, count: usize) -> Vec<(u16, u32)> {
 }
 
 /// Copies all of `from` into `to`, as a restore maps memory.
-fn copy(from: &Mem, to: &Mem) {
+pub(crate) fn copy(from: &Mem, to: &Mem) {
     let size = from.last_addr().0 as usize + 1;
     let mut bytes = vec![0u8; size];
     from.read_slice(&mut bytes, GuestAddress(0)).unwrap();
@@ -184,7 +184,7 @@ fn a_restored_balloon_serves_the_next_chain_from_the_captured_index() {
 }
 
 /// No forbidden system call wrote the VM's stop event `stop`.
-fn assert_no_violation(stop: &EventFd) {
+pub(crate) fn assert_no_violation(stop: &EventFd) {
     let read = stop.read().map_err(|e| e.kind());
     assert_eq!(
         read,
@@ -324,7 +324,7 @@ fn a_damaged_state_is_refused_naming_the_field() {
         ("queues", |s| s.queues = vec![s.queues[0]; 65]),
         ("device_type", |s| s.device_type = 1),
         ("device", |s| s.device = vec![0; 3]),
-        ("device", |s| s.device = vec![0; 5000]),
+        ("device", |s| s.device = vec![0; 80 * 1024]),
         ("interrupt_status", |s| s.interrupt_status = 4),
         ("acked_features", |s| s.acked_features |= 1 << 40),
         ("queues[0].max_size", |s| {

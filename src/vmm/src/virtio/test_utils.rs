@@ -211,7 +211,8 @@ pub struct Guest<'a> {
     /// How far [`Guest::used`] has read each used ring.
     pub used_seen: Vec<u16>,
     chains: HashMap<(usize, u16), Vec<Desc>>,
-    next_buf: u64,
+    /// Where [`Guest::alloc`] hands out the next buffer.
+    pub next_buf: u64,
 }
 
 impl<'a> Guest<'a> {

@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::pause::Pause;
+use super::pause::{DeviceReport, Pause};
 use super::state::QueueSnapshot;
 use super::DeviceError;
 
@@ -76,6 +76,15 @@ pub trait QueueHandler: Send + 'static {
     /// two rounds of serving. None: this device cannot be captured yet.
     fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
         None
+    }
+
+    /// The device's own state where the worker holds it (the console's
+    /// buffered bytes), called right after [`QueueHandler::capture_queues`]
+    /// on the parked worker. `Ok(None)`: the device's
+    /// [`super::VirtioDevice::save_state`] says it all. `Err(why)`: the
+    /// device cannot be captured in the state it is in now.
+    fn capture_device(&self) -> DeviceReport {
+        Ok(None)
     }
 }
 
@@ -186,7 +195,7 @@ fn event_loop<H: QueueHandler>(
             if ev.data() == TOKEN_PAUSE {
                 // Between two rounds of serving: no queue is in use.
                 if let Some(p) = pause {
-                    p.park(|| handler.capture_queues());
+                    p.park(|| (handler.capture_queues(), handler.capture_device()));
                 }
                 continue;
             }

@@ -41,6 +41,27 @@ impl TxChain {
             offset: 0,
         }
     }
+
+    /// The chain's bytes the socket took so far.
+    pub(super) fn sent(&self) -> u64 {
+        let done: usize = self.segments.iter().take(self.segment).map(|s| s.1).sum();
+        (done + self.offset) as u64
+    }
+
+    /// Counts the first `n` bytes as taken by the socket (a restored
+    /// console, whose old socket took them).
+    pub(super) fn skip(&mut self, mut n: u64) {
+        while let Some(&(_, len)) = self.segments.get(self.segment) {
+            let left = (len - self.offset) as u64;
+            if n < left {
+                self.offset += n as usize;
+                return;
+            }
+            n -= left;
+            self.segment += 1;
+            self.offset = 0;
+        }
+    }
 }
 
 /// Writes a prefix of `data` into the chain's writable descriptors, in

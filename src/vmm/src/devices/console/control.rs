@@ -21,10 +21,10 @@ pub(super) const PORT_NAME: u16 = 7;
 pub(super) const PORT_ID: u32 = 0;
 
 /// Size of `struct virtio_console_control`.
-const CONTROL_LEN: usize = 8;
+pub(super) const CONTROL_LEN: usize = 8;
 /// Control messages held while the driver has no control buffer posted.
 /// The handshake needs four; more is a driver spamming requests.
-const MAX_PENDING_CONTROL: usize = 32;
+pub(super) const MAX_PENDING_CONTROL: usize = 32;
 
 /// `struct virtio_console_control`, little endian on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +43,7 @@ impl ControlMsg {
         }
     }
 
-    fn from_bytes(b: [u8; CONTROL_LEN]) -> ControlMsg {
+    pub(super) fn from_bytes(b: [u8; CONTROL_LEN]) -> ControlMsg {
         ControlMsg {
             id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             event: u16::from_le_bytes([b[4], b[5]]),

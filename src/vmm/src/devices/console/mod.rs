@@ -32,16 +32,20 @@
 //! `virtio-console` thread is the one loop of [`crate::virtio::worker`].
 //! Here is the device the transport sees; `worker.rs` the state the thread
 //! serves, `control.rs` the handshake above, `port.rs` port 0's bytes
-//! between its queues and the socket.
+//! between its queues and the socket, `state.rs` what a snapshot keeps of
+//! the worker (a restored console is built over a new socket).
 //!
 //! Every descriptor chain comes from the guest and is treated as hostile:
 //! direction flags are checked, memory errors are handled (a chain is
 //! truncated at the first bad descriptor), chain length is bounded by
 //! virtio-queue's iterator, nothing panics on guest data.
 
+#[cfg(test)]
+mod capture_tests;
 mod chain;
 mod control;
 mod port;
+mod state;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -52,7 +56,8 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
-use crate::virtio::worker::spawn;
+use crate::virtio::state::StateError;
+use crate::virtio::worker::spawn_pausable;
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, VirtioDevice, TYPE_CONSOLE,
 };
@@ -80,6 +85,8 @@ pub struct Console {
     port_name: String,
     backend: Option<UnixStream>,
     acked_features: u64,
+    /// A restored console's state, for its worker at activation.
+    restored: Option<state::Saved>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -94,6 +101,7 @@ impl Console {
             port_name: port_name.to_owned(),
             backend: Some(backend),
             acked_features: 0,
+            restored: None,
             worker: None,
         }
     }
@@ -133,6 +141,18 @@ impl VirtioDevice for Console {
         read_config_bytes(&config_space(), offset, data)
     }
 
+    /// A console not activated: its handshake has not begun (a running
+    /// one's state is its worker's, `state.rs`).
+    fn save_state(&self) -> Option<Vec<u8>> {
+        let fresh = state::Saved::fresh();
+        Some(self.restored.as_ref().unwrap_or(&fresh).to_bytes())
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        self.restored = Some(state::Saved::from_bytes(bytes)?);
+        Ok(())
+    }
+
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
         // The queue count first: a wrong one leaves the backend in place.
         let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
@@ -153,8 +173,17 @@ impl VirtioDevice for Console {
             activation.interrupt,
             queues,
         );
-        let worker = Worker::new(queues, socket, &self.port_name, multiport);
-        let handle = spawn("virtio-console".into(), worker, notify, activation.stop)?;
+        let mut worker = Worker::new(queues, socket, &self.port_name, multiport);
+        if let Some(saved) = self.restored.take() {
+            worker.restore(saved);
+        }
+        let handle = spawn_pausable(
+            "virtio-console".into(),
+            worker,
+            notify,
+            activation.stop,
+            activation.pause,
+        )?;
         self.worker = Some(handle);
         Ok(())
     }

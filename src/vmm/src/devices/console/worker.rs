@@ -9,7 +9,11 @@ use std::os::unix::net::UnixStream;
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{TxChain, IO_CHUNK};
-use super::{NUM_QUEUES, RX};
+use super::control::{ControlMsg, CONTROL_LEN, PORT_NAME, PORT_OPEN};
+use super::state::Saved;
+use super::{NUM_QUEUES, RX, TX};
+use crate::virtio::pause::DeviceReport;
+use crate::virtio::state::QueueSnapshot;
 use crate::virtio::worker::QueueHandler;
 use crate::virtio::DeviceQueues;
 
@@ -100,6 +104,69 @@ impl Worker {
         self.process_control_rx();
         self.q.signal_used();
     }
+
+    /// What a snapshot keeps of the worker beyond its queues (on the
+    /// parked worker's thread).
+    pub(super) fn save(&self) -> Saved {
+        let control = self
+            .control_out
+            .iter()
+            .filter_map(|m| {
+                Some(ControlMsg::from_bytes(
+                    m.get(..CONTROL_LEN)?.try_into().ok()?,
+                ))
+            })
+            .collect();
+        Saved {
+            port_ready: self.port_ready,
+            guest_open: self.guest_open,
+            host_connected: self.host_connected,
+            tx_sent: self.tx_pending.as_ref().map(TxChain::sent),
+            control,
+            rx: self.rx_buf[self.rx_start..self.rx_end].to_vec(),
+        }
+    }
+
+    /// Takes back what [`Worker::save`] kept, over a new socket, before
+    /// the thread starts (on the thread that activates the device: the
+    /// VM's set-up thread for a restore).
+    pub(super) fn restore(&mut self, saved: Saved) {
+        if self.multiport {
+            self.port_ready = saved.port_ready;
+            self.guest_open = saved.guest_open;
+        }
+        for m in saved.control {
+            let mut msg = m.to_bytes();
+            if m.event == PORT_NAME {
+                msg.extend_from_slice(&self.port_name);
+                msg.push(0);
+            }
+            self.queue_control(msg);
+        }
+        // The new socket is connected: a guest told the host had gone
+        // hears that it is back.
+        if !saved.host_connected && self.multiport && self.port_ready {
+            self.queue_control(ControlMsg::new(PORT_OPEN, 1).to_bytes());
+        }
+        let n = saved.rx.len().min(self.rx_buf.len());
+        self.rx_buf[..n].copy_from_slice(&saved.rx[..n]);
+        (self.rx_start, self.rx_end) = (0, n);
+        // The chain the old socket had not taken whole was given back:
+        // it is the next one, and what the old socket took is not sent
+        // again.
+        if let Some(sent) = saved.tx_sent {
+            match self.q.pop(TX) {
+                Some((head, descs)) => {
+                    let mut chain = TxChain::new(&self.q.mem, head, &descs);
+                    chain.skip(sent);
+                    self.tx_pending = Some(chain);
+                }
+                None => {
+                    tracing::warn!("virtio-console: the transmit chain held at the capture is gone")
+                }
+            }
+        }
+    }
 }
 
 /// The `virtio-console` thread: every wake-up serves every queue, and the
@@ -111,5 +178,20 @@ impl QueueHandler for Worker {
 
     fn backend(&self) -> Option<(RawFd, EventSet)> {
         Some((self.socket.as_raw_fd(), self.socket_interest()))
+    }
+
+    /// A transmit chain the socket has not taken whole is given back: it
+    /// was the last one popped, so its entry comes again.
+    fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        let mut queues = self.q.capture();
+        if self.tx_pending.is_some() {
+            let tx = &mut queues[TX];
+            tx.next_avail = tx.next_avail.wrapping_sub(1);
+        }
+        Some(queues)
+    }
+
+    fn capture_device(&self) -> DeviceReport {
+        Ok(Some(self.save().to_bytes()))
     }
 }

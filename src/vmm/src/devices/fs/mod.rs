@@ -13,6 +13,13 @@
 //! guest sees, the security boundary, whose module doc says what holds
 //! against a hostile guest; `ledger.rs` the host descriptors the guest
 //! pins.
+//!
+//! A share is captured for a snapshot only while the guest has not
+//! mounted it (no FUSE session: no INIT, or a DESTROY since); its state is
+//! then its queues and a flag, and a restore serves whatever directory
+//! the caller gives [`Fs::new`]. A mounted share is refused, saying why:
+//! the server's inodes and handles are host descriptors a snapshot cannot
+//! carry yet.
 
 mod ledger;
 mod queue;
@@ -25,11 +32,14 @@ pub use share::ShareFs;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::server::Server;
 
-use crate::virtio::worker::spawn;
+use crate::virtio::state::{bad, StateError};
+use crate::virtio::worker::spawn_pausable;
 use crate::virtio::{
     read_config_bytes, Activation, DeviceError, DeviceQueues, VirtioDevice, TYPE_FS,
 };
@@ -67,8 +77,14 @@ pub struct Fs {
     tag: String,
     config: [u8; CONFIG_LEN],
     server: Option<Server<ShareFs>>,
+    /// The server's FUSE session flag ([`ShareFs::session`]).
+    session: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
 }
+
+/// The device's own state in a snapshot: it is captured only while no
+/// FUSE session exists, so all there is to say is that (one byte, 0).
+const NO_SESSION: u8 = 0;
 
 impl Fs {
     /// A device the guest mounts as `mount -t virtiofs TAG`, serving
@@ -78,11 +94,13 @@ impl Fs {
         if let Err(e) = raise_nofile_limit() {
             tracing::debug!(tag, error = %e, "virtio-fs: RLIMIT_NOFILE stays as it is");
         }
-        let server = Server::new(ShareFs::new(shared_dir, readonly)?);
+        let share = ShareFs::new(shared_dir, readonly)?;
+        let session = share.session();
         Ok(Fs {
             tag: tag.to_owned(),
             config,
-            server: Some(server),
+            server: Some(Server::new(share)),
+            session,
             worker: None,
         })
     }
@@ -126,6 +144,26 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data)
     }
 
+    /// A share is captured only while the guest has not mounted it (the
+    /// worker refuses otherwise): its queues and this flag are all. A
+    /// restore builds the device over whatever share directory the caller
+    /// gives [`Fs::new`].
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(vec![NO_SESSION])
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if state != [NO_SESSION] {
+            return bad(
+                "device",
+                format!(
+                    "{state:?}: a virtio-fs state is [{NO_SESSION}] (captured with no FUSE session)"
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
         // The queue count first: a wrong one leaves the server in place.
         let (queues, notify) = DeviceQueues::<NUM_QUEUES>::split(activation.queues)?;
@@ -140,9 +178,16 @@ impl VirtioDevice for Fs {
             activation.mem,
             activation.interrupt,
             queues,
+            self.session.clone(),
         );
         let name = format!("virtio-fs-{}", self.tag);
-        self.worker = Some(spawn(name, worker, notify, activation.stop)?);
+        self.worker = Some(spawn_pausable(
+            name,
+            worker,
+            notify,
+            activation.stop,
+            activation.pause,
+        )?);
         Ok(())
     }
 }

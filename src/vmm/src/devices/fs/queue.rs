@@ -7,6 +7,7 @@
 //! drive; `Worker` is what the `virtio-fs-TAG` thread serves.
 
 use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{BatchForgetIn, ForgetOne, InHeader, Opcode, OutHeader};
@@ -17,6 +18,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use super::share::{private_fs_attrs, ShareFs};
 use super::NUM_QUEUES;
+use crate::virtio::pause::DeviceReport;
+use crate::virtio::state::QueueSnapshot;
 use crate::virtio::worker::QueueHandler;
 use crate::virtio::{Interrupt, Mem};
 
@@ -33,7 +36,13 @@ pub(super) struct Worker {
     mem: Mem,
     interrupt: Arc<Interrupt>,
     queues: [Queue; NUM_QUEUES],
+    /// The server's FUSE session flag ([`ShareFs::session`]).
+    session: Arc<AtomicBool>,
 }
+
+/// Why a mounted share is not captured.
+pub(super) const MOUNTED: &str =
+    "the file system is mounted: its open files cannot be captured yet";
 
 impl Worker {
     pub(super) fn new(
@@ -42,6 +51,7 @@ impl Worker {
         mem: Mem,
         interrupt: Arc<Interrupt>,
         queues: [Queue; NUM_QUEUES],
+        session: Arc<AtomicBool>,
     ) -> Worker {
         Worker {
             tag,
@@ -49,6 +59,7 @@ impl Worker {
             mem,
             interrupt,
             queues,
+            session,
         }
     }
 }
@@ -64,6 +75,20 @@ impl QueueHandler for Worker {
                 self.interrupt.signal_used_queue();
             }
         }
+    }
+
+    /// Every chain is completed within the round that popped it.
+    fn capture_queues(&self) -> Option<Vec<QueueSnapshot>> {
+        Some(self.queues.iter().map(|q| q.state().into()).collect())
+    }
+
+    /// Only a share the guest has not mounted: the server's inodes and
+    /// handles are host descriptors a snapshot cannot carry yet.
+    fn capture_device(&self) -> DeviceReport {
+        if self.session.load(Ordering::SeqCst) {
+            return Err(MOUNTED.to_owned());
+        }
+        Ok(None)
     }
 
     fn on_start(&mut self) {

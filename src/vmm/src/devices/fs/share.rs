@@ -129,7 +129,8 @@
 use std::ffi::CStr;
 use std::io;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, ATTR_SUBMOUNT, ROOT_ID};
@@ -171,6 +172,9 @@ pub struct ShareFs {
     /// may pin.
     fd_budget: usize,
     ledger: Mutex<Ledger>,
+    /// A FUSE session exists: the guest sent INIT and no DESTROY since
+    /// (read by a capture, which refuses a mounted share).
+    session: Arc<AtomicBool>,
 }
 
 /// What a guest open asks for.
@@ -259,6 +263,7 @@ impl ShareFs {
             readonly,
             fd_budget: default_fd_budget(),
             ledger: Mutex::default(),
+            session: Arc::default(),
         };
         fs.reset_ledger().map_err(backend_err)?;
         Ok(fs)
@@ -269,6 +274,12 @@ impl ShareFs {
     pub fn with_fd_budget(mut self, budget: usize) -> ShareFs {
         self.fd_budget = budget;
         self
+    }
+
+    /// Whether a FUSE session exists (INIT and no DESTROY since), as the
+    /// worker thread that serves the share last set it.
+    pub fn session(&self) -> Arc<AtomicBool> {
+        self.session.clone()
     }
 
     /// Inodes the guest holds (looked up and not forgotten), the root aside.
@@ -538,6 +549,7 @@ impl FileSystem for ShareFs {
             .getattr(&Context::default(), ROOT_ID, None)?
             .0
             .st_dev;
+        self.session.store(true, Ordering::SeqCst);
         Ok(want)
     }
 
@@ -545,6 +557,7 @@ impl FileSystem for ShareFs {
         // The backend drops every inode and handle and imports the root
         // again.
         self.inner.destroy();
+        self.session.store(false, Ordering::SeqCst);
         if let Err(e) = self.reset_ledger() {
             tracing::warn!(error = %e, "virtio-fs: the share's root is gone after DESTROY");
         }

@@ -4,6 +4,7 @@
 //! queue and the worker thread (`queue.rs`), the descriptor ledger and
 //! submounts (`ledger.rs`).
 
+mod capture;
 mod harness;
 mod ledger;
 mod queue;
