@@ -83,6 +83,31 @@ impl Snapshot {
     /// place, so that a file once written is never changed while clones
     /// map it).
     pub fn write(&self, path: &Path, mem: &GuestMemoryMmap<()>) -> Result<(), SnapshotError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io("creating the snapshot", path))?;
+        let written = self.write_to(&file, path, mem);
+        if written.is_err() {
+            // A partial file is no snapshot: leave nothing behind.
+            let _ = std::fs::remove_file(path);
+        }
+        written
+    }
+
+    /// Writes this snapshot and `mem` into `file`, new and empty (a VMM
+    /// in its jail gets it open from its parent, which created it under a
+    /// fresh name and renames it into place once it is whole); `path`
+    /// only names it in errors. On an error the file holds no snapshot.
+    pub fn write_to(
+        &self,
+        file: &File,
+        path: &Path,
+        mem: &GuestMemoryMmap<()>,
+    ) -> Result<(), SnapshotError> {
         self.validate()?;
         let regions: Vec<Region> = mem
             .iter()
@@ -100,36 +125,34 @@ impl Snapshot {
         if json.len() as u64 > MAX_STATE_LEN {
             return invalid(format!("{} bytes of state", json.len()));
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io("creating the snapshot", path))?;
-        let written = write_body(&file, &json, mem, &state.regions, path);
-        if written.is_err() {
-            // A partial file is no snapshot: leave nothing behind.
-            let _ = std::fs::remove_file(path);
-        }
-        written
+        write_body(file, &json, mem, &state.regions, path)
     }
 
     /// Reads the snapshot at `path`, verifying it whole (checksum, format,
     /// every length and count) before anything is returned. The memory
     /// stays in the file: [`Loaded::map_memory`].
     pub fn read(path: &Path) -> Result<Loaded, SnapshotError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io("opening the snapshot", path))?;
+        Snapshot::open(file, path, Verify::Whole)
+    }
+
+    /// Reads the snapshot in `file` (`path` names it in errors). With
+    /// [`Verify::Whole`] as [`Snapshot::read`]; with
+    /// [`Verify::ShapeOnly`] every length, count and field is checked as
+    /// well but the checksum is not computed, sparing a pass over the
+    /// guest memory: only for a file verified whole before and known not
+    /// to have changed since (the template manager's stamp).
+    pub fn open(mut file: File, path: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
         let len = file
             .metadata()
             .map_err(io("reading the snapshot's size", path))?
             .len();
         let (snapshot, regions, memory_offset) =
-            Snapshot::read_from(&mut file, len).map_err(|e| match e {
+            read_verified(&mut file, len, verify).map_err(|e| match e {
                 SnapshotError::Io { what, source, .. } => SnapshotError::Io {
                     what,
                     path: path.to_path_buf(),
@@ -152,6 +175,25 @@ impl Snapshot {
         r: &mut R,
         file_len: u64,
     ) -> Result<(Snapshot, Vec<Region>, u64), SnapshotError> {
+        read_verified(r, file_len, Verify::Whole)
+    }
+}
+
+/// How much of a snapshot [`Snapshot::open`] verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// The checksum over the whole file, and the shape.
+    Whole,
+    /// The shape (lengths, counts, every field) but not the checksum.
+    ShapeOnly,
+}
+
+fn read_verified<R: Read>(
+    r: &mut R,
+    file_len: u64,
+    verify: Verify,
+) -> Result<(Snapshot, Vec<Region>, u64), SnapshotError> {
+    {
         let read = |e: std::io::Error, what: &str| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => SnapshotError::Truncated { what: what.into() },
             _ => SnapshotError::Io {
@@ -198,7 +240,10 @@ impl Snapshot {
         let mut hash = Sha256::new();
         hash.update(&prefix[..FIXED]);
         hash.update(&state);
-        let rest = hash_rest(r, &mut hash).map_err(|e| read(e, "while hashing"))?;
+        let rest = match verify {
+            Verify::Whole => hash_rest(r, &mut hash).map_err(|e| read(e, "while hashing"))?,
+            Verify::ShapeOnly => file_len - state_end,
+        };
         if state_end + rest != file_len {
             return Err(SnapshotError::Truncated {
                 what: format!(
@@ -224,7 +269,7 @@ impl Snapshot {
                 });
             }
         }
-        if hash.finalize().as_slice() != &prefix[FIXED..] {
+        if verify == Verify::Whole && hash.finalize().as_slice() != &prefix[FIXED..] {
             return Err(SnapshotError::Checksum);
         }
         let State { snapshot, regions } = parsed.map_err(SnapshotError::State)?;

@@ -133,6 +133,7 @@ fn capture(v: &mut Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
         vcpus: vec![cpu],
         vm: state,
         devices: vec![],
+        serial: None,
     };
     snap.write(path, &v.mem).unwrap();
     snap
@@ -274,6 +275,7 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         vcpus: states,
         vm: VmState::capture(&vm, false, false).unwrap(),
         devices: vec![],
+        serial: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap");

@@ -1,6 +1,7 @@
 //! VM snapshots: a paused VM's KVM state and guest memory in one file, and
 //! a new KVM VM restored from it (issue #15: templates, checkpoint and
-//! restore). A library: nothing here is wired to the CLI yet.
+//! restore). The built-in VMM writes and restores templates with it
+//! (`crate::vm`); the runtime's template manager keeps them.
 //!
 //! # What is captured
 //! - each vCPU ([`VcpuState`]): mp_state, regs, sregs, FPU, xsave and
@@ -14,6 +15,7 @@
 //!   a restore maps it MAP_PRIVATE ([`Loaded::map_memory`]): clones of one
 //!   template share its clean pages through the page cache, and what a
 //!   clone writes stays its own (copy on write), never reaching the file;
+//! - the serial port's registers ([`SerialSnapshot`]);
 //! - a [`Header`]: vCPU count, memory size, and the
 //!   kernel, initramfs and guest-init hashes as the caller gives them
 //!   (opaque strings: the template manager compares them, this module
@@ -44,9 +46,10 @@
 //!
 //! # Not captured yet (the next increment)
 //! A mounted virtio-fs share (the file server's open inodes and
-//! handles), the serial port; and nothing of this is wired into the VM's
-//! run path or the CLI yet. A snapshot of a VM with a mounted share
-//! cannot be taken until then.
+//! handles): a snapshot of a VM with a mounted share cannot be taken
+//! yet, so the built-in VMM captures templates (booted to the point where
+//! guest-init waits for its container, the share not mounted) but not a
+//! running container.
 //!
 //! # Hazards the template manager must handle
 //! Clones of one snapshot are identical at the instant of capture: the
@@ -88,6 +91,7 @@
 
 mod file;
 mod pod;
+mod serial;
 mod vcpu;
 mod vmstate;
 
@@ -99,13 +103,14 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use crate::virtio::state::TransportState;
-pub use file::{frame, Loaded, Region};
+pub use file::{frame, Loaded, Region, Verify};
+pub use serial::{SerialSnapshot, MAX_SERIAL_INPUT};
 pub use vcpu::{msrs_to_save, settle, VcpuState, MAX_MSRS};
 pub use vmstate::VmState;
 
 /// The format this module writes and the only one it reads.
-/// (2: device state added.)
-pub const FORMAT_VERSION: u32 = 2;
+/// (2: device state added; 3: the serial port.)
+pub const FORMAT_VERSION: u32 = 3;
 /// The most vCPUs a snapshot may describe.
 pub const MAX_VCPUS: u32 = 256;
 /// The most guest memory a snapshot may hold (1 TiB).
@@ -140,6 +145,8 @@ pub struct Snapshot {
     pub vm: VmState,
     /// Each virtio-mmio transport, in the caller's order.
     pub devices: Vec<TransportState>,
+    /// The serial port's registers, if the VM has one.
+    pub serial: Option<SerialSnapshot>,
 }
 
 /// Why a snapshot could not be written, read or restored. A read that
@@ -222,6 +229,9 @@ impl Snapshot {
         for (i, d) in self.devices.iter().enumerate() {
             d.validate()
                 .or_else(|e| invalid(format!("devices[{i}]: {e}")))?;
+        }
+        if let Some(s) = &self.serial {
+            s.validate()?;
         }
         Ok(())
     }

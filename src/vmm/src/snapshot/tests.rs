@@ -42,6 +42,7 @@ fn snapshot(mib: u64) -> Snapshot {
         vcpus: vec![vcpu(0)],
         vm: VmState::default(),
         devices: vec![],
+        serial: None,
     }
 }
 
@@ -74,6 +75,28 @@ fn a_snapshot_round_trips_and_its_memory_maps_and_copies() {
     // Zero pages are holes: 1 MiB of memory, one page of it written.
     let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
     assert!(blocks * 512 < 64 << 10, "{blocks} blocks");
+}
+
+#[test]
+fn a_file_verified_before_is_opened_without_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_one(dir.path());
+    // A byte of guest memory changed: only the checksum can tell.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[4096 + 0x2000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(
+        err(&path),
+        "snapshot checksum mismatch: the file is corrupt"
+    );
+    let open = |verify| Snapshot::open(std::fs::File::open(&path).unwrap(), &path, verify);
+    assert!(open(Verify::Whole).is_err());
+    let loaded = open(Verify::ShapeOnly).unwrap();
+    assert_eq!(loaded.snapshot, snapshot(1));
+    // The shape is still checked: a file cut short is refused.
+    std::fs::write(&path, &bytes[..bytes.len() - 4096]).unwrap();
+    let e = open(Verify::ShapeOnly).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
 }
 
 #[test]
@@ -155,12 +178,15 @@ fn a_foreign_or_other_version_file_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_one(dir.path());
     let good = std::fs::read(&path).unwrap();
-    let mut v3 = good.clone();
-    v3[8] = 3;
-    std::fs::write(&path, &v3).unwrap();
+    let mut next = good.clone();
+    next[8] = FORMAT_VERSION as u8 + 1;
+    std::fs::write(&path, &next).unwrap();
     assert_eq!(
         err(&path),
-        "snapshot format version 3; this runtime reads version 2"
+        format!(
+            "snapshot format version {}; this runtime reads version {FORMAT_VERSION}",
+            FORMAT_VERSION + 1
+        )
     );
     let mut elf = good.clone();
     elf[..4].copy_from_slice(b"\x7fELF");
@@ -333,7 +359,7 @@ fn device_state_round_trips_through_the_file() {
 }
 
 #[test]
-fn a_version_1_file_is_refused_as_such() {
+fn an_older_version_is_refused_as_such() {
     let s = serde_json::to_string(&snapshot(1)).unwrap();
     let state = format!(r#"{{"snapshot":{s},"regions":[{{"guest_addr":0,"len":1048576}}]}}"#);
     let e = read_bytes(&frame(1, state.as_bytes(), &vec![0u8; 1 << 20])).unwrap_err();
@@ -342,14 +368,14 @@ fn a_version_1_file_is_refused_as_such() {
             e,
             SnapshotError::Version {
                 found: 1,
-                expected: 2
+                expected: FORMAT_VERSION
             }
         ),
         "{e}"
     );
     assert_eq!(
         e.to_string(),
-        "snapshot format version 1; this runtime reads version 2"
+        format!("snapshot format version 1; this runtime reads version {FORMAT_VERSION}")
     );
 }
 
@@ -383,7 +409,7 @@ fn a_damaged_device_state_is_refused_naming_the_device_and_field() {
             .contains("devices[0]: device state field device: 80000 bytes"),
         "{e}"
     );
-    // A file without the devices (a version 1 state framed as 2).
+    // A file without the devices (a version 1 state framed as the current version).
     let s = serde_json::to_string(&snapshot(1)).unwrap();
     let old = s.replace(r#","devices":[]"#, "");
     let old = format!(r#"{{"snapshot":{old},"regions":[{{"guest_addr":0,"len":1048576}}]}}"#);
