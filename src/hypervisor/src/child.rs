@@ -25,8 +25,19 @@ pub const CONSOLE_FD: RawFd = 4;
 /// The fd numbers of the taps in a VMM process: NET_FD, NET_FD + 1, ...
 pub const NET_FD: RawFd = 5;
 
+/// The fd numbers of a snapshot's file and of its capture request in a
+/// VMM process (far above the taps': a VM has fewer than 30 devices).
+pub const SNAPSHOT_FD: RawFd = 40;
+pub const REQUEST_FD: RawFd = 41;
+
 /// Keeps the fd numbers honest: none collides with stdio or another.
-const _: () = assert!(CONTROL_FD > 2 && CONSOLE_FD > CONTROL_FD && NET_FD > CONSOLE_FD);
+const _: () = assert!(
+    CONTROL_FD > 2
+        && CONSOLE_FD > CONTROL_FD
+        && NET_FD > CONSOLE_FD
+        && SNAPSHOT_FD > NET_FD + 30
+        && REQUEST_FD > SNAPSHOT_FD
+);
 
 impl PassFd {
     /// A VM's descriptors at their fixed numbers in its VMM process: the

@@ -20,7 +20,7 @@ mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
-pub use child::{spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD};
+pub use child::{spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD, REQUEST_FD, SNAPSHOT_FD};
 pub use confine::{
     cap_mask, confine_self, reduce_caps, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS,
     QEMU_CAPS, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
@@ -68,6 +68,31 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// virtio-net interfaces, each over a tap.
     pub nets: Vec<NetDevice>,
+    /// Boot as usual (None), or capture the VM as a template, or start
+    /// from one: the built-in VMM only; other backends refuse it.
+    pub snapshot: Option<SnapshotIo>,
+}
+
+/// A VM saved as, or started from, a snapshot (a template).
+#[derive(Debug)]
+pub enum SnapshotIo {
+    /// Boot; once a byte can be read on `request` (the caller knows the
+    /// guest is where it should be captured), capture the VM into `file`
+    /// (new and empty, open for writing) and end it: the VM's exit is
+    /// [`VmExit::GuestStopped`] once the capture is written, else
+    /// [`VmExit::VmmFailed`] saying why. `kernel` and `initramfs` are the
+    /// caller's hashes of its boot inputs, written into the snapshot.
+    Capture {
+        file: OwnedFd,
+        request: OwnedFd,
+        kernel: String,
+        initramfs: String,
+    },
+    /// Start from the snapshot in `file` (open for reading, verified by
+    /// the caller, never written again) instead of booting: its guest
+    /// memory is mapped copy-on-write, its devices get this
+    /// configuration's descriptors (control socket, console, shares).
+    Restore { file: OwnedFd },
 }
 
 /// A virtio-net interface backed by a tap device (opened without packet

@@ -141,6 +141,12 @@ impl Hypervisor for Qemu {
     }
 
     fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, Error> {
+        if config.snapshot.is_some() {
+            return Err(Error::InvalidConfig(
+                "the QEMU backend boots every VM: it neither captures nor restores templates"
+                    .into(),
+            ));
+        }
         if config.vcpus == 0 || config.memory_mib == 0 {
             return Err(Error::InvalidConfig(
                 "a VM needs at least one vCPU and some memory".into(),

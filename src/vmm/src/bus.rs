@@ -87,6 +87,19 @@ impl Bus {
         Action::None
     }
 
+    /// The virtio transports, in the order the VM was built with.
+    pub fn transports(&self) -> impl Iterator<Item = &Mutex<MmioTransport>> {
+        self.virtio.iter().map(|(_, t)| t)
+    }
+
+    /// The serial port's registers and buffered input.
+    pub fn serial_state(&self) -> vm_superio::serial::SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+    }
+
     fn transport(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
         self.virtio
             .iter()

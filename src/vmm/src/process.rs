@@ -87,8 +87,8 @@ use std::time::{Duration, Instant};
 
 use krun_hypervisor::{
     reduce_caps, spawn, CappedLog, ConfineError, EmptyDir, Error, Hypervisor, Jail, NetDevice,
-    PassFd, Share, Vm, VmConfig, VmExit, VmProcess, CONSOLE_FD, CONTROL_FD, NET_FD, VIRTIOFSD_CAPS,
-    VMM_CAPS, VMM_READONLY_CAPS,
+    PassFd, Share, SnapshotIo, Vm, VmConfig, VmExit, VmProcess, CONSOLE_FD, CONTROL_FD, NET_FD,
+    REQUEST_FD, SNAPSHOT_FD, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +131,16 @@ struct Wire {
     /// Whether the parent logs debug lines (`--debug`): the VMM's own go
     /// to its log then; info and above always do.
     debug: bool,
+    /// A template to capture or start from (its descriptors at
+    /// SNAPSHOT_FD and REQUEST_FD).
+    #[serde(default)]
+    snapshot: Option<WireSnapshot>,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+enum WireSnapshot {
+    Capture { kernel: String, initramfs: String },
+    Restore,
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +172,15 @@ impl Wire {
             log_limit: c.log_limit,
             run_dir: c.run_dir.clone(),
             debug: tracing::enabled!(tracing::Level::DEBUG),
+            snapshot: c.snapshot.as_ref().map(|s| match s {
+                SnapshotIo::Capture {
+                    kernel, initramfs, ..
+                } => WireSnapshot::Capture {
+                    kernel: kernel.clone(),
+                    initramfs: initramfs.clone(),
+                },
+                SnapshotIo::Restore { .. } => WireSnapshot::Restore,
+            }),
         }
     }
 
@@ -178,7 +197,20 @@ impl Wire {
                 mac,
             });
         }
+        let snapshot = match self.snapshot {
+            None => None,
+            Some(WireSnapshot::Capture { kernel, initramfs }) => Some(SnapshotIo::Capture {
+                file: fd(SNAPSHOT_FD)?,
+                request: fd(REQUEST_FD)?,
+                kernel,
+                initramfs,
+            }),
+            Some(WireSnapshot::Restore) => Some(SnapshotIo::Restore {
+                file: fd(SNAPSHOT_FD)?,
+            }),
+        };
         Ok(VmConfig {
+            snapshot,
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,
@@ -243,7 +275,30 @@ impl Hypervisor for Builtin {
         let (log, stderr) =
             CappedLog::create(&log_path, config.log_limit, "VMM log").map_err(spawn_err)?;
         let jail_dir = EmptyDir::create(config.run_dir.join(JAIL_DIR)).map_err(spawn_err)?;
+        if config.nets.len() > 30 {
+            return Err(Error::InvalidConfig(format!(
+                "{} network devices (at most 30)",
+                config.nets.len()
+            )));
+        }
         let mut fds = PassFd::vm_fds(config.control, config.console, config.nets);
+        match config.snapshot {
+            None => {}
+            Some(SnapshotIo::Capture { file, request, .. }) => {
+                fds.push(PassFd {
+                    fd: file,
+                    target: SNAPSHOT_FD,
+                });
+                fds.push(PassFd {
+                    fd: request,
+                    target: REQUEST_FD,
+                });
+            }
+            Some(SnapshotIo::Restore { file }) => fds.push(PassFd {
+                fd: file,
+                target: SNAPSHOT_FD,
+            }),
+        }
         fds.push(PassFd {
             fd: config_r.into(),
             target: CONFIG_FD,
@@ -293,6 +348,8 @@ pub enum ProcessError {
     Run(#[source] VmmError),
     #[error("cannot install the main thread's seccomp filter")]
     Seccomp(#[source] seccompiler::Error),
+    #[error("cannot read the template")]
+    Template(#[source] crate::snapshot::SnapshotError),
 }
 
 /// The VMM process: [`Builtin`]'s child (see the module doc). Never
@@ -336,10 +393,44 @@ fn serve() -> Result<VmExit, ProcessError> {
     let wire: Wire = serde_json::from_reader(io::stdin().lock()).map_err(ProcessError::Config)?;
     log_to_stderr(wire.debug);
     let readonly = wire.shares.iter().all(|s| s.readonly);
-    let config = wire.into_config(take_fd)?;
+    let mut config = wire.into_config(take_fd)?;
     let run_dir = config.run_dir.clone();
     let shares = config.shares.clone();
-    let built = vm::build(config).map_err(ProcessError::Build)?;
+    let header = crate::snapshot::Header {
+        vcpus: config.vcpus,
+        memory_size: config.memory_mib << 20,
+        ..Default::default()
+    };
+    let (built, capture) = match config.snapshot.take() {
+        None => (vm::build(config, vm::Start::Boot), None),
+        Some(SnapshotIo::Restore { file }) => {
+            // Verified whole by the parent, which keeps the file unchanged:
+            // the shape (every length and field) is checked again here.
+            let loaded = crate::snapshot::Snapshot::open(
+                std::fs::File::from(file),
+                Path::new("the template"),
+                crate::snapshot::Verify::ShapeOnly,
+            )
+            .map_err(ProcessError::Template)?;
+            (vm::build(config, vm::Start::Restore(&loaded)), None)
+        }
+        Some(SnapshotIo::Capture {
+            file,
+            request,
+            kernel,
+            initramfs,
+        }) => {
+            let header = crate::snapshot::Header {
+                kernel,
+                guest_init: initramfs.clone(),
+                initramfs,
+                ..header
+            };
+            let built = vm::build(config, vm::Start::BootForCapture);
+            (built, Some((std::fs::File::from(file), request, header)))
+        }
+    };
+    let built = built.map_err(ProcessError::Build)?;
     jail(&run_dir, &shares).map_err(ProcessError::Jail)?;
     limit_resources().map_err(ProcessError::Limits)?;
     reduce_caps(if readonly {
@@ -355,6 +446,9 @@ fn serve() -> Result<VmExit, ProcessError> {
         "VMM: the VM is built and the process jailed; starting the vCPUs"
     );
     let mut vm = built.run().map_err(ProcessError::Run)?;
+    if let Some((file, request, header)) = capture {
+        return Ok(capture_when_asked(vm, &file, &request, header));
+    }
     // Only now: the spawner and the vCPUs start from this thread and would
     // inherit its filter.
     if let Err(e) = vm.confine_waiter() {
@@ -362,6 +456,63 @@ fn serve() -> Result<VmExit, ProcessError> {
         return Err(ProcessError::Seccomp(e));
     }
     Ok(vm.wait_until_end(VIOLATION_POLL))
+}
+
+/// A template's VMM: runs the VM until a byte arrives on `request`, then
+/// captures it into `file` and ends it. Its main thread stays without the
+/// main thread's filter (it reads the KVM state and writes the file): a
+/// template's guest runs only the runtime's own kernel, initramfs and
+/// guest-init, never a container's code, and the vCPU and device threads
+/// keep their own filters.
+fn capture_when_asked(
+    mut vm: vm::BuiltinVm,
+    file: &std::fs::File,
+    request: &OwnedFd,
+    header: crate::snapshot::Header,
+) -> VmExit {
+    use std::os::fd::AsRawFd;
+    loop {
+        if let Ok(Some(exit)) = vm.try_wait() {
+            return exit;
+        }
+        let mut pfd = libc::pollfd {
+            fd: request.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd that outlives the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, VIOLATION_POLL.as_millis() as i32) };
+        if n <= 0 {
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: read(2) into a one-byte buffer that outlives the call.
+        let got = unsafe { libc::read(request.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if got != 1 {
+            // The parent is gone without asking: no capture.
+            vm.kill();
+            return VmExit::VmmFailed {
+                code: 1,
+                detail: "the template's builder went away before asking for the capture".into(),
+            };
+        }
+        let started = Instant::now();
+        return match vm.capture(file, Path::new("the template"), header) {
+            Ok(()) => {
+                tracing::debug!(took = ?started.elapsed(), "VMM: template captured");
+                VmExit::GuestStopped
+            }
+            Err(e) => {
+                let mut detail = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    detail.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                VmExit::VmmFailed { code: 1, detail }
+            }
+        };
+    }
 }
 
 /// The VMM's own log lines (the `tracing` events of this crate and of
@@ -482,6 +633,10 @@ mod tests {
             run_dir: "/run/r".into(),
             // What Wire::of gives without a subscriber that logs debug.
             debug: false,
+            snapshot: Some(WireSnapshot::Capture {
+                kernel: "k".into(),
+                initramfs: "i".into(),
+            }),
         };
         let json = serde_json::to_vec(&w).unwrap();
         let back: Wire = serde_json::from_slice(&json).unwrap();
@@ -493,7 +648,7 @@ mod tests {
                 std::fs::File::open("/dev/null").map(OwnedFd::from)
             })
             .unwrap();
-        assert_eq!(asked, [NET_FD, CONTROL_FD, CONSOLE_FD]);
+        assert_eq!(asked, [NET_FD, SNAPSHOT_FD, REQUEST_FD, CONTROL_FD, CONSOLE_FD]);
         assert_eq!(Wire::of(&config), w);
     }
 

@@ -23,6 +23,10 @@ pub extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Shared by the vCPU threads and the handle of the running VM.
 pub struct Control {
     pub stopping: AtomicBool,
+    /// Set to capture the VM: each vCPU leaves its loop without ending
+    /// the VM, completes its last exit ([`crate::snapshot::settle`]) and
+    /// hands its descriptor back (see `BuiltinVm::capture`).
+    pub detaching: AtomicBool,
     /// While set, vCPUs wait in [`Control::park`] instead of running.
     pub paused: Mutex<bool>,
     pub unpaused: Condvar,
@@ -38,6 +42,7 @@ impl Control {
     pub fn new(stop: EventFd) -> Control {
         Control {
             stopping: AtomicBool::new(false),
+            detaching: AtomicBool::new(false),
             paused: Mutex::new(false),
             unpaused: Condvar::new(),
             parked: std::sync::atomic::AtomicUsize::new(0),
@@ -56,7 +61,11 @@ impl Control {
         self.parked.fetch_add(1, Ordering::SeqCst);
         // A forbidden call (say the wait itself) ends the wait: the run
         // loop reports it.
-        while *paused && !self.stopping.load(Ordering::SeqCst) && !seccomp::violated() {
+        while *paused
+            && !self.stopping.load(Ordering::SeqCst)
+            && !self.detaching.load(Ordering::SeqCst)
+            && !seccomp::violated()
+        {
             paused = self
                 .unpaused
                 .wait(paused)
@@ -71,6 +80,17 @@ impl Control {
         if !on {
             self.unpaused.notify_all();
         }
+    }
+
+    /// Makes every vCPU leave its loop (kicked by the caller), the VM
+    /// still alive: for a capture.
+    pub fn detach(&self) {
+        self.detaching.store(true, Ordering::SeqCst);
+        self.unpaused.notify_all();
+    }
+
+    fn leaving(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst) || self.detaching.load(Ordering::SeqCst)
     }
 
     /// Records how the VM ended (the first reason wins) and stops it.
@@ -106,12 +126,15 @@ fn check_violation(control: &Control) {
     }
 }
 
-/// Runs `vcpu` until the VM stops, serving its I/O from `bus`.
-pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
-    while !control.stopping.load(Ordering::SeqCst) {
+/// Runs `vcpu` until the VM stops or is detached for a capture, serving
+/// its I/O from `bus`. A detached vCPU's last exit is completed
+/// ([`crate::snapshot::settle`], here: its own thread, under its own
+/// filter, which allows KVM_RUN) before it is handed back.
+pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) -> VcpuFd {
+    while !control.leaving() {
         control.park();
         check_violation(control);
-        if control.stopping.load(Ordering::SeqCst) {
+        if control.leaving() {
             break;
         }
         let exit = vcpu.run();
@@ -151,4 +174,13 @@ pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) {
             }),
         }
     }
+    if control.detaching.load(Ordering::SeqCst) && !control.stopping.load(Ordering::SeqCst) {
+        if let Err(e) = crate::snapshot::settle(&mut vcpu) {
+            control.finish(VmExit::VmmFailed {
+                code: 1,
+                detail: format!("capturing a vCPU: {e}"),
+            });
+        }
+    }
+    vcpu
 }

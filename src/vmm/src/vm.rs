@@ -21,6 +21,7 @@ use crate::devices::net::Net;
 use crate::layout::*;
 use crate::vcpu::{kick_signal, on_kick, Control};
 use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::snapshot::{Header, Loaded, Snapshot, VcpuState, VmState};
 use crate::virtio::{Interrupt, Mem, VirtioDevice};
 use crate::{boot, cpu, memory, mptable};
 
@@ -51,6 +52,25 @@ pub enum VmmError {
     Vcpus(u32),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("the snapshot is of another VM: {0}")]
+    SnapshotShape(String),
+    #[error("restoring device {0}")]
+    Restore(String, #[source] crate::virtio::mmio::RestoreError),
+    #[error("capturing device {0}")]
+    Capture(String, #[source] crate::virtio::mmio::CaptureError),
+}
+
+/// How a VM gets its first state.
+pub enum Start<'a> {
+    /// The kernel boots.
+    Boot,
+    /// The kernel boots, every device with a pause line, so that the VM
+    /// can be captured ([`BuiltinVm::capture`]): a template.
+    BootForCapture,
+    /// From a snapshot (a template), instead of a boot.
+    Restore(&'a Loaded),
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -61,17 +81,22 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 /// VMM's own, see [`crate::process`]; or a test's).
 pub struct BuiltinVm {
     control: Arc<Control>,
-    vcpus: Vec<JoinHandle<()>>,
+    vcpus: Vec<JoinHandle<VcpuFd>>,
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: Mem,
+    bus: Arc<Bus>,
 }
 
 /// Builds and boots a VM: [`build`], then [`Built::run`].
 pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
-    build(config)?.run()
+    build(config, Start::Boot)?.run()
 }
 
 /// A VM built and loaded, its vCPUs configured but not yet running: the
 /// guest has not run an instruction. Dropping it drops the VM.
 pub struct Built {
+    kvm: Kvm,
     vm: VmFd,
     mem: Mem,
     bus: Arc<Bus>,
@@ -80,12 +105,21 @@ pub struct Built {
 }
 
 /// Builds a VM from `config`: KVM, memory, devices, the kernel and
-/// initramfs loaded, vCPUs configured. Every file it needs (`/dev/kvm`, the
-/// kernel, the initramfs, each share's root) is opened here; no thread is
-/// left running.
-pub fn build(config: VmConfig) -> Result<Built, VmmError> {
+/// initramfs loaded, vCPUs configured; or, from a snapshot, memory mapped
+/// from it and every device and vCPU restored. Every file it needs
+/// (`/dev/kvm`, the kernel, the initramfs, each share's root) is opened
+/// here; no thread is left running.
+pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
     if config.vcpus == 0 || config.vcpus > 254 {
         return Err(VmmError::Vcpus(config.vcpus));
+    }
+    let restore = match start {
+        Start::Restore(loaded) => Some(&loaded.snapshot),
+        _ => None,
+    };
+    let pausable = !matches!(start, Start::Boot);
+    if let Some(snap) = restore {
+        check_shape(&snap.header, &config)?;
     }
     raise_open_file_limit();
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
@@ -102,8 +136,11 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
     };
     vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
 
-    let mem = memory::create(config.memory_mib << 20)
-        .map_err(|e| VmmError::Memory(config.memory_mib, e))?;
+    let mem = match start {
+        Start::Restore(loaded) => loaded.map_memory()?,
+        _ => memory::create(config.memory_mib << 20)
+            .map_err(|e| VmmError::Memory(config.memory_mib, e))?,
+    };
     // SAFETY: `mem` is kept (cloned) by the vCPU threads and devices for
     // as long as the VM runs.
     unsafe { memory::register(&vm, &mem) }.map_err(kvm_call("registering guest memory"))?;
@@ -121,7 +158,17 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
         .map_err(kvm_call("wiring the serial interrupt"))?;
     // The console goes into the caller's pipe, which the caller drains
     // and caps; a failed write is dropped, never the guest's problem.
-    let serial = vm_superio::Serial::new(IrqTrigger(serial_irq), File::from(config.console));
+    let console = File::from(config.console);
+    let serial = match restore.and_then(|s| s.serial.as_ref()) {
+        Some(state) => vm_superio::Serial::from_state(
+            &state.state(),
+            IrqTrigger(serial_irq),
+            vm_superio::serial::NoEvents,
+            console,
+        )
+        .map_err(|e| VmmError::SnapshotShape(format!("serial port: {e:?}")))?,
+        None => vm_superio::Serial::new(IrqTrigger(serial_irq), console),
+    };
 
     let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     let control_stream = UnixStream::from(config.control);
@@ -145,6 +192,15 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
         devices.push((name, Box::new(net)));
     }
     devices.push(("virtio-balloon".into(), Box::new(Balloon::new())));
+    if let Some(snap) = restore {
+        if snap.devices.len() != devices.len() {
+            return Err(VmmError::SnapshotShape(format!(
+                "{} devices captured, this VM has {}",
+                snap.devices.len(),
+                devices.len()
+            )));
+        }
+    }
     let mut cmdline = format!(
         "console=ttyS0 reboot=t panic=-1 oops=panic {}",
         config.cmdline
@@ -153,15 +209,24 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
     for (n, (name, dev)) in devices.into_iter().enumerate() {
         let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;
         let base = virtio_mmio_addr(n);
-        let t = wire(&vm, &mem, dev, irq, base, &control.stop)
-            .map_err(|e| VmmError::Device(name, e))?;
+        let state = restore.map(|s| &s.devices[n]);
+        let t = wire(&vm, &mem, dev, irq, base, &control.stop, pausable, state)
+            .map_err(|e| match e {
+                Wired::Io(e) => VmmError::Device(name, e),
+                Wired::Restore(e) => VmmError::Restore(name, e),
+            })?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@0x{base:x}:{irq}"));
         transports.push((base, t));
     }
     let bus = Arc::new(Bus::new(serial, transports));
 
-    mptable::write(&mem, config.vcpus, MPTABLE_ADDR)?;
-    let entry = boot::load(&mem, &config.kernel, &config.initrd, &cmdline)?;
+    let entry = match restore {
+        Some(_) => None,
+        None => {
+            mptable::write(&mem, config.vcpus, MPTABLE_ADDR)?;
+            Some(boot::load(&mem, &config.kernel, &config.initrd, &cmdline)?)
+        }
+    };
 
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
         .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -171,11 +236,22 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
         let vcpu = vm
             .create_vcpu(id as u64)
             .map_err(kvm_call("creating a vCPU"))?;
-        cpu::configure(&kvm, &vcpu, id, cpus, (id == 0).then_some(entry))
-            .map_err(|e| VmmError::Cpu(id, e))?;
+        if let Some(entry) = entry {
+            cpu::configure(&kvm, &vcpu, id, cpus, (id == 0).then_some(entry))
+                .map_err(|e| VmmError::Cpu(id, e))?;
+        }
         fds.push(vcpu);
     }
+    if let Some(snap) = restore {
+        // The irqchip, PIT and clock before any vCPU's state (see the
+        // snapshot module's doc for the order).
+        snap.vm.restore(&vm)?;
+        for (state, vcpu) in snap.vcpus.iter().zip(&fds) {
+            state.restore(&vm, vcpu)?;
+        }
+    }
     Ok(Built {
+        kvm,
         vm,
         mem,
         bus,
@@ -184,10 +260,26 @@ pub fn build(config: VmConfig) -> Result<Built, VmmError> {
     })
 }
 
+/// A snapshot restores only into a VM of its shape: vCPUs and memory here
+/// (the devices are counted once built).
+fn check_shape(h: &Header, config: &VmConfig) -> Result<(), VmmError> {
+    if h.vcpus != config.vcpus || h.memory_size != config.memory_mib << 20 {
+        return Err(VmmError::SnapshotShape(format!(
+            "{} vCPUs and {} MiB captured, this VM has {} and {} MiB",
+            h.vcpus,
+            h.memory_size >> 20,
+            config.vcpus,
+            config.memory_mib
+        )));
+    }
+    Ok(())
+}
+
 impl Built {
     /// Starts the vCPU threads: the guest runs from here on.
     pub fn run(self) -> Result<BuiltinVm, VmmError> {
         let Built {
+            kvm,
             vm,
             mem,
             bus,
@@ -199,6 +291,9 @@ impl Built {
         // Started before the vCPUs, so it carries none of their filter:
         // the device workers start on it (see crate::spawner).
         let spawner = crate::spawner::Spawner::start(&control.stop).map_err(VmmError::Thread)?;
+        // Restored devices start their workers now, on the spawner (as a
+        // vCPU's DRIVER_OK would), never from this thread directly.
+        activate_restored(&bus, spawner.clone())?;
         let mut vcpus = Vec::new();
         for (id, vcpu) in fds.into_iter().enumerate() {
             let (bus, control, vm, mem) = (bus.clone(), control.clone(), vm.clone(), mem.clone());
@@ -207,18 +302,57 @@ impl Built {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     crate::vcpu::confine(spawner, &control);
-                    crate::vcpu::run(vcpu, &bus, &control);
+                    let vcpu = crate::vcpu::run(vcpu, &bus, &control);
                     drop((vm, mem));
+                    vcpu
                 })
                 .map_err(VmmError::Thread)?;
             vcpus.push(handle);
         }
-        Ok(BuiltinVm { control, vcpus })
+        Ok(BuiltinVm {
+            control,
+            vcpus,
+            kvm,
+            vm,
+            mem,
+            bus,
+        })
     }
 }
 
-/// Puts `dev` behind an MMIO transport at `base`, its interrupt on `irq`
-/// (an irqfd) and its queue notifications on ioeventfds.
+/// Starts the workers of the devices restored as activated, on
+/// `spawner`: from a thread of its own that enters it, so that this
+/// thread keeps no spawner (the spawner ends with its last holder).
+fn activate_restored(bus: &Arc<Bus>, spawner: crate::spawner::Spawner) -> Result<(), VmmError> {
+    let bus = bus.clone();
+    std::thread::Builder::new()
+        .name("vmm-restore".into())
+        .spawn(move || {
+            spawner.enter();
+            for t in bus.transports() {
+                let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                let ty = t.device_type();
+                t.activate_restored()
+                    .map_err(|e| VmmError::Restore(format!("of type {ty}"), e))?;
+            }
+            Ok(())
+        })
+        .map_err(VmmError::Thread)?
+        .join()
+        .unwrap_or_else(|_| Err(VmmError::Thread(std::io::Error::other("panicked"))))
+}
+
+/// Why [`wire`] failed.
+enum Wired {
+    Io(std::io::Error),
+    Restore(crate::virtio::mmio::RestoreError),
+}
+
+/// Puts `dev` behind an MMIO transport at `base` (restored from `state`
+/// if given, its worker not started: see [`activate_restored`]), its
+/// interrupt on `irq` (an irqfd) and its queue notifications on
+/// ioeventfds; with a pause line if `pausable`.
+#[allow(clippy::too_many_arguments)]
 fn wire(
     vm: &VmFd,
     mem: &Mem,
@@ -226,19 +360,28 @@ fn wire(
     irq: u32,
     base: u64,
     stop: &EventFd,
-) -> std::io::Result<MmioTransport> {
-    let irq_evt = EventFd::new(EFD_NONBLOCK)?;
+    pausable: bool,
+    state: Option<&crate::snapshot::TransportState>,
+) -> Result<MmioTransport, Wired> {
+    let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(Wired::Io)?;
     vm.register_irqfd(&irq_evt, irq)
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    let t = MmioTransport::new(
-        dev,
-        mem.clone(),
-        Arc::new(Interrupt::new(irq_evt)),
-        stop.try_clone()?,
-    )?;
+        .map_err(|e| Wired::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    let interrupt = Arc::new(Interrupt::new(irq_evt));
+    let stop = stop.try_clone().map_err(Wired::Io)?;
+    let t = match state {
+        Some(state) => MmioTransport::restore_inactive(dev, mem.clone(), interrupt, stop, state)
+            .map_err(Wired::Restore)?,
+        None => {
+            let mut t = MmioTransport::new(dev, mem.clone(), interrupt, stop).map_err(Wired::Io)?;
+            if pausable {
+                t.enable_pause().map_err(Wired::Io)?;
+            }
+            t
+        }
+    };
     for (q, evt) in t.notify_eventfds().iter().enumerate() {
         vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            .map_err(|e| Wired::Io(std::io::Error::from_raw_os_error(e.errno())))?;
     }
     Ok(t)
 }
@@ -286,7 +429,63 @@ impl BuiltinVm {
     }
 }
 
+/// How long a device's worker may take to park for a capture.
+const DEVICE_PAUSE: Duration = Duration::from_secs(2);
+
 impl BuiltinVm {
+    /// Captures the VM into `file` (new and empty; `path` names it in
+    /// errors) with `header`, and ends it: the vCPUs leave their loops
+    /// (each completing its last exit, on its own thread), every device's
+    /// worker parks, and the state and the guest memory are written. For
+    /// a template: the VM was built with [`Start::BootForCapture`] (or
+    /// restored), and the caller's thread is not confined (it reads the
+    /// vCPUs' and the VM's KVM state and writes the file).
+    pub fn capture(mut self, file: &File, path: &std::path::Path, header: Header) -> Result<(), VmmError> {
+        self.control.detach();
+        let mut fds = Vec::new();
+        for _ in 0..400 {
+            if self.vcpus.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for h in self.vcpus.drain(..) {
+            let fd = h
+                .join()
+                .map_err(|_| VmmError::Thread(std::io::Error::other("a vCPU thread panicked")))?;
+            fds.push(fd);
+        }
+        if let Some(e) = self.exit() {
+            return Err(VmmError::SnapshotShape(format!("the VM ended before its capture: {e:?}")));
+        }
+        let mut paused = Vec::new();
+        let mut devices = Vec::new();
+        for t in self.bus.transports() {
+            let t = t.lock().unwrap_or_else(|e| e.into_inner());
+            let name = format!("of type {}", t.device_type());
+            let p = t.pause(DEVICE_PAUSE).map_err(|e| VmmError::Capture(name.clone(), e))?;
+            devices.push(t.capture(&p).map_err(|e| VmmError::Capture(name, e))?);
+            paused.push(p);
+        }
+        let msrs = crate::snapshot::msrs_to_save(&self.kvm, &fds[0])?;
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.iter().enumerate() {
+            vcpus.push(VcpuState::capture(&self.vm, fd, id as u32, &msrs, true)?);
+        }
+        let snapshot = Snapshot {
+            header,
+            vcpus,
+            vm: VmState::capture(&self.vm, true, true)?,
+            devices,
+            serial: Some(self.bus.serial_state().into()),
+        };
+        snapshot.write_to(file, path, &self.mem)?;
+        drop(paused);
+        self.control.finish(VmExit::GuestStopped);
+        Ok(())
+    }
+
     /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
     /// forbidden system call of one of its threads (which stops its
     /// device workers, not its vCPUs): checked every `poll`.
@@ -356,7 +555,7 @@ impl Vm for BuiltinVm {
     fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
         self.control.set_paused(true);
         // Wait until every vCPU is out of the guest and parked.
-        let running = |vcpus: &[JoinHandle<()>]| vcpus.iter().filter(|h| !h.is_finished()).count();
+        let running = |vcpus: &[JoinHandle<VcpuFd>]| vcpus.iter().filter(|h| !h.is_finished()).count();
         for _ in 0..400 {
             if self
                 .control

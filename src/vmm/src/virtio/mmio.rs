@@ -91,6 +91,9 @@ pub struct MmioTransport {
     /// The line that parks the device's worker for a snapshot, if the
     /// transport was built with one ([`MmioTransport::enable_pause`]).
     pause: Option<Arc<Pause>>,
+    /// Restored as activated, its worker not started yet
+    /// ([`MmioTransport::activate_restored`]).
+    pending: bool,
 }
 
 /// Why a transport's state could not be captured.
@@ -159,6 +162,7 @@ impl MmioTransport {
             activated: false,
             failed: false,
             pause: None,
+            pending: false,
         })
     }
 
@@ -244,6 +248,24 @@ impl MmioTransport {
     /// activated again here, its worker continuing from the captured queue
     /// indices. Call on the VM's set-up thread, before the vCPUs run.
     pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: Mem,
+        interrupt: Arc<Interrupt>,
+        stop: EventFd,
+        state: &TransportState,
+    ) -> Result<MmioTransport, RestoreError> {
+        let mut t = MmioTransport::restore_inactive(device, mem, interrupt, stop, state)?;
+        t.activate_restored()?;
+        Ok(t)
+    }
+
+    /// [`MmioTransport::restore`] without starting the device's worker:
+    /// [`MmioTransport::activate_restored`] does, later. The VMM restores
+    /// its devices before it jails itself and drops capabilities, and a
+    /// thread started then would keep the host's mount namespace and the
+    /// capabilities (both are per thread): workers start only once the
+    /// process is confined.
+    pub fn restore_inactive(
         mut device: Box<dyn VirtioDevice>,
         mem: Mem,
         interrupt: Arc<Interrupt>,
@@ -283,18 +305,26 @@ impl MmioTransport {
         t.config_generation = state.config_generation;
         t.interrupt.restore_status(state.interrupt_status);
         if state.activated {
-            if state.failed {
-                // It failed before the capture: it stays failed.
-                t.activated = true;
-                t.failed = true;
-            } else {
-                t.activate();
-                if t.failed {
-                    return Err(RestoreError::Activation(t.device.device_type()));
-                }
-            }
+            // It failed before the capture: it stays failed.
+            t.activated = true;
+            t.failed = state.failed;
+            t.pending = !state.failed;
         }
         Ok(t)
+    }
+
+    /// Starts the worker of a device [`MmioTransport::restore_inactive`]
+    /// found activated, continuing from the captured queue indices; does
+    /// nothing for any other.
+    pub fn activate_restored(&mut self) -> Result<(), RestoreError> {
+        if !std::mem::take(&mut self.pending) {
+            return Ok(());
+        }
+        self.activate();
+        if self.failed {
+            return Err(RestoreError::Activation(self.device.device_type()));
+        }
+        Ok(())
     }
 
     /// The eventfd each queue's notifications arrive on, by queue index.
