@@ -29,6 +29,7 @@ pub mod relay;
 pub mod session;
 pub mod staging;
 pub mod state;
+pub mod template;
 pub mod tty;
 
 pub use error::{Error, Result};

@@ -25,6 +25,10 @@ struct Cli {
     /// annotation io.krun-oci.require_kvm=true).
     #[arg(long, global = true)]
     require_kvm: bool,
+    /// Boot every VM cold, never from a VM template (also annotation
+    /// io.krun-oci.template=false).
+    #[arg(long, global = true)]
+    no_template: bool,
     /// Print the version (as runc does: version, commit, spec).
     #[arg(short = 'v', long = "version")]
     version: bool,
@@ -81,6 +85,7 @@ fn main() {
         hypervisor,
         detached: false,
         require_kvm: cli.require_kvm,
+        no_template: cli.no_template,
         console_copy: krun_oci::monitor::console_copy_from_env(),
         systemd_cgroup: cli.global.systemd_cgroup,
         root: cli

@@ -30,6 +30,13 @@ pub const CONSOLE_LOG_LIMIT_VAR: &str = "KRUN_OCI_CONSOLE_LOG_LIMIT";
 /// before its VM is killed. Generous by default: a loaded TCG host is slow.
 pub const CONTROL_DEADLINE_VAR: &str = "KRUN_OCI_CONTROL_DEADLINE_MS";
 
+/// The kernel command line beyond what the backend adds.
+/// no_timer_check: on a loaded host (TCG, or many VMs booting at once) the
+/// timer interrupt can miss the kernel's short test window at boot and it
+/// panics with "IO-APIC + timer doesn't work"; virtual machines skip that
+/// check.
+pub const CMDLINE: &str = "quiet no_timer_check";
+
 /// How long the console log may take to catch up once the VM is gone.
 const CONSOLE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -98,7 +105,7 @@ impl std::fmt::Display for ConsoleTail {
     }
 }
 
-fn console_tail(path: &Path) -> ConsoleTail {
+pub(crate) fn console_tail(path: &Path) -> ConsoleTail {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     ConsoleTail(lines[lines.len().saturating_sub(8)..].join(" | "))
@@ -139,6 +146,48 @@ pub struct Timings {
     pub guest_hello_ns: u64,
     pub created: Option<Instant>,
     pub started: Option<Instant>,
+    /// The VM was restored from a template, not booted.
+    pub restored: bool,
+}
+
+/// The template this VM starts from, if it can: the built-in VMM, no
+/// network (a template's network card has its builder's MAC), templates
+/// not turned off (`io.krun-oci.template=false`, `--no-template`, or
+/// `KRUN_OCI_TEMPLATES=0` without `io.krun-oci.template=true`). A template
+/// that cannot be had is a warning and a cold boot, never a failed start.
+fn template_for(
+    hv: &dyn Hypervisor,
+    plan: &VmPlan,
+    assets: &Assets,
+    nets: &[krun_hypervisor::NetDevice],
+) -> Option<crate::template::Template> {
+    let wanted = plan
+        .template
+        .unwrap_or_else(crate::template::enabled_by_env);
+    if !wanted || hv.name() != "builtin" || !nets.is_empty() {
+        return None;
+    }
+    let shape = crate::template::Shape {
+        vcpus: plan.vcpus,
+        memory_mib: plan.memory_mib,
+        cmdline: CMDLINE.into(),
+    };
+    match crate::template::obtain(hv, &shape, assets) {
+        Ok(t) => {
+            tracing::debug!(template = %t.key, built = t.built, "starting from a VM template");
+            Some(t)
+        }
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            tracing::warn!("no VM template, booting cold: {why}");
+            None
+        }
+    }
 }
 
 pub struct Session {
@@ -168,14 +217,12 @@ impl Session {
         let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
         let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
             .map_err(SessionError::Channel)?;
+        let template = template_for(hv, plan, assets, &nets);
+        let restored = template.is_some();
         let config = VmConfig {
             kernel: assets.kernel.clone(),
             initrd: assets.initrd.clone(),
-            // no_timer_check: on a loaded host (TCG, or many VMs booting at
-            // once) the timer interrupt can miss the kernel's short test
-            // window at boot and it panics with "IO-APIC + timer doesn't
-            // work"; virtual machines skip that check.
-            cmdline: "quiet no_timer_check".into(),
+            cmdline: CMDLINE.into(),
             vcpus: plan.vcpus,
             memory_mib: plan.memory_mib,
             shares: vec![krun_hypervisor::Share {
@@ -189,11 +236,21 @@ impl Session {
             log_limit,
             run_dir: run_dir.to_path_buf(),
             nets,
+            snapshot: template.map(|t| krun_hypervisor::SnapshotIo::Restore {
+                file: t.file.into(),
+            }),
         };
         let vm = hv.start(config).map_err(SessionError::Start)?;
         let spawned = Instant::now();
         let mut s = Session::attach(vm, host_end, control_limits(), console_log, console)?;
         s.timings.vmm_spawned = Some(spawned);
+        if restored {
+            // Its guest-init said hello to the template's builder and waits
+            // for its container, as after a boot.
+            s.timings.hello = Some(spawned);
+            s.timings.restored = true;
+            return Ok(s);
+        }
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             match s.next(Some(deadline))? {

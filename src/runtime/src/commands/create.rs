@@ -22,7 +22,10 @@ use crate::state::StateDir;
 /// once, by the caller), its plan, the backend, its state directory. Bad
 /// input fails here, before anything is started.
 pub fn launch(ctx: &Context, id: &str, bundle: Bundle, stdio: MainStdio) -> Result<Launch> {
-    let plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
+    let mut plan = plan::plan(id, &bundle.dir, &bundle.spec, &HostInfo::detect())?;
+    if ctx.no_template {
+        plan.template = Some(false);
+    }
     // Checked here too, where /proc is the host's, to fail before anything
     // starts (the monitor has a /proc of its own).
     if let Some(ns) = &plan.netns {

@@ -22,6 +22,8 @@ pub struct Context {
     pub detached: bool,
     /// `--require-kvm`: never fall back to TCG emulation.
     pub require_kvm: bool,
+    /// `--no-template`: boot every VM cold, never from a template.
+    pub no_template: bool,
     /// Where the guest console log is kept when a monitor ends
     /// ([`crate::monitor::Launch::console_copy`]).
     pub console_copy: Option<PathBuf>,

@@ -34,6 +34,9 @@ pub const ANNOTATION_HYPERVISOR: &str = "io.krun-oci.hypervisor";
 /// Annotation that refuses to run the container without hardware
 /// virtualization (`true`): no fallback to TCG emulation.
 pub const ANNOTATION_REQUIRE_KVM: &str = "io.krun-oci.require_kvm";
+/// `true`: start this container's VM from a template (on the built-in
+/// VMM); `false`: boot it cold.
+pub const ANNOTATION_TEMPLATE: &str = "io.krun-oci.template";
 
 /// The hypervisor backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +73,9 @@ pub struct VmPlan {
     pub hypervisor: Option<HypervisorKind>,
     /// The bundle refuses TCG emulation ([`ANNOTATION_REQUIRE_KVM`]).
     pub require_kvm: bool,
+    /// Whether the VM starts from a template ([`ANNOTATION_TEMPLATE`];
+    /// None: unless `KRUN_OCI_TEMPLATES=0`; see [`crate::template`]).
+    pub template: Option<bool>,
     /// The network namespace (`linux.namespaces`, type network, with a
     /// path) whose network the VM carries in; see [`crate::net`].
     pub netns: Option<std::path::PathBuf>,
@@ -229,6 +235,23 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
             false
         }
     };
+    let template = match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TEMPLATE))
+        .map(String::as_str)
+    {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            problems.add(
+                format!("annotations[{ANNOTATION_TEMPLATE:?}]"),
+                format!("{other:?} is neither true nor false"),
+            );
+            None
+        }
+    };
 
     if !problems.0.is_empty() {
         return Err(PlanError(problems.0));
@@ -280,6 +303,7 @@ pub fn plan(id: &str, bundle: &Path, spec: &Spec, host: &HostInfo) -> Result<VmP
         setup,
         hypervisor,
         require_kvm,
+        template,
         netns: linux.netns,
         warnings,
     })

@@ -1,0 +1,413 @@
+//! VM templates (issue #15): a VM of the built-in VMM booted once to the
+//! point where guest-init waits for its container, captured to a file,
+//! and restored for each container of the same shape instead of a boot.
+//!
+//! # Where, and what a template is keyed by
+//! Templates live in [`DEFAULT_DIR`] (or `$KRUN_OCI_TEMPLATE_DIR`), a
+//! directory only root reaches (0700): `<key>.snap` the snapshot,
+//! `<key>.ok` the stamp of its verification, `<key>.lock` the lock its
+//! builders take. The key is a hash of everything a restored VM must
+//! share with its template: the snapshot format, the vCPUs and memory,
+//! the device set (one share, no network), the kernel command line and
+//! the identity of the kernel, the initramfs (which is guest-init) and
+//! the runtime's own binary (its device model): device, inode, size,
+//! modification and change times, so that any rewrite (or a `touch`) of
+//! any of them makes a new key and so a new template, without reading
+//! them through on every start.
+//!
+//! # Build once, verify once
+//! The first start of a shape takes the lock (an exclusive `flock`; a
+//! concurrent start of the same shape waits for it, then finds the
+//! template), boots a VM with an empty share, waits for guest-init's
+//! hello, asks the VMM to capture (see `krun_vmm::process`), verifies the
+//! file whole (its SHA-256) and renames it into place: a template file is
+//! never written again. A file found without a stamp, or whose stamp
+//! names another inode, size or times, is verified whole before use;
+//! one that fails is removed and built again, never booted. Once
+//! verified, a start checks the stamp and the file's shape, not its
+//! checksum (a pass over the guest memory, ~100 ms).
+//!
+//! # What a start does not take from its template
+//! Each start reseeds the guest's RNG, sets its clock, hostname and
+//! container (the container's set-up, as after a boot). Clones of one
+//! template share the guest kernel's KASLR layout and `boot_id`
+//! (`/proc/sys/kernel/random/boot_id`, made at the template's boot);
+//! see the README.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use krun_hypervisor::{CappedLog, Hypervisor, Share, SnapshotIo, VmConfig, VmExit};
+use krun_proto::{FrameKind, FrameReader, ToHost, CONTROL_PORT_NAME, PROTOCOL_VERSION};
+use krun_vmm::snapshot::{Snapshot, FORMAT_VERSION};
+use sha2::{Digest, Sha256};
+
+use crate::assets::Assets;
+
+/// Where templates are kept.
+pub const DEFAULT_DIR: &str = "/var/lib/krun-oci/templates";
+/// Operator knob: another directory for templates.
+pub const DIR_VAR: &str = "KRUN_OCI_TEMPLATE_DIR";
+/// Operator knob: `0` (or `false`, `off`, `no`) boots every VM cold
+/// unless its bundle asks for a template (`io.krun-oci.template=true`).
+pub const ENABLE_VAR: &str = "KRUN_OCI_TEMPLATES";
+/// How long a template's boot may take to reach guest-init's hello.
+const BOOT_TIMEOUT: Duration = crate::session::BOOT_TIMEOUT;
+/// How long a start waits for another's build of the same template.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Why a template could not be had (the start then boots cold, saying so).
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a directory only root can reach", .0.display())]
+    Unsafe(PathBuf),
+    #[error("another start has been building this template for {0:?}")]
+    Busy(Duration),
+    #[error("starting the template's VM")]
+    Start(#[source] krun_hypervisor::Error),
+    #[error("the template's guest: {0}")]
+    Guest(String),
+    #[error("the captured template")]
+    Snapshot(#[source] krun_vmm::snapshot::SnapshotError),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let path = path.to_path_buf();
+    move |source| TemplateError::Io { what, path, source }
+}
+
+/// Whether templates are on for this process (`KRUN_OCI_TEMPLATES`).
+pub fn enabled_by_env() -> bool {
+    !std::env::var(ENABLE_VAR).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
+}
+
+/// The templates' directory.
+pub fn dir() -> PathBuf {
+    std::env::var_os(DIR_VAR)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// The shape of a VM, as a template is keyed by it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Shape {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub cmdline: String,
+}
+
+/// A file's identity: any rewrite or touch changes it.
+fn identity(path: &Path) -> Result<String, TemplateError> {
+    let m = std::fs::metadata(path).map_err(io("reading the metadata of", path))?;
+    Ok(format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+/// The key of the template for `shape` with these boot inputs.
+pub fn key(shape: &Shape, assets: &Assets) -> Result<String, TemplateError> {
+    let exe = std::fs::read_link("/proc/self/exe").map_err(io("resolving", Path::new("/proc/self/exe")))?;
+    let inputs = serde_json::json!({
+        "format": FORMAT_VERSION,
+        "protocol": PROTOCOL_VERSION,
+        "shape": shape,
+        "devices": "console,virtio-fs rootfs,balloon",
+        "port": CONTROL_PORT_NAME,
+        "kernel": identity(&assets.kernel)?,
+        "initramfs": identity(&assets.initrd)?,
+        "runtime": identity(&exe)?,
+    });
+    let digest = Sha256::digest(inputs.to_string().as_bytes());
+    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A template ready to restore from: its file open for reading.
+pub struct Template {
+    pub file: File,
+    pub key: String,
+    /// Whether this start built it.
+    pub built: bool,
+}
+
+/// The template for `shape`: found, verified and returned; or built
+/// first (booting a VM of `hv`, the built-in VMM) when there is none or
+/// the one there fails its verification. `run_dir` is the caller's
+/// private directory, for the build's VMM.
+pub fn obtain(
+    hv: &dyn Hypervisor,
+    shape: &Shape,
+    assets: &Assets,
+) -> Result<Template, TemplateError> {
+    let dir = dir();
+    ensure_dir(&dir)?;
+    let key = key(shape, assets)?;
+    let snap = dir.join(format!("{key}.snap"));
+    let stamp = dir.join(format!("{key}.ok"));
+    // Fast path, no lock: a verified template whose stamp still holds.
+    if let Some(file) = verified(&snap, &stamp)? {
+        return Ok(Template {
+            file,
+            key,
+            built: false,
+        });
+    }
+    let _lock = lock(&dir.join(format!("{key}.lock")))?;
+    // Another start may have built or verified it while we waited.
+    if let Some(file) = verified(&snap, &stamp)? {
+        return Ok(Template {
+            file,
+            key,
+            built: false,
+        });
+    }
+    if snap.exists() {
+        match Snapshot::read(&snap) {
+            Ok(_) => {
+                write_stamp(&snap, &stamp)?;
+                if let Some(file) = verified(&snap, &stamp)? {
+                    return Ok(Template {
+                        file,
+                        key,
+                        built: false,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(template = %snap.display(), error = %e, "a template failed its verification: removed, building it again");
+            }
+        }
+        let _ = std::fs::remove_file(&stamp);
+        std::fs::remove_file(&snap).map_err(io("removing", &snap))?;
+    }
+    let started = Instant::now();
+    build(hv, shape, assets, &dir, &key, &snap)?;
+    Snapshot::read(&snap).map_err(TemplateError::Snapshot)?;
+    write_stamp(&snap, &stamp)?;
+    tracing::info!(template = %snap.display(), took = ?started.elapsed(), "built a VM template");
+    let file = verified(&snap, &stamp)?.ok_or_else(|| TemplateError::Guest("the template vanished after its build".into()))?;
+    Ok(Template {
+        file,
+        key,
+        built: true,
+    })
+}
+
+/// Creates `dir` (0700) if needed and checks it is root's and no one
+/// else's: a template is guest memory the runtime maps into every clone.
+fn ensure_dir(dir: &Path) -> Result<(), TemplateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("creating", dir))?;
+    let m = std::fs::symlink_metadata(dir).map_err(io("reading the metadata of", dir))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me || m.permissions().mode() & 0o077 != 0 {
+        return Err(TemplateError::Unsafe(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// The template at `snap`, open, if `stamp` says it was verified as the
+/// file it is now (same inode, size and times).
+fn verified(snap: &Path, stamp: &Path) -> Result<Option<File>, TemplateError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(snap)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("opening", snap)(e)),
+    };
+    let Ok(said) = std::fs::read_to_string(stamp) else {
+        return Ok(None);
+    };
+    // The identity of the open file, not of the path.
+    let now = identity(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    Ok((said.trim() == now).then_some(file))
+}
+
+fn write_stamp(snap: &Path, stamp: &Path) -> Result<(), TemplateError> {
+    let tmp = stamp.with_extension(format!("ok.{}", std::process::id()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(io("creating", &tmp))?;
+    f.write_all(identity(snap)?.as_bytes())
+        .map_err(io("writing", &tmp))?;
+    std::fs::rename(&tmp, stamp).map_err(io("renaming into place", stamp))
+}
+
+/// An exclusive lock on `path`, held while the returned file is open.
+fn lock(path: &Path) -> Result<File, TemplateError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("opening the lock", path))?;
+    let started = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io("locking", path)(e));
+        }
+        if started.elapsed() > LOCK_TIMEOUT {
+            return Err(TemplateError::Busy(LOCK_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes a directory tree when dropped.
+struct BuildDir(PathBuf);
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots the template's VM and has it captured into `snap`.
+fn build(
+    hv: &dyn Hypervisor,
+    shape: &Shape,
+    assets: &Assets,
+    dir: &Path,
+    key: &str,
+    snap: &Path,
+) -> Result<(), TemplateError> {
+    let work = BuildDir(dir.join(format!("build-{key}-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&work.0);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work.0)
+        .map_err(io("creating", &work.0))?;
+    let share = work.0.join("share");
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&share)
+        .map_err(io("creating", &share))?;
+    // Under a fresh name; renamed into place once whole.
+    let partial = work.0.join("template.snap");
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&partial)
+        .map_err(io("creating", &partial))?;
+    let (host_end, vm_end) = UnixStream::pair().map_err(io("creating the control channel of", &work.0))?;
+    let console_log = work.0.join("console.log");
+    let (mut console, console_pipe) =
+        CappedLog::create(&console_log, 1 << 20, "template console log").map_err(io("creating", &console_log))?;
+    let (request_r, mut request_w) = std::io::pipe().map_err(io("creating the capture request of", &work.0))?;
+    let config = VmConfig {
+        kernel: assets.kernel.clone(),
+        initrd: assets.initrd.clone(),
+        cmdline: shape.cmdline.clone(),
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
+        shares: vec![Share {
+            tag: krun_proto::SHARE_TAG.to_string(),
+            path: share,
+            readonly: false,
+        }],
+        control: vm_end.into(),
+        control_port_name: CONTROL_PORT_NAME.into(),
+        console: console_pipe,
+        log_limit: 1 << 20,
+        run_dir: work.0.clone(),
+        nets: Vec::new(),
+        snapshot: Some(SnapshotIo::Capture {
+            file: OwnedFd::from(file),
+            request: OwnedFd::from(request_r),
+            kernel: identity(&assets.kernel)?,
+            initramfs: identity(&assets.initrd)?,
+        }),
+    };
+    let mut vm = hv.start(config).map_err(TemplateError::Start)?;
+    let tail = |console: &mut CappedLog| {
+        console.finish(Duration::from_secs(1));
+        crate::session::console_tail(&console_log).to_string()
+    };
+    if let Err(e) = await_hello(&host_end) {
+        vm.kill();
+        return Err(TemplateError::Guest(format!("{e}; console: {}", tail(&mut console))));
+    }
+    request_w
+        .write_all(&[1])
+        .map_err(io("asking for the capture of", &work.0))?;
+    match vm.wait().map_err(TemplateError::Start)? {
+        VmExit::GuestStopped => {}
+        other => {
+            return Err(TemplateError::Guest(format!(
+                "the capture failed: {other:?}; VMM log: {}",
+                std::fs::read_to_string(work.0.join("vmm.log")).unwrap_or_default().trim()
+            )))
+        }
+    }
+    drop(host_end);
+    std::fs::rename(&partial, snap).map_err(io("renaming into place", snap))
+}
+
+/// Reads guest-init's hello from `host_end`, within [`BOOT_TIMEOUT`].
+fn await_hello(host_end: &UnixStream) -> Result<(), String> {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut reader = FrameReader::new(host_end.try_clone().map_err(|e| e.to_string())?);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no hello from guest-init within {BOOT_TIMEOUT:?}"));
+        }
+        host_end
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let frame = match reader.read_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err("the guest closed its control port".into()),
+            Err(e) => return Err(format!("reading the control port: {e}")),
+        };
+        if frame.kind != FrameKind::Control {
+            continue;
+        }
+        if let Ok(ToHost::Hello { version, .. }) = frame.message::<ToHost>() {
+            if version != PROTOCOL_VERSION {
+                return Err(format!(
+                    "guest-init speaks protocol {version}, the runtime {PROTOCOL_VERSION}"
+                ));
+            }
+            return Ok(());
+        }
+    }
+}
