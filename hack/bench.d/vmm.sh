@@ -19,8 +19,10 @@
 #                  container (rootfs on disk) and natively in the test host
 #                  on the same folder; KRUN_OCI_BENCH_VMM_FS_ROUNDS rounds
 #                  (default 1).
+#                builtin starts each VM from a template (built in the
+#                warm-up round), builtin-cold boots it (--no-template).
 #                With KRUN_OCI_BASE (see above) the backends are builtin,
-#                qemu, builtin@base and qemu@base, interleaved, the @base
+#                builtin-cold, qemu, builtin@base and qemu@base, interleaved, the @base
 #                ones run by KRUN_OCI_BASE's krun-oci; a column each.
 #                Writes vmm-overhead.tsv, vmm-memory.tsv, vmm-fs.tsv,
 #                vmm-logs/ and vmm.png to DIR.
@@ -28,8 +30,8 @@
 all_scenarios+=(vmm)
 
 # BACKEND@base: the backend of the build in KRUN_OCI_BASE (before a change).
-vmm_backends=(builtin qemu)
-[ -z "${KRUN_OCI_BASE:-}" ] || vmm_backends=(builtin qemu builtin@base qemu@base)
+vmm_backends=(builtin builtin-cold qemu)
+[ -z "${KRUN_OCI_BASE:-}" ] || vmm_backends=(builtin builtin-cold qemu builtin@base qemu@base)
 
 # ---------------------------------------------------------------------------
 # Outside: run the inner part in one test host, then report.
@@ -320,9 +322,11 @@ vmm_inner() {
   set -euo pipefail
   export LC_ALL=C
   krun=$1 out=$2 bundles=$3 vwork=$4 rounds=$5 fs_rounds=$6 fs_mib=$7 fs_files=$8 base=${9:-} libdir=${10:-}
-  vmm_backends=(builtin qemu)
-  [ -z "$base" ] || vmm_backends=(builtin qemu builtin@base qemu@base)
+  vmm_backends=(builtin builtin-cold qemu)
+  [ -z "$base" ] || vmm_backends=(builtin builtin-cold qemu builtin@base qemu@base)
   tr=/sys/kernel/tracing
+  # Templates in the test host's own tmpfs (its /var is this machine's).
+  export KRUN_OCI_TEMPLATE_DIR=/run/krun-oci-templates
   mkdir -p "$vwork"
   trap vmm_inner_cleanup EXIT
   vmm_trace_setup
@@ -424,7 +428,10 @@ vmm_id() { echo "$1-$2-${3//@/-}${4:+-$4}"; }
 vmm_argv() {
   local kargv kroot
   vmm_krun "$1"
-  argv=("${kargv[@]}" --hypervisor "${1%@base}" --debug --log-format json
+  local hv=${1%@base} cold=()
+  # builtin-cold: the built-in VMM booting every VM (no template).
+  if [ "$hv" = builtin-cold ]; then hv=builtin cold=(--no-template); fi
+  argv=("${kargv[@]}" --hypervisor "$hv" "${cold[@]}" --debug --log-format json
     --log "$out/vmm-logs/$2.json" run --bundle "$3" "$2")
 }
 
