@@ -38,10 +38,29 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// VM templates of the built-in VMM (see the README's "VM templates").
+    #[command(subcommand)]
+    Template(TemplateCmd),
     #[command(flatten)]
     Standard(StandardCmd),
     #[command(flatten)]
     Common(Box<CommonCmd>),
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplateCmd {
+    /// Build the template of a VM shape ahead of its first container
+    /// (a template found there is verified instead), and print its path.
+    Build {
+        /// The VM's vCPUs (a container's: from its CPU quota or cpuset,
+        /// else 1; or io.krun-oci.vcpus).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// The VM's memory (a container's: its memory limit plus 64, else
+        /// 512; or io.krun-oci.memory_mib).
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u64,
+    },
 }
 
 fn main() {
@@ -96,6 +115,9 @@ fn main() {
     };
     use commands::lifecycle;
     let result = match command {
+        Command::Template(TemplateCmd::Build { vcpus, memory_mib }) => {
+            commands::template::build(*vcpus, *memory_mib)
+        }
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),

@@ -123,17 +123,19 @@ fn identity(path: &Path) -> Result<String, TemplateError> {
     ))
 }
 
-/// The key of the template for `shape` with these boot inputs.
-pub fn key(shape: &Shape, assets: &Assets) -> Result<String, TemplateError> {
-    let exe = std::fs::read_link("/proc/self/exe").map_err(io("resolving", Path::new("/proc/self/exe")))?;
+/// The key of the template for `shape` with these boot inputs (and this
+/// runtime binary).
+pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, TemplateError> {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map_err(io("resolving", Path::new("/proc/self/exe")))?;
     let inputs = serde_json::json!({
         "format": FORMAT_VERSION,
         "protocol": PROTOCOL_VERSION,
         "shape": shape,
         "devices": "console,virtio-fs rootfs,balloon",
         "port": CONTROL_PORT_NAME,
-        "kernel": identity(&assets.kernel)?,
-        "initramfs": identity(&assets.initrd)?,
+        "kernel": identity(kernel)?,
+        "initramfs": identity(initrd)?,
         "runtime": identity(&exe)?,
     });
     let digest = Sha256::digest(inputs.to_string().as_bytes());
@@ -159,7 +161,7 @@ pub fn obtain(
 ) -> Result<Template, TemplateError> {
     let dir = dir();
     ensure_dir(&dir)?;
-    let key = key(shape, assets)?;
+    let key = key(shape, &assets.kernel, &assets.initrd)?;
     let snap = dir.join(format!("{key}.snap"));
     let stamp = dir.join(format!("{key}.ok"));
     // Fast path, no lock: a verified template whose stamp still holds.
@@ -203,7 +205,8 @@ pub fn obtain(
     Snapshot::read(&snap).map_err(TemplateError::Snapshot)?;
     write_stamp(&snap, &stamp)?;
     tracing::info!(template = %snap.display(), took = ?started.elapsed(), "built a VM template");
-    let file = verified(&snap, &stamp)?.ok_or_else(|| TemplateError::Guest("the template vanished after its build".into()))?;
+    let file = verified(&snap, &stamp)?
+        .ok_or_else(|| TemplateError::Guest("the template vanished after its build".into()))?;
     Ok(Template {
         file,
         key,
@@ -327,11 +330,14 @@ fn build(
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&partial)
         .map_err(io("creating", &partial))?;
-    let (host_end, vm_end) = UnixStream::pair().map_err(io("creating the control channel of", &work.0))?;
+    let (host_end, vm_end) =
+        UnixStream::pair().map_err(io("creating the control channel of", &work.0))?;
     let console_log = work.0.join("console.log");
     let (mut console, console_pipe) =
-        CappedLog::create(&console_log, 1 << 20, "template console log").map_err(io("creating", &console_log))?;
-    let (request_r, mut request_w) = std::io::pipe().map_err(io("creating the capture request of", &work.0))?;
+        CappedLog::create(&console_log, 1 << 20, "template console log")
+            .map_err(io("creating", &console_log))?;
+    let (request_r, mut request_w) =
+        std::io::pipe().map_err(io("creating the capture request of", &work.0))?;
     let config = VmConfig {
         kernel: assets.kernel.clone(),
         initrd: assets.initrd.clone(),
@@ -363,7 +369,10 @@ fn build(
     };
     if let Err(e) = await_hello(&host_end) {
         vm.kill();
-        return Err(TemplateError::Guest(format!("{e}; console: {}", tail(&mut console))));
+        return Err(TemplateError::Guest(format!(
+            "{e}; console: {}",
+            tail(&mut console)
+        )));
     }
     request_w
         .write_all(&[1])
@@ -373,7 +382,9 @@ fn build(
         other => {
             return Err(TemplateError::Guest(format!(
                 "the capture failed: {other:?}; VMM log: {}",
-                std::fs::read_to_string(work.0.join("vmm.log")).unwrap_or_default().trim()
+                std::fs::read_to_string(work.0.join("vmm.log"))
+                    .unwrap_or_default()
+                    .trim()
             )))
         }
     }
@@ -409,5 +420,121 @@ fn await_hello(host_end: &UnixStream) -> Result<(), String> {
             }
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> Shape {
+        Shape {
+            vcpus: 1,
+            memory_mib: 512,
+            cmdline: "quiet".into(),
+        }
+    }
+
+    #[test]
+    fn the_key_changes_with_the_shape_and_with_any_rewrite_of_an_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, i) = (dir.path().join("vmlinux"), dir.path().join("initramfs"));
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&i, b"init").unwrap();
+        let first = key(&shape(), &k, &i).unwrap();
+        assert_eq!(first, key(&shape(), &k, &i).unwrap(), "stable");
+        assert_eq!(first.len(), 32);
+        let bigger = Shape {
+            memory_mib: 1024,
+            ..shape()
+        };
+        assert_ne!(first, key(&bigger, &k, &i).unwrap());
+        let two = Shape {
+            vcpus: 2,
+            ..shape()
+        };
+        assert_ne!(first, key(&two, &k, &i).unwrap());
+        // The same bytes written again: another change time, another key.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&i, b"init").unwrap();
+        let rewritten = key(&shape(), &k, &i).unwrap();
+        assert_ne!(first, rewritten);
+        std::fs::write(&k, b"kernel2").unwrap();
+        assert_ne!(rewritten, key(&shape(), &k, &i).unwrap());
+        // A missing input is an error naming it.
+        let e = key(&shape(), &dir.path().join("nope"), &i).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn a_stamp_holds_only_for_the_file_it_was_written_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (snap, stamp) = (dir.path().join("k.snap"), dir.path().join("k.ok"));
+        assert!(verified(&snap, &stamp).unwrap().is_none(), "no file");
+        std::fs::write(&snap, b"template").unwrap();
+        assert!(verified(&snap, &stamp).unwrap().is_none(), "no stamp");
+        write_stamp(&snap, &stamp).unwrap();
+        assert!(verified(&snap, &stamp).unwrap().is_some());
+        // Written in place: its times change, the stamp no longer holds.
+        std::thread::sleep(Duration::from_millis(20));
+        let f = OpenOptions::new().write(true).open(&snap).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"X", 3).unwrap();
+        drop(f);
+        assert!(verified(&snap, &stamp).unwrap().is_none());
+        // Replaced by another file: another inode.
+        write_stamp(&snap, &stamp).unwrap();
+        std::fs::write(dir.path().join("new"), b"template").unwrap();
+        std::fs::rename(dir.path().join("new"), &snap).unwrap();
+        assert!(verified(&snap, &stamp).unwrap().is_none());
+        // A symlink in its place is not followed.
+        std::fs::remove_file(&snap).unwrap();
+        std::os::unix::fs::symlink(&stamp, &snap).unwrap();
+        assert!(verified(&snap, &stamp).is_err());
+        // Nothing but the stamp and the template: no temporary left.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["k.ok", "k.snap"]);
+    }
+
+    #[test]
+    fn the_directory_must_be_this_users_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("a/templates");
+        ensure_dir(&t).unwrap();
+        let m = std::fs::metadata(&t).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o700);
+        ensure_dir(&t).unwrap();
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = ensure_dir(&t).unwrap_err();
+        assert!(matches!(e, TemplateError::Unsafe(_)), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&t, &link).unwrap();
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(ensure_dir(&link), Err(TemplateError::Unsafe(_))));
+    }
+
+    #[test]
+    fn one_builder_at_a_time_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.lock");
+        let held = lock(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let waiter = std::thread::spawn(move || {
+            let l = lock(&p).unwrap();
+            tx.send(()).unwrap();
+            drop(l);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the second took the lock while the first held it"
+        );
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the second gets it once the first lets go");
+        waiter.join().unwrap();
     }
 }

@@ -648,7 +648,10 @@ mod tests {
                 std::fs::File::open("/dev/null").map(OwnedFd::from)
             })
             .unwrap();
-        assert_eq!(asked, [NET_FD, SNAPSHOT_FD, REQUEST_FD, CONTROL_FD, CONSOLE_FD]);
+        assert_eq!(
+            asked,
+            [NET_FD, SNAPSHOT_FD, REQUEST_FD, CONTROL_FD, CONSOLE_FD]
+        );
         assert_eq!(Wire::of(&config), w);
     }
 

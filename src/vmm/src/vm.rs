@@ -19,9 +19,9 @@ use crate::devices::console::Console;
 use crate::devices::fs::Fs;
 use crate::devices::net::Net;
 use crate::layout::*;
+use crate::snapshot::{Header, Loaded, Snapshot, VcpuState, VmState};
 use crate::vcpu::{kick_signal, on_kick, Control};
 use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
-use crate::snapshot::{Header, Loaded, Snapshot, VcpuState, VmState};
 use crate::virtio::{Interrupt, Mem, VirtioDevice};
 use crate::{boot, cpu, memory, mptable};
 
@@ -210,11 +210,12 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;
         let base = virtio_mmio_addr(n);
         let state = restore.map(|s| &s.devices[n]);
-        let t = wire(&vm, &mem, dev, irq, base, &control.stop, pausable, state)
-            .map_err(|e| match e {
+        let t = wire(&vm, &mem, dev, irq, base, &control.stop, pausable, state).map_err(
+            |e| match e {
                 Wired::Io(e) => VmmError::Device(name, e),
                 Wired::Restore(e) => VmmError::Restore(name, e),
-            })?;
+            },
+        )?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@0x{base:x}:{irq}"));
         transports.push((base, t));
     }
@@ -440,7 +441,12 @@ impl BuiltinVm {
     /// a template: the VM was built with [`Start::BootForCapture`] (or
     /// restored), and the caller's thread is not confined (it reads the
     /// vCPUs' and the VM's KVM state and writes the file).
-    pub fn capture(mut self, file: &File, path: &std::path::Path, header: Header) -> Result<(), VmmError> {
+    pub fn capture(
+        mut self,
+        file: &File,
+        path: &std::path::Path,
+        header: Header,
+    ) -> Result<(), VmmError> {
         self.control.detach();
         let mut fds = Vec::new();
         for _ in 0..400 {
@@ -457,14 +463,18 @@ impl BuiltinVm {
             fds.push(fd);
         }
         if let Some(e) = self.exit() {
-            return Err(VmmError::SnapshotShape(format!("the VM ended before its capture: {e:?}")));
+            return Err(VmmError::SnapshotShape(format!(
+                "the VM ended before its capture: {e:?}"
+            )));
         }
         let mut paused = Vec::new();
         let mut devices = Vec::new();
         for t in self.bus.transports() {
             let t = t.lock().unwrap_or_else(|e| e.into_inner());
             let name = format!("of type {}", t.device_type());
-            let p = t.pause(DEVICE_PAUSE).map_err(|e| VmmError::Capture(name.clone(), e))?;
+            let p = t
+                .pause(DEVICE_PAUSE)
+                .map_err(|e| VmmError::Capture(name.clone(), e))?;
             devices.push(t.capture(&p).map_err(|e| VmmError::Capture(name, e))?);
             paused.push(p);
         }
@@ -555,7 +565,8 @@ impl Vm for BuiltinVm {
     fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
         self.control.set_paused(true);
         // Wait until every vCPU is out of the guest and parked.
-        let running = |vcpus: &[JoinHandle<VcpuFd>]| vcpus.iter().filter(|h| !h.is_finished()).count();
+        let running =
+            |vcpus: &[JoinHandle<VcpuFd>]| vcpus.iter().filter(|h| !h.is_finished()).count();
         for _ in 0..400 {
             if self
                 .control

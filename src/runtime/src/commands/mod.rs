@@ -10,6 +10,7 @@ pub mod info;
 pub mod lifecycle;
 pub mod member;
 pub mod run;
+pub mod template;
 
 /// What every command gets from the global flags.
 #[derive(Debug, Clone)]

@@ -491,6 +491,23 @@ fn the_require_kvm_annotation_is_true_or_false() {
 }
 
 #[test]
+fn the_template_annotation_is_true_false_or_absent() {
+    assert_eq!(plan_of("full", |_| {}).unwrap().template, None);
+    for (v, want) in [("true", Some(true)), ("false", Some(false))] {
+        let p = plan_of("full", |c| {
+            c["annotations"] = json!({ANNOTATION_TEMPLATE: v})
+        });
+        assert_eq!(p.unwrap().template, want);
+    }
+    assert_eq!(
+        problem_fields("full", |c| {
+            c["annotations"] = json!({ANNOTATION_TEMPLATE: "no"})
+        }),
+        vec![format!("annotations[{ANNOTATION_TEMPLATE:?}]")]
+    );
+}
+
+#[test]
 fn the_host_side_gets_the_vm_plus_overhead_and_the_specs_cpu_limits() {
     let p = plan_of("full", |c| {
         c["linux"]["resources"] = json!({

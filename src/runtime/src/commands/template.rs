@@ -1,0 +1,52 @@
+//! `krun-oci template build`: a VM template made ahead of a container's
+//! first start (see [`crate::template`]).
+
+use crate::assets::Assets;
+use crate::error::{Error, Result};
+use crate::plan::HypervisorKind;
+use crate::template::{self, Shape};
+
+/// Builds (or finds and verifies) the template of a VM of `vcpus` and
+/// `memory_mib`, and prints its path.
+pub fn build(vcpus: u32, memory_mib: u64) -> Result<i32> {
+    if vcpus == 0 || vcpus > 254 {
+        return Err(Error::Invalid(format!(
+            "--vcpus {vcpus}: a VM has 1 to 254 vCPUs"
+        )));
+    }
+    if memory_mib < 64 {
+        return Err(Error::Invalid(format!(
+            "--memory-mib {memory_mib}: a VM needs at least 64 MiB"
+        )));
+    }
+    let accel = krun_hypervisor::detect_accel();
+    if accel.accel != krun_hypervisor::Accel::Kvm {
+        return Err(Error::Unsupported(format!(
+            "VM templates are the built-in VMM's, which needs a KVM that can boot a Linux \
+             guest, and this host has none ({}): the QEMU backend boots every VM cold",
+            accel.reason
+        )));
+    }
+    let assets = Assets::find()?;
+    let hv = crate::backend::choose(Some(HypervisorKind::Builtin), true, &assets)?;
+    let shape = Shape {
+        vcpus,
+        memory_mib,
+        cmdline: crate::session::CMDLINE.into(),
+    };
+    let t = template::obtain(hv.as_ref(), &shape, &assets).map_err(|e| {
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        Error::Failed(format!("building the VM template: {why}"))
+    })?;
+    println!(
+        "{} ({})",
+        template::dir().join(format!("{}.snap", t.key)).display(),
+        if t.built { "built" } else { "already there" }
+    );
+    Ok(0)
+}
