@@ -201,10 +201,19 @@ pub fn obtain(
         std::fs::remove_file(&snap).map_err(io("removing", &snap))?;
     }
     let started = Instant::now();
-    build(hv, shape, assets, &dir, &key, &snap)?;
+    let (boot, capture) = build(hv, shape, assets, &dir, &key, &snap)?;
+    let verifying = Instant::now();
     Snapshot::read(&snap).map_err(TemplateError::Snapshot)?;
+    let verify = verifying.elapsed();
     write_stamp(&snap, &stamp)?;
-    tracing::info!(template = %snap.display(), took = ?started.elapsed(), "built a VM template");
+    tracing::info!(
+        template = %snap.display(),
+        took = ?started.elapsed(),
+        ?boot,
+        ?capture,
+        ?verify,
+        "built a VM template"
+    );
     let file = verified(&snap, &stamp)?
         .ok_or_else(|| TemplateError::Guest("the template vanished after its build".into()))?;
     Ok(Template {
@@ -301,7 +310,8 @@ impl Drop for BuildDir {
     }
 }
 
-/// Boots the template's VM and has it captured into `snap`.
+/// Boots the template's VM and has it captured into `snap`; returns how
+/// long the boot to guest-init's hello and the capture took.
 fn build(
     hv: &dyn Hypervisor,
     shape: &Shape,
@@ -309,9 +319,18 @@ fn build(
     dir: &Path,
     key: &str,
     snap: &Path,
-) -> Result<(), TemplateError> {
+) -> Result<(Duration, Duration), TemplateError> {
+    // Under the lock: any build directory of this key is a dead
+    // builder's (killed mid-build), to be removed.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let prefix = format!("build-{key}-");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let work = BuildDir(dir.join(format!("build-{key}-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&work.0);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&work.0)
@@ -367,6 +386,7 @@ fn build(
         console.finish(Duration::from_secs(1));
         crate::session::console_tail(&console_log).to_string()
     };
+    let booting = Instant::now();
     if let Err(e) = await_hello(&host_end) {
         vm.kill();
         return Err(TemplateError::Guest(format!(
@@ -374,6 +394,8 @@ fn build(
             tail(&mut console)
         )));
     }
+    let boot = booting.elapsed();
+    let capturing = Instant::now();
     request_w
         .write_all(&[1])
         .map_err(io("asking for the capture of", &work.0))?;
@@ -388,8 +410,10 @@ fn build(
             )))
         }
     }
+    let capture = capturing.elapsed();
     drop(host_end);
-    std::fs::rename(&partial, snap).map_err(io("renaming into place", snap))
+    std::fs::rename(&partial, snap).map_err(io("renaming into place", snap))?;
+    Ok((boot, capture))
 }
 
 /// Reads guest-init's hello from `host_end`, within [`BOOT_TIMEOUT`].
