@@ -150,46 +150,6 @@ pub struct Timings {
     pub restored: bool,
 }
 
-/// The template this VM starts from, if it can: the built-in VMM, no
-/// network (a template's network card has its builder's MAC), templates
-/// not turned off (`io.krun-oci.template=false`, `--no-template`, or
-/// `KRUN_OCI_TEMPLATES=0` without `io.krun-oci.template=true`). A template
-/// that cannot be had is a warning and a cold boot, never a failed start.
-fn template_for(
-    hv: &dyn Hypervisor,
-    plan: &VmPlan,
-    assets: &Assets,
-    nets: &[krun_hypervisor::NetDevice],
-) -> Option<crate::template::Template> {
-    let wanted = plan
-        .template
-        .unwrap_or_else(crate::template::enabled_by_env);
-    if !wanted || hv.name() != "builtin" || !nets.is_empty() {
-        return None;
-    }
-    let shape = crate::template::Shape {
-        vcpus: plan.vcpus,
-        memory_mib: plan.memory_mib,
-        cmdline: CMDLINE.into(),
-    };
-    match crate::template::obtain(hv, &shape, assets) {
-        Ok(t) => {
-            tracing::debug!(template = %t.key, built = t.built, "starting from a VM template");
-            Some(t)
-        }
-        Err(e) => {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            tracing::warn!("no VM template, booting cold: {why}");
-            None
-        }
-    }
-}
-
 pub struct Session {
     vm: PausableVm,
     control: Control,
@@ -217,7 +177,7 @@ impl Session {
         let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
         let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
             .map_err(SessionError::Channel)?;
-        let template = template_for(hv, plan, assets, &nets);
+        let template = crate::template::for_vm(hv, plan, assets, !nets.is_empty());
         let restored = template.is_some();
         let config = VmConfig {
             kernel: assets.kernel.clone(),

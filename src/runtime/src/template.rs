@@ -16,9 +16,11 @@
 //! them through on every start.
 //!
 //! # Build once, verify once
-//! The first start of a shape takes the lock (an exclusive `flock`; a
-//! concurrent start of the same shape waits for it, then finds the
-//! template), boots a VM with an empty share, waits for guest-init's
+//! The first `create` or `run` of a shape builds it in its own process,
+//! before the container's cgroup is made ([`prepare`]: the build is the
+//! runtime's work, not the container's). It takes the lock (an exclusive
+//! `flock`; a concurrent start of the same shape waits for it, then finds
+//! the template), boots a VM with an empty share, waits for guest-init's
 //! hello, asks the VMM to capture (see `krun_vmm::process`), verifies the
 //! file whole (its SHA-256) and renames it into place: a template file is
 //! never written again. A file found without a stamp, or whose stamp
@@ -48,6 +50,7 @@ use krun_vmm::snapshot::{Snapshot, FORMAT_VERSION};
 use sha2::{Digest, Sha256};
 
 use crate::assets::Assets;
+use crate::plan::VmPlan;
 
 /// Where templates are kept.
 pub const DEFAULT_DIR: &str = "/var/lib/krun-oci/templates";
@@ -140,6 +143,90 @@ pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, Templa
     });
     let digest = Sha256::digest(inputs.to_string().as_bytes());
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether `plan`'s VM starts from a template on `hv`: the built-in VMM,
+/// templates not turned off (`io.krun-oci.template=false`,
+/// `--no-template`, or `KRUN_OCI_TEMPLATES=0` without
+/// `io.krun-oci.template=true`), and no network device (a template's
+/// network card would carry its builder's MAC).
+fn wanted(hv: &dyn Hypervisor, plan: &VmPlan, networked: bool) -> bool {
+    plan.template.unwrap_or_else(enabled_by_env) && hv.name() == "builtin" && !networked
+}
+
+fn shape(plan: &VmPlan) -> Shape {
+    Shape {
+        vcpus: plan.vcpus,
+        memory_mib: plan.memory_mib,
+        cmdline: crate::session::CMDLINE.into(),
+    }
+}
+
+/// The template `plan`'s VM starts from, if it does (see [`wanted`]),
+/// found or built. One that cannot be had is a warning and a cold boot,
+/// never a failed start.
+pub fn for_vm(
+    hv: &dyn Hypervisor,
+    plan: &VmPlan,
+    assets: &Assets,
+    networked: bool,
+) -> Option<Template> {
+    if !wanted(hv, plan, networked) {
+        return None;
+    }
+    match obtain(hv, &shape(plan), assets) {
+        Ok(t) => {
+            tracing::debug!(template = %t.key, built = t.built, "starting from a VM template");
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!("no VM template, booting cold: {}", chain(&e));
+            None
+        }
+    }
+}
+
+/// Builds the template `plan`'s VM will start from if there is none yet,
+/// here, in the process of `create` or `run` before it joins the
+/// container's cgroup: the build is the runtime's work, not to be charged
+/// to the first container of a shape (its CPU and memory). Quick when the
+/// template is there (a stat and the stamp); whether the VM carries a
+/// network is asked of its namespace only when it is not.
+pub fn prepare(hv: &dyn Hypervisor, plan: &VmPlan, assets: &Assets) {
+    if !wanted(hv, plan, false) {
+        return;
+    }
+    let shape = shape(plan);
+    if let Ok(key) = key(&shape, &assets.kernel, &assets.initrd) {
+        let dir = dir();
+        let (snap, stamp) = (
+            dir.join(format!("{key}.snap")),
+            dir.join(format!("{key}.ok")),
+        );
+        if let Ok(Some(_)) = verified(&snap, &stamp) {
+            return;
+        }
+    }
+    if let Some(netns) = &plan.netns {
+        // Unreadable: the monitor says why when it carries it.
+        if !matches!(crate::net::read(netns), Ok(None)) {
+            return;
+        }
+    }
+    if let Err(e) = obtain(hv, &shape, assets) {
+        tracing::warn!("no VM template: {}", chain(&e));
+    }
+}
+
+/// An error and its sources, in one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    why
 }
 
 /// A template ready to restore from: its file open for reading.

@@ -51,6 +51,8 @@ pub fn launch(ctx: &Context, id: &str, bundle: Bundle, stdio: MainStdio) -> Resu
         ctx.require_kvm || plan.require_kvm,
         &assets,
     )?;
+    // Before the container's cgroup: a template's build is not its.
+    crate::template::prepare(hypervisor.as_ref(), &plan, &assets);
     let state_dir = StateDir::create(&ctx.root, id)?;
     Ok(Launch {
         notices: None,

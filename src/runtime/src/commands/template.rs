@@ -34,15 +34,8 @@ pub fn build(vcpus: u32, memory_mib: u64) -> Result<i32> {
         memory_mib,
         cmdline: crate::session::CMDLINE.into(),
     };
-    let t = template::obtain(hv.as_ref(), &shape, &assets).map_err(|e| {
-        let mut why = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            why.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        Error::Failed(format!("building the VM template: {why}"))
-    })?;
+    let t = template::obtain(hv.as_ref(), &shape, &assets)
+        .map_err(|e| Error::Failed(format!("building the VM template: {}", template::chain(&e))))?;
     println!(
         "{} ({})",
         template::dir().join(format!("{}.snap", t.key)).display(),
