@@ -370,17 +370,22 @@ pub fn main() -> ! {
             1
         }
         Err(e) => {
-            let mut line = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                line.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{line}");
+            eprintln!("{}", error_chain(&e));
             1
         }
     };
     std::process::exit(code)
+}
+
+/// An error and its sources, in one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    line
 }
 
 /// Whether the process was started as the VMM (its first argument is
@@ -502,15 +507,10 @@ fn capture_when_asked(
                 tracing::debug!(took = ?started.elapsed(), "VMM: template captured");
                 VmExit::GuestStopped
             }
-            Err(e) => {
-                let mut detail = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    detail.push_str(&format!(": {s}"));
-                    source = s.source();
-                }
-                VmExit::VmmFailed { code: 1, detail }
-            }
+            Err(e) => VmExit::VmmFailed {
+                code: 1,
+                detail: error_chain(&e),
+            },
         };
     }
 }

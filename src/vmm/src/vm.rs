@@ -399,16 +399,23 @@ impl BuiltinVm {
         }
     }
 
-    /// Stops the vCPUs: they see the flag at their next exit, and a signal
-    /// makes sure that exit comes.
-    fn join(&mut self) {
-        for _ in 0..200 {
+    /// Kicks the vCPU threads every 5 ms until all have finished, `tries`
+    /// times at most (a thread leaving its loop sees the flag at its next
+    /// exit; the signal makes that exit come).
+    fn kick_until_finished(&self, tries: u32) {
+        for _ in 0..tries {
             if self.vcpus.iter().all(|h| h.is_finished()) {
                 break;
             }
             self.kick();
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Stops the vCPUs: they see the flag at their next exit, and a signal
+    /// makes sure that exit comes.
+    fn join(&mut self) {
+        self.kick_until_finished(200);
         for h in self.vcpus.drain(..) {
             let _ = h.join();
         }
@@ -449,13 +456,7 @@ impl BuiltinVm {
     ) -> Result<(), VmmError> {
         self.control.detach();
         let mut fds = Vec::new();
-        for _ in 0..400 {
-            if self.vcpus.iter().all(|h| h.is_finished()) {
-                break;
-            }
-            self.kick();
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.kick_until_finished(400);
         for h in self.vcpus.drain(..) {
             let fd = h
                 .join()
