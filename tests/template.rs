@@ -16,10 +16,11 @@ use std::process::Command;
 use harness::{make_busybox_rootfs, run_with_timeout, Output, Sandbox, TestBundle, RUN_TIMEOUT};
 
 /// What each container prints: its hostname, its FOO, 16 bytes of its
-/// /dev/urandom and a random UUID, one per line; then it exits with CODE.
+/// /dev/urandom, a random UUID and its boot_id, one per line; then it
+/// exits with CODE.
 const SCRIPT: &str =
     "hostname; echo \"$FOO\"; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-                      cat /proc/sys/kernel/random/uuid; exit \"$CODE\"";
+     cat /proc/sys/kernel/random/uuid /proc/sys/kernel/random/boot_id; exit \"$CODE\"";
 
 fn builtin() -> bool {
     harness::hypervisor().as_deref() == Some("builtin")
@@ -54,17 +55,17 @@ fn run(sb: &Sandbox, b: &TestBundle, id: &str, templates: &Path, libdir: Option<
     run_with_timeout(c, None, RUN_TIMEOUT, &sb.path().join("console"))
 }
 
-/// What a container printed: hostname, FOO, random bytes, UUID.
-fn lines(out: &Output) -> [String; 4] {
+/// What a container printed: hostname, FOO, random bytes, UUID, boot_id.
+fn lines(out: &Output) -> [String; 5] {
     let text = out.stdout();
     let l: Vec<&str> = text.lines().collect();
     assert_eq!(
         l.len(),
-        4,
-        "four lines: {text:?} (stderr {:?})",
+        5,
+        "five lines: {text:?} (stderr {:?})",
         out.stderr()
     );
-    [l[0], l[1], l[2], l[3]].map(String::from)
+    [l[0], l[1], l[2], l[3], l[4]].map(String::from)
 }
 
 /// The template files in `dir` (`.snap`), by name, with their inodes.
@@ -102,7 +103,7 @@ fn containers_start_from_one_template_each_its_own() {
     let dir = sb.path().join("templates");
     let first = run(&sb, &bundle(&sb, "first", "one", 3), "t1", &dir, None);
     first.expect_code(3);
-    let [host, foo, bytes, uuid] = lines(&first);
+    let [host, foo, bytes, uuid, boot] = lines(&first);
     assert_eq!((host.as_str(), foo.as_str()), ("first", "one"));
     if !builtin() {
         assert!(
@@ -139,9 +140,10 @@ fn containers_start_from_one_template_each_its_own() {
     });
     let mut randoms = BTreeSet::from([bytes]);
     let mut uuids = BTreeSet::from([uuid]);
+    let mut boots = BTreeSet::from([boot]);
     for (i, (name, out)) in outs.iter().enumerate() {
         out.expect_code(10 + i as i32);
-        let [host, foo, bytes, uuid] = lines(out);
+        let [host, foo, bytes, uuid, boot] = lines(out);
         assert_eq!(host, *name);
         assert_eq!(foo, format!("foo{i}"));
         assert_eq!(bytes.len(), 32, "{bytes}");
@@ -152,6 +154,10 @@ fn containers_start_from_one_template_each_its_own() {
         assert!(
             uuids.insert(uuid.clone()),
             "two clones made the same UUID {uuid}"
+        );
+        assert!(
+            boots.insert(boot.clone()),
+            "two clones have the same boot_id {boot}"
         );
     }
     assert_eq!(templates(&dir), made, "the clones used the one template");

@@ -59,10 +59,31 @@ pub fn configure(net: Option<&NetworkSetup>) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives the interface with `i`'s MAC address its name, MTU and
-/// addresses, and brings it up.
+/// "aa:bb:cc:dd:ee:ff" -> bytes.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = parts
+            .next()
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    Ok(out)
+}
+
+/// Gives the interface with `i`'s MAC address (or, in a VM started from a
+/// template, the template's) its MAC, name, MTU and addresses, and brings
+/// it up.
 fn configure_interface(i: &InterfaceSetup) -> Result<(), String> {
-    let mut name = by_mac(&i.mac)?;
+    let mut name = by_mac(i.template_mac.as_deref().unwrap_or(&i.mac))?;
+    if i.template_mac.is_some() {
+        let mac = parse_mac(&i.mac)?;
+        sys::if_set_mac(&name, mac).map_err(|e| format!("{name}: MAC {}: {e}", i.mac))?;
+    }
     if !i.name.is_empty() && i.name != name {
         sys::if_rename(&name, &i.name)
             .map_err(|e| format!("renaming {name} to {}: {e}", i.name))?;

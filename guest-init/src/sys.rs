@@ -557,6 +557,23 @@ pub fn if_up(name: &str) -> io::Result<()> {
     ioctl_ifreq(libc::SIOCSIFFLAGS, &mut r)
 }
 
+/// Sets the MAC address of interface `name` (an Ethernet one).
+pub fn if_set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut r = ifreq(name)?;
+    let mut sa: libc::sockaddr = unsafe_zeroed_sockaddr();
+    sa.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in sa.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    r.ifr_ifru.ifru_hwaddr = sa;
+    ioctl_ifreq(libc::SIOCSIFHWADDR, &mut r)
+}
+
+fn unsafe_zeroed_sockaddr() -> libc::sockaddr {
+    // SAFETY: sockaddr is plain old data; all zeros is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 pub fn if_set_mtu(name: &str, mtu: u32) -> io::Result<()> {
     let mut r = ifreq(name)?;
     r.ifr_ifru.ifru_mtu = mtu as libc::c_int;

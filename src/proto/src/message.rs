@@ -285,6 +285,11 @@ pub struct InterfaceSetup {
     pub mtu: u32,
     /// Addresses with their prefix length: "10.88.0.5/16", "fd00::5/64".
     pub addresses: Vec<String>,
+    /// In a VM started from a template: the MAC its card has in the
+    /// guest (the template's), by which guest-init finds it and which it
+    /// replaces with `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_mac: Option<String>,
 }
 
 /// One route: `destination` is "default" or an address with its prefix.

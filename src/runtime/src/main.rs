@@ -60,6 +60,10 @@ enum TemplateCmd {
         /// 512; or io.krun-oci.memory_mib).
         #[arg(long, default_value_t = 512)]
         memory_mib: u64,
+        /// Network cards: 1 for a container whose network namespace has
+        /// an interface to carry (podman's default networks), else 0.
+        #[arg(long, default_value_t = 0)]
+        nets: usize,
     },
 }
 
@@ -115,9 +119,11 @@ fn main() {
     };
     use commands::lifecycle;
     let result = match command {
-        Command::Template(TemplateCmd::Build { vcpus, memory_mib }) => {
-            commands::template::build(*vcpus, *memory_mib)
-        }
+        Command::Template(TemplateCmd::Build {
+            vcpus,
+            memory_mib,
+            nets,
+        }) => commands::template::build(*vcpus, *memory_mib, *nets),
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),

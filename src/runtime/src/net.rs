@@ -91,6 +91,7 @@ pub fn read(netns: &Path) -> anyhow::Result<Option<(InterfaceSetup, Vec<RouteSet
         mac: link["address"].as_str().unwrap_or_default().to_string(),
         mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
         addresses: Vec::new(),
+        template_mac: None,
     };
     for a in link["addr_info"].as_array().into_iter().flatten() {
         // The guest makes its own link-local address (from the same MAC).
@@ -136,6 +137,21 @@ fn open_tap(netns: &Path) -> anyhow::Result<OwnedFd> {
             // With virtio-net headers: both backends pass them through,
             // so the guest's checksum and segmentation offloads reach the
             // host kernel (QEMU finds the flag on the descriptor by itself).
+            Ok(tap::create(TAP_NAME, true)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the tap thread panicked"))?
+    })
+}
+
+/// A tap in a network namespace of its own that nothing else uses (it
+/// lives as long as the tap): for a VM template's card, which must be
+/// there at the build but carries nothing.
+pub fn private_tap() -> anyhow::Result<OwnedFd> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<OwnedFd> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("creating a network namespace for a template's tap")?;
             Ok(tap::create(TAP_NAME, true)?)
         })
         .join()

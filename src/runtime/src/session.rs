@@ -177,7 +177,7 @@ impl Session {
         let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
         let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
             .map_err(SessionError::Channel)?;
-        let template = crate::template::for_vm(hv, plan, assets, !nets.is_empty());
+        let template = crate::template::for_vm(hv, plan, assets, nets.len());
         let restored = template.is_some();
         let config = VmConfig {
             kernel: assets.kernel.clone(),

@@ -32,8 +32,8 @@
 //! # What a start does not take from its template
 //! Each start reseeds the guest's RNG, sets its clock, hostname and
 //! container (the container's set-up, as after a boot). Clones of one
-//! template share the guest kernel's KASLR layout and `boot_id`
-//! (`/proc/sys/kernel/random/boot_id`, made at the template's boot);
+//! template share the guest kernel's KASLR layout; `boot_id` is made at
+//! its first read, after the reseed, so each has its own;
 //! see the README.
 
 use std::fs::{File, OpenOptions};
@@ -44,7 +44,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use krun_hypervisor::{CappedLog, Hypervisor, Share, SnapshotIo, VmConfig, VmExit};
+use krun_hypervisor::{CappedLog, Hypervisor, NetDevice, Share, SnapshotIo, VmConfig, VmExit};
 use krun_proto::{FrameKind, FrameReader, ToHost, CONTROL_PORT_NAME, PROTOCOL_VERSION};
 use krun_vmm::snapshot::{Snapshot, FORMAT_VERSION};
 use sha2::{Digest, Sha256};
@@ -109,6 +109,15 @@ pub struct Shape {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub cmdline: String,
+    /// Network cards (each restored onto the container's tap).
+    pub nets: usize,
+}
+
+/// The MAC of network card `i` of a template: what the guest's driver
+/// read at the build, by which guest-init finds the card in a clone
+/// (before giving it the container's). Locally administered, unicast.
+pub fn builder_mac(i: usize) -> String {
+    format!("02:6b:72:00:00:{:02x}", (i + 1) % 256)
 }
 
 /// A file's identity: any rewrite or touch changes it.
@@ -135,7 +144,7 @@ pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, Templa
         "format": FORMAT_VERSION,
         "protocol": PROTOCOL_VERSION,
         "shape": shape,
-        "devices": "console,virtio-fs rootfs,balloon",
+        "devices": "console,virtio-fs rootfs,virtio-net per net,balloon",
         "port": CONTROL_PORT_NAME,
         "kernel": identity(kernel)?,
         "initramfs": identity(initrd)?,
@@ -146,19 +155,19 @@ pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, Templa
 }
 
 /// Whether `plan`'s VM starts from a template on `hv`: the built-in VMM,
-/// templates not turned off (`io.krun-oci.template=false`,
+/// and templates not turned off (`io.krun-oci.template=false`,
 /// `--no-template`, or `KRUN_OCI_TEMPLATES=0` without
-/// `io.krun-oci.template=true`), and no network device (a template's
-/// network card would carry its builder's MAC).
-fn wanted(hv: &dyn Hypervisor, plan: &VmPlan, networked: bool) -> bool {
-    plan.template.unwrap_or_else(enabled_by_env) && hv.name() == "builtin" && !networked
+/// `io.krun-oci.template=true`).
+fn wanted(hv: &dyn Hypervisor, plan: &VmPlan) -> bool {
+    plan.template.unwrap_or_else(enabled_by_env) && hv.name() == "builtin"
 }
 
-fn shape(plan: &VmPlan) -> Shape {
+fn shape(plan: &VmPlan, nets: usize) -> Shape {
     Shape {
         vcpus: plan.vcpus,
         memory_mib: plan.memory_mib,
         cmdline: crate::session::CMDLINE.into(),
+        nets,
     }
 }
 
@@ -169,12 +178,12 @@ pub fn for_vm(
     hv: &dyn Hypervisor,
     plan: &VmPlan,
     assets: &Assets,
-    networked: bool,
+    nets: usize,
 ) -> Option<Template> {
-    if !wanted(hv, plan, networked) {
+    if !wanted(hv, plan) {
         return None;
     }
-    match obtain(hv, &shape(plan), assets) {
+    match obtain(hv, &shape(plan, nets), assets) {
         Ok(t) => {
             tracing::debug!(template = %t.key, built = t.built, "starting from a VM template");
             Some(t)
@@ -193,26 +202,38 @@ pub fn for_vm(
 /// template is there (a stat and the stamp); whether the VM carries a
 /// network is asked of its namespace only when it is not.
 pub fn prepare(hv: &dyn Hypervisor, plan: &VmPlan, assets: &Assets) {
-    if !wanted(hv, plan, false) {
+    if !wanted(hv, plan) {
         return;
     }
-    let shape = shape(plan);
-    if let Ok(key) = key(&shape, &assets.kernel, &assets.initrd) {
+    // Whether the template of that many network cards is there, verified.
+    let there = |nets| {
+        let Ok(key) = key(&shape(plan, nets), &assets.kernel, &assets.initrd) else {
+            return false;
+        };
         let dir = dir();
         let (snap, stamp) = (
             dir.join(format!("{key}.snap")),
             dir.join(format!("{key}.ok")),
         );
-        if let Ok(Some(_)) = verified(&snap, &stamp) {
-            return;
-        }
+        matches!(verified(&snap, &stamp), Ok(Some(_)))
+    };
+    if plan.netns.is_none() && there(0) {
+        return;
     }
-    if let Some(netns) = &plan.netns {
-        // Unreadable: the monitor says why when it carries it.
-        if !matches!(crate::net::read(netns), Ok(None)) {
-            return;
-        }
+    // The VM carries the namespace's first Ethernet interface, if any.
+    let nets = match &plan.netns {
+        None => 0,
+        Some(netns) => match crate::net::read(netns) {
+            Ok(None) => 0,
+            Ok(Some(_)) => 1,
+            // The monitor says why when it carries it.
+            Err(_) => return,
+        },
+    };
+    if plan.netns.is_some() && there(nets) {
+        return;
     }
+    let shape = shape(plan, nets);
     if let Err(e) = obtain(hv, &shape, assets) {
         tracing::warn!("no VM template: {}", chain(&e));
     }
@@ -442,6 +463,16 @@ fn build(
     let (mut console, console_pipe) =
         CappedLog::create(&console_log, 1 << 20, "template console log")
             .map_err(io("creating", &console_log))?;
+    let mut nets = Vec::with_capacity(shape.nets);
+    for i in 0..shape.nets {
+        let tap = crate::net::private_tap().map_err(|e| {
+            TemplateError::Guest(format!("a tap for the template's network card: {e:#}"))
+        })?;
+        nets.push(NetDevice {
+            tap,
+            mac: builder_mac(i),
+        });
+    }
     let (request_r, mut request_w) =
         std::io::pipe().map_err(io("creating the capture request of", &work.0))?;
     let config = VmConfig {
@@ -460,7 +491,7 @@ fn build(
         console: console_pipe,
         log_limit: 1 << 20,
         run_dir: work.0.clone(),
-        nets: Vec::new(),
+        nets,
         snapshot: Some(SnapshotIo::Capture {
             file: OwnedFd::from(file),
             request: OwnedFd::from(request_r),
@@ -543,6 +574,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             cmdline: "quiet".into(),
+            nets: 0,
         }
     }
 
@@ -565,6 +597,8 @@ mod tests {
             ..shape()
         };
         assert_ne!(first, key(&two, &k, &i).unwrap());
+        let networked = Shape { nets: 1, ..shape() };
+        assert_ne!(first, key(&networked, &k, &i).unwrap());
         // The same bytes written again: another change time, another key.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&i, b"init").unwrap();

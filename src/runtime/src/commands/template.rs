@@ -6,9 +6,14 @@ use crate::error::{Error, Result};
 use crate::plan::HypervisorKind;
 use crate::template::{self, Shape};
 
-/// Builds (or finds and verifies) the template of a VM of `vcpus` and
-/// `memory_mib`, and prints its path.
-pub fn build(vcpus: u32, memory_mib: u64) -> Result<i32> {
+/// Builds (or finds and verifies) the template of a VM of `vcpus`,
+/// `memory_mib` and `nets` network cards, and prints its path.
+pub fn build(vcpus: u32, memory_mib: u64, nets: usize) -> Result<i32> {
+    if nets > 1 {
+        return Err(Error::Invalid(format!(
+            "--nets {nets}: a container's VM carries at most one network card"
+        )));
+    }
     if vcpus == 0 || vcpus > 254 {
         return Err(Error::Invalid(format!(
             "--vcpus {vcpus}: a VM has 1 to 254 vCPUs"
@@ -33,6 +38,7 @@ pub fn build(vcpus: u32, memory_mib: u64) -> Result<i32> {
         vcpus,
         memory_mib,
         cmdline: crate::session::CMDLINE.into(),
+        nets,
     };
     let t = template::obtain(hv.as_ref(), &shape, &assets)
         .map_err(|e| Error::Failed(format!("building the VM template: {}", template::chain(&e))))?;

@@ -128,6 +128,17 @@ impl Monitor {
         )?;
         let mut setup = plan.setup.clone();
         setup.network = net.setup;
+        if session.timings.restored {
+            // The cards have their template's MACs in the guest.
+            for (i, iface) in setup
+                .network
+                .iter_mut()
+                .flat_map(|n| n.interfaces.iter_mut())
+                .enumerate()
+            {
+                iface.template_mac = Some(crate::template::builder_mac(i));
+            }
+        }
         requests::stamp(&mut setup);
         let process = &mut setup.process;
         let main = stdio::main_io(stdio, process.terminal, &mut process.console_size)?;
