@@ -154,7 +154,8 @@ report_vmm_memory() {
   echo "Memory of one idle container (\`sleep\`, VM 512 MiB), every host process of it (krun-oci"
   echo "and its descendants), sampled 3 s after it is running; MiB, median (min-max) over rounds."
   echo "guest RAM = the guest memory mapping in /proc/PID/smaps (built-in: the anonymous mapping of"
-  echo "the guest's size; QEMU: its memfd RAM block, which virtiofsd maps too, counting there only"
+  echo "the guest's size, or from a template its private mapping of the template file, whose clean"
+  echo "pages clones share; QEMU: its memfd RAM block, which virtiofsd maps too, counting there only"
   echo "the pages it touched itself); its Pss is the guest pages touched. beyond guest = Pss - guest RAM Pss (target <= 16 MiB)."
   echo
   awk -F'\t' -v order="${vmm_backends[*]}" '
@@ -495,12 +496,16 @@ vmm_overhead_once() {
 # vmm_guest_kb BACKEND: the guest RAM size in KiB (the default VM: 512 MiB).
 # vmm_smaps PID GUEST_KB: "pss_kb guest_pss_kb guest_rss_kb" of PID, guest
 # RAM being an anonymous mapping of the guest's size (the kernel merges it
-# with an adjacent anonymous mapping: up to 1 MiB more is allowed) or a
-# memfd mapping of at least that size (QEMU's memory-backend-memfd).
+# with an adjacent anonymous mapping: up to 1 MiB more is allowed), a
+# memfd mapping of at least that size (QEMU's memory-backend-memfd), or the
+# private mapping of a VM template (KEY.snap) of that size (the built-in
+# VMM started from a template: the clean pages are the template file's,
+# in the page cache, shared by every clone; Pss divides them).
 vmm_smaps() {
   awk -v gk="$2" '
     /^[0-9a-f]+-[0-9a-f]+ / { path = $6; for (i = 7; i <= NF; i++) path = path " " $i; guest = 0; next }
-    $1 == "Size:" { guest = (path == "" && $2 >= gk && $2 <= gk + 1024) || (path ~ /^\/memfd:/ && $2 >= gk) }
+    $1 == "Size:" { guest = (path == "" && $2 >= gk && $2 <= gk + 1024) || (path ~ /^\/memfd:/ && $2 >= gk) ||
+      (path ~ /\.snap( \(deleted\))?$/ && $2 >= gk && $2 <= gk + 1024) }
     $1 == "Pss:" { pss += $2; if (guest) gp += $2 }
     $1 == "Rss:" { if (guest) gr += $2 }
     END { printf "%d %d %d\n", pss, gp, gr }' "/proc/$1/smaps"
