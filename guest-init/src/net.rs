@@ -172,6 +172,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn macs_parse() {
+        assert_eq!(
+            parse_mac("02:6b:72:00:00:01").unwrap(),
+            [2, 0x6b, 0x72, 0, 0, 1]
+        );
+        assert_eq!(parse_mac("AA:bb:CC:dd:EE:ff").unwrap()[0], 0xaa);
+        for bad in [
+            "",
+            "02:6b:72:00:00",
+            "02:6b:72:00:00:01:02",
+            "zz:6b:72:00:00:01",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn cidrs_parse() {
         assert_eq!(
             cidr("10.88.0.5/16").unwrap(),
