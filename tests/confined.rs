@@ -414,6 +414,27 @@ fn run_in_the_foreground_is_confined_and_runs_its_hooks() {
         },
         |t| format!("the container has not started: {t:?}; {}", sb.console()),
     );
+    // The poststart hook has written its line; its shell may not have
+    // exited yet (once seen listed among the helpers): wait for it.
+    krun_e2e::process::poll(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(50),
+        || {
+            let hooks: Vec<i32> = harness::process::descendants(pid)
+                .into_iter()
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim() == "sh")
+                })
+                .collect();
+            if hooks.is_empty() {
+                Ok(())
+            } else {
+                Err(hooks)
+            }
+        },
+        |hooks| format!("the poststart hook is still running: {hooks:?}"),
+    );
     assert_confined(pid, monitor(), true);
     assert_helpers_confined(pid);
     let st = harness::wait_timeout(&mut child, std::time::Duration::from_secs(60))
