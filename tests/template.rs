@@ -1,6 +1,6 @@
 //! VM templates (issue #15): on the built-in VMM a container's VM starts
 //! from a snapshot of a VM booted once to guest-init, not from a boot
-//! (off by default for now; these tests turn them on with KRUN_OCI_TEMPLATES=1).
+//! (on by default; these tests say so with KRUN_OCI_TEMPLATES=1 anyway).
 //! These tests run where the built-in VMM boots Linux (the nested test
 //! host, `KRUN_OCI_TEST_HYPERVISOR=builtin`); on QEMU they check that no
 //! template is made (QEMU boots every VM cold) and say loudly where the

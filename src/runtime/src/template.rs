@@ -56,10 +56,8 @@ use crate::plan::VmPlan;
 pub const DEFAULT_DIR: &str = "/var/lib/krun-oci/templates";
 /// Operator knob: another directory for templates.
 pub const DIR_VAR: &str = "KRUN_OCI_TEMPLATE_DIR";
-/// Operator knob: `1` (or `true`, `on`, `yes`) starts VMs from templates
-/// unless a bundle says `io.krun-oci.template=false`. Off by default for
-/// now: a container that writes to the guest's serial port as a tty hung
-/// in a VM started from a template (CI, guest_bounds' console flood).
+/// Operator knob: `0` (or `false`, `off`, `no`) boots every VM cold
+/// unless its bundle asks for a template (`io.krun-oci.template=true`).
 pub const ENABLE_VAR: &str = "KRUN_OCI_TEMPLATES";
 /// How long a template's boot may take to reach guest-init's hello.
 const BOOT_TIMEOUT: Duration = crate::session::BOOT_TIMEOUT;
@@ -95,7 +93,7 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Templat
 
 /// Whether templates are on for this process (`KRUN_OCI_TEMPLATES`).
 pub fn enabled_by_env() -> bool {
-    std::env::var(ENABLE_VAR).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "on" | "yes"))
+    !std::env::var(ENABLE_VAR).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
 }
 
 /// The templates' directory.
@@ -157,9 +155,9 @@ pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, Templa
 }
 
 /// Whether `plan`'s VM starts from a template on `hv`: the built-in VMM,
-/// and templates asked for (`io.krun-oci.template=true`, or
-/// `KRUN_OCI_TEMPLATES=1` without `io.krun-oci.template=false` or
-/// `--no-template`).
+/// and templates not turned off (`io.krun-oci.template=false`,
+/// `--no-template`, or `KRUN_OCI_TEMPLATES=0` without
+/// `io.krun-oci.template=true`).
 fn wanted(hv: &dyn Hypervisor, plan: &VmPlan) -> bool {
     plan.template.unwrap_or_else(enabled_by_env) && hv.name() == "builtin"
 }

@@ -150,7 +150,7 @@ pub fn features_json() -> serde_json::Value {
             "io.krun-oci.host-cgroup": "the host processes of a container (monitor, VMM, QEMU, virtiofsd) run in the cgroup linux.cgroupsPath names, on cgroup v1 (hybrid too) and v2, limited to the VM's memory plus a fixed overhead, the CPU quota, shares and cpuset, and a pids limit of their own; the container's own limits apply in the guest",
             "io.krun-oci.systemd-cgroup": "--systemd-cgroup: linux.cgroupsPath is slice:prefix:name, placed at the slice's path through cgroupfs (no transient unit is asked of systemd over D-Bus); refused where systemd is not running",
             "io.krun-oci.require_kvm": "true: refuse to run without hardware virtualization (no TCG fallback)",
-            "io.krun-oci.template": "true (or KRUN_OCI_TEMPLATES=1 without false here or --no-template): on the built-in VMM, a container starts from a VM template built once per VM shape (vCPUs, memory, a network card or none)",
+            "io.krun-oci.template": "false: boot this container's VM cold; true (the default unless KRUN_OCI_TEMPLATES=0 or --no-template): on the built-in VMM, a container starts from a VM template built once per VM shape (vCPUs, memory, a network card or none)",
             "io.krun-oci.accelerator": match accel.accel {
                 krun_hypervisor::Accel::Kvm => "kvm",
                 krun_hypervisor::Accel::Tcg => "tcg",

@@ -74,7 +74,7 @@ pub struct VmPlan {
     /// The bundle refuses TCG emulation ([`ANNOTATION_REQUIRE_KVM`]).
     pub require_kvm: bool,
     /// Whether the VM starts from a template ([`ANNOTATION_TEMPLATE`];
-    /// None: as `KRUN_OCI_TEMPLATES` says; see [`crate::template`]).
+    /// None: unless `KRUN_OCI_TEMPLATES=0`; see [`crate::template`]).
     pub template: Option<bool>,
     /// The network namespace (`linux.namespaces`, type network, with a
     /// path) whose network the VM carries in; see [`crate::net`].
