@@ -81,9 +81,11 @@ fn create(sb: &Sandbox, mut c: Command, b: &TestBundle, id: &str, stdin: Stdio) 
         .unwrap()
 }
 
-/// Waits for the monitor (our orphan, thanks to the subreaper) to exit;
-/// its exit code.
-fn wait_exit(pid: i32, timeout: Duration) -> i32 {
+/// Waits for the monitor of container `id` (our orphan, thanks to the
+/// subreaper) to exit; its exit code. One that does not exit in time
+/// fails the test with what the container and its guest console said.
+#[track_caller]
+fn wait_exit(sb: &Sandbox, id: &str, pid: i32, timeout: Duration) -> i32 {
     let deadline = Instant::now() + timeout;
     loop {
         let mut st = 0;
@@ -92,7 +94,19 @@ fn wait_exit(pid: i32, timeout: Duration) -> i32 {
             assert!(libc::WIFEXITED(st), "the monitor died of a signal");
             return libc::WEXITSTATUS(st);
         }
-        assert!(Instant::now() < deadline, "the monitor {pid} did not exit");
+        if Instant::now() >= deadline {
+            let tail = |p: std::path::PathBuf| {
+                let b = std::fs::read(&p).unwrap_or_default();
+                String::from_utf8_lossy(&b[b.len().saturating_sub(2000)..]).into_owned()
+            };
+            panic!(
+                "the monitor {pid} of {id} did not exit in {timeout:?}\n\
+                 stdout: {}\nstderr: {}\nconsole.log ends: {}",
+                tail(sb.path().join(format!("{id}.out"))),
+                tail(sb.path().join(format!("{id}.err"))),
+                tail(sb.root().join(id).join("console.log")),
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -199,7 +213,7 @@ fn a_console_flood_is_capped() {
     let mut c = sb.cmd();
     c.args(["start", "flood"]);
     timed(c, Duration::from_secs(60), &sb);
-    assert_eq!(wait_exit(pid, Duration::from_secs(300)), 0);
+    assert_eq!(wait_exit(&sb, "flood", pid, Duration::from_secs(300)), 0);
     assert_eq!(
         std::fs::read_to_string(sb.path().join("flood.out")).unwrap(),
         "done\n"
@@ -296,7 +310,10 @@ fn kill_and_delete_of_a_frozen_vm_do_not_hang() {
         delete < Duration::from_secs(3 + 20),
         "delete took {delete:?}"
     );
-    assert_eq!(wait_exit(pid, Duration::from_secs(10)), 128 + libc::SIGKILL);
+    assert_eq!(
+        wait_exit(&sb, "fz", pid, Duration::from_secs(10)),
+        128 + libc::SIGKILL
+    );
     sb.assert_clean();
 }
 
@@ -333,9 +350,11 @@ fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
     });
     let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
     let Some(status) = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT) else {
+        let log = std::fs::read(sb.root().join("bp/console.log")).unwrap_or_default();
         panic!(
-            "run hung; its output is held by {:?}",
-            harness::pipe_holders(&pipes)
+            "run hung; its output is held by {:?}; console.log ends: {}",
+            harness::pipe_holders(&pipes),
+            String::from_utf8_lossy(&log[log.len().saturating_sub(2000)..])
         );
     };
     // Once run has gone, its output ends at once unless some process kept
@@ -371,7 +390,7 @@ fn a_paused_guest_is_not_killed_for_not_reading() {
     let mut c = sb.cmd();
     c.args(["resume", "pr"]);
     timed(c, Duration::from_secs(60), &sb);
-    assert_eq!(wait_exit(pid, harness::RUN_TIMEOUT), 0);
+    assert_eq!(wait_exit(&sb, "pr", pid, harness::RUN_TIMEOUT), 0);
     assert_eq!(
         feeder.written.load(Ordering::SeqCst),
         (CHUNKS * CHUNK) as u64
