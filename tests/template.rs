@@ -85,13 +85,15 @@ fn templates(dir: &Path) -> Vec<(String, u64)> {
     out
 }
 
-/// Nothing but templates, their stamps and locks: no build directory or
-/// partial file left.
+/// Nothing but templates, their stamps, records and locks: no build
+/// directory or partial file left.
 fn assert_only_templates(dir: &Path) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         assert!(
-            [".snap", ".ok", ".lock"].iter().any(|s| name.ends_with(s)),
+            [".snap", ".ok", ".json", ".lock"]
+                .iter()
+                .any(|s| name.ends_with(s)),
             "left in the template directory: {name}"
         );
     }
@@ -199,7 +201,66 @@ fn containers_start_from_one_template_each_its_own() {
     );
     assert!(now.contains(&rebuilt[0]), "the first is left as it was");
     assert_only_templates(&dir);
+
+    // That guest-init changed again (an upgrade in place): the next start
+    // builds a third template and removes the second, stale now; the
+    // first, whose inputs are as they were, stays.
+    let second: Vec<_> = now.iter().filter(|t| **t != rebuilt[0]).cloned().collect();
+    pad(&lib.join("initramfs.cpio"));
+    let out = run(&sb, &bundle(&sb, "newer", "z", 9), "t4", &dir, Some(&lib));
+    out.expect_code(9);
+    assert_eq!(lines(&out)[0], "newer");
+    let after = templates(&dir);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after.contains(&rebuilt[0]), "{after:?}");
+    assert!(
+        !after.contains(&second[0]),
+        "the stale one is gone: {after:?}"
+    );
+    assert_only_templates(&dir);
+
+    // `template list` says what each is; `template prune` removes what a
+    // change left stale without a start to notice it.
+    let listed = template_cmd(&dir, &["list", "--format", "json"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed.iter().all(|t| t["standing"] == "current"),
+        "{listed:?}"
+    );
+    assert!(listed.iter().all(|t| t["inputs"]["shape"]["vcpus"] == 1));
+    pad(&lib.join("initramfs.cpio"));
+    let table = template_cmd(&dir, &["list"]);
+    assert_eq!(table.matches("stale").count(), 1, "{table}");
+    assert_eq!(table.matches("current").count(), 1, "{table}");
+    let pruned = template_cmd(&dir, &["prune"]);
+    let third = after.iter().find(|t| **t != rebuilt[0]).unwrap();
+    assert_eq!(format!("{}.snap", pruned.trim()), third.0, "{pruned}");
+    assert_eq!(templates(&dir), [rebuilt[0].clone()]);
+    assert_only_templates(&dir);
     sb.assert_clean();
+}
+
+/// Appends 512 zero bytes to an initramfs (the kernel skips them after
+/// the archive): another guest-init to a template's key.
+fn pad(initrd: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(initrd)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0u8; 512]).unwrap();
+}
+
+/// `krun-oci template ARGS` with templates in `dir`: its stdout, after
+/// checking it succeeded.
+fn template_cmd(dir: &Path, args: &[&str]) -> String {
+    let mut c = harness::krun_oci();
+    c.env("KRUN_OCI_TEMPLATE_DIR", dir)
+        .arg("template")
+        .args(args);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "template {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -247,9 +308,7 @@ fn changed_libdir(sb: &Sandbox) -> PathBuf {
     for f in ["vmlinux", "initramfs.cpio", "virtiofsd"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
-    let mut initrd = std::fs::read(dst.join("initramfs.cpio")).unwrap();
-    initrd.extend_from_slice(&[0u8; 512]);
-    std::fs::write(dst.join("initramfs.cpio"), initrd).unwrap();
+    pad(&dst.join("initramfs.cpio"));
     dst
 }
 

@@ -65,6 +65,19 @@ enum TemplateCmd {
         #[arg(long, default_value_t = 0)]
         nets: usize,
     },
+    /// List the templates: key, shape, size on disk, and whether each is
+    /// current or stale (an input changed since its build).
+    List {
+        /// table or json.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// Remove the stale templates (a new build does this too), or every
+    /// one with --all; a template being built or verified is left.
+    Prune {
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() {
@@ -124,6 +137,8 @@ fn main() {
             memory_mib,
             nets,
         }) => commands::template::build(*vcpus, *memory_mib, *nets),
+        Command::Template(TemplateCmd::List { format }) => commands::template::list(format),
+        Command::Template(TemplateCmd::Prune { all }) => commands::template::prune(*all),
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),

@@ -5,7 +5,8 @@
 //! # Where, and what a template is keyed by
 //! Templates live in [`DEFAULT_DIR`] (or `$KRUN_OCI_TEMPLATE_DIR`), a
 //! directory only root reaches (0700): `<key>.snap` the snapshot,
-//! `<key>.ok` the stamp of its verification, `<key>.lock` the lock its
+//! `<key>.ok` the stamp of its verification, `<key>.json` what it was
+//! built from (shape and input paths), `<key>.lock` the lock its
 //! builders take. The key is a hash of everything a restored VM must
 //! share with its template: the snapshot format, the vCPUs and memory,
 //! the device set (one share, no network), the kernel command line and
@@ -104,7 +105,7 @@ pub fn dir() -> PathBuf {
 }
 
 /// The shape of a VM, as a template is keyed by it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Shape {
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -138,8 +139,44 @@ fn identity(path: &Path) -> Result<String, TemplateError> {
 /// The key of the template for `shape` with these boot inputs (and this
 /// runtime binary).
 pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, TemplateError> {
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map_err(io("resolving", Path::new("/proc/self/exe")))?;
+    key_of(&Inputs::now(shape, kernel, initrd)?)
+}
+
+/// What a template was built from: its shape and the paths of its boot
+/// inputs, kept beside it (`<key>.json`) so that a template whose inputs
+/// have since changed can be told and removed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Inputs {
+    pub shape: Shape,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The runtime binary (its device model and guest protocol).
+    pub runtime: PathBuf,
+}
+
+impl Inputs {
+    /// `shape` with these boot inputs and this runtime binary.
+    fn now(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<Inputs, TemplateError> {
+        let exe = std::fs::read_link("/proc/self/exe")
+            .map_err(io("resolving", Path::new("/proc/self/exe")))?;
+        Ok(Inputs {
+            shape: shape.clone(),
+            kernel: kernel.to_path_buf(),
+            initramfs: initrd.to_path_buf(),
+            runtime: exe,
+        })
+    }
+}
+
+/// The key of a template built from `inputs` as they are now (an input
+/// gone is an error).
+fn key_of(inputs: &Inputs) -> Result<String, TemplateError> {
+    let (shape, kernel, initrd, exe) = (
+        &inputs.shape,
+        &inputs.kernel,
+        &inputs.initramfs,
+        &inputs.runtime,
+    );
     let inputs = serde_json::json!({
         "format": FORMAT_VERSION,
         "protocol": PROTOCOL_VERSION,
@@ -148,7 +185,7 @@ pub fn key(shape: &Shape, kernel: &Path, initrd: &Path) -> Result<String, Templa
         "port": CONTROL_PORT_NAME,
         "kernel": identity(kernel)?,
         "initramfs": identity(initrd)?,
-        "runtime": identity(&exe)?,
+        "runtime": identity(exe)?,
     });
     let digest = Sha256::digest(inputs.to_string().as_bytes());
     Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
@@ -269,7 +306,8 @@ pub fn obtain(
 ) -> Result<Template, TemplateError> {
     let dir = dir();
     ensure_dir(&dir)?;
-    let key = key(shape, &assets.kernel, &assets.initrd)?;
+    let inputs = Inputs::now(shape, &assets.kernel, &assets.initrd)?;
+    let key = key_of(&inputs)?;
     let snap = dir.join(format!("{key}.snap"));
     let stamp = dir.join(format!("{key}.ok"));
     // Fast path, no lock: a verified template whose stamp still holds.
@@ -292,6 +330,7 @@ pub fn obtain(
     if snap.exists() {
         match Snapshot::read(&snap) {
             Ok(_) => {
+                write_record(&dir, &key, &inputs)?;
                 write_stamp(&snap, &stamp)?;
                 if let Some(file) = verified(&snap, &stamp)? {
                     return Ok(Template {
@@ -313,6 +352,7 @@ pub fn obtain(
     let verifying = Instant::now();
     Snapshot::read(&snap).map_err(TemplateError::Snapshot)?;
     let verify = verifying.elapsed();
+    write_record(&dir, &key, &inputs)?;
     write_stamp(&snap, &stamp)?;
     tracing::info!(
         template = %snap.display(),
@@ -324,6 +364,11 @@ pub fn obtain(
     );
     let file = verified(&snap, &stamp)?
         .ok_or_else(|| TemplateError::Guest("the template vanished after its build".into()))?;
+    // A new template is when an old one may have been replaced: a new
+    // runtime, kernel or guest-init leaves the old templates stale.
+    for gone in prune(&dir, false, Some(&key)) {
+        tracing::info!(template = %gone.key, "removed a stale VM template");
+    }
     Ok(Template {
         file,
         key,
@@ -369,7 +414,21 @@ fn verified(snap: &Path, stamp: &Path) -> Result<Option<File>, TemplateError> {
 }
 
 fn write_stamp(snap: &Path, stamp: &Path) -> Result<(), TemplateError> {
-    let tmp = stamp.with_extension(format!("ok.{}", std::process::id()));
+    write_file(stamp, identity(snap)?.as_bytes())
+}
+
+/// Writes what template `key` was built from beside it (`<key>.json`).
+fn write_record(dir: &Path, key: &str, inputs: &Inputs) -> Result<(), TemplateError> {
+    let json = serde_json::to_vec(inputs).expect("a template's inputs serialize");
+    write_file(&dir.join(format!("{key}.json")), &json)
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a fresh file (0600)
+/// renamed into place.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), TemplateError> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -377,13 +436,144 @@ fn write_stamp(snap: &Path, stamp: &Path) -> Result<(), TemplateError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
         .map_err(io("creating", &tmp))?;
-    f.write_all(identity(snap)?.as_bytes())
-        .map_err(io("writing", &tmp))?;
-    std::fs::rename(&tmp, stamp).map_err(io("renaming into place", stamp))
+    if let Err(e) = f.write_all(bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("writing", &tmp)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
+}
+
+/// Whether a template is still the one its shape would get.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standing {
+    /// Its inputs are as they were at its build.
+    Current,
+    /// An input changed or is gone (the reason): no start will use it.
+    Stale(String),
+}
+
+/// A template in the directory, as `template list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listed {
+    pub key: String,
+    /// What it was built from; None for a file with no record of it.
+    pub inputs: Option<Inputs>,
+    /// Bytes it takes on disk (guest memory's zero pages are holes).
+    pub disk_bytes: u64,
+    pub standing: Standing,
+}
+
+/// The templates in `dir`, by key.
+pub fn list(dir: &Path) -> Vec<Listed> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Listed> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.strip_suffix(".snap")?.to_string();
+            // Only names a template can have: a key of hex digits.
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            let disk_bytes = e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            let inputs: Option<Inputs> = std::fs::read(dir.join(format!("{key}.json")))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let standing = match &inputs {
+                None => Standing::Stale("no record of what it was built from".into()),
+                Some(i) => match key_of(i) {
+                    Ok(k) if k == key => Standing::Current,
+                    Ok(_) => Standing::Stale("an input changed since its build".into()),
+                    Err(e) => Standing::Stale(chain(&e)),
+                },
+            };
+            Some(Listed {
+                key,
+                inputs,
+                disk_bytes,
+                standing,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Removes the stale templates in `dir` (every one with `all`), but not
+/// `keep` and not one whose lock another process holds (a build, or a
+/// start verifying it); returns those removed. A clone running from a
+/// removed template keeps its mapping of the file.
+pub fn prune(dir: &Path, all: bool, keep: Option<&str>) -> Vec<Listed> {
+    let mut removed = Vec::new();
+    for t in list(dir) {
+        if keep == Some(t.key.as_str()) || (!all && t.standing == Standing::Current) {
+            continue;
+        }
+        let lock_path = dir.join(format!("{}.lock", t.key));
+        let Ok(Some(_held)) = try_lock(&lock_path) else {
+            continue;
+        };
+        let mut gone = true;
+        for ext in ["ok", "snap", "json"] {
+            match std::fs::remove_file(dir.join(format!("{}.{ext}", t.key))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => gone = false,
+            }
+        }
+        if gone {
+            // Under the lock: no one else holds it, and no one will look
+            // for a stale key again (its inputs' times have moved on).
+            let _ = std::fs::remove_file(&lock_path);
+            removed.push(t);
+        }
+    }
+    // A builder killed mid-build leaves its directory; one whose key's
+    // lock is free is dead (a live builder holds it).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(key) = name
+                .strip_prefix("build-")
+                .and_then(|r| r.rsplit_once('-'))
+                .map(|(k, _)| k.to_string())
+            else {
+                continue;
+            };
+            if keep == Some(key.as_str()) || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            let lock_path = dir.join(format!("{key}.lock"));
+            if let Ok(Some(_held)) = try_lock(&lock_path) {
+                let _ = std::fs::remove_dir_all(e.path());
+                if !dir.join(format!("{key}.snap")).exists() {
+                    let _ = std::fs::remove_file(&lock_path);
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// An exclusive lock on `path`, held while the returned file is open.
 fn lock(path: &Path) -> Result<File, TemplateError> {
+    let started = Instant::now();
+    loop {
+        if let Some(f) = try_lock(path)? {
+            return Ok(f);
+        }
+        if started.elapsed() > LOCK_TIMEOUT {
+            return Err(TemplateError::Busy(LOCK_TIMEOUT));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The exclusive lock on `path` if no one else holds it.
+fn try_lock(path: &Path) -> Result<Option<File>, TemplateError> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -392,21 +582,15 @@ fn lock(path: &Path) -> Result<File, TemplateError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(io("opening the lock", path))?;
-    let started = Instant::now();
-    loop {
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(io("locking", path)(e));
-        }
-        if started.elapsed() > LOCK_TIMEOUT {
-            return Err(TemplateError::Busy(LOCK_TIMEOUT));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
     }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(io("locking", path)(e))
 }
 
 /// Removes a directory tree when dropped.
@@ -681,5 +865,88 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("the second gets it once the first lets go");
         waiter.join().unwrap();
+    }
+
+    /// A template file and its record for `inputs`, as a build leaves them.
+    fn fake_template(dir: &Path, inputs: &Inputs) -> String {
+        let key = key_of(inputs).unwrap();
+        let snap = dir.join(format!("{key}.snap"));
+        std::fs::write(&snap, b"template").unwrap();
+        write_record(dir, &key, inputs).unwrap();
+        write_stamp(&snap, &dir.join(format!("{key}.ok"))).unwrap();
+        key
+    }
+
+    #[test]
+    fn stale_templates_are_pruned_and_current_or_busy_ones_kept() {
+        let inputs_dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let file = |name: &str| {
+            let p = inputs_dir.path().join(name);
+            std::fs::write(&p, name).unwrap();
+            p
+        };
+        let (kernel, runtime) = (file("vmlinux"), file("krun-oci"));
+        let inputs = |init: &Path| Inputs {
+            shape: shape(),
+            kernel: kernel.clone(),
+            initramfs: init.to_path_buf(),
+            runtime: runtime.clone(),
+        };
+        let (a, b, c) = (file("init-a"), file("init-b"), file("init-c"));
+        let current = fake_template(dir, &inputs(&a));
+        let stale = fake_template(dir, &inputs(&b));
+        let busy = fake_template(dir, &inputs(&c));
+        // A template with no record, a dead builder's directory, and
+        // something that is no template.
+        std::fs::write(dir.join("0123abcd.snap"), b"old").unwrap();
+        std::fs::create_dir(dir.join(format!("build-{stale}-999"))).unwrap();
+        std::fs::write(dir.join("notes.txt"), b"x").unwrap();
+        // Two guest-inits rewritten since their templates were built.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&b, "init-b2").unwrap();
+        std::fs::write(&c, "init-c2").unwrap();
+
+        let listed = list(dir);
+        let find = |k: &str| listed.iter().find(|t| t.key == k).unwrap();
+        assert_eq!(listed.len(), 4, "{listed:?}");
+        assert_eq!(find(&current).standing, Standing::Current);
+        assert_eq!(find(&current).inputs.as_ref().unwrap().initramfs, a);
+        assert!(matches!(find(&stale).standing, Standing::Stale(_)));
+        assert!(matches!(find("0123abcd").standing, Standing::Stale(_)));
+        assert!(find("0123abcd").inputs.is_none());
+
+        // Another process (here: another open file) holds busy's lock.
+        let held = lock(&dir.join(format!("{busy}.lock"))).unwrap();
+        let removed: Vec<String> = prune(dir, false, None).into_iter().map(|t| t.key).collect();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(removed.contains(&stale) && removed.contains(&"0123abcd".to_string()));
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want = vec![
+            format!("{busy}.json"),
+            format!("{busy}.lock"),
+            format!("{busy}.ok"),
+            format!("{busy}.snap"),
+            format!("{current}.json"),
+            format!("{current}.ok"),
+            format!("{current}.snap"),
+            "notes.txt".to_string(),
+        ];
+        want.sort();
+        assert_eq!(names, want);
+        drop(held);
+        // --all: the current one too, and busy now that it is free.
+        let removed = prune(dir, true, None);
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["notes.txt"]);
     }
 }

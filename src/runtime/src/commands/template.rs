@@ -1,5 +1,7 @@
 //! `krun-oci template build`: a VM template made ahead of a container's
-//! first start (see [`crate::template`]).
+//! first start; `template list` and `template prune`: what the template
+//! directory holds, and removing what no start will use again (see
+//! [`crate::template`]).
 
 use crate::assets::Assets;
 use crate::error::{Error, Result};
@@ -47,5 +49,53 @@ pub fn build(vcpus: u32, memory_mib: u64, nets: usize) -> Result<i32> {
         template::dir().join(format!("{}.snap", t.key)).display(),
         if t.built { "built" } else { "already there" }
     );
+    Ok(0)
+}
+
+/// Prints the templates, as a table or as JSON.
+pub fn list(format: &str) -> Result<i32> {
+    let all = template::list(&template::dir());
+    if format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&all).expect("the list serializes")
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<32}  {:>5}  {:>10}  {:>4}  {:>10}  STANDING",
+        "KEY", "VCPUS", "MEMORY", "NETS", "ON DISK"
+    );
+    for t in &all {
+        let (vcpus, memory, nets) = match &t.inputs {
+            Some(i) => (
+                i.shape.vcpus.to_string(),
+                format!("{} MiB", i.shape.memory_mib),
+                i.shape.nets.to_string(),
+            ),
+            None => ("?".into(), "?".into(), "?".into()),
+        };
+        let standing = match &t.standing {
+            template::Standing::Current => "current".to_string(),
+            template::Standing::Stale(why) => format!("stale: {why}"),
+        };
+        println!(
+            "{:<32}  {:>5}  {:>10}  {:>4}  {:>6} MiB  {standing}",
+            t.key,
+            vcpus,
+            memory,
+            nets,
+            t.disk_bytes >> 20
+        );
+    }
+    Ok(0)
+}
+
+/// Removes the stale templates (every one with `all`), printing the key
+/// of each removed.
+pub fn prune(all: bool) -> Result<i32> {
+    for t in template::prune(&template::dir(), all, None) {
+        println!("{}", t.key);
+    }
     Ok(0)
 }
