@@ -220,9 +220,10 @@ pub fn for_vm(
     if !wanted(hv, plan) {
         return None;
     }
+    let started = Instant::now();
     match obtain(hv, &shape(plan, nets), assets) {
         Ok(t) => {
-            tracing::debug!(template = %t.key, built = t.built, "starting from a VM template");
+            tracing::debug!(template = %t.key, built = t.built, took = ?started.elapsed(), "starting from a VM template");
             Some(t)
         }
         Err(e) => {

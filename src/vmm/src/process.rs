@@ -395,6 +395,7 @@ pub fn is_vmm(first_arg: Option<&OsStr>) -> bool {
 }
 
 fn serve() -> Result<VmExit, ProcessError> {
+    let t0 = Instant::now();
     let wire: Wire = serde_json::from_reader(io::stdin().lock()).map_err(ProcessError::Config)?;
     log_to_stderr(wire.debug);
     let readonly = wire.shares.iter().all(|s| s.readonly);
@@ -436,6 +437,7 @@ fn serve() -> Result<VmExit, ProcessError> {
         }
     };
     let built = built.map_err(ProcessError::Build)?;
+    let t_built = t0.elapsed();
     jail(&run_dir, &shares).map_err(ProcessError::Jail)?;
     limit_resources().map_err(ProcessError::Limits)?;
     reduce_caps(if readonly {
@@ -448,6 +450,8 @@ fn serve() -> Result<VmExit, ProcessError> {
     tracing::debug!(
         ?run_dir,
         readonly,
+        built = ?t_built,
+        jailed = ?t0.elapsed(),
         "VMM: the VM is built and the process jailed; starting the vCPUs"
     );
     let mut vm = built.run().map_err(ProcessError::Run)?;
