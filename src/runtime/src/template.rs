@@ -28,7 +28,7 @@
 //! names another inode, size or times, is verified whole before use;
 //! one that fails is removed and built again, never booted. Once
 //! verified, a start checks the stamp and the file's shape, not its
-//! checksum (a pass over the guest memory, ~100 ms).
+//! checksum (a pass over the pages the guest wrote).
 //!
 //! # What a start does not take from its template
 //! Each start reseeds the guest's RNG, sets its clock, hostname and

@@ -70,10 +70,106 @@ pub fn frame(version: u32, state: &[u8], memory: &[u8]) -> Vec<u8> {
     out.extend_from_slice(memory);
     let mut h = Sha256::new();
     h.update(fixed);
-    h.update(&out[PREFIX..]);
-    let sum = h.finalize();
+    h.update(state);
+    let state_end = (PREFIX + state.len()) as u64;
+    let mut blocks = Blocks::new(h, state_end);
+    blocks.feed(&out[state_end as usize..]);
+    let sum = blocks.finish();
     out[FIXED..PREFIX].copy_from_slice(&sum);
     out
+}
+
+/// The checksum over what follows the state: the file in blocks (its
+/// pages; the first block starts where the state ends), each block that
+/// is not all zeros hashed after its offset, then the file's length. A
+/// zero block costs no hashing, and a reader that can skip a file's holes
+/// (guest memory's zero pages, most of a template) does not read them:
+/// the hash is the same whichever way the bytes arrive.
+struct Blocks {
+    hash: Sha256,
+    /// The offset of the next byte.
+    at: u64,
+    /// The current block's bytes so far (it started at `at - len`).
+    block: Vec<u8>,
+}
+
+impl Blocks {
+    fn new(hash: Sha256, origin: u64) -> Blocks {
+        Blocks {
+            hash,
+            at: origin,
+            block: Vec::with_capacity(PAGE as usize),
+        }
+    }
+
+    fn emit(hash: &mut Sha256, start: u64, block: &[u8]) {
+        if !is_zero(block) {
+            hash.update(start.to_le_bytes());
+            hash.update(block);
+        }
+    }
+
+    fn flush(&mut self) {
+        let start = self.at - self.block.len() as u64;
+        Blocks::emit(&mut self.hash, start, &self.block);
+        self.block.clear();
+    }
+
+    /// The next bytes of the file.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = (PAGE - self.at % PAGE) as usize;
+            let (head, rest) = bytes.split_at(room.min(bytes.len()));
+            if self.block.is_empty() && head.len() == PAGE as usize {
+                Blocks::emit(&mut self.hash, self.at, head);
+                self.at += PAGE;
+            } else {
+                self.block.extend_from_slice(head);
+                self.at += head.len() as u64;
+                if self.at.is_multiple_of(PAGE) {
+                    self.flush();
+                }
+            }
+            bytes = rest;
+        }
+    }
+
+    /// The file's bytes from here up to `to` are zeros (a hole).
+    fn zeros_to(&mut self, to: u64) {
+        while self.at < to {
+            let end = ((self.at / PAGE + 1) * PAGE).min(to);
+            if self.block.is_empty() && self.at.is_multiple_of(PAGE) && end - self.at == PAGE {
+                // Whole zero pages, up to the page `to` is in: nothing to
+                // hash.
+                self.at = (to / PAGE * PAGE).max(self.at + PAGE);
+                continue;
+            }
+            self.block
+                .resize(self.block.len() + (end - self.at) as usize, 0);
+            self.at = end;
+            if self.at.is_multiple_of(PAGE) {
+                self.flush();
+            }
+        }
+    }
+
+    /// The checksum, the file having ended here.
+    fn finish(mut self) -> [u8; 32] {
+        if !self.block.is_empty() {
+            self.flush();
+        }
+        self.hash.update(self.at.to_le_bytes());
+        self.hash.finalize().into()
+    }
+}
+
+/// Whether `bytes` are all zeros.
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bytes are a valid u128.
+        unsafe { bytes.align_to::<u128>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 impl Snapshot {
@@ -146,13 +242,13 @@ impl Snapshot {
     /// well but the checksum is not computed, sparing a pass over the
     /// guest memory: only for a file verified whole before and known not
     /// to have changed since (the template manager's stamp).
-    pub fn open(mut file: File, path: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
+    pub fn open(file: File, path: &Path, verify: Verify) -> Result<Loaded, SnapshotError> {
         let len = file
             .metadata()
             .map_err(io("reading the snapshot's size", path))?
             .len();
         let (snapshot, regions, memory_offset) =
-            read_verified(&mut file, len, verify).map_err(|e| match e {
+            read_verified(&mut &file, len, verify, Some(&file)).map_err(|e| match e {
                 SnapshotError::Io { what, source, .. } => SnapshotError::Io {
                     what,
                     path: path.to_path_buf(),
@@ -175,7 +271,7 @@ impl Snapshot {
         r: &mut R,
         file_len: u64,
     ) -> Result<(Snapshot, Vec<Region>, u64), SnapshotError> {
-        read_verified(r, file_len, Verify::Whole)
+        read_verified(r, file_len, Verify::Whole, None)
     }
 }
 
@@ -188,10 +284,13 @@ pub enum Verify {
     ShapeOnly,
 }
 
+/// `sparse`: the file `r` reads, if it is one, whose holes the checksum
+/// then skips.
 fn read_verified<R: Read>(
     r: &mut R,
     file_len: u64,
     verify: Verify,
+    sparse: Option<&File>,
 ) -> Result<(Snapshot, Vec<Region>, u64), SnapshotError> {
     {
         let read = |e: std::io::Error, what: &str| match e.kind() {
@@ -240,10 +339,17 @@ fn read_verified<R: Read>(
         let mut hash = Sha256::new();
         hash.update(&prefix[..FIXED]);
         hash.update(&state);
-        let rest = match verify {
-            Verify::Whole => hash_rest(r, &mut hash).map_err(|e| read(e, "while hashing"))?,
-            Verify::ShapeOnly => file_len - state_end,
-        };
+        let mut blocks = Blocks::new(hash, state_end);
+        match (verify, sparse) {
+            (Verify::Whole, Some(f)) => hash_sparse(f, file_len, &mut blocks),
+            (Verify::Whole, None) => hash_rest(r, &mut blocks),
+            (Verify::ShapeOnly, _) => {
+                blocks.at = file_len;
+                Ok(())
+            }
+        }
+        .map_err(|e| read(e, "while hashing"))?;
+        let rest = blocks.at - state_end;
         if state_end + rest != file_len {
             return Err(SnapshotError::Truncated {
                 what: format!(
@@ -269,7 +375,7 @@ fn read_verified<R: Read>(
                 });
             }
         }
-        if verify == Verify::Whole && hash.finalize().as_slice() != &prefix[FIXED..] {
+        if verify == Verify::Whole && blocks.finish().as_slice() != &prefix[FIXED..] {
             return Err(SnapshotError::Checksum);
         }
         let State { snapshot, regions } = parsed.map_err(SnapshotError::State)?;
@@ -301,30 +407,68 @@ fn write_body(
         .and_then(|()| file.write_all_at(json, PREFIX as u64))
         .map_err(io("writing the snapshot", path))?;
     hash.update(json);
-    let start = align_up((PREFIX + json.len()) as u64).unwrap_or(u64::MAX);
-    hash.update(vec![0u8; (start as usize) - PREFIX - json.len()]);
-    let end = write_memory(file, mem, regions, start, &mut hash)
+    let state_end = (PREFIX + json.len()) as u64;
+    let start = align_up(state_end).unwrap_or(u64::MAX);
+    let mut blocks = Blocks::new(hash, state_end);
+    blocks.zeros_to(start);
+    let end = write_memory(file, mem, regions, start, &mut blocks)
         .map_err(io("writing guest memory to the snapshot", path))?;
     file.set_len(end)
         .map_err(io("writing the snapshot", path))?;
-    file.write_all_at(&hash.finalize(), FIXED as u64)
+    file.write_all_at(&blocks.finish(), FIXED as u64)
         .map_err(io("writing the snapshot", path))
 }
 
-/// Hashes what is left of `r`; returns how many bytes that was.
-fn hash_rest<R: Read>(r: &mut R, hash: &mut Sha256) -> std::io::Result<u64> {
+/// Feeds what is left of `r` to `blocks`.
+fn hash_rest<R: Read>(r: &mut R, blocks: &mut Blocks) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
     loop {
         let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        hash.update(&buf[..n]);
-        total += n as u64;
+        blocks.feed(&buf[..n]);
     }
+}
+
+/// Feeds `file` from `blocks`' offset to `len` to `blocks`, reading only
+/// its data (SEEK_DATA, SEEK_HOLE); holes are zeros. A file system that
+/// cannot say where its holes are is read whole.
+fn hash_sparse(file: &File, len: u64, blocks: &mut Blocks) -> std::io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    let seek = |at: u64, whence| {
+        // SAFETY: lseek on a descriptor `file` keeps open; reads go by
+        // offset (pread), so moving its position is harmless.
+        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let mut buf = vec![0u8; CHUNK];
+    while blocks.at < len {
+        let (data, hole) = match seek(blocks.at, libc::SEEK_DATA) {
+            Ok(d) => (d.clamp(blocks.at, len), seek(d, libc::SEEK_HOLE)?.min(len)),
+            // No data from here on.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (len, len),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (blocks.at, len),
+            Err(e) => return Err(e),
+        };
+        // A file system whose answers make no progress is read to the end.
+        let hole = if hole > data { hole } else { len };
+        blocks.zeros_to(data);
+        let mut at = data;
+        while at < hole {
+            let n = ((hole - at) as usize).min(CHUNK);
+            file.read_exact_at(&mut buf[..n], at)?;
+            blocks.feed(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Regions in ascending order, page-aligned, not overlapping, adding up to
@@ -365,7 +509,7 @@ fn write_memory(
     mem: &GuestMemoryMmap<()>,
     regions: &[Region],
     start: u64,
-    hash: &mut Sha256,
+    blocks: &mut Blocks,
 ) -> std::io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut at = start;
@@ -376,7 +520,7 @@ fn write_memory(
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
                 .map_err(std::io::Error::other)?;
-            hash.update(&*chunk);
+            blocks.feed(chunk);
             write_nonzero_pages(file, chunk, at)?;
             done += n as u64;
             at += n as u64;
@@ -391,7 +535,7 @@ fn write_nonzero_pages(file: &File, chunk: &[u8], at: u64) -> std::io::Result<()
     let page = PAGE as usize;
     let mut run: Option<usize> = None;
     for (i, p) in chunk.chunks(page).enumerate() {
-        let zero = p.iter().all(|&b| b == 0);
+        let zero = is_zero(p);
         match (zero, run) {
             (false, None) => run = Some(i * page),
             (true, Some(s)) => {
