@@ -385,6 +385,12 @@ fn ensure_dir(dir: &Path) -> Result<(), TemplateError> {
         .mode(0o700)
         .create(dir)
         .map_err(io("creating", dir))?;
+    check_dir(dir)
+}
+
+/// Checks that `dir` is a directory of this user's that no one else can
+/// reach (not a symlink to one).
+pub fn check_dir(dir: &Path) -> Result<(), TemplateError> {
     let m = std::fs::symlink_metadata(dir).map_err(io("reading the metadata of", dir))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };

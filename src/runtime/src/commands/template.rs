@@ -94,7 +94,14 @@ pub fn list(format: &str) -> Result<i32> {
 /// Removes the stale templates (every one with `all`), printing the key
 /// of each removed.
 pub fn prune(all: bool) -> Result<i32> {
-    for t in template::prune(&template::dir(), all, None) {
+    let dir = template::dir();
+    if !dir.exists() {
+        return Ok(0);
+    }
+    // Removing files is for a directory only root reaches, as a build
+    // made it.
+    template::check_dir(&dir).map_err(|e| Error::Invalid(template::chain(&e)))?;
+    for t in template::prune(&dir, all, None) {
         println!("{}", t.key);
     }
     Ok(0)
