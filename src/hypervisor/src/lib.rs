@@ -29,6 +29,18 @@ pub use jail::{jail_id, note_host_pid, Jail, JAIL_IDS, JAIL_ID_BASE};
 pub use process::{last_lines, Companions, EmptyDir, VmProcess};
 pub use qemu::Qemu;
 
+/// An error and every cause under it, in one line joined by `": "`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
 /// A host directory shared into the guest over virtio-fs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Share {

@@ -127,14 +127,7 @@ impl Error {
     /// The error as a user reads it: its message and every cause's,
     /// joined by `": "`.
     pub fn message(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        text
+        krun_hypervisor::error_chain(self)
     }
 }
 

@@ -277,16 +277,7 @@ pub fn prepare(hv: &dyn Hypervisor, plan: &VmPlan, assets: &Assets) {
     }
 }
 
-/// An error and its sources, in one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut why = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        why.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    why
-}
+pub(crate) use krun_hypervisor::error_chain as chain;
 
 /// A template ready to restore from: its file open for reading.
 pub struct Template {

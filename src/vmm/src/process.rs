@@ -370,22 +370,11 @@ pub fn main() -> ! {
             1
         }
         Err(e) => {
-            eprintln!("{}", error_chain(&e));
+            eprintln!("{}", krun_hypervisor::error_chain(&e));
             1
         }
     };
     std::process::exit(code)
-}
-
-/// An error and its sources, in one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    line
 }
 
 /// Whether the process was started as the VMM (its first argument is
@@ -513,7 +502,7 @@ fn capture_when_asked(
             }
             Err(e) => VmExit::VmmFailed {
                 code: 1,
-                detail: error_chain(&e),
+                detail: krun_hypervisor::error_chain(&e),
             },
         };
     }

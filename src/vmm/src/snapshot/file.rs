@@ -134,6 +134,21 @@ impl Blocks {
         }
     }
 
+    /// The next page of the file, whose zeroness the caller has just
+    /// checked (the writer, which skips zero pages too): not checked
+    /// again.
+    fn page(&mut self, page: &[u8], zero: bool) {
+        if self.block.is_empty() && self.at.is_multiple_of(PAGE) && page.len() == PAGE as usize {
+            if !zero {
+                self.hash.update(self.at.to_le_bytes());
+                self.hash.update(page);
+            }
+            self.at += PAGE;
+        } else {
+            self.feed(page);
+        }
+    }
+
     /// The file's bytes from here up to `to` are zeros (a hole).
     fn zeros_to(&mut self, to: u64) {
         while self.at < to {
@@ -520,8 +535,7 @@ fn write_memory(
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
                 .map_err(std::io::Error::other)?;
-            blocks.feed(chunk);
-            write_nonzero_pages(file, chunk, at)?;
+            write_nonzero_pages(file, chunk, at, blocks)?;
             done += n as u64;
             at += n as u64;
         }
@@ -530,12 +544,19 @@ fn write_memory(
 }
 
 /// Writes `chunk` at `at`, skipping its all-zero pages (runs of others in
-/// one write).
-fn write_nonzero_pages(file: &File, chunk: &[u8], at: u64) -> std::io::Result<()> {
+/// one write), and feeds it to the checksum's `blocks` (each page looked
+/// at once).
+fn write_nonzero_pages(
+    file: &File,
+    chunk: &[u8],
+    at: u64,
+    blocks: &mut Blocks,
+) -> std::io::Result<()> {
     let page = PAGE as usize;
     let mut run: Option<usize> = None;
     for (i, p) in chunk.chunks(page).enumerate() {
         let zero = is_zero(p);
+        blocks.page(p, zero);
         match (zero, run) {
             (false, None) => run = Some(i * page),
             (true, Some(s)) => {
