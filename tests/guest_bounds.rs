@@ -375,6 +375,53 @@ fn a_host_that_stops_taking_output_does_not_get_its_guest_killed() {
     sb.assert_clean();
 }
 
+/// A process that does not read its stdin holds back the writer on the
+/// host, as a pipe would under runc: guest-init keeps a bounded amount
+/// for it (before, it kept everything, and a big enough stream crashed
+/// the guest for want of memory). Once the process reads, every byte
+/// arrives.
+#[test]
+fn a_process_that_reads_no_stdin_holds_back_its_writer() {
+    const CHUNKS: usize = 512; // 32 MiB
+    let sb = Sandbox::new("stdinheld");
+    let b = sb.written_bundle(&[
+        "sh",
+        "-c",
+        "trap 'wc -c; exit 0' USR1; echo ready; while :; do sleep 0.2; done",
+    ]);
+    let mut child = harness::spawn_run(sb.cmd(), &b, "sh1", Stdio::piped());
+    let feeder = Feeder::start(child.stdin.take().unwrap(), CHUNKS);
+    let mut stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    let mut ready = [0u8; 6];
+    if let Err(e) = std::io::Read::read_exact(&mut stdout, &mut ready) {
+        let _ = child.kill();
+        panic!(
+            "no \"ready\" from the container ({e}); run's stderr: {}",
+            stderr.join().unwrap()
+        );
+    }
+    assert_eq!(&ready, b"ready\n");
+    // The process reads nothing: the writer blocks, well short of the end.
+    feeder.wait_stuck(Duration::from_secs(3));
+    let held = feeder.written.load(Ordering::SeqCst);
+    assert!(held < (CHUNKS * CHUNK / 4) as u64, "{held} bytes went in");
+    let mut c = sb.cmd();
+    c.args(["kill", "sh1", "USR1"]);
+    timed(c, Duration::from_secs(60), &sb);
+    let status = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("run did not end after the process read its stdin")
+    });
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let out = std::io::read_to_string(stdout).unwrap();
+    assert_eq!(out.trim(), (CHUNKS * CHUNK).to_string(), "{stderr}");
+    eprintln!("the writer was held at {held} bytes while the process read nothing");
+    sb.assert_clean();
+}
+
 /// A paused container's guest reads nothing, for as long as it is paused:
 /// that is not held against it, and it carries on when resumed.
 #[test]

@@ -18,14 +18,23 @@ use crate::{mounts, net, sys};
 /// Output is read and sent in chunks of at most this many bytes.
 const CHUNK: usize = 64 * 1024;
 
+/// Stdin taken is reported once this much has gathered, or whenever the
+/// process has taken all it was sent.
+const STDIN_REPORT: u64 = 64 * 1024;
+
 /// One process in the VM, by stream number.
 struct Proc {
     /// The container it runs in.
     container: String,
     pid: i32,
     stdio: Stdio,
+    /// Stdin the host sent that the process has not taken yet: at most
+    /// [`krun_proto::STDIN_WINDOW`] bytes, as the host sends no more
+    /// before it hears they were taken.
     stdin_buf: Vec<u8>,
     stdin_eof: bool,
+    /// Stdin bytes taken (or dropped) and not yet reported to the host.
+    stdin_taken: u64,
     /// Set until the process is started (the main process between create
     /// and start).
     pending: Option<Pending>,
@@ -139,11 +148,7 @@ impl Agent {
             Source::Oom => self.check_oom()?,
             Source::Stdout(id) => self.relay(id, FrameKind::Stdout, buf)?,
             Source::Stderr(id) => self.relay(id, FrameKind::Stderr, buf)?,
-            Source::Stdin(id) => {
-                if let Some(p) = self.procs.get_mut(&id) {
-                    p.flush_stdin();
-                }
-            }
+            Source::Stdin(id) => self.flush_stdin(id)?,
         }
         Ok(())
     }
@@ -219,6 +224,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Passes what process `id` was sent for its stdin on, as far as it
+    /// takes it, and tells the host what was taken so that it sends more.
+    fn flush_stdin(&mut self, id: u32) -> anyhow::Result<()> {
+        let Some(p) = self.procs.get_mut(&id) else {
+            return Ok(());
+        };
+        p.stdin_taken += p.flush_stdin() as u64;
+        if p.stdin_taken >= STDIN_REPORT || (p.stdin_taken > 0 && p.stdin_buf.is_empty()) {
+            let bytes = std::mem::take(&mut p.stdin_taken);
+            self.send(id, &ToHost::StdinTaken { bytes })?;
+        }
+        Ok(())
+    }
+
     fn dispatch(&mut self, frame: Frame) -> anyhow::Result<()> {
         let stream = frame.stream;
         match frame.kind {
@@ -229,7 +248,7 @@ impl Agent {
                     } else {
                         p.stdin_buf.extend_from_slice(&frame.payload);
                     }
-                    p.flush_stdin();
+                    self.flush_stdin(stream)?;
                 }
             }
             FrameKind::Control => match frame.message::<ToGuest>() {
@@ -503,6 +522,7 @@ impl Proc {
             stdio,
             stdin_buf: Vec::new(),
             stdin_eof: false,
+            stdin_taken: 0,
             pending,
             status: None,
             report_exit: true,
@@ -510,32 +530,81 @@ impl Proc {
     }
 
     /// Writes what the host sent for stdin without blocking; closes stdin
-    /// once the host said EOF and everything is written.
-    fn flush_stdin(&mut self) {
+    /// once the host said EOF and everything is written. Returns how many
+    /// bytes left the buffer: written, or dropped for a closed stdin.
+    fn flush_stdin(&mut self) -> usize {
+        let before = self.stdin_buf.len();
         let Some(fd) = &self.stdio.stdin else {
             self.stdin_buf.clear();
-            return;
+            return before;
         };
-        while !self.stdin_buf.is_empty() {
-            match (&*fd).write(&self.stdin_buf) {
-                Ok(n) => {
-                    self.stdin_buf.drain(..n);
-                }
+        let mut written = 0;
+        while written < before {
+            match (&*fd).write(&self.stdin_buf[written..]) {
+                Ok(n) => written += n,
                 Err(e)
                     if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
                 {
-                    return
+                    break
                 }
                 Err(_) => {
                     // The reader is gone (EPIPE): drop what it will never read.
                     self.stdin_buf.clear();
                     self.stdio.stdin = None;
-                    return;
+                    return before;
                 }
             }
         }
-        if self.stdin_eof && self.stdio.tty.is_none() {
+        self.stdin_buf.drain(..written);
+        if self.stdin_buf.is_empty() && self.stdin_eof && self.stdio.tty.is_none() {
             self.stdio.stdin = None;
         }
+        written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process whose stdin is the write end of a non-blocking pipe; the
+    /// read end is returned.
+    fn piped() -> (Proc, File) {
+        let (r, w) = sys::pipe().unwrap();
+        sys::set_nonblocking(&w).unwrap();
+        let stdio = Stdio {
+            stdin: Some(File::from(w)),
+            stdout: None,
+            stderr: None,
+            tty: None,
+        };
+        (Proc::new("c", 1, stdio, None), File::from(r))
+    }
+
+    #[test]
+    fn stdin_taken_is_what_the_process_took_or_what_was_dropped() {
+        let (mut p, r) = piped();
+        p.stdin_buf = vec![7; 1 << 20];
+        // The pipe takes what fits in it, no more.
+        let took = p.flush_stdin();
+        assert!(took > 0 && took < 1 << 20, "{took}");
+        assert_eq!(p.stdin_buf.len(), (1 << 20) - took);
+        assert_eq!(p.flush_stdin(), 0);
+        // The reader goes: the rest is dropped, and counts as taken.
+        drop(r);
+        assert_eq!(p.flush_stdin(), (1 << 20) - took);
+        assert!(p.stdin_buf.is_empty() && p.stdio.stdin.is_none());
+        p.stdin_buf = vec![1; 10];
+        assert_eq!(p.flush_stdin(), 10);
+    }
+
+    #[test]
+    fn stdin_closes_once_the_host_said_eof_and_all_is_taken() {
+        let (mut p, r) = piped();
+        p.stdin_buf = b"abc".to_vec();
+        p.stdin_eof = true;
+        assert_eq!(p.flush_stdin(), 3);
+        assert!(p.stdio.stdin.is_none());
+        assert_eq!(std::io::read_to_string(r).unwrap(), "abc");
     }
 }

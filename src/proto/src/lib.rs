@@ -19,6 +19,13 @@
 //! first ([`ToHost::Hello`] carries [`PROTOCOL_VERSION`]); the host never
 //! writes before it has read the hello, because bytes sent to a port the
 //! guest has not opened yet are lost.
+//!
+//! Stdin is flow-controlled, as a pipe is: the host keeps at most
+//! [`STDIN_WINDOW`] bytes of a process's stdin that guest-init has not
+//! yet passed on (or dropped), and guest-init says what it passed on with
+//! [`ToHost::StdinTaken`]. So guest-init holds a bounded amount for a
+//! process that reads slowly, and the writer on the host blocks, as it
+//! would writing to that process under runc.
 #![forbid(unsafe_code)]
 
 mod frame;
@@ -30,7 +37,11 @@ pub use frame::{
 pub use message::*;
 
 /// Bumped whenever a message changes incompatibly. Host and guest must agree.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
+
+/// The most stdin bytes of one process the host sends ahead of what
+/// guest-init reports taken ([`ToHost::StdinTaken`]).
+pub const STDIN_WINDOW: usize = 1 << 20;
 
 /// The name of the virtio-console port that carries the protocol.
 pub const CONTROL_PORT_NAME: &str = "krun.ctl";

@@ -70,6 +70,10 @@ pub enum ToHost {
     Exited { status: ExitStatus },
     /// The container's memory limit was hit and the kernel killed a process.
     Oom,
+    /// The stream's process took `bytes` more bytes of its stdin (or they
+    /// were dropped, its stdin being closed): the host may send as many
+    /// more. See [`crate::STDIN_WINDOW`].
+    StdinTaken { bytes: u64 },
     /// The container's processes, in answer to [`ToGuest::Ps`].
     Processes { processes: Vec<ProcessInfo> },
     /// The cgroup limits were changed.

@@ -79,6 +79,7 @@ impl SignalForwarder {
 /// Copies `input` to the stdin of process `stream` in the guest, then
 /// signals end of file. Runs on a thread of its own.
 pub fn pump_stdin(control: Control, stream: u32, mut input: File) {
+    control.open_stdin(stream);
     let _ = std::thread::Builder::new()
         .name(format!("stdin-{stream}"))
         .spawn(move || {
@@ -88,6 +89,7 @@ pub fn pump_stdin(control: Control, stream: u32, mut input: File) {
                     Ok(0) => break,
                     Ok(n) => {
                         if control.stdin(stream, &buf[..n]).is_err() {
+                            control.close_stdin(stream);
                             return;
                         }
                     }
@@ -96,5 +98,6 @@ pub fn pump_stdin(control: Control, stream: u32, mut input: File) {
                 }
             }
             let _ = control.stdin_eof(stream);
+            control.close_stdin(stream);
         });
 }

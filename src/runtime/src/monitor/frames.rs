@@ -55,6 +55,7 @@ impl Container {
             ToHost::Failed { code, message } => return Ok(self.on_failed(stream, code, message)),
             ToHost::Exited { status } => return Ok(self.on_exited(stream, status)),
             ToHost::Oom => self.on_oom(),
+            ToHost::StdinTaken { bytes } => self.control.stdin_taken(stream, bytes),
             ToHost::Processes { processes } => {
                 self.answer(stream, Response::Processes { processes })
             }
@@ -102,6 +103,7 @@ impl Container {
                 if let Some(p) = self.streams.remove_process(stream) {
                     let _ = p.reply.send(Response::Exited { code, signal: None });
                 }
+                self.control.stdin_gone(stream);
                 return None;
             }
         }
@@ -110,8 +112,10 @@ impl Container {
         } else if stream != MAIN_STREAM {
             if let Some(p) = self.streams.remove_process(stream) {
                 let _ = p.reply.send(err);
+                self.control.stdin_gone(stream);
             }
         } else if let Some(r) = self.streams.take_start(MAIN_STREAM) {
+            self.control.stdin_gone(stream);
             // The process could not be started: the container is stopped,
             // with the status a shell would give.
             let _ = r.send(err);
@@ -127,6 +131,7 @@ impl Container {
     /// A process ended: the container's ends the container, another's
     /// client hears how it ended.
     fn on_exited(&mut self, stream: u32, status: ExitStatus) -> Option<Outcome> {
+        self.control.stdin_gone(stream);
         if stream == MAIN_STREAM {
             return Some(Outcome {
                 status,

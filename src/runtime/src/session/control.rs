@@ -10,8 +10,14 @@
 //! the guest could have read: not while its VM is paused, and not while
 //! the host itself is not taking the guest's output (guest-init then sits
 //! blocked writing to the port, and reads nothing until the host drains it).
+//!
+//! A process's stdin is also held to a window: a pump sends at most
+//! [`STDIN_WINDOW`] bytes that guest-init has not reported taken
+//! ([`ToHost::StdinTaken`](krun_proto::ToHost::StdinTaken)), so a process
+//! that reads slowly slows its writer on the host, as a pipe would, and
+//! guest-init never holds more than that for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -19,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use krun_proto::{encode_frame, Frame, FrameKind, ToGuest};
+use krun_proto::{encode_frame, Frame, FrameKind, ToGuest, STDIN_WINDOW};
 use nix::sys::socket::{send, MsgFlags};
 
 /// The bounds and the deadline of a control channel.
@@ -105,7 +111,25 @@ struct Queues {
     control_bytes: usize,
     stdin: VecDeque<Vec<u8>>,
     stdin_bytes: usize,
+    /// The window of each stream a pump writes to (see [`Control::open_stdin`]).
+    windows: HashMap<u32, Window>,
     end: Option<End>,
+}
+
+/// What the host sent of one process's stdin that guest-init has not
+/// reported taken, and whether the process is gone.
+#[derive(Default)]
+struct Window {
+    in_flight: usize,
+    gone: bool,
+}
+
+impl Window {
+    /// Whether `len` more bytes may go now: one chunk always may when
+    /// nothing is in flight.
+    fn fits(&self, len: usize) -> bool {
+        self.in_flight == 0 || self.in_flight.saturating_add(len) <= STDIN_WINDOW
+    }
 }
 
 impl Queues {
@@ -191,10 +215,46 @@ impl Control {
         self.queue_control(encoded(Frame::control(stream, msg).encode())?)
     }
 
-    /// Queues `data` for the stdin of process `stream`, waiting for room.
+    /// Holds the stdin of process `stream` to its window from now on,
+    /// until [`Control::close_stdin`]: called by its pump before it starts,
+    /// so that [`Control::stdin_gone`] cannot come first.
+    pub fn open_stdin(&self, stream: u32) {
+        self.0.lock().windows.insert(stream, Window::default());
+    }
+
+    /// The pump of `stream` is done: its window is forgotten.
+    pub fn close_stdin(&self, stream: u32) {
+        self.0.lock().windows.remove(&stream);
+    }
+
+    /// guest-init took `bytes` more of the stdin of `stream` (a guest's
+    /// count, so never trusted to be within what was sent).
+    pub fn stdin_taken(&self, stream: u32, bytes: u64) {
+        let mut q = self.0.lock();
+        if let Some(w) = q.windows.get_mut(&stream) {
+            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            w.in_flight = w.in_flight.saturating_sub(bytes);
+            self.0.room.notify_all();
+        }
+    }
+
+    /// The process of `stream` exited: its pump's writes fail from now on
+    /// (as writing to a pipe whose reader is gone does).
+    pub fn stdin_gone(&self, stream: u32) {
+        let mut q = self.0.lock();
+        if let Some(w) = q.windows.get_mut(&stream) {
+            w.gone = true;
+            self.0.room.notify_all();
+        }
+    }
+
+    /// Queues `data` for the stdin of process `stream`, waiting for room
+    /// (and, for a stream opened with [`Control::open_stdin`], for its
+    /// window).
     pub fn stdin(&self, stream: u32, data: &[u8]) -> io::Result<()> {
         for chunk in data.chunks(krun_proto::MAX_PAYLOAD) {
-            self.queue_stdin(encoded(encode_frame(FrameKind::Stdin, stream, chunk))?)?;
+            let frame = encoded(encode_frame(FrameKind::Stdin, stream, chunk))?;
+            self.queue_stdin(stream, chunk.len(), frame)?;
         }
         Ok(())
     }
@@ -274,16 +334,26 @@ impl Control {
         Ok(())
     }
 
-    fn queue_stdin(&self, frame: Vec<u8>) -> io::Result<()> {
+    fn queue_stdin(&self, stream: u32, len: usize, frame: Vec<u8>) -> io::Result<()> {
         let mut q = self.0.lock();
         loop {
             if let Some(end) = q.end {
                 return Err(end.error());
             }
-            if q.stdin_bytes < self.0.limits.stdin_bytes {
+            let window = q.windows.get(&stream);
+            if window.is_some_and(|w| w.gone) {
+                return Err(io::Error::new(
+                    ErrorKind::BrokenPipe,
+                    "the process has exited",
+                ));
+            }
+            if q.stdin_bytes < self.0.limits.stdin_bytes && window.is_none_or(|w| w.fits(len)) {
                 break;
             }
             q = self.0.room.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(w) = q.windows.get_mut(&stream) {
+            w.in_flight += len;
         }
         q.stdin_bytes += frame.len();
         q.stdin.push_back(frame);
@@ -630,5 +700,66 @@ mod tests {
             stdin_before_controls * CHUNK < big.stdin_bytes,
             "{stdin_before_controls} stdin frames went ahead of control messages"
         );
+    }
+
+    /// A guest that reads the channel and counts the stdin bytes of
+    /// each stream it receives; it reports nothing taken by itself.
+    fn counting_guest(guest: UnixStream) -> Arc<Mutex<HashMap<u32, usize>>> {
+        let counts = Arc::new(Mutex::new(HashMap::new()));
+        let c = counts.clone();
+        std::thread::spawn(move || {
+            let mut r = FrameReader::new(guest);
+            while let Ok(Some(f)) = r.read_frame() {
+                if f.kind == FrameKind::Stdin {
+                    *c.lock().unwrap().entry(f.stream).or_insert(0) += f.payload.len();
+                }
+            }
+        });
+        counts
+    }
+
+    /// Waits until `counts[stream]` stops growing, and returns it.
+    fn settled(counts: &Mutex<HashMap<u32, usize>>, stream: u32) -> usize {
+        let get = || counts.lock().unwrap().get(&stream).copied().unwrap_or(0);
+        let (mut last, mut since) = (get(), Instant::now());
+        while since.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(10));
+            if get() != last {
+                (last, since) = (get(), Instant::now());
+            }
+        }
+        last
+    }
+
+    /// A pump to an opened stream sends no more than the window ahead of
+    /// what the guest reported taken, whatever the guest reports.
+    #[test]
+    fn a_pump_waits_for_the_guest_to_take_its_stdin() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let control = Control::start(host, Limits::default(), |_| {}).unwrap();
+        let counts = counting_guest(guest);
+        control.open_stdin(3);
+        let pumper = control.clone();
+        let pump = std::thread::spawn(move || loop {
+            if let Err(e) = pumper.stdin(3, &[1u8; 64 * 1024]) {
+                return e;
+            }
+        });
+        assert_eq!(settled(&counts, 3), STDIN_WINDOW);
+        control.stdin_taken(3, 100 * 1024);
+        // Whole chunks only: one more fits in 100 KiB.
+        assert_eq!(settled(&counts, 3), STDIN_WINDOW + 64 * 1024);
+        // A count beyond what was sent frees the window, no more.
+        control.stdin_taken(3, u64::MAX);
+        assert_eq!(settled(&counts, 3), 2 * STDIN_WINDOW + 64 * 1024);
+        // Another stream, not opened, is not held to the window.
+        control.stdin(4, &vec![2u8; 3 * STDIN_WINDOW]).unwrap();
+        assert_eq!(settled(&counts, 4), 3 * STDIN_WINDOW);
+        // The process exits: the waiting pump fails as a pipe write would.
+        control.stdin_gone(3);
+        let e = pump.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::BrokenPipe, "{e}");
+        control.close_stdin(3);
+        assert!(control.0.lock().windows.is_empty());
     }
 }
