@@ -30,6 +30,12 @@ pub const CONSOLE_LOG_LIMIT_VAR: &str = "KRUN_OCI_CONSOLE_LOG_LIMIT";
 /// before its VM is killed. Generous by default: a loaded TCG host is slow.
 pub const CONTROL_DEADLINE_VAR: &str = "KRUN_OCI_CONTROL_DEADLINE_MS";
 
+/// Operator knob: how many bytes of a process's stdin the host may send
+/// ahead of what guest-init reported taken (1 MiB by default). A larger
+/// window is what a guest that reports bytes taken that it never took
+/// gets: the tests use it to stand for one.
+pub const STDIN_WINDOW_VAR: &str = "KRUN_OCI_STDIN_WINDOW";
+
 /// The kernel command line beyond what the backend adds.
 /// no_timer_check: on a loaded host (TCG, or many VMs booting at once) the
 /// timer interrupt can miss the kernel's short test window at boot and it
@@ -55,8 +61,10 @@ fn knob(name: &str, default: u64) -> u64 {
 fn control_limits() -> Limits {
     let default = Limits::default();
     let ms = knob(CONTROL_DEADLINE_VAR, default.deadline.as_millis() as u64);
+    let window = knob(STDIN_WINDOW_VAR, default.stdin_window as u64);
     Limits {
         deadline: Duration::from_millis(ms),
+        stdin_window: usize::try_from(window).unwrap_or(usize::MAX).max(1),
         ..default
     }
 }

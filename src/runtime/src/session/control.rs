@@ -12,7 +12,7 @@
 //! blocked writing to the port, and reads nothing until the host drains it).
 //!
 //! A process's stdin is also held to a window: a pump sends at most
-//! [`STDIN_WINDOW`] bytes that guest-init has not reported taken
+//! [`STDIN_WINDOW`] bytes (by default) that guest-init has not reported taken
 //! ([`ToHost::StdinTaken`](krun_proto::ToHost::StdinTaken)), so a process
 //! that reads slowly slows its writer on the host, as a pipe would, and
 //! guest-init never holds more than that for it.
@@ -41,6 +41,9 @@ pub struct Limits {
     pub control_bytes: usize,
     /// Stdin bytes that may wait before a pump has to.
     pub stdin_bytes: usize,
+    /// Stdin bytes of one pumped process that may be sent ahead of what
+    /// guest-init reported taken.
+    pub stdin_window: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             control_frames: 4096,
             control_bytes: 8 << 20,
             stdin_bytes: 256 << 10,
+            stdin_window: STDIN_WINDOW,
         }
     }
 }
@@ -125,10 +129,10 @@ struct Window {
 }
 
 impl Window {
-    /// Whether `len` more bytes may go now: one chunk always may when
-    /// nothing is in flight.
-    fn fits(&self, len: usize) -> bool {
-        self.in_flight == 0 || self.in_flight.saturating_add(len) <= STDIN_WINDOW
+    /// Whether `len` more bytes may go now within `window`: one chunk
+    /// always may when nothing is in flight.
+    fn fits(&self, len: usize, window: usize) -> bool {
+        self.in_flight == 0 || self.in_flight.saturating_add(len) <= window
     }
 }
 
@@ -347,7 +351,9 @@ impl Control {
                     "the process has exited",
                 ));
             }
-            if q.stdin_bytes < self.0.limits.stdin_bytes && window.is_none_or(|w| w.fits(len)) {
+            if q.stdin_bytes < self.0.limits.stdin_bytes
+                && window.is_none_or(|w| w.fits(len, self.0.limits.stdin_window))
+            {
                 break;
             }
             q = self.0.room.wait(q).unwrap_or_else(|e| e.into_inner());
