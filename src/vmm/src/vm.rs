@@ -66,9 +66,6 @@ pub enum VmmError {
 pub enum Start<'a> {
     /// The kernel boots.
     Boot,
-    /// The kernel boots, every device with a pause line, so that the VM
-    /// can be captured ([`BuiltinVm::capture`]): a template.
-    BootForCapture,
     /// From a snapshot (a template), instead of a boot.
     Restore(&'a Loaded),
 }
@@ -117,7 +114,6 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         Start::Restore(loaded) => Some(&loaded.snapshot),
         _ => None,
     };
-    let pausable = !matches!(start, Start::Boot);
     if let Some(snap) = restore {
         check_shape(&snap.header, &config)?;
     }
@@ -210,12 +206,10 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;
         let base = virtio_mmio_addr(n);
         let state = restore.map(|s| &s.devices[n]);
-        let t = wire(&vm, &mem, dev, irq, base, &control.stop, pausable, state).map_err(
-            |e| match e {
-                Wired::Io(e) => VmmError::Device(name, e),
-                Wired::Restore(e) => VmmError::Restore(name, e),
-            },
-        )?;
+        let t = wire(&vm, &mem, dev, irq, base, &control.stop, state).map_err(|e| match e {
+            Wired::Io(e) => VmmError::Device(name, e),
+            Wired::Restore(e) => VmmError::Restore(name, e),
+        })?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@0x{base:x}:{irq}"));
         transports.push((base, t));
     }
@@ -352,8 +346,10 @@ enum Wired {
 /// Puts `dev` behind an MMIO transport at `base` (restored from `state`
 /// if given, its worker not started: see [`activate_restored`]), its
 /// interrupt on `irq` (an irqfd) and its queue notifications on
-/// ioeventfds; with a pause line if `pausable`.
-#[allow(clippy::too_many_arguments)]
+/// ioeventfds; always with a pause line, made here on the set-up thread
+/// (an eventfd, which no vCPU or worker thread may make), so that any VM
+/// can be captured, ending ([`BuiltinVm::capture`]) or going on
+/// ([`BuiltinVm::capture_running`]).
 fn wire(
     vm: &VmFd,
     mem: &Mem,
@@ -361,7 +357,6 @@ fn wire(
     irq: u32,
     base: u64,
     stop: &EventFd,
-    pausable: bool,
     state: Option<&crate::snapshot::TransportState>,
 ) -> Result<MmioTransport, Wired> {
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(Wired::Io)?;
@@ -374,9 +369,7 @@ fn wire(
             .map_err(Wired::Restore)?,
         None => {
             let mut t = MmioTransport::new(dev, mem.clone(), interrupt, stop).map_err(Wired::Io)?;
-            if pausable {
-                t.enable_pause().map_err(Wired::Io)?;
-            }
+            t.enable_pause().map_err(Wired::Io)?;
             t
         }
     };
@@ -445,8 +438,7 @@ impl BuiltinVm {
     /// errors) with `header`, and ends it: the vCPUs leave their loops
     /// (each completing its last exit, on its own thread), every device's
     /// worker parks, and the state and the guest memory are written. For
-    /// a template: the VM was built with [`Start::BootForCapture`] (or
-    /// restored), and the caller's thread is not confined (it reads the
+    /// a template: the caller's thread is not confined (it reads the
     /// vCPUs' and the VM's KVM state and writes the file).
     pub fn capture(
         mut self,
