@@ -119,8 +119,8 @@ fn counts(v: &mut Vm, n: usize) -> Vec<u32> {
 /// Captures `v` (its vCPU out of KVM_RUN) to a file at `path`.
 fn capture(v: &mut Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
     settle(&mut v.vcpu).unwrap();
-    let msrs = msrs_to_save(&v.kvm, &v.vcpu).unwrap();
-    let cpu = VcpuState::capture(&v.vm, &v.vcpu, 0, &msrs, irqchip).unwrap();
+    let plan = CapturePlan::probe(&v.kvm, &v.vm, &v.vcpu, irqchip).unwrap();
+    let cpu = VcpuState::capture(&v.vcpu, 0, &plan).unwrap();
     let state = VmState::capture(&v.vm, irqchip, irqchip).unwrap();
     let snap = Snapshot {
         header: Header {
@@ -260,11 +260,11 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         }
     }
     assert_eq!(seen, [1, 2, 3, 4]);
-    let msrs = msrs_to_save(&kvm, &vcpus[0]).unwrap();
+    let plan = CapturePlan::probe(&kvm, &vm, &vcpus[0], false).unwrap();
     let mut states = Vec::new();
     for (i, v) in vcpus.iter_mut().enumerate() {
         settle(v).unwrap();
-        states.push(VcpuState::capture(&vm, v, i as u32, &msrs, false).unwrap());
+        states.push(VcpuState::capture(v, i as u32, &plan).unwrap());
     }
     let snap = Snapshot {
         header: Header {

@@ -112,7 +112,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::virtio::state::TransportState;
 pub use file::{frame, Loaded, Region, Verify};
 pub use serial::{SerialSnapshot, MAX_SERIAL_INPUT};
-pub use vcpu::{msrs_to_save, settle, VcpuState, MAX_MSRS};
+pub use vcpu::{msrs_to_save, settle, CapturePlan, VcpuState, MAX_MSRS};
 pub use vmstate::VmState;
 
 /// The format this module writes and the only one it reads.
