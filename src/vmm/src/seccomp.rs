@@ -585,6 +585,11 @@ fn dropped(kind: Kind) -> Option<String> {
 /// 0 while there was none.
 static VIOLATION: AtomicU64 = AtomicU64::new(0);
 
+/// Tests that make forbidden calls, and tests whose confined threads must
+/// not see another test's, take turns: the record is the process's.
+#[cfg(test)]
+pub(crate) static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 thread_local! {
     /// The calling thread's kind (0: none) and its VM's stop eventfd, for
     /// the SIGSYS handler (plain TLS reads, no allocation).
@@ -961,10 +966,6 @@ mod tests {
         assert_eq!(decimal(258, &mut b), b"258");
         assert_eq!(decimal(0, &mut b), b"0");
     }
-
-    /// Tests that make forbidden calls take turns: the record is the
-    /// process's.
-    static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[test]
     fn a_vcpu_may_run_kvm_but_no_other_ioctl() {

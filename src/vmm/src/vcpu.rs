@@ -201,17 +201,22 @@ impl Control {
         };
         let request = p.capture.take();
         drop(p);
-        waited?;
         let states = request.map(|r| r.states).unwrap_or_default();
-        states
-            .into_iter()
-            .enumerate()
-            .map(|(id, s)| match s {
-                Some(Ok(state)) => Ok(state),
-                Some(Err(e)) => Err(VcpuCaptureError::Vcpu(id, e)),
-                None => Err(VcpuCaptureError::Stopped),
-            })
-            .collect()
+        // A vCPU's own error first: it is why the others may not have
+        // answered (a forbidden call stops the VM).
+        let mut done = Vec::with_capacity(states.len());
+        for (id, s) in states.into_iter().enumerate() {
+            match s {
+                Some(Ok(state)) => done.push(state),
+                Some(Err(e)) => return Err(VcpuCaptureError::Vcpu(id, e)),
+                None => {}
+            }
+        }
+        waited?;
+        if done.len() != vcpus {
+            return Err(VcpuCaptureError::Stopped);
+        }
+        Ok(done)
     }
 
     fn leaving(&self) -> bool {
