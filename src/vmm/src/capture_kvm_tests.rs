@@ -54,20 +54,7 @@ fn program(counter: u16) -> Vec<u8> {
 /// Points vCPU `id` of `cpus` at its program in real mode, runnable
 /// (with an in-kernel LAPIC an AP would wait for a SIPI).
 fn start_at_program(kvm: &Kvm, vcpu: &VcpuFd, id: usize, cpus: u8) {
-    vcpu.set_cpuid2(&crate::cpu::cpuid(kvm, id as u8, cpus).unwrap())
-        .unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = 0;
-    sregs.ds.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let regs = kvm_bindings::kvm_regs {
-        rip: CODE[id],
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).unwrap();
+    crate::snapshot::kvm_tests::start_in_real_mode(kvm, vcpu, id as u8, cpus, CODE[id]);
     vcpu.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
@@ -232,9 +219,7 @@ fn answer_ask(vcpu: &mut VcpuFd, id: usize) {
 fn a_running_vm_is_captured_goes_on_and_its_clone_counts_on_from_the_capture() {
     // The vCPU threads are confined: no other test's forbidden call may
     // land in the process's record meanwhile.
-    let _turn = crate::seccomp::RECORD
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _turn = crate::seccomp::take_turn();
     let (mut vm, mem) = counting_vm();
     counting_past(&mem, START.map(|s| s + 100), "before the capture");
 
@@ -272,9 +257,7 @@ fn a_running_vm_is_captured_goes_on_and_its_clone_counts_on_from_the_capture() {
 
 #[test]
 fn a_capture_that_fails_leaves_the_vm_running() {
-    let _turn = crate::seccomp::RECORD
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _turn = crate::seccomp::take_turn();
     let (mut vm, mem) = counting_vm();
     counting_past(&mem, START, "before the capture");
     let dir = tempfile::tempdir().unwrap();

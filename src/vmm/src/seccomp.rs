@@ -588,7 +588,13 @@ static VIOLATION: AtomicU64 = AtomicU64::new(0);
 /// Tests that make forbidden calls, and tests whose confined threads must
 /// not see another test's, take turns: the record is the process's.
 #[cfg(test)]
-pub(crate) static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A test's turn with the process's record ([`RECORD`]).
+#[cfg(test)]
+pub(crate) fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    RECORD.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 thread_local! {
     /// The calling thread's kind (0: none) and its VM's stop eventfd, for
@@ -969,7 +975,7 @@ mod tests {
 
     #[test]
     fn a_vcpu_may_run_kvm_but_no_other_ioctl() {
-        let _turn = RECORD.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = take_turn();
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stop);
         let errno = || std::io::Error::last_os_error().raw_os_error();
@@ -1006,7 +1012,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_traps_reports_and_fails_with_eperm() {
-        let _turn = RECORD.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = take_turn();
         // On a thread of its own: the filter stays with it.
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stop);

@@ -205,8 +205,9 @@ fn with_an_irqchip_and_a_pit_their_state_travels_too() {
     assert_eq!(counts(&mut clone, 2), [4, 5]);
 }
 
-/// Points `vcpu` at [`program`] in real mode, with its CPUID.
-fn start_at_program(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) {
+/// Points `vcpu` (vCPU `id` of `cpus`) at `rip` in real mode, with its
+/// CPUID.
+pub(crate) fn start_in_real_mode(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8, rip: u64) {
     vcpu.set_cpuid2(&crate::cpu::cpuid(kvm, id, cpus).unwrap())
         .unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
@@ -216,7 +217,7 @@ fn start_at_program(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) {
     sregs.ds.selector = 0;
     vcpu.set_sregs(&sregs).unwrap();
     let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
+        rip,
         rflags: 2,
         ..Default::default()
     };
@@ -251,7 +252,7 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         .unwrap();
     let mut vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
     for (i, v) in vcpus.iter().enumerate() {
-        start_at_program(&kvm, v, i as u8, 2);
+        start_in_real_mode(&kvm, v, i as u8, 2, 0x1000);
     }
     let mut seen = Vec::new();
     for _ in 0..2 {
