@@ -201,7 +201,8 @@ fn opt_blob<T: Pod>(
 pub struct CapturePlan {
     /// The MSRs to read, in restore order ([`msrs_to_save`]).
     pub msrs: Vec<u32>,
-    /// KVM_GET_XSAVE carries the whole xstate ([`xsave_usable`]).
+    /// KVM_GET_XSAVE carries the whole xstate (the host has it, and the
+    /// guest's xstate fits its 4 KiB).
     pub xsave: bool,
     /// KVM_GET_XCRS, KVM_GET_DEBUGREGS, KVM_GET_VCPU_EVENTS exist.
     pub xcrs: bool,
