@@ -80,7 +80,7 @@ fn run(g: Guest) -> (VmExit, String, GuestMemoryMmap<()>) {
     .unwrap();
     let bus = Bus::new(serial, vec![(crate::layout::VIRTIO_MMIO_BASE, t)]);
     let control = Control::new(EventFd::new(EFD_NONBLOCK).unwrap());
-    crate::vcpu::run(g.vcpu, &bus, &control);
+    crate::vcpu::run(g.vcpu, 0, &bus, &control);
     let exit = control.exit.lock().unwrap().clone().unwrap();
     let mut out = String::new();
     log.reopen().unwrap().read_to_string(&mut out).unwrap();

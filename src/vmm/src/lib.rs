@@ -35,4 +35,6 @@ pub use process::Builtin;
 pub use vm::{BuiltinVm, VmmError};
 
 #[cfg(test)]
+mod capture_kvm_tests;
+#[cfg(test)]
 mod kvm_tests;

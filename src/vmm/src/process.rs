@@ -421,7 +421,7 @@ fn serve() -> Result<VmExit, ProcessError> {
                 initramfs,
                 ..header
             };
-            let built = vm::build(config, vm::Start::BootForCapture);
+            let built = vm::build(config, vm::Start::Boot);
             (built, Some((std::fs::File::from(file), request, header)))
         }
     };

@@ -9,7 +9,8 @@
 //!   before the first KVM_RUN (`vcpu.rs` `confine`): ioctl only with the
 //!   requests a running vCPU makes (KVM_RUN; FIONBIO and the tap's flags
 //!   and offloads when the guest activates the console or a network
-//!   card), eventfd and console writes, eventfd copies at activation,
+//!   card; the KVM_GET_* reads of its own state when a capture asks it
+//!   while parked), eventfd and console writes, eventfd copies at activation,
 //!   locks, the allocator, the kick signal's return and the thread's end;
 //!   openat fails with EACCES unreported (glibc's heap trim probes a
 //!   /proc file once per process, and does without);
@@ -311,17 +312,60 @@ const LIVING: &[(&str, i64)] = sys!(
     SYS_exit,
     SYS_exit_group,
 );
-/// The ioctls a running vCPU makes: KVM_RUN, and the tap's at the network
-/// card's activation (a DRIVER_OK write).
+/// The ioctls a running vCPU makes: KVM_RUN, the tap's at the network
+/// card's activation (a DRIVER_OK write), and the reads of its own state
+/// when a capture asks it while it is parked (`vcpu.rs` `Control::park`,
+/// `snapshot::VcpuState::capture`, after `snapshot::settle`'s KVM_RUN):
+/// each a read of this vCPU only; what needs /dev/kvm or the VM
+/// (KVM_GET_MSR_INDEX_LIST, KVM_CHECK_EXTENSION) is probed before the
+/// thread is confined (`snapshot::CapturePlan`).
 const VCPU_IOCTLS: &[(&str, u64)] = &[
     ("KVM_RUN", KVM_RUN),
     ("TUNSETOFFLOAD", libc::TUNSETOFFLOAD),
     ("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ),
     ("TUNGETIFF", libc::TUNGETIFF),
     ("FIONBIO", libc::FIONBIO),
+    ("KVM_GET_TSC_KHZ", kvm_io(0xa3)),
+    (
+        "KVM_GET_MP_STATE",
+        kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
+    ),
+    ("KVM_GET_REGS", kvm_ior::<kvm_bindings::kvm_regs>(0x81)),
+    ("KVM_GET_SREGS", kvm_ior::<kvm_bindings::kvm_sregs>(0x83)),
+    ("KVM_GET_FPU", kvm_ior::<kvm_bindings::kvm_fpu>(0x8c)),
+    ("KVM_GET_XSAVE", kvm_ior::<kvm_bindings::kvm_xsave>(0xa4)),
+    ("KVM_GET_XCRS", kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6)),
+    (
+        "KVM_GET_DEBUGREGS",
+        kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
+    ),
+    (
+        "KVM_GET_LAPIC",
+        kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+    ),
+    ("KVM_GET_CPUID2", kvm_iowr::<kvm_bindings::kvm_cpuid2>(0x91)),
+    ("KVM_GET_MSRS", kvm_iowr::<kvm_bindings::kvm_msrs>(0x88)),
+    (
+        "KVM_GET_VCPU_EVENTS",
+        kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+    ),
 ];
 /// `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
+/// The type of KVM's ioctls.
+const KVMIO: u64 = 0xae;
+/// `_IO(KVMIO, nr)`.
+const fn kvm_io(nr: u64) -> u64 {
+    (KVMIO << 8) | nr
+}
+/// `_IOR(KVMIO, nr, T)`: the kernel writes a `T`.
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | kvm_io(nr)
+}
+/// `_IOWR(KVMIO, nr, T)`: the kernel reads and writes a `T`.
+const fn kvm_iowr<T>(nr: u64) -> u64 {
+    (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | kvm_io(nr)
+}
 /// What the VMM process's main thread does once the vCPUs run (the
 /// `process` module), beyond [`LIVING`]: it waits for the VM's end on a
 /// condvar with a timeout, kicks the vCPUs out of KVM_RUN (tgkill) and
@@ -540,6 +584,17 @@ fn dropped(kind: Kind) -> Option<String> {
 /// The first forbidden call in this process: `kind << 32 | (nr + 1)`,
 /// 0 while there was none.
 static VIOLATION: AtomicU64 = AtomicU64::new(0);
+
+/// Tests that make forbidden calls, and tests whose confined threads must
+/// not see another test's, take turns: the record is the process's.
+#[cfg(test)]
+static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A test's turn with the process's record ([`RECORD`]).
+#[cfg(test)]
+pub(crate) fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    RECORD.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 thread_local! {
     /// The calling thread's kind (0: none) and its VM's stop eventfd, for
@@ -839,6 +894,61 @@ mod tests {
         assert!(now.1 < before.1);
     }
 
+    /// The capture's requests as linux/kvm.h numbers them on x86_64
+    /// (`strace -e raw=ioctl` shows the same): a wrong size would make the
+    /// filter trap the real call.
+    #[test]
+    fn a_vcpu_may_read_its_own_state_for_a_capture() {
+        let want: &[(&str, u64)] = &[
+            ("KVM_GET_TSC_KHZ", 0xaea3),
+            ("KVM_GET_MP_STATE", 0x8004_ae98),
+            ("KVM_GET_REGS", 0x8090_ae81),
+            ("KVM_GET_SREGS", 0x8138_ae83),
+            ("KVM_GET_FPU", 0x81a0_ae8c),
+            ("KVM_GET_XSAVE", 0x9000_aea4),
+            ("KVM_GET_XCRS", 0x8188_aea6),
+            ("KVM_GET_DEBUGREGS", 0x8080_aea1),
+            ("KVM_GET_LAPIC", 0x8400_ae8e),
+            ("KVM_GET_CPUID2", 0xc008_ae91),
+            ("KVM_GET_MSRS", 0xc008_ae88),
+            ("KVM_GET_VCPU_EVENTS", 0x8040_ae9f),
+        ];
+        for (name, req) in want {
+            assert_eq!(
+                VCPU_IOCTLS.iter().find(|(n, _)| n == name).map(|(_, r)| *r),
+                Some(*req),
+                "{name}"
+            );
+        }
+        // Nothing else: KVM_RUN and the tap's five, and these; no setter,
+        // no VM-wide or /dev/kvm call.
+        assert_eq!(VCPU_IOCTLS.len(), 5 + want.len());
+        let prog = program(Kind::Vcpu, None).unwrap();
+        let x86 = |req: u64| {
+            (
+                libc::SYS_ioctl as u32,
+                AUDIT_ARCH_X86_64,
+                [5, req, 0, 0, 0, 0],
+            )
+        };
+        for (name, req) in want {
+            assert_eq!(eval(&prog, x86(*req)).0, Some(SECCOMP_RET_ALLOW), "{name}");
+        }
+        const TRAP: u32 = 0x0003_0000;
+        for (name, req) in [
+            ("KVM_SET_REGS", 0x4090_ae82u64),
+            ("KVM_GET_MSR_INDEX_LIST", 0xc004_ae02),
+            ("KVM_CHECK_EXTENSION", 0xae03),
+            ("KVM_GET_CLOCK", 0x8030_ae7c),
+        ] {
+            assert_eq!(
+                eval(&prog, x86(req)).0.map(|r| r & 0xffff_0000),
+                Some(TRAP),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn the_knob_drops_exactly_one_call() {
         let full = program(Kind::Fs, None).unwrap().len();
@@ -863,13 +973,9 @@ mod tests {
         assert_eq!(decimal(0, &mut b), b"0");
     }
 
-    /// Tests that make forbidden calls take turns: the record is the
-    /// process's.
-    static RECORD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     #[test]
     fn a_vcpu_may_run_kvm_but_no_other_ioctl() {
-        let _turn = RECORD.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = take_turn();
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stop);
         let errno = || std::io::Error::last_os_error().raw_os_error();
@@ -906,7 +1012,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_traps_reports_and_fails_with_eperm() {
-        let _turn = RECORD.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = take_turn();
         // On a thread of its own: the filter stays with it.
         let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&stop);

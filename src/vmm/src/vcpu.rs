@@ -2,8 +2,9 @@
 //! that end a VM become a typed [`VmExit`].
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use krun_hypervisor::VmExit;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -11,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Action, Bus};
 use crate::seccomp;
+use crate::snapshot::{CapturePlan, SnapshotError, VcpuState};
 use crate::spawner::Spawner;
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
@@ -23,74 +25,202 @@ pub extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Shared by the vCPU threads and the handle of the running VM.
 pub struct Control {
     pub stopping: AtomicBool,
-    /// Set to capture the VM: each vCPU leaves its loop without ending
-    /// the VM, completes its last exit ([`crate::snapshot::settle`]) and
-    /// hands its descriptor back (see `BuiltinVm::capture`).
-    pub detaching: AtomicBool,
-    /// While set, vCPUs wait in [`Control::park`] instead of running.
-    pub paused: Mutex<bool>,
+    /// Whether the VM is paused, and a capture asked of its parked vCPUs.
+    parking: Mutex<Parking>,
+    /// Wakes the parked vCPUs: resumed, stopping, or a capture asked.
     pub unpaused: Condvar,
+    /// Wakes whoever waits for the parked vCPUs' captured states.
+    captured: Condvar,
     /// How many vCPUs are parked.
-    pub parked: std::sync::atomic::AtomicUsize,
+    pub parked: AtomicUsize,
     pub exit: Mutex<Option<VmExit>>,
     pub done: Condvar,
     /// Readable once the VM stops: device worker threads exit on it.
     pub stop: EventFd,
 }
 
+/// What the parked vCPUs look at, under one lock with the pause flag so
+/// that no request is missed between a check and a wait.
+#[derive(Default)]
+struct Parking {
+    /// While set, vCPUs wait in [`Control::park`] instead of running.
+    paused: bool,
+    /// A capture of every parked vCPU, while one is asked.
+    capture: Option<CaptureRequest>,
+    /// Numbers the requests: a late answer to one taken back (timed out)
+    /// is never taken for an answer to the next.
+    generation: u64,
+}
+
+/// A capture asked of the parked vCPUs ([`Control::capture_parked`]):
+/// each takes its own job, captures itself on its own thread (it owns
+/// its `VcpuFd`) and hands the state back here.
+struct CaptureRequest {
+    generation: u64,
+    plan: Arc<CapturePlan>,
+    /// By vCPU id: its thread has taken the job.
+    taken: Vec<bool>,
+    /// By vCPU id: what it handed back.
+    states: Vec<Option<Result<VcpuState, SnapshotError>>>,
+}
+
+impl Parking {
+    /// The capture job of vCPU `id`, if one is asked and not yet taken.
+    fn take_job(&mut self, id: usize) -> Option<(u64, Arc<CapturePlan>)> {
+        let r = self.capture.as_mut()?;
+        let taken = r.taken.get_mut(id)?;
+        if *taken {
+            return None;
+        }
+        *taken = true;
+        Some((r.generation, r.plan.clone()))
+    }
+
+    /// Records vCPU `id`'s answer to request `generation`, if that is
+    /// still the one asked.
+    fn answer(&mut self, generation: u64, id: usize, state: Result<VcpuState, SnapshotError>) {
+        if let Some(r) = self.capture.as_mut().filter(|r| r.generation == generation) {
+            if let Some(slot) = r.states.get_mut(id) {
+                *slot = Some(state);
+            }
+        }
+    }
+}
+
+/// Why the parked vCPUs' states could not be captured.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuCaptureError {
+    #[error("vCPU {0} did not hand its state back within {1:?}")]
+    Timeout(usize, Duration),
+    #[error("the VM stopped before every vCPU was captured")]
+    Stopped,
+    #[error("vCPU {0}")]
+    Vcpu(usize, #[source] SnapshotError),
+}
+
 impl Control {
     pub fn new(stop: EventFd) -> Control {
         Control {
             stopping: AtomicBool::new(false),
-            detaching: AtomicBool::new(false),
-            paused: Mutex::new(false),
+            parking: Mutex::new(Parking::default()),
             unpaused: Condvar::new(),
-            parked: std::sync::atomic::AtomicUsize::new(0),
+            captured: Condvar::new(),
+            parked: AtomicUsize::new(0),
             exit: Mutex::new(None),
             done: Condvar::new(),
             stop,
         }
     }
 
-    /// Blocks the calling vCPU thread while the VM is paused.
-    pub fn park(&self) {
-        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        if !*paused {
+    fn lock(&self) -> MutexGuard<'_, Parking> {
+        self.parking.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Blocks the calling vCPU thread (vCPU `id`) while the VM is paused.
+    /// Parked, it serves a capture request: `capture` reads its state
+    /// (its last exit completed first), on this thread, outside the lock.
+    pub fn park(
+        &self,
+        id: usize,
+        mut capture: impl FnMut(&CapturePlan) -> Result<VcpuState, SnapshotError>,
+    ) {
+        let mut p = self.lock();
+        if !p.paused {
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
         // A forbidden call (say the wait itself) ends the wait: the run
         // loop reports it.
-        while *paused
-            && !self.stopping.load(Ordering::SeqCst)
-            && !self.detaching.load(Ordering::SeqCst)
-            && !seccomp::violated()
-        {
-            paused = self
-                .unpaused
-                .wait(paused)
-                .unwrap_or_else(|e| e.into_inner());
+        while p.paused && !self.stopping.load(Ordering::SeqCst) && !seccomp::violated() {
+            if let Some((generation, plan)) = p.take_job(id) {
+                drop(p);
+                let state = capture(&plan);
+                p = self.lock();
+                p.answer(generation, id, state);
+                self.captured.notify_all();
+                continue;
+            }
+            p = self.unpaused.wait(p).unwrap_or_else(|e| e.into_inner());
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Sets or clears the pause flag (the caller kicks the vCPUs).
     pub fn set_paused(&self, on: bool) {
-        *self.paused.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        self.lock().paused = on;
         if !on {
             self.unpaused.notify_all();
         }
     }
 
-    /// Makes every vCPU leave its loop (kicked by the caller), the VM
-    /// still alive: for a capture.
-    pub fn detach(&self) {
-        self.detaching.store(true, Ordering::SeqCst);
+    /// Whether the pause flag is set.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Has each of the `vcpus` parked vCPUs (all of them parked: the
+    /// caller paused the VM and waited) capture its own state as `plan`
+    /// says, and returns the states by vCPU id; waits at most `timeout`.
+    /// The vCPUs stay parked. However it ends, the request is taken back.
+    pub fn capture_parked(
+        &self,
+        vcpus: usize,
+        plan: &Arc<CapturePlan>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, VcpuCaptureError> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.lock();
+        p.generation += 1;
+        p.capture = Some(CaptureRequest {
+            generation: p.generation,
+            plan: plan.clone(),
+            taken: vec![false; vcpus],
+            states: (0..vcpus).map(|_| None).collect(),
+        });
         self.unpaused.notify_all();
+        let waited = loop {
+            let missing = p
+                .capture
+                .as_ref()
+                .and_then(|r| r.states.iter().position(Option::is_none));
+            let Some(missing) = missing else {
+                break Ok(());
+            };
+            if self.stopping.load(Ordering::SeqCst) || seccomp::violated() {
+                break Err(VcpuCaptureError::Stopped);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(VcpuCaptureError::Timeout(missing, timeout));
+            }
+            p = self
+                .captured
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        let request = p.capture.take();
+        drop(p);
+        let states = request.map(|r| r.states).unwrap_or_default();
+        // A vCPU's own error first: it is why the others may not have
+        // answered (a forbidden call stops the VM).
+        let mut done = Vec::with_capacity(states.len());
+        for (id, s) in states.into_iter().enumerate() {
+            match s {
+                Some(Ok(state)) => done.push(state),
+                Some(Err(e)) => return Err(VcpuCaptureError::Vcpu(id, e)),
+                None => {}
+            }
+        }
+        waited?;
+        if done.len() != vcpus {
+            return Err(VcpuCaptureError::Stopped);
+        }
+        Ok(done)
     }
 
     fn leaving(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst) || self.detaching.load(Ordering::SeqCst)
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Records how the VM ended (the first reason wins) and stops it.
@@ -103,7 +233,12 @@ impl Control {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.write(1);
         self.done.notify_all();
+        drop(e);
+        // Under the parking lock, so that no parked vCPU or capture
+        // waiter misses it between its check and its wait.
+        let _p = self.lock();
         self.unpaused.notify_all();
+        self.captured.notify_all();
     }
 }
 
@@ -126,13 +261,17 @@ fn check_violation(control: &Control) {
     }
 }
 
-/// Runs `vcpu` until the VM stops or is detached for a capture, serving
-/// its I/O from `bus`. A detached vCPU's last exit is completed
-/// ([`crate::snapshot::settle`], here: its own thread, under its own
-/// filter, which allows KVM_RUN) before it is handed back.
-pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) -> VcpuFd {
+/// Runs `vcpu` (vCPU `id`) until the VM stops, serving its I/O from
+/// `bus`. While the VM is paused it parks, and there captures itself when
+/// asked ([`Control::capture_parked`]): its last exit completed
+/// ([`crate::snapshot::settle`]), then its state read, here on its own
+/// thread under its own filter (which allows exactly those ioctls).
+pub fn run(mut vcpu: VcpuFd, id: usize, bus: &Bus, control: &Control) -> VcpuFd {
     while !control.leaving() {
-        control.park();
+        control.park(id, |plan| {
+            crate::snapshot::settle(&mut vcpu)?;
+            VcpuState::capture(&vcpu, id as u32, plan)
+        });
         check_violation(control);
         if control.leaving() {
             break;
@@ -172,14 +311,6 @@ pub fn run(mut vcpu: VcpuFd, bus: &Bus, control: &Control) -> VcpuFd {
                 code: 1,
                 detail: format!("KVM_RUN failed: {e}"),
             }),
-        }
-    }
-    if control.detaching.load(Ordering::SeqCst) && !control.stopping.load(Ordering::SeqCst) {
-        if let Err(e) = crate::snapshot::settle(&mut vcpu) {
-            control.finish(VmExit::VmmFailed {
-                code: 1,
-                detail: format!("capturing a vCPU: {e}"),
-            });
         }
     }
     vcpu

@@ -19,9 +19,10 @@ use crate::devices::console::Console;
 use crate::devices::fs::Fs;
 use crate::devices::net::Net;
 use crate::layout::*;
-use crate::snapshot::{Header, Loaded, Snapshot, VcpuState, VmState};
+use crate::snapshot::{CapturePlan, Header, Loaded, Snapshot, TransportState, VmState};
 use crate::vcpu::{kick_signal, on_kick, Control};
 use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::virtio::pause::Paused;
 use crate::virtio::{Interrupt, Mem, VirtioDevice};
 use crate::{boot, cpu, memory, mptable};
 
@@ -60,15 +61,18 @@ pub enum VmmError {
     Restore(String, #[source] crate::virtio::mmio::RestoreError),
     #[error("capturing device {0}")]
     Capture(String, #[source] crate::virtio::mmio::CaptureError),
+    #[error("capturing the vCPUs")]
+    CaptureVcpus(#[source] crate::vcpu::VcpuCaptureError),
+    #[error("the vCPUs did not stop for the capture within {0:?}")]
+    VcpusBusy(Duration),
+    #[error("the VM ended before its capture was written: {0:?}")]
+    Ended(VmExit),
 }
 
 /// How a VM gets its first state.
 pub enum Start<'a> {
     /// The kernel boots.
     Boot,
-    /// The kernel boots, every device with a pause line, so that the VM
-    /// can be captured ([`BuiltinVm::capture`]): a template.
-    BootForCapture,
     /// From a snapshot (a template), instead of a boot.
     Restore(&'a Loaded),
 }
@@ -82,10 +86,10 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 pub struct BuiltinVm {
     control: Arc<Control>,
     vcpus: Vec<JoinHandle<VcpuFd>>,
-    kvm: Kvm,
     vm: Arc<VmFd>,
     mem: Mem,
     bus: Arc<Bus>,
+    plan: Arc<CapturePlan>,
 }
 
 /// Builds and boots a VM: [`build`], then [`Built::run`].
@@ -96,12 +100,13 @@ pub fn start(config: VmConfig) -> Result<BuiltinVm, VmmError> {
 /// A VM built and loaded, its vCPUs configured but not yet running: the
 /// guest has not run an instruction. Dropping it drops the VM.
 pub struct Built {
-    kvm: Kvm,
     vm: VmFd,
     mem: Mem,
     bus: Arc<Bus>,
     control: Arc<Control>,
     vcpus: Vec<VcpuFd>,
+    /// What a capture reads of each vCPU, probed before they run.
+    plan: CapturePlan,
 }
 
 /// Builds a VM from `config`: KVM, memory, devices, the kernel and
@@ -117,24 +122,12 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         Start::Restore(loaded) => Some(&loaded.snapshot),
         _ => None,
     };
-    let pausable = !matches!(start, Start::Boot);
     if let Some(snap) = restore {
         check_shape(&snap.header, &config)?;
     }
     raise_open_file_limit();
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
-    let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
-    vm.set_tss_address(0xfffb_d000)
-        .map_err(kvm_call("setting the TSS address"))?;
-    vm.set_identity_map_address(0xfffb_c000)
-        .map_err(kvm_call("setting the identity map address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_call("creating the interrupt controllers"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
+    let vm = create_vm(&kvm)?;
 
     let mem = match start {
         Start::Restore(loaded) => loaded.map_memory()?,
@@ -210,12 +203,10 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         let irq = virtio_irq(n).ok_or(VmmError::TooManyDevices)?;
         let base = virtio_mmio_addr(n);
         let state = restore.map(|s| &s.devices[n]);
-        let t = wire(&vm, &mem, dev, irq, base, &control.stop, pausable, state).map_err(
-            |e| match e {
-                Wired::Io(e) => VmmError::Device(name, e),
-                Wired::Restore(e) => VmmError::Restore(name, e),
-            },
-        )?;
+        let t = wire(&vm, &mem, dev, irq, base, &control.stop, state).map_err(|e| match e {
+            Wired::Io(e) => VmmError::Device(name, e),
+            Wired::Restore(e) => VmmError::Restore(name, e),
+        })?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@0x{base:x}:{irq}"));
         transports.push((base, t));
     }
@@ -229,8 +220,6 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         }
     };
 
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
     let cpus = config.vcpus as u8;
     let mut fds = Vec::new();
     for id in 0..cpus {
@@ -251,14 +240,26 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
             state.restore(&vm, vcpu)?;
         }
     }
-    Ok(Built {
-        kvm,
-        vm,
-        mem,
-        bus,
-        control,
-        vcpus: fds,
-    })
+    Built::assemble(&kvm, vm, mem, bus, control, fds)
+}
+
+/// A new KVM VM as every VM of this VMM has it: the TSS and identity map
+/// addresses, the in-kernel irqchip (both PICs, the IOAPIC, a LAPIC per
+/// vCPU) and PIT.
+pub(crate) fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(kvm_call("creating the VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_call("setting the TSS address"))?;
+    vm.set_identity_map_address(0xfffb_c000)
+        .map_err(kvm_call("setting the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_call("creating the interrupt controllers"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_call("creating the PIT"))?;
+    Ok(vm)
 }
 
 /// A snapshot restores only into a VM of its shape: vCPUs and memory here
@@ -277,15 +278,42 @@ fn check_shape(h: &Header, config: &VmConfig) -> Result<(), VmmError> {
 }
 
 impl Built {
+    /// A VM of `vm` (made by [`create_vm`]) from its parts: guest memory
+    /// registered, the bus with its devices, the vCPUs set up (configured
+    /// for a boot, or restored). Probes here, on the set-up thread, what a
+    /// capture will read of each vCPU (the vCPU threads' filter has no
+    /// /dev/kvm or VM-wide call), and installs the kick signal's handler.
+    pub(crate) fn assemble(
+        kvm: &Kvm,
+        vm: VmFd,
+        mem: Mem,
+        bus: Arc<Bus>,
+        control: Arc<Control>,
+        vcpus: Vec<VcpuFd>,
+    ) -> Result<Built, VmmError> {
+        let first = vcpus.first().ok_or(VmmError::Vcpus(0))?;
+        let plan = CapturePlan::probe(kvm, &vm, first, true)?;
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok(Built {
+            vm,
+            mem,
+            bus,
+            control,
+            vcpus,
+            plan,
+        })
+    }
+
     /// Starts the vCPU threads: the guest runs from here on.
     pub fn run(self) -> Result<BuiltinVm, VmmError> {
         let Built {
-            kvm,
             vm,
             mem,
             bus,
             control,
             vcpus: fds,
+            plan,
         } = self;
         // The VM fd must outlive the vCPUs; the threads share it.
         let vm = Arc::new(vm);
@@ -303,7 +331,7 @@ impl Built {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     crate::vcpu::confine(spawner, &control);
-                    let vcpu = crate::vcpu::run(vcpu, &bus, &control);
+                    let vcpu = crate::vcpu::run(vcpu, id, &bus, &control);
                     drop((vm, mem));
                     vcpu
                 })
@@ -313,10 +341,10 @@ impl Built {
         Ok(BuiltinVm {
             control,
             vcpus,
-            kvm,
             vm,
             mem,
             bus,
+            plan: Arc::new(plan),
         })
     }
 }
@@ -352,8 +380,10 @@ enum Wired {
 /// Puts `dev` behind an MMIO transport at `base` (restored from `state`
 /// if given, its worker not started: see [`activate_restored`]), its
 /// interrupt on `irq` (an irqfd) and its queue notifications on
-/// ioeventfds; with a pause line if `pausable`.
-#[allow(clippy::too_many_arguments)]
+/// ioeventfds; always with a pause line, made here on the set-up thread
+/// (an eventfd, which no vCPU or worker thread may make), so that any VM
+/// can be captured, ending ([`BuiltinVm::capture`]) or going on
+/// ([`BuiltinVm::capture_running`]).
 fn wire(
     vm: &VmFd,
     mem: &Mem,
@@ -361,7 +391,6 @@ fn wire(
     irq: u32,
     base: u64,
     stop: &EventFd,
-    pausable: bool,
     state: Option<&crate::snapshot::TransportState>,
 ) -> Result<MmioTransport, Wired> {
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(Wired::Io)?;
@@ -374,9 +403,7 @@ fn wire(
             .map_err(Wired::Restore)?,
         None => {
             let mut t = MmioTransport::new(dev, mem.clone(), interrupt, stop).map_err(Wired::Io)?;
-            if pausable {
-                t.enable_pause().map_err(Wired::Io)?;
-            }
+            t.enable_pause().map_err(Wired::Io)?;
             t
         }
     };
@@ -439,35 +466,56 @@ impl BuiltinVm {
 
 /// How long a device's worker may take to park for a capture.
 const DEVICE_PAUSE: Duration = Duration::from_secs(2);
+/// How long the vCPUs may take to park, and then to hand their states
+/// back.
+const VCPU_PAUSE: Duration = Duration::from_secs(2);
+/// How often the vCPUs are kicked while they are asked to park.
+const KICK_EVERY: Duration = Duration::from_millis(5);
+
+/// Lets the vCPUs go on when dropped, unless they were paused before the
+/// capture (a paused VM stays paused).
+struct Unpark {
+    control: Arc<Control>,
+    resume: bool,
+}
+
+impl Drop for Unpark {
+    fn drop(&mut self) {
+        if self.resume {
+            self.control.set_paused(false);
+        }
+    }
+}
 
 impl BuiltinVm {
-    /// Captures the VM into `file` (new and empty; `path` names it in
-    /// errors) with `header`, and ends it: the vCPUs leave their loops
-    /// (each completing its last exit, on its own thread), every device's
-    /// worker parks, and the state and the guest memory are written. For
-    /// a template: the VM was built with [`Start::BootForCapture`] (or
-    /// restored), and the caller's thread is not confined (it reads the
-    /// vCPUs' and the VM's KVM state and writes the file).
-    pub fn capture(
-        mut self,
-        file: &File,
-        path: &std::path::Path,
-        header: Header,
-    ) -> Result<(), VmmError> {
-        self.control.detach();
-        let mut fds = Vec::new();
-        self.kick_until_finished(400);
-        for h in self.vcpus.drain(..) {
-            let fd = h
-                .join()
-                .map_err(|_| VmmError::Thread(std::io::Error::other("a vCPU thread panicked")))?;
-            fds.push(fd);
+    /// Asks every vCPU to park and kicks them out of KVM_RUN until all
+    /// have, for [`VCPU_PAUSE`] at most; false (the flag cleared) if they
+    /// did not.
+    fn park_vcpus(&self) -> bool {
+        self.control.set_paused(true);
+        let running =
+            |vcpus: &[JoinHandle<VcpuFd>]| vcpus.iter().filter(|h| !h.is_finished()).count();
+        let tries = VCPU_PAUSE.as_millis() / KICK_EVERY.as_millis();
+        for _ in 0..tries {
+            if self
+                .control
+                .parked
+                .load(std::sync::atomic::Ordering::SeqCst)
+                >= running(&self.vcpus)
+            {
+                return true;
+            }
+            self.kick();
+            std::thread::sleep(KICK_EVERY);
         }
-        if let Some(e) = self.exit() {
-            return Err(VmmError::SnapshotShape(format!(
-                "the VM ended before its capture: {e:?}"
-            )));
-        }
+        self.control.set_paused(false);
+        false
+    }
+
+    /// Parks each device's worker and captures its transport, in the
+    /// bus's order; the workers stay parked until the guards are dropped
+    /// (on an error, those parked so far are let go).
+    fn capture_devices(&self) -> Result<(Vec<TransportState>, Vec<Paused>), VmmError> {
         let mut paused = Vec::new();
         let mut devices = Vec::new();
         for t in self.bus.transports() {
@@ -479,11 +527,37 @@ impl BuiltinVm {
             devices.push(t.capture(&p).map_err(|e| VmmError::Capture(name, e))?);
             paused.push(p);
         }
-        let msrs = crate::snapshot::msrs_to_save(&self.kvm, &fds[0])?;
-        let mut vcpus = Vec::new();
-        for (id, fd) in fds.iter().enumerate() {
-            vcpus.push(VcpuState::capture(&self.vm, fd, id as u32, &msrs, true)?);
+        Ok((devices, paused))
+    }
+
+    /// Parks the vCPUs (each capturing its own state, on its own thread,
+    /// its last exit completed) and the devices' workers, captures the
+    /// devices, the VM (irqchip, PIT, clock) and the serial port, and
+    /// writes it all with the guest memory into `file`. Returns with the
+    /// vCPUs and the workers still parked (their guards); on an error
+    /// both go on again before it returns.
+    fn capture_parked(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        header: Header,
+    ) -> Result<(Unpark, Vec<Paused>), VmmError> {
+        if let Some(e) = self.exit() {
+            return Err(VmmError::Ended(e));
         }
+        let resume = !self.control.is_paused();
+        if !self.park_vcpus() {
+            return Err(VmmError::VcpusBusy(VCPU_PAUSE));
+        }
+        let parked = Unpark {
+            control: self.control.clone(),
+            resume,
+        };
+        let vcpus = self
+            .control
+            .capture_parked(self.vcpus.len(), &self.plan, VCPU_PAUSE)
+            .map_err(VmmError::CaptureVcpus)?;
+        let (devices, paused) = self.capture_devices()?;
         let snapshot = Snapshot {
             header,
             vcpus,
@@ -492,14 +566,51 @@ impl BuiltinVm {
             serial: Some(self.bus.serial_state().into()),
         };
         snapshot.write_to(file, path, &self.mem)?;
-        drop(paused);
-        self.control.finish(VmExit::GuestStopped);
+        // A forbidden call of a worker, say, during the capture.
+        if let Some(e) = self.exit() {
+            return Err(VmmError::Ended(e));
+        }
+        Ok((parked, paused))
+    }
+
+    /// Captures the VM into `file` (new and empty; `path` names it in
+    /// errors) with `header`, and lets it go on: the guest continues
+    /// where it was, as if paused and resumed (a VM paused before stays
+    /// paused). For a checkpoint that leaves the container running. On an
+    /// error the VM goes on as well, unless it ended ([`VmmError::Ended`]).
+    ///
+    /// The calling thread reads the VM-wide KVM state (irqchip, PIT,
+    /// clock) and writes the file; the vCPUs read their own.
+    pub fn capture_running(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        header: Header,
+    ) -> Result<(), VmmError> {
+        let (parked, devices) = self.capture_parked(file, path, header)?;
+        drop(devices);
+        drop(parked);
         Ok(())
     }
 
-    /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
-    /// forbidden system call of one of its threads (which stops its
-    /// device workers, not its vCPUs): checked every `poll`.
+    /// Captures the VM as [`BuiltinVm::capture_running`] does, and ends it
+    /// while it is still parked: the guest runs no further instruction.
+    /// For a template: the caller's thread is not confined.
+    pub fn capture(
+        mut self,
+        file: &File,
+        path: &std::path::Path,
+        header: Header,
+    ) -> Result<(), VmmError> {
+        let (parked, devices) = self.capture_parked(file, path, header)?;
+        self.control.finish(VmExit::GuestStopped);
+        // Let go only now: the workers see the stop event, the vCPUs
+        // leave their loops.
+        drop(devices);
+        drop(parked);
+        Ok(())
+    }
+
     /// Confines the calling thread, which waits for this VM (the VMM
     /// process's main thread, once the vCPUs and the spawner run: they
     /// would inherit its filter), to [`crate::seccomp::Kind::Main`]'s list.
@@ -508,6 +619,9 @@ impl BuiltinVm {
         crate::seccomp::confine(crate::seccomp::Kind::Main, self.control.stop.as_raw_fd())
     }
 
+    /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
+    /// forbidden system call of one of its threads (which stops its
+    /// device workers, not its vCPUs): checked every `poll`.
     pub fn wait_until_end(&mut self, poll: Duration) -> VmExit {
         loop {
             if let Some(e) = self.exit() {
@@ -564,23 +678,10 @@ impl Vm for BuiltinVm {
     }
 
     fn pause(&mut self) -> Result<(), krun_hypervisor::Error> {
-        self.control.set_paused(true);
-        // Wait until every vCPU is out of the guest and parked.
-        let running =
-            |vcpus: &[JoinHandle<VcpuFd>]| vcpus.iter().filter(|h| !h.is_finished()).count();
-        for _ in 0..400 {
-            if self
-                .control
-                .parked
-                .load(std::sync::atomic::Ordering::SeqCst)
-                >= running(&self.vcpus)
-            {
-                return Ok(());
-            }
-            self.kick();
-            std::thread::sleep(Duration::from_millis(5));
+        // Returns once every vCPU is out of the guest and parked.
+        if self.park_vcpus() {
+            return Ok(());
         }
-        self.control.set_paused(false);
         Err(krun_hypervisor::Error::Control {
             what: "pause",
             source: std::io::Error::other("the vCPUs did not stop"),

@@ -119,8 +119,8 @@ fn counts(v: &mut Vm, n: usize) -> Vec<u32> {
 /// Captures `v` (its vCPU out of KVM_RUN) to a file at `path`.
 fn capture(v: &mut Vm, path: &std::path::Path, irqchip: bool) -> Snapshot {
     settle(&mut v.vcpu).unwrap();
-    let msrs = msrs_to_save(&v.kvm, &v.vcpu).unwrap();
-    let cpu = VcpuState::capture(&v.vm, &v.vcpu, 0, &msrs, irqchip).unwrap();
+    let plan = CapturePlan::probe(&v.kvm, &v.vm, &v.vcpu, irqchip).unwrap();
+    let cpu = VcpuState::capture(&v.vcpu, 0, &plan).unwrap();
     let state = VmState::capture(&v.vm, irqchip, irqchip).unwrap();
     let snap = Snapshot {
         header: Header {
@@ -205,8 +205,9 @@ fn with_an_irqchip_and_a_pit_their_state_travels_too() {
     assert_eq!(counts(&mut clone, 2), [4, 5]);
 }
 
-/// Points `vcpu` at [`program`] in real mode, with its CPUID.
-fn start_at_program(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) {
+/// Points `vcpu` (vCPU `id` of `cpus`) at `rip` in real mode, with its
+/// CPUID.
+pub(crate) fn start_in_real_mode(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8, rip: u64) {
     vcpu.set_cpuid2(&crate::cpu::cpuid(kvm, id, cpus).unwrap())
         .unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
@@ -216,7 +217,7 @@ fn start_at_program(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) {
     sregs.ds.selector = 0;
     vcpu.set_sregs(&sregs).unwrap();
     let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
+        rip,
         rflags: 2,
         ..Default::default()
     };
@@ -251,7 +252,7 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         .unwrap();
     let mut vcpus: Vec<VcpuFd> = (0..2).map(|i| vm.create_vcpu(i).unwrap()).collect();
     for (i, v) in vcpus.iter().enumerate() {
-        start_at_program(&kvm, v, i as u8, 2);
+        start_in_real_mode(&kvm, v, i as u8, 2, 0x1000);
     }
     let mut seen = Vec::new();
     for _ in 0..2 {
@@ -260,11 +261,11 @@ fn each_vcpu_of_a_two_vcpu_vm_comes_back_as_itself() {
         }
     }
     assert_eq!(seen, [1, 2, 3, 4]);
-    let msrs = msrs_to_save(&kvm, &vcpus[0]).unwrap();
+    let plan = CapturePlan::probe(&kvm, &vm, &vcpus[0], false).unwrap();
     let mut states = Vec::new();
     for (i, v) in vcpus.iter_mut().enumerate() {
         settle(v).unwrap();
-        states.push(VcpuState::capture(&vm, v, i as u32, &msrs, false).unwrap());
+        states.push(VcpuState::capture(v, i as u32, &plan).unwrap());
     }
     let snap = Snapshot {
         header: Header {

@@ -25,7 +25,10 @@
 //! Capture with every vCPU out of KVM_RUN (paused) and [`settle`]d (its
 //! last exit completed, so that the value of an `in` is not lost): each
 //! vCPU in the order [`VcpuState`] gives (mp_state first, events last),
-//! then the VM. Restore
+//! then the VM. The built-in VMM has each parked vCPU do both on its own
+//! thread, with vCPU ioctls only ([`CapturePlan`], probed before the
+//! threads are confined), and the VM then either ends (a template) or
+//! goes on (`BuiltinVm::capture_running`, for a checkpoint). Restore
 //! into a new VM built with the same memory layout and the same irqchip
 //! and PIT: memory registered first, then [`VmState::restore`] (irqchip,
 //! PIT, the KVM clock: before any vCPU runs), then each vCPU's
@@ -103,7 +106,7 @@ mod vcpu;
 mod vmstate;
 
 #[cfg(test)]
-mod kvm_tests;
+pub(crate) mod kvm_tests;
 #[cfg(test)]
 mod tests;
 
@@ -112,7 +115,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::virtio::state::TransportState;
 pub use file::{frame, Loaded, Region, Verify};
 pub use serial::{SerialSnapshot, MAX_SERIAL_INPUT};
-pub use vcpu::{msrs_to_save, settle, VcpuState, MAX_MSRS};
+pub use vcpu::{msrs_to_save, settle, CapturePlan, VcpuState, MAX_MSRS};
 pub use vmstate::VmState;
 
 /// The format this module writes and the only one it reads.

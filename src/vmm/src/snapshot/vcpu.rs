@@ -191,34 +191,70 @@ fn opt_blob<T: Pod>(
     bytes.as_deref().map(|b| blob(b, what)).transpose()
 }
 
-impl VcpuState {
-    /// Captures the state of `vcpu`, which must not be running (its thread
-    /// out of KVM_RUN, as a paused VM's are). `msrs` comes from
-    /// [`msrs_to_save`]; `irqchip` says whether the VM has an in-kernel
-    /// irqchip (else there is no LAPIC to read).
-    pub fn capture(
+/// What [`VcpuState::capture`] reads from the vCPUs of one VM on this
+/// host, found once with calls a vCPU's own thread does not make
+/// (KVM_GET_MSR_INDEX_LIST on /dev/kvm, KVM_CHECK_EXTENSION on the VM):
+/// the VM's set-up thread probes it before any vCPU thread is confined
+/// (`crate::vm`), and each vCPU then captures itself with vCPU ioctls
+/// only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturePlan {
+    /// The MSRs to read, in restore order ([`msrs_to_save`]).
+    pub msrs: Vec<u32>,
+    /// KVM_GET_XSAVE carries the whole xstate (the host has it, and the
+    /// guest's xstate fits its 4 KiB).
+    pub xsave: bool,
+    /// KVM_GET_XCRS, KVM_GET_DEBUGREGS, KVM_GET_VCPU_EVENTS exist.
+    pub xcrs: bool,
+    pub debugregs: bool,
+    pub events: bool,
+    /// The VM has an in-kernel irqchip: there is a LAPIC to read.
+    pub lapic: bool,
+}
+
+impl CapturePlan {
+    /// Probes what to capture of `vm`'s vCPUs: `vcpu` is one of them, set
+    /// up (its CPUID set: which MSRs it can read depends on it); `irqchip`
+    /// says whether the VM has an in-kernel irqchip.
+    pub fn probe(
+        kvm_fd: &Kvm,
         vm: &VmFd,
         vcpu: &VcpuFd,
-        id: u32,
-        msrs: &[u32],
         irqchip: bool,
-    ) -> Result<VcpuState, SnapshotError> {
+    ) -> Result<CapturePlan, SnapshotError> {
+        Ok(CapturePlan {
+            msrs: msrs_to_save(kvm_fd, vcpu)?,
+            xsave: xsave_usable(vm),
+            xcrs: vm.check_extension(Cap::Xcrs),
+            debugregs: vm.check_extension(Cap::Debugregs),
+            events: vm.check_extension(Cap::VcpuEvents),
+            lapic: irqchip,
+        })
+    }
+}
+
+impl VcpuState {
+    /// Captures the state of `vcpu` (vCPU `id`), which must not be running
+    /// (its thread out of KVM_RUN, as a paused VM's are) and should be
+    /// [`settle`]d, as `plan` says: vCPU ioctls only, so that the vCPU's
+    /// own thread can make them under its seccomp list.
+    pub fn capture(vcpu: &VcpuFd, id: u32, plan: &CapturePlan) -> Result<VcpuState, SnapshotError> {
         let tsc_khz = vcpu.get_tsc_khz().ok();
         let mp_state = vcpu.get_mp_state().map_err(kvm("reading mp_state"))?;
         let regs = vcpu.get_regs().map_err(kvm("reading registers"))?;
         let sregs = vcpu.get_sregs().map_err(kvm("reading sregs"))?;
         let fpu = vcpu.get_fpu().map_err(kvm("reading the FPU"))?;
-        let xsave = if xsave_usable(vm) {
+        let xsave = if plan.xsave {
             Some(to_bytes(&vcpu.get_xsave().map_err(kvm("reading xsave"))?))
         } else {
             None
         };
-        let xcrs = if vm.check_extension(Cap::Xcrs) {
+        let xcrs = if plan.xcrs {
             Some(to_bytes(&vcpu.get_xcrs().map_err(kvm("reading xcrs"))?))
         } else {
             None
         };
-        let debugregs = if vm.check_extension(Cap::Debugregs) {
+        let debugregs = if plan.debugregs {
             Some(to_bytes(
                 &vcpu
                     .get_debug_regs()
@@ -227,7 +263,7 @@ impl VcpuState {
         } else {
             None
         };
-        let lapic = if irqchip {
+        let lapic = if plan.lapic {
             Some(to_bytes(
                 &vcpu.get_lapic().map_err(kvm("reading the LAPIC"))?,
             ))
@@ -241,8 +277,8 @@ impl VcpuState {
             .iter()
             .map(to_bytes)
             .collect();
-        let msrs = read_msrs(vcpu, msrs)?;
-        let events = if vm.check_extension(Cap::VcpuEvents) {
+        let msrs = read_msrs(vcpu, &plan.msrs)?;
+        let events = if plan.events {
             Some(to_bytes(
                 &vcpu.get_vcpu_events().map_err(kvm("reading vCPU events"))?,
             ))

@@ -11,8 +11,9 @@
 //! device's worker ([`MmioTransport::pause`]), captures its registers and
 //! the worker's queues ([`MmioTransport::capture`], a
 //! [`super::state::TransportState`]), and a new transport is built from
-//! such a state over restored memory ([`MmioTransport::restore`]). A
-//! transport without one (what `vm.rs` builds today) runs as before.
+//! such a state over restored memory ([`MmioTransport::restore`]).
+//! `vm.rs` gives every transport a pause line; one without (device
+//! tests) runs the same, and cannot be captured once activated.
 
 use std::sync::Arc;
 use std::time::Duration;

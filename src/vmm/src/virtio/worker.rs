@@ -22,8 +22,9 @@
 //! [`spawn_pausable`]: the loop then also watches the transport's pause
 //! line ([`super::pause`]) and, when asked, parks between two rounds of
 //! serving, after reporting its queues ([`QueueHandler::capture_queues`]).
-//! Without a pause line (every VM the CLI runs today) the loop is the
-//! same as before.
+//! Every transport `vm.rs` builds has a pause line (so that any VM can be
+//! captured); without one (device tests) the loop is the same, less the
+//! pause.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
