@@ -29,6 +29,8 @@ pub const NET_FD: RawFd = 5;
 /// VMM process (far above the taps': a VM has fewer than 30 devices).
 pub const SNAPSHOT_FD: RawFd = 40;
 pub const REQUEST_FD: RawFd = 41;
+/// The fd number of a built-in VMM's capture channel (crate::capture).
+pub const CAPTURE_FD: RawFd = 42;
 
 /// Keeps the fd numbers honest: none collides with stdio or another.
 const _: () = assert!(
@@ -37,6 +39,7 @@ const _: () = assert!(
         && NET_FD > CONSOLE_FD
         && SNAPSHOT_FD > NET_FD + 30
         && REQUEST_FD > SNAPSHOT_FD
+        && CAPTURE_FD > REQUEST_FD
 );
 
 impl PassFd {

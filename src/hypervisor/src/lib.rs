@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 mod accel;
 mod capped;
+pub mod capture;
 mod child;
 mod confine;
 mod jail;
@@ -20,7 +21,10 @@ mod virtiofsd;
 
 pub use accel::{detect_accel, Accel, AccelChoice};
 pub use capped::{copy_capped, truncation_note, CappedLog, DEFAULT_LOG_LIMIT};
-pub use child::{spawn, PassFd, CONSOLE_FD, CONTROL_FD, NET_FD, REQUEST_FD, SNAPSHOT_FD};
+pub use capture::AfterCapture;
+pub use child::{
+    spawn, PassFd, CAPTURE_FD, CONSOLE_FD, CONTROL_FD, NET_FD, REQUEST_FD, SNAPSHOT_FD,
+};
 pub use confine::{
     cap_mask, confine_self, reduce_caps, ConfineError, Confinement, DENIED, MONITOR_EXTRA_CAPS,
     QEMU_CAPS, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
@@ -164,6 +168,10 @@ pub enum Error {
     },
     #[error("the VMM failed to start")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("cannot capture the VM: {0}")]
+    Capture(String),
 }
 
 /// A hypervisor backend.
@@ -189,4 +197,12 @@ pub trait Vm: Send {
     fn pause(&mut self) -> Result<(), Error>;
     /// Thaws a paused VM.
     fn resume(&mut self) -> Result<(), Error>;
+    /// Captures the running VM (its vCPUs, devices and memory) into
+    /// `file`, new and open for writing, then lets it go on or ends it.
+    /// On an error the VM goes on as it was.
+    fn capture(&mut self, _file: &std::fs::File, _then: AfterCapture) -> Result<(), Error> {
+        Err(Error::Unsupported(
+            "this backend cannot capture a running VM",
+        ))
+    }
 }

@@ -15,11 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use crate::child::kill_and_reap;
-use crate::{CappedLog, Error, Vm, VmExit};
+use crate::{AfterCapture, CappedLog, Error, Vm, VmExit};
 
 /// How long a VMM's log may take to reach its file once it has exited.
 const LOG_FLUSH: Duration = Duration::from_secs(1);
+/// How long a capture may take: the VMM parks its vCPUs and devices
+/// within seconds or fails; writing guest memory takes the rest.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What runs beside a VMM process and ends with it.
 pub trait Companions: Send {
@@ -64,6 +69,8 @@ pub struct VmProcess {
     /// How many of the log's last lines make a failure's detail.
     detail_lines: usize,
     exit: Option<VmExit>,
+    /// The built-in VMM's capture channel (crate::capture), if it has one.
+    capture: Option<OwnedFd>,
     /// Dropped after `child` (declaration order): a jail directory is
     /// removed once the process is reaped.
     companions: Box<dyn Companions>,
@@ -84,8 +91,16 @@ impl VmProcess {
             log,
             detail_lines,
             exit: None,
+            capture: None,
             companions,
         }
+    }
+
+    /// The VMM answers capture requests on `channel` (its end at
+    /// [`crate::CAPTURE_FD`]).
+    pub fn with_capture_channel(mut self, channel: OwnedFd) -> VmProcess {
+        self.capture = Some(channel);
+        self
     }
 
     fn finish(&mut self, status: ExitStatus) -> VmExit {
@@ -181,6 +196,27 @@ impl Vm for VmProcess {
 
     fn resume(&mut self) -> Result<(), Error> {
         self.signal(libc::SIGCONT, "resume")
+    }
+
+    fn capture(&mut self, file: &std::fs::File, then: AfterCapture) -> Result<(), Error> {
+        let Some(channel) = self.capture.as_ref() else {
+            return Err(Error::Unsupported(
+                "QEMU cannot capture a running VM (QEMU 7.2 cannot migrate a vhost-user-fs \
+                 device): checkpoint needs the built-in VMM (--hypervisor builtin)",
+            ));
+        };
+        if self.exit.is_some() {
+            return Err(Error::Capture("the VM is not running".into()));
+        }
+        let failed = |e: std::io::Error| Error::Capture(format!("the VMM's channel: {e}"));
+        crate::capture::ask(channel.as_fd(), file.as_fd(), then).map_err(failed)?;
+        let child = self.child.as_mut();
+        let mut alive = child.map(|c| move || matches!(c.try_wait(), Ok(None)));
+        let answer = crate::capture::read_answer(channel.as_fd(), CAPTURE_TIMEOUT, || {
+            alive.as_mut().is_some_and(|f| f())
+        })
+        .map_err(failed)?;
+        answer.map_err(Error::Capture)
     }
 
     fn kill(&mut self) {

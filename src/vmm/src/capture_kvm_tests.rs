@@ -1,5 +1,5 @@
 //! A VM of the built-in VMM captured while it runs
-//! ([`BuiltinVm::capture_running`]), on real KVM with small counting
+//! ([`BuiltinVm::capture`]), on real KVM with small counting
 //! guests of our own (they run on kvm-pvm too): the VM is assembled and
 //! run as `vm::build` does (its vCPU threads confined to their seccomp
 //! list, a device with a pause line), so the capture goes through the
@@ -8,10 +8,11 @@
 //! file counts on from the captured values, each vCPU as itself.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use krun_hypervisor::Vm;
+use krun_hypervisor::{AfterCapture, Vm, VmExit};
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -226,7 +227,7 @@ fn a_running_vm_is_captured_goes_on_and_its_clone_counts_on_from_the_capture() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap");
     let file = File::create_new(&path).unwrap();
-    vm.capture_running(&file, &path, header())
+    vm.capture(&file, &path, header(), AfterCapture::GoOn)
         .unwrap_or_else(|e| panic!("{}", krun_hypervisor::error_chain(&e)));
     assert_eq!(crate::seccomp::violation(), None);
     let captured = counters(&Snapshot::read(&path).unwrap().copy_memory().unwrap());
@@ -246,13 +247,24 @@ fn a_running_vm_is_captured_goes_on_and_its_clone_counts_on_from_the_capture() {
     let before = counters(&mem);
     let again = dir.path().join("again");
     let file = File::create_new(&again).unwrap();
-    vm.capture_running(&file, &again, header()).unwrap();
+    vm.capture(&file, &again, header(), AfterCapture::GoOn)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(counters(&mem), before, "the paused VM ran");
     restored_counts(&again, before);
     vm.resume().unwrap();
     counting_past(&mem, before, "resumed after the second capture");
-    vm.kill();
+
+    // A capture that ends the VM: stopped, its last counts in the file.
+    let last = dir.path().join("last");
+    let file = File::create_new(&last).unwrap();
+    vm.capture(&file, &last, header(), AfterCapture::End)
+        .unwrap();
+    let at_end = counters(&mem);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(counters(&mem), at_end, "the ended VM ran on");
+    assert_eq!(vm.wait().unwrap(), VmExit::GuestStopped);
+    restored_counts(&last, at_end);
 }
 
 #[test]
@@ -266,11 +278,49 @@ fn a_capture_that_fails_leaves_the_vm_running() {
     // Opened read-only: the capture parks everything, then cannot write.
     let read_only = File::open(&path).unwrap();
     let err = vm
-        .capture_running(&read_only, &path, header())
+        .capture(&read_only, &path, header(), AfterCapture::End)
         .expect_err("a capture into a read-only file");
     assert!(matches!(err, VmmError::Snapshot(_)), "{err:?}");
     let after = counters(&mem);
     counting_past(&mem, after, "after the failed capture");
     assert_eq!(vm.try_wait().unwrap(), None, "the VM ended");
     vm.kill();
+}
+
+/// The VMM process's main thread captures under its own filter
+/// (seccomp `Kind::Main`): a capture that goes on, then one that ends the
+/// VM, with no forbidden call, each file a VM that restores.
+#[test]
+fn the_main_thread_captures_under_its_filter() {
+    let _turn = crate::seccomp::take_turn();
+    let (vm, mem) = counting_vm();
+    counting_past(&mem, START, "before the capture");
+    let dir = tempfile::tempdir().unwrap();
+    let (first, last) = (dir.path().join("first"), dir.path().join("last"));
+    let files = [
+        File::create_new(&first).unwrap(),
+        File::create_new(&last).unwrap(),
+    ];
+    let (captured_tx, captured) = std::sync::mpsc::channel();
+    let (go_tx, go) = std::sync::mpsc::channel::<()>();
+    let main = std::thread::spawn(move || {
+        let mut vm = vm;
+        vm.confine_waiter().unwrap();
+        let r = vm.capture(&files[0], Path::new("first"), header(), AfterCapture::GoOn);
+        captured_tx.send(r.map_err(|e| e.to_string())).unwrap();
+        go.recv().unwrap();
+        let r = vm.capture(&files[1], Path::new("last"), header(), AfterCapture::End);
+        (r.map_err(|e| e.to_string()), vm.wait().unwrap())
+    });
+    captured.recv().unwrap().unwrap();
+    assert_eq!(crate::seccomp::violation(), None);
+    let at_first = counters(&Snapshot::read(&first).unwrap().copy_memory().unwrap());
+    counting_past(&mem, at_first, "after the capture that goes on");
+    go_tx.send(()).unwrap();
+    let (r, exit) = main.join().unwrap();
+    r.unwrap();
+    assert_eq!(exit, VmExit::GuestStopped);
+    assert_eq!(crate::seccomp::violation(), None);
+    let at_end = counters(&mem);
+    restored_counts(&last, at_end);
 }

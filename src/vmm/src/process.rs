@@ -86,9 +86,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use krun_hypervisor::{
-    reduce_caps, spawn, CappedLog, ConfineError, EmptyDir, Error, Hypervisor, Jail, NetDevice,
-    PassFd, Share, SnapshotIo, Vm, VmConfig, VmExit, VmProcess, CONSOLE_FD, CONTROL_FD, NET_FD,
-    REQUEST_FD, SNAPSHOT_FD, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
+    reduce_caps, spawn, AfterCapture, CappedLog, ConfineError, EmptyDir, Error, Hypervisor, Jail,
+    NetDevice, PassFd, Share, SnapshotIo, Vm, VmConfig, VmExit, VmProcess, CAPTURE_FD, CONSOLE_FD,
+    CONTROL_FD, NET_FD, REQUEST_FD, SNAPSHOT_FD, VIRTIOFSD_CAPS, VMM_CAPS, VMM_READONLY_CAPS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -299,6 +299,12 @@ impl Hypervisor for Builtin {
                 target: SNAPSHOT_FD,
             }),
         }
+        // Every VMM answers capture requests (a checkpoint).
+        let (captures, vmm_captures) = krun_hypervisor::capture::channel().map_err(spawn_err)?;
+        fds.push(PassFd {
+            fd: vmm_captures,
+            target: CAPTURE_FD,
+        });
         fds.push(PassFd {
             fd: config_r.into(),
             target: CONFIG_FD,
@@ -312,7 +318,8 @@ impl Hypervisor for Builtin {
         // Not jailed here: the exec needs the host's binary. It jails
         // itself once the VM is built.
         let child = spawn(&mut cmd, fds, VIRTIOFSD_CAPS, None)?;
-        let mut vm = VmProcess::new(child, log_path, log, DETAIL_LINES, Box::new(jail_dir));
+        let mut vm = VmProcess::new(child, log_path, log, DETAIL_LINES, Box::new(jail_dir))
+            .with_capture_channel(captures);
         let mut byte = [0u8; 1];
         if let Ok(1) = ready_r.read(&mut byte) {
             tracing::debug!(pid = vm.pid(), took = ?started.elapsed(), "VMM process ready");
@@ -389,6 +396,7 @@ fn serve() -> Result<VmExit, ProcessError> {
     log_to_stderr(wire.debug);
     let readonly = wire.shares.iter().all(|s| s.readonly);
     let mut config = wire.into_config(take_fd)?;
+    let captures = take_fd(CAPTURE_FD)?;
     let run_dir = config.run_dir.clone();
     let shares = config.shares.clone();
     let header = crate::snapshot::Header {
@@ -419,7 +427,7 @@ fn serve() -> Result<VmExit, ProcessError> {
                 kernel,
                 guest_init: initramfs.clone(),
                 initramfs,
-                ..header
+                ..header.clone()
             };
             let built = vm::build(config, vm::Start::Boot);
             (built, Some((std::fs::File::from(file), request, header)))
@@ -453,7 +461,53 @@ fn serve() -> Result<VmExit, ProcessError> {
         vm.kill();
         return Err(ProcessError::Seccomp(e));
     }
-    Ok(vm.wait_until_end(VIOLATION_POLL))
+    Ok(serve_captures(vm, captures, header))
+}
+
+/// Runs the VM to its end, answering the parent's capture requests on
+/// `channel` (krun_hypervisor::capture) as they come: each captured into
+/// the file the request carries, with `header`, the VM going on or ending
+/// as it asks. A forbidden system call of any thread is looked for every
+/// [`VIOLATION_POLL`]. Runs under the main thread's filter.
+fn serve_captures(
+    mut vm: vm::BuiltinVm,
+    channel: OwnedFd,
+    header: crate::snapshot::Header,
+) -> VmExit {
+    use krun_hypervisor::capture;
+    use std::os::fd::AsFd;
+    let mut channel = Some(channel);
+    loop {
+        if let Ok(Some(exit)) = vm.try_wait() {
+            return exit;
+        }
+        let Some(ch) = channel.as_ref() else {
+            return vm.wait_until_end(VIOLATION_POLL);
+        };
+        if !vm.wait_for_request(ch.as_fd(), VIOLATION_POLL) {
+            continue;
+        }
+        match capture::read_ask(ch.as_fd()) {
+            // The parent is gone (it dies with its VMM's end in sight).
+            Ok(None) => channel = None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "VMM: a malformed capture request");
+                let _ = capture::answer(ch.as_fd(), Err(e.to_string()));
+            }
+            Ok(Some((then, file))) => {
+                let started = Instant::now();
+                let file = std::fs::File::from(file);
+                let result = vm
+                    .capture(&file, Path::new("the capture"), header.clone(), then)
+                    .map_err(|e| krun_hypervisor::error_chain(&e));
+                tracing::debug!(took = ?started.elapsed(), ?then, ok = result.is_ok(), "VMM: capture");
+                if let Err(e) = capture::answer(ch.as_fd(), result) {
+                    tracing::warn!(error = %e, "VMM: cannot answer a capture request");
+                }
+            }
+        }
+    }
 }
 
 /// A template's VMM: runs the VM until a byte arrives on `request`, then
@@ -495,7 +549,7 @@ fn capture_when_asked(
             };
         }
         let started = Instant::now();
-        return match vm.capture(file, Path::new("the template"), header) {
+        return match vm.capture(file, Path::new("the template"), header, AfterCapture::End) {
             Ok(()) => {
                 tracing::debug!(took = ?started.elapsed(), "VMM: template captured");
                 VmExit::GuestStopped

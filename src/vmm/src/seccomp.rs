@@ -367,12 +367,46 @@ const fn kvm_iowr<T>(nr: u64) -> u64 {
     (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | kvm_io(nr)
 }
 /// What the VMM process's main thread does once the vCPUs run (the
-/// `process` module), beyond [`LIVING`]: it waits for the VM's end on a
-/// condvar with a timeout, kicks the vCPUs out of KVM_RUN (tgkill) and
-/// joins them (sleeping between kicks), writes the reason to its stderr,
-/// and exits. Nothing else: it opens, reads, maps nothing new of the
-/// host's, starts nothing.
-const MAIN: &[(&str, i64)] = sys!(SYS_clock_nanosleep, SYS_nanosleep);
+/// `process` module), beyond [`LIVING`]: it waits for the VM's end or a
+/// capture request from its parent (poll), kicks the vCPUs out of
+/// KVM_RUN (tgkill) and joins them (sleeping between kicks), writes the
+/// reason to its stderr, and exits. A capture request (recvmsg, one
+/// descriptor: the file, opened by the parent) is answered (sendto) once
+/// the VM-wide KVM state is read ([`MAIN_IOCTLS`]) and the file written
+/// by offset (pwrite64) and sized (ftruncate). `fcntl(F_GETFD)` only:
+/// Rust's I/O-safety check of a descriptor it closes, in builds with
+/// debug assertions (the tests'). Nothing else: it opens, reads, maps
+/// nothing new of the host's, starts nothing.
+const MAIN: &[(&str, i64)] = sys!(
+    SYS_fcntl,
+    SYS_clock_nanosleep,
+    SYS_nanosleep,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_recvmsg,
+    SYS_sendto,
+    SYS_ioctl,
+    SYS_pwrite64,
+    SYS_ftruncate,
+);
+/// The VM-wide reads of a capture on the main thread
+/// (`snapshot::VmState::capture`): the clock (after asking whether KVM can
+/// set it back), the three interrupt controllers and the PIT. Reads only.
+const MAIN_IOCTLS: &[(&str, u64)] = &[
+    ("KVM_CHECK_EXTENSION", kvm_io(0x03)),
+    (
+        "KVM_GET_CLOCK",
+        kvm_ior::<kvm_bindings::kvm_clock_data>(0x7c),
+    ),
+    (
+        "KVM_GET_IRQCHIP",
+        kvm_iowr::<kvm_bindings::kvm_irqchip>(0x62),
+    ),
+    (
+        "KVM_GET_PIT2",
+        kvm_ior::<kvm_bindings::kvm_pit_state2>(0x9f),
+    ),
+];
 /// What starting a thread takes, beyond the workers' lists: glibc's
 /// pthread_create (the stack, its guard page, clone, the new thread's
 /// robust list and rseq), Rust's thread start (its name, the signal
@@ -565,6 +599,15 @@ fn conditions(kind: Kind, nr: i64) -> Result<Vec<SeccompRule>, seccompiler::Erro
             .iter()
             .map(|(_, req)| arg_is(1, SeccompCmpArgLen::Dword, *req))
             .collect(),
+        (Kind::Main, libc::SYS_ioctl) => MAIN_IOCTLS
+            .iter()
+            .map(|(_, req)| arg_is(1, SeccompCmpArgLen::Dword, *req))
+            .collect(),
+        (Kind::Main, libc::SYS_fcntl) => Ok(vec![arg_is(
+            1,
+            SeccompCmpArgLen::Dword,
+            libc::F_GETFD as u64,
+        )?]),
         (Kind::Spawner, libc::SYS_clone) => Ok(vec![arg_is(
             0,
             SeccompCmpArgLen::Qword,
@@ -946,6 +989,68 @@ mod tests {
                 Some(TRAP),
                 "{name}"
             );
+        }
+    }
+
+    #[test]
+    fn the_main_thread_may_read_the_vm_for_a_capture_and_nothing_more() {
+        let want: &[(&str, u64)] = &[
+            ("KVM_CHECK_EXTENSION", 0xae03),
+            ("KVM_GET_CLOCK", 0x8030_ae7c),
+            ("KVM_GET_IRQCHIP", 0xc208_ae62),
+            ("KVM_GET_PIT2", 0x8070_ae9f),
+        ];
+        assert_eq!(MAIN_IOCTLS.len(), want.len());
+        let prog = program(Kind::Main, None).unwrap();
+        let x86 = |req: u64| {
+            (
+                libc::SYS_ioctl as u32,
+                AUDIT_ARCH_X86_64,
+                [5, req, 0, 0, 0, 0],
+            )
+        };
+        for (name, req) in want {
+            assert_eq!(
+                MAIN_IOCTLS.iter().find(|(n, _)| n == name).map(|(_, r)| *r),
+                Some(*req),
+                "{name}"
+            );
+            assert_eq!(eval(&prog, x86(*req)).0, Some(SECCOMP_RET_ALLOW), "{name}");
+        }
+        const TRAP: u32 = 0x0003_0000;
+        for (name, req) in [
+            ("KVM_RUN", KVM_RUN),
+            ("KVM_SET_CLOCK", 0x4030_ae7b),
+            ("KVM_SET_IRQCHIP", 0x8208_ae63),
+            ("KVM_CREATE_VCPU", 0xae41),
+            ("KVM_GET_REGS", 0x8090_ae81),
+        ] {
+            assert_eq!(
+                eval(&prog, x86(req)).0.map(|r| r & 0xffff_0000),
+                Some(TRAP),
+                "{name}"
+            );
+        }
+        // fcntl only to look at a descriptor's close-on-exec flag.
+        let fcntl = |cmd: i32| {
+            (
+                libc::SYS_fcntl as u32,
+                AUDIT_ARCH_X86_64,
+                [3, cmd as u64, 0, 0, 0, 0],
+            )
+        };
+        assert_eq!(eval(&prog, fcntl(libc::F_GETFD)).0, Some(SECCOMP_RET_ALLOW));
+        for cmd in [libc::F_SETFL, libc::F_DUPFD, libc::F_SETFD] {
+            assert_eq!(
+                eval(&prog, fcntl(cmd)).0.map(|r| r & 0xffff_0000),
+                Some(TRAP),
+                "{cmd}"
+            );
+        }
+        // It receives a descriptor; it opens none.
+        for call in [libc::SYS_openat, libc::SYS_open, libc::SYS_socket] {
+            let c = (call as u32, AUDIT_ARCH_X86_64, [0; 6]);
+            assert_eq!(eval(&prog, c).0.map(|r| r & 0xffff_0000), Some(TRAP));
         }
     }
 

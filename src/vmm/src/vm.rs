@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use krun_hypervisor::{Vm, VmConfig, VmExit};
+use krun_hypervisor::{AfterCapture, Vm, VmConfig, VmExit};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -383,7 +383,7 @@ enum Wired {
 /// ioeventfds; always with a pause line, made here on the set-up thread
 /// (an eventfd, which no vCPU or worker thread may make), so that any VM
 /// can be captured, ending ([`BuiltinVm::capture`]) or going on
-/// ([`BuiltinVm::capture_running`]).
+/// ([`BuiltinVm::capture`]).
 fn wire(
     vm: &VmFd,
     mem: &Mem,
@@ -574,36 +574,27 @@ impl BuiltinVm {
     }
 
     /// Captures the VM into `file` (new and empty; `path` names it in
-    /// errors) with `header`, and lets it go on: the guest continues
-    /// where it was, as if paused and resumed (a VM paused before stays
-    /// paused). For a checkpoint that leaves the container running. On an
-    /// error the VM goes on as well, unless it ended ([`VmmError::Ended`]).
+    /// errors) with `header`, then, as `then` says, lets it go on (the
+    /// guest continues where it was, as if paused and resumed; a VM
+    /// paused before stays paused: a checkpoint that leaves the container
+    /// running) or ends it while it is still parked, the guest running no
+    /// further instruction (a template; a checkpoint that stops the
+    /// container). On an error the VM goes on as it was, unless it ended
+    /// ([`VmmError::Ended`]).
     ///
     /// The calling thread reads the VM-wide KVM state (irqchip, PIT,
     /// clock) and writes the file; the vCPUs read their own.
-    pub fn capture_running(
+    pub fn capture(
         &mut self,
         file: &File,
         path: &std::path::Path,
         header: Header,
+        then: AfterCapture,
     ) -> Result<(), VmmError> {
         let (parked, devices) = self.capture_parked(file, path, header)?;
-        drop(devices);
-        drop(parked);
-        Ok(())
-    }
-
-    /// Captures the VM as [`BuiltinVm::capture_running`] does, and ends it
-    /// while it is still parked: the guest runs no further instruction.
-    /// For a template: the caller's thread is not confined.
-    pub fn capture(
-        mut self,
-        file: &File,
-        path: &std::path::Path,
-        header: Header,
-    ) -> Result<(), VmmError> {
-        let (parked, devices) = self.capture_parked(file, path, header)?;
-        self.control.finish(VmExit::GuestStopped);
+        if then == AfterCapture::End {
+            self.control.finish(VmExit::GuestStopped);
+        }
         // Let go only now: the workers see the stop event, the vCPUs
         // leave their loops.
         drop(devices);
@@ -622,6 +613,29 @@ impl BuiltinVm {
     /// Waits for the VM to end, as [`Vm::wait`] does, also ending it on a
     /// forbidden system call of one of its threads (which stops its
     /// device workers, not its vCPUs): checked every `poll`.
+    /// Waits up to `timeout` for `fd` to be readable (true) or the VM to
+    /// stop (its stop event, which every device sees and none reads).
+    pub fn wait_for_request(&self, fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfds = [
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.control.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: poll reads and writes the two pollfds, which outlive the
+        // call; both descriptors stay open for it.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+        n > 0 && pfds[0].revents != 0
+    }
+
     pub fn wait_until_end(&mut self, poll: Duration) -> VmExit {
         loop {
             if let Some(e) = self.exit() {

@@ -28,7 +28,7 @@
 //! then the VM. The built-in VMM has each parked vCPU do both on its own
 //! thread, with vCPU ioctls only ([`CapturePlan`], probed before the
 //! threads are confined), and the VM then either ends (a template) or
-//! goes on (`BuiltinVm::capture_running`, for a checkpoint). Restore
+//! goes on (`BuiltinVm::capture`, for a checkpoint). Restore
 //! into a new VM built with the same memory layout and the same irqchip
 //! and PIT: memory registered first, then [`VmState::restore`] (irqchip,
 //! PIT, the KVM clock: before any vCPU runs), then each vCPU's
