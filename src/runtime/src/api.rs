@@ -87,6 +87,13 @@ pub enum Request {
     },
     /// Stop the VM now (delete --force, delete of a created container).
     Shutdown,
+    /// Capture the whole VM into the file that comes with the request (one
+    /// descriptor, new and open for writing): a checkpoint. Unless
+    /// `leave_running`, the container then ends, stopped, without its
+    /// guest running another instruction.
+    Checkpoint {
+        leave_running: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

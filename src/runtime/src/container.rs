@@ -134,6 +134,21 @@ impl Existing {
         }
     }
 
+    /// Sends one request with `fds` (SCM_RIGHTS) and waits for the
+    /// answer, however long it takes (a checkpoint writes the VM's memory);
+    /// an error response is an error.
+    pub fn call_with_fds(&self, req: &Request, fds: &[std::os::fd::RawFd]) -> Result<Response> {
+        let mut client = self.client()?;
+        client
+            .send(req, fds)
+            .and_then(|()| client.recv())
+            .with_context(|| format!("container {:?}", self.id))
+            .and_then(|resp| match resp {
+                Response::Error { code, message } => Err(Error::Exit { code, message }),
+                other => Ok(other),
+            })
+    }
+
     /// Waits up to `timeout` for the monitor to be gone.
     pub fn wait_monitor_gone(&self, timeout: std::time::Duration) -> bool {
         let Some(m) = &self.state.monitor else {

@@ -41,6 +41,9 @@ enum Command {
     /// VM templates of the built-in VMM (see the README's "VM templates").
     #[command(subcommand)]
     Template(TemplateCmd),
+    /// Checkpoint a running container: its whole VM, captured into the
+    /// image directory (built-in VMM; see the README's "Checkpoint").
+    Checkpoint(commands::checkpoint::Args),
     #[command(flatten)]
     Standard(StandardCmd),
     #[command(flatten)]
@@ -139,6 +142,7 @@ fn main() {
         }) => commands::template::build(*vcpus, *memory_mib, *nets),
         Command::Template(TemplateCmd::List { format }) => commands::template::list(format),
         Command::Template(TemplateCmd::Prune { all }) => commands::template::prune(*all),
+        Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, a),
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),

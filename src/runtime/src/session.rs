@@ -511,6 +511,18 @@ impl Vm for PausableVm {
         self.control.set_paused(false);
         Ok(())
     }
+
+    // The guest is parked, and reads nothing, while it is captured.
+    fn capture(
+        &mut self,
+        file: &std::fs::File,
+        then: krun_hypervisor::AfterCapture,
+    ) -> Result<(), krun_hypervisor::Error> {
+        self.control.set_paused(true);
+        let r = self.vm.capture(file, then);
+        self.control.set_paused(false);
+        r
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::error::Error;
 
+pub mod checkpoint;
 pub mod create;
 pub mod exec;
 pub mod info;

@@ -65,6 +65,9 @@ impl Container {
             Request::Stats { stream } => self.ask_guest(stream, ToGuest::Stats, reply),
             Request::Update { limits, stream } => self.update(limits, stream, reply),
             Request::Freeze { stream, frozen } => self.freeze(stream, frozen, reply),
+            Request::Checkpoint { leave_running } => {
+                return self.checkpoint(vm, fds, leave_running, reply)
+            }
             Request::Pause => self.pause(vm, true, reply),
             Request::Resume => self.pause(vm, false, reply),
             Request::Shutdown => {
@@ -227,6 +230,60 @@ impl Container {
     }
 
     /// Pauses (or resumes) the VM, and with it the container.
+    /// Captures the VM into the request's file; unless `leave_running`,
+    /// the container then ends (killed, as runc's checkpoint leaves it).
+    /// Refused, before anything stops, where a checkpoint could not bring
+    /// the container back whole: not running, paused, a terminal, or
+    /// other processes in the VM with clients of their own on the host.
+    fn checkpoint(
+        &mut self,
+        vm: &mut dyn Vm,
+        fds: Vec<OwnedFd>,
+        leave_running: bool,
+        reply: Sender<Response>,
+    ) -> Option<Outcome> {
+        let refusal = match self.state.status {
+            _ if fds.len() != 1 => Some("the request carries no file to capture into".to_string()),
+            Status::Running if self.main.tty.is_some() => Some(
+                "a container with a terminal cannot be checkpointed (its terminal could not be \
+                 given back at restore)"
+                    .to_string(),
+            ),
+            Status::Running if self.streams.has_processes() => Some(
+                "processes started by exec, or other containers of its pod, run in its VM: \
+                 their clients could not be given back at restore"
+                    .to_string(),
+            ),
+            Status::Running => None,
+            status => Some(format!("cannot checkpoint a container that is {status}")),
+        };
+        if let Some(why) = refusal {
+            let _ = reply.send(error(1, &why));
+            return None;
+        }
+        let file = std::fs::File::from(fds.into_iter().next().expect("checked above"));
+        let then = if leave_running {
+            krun_hypervisor::AfterCapture::GoOn
+        } else {
+            krun_hypervisor::AfterCapture::End
+        };
+        let started = std::time::Instant::now();
+        let captured = vm.capture(&file, then);
+        tracing::debug!(container = %self.id, took = ?started.elapsed(), ok = captured.is_ok(), leave_running, "checkpoint");
+        if let Err(e) = captured {
+            let _ = reply.send(error(1, &krun_hypervisor::error_chain(&e)));
+            return None;
+        }
+        let _ = reply.send(Response::Ok);
+        if leave_running {
+            return None;
+        }
+        Some(Outcome {
+            status: ExitStatus::Signal(libc::SIGKILL),
+            oom_killed: self.state.oom_killed,
+        })
+    }
+
     fn pause(&mut self, vm: &mut dyn Vm, pause: bool, reply: Sender<Response>) {
         let r = if pause { vm.pause() } else { vm.resume() };
         if let Err(e) = r {

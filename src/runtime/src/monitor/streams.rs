@@ -56,6 +56,12 @@ impl Streams {
         }
     }
 
+    /// Whether a process other than the container's own runs in the VM
+    /// (an exec'd process, a pod member's).
+    pub fn has_processes(&self) -> bool {
+        self.table.values().any(|w| w.process.is_some())
+    }
+
     /// A stream number not given out before.
     pub fn open(&mut self) -> u32 {
         let stream = self.next;

@@ -1,0 +1,293 @@
+//! `checkpoint`: the whole VM of a running container captured into an
+//! image directory, with runc's flags (the ones podman passes).
+//!
+//! What runc does with CRIU, the built-in VMM does by capturing its VM:
+//! vCPUs, devices and guest memory, so every process in the container is
+//! carried as it is. The image directory gets:
+//!
+//! - `krun-vm.snap`: the VM (the built-in VMM's snapshot file);
+//! - `krun-checkpoint.json`: what `restore` needs besides (the container's
+//!   id and state, the VM's boot inputs' hashes);
+//! - `inventory.img`: the file podman looks for before a restore (CRIU's
+//!   name; here a marker that names krun-oci's format);
+//! - `dump.log`: what happened, for the user (CRIU's name, as runc's).
+//!
+//! Without `--leave-running` the container then ends (stopped, killed as
+//! runc's checkpoint leaves it), its guest running no further instruction.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::Context;
+use crate::api::Request;
+use crate::container::Existing;
+use crate::error::{Cause, Error, Result};
+use crate::state::{State, Status};
+
+/// The VM's capture in an image directory.
+pub const SNAPSHOT: &str = "krun-vm.snap";
+/// What `restore` needs besides the VM.
+pub const RECORD: &str = "krun-checkpoint.json";
+/// What podman looks for (CRIU's inventory).
+pub const INVENTORY: &str = "inventory.img";
+/// The log of the checkpoint.
+pub const LOG: &str = "dump.log";
+
+/// The image directory's format: a restore refuses any other.
+pub const FORMAT: u32 = 1;
+
+/// runc's `checkpoint` flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Where to write the checkpoint (created if need be; it must not hold
+    /// one already).
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Where to write the log (default: the image directory).
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Leave the container running after the checkpoint.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Refused: established TCP connections are not carried.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Accepted: the VM carries its own sockets.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Refused: a terminal cannot be given back at restore.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Accepted: file locks are the guest kernel's, in the VM.
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Refused: no pre-dump (iterative) checkpoints.
+    #[arg(long)]
+    pub pre_dump: bool,
+    /// Refused: no parent checkpoint (pre-dump) to build on.
+    #[arg(long)]
+    pub parent_path: Option<PathBuf>,
+    /// Refused: no lazy pages.
+    #[arg(long)]
+    pub lazy_pages: bool,
+    /// Refused: no page server.
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// Accepted, ignored: the host cgroup is the VM's, made anew at restore.
+    #[arg(long)]
+    pub manage_cgroups_mode: Option<String>,
+    /// Accepted, ignored: namespaces are the VM's.
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Accepted, ignored.
+    #[arg(long)]
+    pub auto_dedup: bool,
+    /// Refused: no status descriptor (lazy migration).
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    pub container_id: String,
+}
+
+/// `krun-checkpoint.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub format: u32,
+    /// The container as it was checkpointed.
+    pub state: State,
+    /// Whether it went on running.
+    pub leave_running: bool,
+    /// When, RFC 3339.
+    pub created: String,
+    /// How long the capture took, in milliseconds.
+    pub capture_ms: u64,
+}
+
+/// The flags that ask for what a VM checkpoint does not do: the first one
+/// set, as runc names it.
+fn refused(a: &Args) -> Option<&'static str> {
+    [
+        (a.tcp_established, "--tcp-established: established TCP connections are not carried across a krun-oci checkpoint"),
+        (a.shell_job, "--shell-job: a container with a terminal cannot be checkpointed"),
+        (a.pre_dump, "--pre-dump: krun-oci has no iterative checkpoints"),
+        (a.parent_path.is_some(), "--parent-path: krun-oci has no iterative checkpoints"),
+        (a.lazy_pages, "--lazy-pages: krun-oci has no lazy restore"),
+        (a.page_server.is_some(), "--page-server: krun-oci has no page server"),
+        (a.status_fd.is_some(), "--status-fd: krun-oci has no lazy restore"),
+    ]
+    .into_iter()
+    .find_map(|(set, why)| set.then_some(why))
+}
+
+pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
+    if let Some(why) = refused(a) {
+        return Err(Error::Unsupported(why.into()));
+    }
+    let c = Existing::open(&ctx.root, &a.container_id)?;
+    let _lock = c.dir.lock()?;
+    let status = c.status();
+    if status != Status::Running {
+        return Err(Error::Status {
+            action: "checkpoint",
+            status,
+        });
+    }
+    if c.state.member.is_some() {
+        return Err(Error::Unsupported(
+            "a container in another container's VM (a pod's) cannot be checkpointed".into(),
+        ));
+    }
+    let image = &a.image_path;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(image)
+        .map_err(|e| e.doing(format!("creating the image directory {}", image.display())))?;
+    let snap_path = image.join(SNAPSHOT);
+    let snap = new_file(&snap_path)?;
+    let log_dir = a.work_path.as_deref().unwrap_or(image);
+    let started = Instant::now();
+    let captured = c.call_with_fds(
+        &Request::Checkpoint {
+            leave_running: a.leave_running,
+        },
+        &[snap.as_raw_fd()],
+    );
+    let took = started.elapsed();
+    if let Err(e) = captured {
+        drop(snap);
+        let _ = std::fs::remove_file(&snap_path);
+        let _ = write_log(log_dir, &format!("checkpoint of {} failed: {e}\n", c.id));
+        return Err(e);
+    }
+    let record = Record {
+        format: FORMAT,
+        state: c.state.clone(),
+        leave_running: a.leave_running,
+        created: crate::logging::rfc3339_now(),
+        capture_ms: took.as_millis() as u64,
+    };
+    let json = serde_json::to_vec_pretty(&record)?;
+    write_new(&image.join(RECORD), &json)?;
+    write_new(
+        &image.join(INVENTORY),
+        format!("krun-oci checkpoint, format {FORMAT}: see {RECORD}\n").as_bytes(),
+    )?;
+    write_log(
+        log_dir,
+        &format!(
+            "checkpoint of {}: VM captured in {} ms into {}{}\n",
+            c.id,
+            took.as_millis(),
+            snap_path.display(),
+            if a.leave_running {
+                "; left running"
+            } else {
+                "; the container is stopped"
+            }
+        ),
+    )?;
+    if !a.leave_running {
+        // The monitor ends the container once the VM is captured.
+        c.wait_monitor_gone(std::time::Duration::from_secs(10));
+    }
+    Ok(0)
+}
+
+/// A file that did not exist, for writing, following no link.
+fn new_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{} exists: the image directory holds a checkpoint already",
+                    path.display()
+                )
+            } else {
+                format!("creating {}", path.display())
+            };
+            e.doing(what)
+        })
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    new_file(path)?
+        .write_all(bytes)
+        .map_err(|e| e.doing(format!("writing {}", path.display())))
+}
+
+/// Appends `line` to `dump.log` in `dir`.
+fn write_log(dir: &Path, line: &str) -> Result<()> {
+    let path = dir.join(LOG);
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .map_err(|e| e.doing(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Args {
+        Cli::try_parse_from(std::iter::once("checkpoint").chain(argv.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn podmans_flags_parse_and_what_cannot_be_done_is_refused_by_name() {
+        let a = parse(&[
+            "--image-path",
+            "/b/checkpoint",
+            "--work-path",
+            "/b",
+            "--leave-running",
+            "--file-locks",
+            "c1",
+        ]);
+        assert_eq!(a.image_path, PathBuf::from("/b/checkpoint"));
+        assert!(a.leave_running && a.file_locks);
+        assert_eq!(a.container_id, "c1");
+        assert_eq!(refused(&a), None);
+        let a = parse(&["--tcp-established", "c1"]);
+        assert!(refused(&a).unwrap().starts_with("--tcp-established"));
+        let a = parse(&["--pre-dump", "c1"]);
+        assert!(refused(&a).unwrap().starts_with("--pre-dump"));
+        assert_eq!(parse(&["c1"]).image_path, PathBuf::from("checkpoint"));
+    }
+
+    #[test]
+    fn an_image_directory_is_never_written_through_a_link_or_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join(SNAPSHOT)).unwrap();
+        assert!(new_file(&dir.path().join(SNAPSHOT)).is_err());
+        assert!(!target.exists());
+        write_new(&dir.path().join(RECORD), b"{}").unwrap();
+        let e = write_new(&dir.path().join(RECORD), b"{}").unwrap_err();
+        assert!(e.to_string().contains("holds a checkpoint already"), "{e}");
+    }
+}

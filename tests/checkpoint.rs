@@ -1,0 +1,175 @@
+//! `krun-oci checkpoint`: a running container's whole VM captured into an
+//! image directory, by the built-in VMM. On QEMU it is refused, saying
+//! why, and the container runs on. Whatever cannot be done is refused
+//! before anything stops. Each test checks that nothing is left behind.
+//!
+//! The built-in VMM's tests run in the nested test host (`hack/test`);
+//! here, on QEMU, the refusal is what is tested.
+
+use krun_e2e::{self as harness, lifecycle};
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use harness::{Sandbox, TestBundle};
+use lifecycle::{create, krun, ok, refused, status, wait_exit};
+
+fn builtin() -> bool {
+    harness::hypervisor().as_deref() == Some("builtin")
+}
+
+/// A container that counts in its rootfs, a step every 50 ms, writing
+/// each number whole (a rename), so the host reads it at any time.
+fn counter(sb: &Sandbox) -> TestBundle {
+    sb.written_bundle(&[
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /count.new && mv /count.new /count; sleep 0.05; done",
+    ])
+}
+
+fn count(b: &TestBundle) -> u64 {
+    let path = b.rootfs().join("count");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(n) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never held a count",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the count passes `past`.
+#[track_caller]
+fn counting_past(b: &TestBundle, past: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count(b);
+        if n > past {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{what}: the count stayed at {n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn image(sb: &Sandbox, name: &str) -> String {
+    sb.path().join(name).to_str().unwrap().to_string()
+}
+
+#[test]
+fn what_a_vm_checkpoint_cannot_do_is_refused_before_anything_stops() {
+    let sb = Sandbox::new("ckrefuse");
+    let b = counter(&sb);
+    let pid = create(&sb, &b, "c1");
+    // Not started yet: as runc, only a running container.
+    let img = image(&sb, "img");
+    refused(
+        &sb,
+        &["checkpoint", "--image-path", &img, "c1"],
+        "cannot checkpoint a container that is created",
+    );
+    ok(krun(&sb, &["start", "c1"]));
+    let n = counting_past(&b, 0, "started");
+    for (flag, why) in [
+        (
+            "--tcp-established",
+            "established TCP connections are not carried",
+        ),
+        ("--pre-dump", "no iterative checkpoints"),
+        ("--shell-job", "a container with a terminal"),
+    ] {
+        refused(&sb, &["checkpoint", flag, "--image-path", &img, "c1"], why);
+    }
+    assert!(
+        !Path::new(&img).exists(),
+        "a refused checkpoint made its image directory"
+    );
+    counting_past(&b, n, "after the refusals");
+    assert_eq!(status(&sb, "c1"), "running");
+    ok(krun(&sb, &["delete", "--force", "c1"]));
+    wait_exit(pid);
+    sb.assert_clean();
+}
+
+/// On the built-in VMM: `--leave-running` writes the image and the
+/// container counts on; a checkpoint without it stops the container, as
+/// killed, its count standing still. On QEMU: refused, saying why, and
+/// the container counts on.
+#[test]
+fn a_checkpoint_leaves_the_container_running_or_stops_it() {
+    let sb = Sandbox::new("ckrun");
+    let b = counter(&sb);
+    let pid = create(&sb, &b, "c2");
+    ok(krun(&sb, &["start", "c2"]));
+    let n = counting_past(&b, 5, "started");
+    let img = image(&sb, "img");
+    if !builtin() {
+        refused(
+            &sb,
+            &["checkpoint", "--image-path", &img, "c2"],
+            "QEMU cannot capture a running VM",
+        );
+        assert!(!Path::new(&img).join("krun-vm.snap").exists());
+        counting_past(&b, n, "after the refusal");
+        ok(krun(&sb, &["delete", "--force", "c2"]));
+        wait_exit(pid);
+        sb.assert_clean();
+        return;
+    }
+    let o = krun(
+        &sb,
+        &["checkpoint", "--leave-running", "--image-path", &img, "c2"],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for f in [
+        "krun-vm.snap",
+        "krun-checkpoint.json",
+        "inventory.img",
+        "dump.log",
+    ] {
+        assert!(Path::new(&img).join(f).is_file(), "{f} missing");
+    }
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(&img).join("krun-checkpoint.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["state"]["id"], "c2");
+    assert_eq!(record["leave_running"], true);
+    let after = counting_past(&b, n, "after a checkpoint that leaves it running");
+    assert_eq!(status(&sb, "c2"), "running");
+    // The same image directory again: refused, it holds one.
+    refused(
+        &sb,
+        &["checkpoint", "--leave-running", "--image-path", &img, "c2"],
+        "holds a checkpoint already",
+    );
+
+    let last = image(&sb, "last");
+    ok(krun(&sb, &["checkpoint", "--image-path", &last, "c2"]));
+    assert!(Path::new(&last).join("krun-vm.snap").is_file());
+    assert_eq!(status(&sb, "c2"), "stopped");
+    let stopped = count(&b);
+    assert!(stopped > after);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        count(&b),
+        stopped,
+        "the container counted on after its checkpoint"
+    );
+    assert_eq!(
+        wait_exit(pid),
+        (Some(128 + libc::SIGKILL), None),
+        "killed, as runc leaves it"
+    );
+    ok(krun(&sb, &["delete", "c2"]));
+    sb.assert_clean();
+}
