@@ -61,7 +61,14 @@ pub struct Agent {
     containers: BTreeMap<String, Container>,
     started_ns: u64,
     shutdown: bool,
+    /// Between Quiesce and Resume: nothing is written to the host; what
+    /// would be, waits here (answers and exits: a few per process).
+    quiesced: bool,
+    deferred: Vec<Vec<u8>>,
 }
+
+/// Frames that may wait for a Resume; beyond, guest-init cannot go on.
+const DEFERRED_MAX: usize = 4096;
 
 impl Agent {
     pub fn new(port: File, started_ns: u64) -> anyhow::Result<Agent> {
@@ -74,13 +81,56 @@ impl Agent {
             containers: BTreeMap::new(),
             started_ns,
             shutdown: false,
+            quiesced: false,
+            deferred: Vec::new(),
         })
     }
 
     fn send(&mut self, stream: u32, msg: &ToHost) -> anyhow::Result<()> {
+        if self.quiesced {
+            anyhow::ensure!(
+                self.deferred.len() < DEFERRED_MAX,
+                "more than {DEFERRED_MAX} messages waiting for the host's resume"
+            );
+            let frame = Frame::control(stream, msg)
+                .encode()
+                .context("encoding a message")?;
+            self.deferred.push(frame);
+            return Ok(());
+        }
         Frame::control(stream, msg)
             .write_to(&mut self.port)
             .context("writing to the control port")
+    }
+
+    /// Quiesce: the guest's writes to its files reach the host, the host
+    /// hears so, and nothing more is written until Resume.
+    fn quiesce(&mut self) -> anyhow::Result<()> {
+        sys::sync();
+        self.send(MAIN_STREAM, &ToHost::Quiesced)?;
+        self.quiesced = true;
+        Ok(())
+    }
+
+    /// Resume: the clock and the RNG as the host says, then what waited.
+    fn resume(&mut self, realtime_ns: u64, entropy: &[u8]) -> anyhow::Result<()> {
+        if entropy.len() <= krun_proto::MAX_ENTROPY && !entropy.is_empty() {
+            if let Err(e) = sys::credit_entropy(entropy) {
+                sys::console(&format!("resume: reseeding the guest's RNG: {e}"));
+            }
+        }
+        if realtime_ns != 0 {
+            if let Err(e) = sys::set_realtime(realtime_ns) {
+                sys::console(&format!("resume: cannot set the clock: {e}"));
+            }
+        }
+        self.quiesced = false;
+        for frame in std::mem::take(&mut self.deferred) {
+            self.port
+                .write_all(&frame)
+                .context("writing to the control port")?;
+        }
+        Ok(())
     }
 
     /// Serves the host until it says shutdown or goes away.
@@ -119,6 +169,16 @@ impl Agent {
         };
         add(self.port.as_raw_fd(), libc::POLLIN, Source::Port);
         add(self.sigchld.as_raw_fd(), libc::POLLIN, Source::Child);
+        if self.quiesced {
+            // Output and OOM events wait where they are (in their pipes,
+            // their cgroup), stdin goes on being passed in.
+            for (&id, p) in &self.procs {
+                if let (Some(fd), false) = (&p.stdio.stdin, p.stdin_buf.is_empty()) {
+                    add(fd.as_raw_fd(), libc::POLLOUT, Source::Stdin(id));
+                }
+            }
+            return (pfds, sources);
+        }
         for c in self.containers.values() {
             if let Some(fd) = c.oom_fd() {
                 add(fd, libc::POLLPRI, Source::Oom);
@@ -316,6 +376,11 @@ impl Agent {
                 self.shutdown = true;
                 Ok(())
             }
+            ToGuest::Quiesce => self.quiesce(),
+            ToGuest::Resume {
+                realtime_ns,
+                entropy,
+            } => self.resume(realtime_ns, &entropy),
         }
     }
 
@@ -472,6 +537,9 @@ impl Agent {
     /// Reports every process that has exited and whose output is drained;
     /// a container whose main process exited is gone.
     fn send_exits(&mut self) -> anyhow::Result<()> {
+        if self.quiesced {
+            return Ok(());
+        }
         let done: Vec<u32> = self
             .procs
             .iter()

@@ -201,6 +201,11 @@ pub trait Vm: Send {
     /// `file`, new and open for writing, then lets it go on or ends it.
     /// On an error the VM goes on as it was.
     fn capture(&mut self, _file: &std::fs::File, _then: AfterCapture) -> Result<(), Error> {
+        self.can_capture()
+    }
+    /// Whether [`Vm::capture`] can be asked of this VM (an error saying
+    /// why not), before anything of a checkpoint is done.
+    fn can_capture(&self) -> Result<(), Error> {
         Err(Error::Unsupported(
             "this backend cannot capture a running VM",
         ))

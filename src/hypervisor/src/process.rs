@@ -198,13 +198,19 @@ impl Vm for VmProcess {
         self.signal(libc::SIGCONT, "resume")
     }
 
-    fn capture(&mut self, file: &std::fs::File, then: AfterCapture) -> Result<(), Error> {
-        let Some(channel) = self.capture.as_ref() else {
-            return Err(Error::Unsupported(
+    fn can_capture(&self) -> Result<(), Error> {
+        match self.capture {
+            Some(_) => Ok(()),
+            None => Err(Error::Unsupported(
                 "QEMU cannot capture a running VM (QEMU 7.2 cannot migrate a vhost-user-fs \
                  device): checkpoint needs the built-in VMM (--hypervisor builtin)",
-            ));
-        };
+            )),
+        }
+    }
+
+    fn capture(&mut self, file: &std::fs::File, then: AfterCapture) -> Result<(), Error> {
+        self.can_capture()?;
+        let channel = self.capture.as_ref().expect("can_capture looked");
         if self.exit.is_some() {
             return Err(Error::Capture("the VM is not running".into()));
         }

@@ -44,6 +44,20 @@ pub enum ToGuest {
     Freeze { frozen: bool },
     /// The host is done: flush and power the VM off.
     Shutdown,
+    /// Get ready for the VM's capture (a checkpoint): write what the
+    /// guest holds to its files (sync), answer [`ToHost::Quiesced`] and
+    /// write nothing more (no output, no exit, no answer: they wait)
+    /// until [`ToGuest::Resume`]. The channel is then between two frames
+    /// both ways, as a capture and a restore onto a new channel need it.
+    Quiesce,
+    /// Go on after a capture, or after a restore: the clock set from the
+    /// host's (`realtime_ns`, 0: unchanged) and the RNG reseeded with
+    /// `entropy` (as at create), then what waited is written.
+    Resume {
+        realtime_ns: u64,
+        #[serde(default)]
+        entropy: Vec<u8>,
+    },
 }
 
 /// Messages from guest-init to the host runtime.
@@ -74,6 +88,9 @@ pub enum ToHost {
     /// were dropped, its stdin being closed): the host may send as many
     /// more. See [`crate::STDIN_WINDOW`].
     StdinTaken { bytes: u64 },
+    /// In answer to [`ToGuest::Quiesce`]: the last frame until the host
+    /// says [`ToGuest::Resume`].
+    Quiesced,
     /// The container's processes, in answer to [`ToGuest::Ps`].
     Processes { processes: Vec<ProcessInfo> },
     /// The cgroup limits were changed.

@@ -512,6 +512,10 @@ impl Vm for PausableVm {
         Ok(())
     }
 
+    fn can_capture(&self) -> Result<(), krun_hypervisor::Error> {
+        self.vm.can_capture()
+    }
+
     // The guest is parked, and reads nothing, while it is captured.
     fn capture(
         &mut self,

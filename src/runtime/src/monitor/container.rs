@@ -34,6 +34,8 @@ pub(super) struct Container {
     pub memory_limit: u64,
     /// No output of the container's process was seen yet (for timings).
     pub first_output: bool,
+    /// A checkpoint waiting for its guest to quiesce (`requests.rs`).
+    pub checkpoint: Option<super::requests::PendingCheckpoint>,
 }
 
 impl Container {
@@ -58,6 +60,7 @@ impl Container {
             notices,
             memory_limit,
             first_output: true,
+            checkpoint: None,
         }
     }
 

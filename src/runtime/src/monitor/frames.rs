@@ -56,6 +56,11 @@ impl Container {
             ToHost::Exited { status } => return Ok(self.on_exited(stream, status)),
             ToHost::Oom => self.on_oom(),
             ToHost::StdinTaken { bytes } => self.control.stdin_taken(stream, bytes),
+            ToHost::Quiesced => {
+                if let Some(c) = self.checkpoint.as_mut() {
+                    c.quiesced = true;
+                }
+            }
             ToHost::Processes { processes } => {
                 self.answer(stream, Response::Processes { processes })
             }

@@ -23,10 +23,12 @@ pub struct Kit {
     pub dir: tempfile::TempDir,
 }
 
-/// A VM whose pause and resume succeed unless `fail`.
+/// A VM whose pause, resume and capture succeed unless `fail`.
 #[derive(Default)]
 pub struct FakeVm {
     pub fail: bool,
+    /// Captures made.
+    pub captured: usize,
 }
 
 impl Vm for FakeVm {
@@ -45,6 +47,18 @@ impl Vm for FakeVm {
     }
     fn resume(&mut self) -> Result<(), krun_hypervisor::Error> {
         self.result()
+    }
+    fn can_capture(&self) -> Result<(), krun_hypervisor::Error> {
+        Ok(())
+    }
+    fn capture(
+        &mut self,
+        _file: &std::fs::File,
+        _then: krun_hypervisor::AfterCapture,
+    ) -> Result<(), krun_hypervisor::Error> {
+        self.result()?;
+        self.captured += 1;
+        Ok(())
     }
 }
 

@@ -251,7 +251,14 @@ impl Monitor {
 
     fn event_loop(&mut self) -> Result<Outcome, SessionError> {
         loop {
-            let event = self.session.next(None)?.unwrap_or(Event::Closed(None));
+            let deadline = self.container.checkpoint_deadline();
+            let Some(event) = self.session.next(deadline)? else {
+                // A checkpoint's deadline.
+                if let Some(outcome) = self.container.checkpoint_due(self.session.vm_mut()) {
+                    return Ok(outcome);
+                }
+                continue;
+            };
             let outcome = match event {
                 Event::Frame(f) => self.container.on_frame(f)?,
                 Event::Closed(e) => return Err(self.session.stopped_error(e)),
@@ -263,6 +270,9 @@ impl Monitor {
                 Event::Unresponsive(u) => return Err(SessionError::Unresponsive(u)),
             };
             if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            if let Some(outcome) = self.container.checkpoint_due(self.session.vm_mut()) {
                 return Ok(outcome);
             }
         }

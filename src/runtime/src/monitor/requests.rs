@@ -27,6 +27,19 @@ fn error(code: i32, message: &str) -> Response {
 
 const VM_GONE: &str = "the VM is gone";
 
+/// How long a guest may take to quiesce for a checkpoint (a sync of what
+/// it holds for its files, then one answer).
+const QUIESCE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A checkpoint asked for, its guest asked to quiesce.
+pub(crate) struct PendingCheckpoint {
+    file: std::fs::File,
+    then: krun_hypervisor::AfterCapture,
+    reply: Sender<Response>,
+    pub(super) deadline: std::time::Instant,
+    pub quiesced: bool,
+}
+
 impl Container {
     /// Handles one client request; returns an outcome when the request
     /// ends the container (shutdown).
@@ -261,27 +274,90 @@ impl Container {
             let _ = reply.send(error(1, &why));
             return None;
         }
+        if self.checkpoint.is_some() {
+            let _ = reply.send(error(1, "a checkpoint of this container is under way"));
+            return None;
+        }
+        if let Err(e) = vm.can_capture() {
+            let _ = reply.send(error(1, &e.to_string()));
+            return None;
+        }
         let file = std::fs::File::from(fds.into_iter().next().expect("checked above"));
         let then = if leave_running {
             krun_hypervisor::AfterCapture::GoOn
         } else {
             krun_hypervisor::AfterCapture::End
         };
+        // The guest first gets between two frames both ways (Quiesce); the
+        // capture comes when it says so (frames.rs, then
+        // `checkpoint_due`), or the checkpoint fails at the deadline.
+        if self
+            .control
+            .send_and_hold(MAIN_STREAM, &ToGuest::Quiesce)
+            .is_err()
+        {
+            let _ = reply.send(error(1, VM_GONE));
+            return None;
+        }
+        self.checkpoint = Some(PendingCheckpoint {
+            file,
+            then,
+            reply,
+            deadline: std::time::Instant::now() + QUIESCE_DEADLINE,
+            quiesced: false,
+        });
+        None
+    }
+
+    /// When the event loop must look at a pending checkpoint again.
+    pub(super) fn checkpoint_deadline(&self) -> Option<std::time::Instant> {
+        self.checkpoint.as_ref().map(|c| c.deadline)
+    }
+
+    /// Captures the VM once its guest is quiesced, or fails the
+    /// checkpoint at its deadline; either way the guest resumes, unless
+    /// the capture ended the container (returned).
+    pub(super) fn checkpoint_due(&mut self, vm: &mut dyn Vm) -> Option<Outcome> {
+        let c = self.checkpoint.as_ref()?;
+        if !c.quiesced && std::time::Instant::now() < c.deadline {
+            return None;
+        }
+        let c = self.checkpoint.take().expect("checked above");
         let started = std::time::Instant::now();
-        let captured = vm.capture(&file, then);
-        tracing::debug!(container = %self.id, took = ?started.elapsed(), ok = captured.is_ok(), leave_running, "checkpoint");
-        if let Err(e) = captured {
-            let _ = reply.send(error(1, &krun_hypervisor::error_chain(&e)));
-            return None;
+        let captured = if c.quiesced {
+            vm.capture(&c.file, c.then)
+                .map_err(|e| krun_hypervisor::error_chain(&e))
+        } else {
+            Err(format!(
+                "the guest did not get ready for the checkpoint within {} s",
+                QUIESCE_DEADLINE.as_secs()
+            ))
+        };
+        tracing::debug!(container = %self.id, took = ?started.elapsed(), ok = captured.is_ok(), then = ?c.then, "checkpoint");
+        let ended = captured.is_ok() && c.then == krun_hypervisor::AfterCapture::End;
+        if !ended {
+            // The guest goes on: with the host's clock (a capture paused
+            // it) and fresh entropy.
+            let resume = ToGuest::Resume {
+                realtime_ns: realtime_ns(),
+                entropy: host_entropy(),
+            };
+            let _ = self.control.send(MAIN_STREAM, &resume);
+            self.control.release();
         }
-        let _ = reply.send(Response::Ok);
-        if leave_running {
-            return None;
+        match captured {
+            Err(why) => {
+                let _ = c.reply.send(error(1, &why));
+                None
+            }
+            Ok(()) => {
+                let _ = c.reply.send(Response::Ok);
+                ended.then_some(Outcome {
+                    status: ExitStatus::Signal(libc::SIGKILL),
+                    oom_killed: self.state.oom_killed,
+                })
+            }
         }
-        Some(Outcome {
-            status: ExitStatus::Signal(libc::SIGKILL),
-            oom_killed: self.state.oom_killed,
-        })
     }
 
     fn pause(&mut self, vm: &mut dyn Vm, pause: bool, reply: Sender<Response>) {
@@ -346,6 +422,7 @@ pub(super) fn realtime_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use krun_proto::{CgroupSetup, ToHost};
+    use std::sync::mpsc::Receiver;
 
     use super::super::kit::Kit;
     use super::*;
@@ -527,6 +604,81 @@ mod tests {
             stream: 0,
         });
         assert_eq!(k.guest_got(), (0, ToGuest::Update(limits(256))));
+    }
+
+    fn checkpoint(k: &mut Kit, leave_running: bool) -> (Option<Outcome>, Receiver<Response>) {
+        let file = tempfile::tempfile().unwrap();
+        k.request_with(Request::Checkpoint { leave_running }, vec![file.into()])
+    }
+
+    #[test]
+    fn a_checkpoint_quiesces_the_guest_captures_and_resumes_it() {
+        let mut k = Kit::new();
+        let (_, r) = checkpoint(&mut k, true);
+        assert!(
+            matches!(r.try_recv().unwrap(), Response::Error { message, .. } if message.contains("that is created")),
+            "only a running container"
+        );
+        k.c.on_started();
+        let (outcome, r) = checkpoint(&mut k, true);
+        assert!(outcome.is_none());
+        assert_eq!(k.guest_got(), (MAIN_STREAM, ToGuest::Quiesce));
+        // Nothing reaches the guest until it resumes: the channel stays
+        // between two frames.
+        k.request(Request::Kill {
+            signal: libc::SIGTERM,
+            all: false,
+            stream: MAIN_STREAM,
+        });
+        k.guest_gets_nothing();
+        assert_eq!(k.c.checkpoint_due(&mut k.vm), None);
+        assert_eq!(k.vm.captured, 0, "captured before the guest quiesced");
+        assert!(r.try_recv().is_err());
+        // A second checkpoint meanwhile is refused.
+        let (_, r2) = checkpoint(&mut k, true);
+        assert!(matches!(r2.try_recv().unwrap(), Response::Error { .. }));
+        k.frame(MAIN_STREAM, ToHost::Quiesced);
+        assert_eq!(k.c.checkpoint_due(&mut k.vm), None);
+        assert_eq!(k.vm.captured, 1);
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        // What was held goes, then the resume.
+        assert!(matches!(k.guest_got(), (_, ToGuest::Signal { .. })));
+        assert!(
+            matches!(k.guest_got(), (_, ToGuest::Resume { realtime_ns, entropy }) if realtime_ns > 0 && entropy.len() == 64)
+        );
+
+        // Without --leave-running: captured, the container ends killed, no
+        // resume.
+        let (_, r) = checkpoint(&mut k, false);
+        assert_eq!(k.guest_got(), (MAIN_STREAM, ToGuest::Quiesce));
+        k.frame(MAIN_STREAM, ToHost::Quiesced);
+        let outcome = k.c.checkpoint_due(&mut k.vm).expect("the container ends");
+        assert_eq!(outcome.status, ExitStatus::Signal(libc::SIGKILL));
+        assert_eq!(r.try_recv().unwrap(), Response::Ok);
+        k.guest_gets_nothing();
+    }
+
+    #[test]
+    fn a_guest_that_does_not_quiesce_fails_the_checkpoint_and_goes_on() {
+        let mut k = Kit::new();
+        k.c.on_started();
+        let (_, r) = checkpoint(&mut k, false);
+        assert_eq!(k.guest_got(), (MAIN_STREAM, ToGuest::Quiesce));
+        k.c.checkpoint.as_mut().unwrap().deadline = std::time::Instant::now();
+        assert_eq!(k.c.checkpoint_due(&mut k.vm), None, "the container goes on");
+        assert_eq!(k.vm.captured, 0);
+        assert!(
+            matches!(r.try_recv().unwrap(), Response::Error { message, .. } if message.contains("did not get ready"))
+        );
+        assert!(matches!(k.guest_got(), (_, ToGuest::Resume { .. })));
+        // A capture that fails: the guest resumes too.
+        k.vm.fail = true;
+        let (_, r) = checkpoint(&mut k, false);
+        assert_eq!(k.guest_got(), (MAIN_STREAM, ToGuest::Quiesce));
+        k.frame(MAIN_STREAM, ToHost::Quiesced);
+        assert_eq!(k.c.checkpoint_due(&mut k.vm), None);
+        assert!(matches!(r.try_recv().unwrap(), Response::Error { .. }));
+        assert!(matches!(k.guest_got(), (_, ToGuest::Resume { .. })));
     }
 
     #[test]

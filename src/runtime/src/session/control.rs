@@ -117,6 +117,8 @@ struct Queues {
     stdin_bytes: usize,
     /// The window of each stream a pump writes to (see [`Control::open_stdin`]).
     windows: HashMap<u32, Window>,
+    /// While held: how many more control frames may still be written.
+    hold_after: Option<usize>,
     end: Option<End>,
 }
 
@@ -156,6 +158,9 @@ struct Shared {
     room: Condvar,
     paused: AtomicBool,
     inbound_blocked: AtomicBool,
+    /// Set while the guest is quiesced for a capture: frames queue and
+    /// are not written (the channel must stay between two frames).
+    held: AtomicBool,
     limits: Limits,
 }
 
@@ -176,7 +181,9 @@ impl Shared {
 
     /// Whether the guest is excused from reading now.
     fn excused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst) || self.inbound_blocked.load(Ordering::SeqCst)
+        self.paused.load(Ordering::SeqCst)
+            || self.inbound_blocked.load(Ordering::SeqCst)
+            || self.held.load(Ordering::SeqCst)
     }
 }
 
@@ -199,6 +206,7 @@ impl Control {
             room: Condvar::new(),
             paused: AtomicBool::new(false),
             inbound_blocked: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             limits,
         });
         let writer = shared.clone();
@@ -284,6 +292,33 @@ impl Control {
     /// and the deadline does not run.
     pub fn set_paused(&self, paused: bool) {
         self.0.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Queues `msg` and holds every frame queued after it until
+    /// [`Control::release`]: the control messages queued before it and it
+    /// are written, then nothing (stdin included), and the guest is not
+    /// blamed for reading nothing. For a capture: `msg` (Quiesce) is the
+    /// last frame the guest gets.
+    pub fn send_and_hold(&self, stream: u32, msg: &ToGuest) -> io::Result<()> {
+        let frame = encoded(Frame::control(stream, msg).encode())?;
+        let mut q = self.0.lock();
+        if let Some(end) = q.end {
+            return Err(end.error());
+        }
+        q.control_bytes += frame.len();
+        q.control.push_back(frame);
+        q.hold_after = Some(q.control.len());
+        self.0.held.store(true, Ordering::SeqCst);
+        self.0.work.notify_all();
+        Ok(())
+    }
+
+    /// Lets the held frames go (see [`Control::send_and_hold`]).
+    pub fn release(&self) {
+        let mut q = self.0.lock();
+        q.hold_after = None;
+        self.0.held.store(false, Ordering::SeqCst);
+        self.0.work.notify_all();
     }
 
     /// The host is (or stops) holding back the guest's output: guest-init
@@ -395,6 +430,17 @@ fn next_frame(shared: &Shared) -> Result<Vec<u8>, End> {
     loop {
         if let Some(end) = q.end {
             return Err(end);
+        }
+        if let Some(n) = q.hold_after {
+            if n > 0 {
+                if let Some(f) = q.control.pop_front() {
+                    q.control_bytes -= f.len();
+                    q.hold_after = Some(n - 1);
+                    return Ok(f);
+                }
+            }
+            q = shared.work.wait(q).unwrap_or_else(|e| e.into_inner());
+            continue;
         }
         if let Some(f) = q.control.pop_front() {
             q.control_bytes -= f.len();
