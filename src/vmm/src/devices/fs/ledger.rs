@@ -132,15 +132,19 @@ impl Ledger {
     }
 
     /// Takes `count` lookups off the guest's `inode`; the backend's id of
-    /// it, if the guest held it.
+    /// it once the guest holds it no more. The backend is then told to
+    /// forget it entirely, never before: its own count may differ from
+    /// the guest's (a rebuilt share holds each inode once, whatever the
+    /// guest's count), and it keeps the inode while the guest does.
     pub(super) fn forget(&mut self, inode: u64, count: u64) -> Option<u64> {
         let live = self.inodes.get_mut(&inode)?;
-        let backend = live.backend;
         live.nlookup = live.nlookup.saturating_sub(count);
-        if live.nlookup == 0 {
-            self.inodes.remove(&inode);
-            self.by_backend.remove(&backend);
+        if live.nlookup > 0 {
+            return None;
         }
+        let backend = live.backend;
+        self.inodes.remove(&inode);
+        self.by_backend.remove(&backend);
         Some(backend)
     }
 

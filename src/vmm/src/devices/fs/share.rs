@@ -297,7 +297,17 @@ impl ShareFs {
         self.ledger().handles.len()
     }
 
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+    /// How many host descriptors the guest may pin.
+    pub(super) fn fd_budget(&self) -> usize {
+        self.fd_budget
+    }
+
+    /// The FUSE options the guest's kernel offered at INIT.
+    pub(super) fn offered(&self) -> u64 {
+        self.offered.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -489,21 +499,27 @@ fn backend_config(root_dir: String) -> Config {
     }
 }
 
-/// Opens the share's root in the backend (FUSE_INIT does it again), on a
-/// thread of its own: the backend clears the umask as it does. The thread
-/// runs under the virtio-fs worker's allowlist, as FUSE_INIT's import
-/// does (no VM to stop yet: a forbidden call fails the import).
+/// Opens the share's root in the backend (FUSE_INIT does it again).
 fn import_root(fs: &PassthroughFs<()>) -> io::Result<()> {
+    on_import_thread(|| fs.import())
+}
+
+/// Runs `f` on a thread of its own, as the backend's imports of the root
+/// outside FUSE_INIT and a checkpoint's rebuild need: the backend clears
+/// the umask as it imports, so the thread has its own, and it runs under
+/// the virtio-fs worker's allowlist, as FUSE_INIT's import does (no VM to
+/// stop yet: a forbidden call fails the call).
+pub(super) fn on_import_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("virtio-fs-import".into())
             .spawn_scoped(s, || {
                 private_fs_attrs()?;
                 crate::seccomp::confine_worker("virtio-fs-import", -1).map_err(io::Error::other)?;
-                fs.import()
+                f()
             })?
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("importing the share panicked")))
+            .unwrap_or_else(|_| Err(io::Error::other("the virtio-fs import thread panicked")))
     })
 }
 
@@ -642,34 +658,24 @@ impl FileSystem for ShareFs {
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        // The root is never counted; an id the guest does not hold has no
-        // backend id to forget.
-        let backend = if inode == ROOT_ID {
-            Some(ROOT_ID)
-        } else {
-            self.ledger().forget(inode, count)
-        };
-        if let Some(backend) = backend {
-            self.inner.forget(ctx, backend, count)
+        // The root is never counted (nor forgotten by the backend).
+        if let Some(backend) = self.ledger().forget(inode, count) {
+            self.inner.forget(ctx, backend, u64::MAX)
         }
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
-        let requests = {
+        let forgotten: Vec<_> = {
             let mut ledger = self.ledger();
             requests
                 .into_iter()
-                .filter_map(|(inode, count)| {
-                    let backend = if inode == ROOT_ID {
-                        Some(ROOT_ID)
-                    } else {
-                        ledger.forget(inode, count)
-                    };
-                    backend.map(|b| (b, count))
-                })
+                .filter_map(|(inode, count)| ledger.forget(inode, count))
+                .map(|backend| (backend, u64::MAX))
                 .collect()
         };
-        self.inner.batch_forget(ctx, requests)
+        if !forgotten.is_empty() {
+            self.inner.batch_forget(ctx, forgotten)
+        }
     }
 
     fn getattr(
@@ -932,7 +938,9 @@ impl FileSystem for ShareFs {
         let h = self.opened(inode, handle)?;
         // Each entry is a lookup, accounted as LOOKUP's are. The backend
         // forgets an entry that did not fit (add_entry returned 0) but not
-        // one whose add_entry failed: that one is forgotten here.
+        // one whose add_entry failed: that one is forgotten here. Either
+        // way both counts are back where they were (an inode the guest
+        // did not hold before is gone from both).
         let mut add = |dirent: DirEntry, entry: Entry| {
             let backend = entry.inode;
             let entry = self.admit(ctx, inode, entry)?;
