@@ -13,10 +13,11 @@ use super::{INT_CONFIG, INT_VRING};
 
 /// The most queues a captured device may have.
 pub const MAX_QUEUES: usize = 64;
-/// The most bytes of a device's own state: room for the console's, whose
-/// host bytes not yet in guest buffers are up to 64 KiB. (The snapshot's
-/// JSON spells a byte in up to 4 characters.)
-pub const MAX_DEVICE_STATE: usize = 72 * 1024;
+/// The most bytes of a device's own state: room for a mounted virtio-fs
+/// share's nodes and handles, each by path (some ten thousand), and for
+/// the console's 64 KiB of host bytes. (The snapshot's JSON spells a byte
+/// in up to 4 characters: a few such devices stay within its 16 MiB.)
+pub const MAX_DEVICE_STATE: usize = 1024 * 1024;
 /// The largest queue virtio allows (split rings).
 const MAX_QUEUE_SIZE: u16 = 32768;
 

@@ -14,25 +14,26 @@
 //! against a hostile guest; `ledger.rs` the host descriptors the guest
 //! pins.
 //!
-//! A share is captured for a snapshot only while the guest has not
-//! mounted it (no FUSE session: no INIT, or a DESTROY since); its state is
-//! then its queues and a flag, and a restore serves whatever directory
-//! the caller gives [`Fs::new`]. A mounted share is refused, saying why:
-//! the server's inodes and handles are host descriptors a snapshot cannot
-//! carry yet.
+//! A share is captured for a snapshot with its queues and, once the guest
+//! has mounted it, the file server's state (`checkpoint.rs`: the nodes and
+//! handles the guest holds, by path beneath the share's root); a restore
+//! rebuilds that over whatever directory the caller gives [`Fs::new`]
+//! (the same content, possibly another copy of it). Unmounted, the state
+//! is one byte.
 
+mod checkpoint;
 mod ledger;
 mod queue;
 mod share;
 #[cfg(test)]
 mod tests;
 
+pub use checkpoint::{CheckpointError, FsState, HandleState, NodeState, NO_SESSION, STATE_VERSION};
 pub use queue::process_queue;
 pub use share::ShareFs;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -76,15 +77,14 @@ pub enum FsError {
 pub struct Fs {
     tag: String,
     config: [u8; CONFIG_LEN],
-    server: Option<Server<ShareFs>>,
-    /// The server's FUSE session flag ([`ShareFs::session`]).
-    session: Arc<AtomicBool>,
+    server: Option<Server<Arc<ShareFs>>>,
+    /// The server's filesystem, for a capture or a restore while no worker
+    /// holds the server.
+    share: Arc<ShareFs>,
+    /// A worker was started: it captures the share, not this.
+    activated: bool,
     worker: Option<JoinHandle<()>>,
 }
-
-/// The device's own state in a snapshot: it is captured only while no
-/// FUSE session exists, so all there is to say is that (one byte, 0).
-const NO_SESSION: u8 = 0;
 
 impl Fs {
     /// A device the guest mounts as `mount -t virtiofs TAG`, serving
@@ -94,13 +94,13 @@ impl Fs {
         if let Err(e) = raise_nofile_limit() {
             tracing::debug!(tag, error = %e, "virtio-fs: RLIMIT_NOFILE stays as it is");
         }
-        let share = ShareFs::new(shared_dir, readonly)?;
-        let session = share.session();
+        let share = Arc::new(ShareFs::new(shared_dir, readonly)?);
         Ok(Fs {
             tag: tag.to_owned(),
             config,
-            server: Some(Server::new(share)),
-            session,
+            server: Some(Server::new(share.clone())),
+            share,
+            activated: false,
             worker: None,
         })
     }
@@ -144,24 +144,33 @@ impl VirtioDevice for Fs {
         read_config_bytes(&self.config, offset, data)
     }
 
-    /// A share is captured only while the guest has not mounted it (the
-    /// worker refuses otherwise): its queues and this flag are all. A
-    /// restore builds the device over whatever share directory the caller
-    /// gives [`Fs::new`].
+    /// The share's state (`checkpoint.rs`) when no worker serves it; a
+    /// running worker captures it itself, parked, and its report replaces
+    /// this (so this is then empty, never read).
     fn save_state(&self) -> Option<Vec<u8>> {
-        Some(vec![NO_SESSION])
+        if self.activated {
+            return Some(Vec::new());
+        }
+        match self.share.capture() {
+            Ok(state) => Some(state),
+            Err(e) => {
+                let e = krun_hypervisor::error_chain(&e);
+                tracing::warn!(
+                    tag = self.tag,
+                    error = e,
+                    "virtio-fs: the share cannot be captured"
+                );
+                None
+            }
+        }
     }
 
+    /// Rebuilds the captured share over this device's directory (on the
+    /// set-up thread, before the guest runs).
     fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
-        if state != [NO_SESSION] {
-            return bad(
-                "device",
-                format!(
-                    "{state:?}: a virtio-fs state is [{NO_SESSION}] (captured with no FUSE session)"
-                ),
-            );
-        }
-        Ok(())
+        self.share
+            .rebuild(state)
+            .or_else(|e| bad("device", krun_hypervisor::error_chain(&e)))
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), DeviceError> {
@@ -178,7 +187,7 @@ impl VirtioDevice for Fs {
             activation.mem,
             activation.interrupt,
             queues,
-            self.session.clone(),
+            self.share.clone(),
         );
         let name = format!("virtio-fs-{}", self.tag);
         self.worker = Some(spawn_pausable(
@@ -188,6 +197,7 @@ impl VirtioDevice for Fs {
             activation.stop,
             activation.pause,
         )?);
+        self.activated = true;
         Ok(())
     }
 }

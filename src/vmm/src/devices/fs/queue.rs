@@ -7,7 +7,6 @@
 //! drive; `Worker` is what the `virtio-fs-TAG` thread serves.
 
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{BatchForgetIn, ForgetOne, InHeader, Opcode, OutHeader};
@@ -32,26 +31,22 @@ pub(super) const OUT_HEADER_LEN: usize = size_of::<OutHeader>();
 /// The `virtio-fs-TAG` thread's side: the FUSE server and the queues.
 pub(super) struct Worker {
     tag: String,
-    server: Server<ShareFs>,
+    server: Server<Arc<ShareFs>>,
     mem: Mem,
     interrupt: Arc<Interrupt>,
     queues: [Queue; NUM_QUEUES],
-    /// The server's FUSE session flag ([`ShareFs::session`]).
-    session: Arc<AtomicBool>,
+    /// The server's filesystem, captured while the worker is parked.
+    share: Arc<ShareFs>,
 }
-
-/// Why a mounted share is not captured.
-pub(super) const MOUNTED: &str =
-    "the file system is mounted: its open files cannot be captured yet";
 
 impl Worker {
     pub(super) fn new(
         tag: String,
-        server: Server<ShareFs>,
+        server: Server<Arc<ShareFs>>,
         mem: Mem,
         interrupt: Arc<Interrupt>,
         queues: [Queue; NUM_QUEUES],
-        session: Arc<AtomicBool>,
+        share: Arc<ShareFs>,
     ) -> Worker {
         Worker {
             tag,
@@ -59,7 +54,7 @@ impl Worker {
             mem,
             interrupt,
             queues,
-            session,
+            share,
         }
     }
 }
@@ -82,13 +77,14 @@ impl QueueHandler for Worker {
         Some(self.queues.iter().map(|q| q.state().into()).collect())
     }
 
-    /// Only a share the guest has not mounted: the server's inodes and
-    /// handles are host descriptors a snapshot cannot carry yet.
+    /// The share's nodes and handles, by path (`checkpoint.rs`), read on
+    /// this thread under its allowlist; a file that cannot be carried (an
+    /// open file deleted) refuses the capture, naming it.
     fn capture_device(&self) -> DeviceReport {
-        if self.session.load(Ordering::SeqCst) {
-            return Err(MOUNTED.to_owned());
+        match self.share.capture() {
+            Ok(state) => Ok(Some(state)),
+            Err(e) => Err(krun_hypervisor::error_chain(&e)),
         }
-        Ok(None)
     }
 
     fn on_start(&mut self) {

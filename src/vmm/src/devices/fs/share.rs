@@ -129,7 +129,7 @@
 use std::ffi::CStr;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -175,11 +175,15 @@ pub struct ShareFs {
     /// A FUSE session exists: the guest sent INIT and no DESTROY since
     /// (read by a capture, which refuses a mounted share).
     session: Arc<AtomicBool>,
+    /// The FUSE options the guest's kernel offered at INIT (the backend's
+    /// answer depends on nothing else): a rebuilt server initialises its
+    /// backend with them.
+    offered: AtomicU64,
 }
 
 /// What a guest open asks for.
 #[derive(Clone, Copy, PartialEq)]
-enum OpenKind {
+pub(super) enum OpenKind {
     File,
     Dir,
     Create,
@@ -219,7 +223,7 @@ const KERNEL_INTERNAL_FLAGS: i32 = 0x20 | 0x400_0000;
 /// (as the backend does, so that the flags recorded here are the
 /// backend's); `O_DIRECT` is dropped (guest buffers are not aligned for
 /// it; the backend drops it at OPEN but not at CREATE).
-fn host_open_flags(flags: u32, kind: OpenKind) -> io::Result<u32> {
+pub(super) fn host_open_flags(flags: u32, kind: OpenKind) -> io::Result<u32> {
     let flags = flags as i32;
     let mut allowed = OPEN_FLAGS | KERNEL_INTERNAL_FLAGS | libc::O_ACCMODE;
     if kind == OpenKind::Create {
@@ -264,6 +268,7 @@ impl ShareFs {
             fd_budget: default_fd_budget(),
             ledger: Mutex::default(),
             session: Arc::default(),
+            offered: AtomicU64::new(0),
         };
         fs.reset_ledger().map_err(backend_err)?;
         Ok(fs)
@@ -292,7 +297,17 @@ impl ShareFs {
         self.ledger().handles.len()
     }
 
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+    /// How many host descriptors the guest may pin.
+    pub(super) fn fd_budget(&self) -> usize {
+        self.fd_budget
+    }
+
+    /// The FUSE options the guest's kernel offered at INIT.
+    pub(super) fn offered(&self) -> u64 {
+        self.offered.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -300,10 +315,7 @@ impl ShareFs {
     /// own) and records the root's device.
     fn reset_ledger(&self) -> io::Result<()> {
         let (root, _) = self.inner.getattr(&Context::default(), ROOT_ID, None)?;
-        *self.ledger() = Ledger {
-            root_dev: root.st_dev,
-            ..Ledger::default()
-        };
+        self.ledger().reset(root.st_dev);
         Ok(())
     }
 
@@ -315,13 +327,34 @@ impl ShareFs {
         }
     }
 
+    /// The backend's node id of the guest's `inode`: EBADF for one the
+    /// guest does not hold, as the backend answers an id it does not know.
+    pub(super) fn node(&self, inode: u64) -> io::Result<u64> {
+        self.ledger().backend_inode(inode).ok_or_else(ebadf)
+    }
+
+    /// The backend's node id, handle and open flags of the guest's
+    /// `handle`: EBADF for a handle the guest was not given, or of another
+    /// inode.
+    fn opened(&self, inode: u64, handle: u64) -> io::Result<Opened> {
+        let ledger = self.ledger();
+        let h = ledger.handle(inode, handle).ok_or_else(ebadf)?;
+        Ok(Opened {
+            inode: h.backend_inode,
+            handle: h.backend,
+            flags: h.flags,
+        })
+    }
+
     /// Records the lookup an entry the backend made gives the guest, and
-    /// marks a directory on another device than its parent as a submount.
-    /// A new inode beyond the budget is forgotten again: ENFILE.
-    fn admit(&self, ctx: &Context, parent: u64, mut entry: Entry) -> io::Result<Entry> {
+    /// marks a directory on another device than its parent as a submount;
+    /// the entry as the guest sees it, under its guest node id (the same
+    /// host inode keeps one). A new inode beyond the budget is forgotten
+    /// again: ENFILE.
+    pub(super) fn admit(&self, ctx: &Context, parent: u64, mut entry: Entry) -> io::Result<Entry> {
         let mut ledger = self.ledger();
-        let is_dir = entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        if is_dir
+        let kind = entry.attr.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFDIR
             && ledger
                 .dev_of(parent)
                 .is_some_and(|d| d != entry.attr.st_dev)
@@ -332,29 +365,34 @@ impl ShareFs {
             // Never forgotten by the backend, so never counted.
             return Ok(entry);
         }
-        if let Some(live) = ledger.inodes.get_mut(&entry.inode) {
-            live.nlookup = live.nlookup.saturating_add(1);
-            return Ok(entry);
+        if let Some(&id) = ledger.by_backend.get(&entry.inode) {
+            if let Some(live) = ledger.inodes.get_mut(&id) {
+                live.nlookup = live.nlookup.saturating_add(1);
+                entry.inode = id;
+                return Ok(entry);
+            }
         }
         if ledger.fds() >= self.fd_budget {
             drop(ledger);
             self.inner.forget(ctx, entry.inode, 1);
             return Err(enfile());
         }
-        let live = LiveInode {
+        entry.inode = ledger.insert_inode(LiveInode {
+            backend: entry.inode,
             nlookup: 1,
             dev: entry.attr.st_dev,
-        };
-        ledger.inodes.insert(entry.inode, live);
+            kind,
+        });
         Ok(entry)
     }
 
-    /// Records a handle the backend opened with `flags`; beyond the budget
-    /// it is released again: ENFILE.
-    fn admit_handle(
+    /// Records a handle the backend opened with `flags` on the guest's
+    /// `inode` (the backend's `backend_inode`); the guest's handle.
+    /// Beyond the budget it is released again: ENFILE.
+    pub(super) fn admit_handle(
         &self,
         ctx: &Context,
-        inode: u64,
+        (inode, backend_inode): (u64, u64),
         handle: Option<u64>,
         flags: u32,
         kind: OpenKind,
@@ -364,25 +402,27 @@ impl ShareFs {
         };
         let mut ledger = self.ledger();
         if ledger.fds() < self.fd_budget {
-            ledger.handles.insert(handle, OpenHandle { inode, flags });
-            return Ok(Some(handle));
+            return Ok(Some(ledger.insert_handle(OpenHandle {
+                inode,
+                backend_inode,
+                backend: handle,
+                flags,
+                dir: kind == OpenKind::Dir,
+            })));
         }
         drop(ledger);
-        let _ = if kind == OpenKind::Dir {
+        self.release_backend(ctx, backend_inode, handle, kind == OpenKind::Dir);
+        Err(enfile())
+    }
+
+    /// Releases a backend handle the guest never got.
+    fn release_backend(&self, ctx: &Context, inode: u64, handle: u64, dir: bool) {
+        let _ = if dir {
             self.inner.releasedir(ctx, inode, 0, handle)
         } else {
             self.inner
                 .release(ctx, inode, 0, handle, false, false, None)
         };
-        Err(enfile())
-    }
-
-    /// The flags `handle` was opened with, if it is a handle of `inode`.
-    fn handle_flags(&self, inode: u64, handle: u64) -> io::Result<u32> {
-        match self.ledger().handles.get(&handle) {
-            Some(h) if h.inode == inode => Ok(h.flags),
-            _ => Err(io::Error::from_raw_os_error(libc::EBADF)),
-        }
     }
 
     /// CREATE of a name that exists, for a guest that did not ask for
@@ -410,6 +450,28 @@ impl ShareFs {
             }
         }
     }
+
+    /// Releases the guest's `handle` of `inode` (RELEASE or RELEASEDIR,
+    /// `release` calling the backend's); it leaves the ledger once the
+    /// backend has let it go.
+    fn release_with(
+        &self,
+        inode: u64,
+        handle: u64,
+        release: impl FnOnce(&Opened) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let opened = self.opened(inode, handle)?;
+        release(&opened)?;
+        self.ledger().handles.remove(&handle);
+        Ok(())
+    }
+}
+
+/// A guest handle in the backend's terms.
+struct Opened {
+    inode: u64,
+    handle: u64,
+    flags: u32,
 }
 
 /// The backend's configuration for the share rooted at `root_dir`.
@@ -437,21 +499,27 @@ fn backend_config(root_dir: String) -> Config {
     }
 }
 
-/// Opens the share's root in the backend (FUSE_INIT does it again), on a
-/// thread of its own: the backend clears the umask as it does. The thread
-/// runs under the virtio-fs worker's allowlist, as FUSE_INIT's import
-/// does (no VM to stop yet: a forbidden call fails the import).
+/// Opens the share's root in the backend (FUSE_INIT does it again).
 fn import_root(fs: &PassthroughFs<()>) -> io::Result<()> {
+    on_import_thread(|| fs.import())
+}
+
+/// Runs `f` on a thread of its own, as the backend's imports of the root
+/// outside FUSE_INIT and a checkpoint's rebuild need: the backend clears
+/// the umask as it imports, so the thread has its own, and it runs under
+/// the virtio-fs worker's allowlist, as FUSE_INIT's import does (no VM to
+/// stop yet: a forbidden call fails the call).
+pub(super) fn on_import_thread<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("virtio-fs-import".into())
             .spawn_scoped(s, || {
                 private_fs_attrs()?;
                 crate::seccomp::confine_worker("virtio-fs-import", -1).map_err(io::Error::other)?;
-                fs.import()
+                f()
             })?
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("importing the share panicked")))
+            .unwrap_or_else(|_| Err(io::Error::other("the virtio-fs import thread panicked")))
     })
 }
 
@@ -480,6 +548,10 @@ fn enfile() -> io::Error {
     io::Error::from_raw_os_error(libc::ENFILE)
 }
 
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
 /// Whether open(2) flags ask for write access or truncation.
 fn opens_for_writing(flags: u32) -> bool {
     let flags = flags as i32;
@@ -487,22 +559,25 @@ fn opens_for_writing(flags: u32) -> bool {
 }
 
 /// Implements each listed [`FileSystem`] method by handing it to the
-/// backend unchanged: the calls the share neither checks nor records.
-macro_rules! forward {
-    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
-        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
-            self.inner.$name($($arg),*)
+/// backend with the guest's node id translated (the first argument after
+/// the context): the calls the share neither checks nor records.
+macro_rules! forward_node {
+    ($(fn $name:ident(&self, $ctx:ident: &Context, $inode:ident: u64 $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $ctx: &Context, $inode: u64 $(, $arg: $ty)*) -> $ret {
+            let $inode = self.node($inode)?;
+            self.inner.$name($ctx, $inode $(, $arg)*)
         })*
     };
 }
 
-/// Implements each listed [`FileSystem`] method that changes the tree:
-/// refused on a read-only share, else handed to the backend unchanged.
-macro_rules! forward_writes {
-    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
-        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
-            self.check_writable()?;
-            self.inner.$name($($arg),*)
+/// Implements each listed [`FileSystem`] method on an open handle (the
+/// two arguments after the context, node id and handle) by handing it to
+/// the backend with both translated.
+macro_rules! forward_handle {
+    ($(fn $name:ident(&self, $ctx:ident: &Context, $inode:ident: u64, $handle:ident: u64 $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $ctx: &Context, $inode: u64, $handle: u64 $(, $arg: $ty)*) -> $ret {
+            let opened = self.opened($inode, $handle)?;
+            self.inner.$name($ctx, opened.inode, opened.handle $(, $arg)*)
         })*
     };
 }
@@ -514,8 +589,12 @@ macro_rules! forward_new_entries {
     ($([$parent:ident] fn $name:ident(&self, $ctx:ident: &Context $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
         $(fn $name(&self, $ctx: &Context $(, $arg: $ty)*) -> $ret {
             self.check_writable()?;
-            let entry = self.inner.$name($ctx $(, $arg)*)?;
-            self.admit($ctx, $parent, entry)
+            let guest_parent = $parent;
+            let entry = {
+                let $parent = self.node($parent)?;
+                self.inner.$name($ctx $(, $arg)*)?
+            };
+            self.admit($ctx, guest_parent, entry)
         })*
     };
 }
@@ -549,6 +628,8 @@ impl FileSystem for ShareFs {
             .getattr(&Context::default(), ROOT_ID, None)?
             .0
             .st_dev;
+        // What a rebuilt server initialises its backend with.
+        self.offered.store(capable.bits(), Ordering::SeqCst);
         self.session.store(true, Ordering::SeqCst);
         Ok(want)
     }
@@ -572,23 +653,44 @@ impl FileSystem for ShareFs {
         if matches!(name.to_bytes(), b"." | b"..") {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
-        let entry = self.inner.lookup(ctx, parent, name)?;
+        let entry = self.inner.lookup(ctx, self.node(parent)?, name)?;
         self.admit(ctx, parent, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        self.ledger().forget(inode, count);
-        self.inner.forget(ctx, inode, count)
+        // The root is never counted (nor forgotten by the backend).
+        if let Some(backend) = self.ledger().forget(inode, count) {
+            self.inner.forget(ctx, backend, u64::MAX)
+        }
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
-        {
+        let forgotten: Vec<_> = {
             let mut ledger = self.ledger();
-            for &(inode, count) in &requests {
-                ledger.forget(inode, count);
-            }
+            requests
+                .into_iter()
+                .filter_map(|(inode, count)| ledger.forget(inode, count))
+                .map(|backend| (backend, u64::MAX))
+                .collect()
+        };
+        if !forgotten.is_empty() {
+            self.inner.batch_forget(ctx, forgotten)
         }
-        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        match handle {
+            Some(h) => {
+                let opened = self.opened(inode, h)?;
+                self.inner.getattr(ctx, opened.inode, Some(opened.handle))
+            }
+            None => self.inner.getattr(ctx, self.node(inode)?, None),
+        }
     }
 
     fn setattr(
@@ -602,6 +704,13 @@ impl FileSystem for ShareFs {
         if !valid.is_empty() {
             self.check_writable()?;
         }
+        let (inode, handle) = match handle {
+            Some(h) => {
+                let opened = self.opened(inode, h)?;
+                (opened.inode, Some(opened.handle))
+            }
+            None => (self.node(inode)?, None),
+        };
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -616,8 +725,9 @@ impl FileSystem for ShareFs {
             self.check_writable()?;
         }
         let flags = host_open_flags(flags, OpenKind::File)?;
-        let (handle, opts, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::File)?;
+        let backend = self.node(inode)?;
+        let (handle, opts, passthrough) = self.inner.open(ctx, backend, flags, fuse_flags)?;
+        let handle = self.admit_handle(ctx, (inode, backend), handle, flags, OpenKind::File)?;
         Ok((handle, opts, passthrough))
     }
 
@@ -635,7 +745,8 @@ impl FileSystem for ShareFs {
             flags: flags | libc::O_EXCL as u32,
             ..args
         };
-        let (entry, handle, opts, passthrough) = match self.inner.create(ctx, parent, name, excl) {
+        let created = self.inner.create(ctx, self.node(parent)?, name, excl);
+        let (entry, handle, opts, passthrough) = match created {
             Err(e)
                 if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL as u32 == 0 =>
             {
@@ -643,15 +754,21 @@ impl FileSystem for ShareFs {
             }
             created => created?,
         };
-        let handle = self
-            .admit_handle(ctx, entry.inode, handle, excl.flags, OpenKind::Create)
-            .inspect_err(|_| self.inner.forget(ctx, entry.inode, 1))?;
-        let inode = entry.inode;
+        let backend = entry.inode;
         let entry = self.admit(ctx, parent, entry).inspect_err(|_| {
             if let Some(h) = handle {
-                let _ = self.release(ctx, inode, 0, h, false, false, None);
+                self.release_backend(ctx, backend, h, false);
             }
         })?;
+        let handle = self
+            .admit_handle(
+                ctx,
+                (entry.inode, backend),
+                handle,
+                excl.flags,
+                OpenKind::Create,
+            )
+            .inspect_err(|_| self.forget(ctx, entry.inode, 1))?;
         Ok((entry, handle, opts, passthrough))
     }
 
@@ -669,9 +786,9 @@ impl FileSystem for ShareFs {
         // The flags recorded at open, never the request's: a difference
         // makes the backend change the descriptor's flags, and when that
         // fails it closes the descriptor while the handle keeps its number.
-        let flags = self.handle_flags(inode, handle)?;
+        let h = self.opened(inode, handle)?;
         self.inner
-            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+            .read(ctx, h.inode, h.handle, w, size, offset, lock_owner, h.flags)
     }
 
     fn write(
@@ -689,17 +806,17 @@ impl FileSystem for ShareFs {
     ) -> io::Result<usize> {
         self.check_writable()?;
         // As in read.
-        let flags = self.handle_flags(inode, handle)?;
+        let h = self.opened(inode, handle)?;
         self.inner.write(
             ctx,
-            inode,
-            handle,
+            h.inode,
+            h.handle,
             r,
             size,
             offset,
             lock_owner,
             delayed_write,
-            flags,
+            h.flags,
             fuse_flags,
         )
     }
@@ -714,8 +831,9 @@ impl FileSystem for ShareFs {
         length: u64,
     ) -> io::Result<()> {
         self.check_writable()?;
+        let h = self.opened(inode, handle)?;
         self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+            .fallocate(ctx, h.inode, h.handle, mode, offset, length)
     }
 
     fn release(
@@ -728,10 +846,17 @@ impl FileSystem for ShareFs {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
-        self.ledger().handles.remove(&handle);
-        Ok(())
+        self.release_with(inode, handle, |h| {
+            self.inner.release(
+                ctx,
+                h.inode,
+                flags,
+                h.handle,
+                flush,
+                flock_release,
+                lock_owner,
+            )
+        })
     }
 
     fn setxattr(
@@ -743,7 +868,8 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         self.check_writable()?;
-        self.inner.setxattr(ctx, inode, name, value, flags)
+        self.inner
+            .setxattr(ctx, self.node(inode)?, name, value, flags)
     }
 
     fn getxattr(
@@ -753,16 +879,18 @@ impl FileSystem for ShareFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size.min(XATTR_MAX))
+        self.inner
+            .getxattr(ctx, self.node(inode)?, name, size.min(XATTR_MAX))
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size.min(XATTR_MAX))
+        self.inner
+            .listxattr(ctx, self.node(inode)?, size.min(XATTR_MAX))
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.check_writable()?;
-        self.inner.removexattr(ctx, inode, name)
+        self.inner.removexattr(ctx, self.node(inode)?, name)
     }
 
     fn opendir(
@@ -772,8 +900,9 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let flags = host_open_flags(flags, OpenKind::Dir)?;
-        let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
-        let handle = self.admit_handle(ctx, inode, handle, flags, OpenKind::Dir)?;
+        let backend = self.node(inode)?;
+        let (handle, opts) = self.inner.opendir(ctx, backend, flags)?;
+        let handle = self.admit_handle(ctx, (inode, backend), handle, flags, OpenKind::Dir)?;
         Ok((handle, opts))
     }
 
@@ -786,8 +915,15 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner
-            .readdir(ctx, inode, handle, size.min(READDIR_MAX), offset, add_entry)
+        let h = self.opened(inode, handle)?;
+        self.inner.readdir(
+            ctx,
+            h.inode,
+            h.handle,
+            size.min(READDIR_MAX),
+            offset,
+            add_entry,
+        )
     }
 
     fn readdirplus(
@@ -799,10 +935,14 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let h = self.opened(inode, handle)?;
         // Each entry is a lookup, accounted as LOOKUP's are. The backend
         // forgets an entry that did not fit (add_entry returned 0) but not
-        // one whose add_entry failed: that one is forgotten here.
+        // one whose add_entry failed: that one is forgotten here. Either
+        // way both counts are back where they were (an inode the guest
+        // did not hold before is gone from both).
         let mut add = |dirent: DirEntry, entry: Entry| {
+            let backend = entry.inode;
             let entry = self.admit(ctx, inode, entry)?;
             let node = entry.inode;
             let added = add_entry(dirent, entry);
@@ -810,18 +950,34 @@ impl FileSystem for ShareFs {
                 self.ledger().forget(node, 1);
             }
             if added.is_err() {
-                self.inner.forget(ctx, node, 1);
+                self.inner.forget(ctx, backend, 1);
             }
             added
         };
-        self.inner
-            .readdirplus(ctx, inode, handle, size.min(READDIR_MAX), offset, &mut add)
+        self.inner.readdirplus(
+            ctx,
+            h.inode,
+            h.handle,
+            size.min(READDIR_MAX),
+            offset,
+            &mut add,
+        )
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)?;
-        self.ledger().handles.remove(&handle);
-        Ok(())
+        self.release_with(inode, handle, |h| {
+            self.inner.releasedir(ctx, h.inode, flags, h.handle)
+        })
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        let h = self.opened(inode, handle)?;
+        self.inner.fsync(ctx, h.inode, datasync, h.handle)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        let h = self.opened(inode, handle)?;
+        self.inner.fsyncdir(ctx, h.inode, datasync, h.handle)
     }
 
     fn setupmapping(
@@ -838,15 +994,16 @@ impl FileSystem for ShareFs {
         if flags & SetupmappingFlags::WRITE.bits() != 0 {
             self.check_writable()?;
         }
+        let h = self.opened(inode, handle)?;
         self.inner
-            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+            .setupmapping(ctx, h.inode, h.handle, foffset, len, flags, moffset, vu_req)
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
         if mask & libc::W_OK as u32 != 0 {
             self.check_writable()?;
         }
-        self.inner.access(ctx, inode, mask)
+        self.inner.access(ctx, self.node(inode)?, mask)
     }
 
     fn ioctl(
@@ -863,34 +1020,67 @@ impl FileSystem for ShareFs {
         if self.readonly {
             return Err(io::Error::from_raw_os_error(libc::ENOTTY));
         }
+        let h = self.opened(inode, handle)?;
         self.inner
-            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+            .ioctl(ctx, h.inode, h.handle, flags, cmd, data, out_size)
     }
 
-    // What the share neither checks nor records goes to the backend as is.
-    forward! {
-        fn getattr(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)>;
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.unlink(ctx, self.node(parent)?, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.rmdir(ctx, self.node(parent)?, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let (olddir, newdir) = (self.node(olddir)?, self.node(newdir)?);
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.check_writable()?;
+        let (backend, parent) = (self.node(inode)?, self.node(newparent)?);
+        let entry = self.inner.link(ctx, backend, parent, newname)?;
+        self.admit(ctx, newparent, entry)
+    }
+
+    fn notify_reply(&self) -> io::Result<()> {
+        self.inner.notify_reply()
+    }
+
+    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
+        self.inner.id_remap(ctx)
+    }
+
+    // Calls on a node the share neither checks nor records.
+    forward_node! {
         fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>>;
-        fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()>;
-        fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()>;
         fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64>;
-        fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()>;
         fn removemapping(&self, ctx: &Context, inode: u64, requests: Vec<RemovemappingOne>, vu_req: &mut dyn FsCacheReqHandler) -> io::Result<()>;
+        fn bmap(&self, ctx: &Context, inode: u64, block: u64, blocksize: u32) -> io::Result<u64>;
+    }
+
+    // Calls on an open handle the share neither checks nor records.
+    forward_handle! {
+        fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()>;
         fn lseek(&self, ctx: &Context, inode: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64>;
         fn getlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<FileLock>;
         fn setlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
         fn setlkw(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()>;
-        fn bmap(&self, ctx: &Context, inode: u64, block: u64, blocksize: u32) -> io::Result<u64>;
         fn poll(&self, ctx: &Context, inode: u64, handle: u64, khandle: u64, flags: u32, events: u32) -> io::Result<u32>;
-        fn notify_reply(&self) -> io::Result<()>;
-        fn id_remap(&self, ctx: &mut Context) -> io::Result<()>;
-    }
-
-    // Changes to the tree, refused on a read-only share.
-    forward_writes! {
-        fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()>;
-        fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()>;
-        fn rename(&self, ctx: &Context, olddir: u64, oldname: &CStr, newdir: u64, newname: &CStr, flags: u32) -> io::Result<()>;
     }
 
     // New entries, refused on a read-only share and admitted like a lookup.
@@ -898,6 +1088,5 @@ impl FileSystem for ShareFs {
         [parent] fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry>;
         [inode] fn mknod(&self, ctx: &Context, inode: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry>;
         [parent] fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry>;
-        [newparent] fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry>;
     }
 }

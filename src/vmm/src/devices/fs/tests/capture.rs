@@ -1,13 +1,14 @@
-//! Capturing and restoring a share: only while the guest has not mounted
-//! it (no FUSE session), restored over another directory from the
-//! captured queue indices; a mounted share is refused saying why.
+//! Capturing and restoring a share through its transport: unmounted (no
+//! FUSE session) it is one byte, restored over another directory from the
+//! captured queue indices; mounted, its file server's state comes along
+//! (`checkpoint.rs` holds the tests of that state).
 
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::virtio::mmio::{CaptureError, MmioTransport, RestoreError};
+use crate::virtio::mmio::{MmioTransport, RestoreError};
 use crate::virtio::snapshot_tests::{assert_no_violation, copy, set_up, used, w32, PAUSE};
 use crate::virtio::state::{StateError, TransportState};
 use crate::virtio::VIRTIO_F_VERSION_1;
@@ -57,7 +58,7 @@ fn restore(
 }
 
 #[test]
-fn an_unmounted_share_is_captured_and_restored_over_another_directory() {
+fn a_share_is_captured_unmounted_and_mounted_and_restored_over_another_directory() {
     let mem = test_mem();
     let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     fs::write(other.path().join("hello.txt"), HELLO).unwrap();
@@ -132,19 +133,15 @@ fn an_unmounted_share_is_captured_and_restored_over_another_directory() {
     let e: EntryOut = obj(r.result().unwrap());
     assert_eq!(e.attr.size, HELLO.len() as u64);
 
-    // Mounted: refused, saying why, and the worker goes on.
+    // Mounted: the file server's state is captured (the node the guest
+    // looked up, by path), and the worker goes on.
     let paused = t2.pause(PAUSE).unwrap();
-    let e = t2.capture(&paused).unwrap_err();
-    assert!(
-        matches!(&e, CaptureError::Busy(ty, why) if *ty == TYPE_FS && why.as_str() == super::super::queue::MOUNTED),
-        "{e}"
-    );
-    assert_eq!(
-        e.to_string(),
-        "virtio device 26 cannot be captured now: \
-         the file system is mounted: its open files cannot be captured yet"
-    );
+    let mounted = t2.capture(&paused).unwrap();
     drop(paused);
+    let fs_state: FsState = serde_json::from_slice(&mounted.device).unwrap();
+    assert_eq!(fs_state.nodes.len(), 1);
+    assert_eq!(fs_state.nodes[0].id, e.nodeid);
+    assert_eq!(fs_state.nodes[0].path, "hello.txt");
     let r = request(
         &mut t2,
         &mut g2,

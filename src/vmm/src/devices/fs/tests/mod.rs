@@ -2,9 +2,11 @@
 //! queue, the harness that plays Linux's FUSE client (`harness.rs`), and
 //! the tests by what they hold: the share's confinement (`share.rs`), the
 //! queue and the worker thread (`queue.rs`), the descriptor ledger and
-//! submounts (`ledger.rs`).
+//! submounts (`ledger.rs`), a mounted share's checkpoint and rebuild
+//! (`checkpoint.rs`).
 
 mod capture;
+mod checkpoint;
 mod harness;
 mod ledger;
 mod queue;
