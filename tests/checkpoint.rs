@@ -171,5 +171,83 @@ fn a_checkpoint_leaves_the_container_running_or_stops_it() {
         "killed, as runc leaves it"
     );
     ok(krun(&sb, &["delete", "c2"]));
+
+    // Restored from it, after the original is gone: the same process
+    // counts on from where it stood, never from the start.
+    let pid_file = sb.path().join("restored.pid");
+    let bundle = b.dir.to_str().unwrap().to_string();
+    let o = krun(
+        &sb,
+        &[
+            "restore",
+            "--detach",
+            "--image-path",
+            &last,
+            "--bundle",
+            &bundle,
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "c2",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(status(&sb, "c2"), "running");
+    let pid = lifecycle::read_pid(&pid_file);
+    let mut seen = stopped;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen < stopped + 10 {
+        let n = count(&b);
+        assert!(
+            n >= stopped,
+            "the restored container counted from the start: {n} after {stopped}"
+        );
+        seen = n;
+        assert!(
+            Instant::now() < deadline,
+            "the restored container does not count"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(Path::new(&last).join("restore.log")).unwrap();
+    assert!(log.contains("restored"), "{log}");
+    // Restoring it again while it runs: refused, it exists.
+    refused(
+        &sb,
+        &[
+            "restore",
+            "--detach",
+            "--image-path",
+            &last,
+            "--bundle",
+            &bundle,
+            "c2",
+        ],
+        "exists",
+    );
+    ok(krun(&sb, &["delete", "--force", "c2"]));
+    wait_exit(pid);
+    sb.assert_clean();
+}
+
+#[test]
+fn a_restore_refuses_what_it_cannot_do_and_leaves_nothing() {
+    let sb = Sandbox::new("ckrestore");
+    let b = counter(&sb);
+    b.write();
+    let bundle = b.dir.to_str().unwrap().to_string();
+    let img = sb.path().join("img");
+    std::fs::create_dir(&img).unwrap();
+    let img_s = img.to_str().unwrap();
+    let restore = |extra: &[&str], why: &str| {
+        let mut args = vec!["restore"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--image-path", img_s, "--bundle", &bundle, "c3"]);
+        refused(&sb, &args, why);
+    };
+    restore(&["--detach"], "not a krun-oci checkpoint");
+    std::fs::write(img.join("krun-checkpoint.json"), b"{\"format\": 99}").unwrap();
+    restore(&["--detach"], "krun-checkpoint.json");
+    restore(&["--detach", "--tcp-established"], "--tcp-established");
+    restore(&[], "--detach");
     sb.assert_clean();
 }

@@ -323,6 +323,7 @@ impl Tasks {
             notices: Some(notices),
             share_dir,
             console_copy: self.console_copy.clone(),
+            restore: None,
         })
     }
 }

@@ -44,6 +44,9 @@ enum Command {
     /// Checkpoint a running container: its whole VM, captured into the
     /// image directory (built-in VMM; see the README's "Checkpoint").
     Checkpoint(commands::checkpoint::Args),
+    /// Restore a container from a checkpoint's image directory, detached
+    /// and running as it was (built-in VMM).
+    Restore(commands::checkpoint::RestoreArgs),
     #[command(flatten)]
     Standard(StandardCmd),
     #[command(flatten)]
@@ -143,6 +146,7 @@ fn main() {
         Command::Template(TemplateCmd::List { format }) => commands::template::list(format),
         Command::Template(TemplateCmd::Prune { all }) => commands::template::prune(*all),
         Command::Checkpoint(a) => commands::checkpoint::checkpoint(&ctx, a),
+        Command::Restore(a) => commands::checkpoint::restore(&ctx, a),
         Command::Standard(c) => match c {
             StandardCmd::Create(a) => commands::create::create(&ctx, a),
             StandardCmd::Start(a) => lifecycle::start(&ctx, a),

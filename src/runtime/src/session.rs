@@ -171,6 +171,9 @@ pub struct Session {
 impl Session {
     /// Boots the VM, its one share `shared_dir` (composed by
     /// [`crate::staging`]), and waits for guest-init's hello.
+    /// `from`: a checkpoint's VM (`krun-oci restore`), restored instead
+    /// of a boot; its guest-init, quiesced, waits for a Resume.
+    #[allow(clippy::too_many_arguments)]
     pub fn boot(
         hv: &dyn Hypervisor,
         plan: &VmPlan,
@@ -179,13 +182,17 @@ impl Session {
         state_dir: &Path,
         run_dir: &Path,
         nets: Vec<krun_hypervisor::NetDevice>,
+        from: Option<std::fs::File>,
     ) -> Result<Session, SessionError> {
         let (host_end, vm_end) = UnixStream::pair().map_err(SessionError::Channel)?;
         let console_log = state_dir.join("console.log");
         let log_limit = knob(CONSOLE_LOG_LIMIT_VAR, krun_hypervisor::DEFAULT_LOG_LIMIT);
         let (console, console_pipe) = CappedLog::create(&console_log, log_limit, "console log")
             .map_err(SessionError::Channel)?;
-        let template = crate::template::for_vm(hv, plan, assets, nets.len());
+        let template = match from {
+            Some(f) => Some(f),
+            None => crate::template::for_vm(hv, plan, assets, nets.len()).map(|t| t.file),
+        };
         let restored = template.is_some();
         let config = VmConfig {
             kernel: assets.kernel.clone(),
@@ -204,9 +211,8 @@ impl Session {
             log_limit,
             run_dir: run_dir.to_path_buf(),
             nets,
-            snapshot: template.map(|t| krun_hypervisor::SnapshotIo::Restore {
-                file: t.file.into(),
-            }),
+            snapshot: template
+                .map(|file| krun_hypervisor::SnapshotIo::Restore { file: file.into() }),
         };
         let vm = hv.start(config).map_err(SessionError::Start)?;
         let spawned = Instant::now();

@@ -199,6 +199,163 @@ pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
     Ok(0)
 }
 
+/// runc's `restore` flags.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// The checkpoint to restore (`checkpoint`'s image directory).
+    #[arg(long, default_value = "checkpoint")]
+    pub image_path: PathBuf,
+    /// Where to write the log (default: the image directory).
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// The bundle: its config.json and rootfs, as at the checkpoint.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Leave the container running and return (as conmon asks); without
+    /// it, as `run`: wait for the container's end. Only detached is done.
+    #[arg(short, long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Refused: a container with a terminal is never checkpointed.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Accepted: the monitor is the container's pid either way.
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Accepted: no pivot_root on the host either way.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Refused: established TCP connections are not carried.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Accepted: the VM carries its own sockets.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Refused: a terminal cannot be given back.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Accepted: file locks are the guest kernel's.
+    #[arg(long)]
+    pub file_locks: bool,
+    /// Accepted, ignored: the host cgroup is made anew.
+    #[arg(long)]
+    pub manage_cgroups_mode: Option<String>,
+    /// Accepted, ignored.
+    #[arg(long)]
+    pub empty_ns: Vec<String>,
+    /// Accepted, ignored.
+    #[arg(long)]
+    pub auto_dedup: bool,
+    /// Refused: no lazy restore.
+    #[arg(long)]
+    pub lazy_pages: bool,
+    /// Accepted, ignored: the VM is the boundary.
+    #[arg(long)]
+    pub lsm_profile: Option<String>,
+    /// Accepted, ignored.
+    #[arg(long)]
+    pub lsm_mount_context: Option<String>,
+    pub container_id: String,
+}
+
+/// The largest `krun-checkpoint.json` read: a container's state is a few
+/// KiB (its annotations at most a few hundred).
+const RECORD_MAX: u64 = 1 << 20;
+
+/// Reads and checks an image directory's record (untrusted: the image
+/// directory may have been exported and imported).
+fn read_record(image: &Path) -> Result<Record> {
+    let path = image.join(RECORD);
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| {
+            e.doing(format!(
+                "{}: not a krun-oci checkpoint (reading its {RECORD})",
+                image.display()
+            ))
+        })?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, RECORD_MAX + 1), &mut bytes)
+        .map_err(|e| e.doing(format!("reading {}", path.display())))?;
+    if bytes.len() as u64 > RECORD_MAX {
+        return Err(Error::Invalid(format!(
+            "{}: larger than {RECORD_MAX} bytes",
+            path.display()
+        )));
+    }
+    let record: Record = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    if record.format != FORMAT {
+        return Err(Error::Invalid(format!(
+            "{}: checkpoint format {}; this krun-oci restores format {FORMAT}",
+            path.display(),
+            record.format
+        )));
+    }
+    Ok(record)
+}
+
+pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<i32> {
+    let why = [
+        (a.tcp_established, "--tcp-established: established TCP connections are not carried across a krun-oci checkpoint"),
+        (a.shell_job, "--shell-job: a container with a terminal is never checkpointed"),
+        (a.console_socket.is_some(), "--console-socket: a container with a terminal is never checkpointed"),
+        (a.lazy_pages, "--lazy-pages: krun-oci has no lazy restore"),
+        (!a.detach, "restore without --detach: krun-oci restores detached only (as conmon asks)"),
+    ]
+    .into_iter()
+    .find_map(|(set, why)| set.then_some(why));
+    if let Some(why) = why {
+        return Err(Error::Unsupported(why.into()));
+    }
+    let image = &a.image_path;
+    let record = read_record(image)?;
+    // The VM's share holds each file under the container's id: its file
+    // server's state names them so.
+    if record.state.id != a.container_id {
+        return Err(Error::Unsupported(format!(
+            "the checkpoint in {} is of container {:?}: krun-oci restores it under that name only",
+            image.display(),
+            record.state.id
+        )));
+    }
+    let snap_path = image.join(SNAPSHOT);
+    let snap = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&snap_path)
+        .map_err(|e| e.doing(format!("opening {}", snap_path.display())))?;
+    let log_dir = a.work_path.as_deref().unwrap_or(image);
+    let create = liboci_cli::Create {
+        bundle: a.bundle.clone(),
+        console_socket: None,
+        pid_file: a.pid_file.clone(),
+        no_pivot: a.no_pivot,
+        no_new_keyring: false,
+        preserve_fds: 0,
+        container_id: a.container_id.clone(),
+    };
+    let started = Instant::now();
+    let restored = super::create::create_with(ctx, &create, Some(snap));
+    let line = match &restored {
+        Ok(_) => format!(
+            "restore of {}: VM restored from {} in {} ms\n",
+            a.container_id,
+            snap_path.display(),
+            started.elapsed().as_millis()
+        ),
+        Err(e) => format!("restore of {} failed: {e}\n", a.container_id),
+    };
+    let _ = write_log_named(log_dir, RESTORE_LOG, &line);
+    restored
+}
+
+/// The log of a restore (CRIU's name, as runc's).
+pub const RESTORE_LOG: &str = "restore.log";
+
 /// A file that did not exist, for writing, following no link.
 fn new_file(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -229,7 +386,12 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Appends `line` to `dump.log` in `dir`.
 fn write_log(dir: &Path, line: &str) -> Result<()> {
-    let path = dir.join(LOG);
+    write_log_named(dir, LOG, line)
+}
+
+/// Appends `line` to `name` in `dir`.
+fn write_log_named(dir: &Path, name: &str, line: &str) -> Result<()> {
+    let path = dir.join(name);
     OpenOptions::new()
         .create(true)
         .append(true)

@@ -65,15 +65,33 @@ pub fn launch(ctx: &Context, id: &str, bundle: Bundle, stdio: MainStdio) -> Resu
         stdio,
         share_dir: None,
         console_copy: ctx.console_copy.clone(),
+        restore: None,
     })
 }
 
 pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
+    create_with(ctx, args, None)
+}
+
+/// `create`, or with `restore` (a checkpoint's VM) `restore`: the same
+/// set-up, the VM restored instead of booted, and the container running
+/// when it returns.
+pub(super) fn create_with(
+    ctx: &Context,
+    args: &liboci_cli::Create,
+    restore: Option<std::fs::File>,
+) -> Result<i32> {
     let id = &args.container_id;
     refuse_preserved_fds(args.preserve_fds)?;
     // One that joins another container's namespaces runs in its VM.
     let bundle = Bundle::load(&args.bundle)?;
     if let Some(leader) = crate::pod::leader_of(&bundle.spec, &ctx.root)? {
+        if restore.is_some() {
+            return Err(Error::Unsupported(format!(
+                "a container in another container's VM ({}'s) cannot be restored",
+                leader.id
+            )));
+        }
         return super::member::create(ctx, args, bundle, leader);
     }
     let stdio = match &args.console_socket {
@@ -85,6 +103,7 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
         ..ctx.clone()
     };
     let mut launch = launch(&ctx, id, bundle, stdio)?;
+    launch.restore = restore;
     let cgroup = host_cgroup(&ctx, &mut launch)?;
     let spec = launch.bundle.spec.clone();
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;

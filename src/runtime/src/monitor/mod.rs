@@ -66,6 +66,9 @@ pub struct Launch {
     /// `ID.log`, when the monitor ends (however it ends); the CLI and the
     /// shim take it from [`CONSOLE_COPY_VAR`].
     pub console_copy: Option<PathBuf>,
+    /// A checkpoint's VM to restore instead of a boot (`krun-oci
+    /// restore`): the container comes up running, as it was.
+    pub restore: Option<std::fs::File>,
 }
 
 pub struct Monitor {
@@ -98,7 +101,9 @@ impl Monitor {
             notices,
             share_dir,
             console_copy,
+            restore,
         } = l;
+        let restoring = restore.is_some();
         state_dir.discard_on_drop();
         // The config as create saw it, for start, delete and their hooks.
         state_dir.write_file("config.json", &bundle.raw)?;
@@ -125,10 +130,11 @@ impl Monitor {
             &state_dir.dir,
             &run_dir.0,
             net.devices,
+            restore,
         )?;
         let mut setup = plan.setup.clone();
         setup.network = net.setup;
-        if session.timings.restored {
+        if session.timings.restored && !restoring {
             // The cards have their template's MACs in the guest.
             for (i, iface) in setup
                 .network
@@ -142,7 +148,9 @@ impl Monitor {
         requests::stamp(&mut setup);
         let process = &mut setup.process;
         let main = stdio::main_io(stdio, process.terminal, &mut process.console_size)?;
-        session.create(setup)?;
+        if !restoring {
+            session.create(setup)?;
+        }
         let (socket, acceptor) = listen(&run_dir, &session)?;
         state.status = Status::Created;
         let monitor = state::Monitor::this(socket);
@@ -151,8 +159,15 @@ impl Monitor {
         state_dir.write(&state)?;
         let control = session.control();
         let memory_limit = plan.memory_mib << 20;
+        let mut container = Container::new(state_dir, state, control, main, notices, memory_limit);
+        if restoring {
+            // Its process runs on from the checkpoint: the guest resumes
+            // with the host's clock and fresh entropy.
+            container.on_started();
+            requests::resume_guest(&container.control);
+        }
         Ok(Monitor {
-            container: Container::new(state_dir, state, control, main, notices, memory_limit),
+            container,
             session,
             host_setup_ms,
             _run_dir: run_dir,

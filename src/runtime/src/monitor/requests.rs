@@ -336,14 +336,7 @@ impl Container {
         tracing::debug!(container = %self.id, took = ?started.elapsed(), ok = captured.is_ok(), then = ?c.then, "checkpoint");
         let ended = captured.is_ok() && c.then == krun_hypervisor::AfterCapture::End;
         if !ended {
-            // The guest goes on: with the host's clock (a capture paused
-            // it) and fresh entropy.
-            let resume = ToGuest::Resume {
-                realtime_ns: realtime_ns(),
-                entropy: host_entropy(),
-            };
-            let _ = self.control.send(MAIN_STREAM, &resume);
-            self.control.release();
+            resume_guest(&self.control);
         }
         match captured {
             Err(why) => {
@@ -377,6 +370,18 @@ impl Container {
         self.save();
         let _ = reply.send(Response::Ok);
     }
+}
+
+/// Lets a quiesced guest go on (after a capture, or restored from one):
+/// with the host's clock (a capture paused it) and fresh entropy (a
+/// restored VM must not draw what its checkpoint's original drew).
+pub(super) fn resume_guest(control: &crate::session::Control) {
+    let resume = ToGuest::Resume {
+        realtime_ns: realtime_ns(),
+        entropy: host_entropy(),
+    };
+    let _ = control.send(MAIN_STREAM, &resume);
+    control.release();
 }
 
 /// Stamps a container's set-up as it leaves for the guest: the host's
