@@ -100,19 +100,7 @@ fn world() -> &'static World {
         let outside_dir = base.join("outside");
         fs::create_dir(&outside_dir).expect("outside/");
         let outside_file = outside_dir.join("secret.txt");
-        fs::write(&outside_file, SECRET).expect("outside/secret.txt");
-        fs::set_permissions(&outside_file, fs::Permissions::from_mode(0o600)).unwrap();
-        // An atime older than the mtime: with relatime, any read of the
-        // file moves it.
-        let f = fs::File::options().write(true).open(&outside_file).unwrap();
-        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
-        f.set_times(
-            fs::FileTimes::new()
-                .set_accessed(old)
-                .set_modified(old + std::time::Duration::from_secs(60)),
-        )
-        .unwrap();
-        drop(f);
+        scratch::sentinel(&outside_file, SECRET);
         let abs = |p: &Path| p.as_os_str().as_encoded_bytes().to_vec();
         let targets = vec![
             b"hello.txt".to_vec(),

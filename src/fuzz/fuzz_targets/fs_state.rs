@@ -54,15 +54,7 @@ fn world() -> &'static World {
         let outside = base.join("outside");
         fs::create_dir(&outside).unwrap();
         let secret = outside.join("secret.txt");
-        fs::write(&secret, b"secret").unwrap();
-        let f = fs::File::options().write(true).open(&secret).unwrap();
-        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
-        f.set_times(
-            fs::FileTimes::new()
-                .set_accessed(old)
-                .set_modified(old + std::time::Duration::from_secs(60)),
-        )
-        .unwrap();
+        scratch::sentinel(&secret, b"secret");
         let share = base.join("share");
         fs::create_dir_all(share.join("a/b")).unwrap();
         fs::write(share.join("a/b/c"), b"abc").unwrap();

@@ -45,3 +45,20 @@ fn remove_stale(tmp: &Path) {
         }
     }
 }
+
+/// Writes a sentinel file outside a share: `contents`, mode 0600, and an
+/// atime older than its mtime, so that (with relatime) any read of it
+/// moves the atime.
+pub fn sentinel(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).expect("the sentinel file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    f.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(old)
+            .set_modified(old + std::time::Duration::from_secs(60)),
+    )
+    .unwrap();
+}

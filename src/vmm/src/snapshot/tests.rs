@@ -402,11 +402,11 @@ fn a_damaged_device_state_is_refused_naming_the_device_and_field() {
     assert!(e.to_string().contains("65 devices"), "{e}");
     let mut big = snapshot(1);
     big.devices = vec![balloon_state()];
-    big.devices[0].device = vec![0; 80_000];
+    big.devices[0].device = vec![0; crate::virtio::state::MAX_DEVICE_STATE + 1];
     let e = read_bytes(&frame(FORMAT_VERSION, &state(&big), &mib)).unwrap_err();
     assert!(
         e.to_string()
-            .contains("devices[0]: device state field device: 80000 bytes"),
+            .contains("devices[0]: device state field device: 1048577 bytes"),
         "{e}"
     );
     // A file without the devices (a version 1 state framed as the current version).

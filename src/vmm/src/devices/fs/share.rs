@@ -69,10 +69,14 @@
 //!   2^20, Linux's default `fs.nr_open`; [`Fs::new`](super::Fs::new) first
 //!   raises the soft limit to the hard one): beyond it a new inode or
 //!   handle is ENFILE, after undoing the backend's lookup or open. FORGET
-//!   is honoured: node ids are the host's inode numbers under a (device,
-//!   mount) index (`use_host_ino`), so the backend drops its whole record
-//!   of a forgotten inode, where its default numbering keeps an id->node
-//!   entry for every inode ever seen. Two limits of that scheme: inode
+//!   is honoured: the backend's node ids are the host's inode numbers
+//!   under a (device, mount) index (`use_host_ino`), so it drops its whole
+//!   record of a forgotten inode, where its default numbering keeps an
+//!   id->node entry for every inode ever seen. The guest never sees those
+//!   ids: its node ids and handles are the ledger's own, translated on
+//!   every request (an unknown one is EBADF), so that a checkpoint
+//!   (`checkpoint.rs`) can rebuild them over another backend; the backend
+//!   is told to forget an inode when the guest's count reaches zero. Two limits of that scheme: inode
 //!   numbers above 2^47 (overlayfs with xino) get a virtual number whose
 //!   small id->node entry stays, and at most 254 (device, mount) pairs can
 //!   be served (lookups beyond fail), which the runtime's few bind mounts
@@ -173,7 +177,7 @@ pub struct ShareFs {
     fd_budget: usize,
     ledger: Mutex<Ledger>,
     /// A FUSE session exists: the guest sent INIT and no DESTROY since
-    /// (read by a capture, which refuses a mounted share).
+    /// (or a checkpoint rebuilt one).
     session: Arc<AtomicBool>,
     /// The FUSE options the guest's kernel offered at INIT (the backend's
     /// answer depends on nothing else): a rebuilt server initialises its
