@@ -61,6 +61,36 @@ fn counting_past(b: &TestBundle, past: u64, what: &str) -> u64 {
     }
 }
 
+/// `restore --detach` of `id` from `image`, its stdio (the monitor's,
+/// which it keeps, as create's) in files of the sandbox, as `create`
+/// does; the pid from its pid file.
+fn restore(sb: &Sandbox, image: &str, bundle: &str, id: &str) -> i32 {
+    lifecycle::become_subreaper();
+    let pid_file = sb.path().join(format!("{id}.restored.pid"));
+    let file =
+        |ext: &str| std::fs::File::create(sb.path().join(format!("{id}.restore.{ext}"))).unwrap();
+    let mut c = sb.cmd();
+    c.args([
+        "restore",
+        "--detach",
+        "--image-path",
+        image,
+        "--bundle",
+        bundle,
+        "--pid-file",
+    ])
+    .arg(&pid_file)
+    .arg(id)
+    .stdin(std::process::Stdio::null())
+    .stdout(file("out"))
+    .stderr(file("err"));
+    let mut child = c.spawn().unwrap();
+    let st = harness::wait_timeout(&mut child, harness::RUN_TIMEOUT).expect("restore timed out");
+    let err = std::fs::read_to_string(sb.path().join(format!("{id}.restore.err"))).unwrap();
+    assert_eq!(st.code(), Some(0), "restore {id}: {err}");
+    lifecycle::read_pid(&pid_file)
+}
+
 fn image(sb: &Sandbox, name: &str) -> String {
     sb.path().join(name).to_str().unwrap().to_string()
 }
@@ -174,25 +204,9 @@ fn a_checkpoint_leaves_the_container_running_or_stops_it() {
 
     // Restored from it, after the original is gone: the same process
     // counts on from where it stood, never from the start.
-    let pid_file = sb.path().join("restored.pid");
     let bundle = b.dir.to_str().unwrap().to_string();
-    let o = krun(
-        &sb,
-        &[
-            "restore",
-            "--detach",
-            "--image-path",
-            &last,
-            "--bundle",
-            &bundle,
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            "c2",
-        ],
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
+    let pid = restore(&sb, &last, &bundle, "c2");
     assert_eq!(status(&sb, "c2"), "running");
-    let pid = lifecycle::read_pid(&pid_file);
     let mut seen = stopped;
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen < stopped + 10 {

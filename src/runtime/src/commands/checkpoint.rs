@@ -98,6 +98,9 @@ pub struct Args {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub format: u32,
+    /// The host <-> guest protocol of the guest-init in the VM: a restore
+    /// by a runtime speaking another is refused.
+    pub protocol: u32,
     /// The container as it was checkpointed.
     pub state: State,
     /// Whether it went on running.
@@ -167,6 +170,7 @@ pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
     }
     let record = Record {
         format: FORMAT,
+        protocol: krun_proto::PROTOCOL_VERSION,
         state: c.state.clone(),
         leave_running: a.leave_running,
         created: crate::logging::rfc3339_now(),
@@ -293,6 +297,15 @@ fn read_record(image: &Path) -> Result<Record> {
             "{}: checkpoint format {}; this krun-oci restores format {FORMAT}",
             path.display(),
             record.format
+        )));
+    }
+    if record.protocol != krun_proto::PROTOCOL_VERSION {
+        return Err(Error::Unsupported(format!(
+            "{}: its guest-init speaks protocol {}, this krun-oci {}: restore it with the \
+             krun-oci that checkpointed it",
+            path.display(),
+            record.protocol,
+            krun_proto::PROTOCOL_VERSION
         )));
     }
     Ok(record)
