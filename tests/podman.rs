@@ -1310,3 +1310,83 @@ fn namespaces_of_another_container_are_joined_in_its_vm() {
     pm.ok(&["rm", "-f", "-t", "0", "first"]);
     pm.finish();
 }
+
+/// `podman container checkpoint` and `restore` of a counter: with
+/// `--leave-running` it counts on; checkpointed, it stands still
+/// (exited); restored, the same process counts on from where it stood,
+/// never from the start. On the built-in VMM (the nested test host); on
+/// QEMU podman's checkpoint fails with krun-oci's reason and the
+/// container counts on.
+#[test]
+fn checkpoint_and_restore_continue_a_counter() {
+    let pm = Podman::new("checkpoint");
+    if pm.is_runc() {
+        // runc's CRIU needs kernel features this machine's kernel may
+        // not have; the podman flow is the one krun-oci must follow.
+        pm.not_applicable("podman checkpoint through runc (CRIU)");
+        pm.finish();
+        return;
+    }
+    pm.run_d(
+        "ck",
+        &[],
+        busybox(),
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /count.new && mv /count.new /count; sleep 0.1; done",
+        ],
+    );
+    let count = || -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = pm.podman(&["exec", "ck", "cat", "/count"]);
+            if let Ok(n) = o.stdout.trim().parse() {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no count: {}", o.stderr);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let counting_past = |n: u64, what: &str| -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = count();
+            if now > n {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the count stayed at {now}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let n = counting_past(3, "started");
+    if krun_e2e::hypervisor().as_deref() != Some("builtin") {
+        let o = pm.podman(&["container", "checkpoint", "ck"]);
+        assert_ne!(o.code, 0);
+        assert!(
+            o.stderr.contains("QEMU cannot capture a running VM"),
+            "{}",
+            o.stderr
+        );
+        counting_past(n, "after the refused checkpoint");
+        stop_rm_finish(pm, "ck");
+        return;
+    }
+    pm.ok(&["container", "checkpoint", "--leave-running", "ck"]);
+    assert_eq!(pm.status("ck"), "running");
+    let n = counting_past(n, "after a checkpoint that leaves it running");
+    pm.ok(&["container", "checkpoint", "ck"]);
+    assert_eq!(pm.status("ck"), "exited");
+    pm.ok(&["container", "restore", "ck"]);
+    assert_eq!(pm.status("ck"), "running");
+    let restored = count();
+    assert!(
+        restored >= n,
+        "the restored container counted from the start: {restored} after {n}"
+    );
+    counting_past(restored + 5, "after the restore");
+    stop_rm_finish(pm, "ck");
+}

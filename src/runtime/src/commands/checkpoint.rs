@@ -53,28 +53,28 @@ pub struct Args {
     #[arg(long)]
     pub work_path: Option<PathBuf>,
     /// Leave the container running after the checkpoint.
-    #[arg(long)]
+    #[arg(long, overrides_with = "leave_running")]
     pub leave_running: bool,
     /// Refused: established TCP connections are not carried.
-    #[arg(long)]
+    #[arg(long, overrides_with = "tcp_established")]
     pub tcp_established: bool,
     /// Accepted: the VM carries its own sockets.
-    #[arg(long)]
+    #[arg(long, overrides_with = "ext_unix_sk")]
     pub ext_unix_sk: bool,
     /// Refused: a terminal cannot be given back at restore.
-    #[arg(long)]
+    #[arg(long, overrides_with = "shell_job")]
     pub shell_job: bool,
     /// Accepted: file locks are the guest kernel's, in the VM.
-    #[arg(long)]
+    #[arg(long, overrides_with = "file_locks")]
     pub file_locks: bool,
     /// Refused: no pre-dump (iterative) checkpoints.
-    #[arg(long)]
+    #[arg(long, overrides_with = "pre_dump")]
     pub pre_dump: bool,
     /// Refused: no parent checkpoint (pre-dump) to build on.
     #[arg(long)]
     pub parent_path: Option<PathBuf>,
     /// Refused: no lazy pages.
-    #[arg(long)]
+    #[arg(long, overrides_with = "lazy_pages")]
     pub lazy_pages: bool,
     /// Refused: no page server.
     #[arg(long)]
@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long)]
     pub empty_ns: Vec<String>,
     /// Accepted, ignored.
-    #[arg(long)]
+    #[arg(long, overrides_with = "auto_dedup")]
     pub auto_dedup: bool,
     /// Refused: no status descriptor (lazy migration).
     #[arg(long)]
@@ -151,8 +151,13 @@ pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
         .mode(0o700)
         .create(image)
         .map_err(|e| e.doing(format!("creating the image directory {}", image.display())))?;
+    // Written beside, then renamed over what a checkpoint before left
+    // (podman keeps one image directory per container, as CRIU
+    // overwrites its images): a failure leaves that one whole, and a
+    // rename replaces a link planted there rather than following it.
     let snap_path = image.join(SNAPSHOT);
-    let snap = new_file(&snap_path)?;
+    let snap_tmp = beside(&snap_path);
+    let snap = new_file(&snap_tmp)?;
     let log_dir = a.work_path.as_deref().unwrap_or(image);
     let started = Instant::now();
     let captured = c.call_with_fds(
@@ -164,7 +169,7 @@ pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
     let took = started.elapsed();
     if let Err(e) = captured {
         drop(snap);
-        let _ = std::fs::remove_file(&snap_path);
+        let _ = std::fs::remove_file(&snap_tmp);
         let _ = write_log(log_dir, &format!("checkpoint of {} failed: {e}\n", c.id));
         return Err(e);
     }
@@ -177,6 +182,8 @@ pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
         capture_ms: took.as_millis() as u64,
     };
     let json = serde_json::to_vec_pretty(&record)?;
+    std::fs::rename(&snap_tmp, &snap_path)
+        .map_err(|e| e.doing(format!("renaming {} into place", snap_tmp.display())))?;
     write_new(&image.join(RECORD), &json)?;
     write_new(
         &image.join(INVENTORY),
@@ -217,7 +224,7 @@ pub struct RestoreArgs {
     pub bundle: PathBuf,
     /// Leave the container running and return (as conmon asks); without
     /// it, as `run`: wait for the container's end. Only detached is done.
-    #[arg(short, long)]
+    #[arg(short, long, overrides_with = "detach")]
     pub detach: bool,
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -225,22 +232,22 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
     /// Accepted: the monitor is the container's pid either way.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_subreaper")]
     pub no_subreaper: bool,
     /// Accepted: no pivot_root on the host either way.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_pivot")]
     pub no_pivot: bool,
     /// Refused: established TCP connections are not carried.
-    #[arg(long)]
+    #[arg(long, overrides_with = "tcp_established")]
     pub tcp_established: bool,
     /// Accepted: the VM carries its own sockets.
-    #[arg(long)]
+    #[arg(long, overrides_with = "ext_unix_sk")]
     pub ext_unix_sk: bool,
     /// Refused: a terminal cannot be given back.
-    #[arg(long)]
+    #[arg(long, overrides_with = "shell_job")]
     pub shell_job: bool,
     /// Accepted: file locks are the guest kernel's.
-    #[arg(long)]
+    #[arg(long, overrides_with = "file_locks")]
     pub file_locks: bool,
     /// Accepted, ignored: the host cgroup is made anew.
     #[arg(long)]
@@ -249,10 +256,10 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub empty_ns: Vec<String>,
     /// Accepted, ignored.
-    #[arg(long)]
+    #[arg(long, overrides_with = "auto_dedup")]
     pub auto_dedup: bool,
     /// Refused: no lazy restore.
-    #[arg(long)]
+    #[arg(long, overrides_with = "lazy_pages")]
     pub lazy_pages: bool,
     /// Accepted, ignored: the VM is the boundary.
     #[arg(long)]
@@ -378,23 +385,31 @@ fn new_file(path: &Path) -> Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| {
-            let what = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                format!(
-                    "{} exists: the image directory holds a checkpoint already",
-                    path.display()
-                )
-            } else {
-                format!("creating {}", path.display())
-            };
-            e.doing(what)
-        })
+        .map_err(|e| e.doing(format!("creating {}", path.display())))
 }
 
+/// Where `path` is written before it is renamed into place: beside it,
+/// hidden, this process's.
+fn beside(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}", std::process::id()))
+}
+
+/// `path` holds `bytes`, whatever it held (a file, a link: replaced, never
+/// followed).
 fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    new_file(path)?
+    let tmp = beside(path);
+    let written = new_file(&tmp)?
         .write_all(bytes)
-        .map_err(|e| e.doing(format!("writing {}", path.display())))
+        .map_err(|e| e.doing(format!("writing {}", tmp.display())))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| e.doing(format!("renaming {} into place", tmp.display())))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Appends `line` to `dump.log` in `dir`.
@@ -434,6 +449,9 @@ mod tests {
 
     #[test]
     fn podmans_flags_parse_and_what_cannot_be_done_is_refused_by_name() {
+        // podman 4.3 says --leave-running twice.
+        let a = parse(&["--leave-running", "--leave-running", "c1"]);
+        assert!(a.leave_running);
         let a = parse(&[
             "--image-path",
             "/b/checkpoint",
@@ -455,14 +473,17 @@ mod tests {
     }
 
     #[test]
-    fn an_image_directory_is_never_written_through_a_link_or_twice() {
+    fn an_image_directory_is_never_written_through_a_link() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("elsewhere");
-        std::os::unix::fs::symlink(&target, dir.path().join(SNAPSHOT)).unwrap();
-        assert!(new_file(&dir.path().join(SNAPSHOT)).is_err());
+        std::os::unix::fs::symlink(&target, dir.path().join(RECORD)).unwrap();
+        assert!(new_file(&dir.path().join(RECORD)).is_err());
+        // Replaced, the link itself, never followed.
+        write_new(&dir.path().join(RECORD), b"one").unwrap();
         assert!(!target.exists());
-        write_new(&dir.path().join(RECORD), b"{}").unwrap();
-        let e = write_new(&dir.path().join(RECORD), b"{}").unwrap_err();
-        assert!(e.to_string().contains("holds a checkpoint already"), "{e}");
+        write_new(&dir.path().join(RECORD), b"two").unwrap();
+        assert_eq!(std::fs::read(dir.path().join(RECORD)).unwrap(), b"two");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "nothing but the record: {left:?}");
     }
 }
