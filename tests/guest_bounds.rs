@@ -191,6 +191,27 @@ impl Feeder {
     }
 }
 
+/// Takes `run`'s stdout and stderr and waits for the container's first
+/// line, "ready" (killing `run` and saying what it said if it never
+/// comes); returns the rest of stdout and a thread reading stderr.
+fn await_ready(
+    child: &mut std::process::Child,
+) -> (std::process::ChildStdout, std::thread::JoinHandle<String>) {
+    let mut stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
+    let mut ready = [0u8; 6];
+    if let Err(e) = std::io::Read::read_exact(&mut stdout, &mut ready) {
+        let _ = child.kill();
+        panic!(
+            "no \"ready\" from the container ({e}); run's stderr: {}",
+            stderr.join().unwrap()
+        );
+    }
+    assert_eq!(&ready, b"ready\n");
+    (stdout, stderr)
+}
+
 /// A guest that floods its serial console (root with CAP_MKNOD can open
 /// the UART as a tty) leaves a console log no bigger than the cap plus
 /// one note, and its container still ends normally.
@@ -256,18 +277,7 @@ fn a_guest_that_stops_reading_is_killed_at_the_deadline() {
     c.env("KRUN_OCI_STDIN_WINDOW", (1u64 << 40).to_string());
     let mut child = harness::spawn_run(c, &b, "sr", Stdio::piped());
     let _feeder = Feeder::start(child.stdin.take().unwrap(), usize::MAX);
-    let mut stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
-    let mut ready = [0u8; 6];
-    if let Err(e) = std::io::Read::read_exact(&mut stdout, &mut ready) {
-        let _ = child.kill();
-        panic!(
-            "no \"ready\" from the container ({e}); run's stderr: {}",
-            stderr.join().unwrap()
-        );
-    }
-    assert_eq!(&ready, b"ready\n");
+    let (_stdout, stderr) = await_ready(&mut child);
     signal(qemu_pid(&sb), libc::SIGSTOP);
     let stopped = Instant::now();
     let status = harness::wait_timeout(&mut child, Duration::from_secs(60)).unwrap_or_else(|| {
@@ -396,18 +406,7 @@ fn a_process_that_reads_no_stdin_holds_back_its_writer() {
     ]);
     let mut child = harness::spawn_run(sb.cmd(), &b, "sh1", Stdio::piped());
     let feeder = Feeder::start(child.stdin.take().unwrap(), CHUNKS);
-    let mut stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
-    let mut ready = [0u8; 6];
-    if let Err(e) = std::io::Read::read_exact(&mut stdout, &mut ready) {
-        let _ = child.kill();
-        panic!(
-            "no \"ready\" from the container ({e}); run's stderr: {}",
-            stderr.join().unwrap()
-        );
-    }
-    assert_eq!(&ready, b"ready\n");
+    let (stdout, stderr) = await_ready(&mut child);
     // The process reads nothing: the writer blocks, well short of the end.
     feeder.wait_stuck(Duration::from_secs(3));
     let held = feeder.written.load(Ordering::SeqCst);

@@ -45,8 +45,8 @@ pub const FORMAT: u32 = 1;
 /// runc's `checkpoint` flags.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Where to write the checkpoint (created if need be; it must not hold
-    /// one already).
+    /// Where to write the checkpoint (created if need be; a checkpoint
+    /// there before is replaced).
     #[arg(long, default_value = "checkpoint")]
     pub image_path: PathBuf,
     /// Where to write the log (default: the image directory).
@@ -55,31 +55,43 @@ pub struct Args {
     /// Leave the container running after the checkpoint.
     #[arg(long, overrides_with = "leave_running")]
     pub leave_running: bool,
-    /// Refused: established TCP connections are not carried.
-    #[arg(long, overrides_with = "tcp_established")]
-    pub tcp_established: bool,
-    /// Accepted: the VM carries its own sockets.
-    #[arg(long, overrides_with = "ext_unix_sk")]
-    pub ext_unix_sk: bool,
-    /// Refused: a terminal cannot be given back at restore.
-    #[arg(long, overrides_with = "shell_job")]
-    pub shell_job: bool,
-    /// Accepted: file locks are the guest kernel's, in the VM.
-    #[arg(long, overrides_with = "file_locks")]
-    pub file_locks: bool,
+    #[command(flatten)]
+    pub criu: CriuFlags,
     /// Refused: no pre-dump (iterative) checkpoints.
     #[arg(long, overrides_with = "pre_dump")]
     pub pre_dump: bool,
     /// Refused: no parent checkpoint (pre-dump) to build on.
     #[arg(long)]
     pub parent_path: Option<PathBuf>,
-    /// Refused: no lazy pages.
-    #[arg(long, overrides_with = "lazy_pages")]
-    pub lazy_pages: bool,
     /// Refused: no page server.
     #[arg(long)]
     pub page_server: Option<String>,
-    /// Accepted, ignored: the host cgroup is the VM's, made anew at restore.
+    /// Refused: no status descriptor (lazy migration).
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    pub container_id: String,
+}
+
+/// The flags `checkpoint` and `restore` share (CRIU's, through runc):
+/// what a VM carries by itself is accepted, what it cannot do refused.
+#[derive(clap::Args, Debug)]
+pub struct CriuFlags {
+    /// Refused: established TCP connections are not carried.
+    #[arg(long, overrides_with = "tcp_established")]
+    pub tcp_established: bool,
+    /// Accepted: the VM carries its own sockets.
+    #[arg(long, overrides_with = "ext_unix_sk")]
+    pub ext_unix_sk: bool,
+    /// Refused: a container with a terminal is never checkpointed.
+    #[arg(long, overrides_with = "shell_job")]
+    pub shell_job: bool,
+    /// Accepted: file locks are the guest kernel's, in the VM.
+    #[arg(long, overrides_with = "file_locks")]
+    pub file_locks: bool,
+    /// Refused: no lazy pages.
+    #[arg(long, overrides_with = "lazy_pages")]
+    pub lazy_pages: bool,
+    /// Accepted, ignored: the host cgroup is made anew at restore.
     #[arg(long)]
     pub manage_cgroups_mode: Option<String>,
     /// Accepted, ignored: namespaces are the VM's.
@@ -88,10 +100,19 @@ pub struct Args {
     /// Accepted, ignored.
     #[arg(long, overrides_with = "auto_dedup")]
     pub auto_dedup: bool,
-    /// Refused: no status descriptor (lazy migration).
-    #[arg(long)]
-    pub status_fd: Option<i32>,
-    pub container_id: String,
+}
+
+impl CriuFlags {
+    /// The first flag that asks for what a VM checkpoint does not do.
+    fn refused(&self) -> Option<&'static str> {
+        [
+            (self.tcp_established, "--tcp-established: established TCP connections are not carried across a krun-oci checkpoint"),
+            (self.shell_job, "--shell-job: a container with a terminal is never checkpointed"),
+            (self.lazy_pages, "--lazy-pages: krun-oci has no lazy restore"),
+        ]
+        .into_iter()
+        .find_map(|(set, why)| set.then_some(why))
+    }
 }
 
 /// `krun-checkpoint.json`.
@@ -114,17 +135,28 @@ pub struct Record {
 /// The flags that ask for what a VM checkpoint does not do: the first one
 /// set, as runc names it.
 fn refused(a: &Args) -> Option<&'static str> {
-    [
-        (a.tcp_established, "--tcp-established: established TCP connections are not carried across a krun-oci checkpoint"),
-        (a.shell_job, "--shell-job: a container with a terminal cannot be checkpointed"),
-        (a.pre_dump, "--pre-dump: krun-oci has no iterative checkpoints"),
-        (a.parent_path.is_some(), "--parent-path: krun-oci has no iterative checkpoints"),
-        (a.lazy_pages, "--lazy-pages: krun-oci has no lazy restore"),
-        (a.page_server.is_some(), "--page-server: krun-oci has no page server"),
-        (a.status_fd.is_some(), "--status-fd: krun-oci has no lazy restore"),
-    ]
-    .into_iter()
-    .find_map(|(set, why)| set.then_some(why))
+    a.criu.refused().or_else(|| {
+        [
+            (
+                a.pre_dump,
+                "--pre-dump: krun-oci has no iterative checkpoints",
+            ),
+            (
+                a.parent_path.is_some(),
+                "--parent-path: krun-oci has no iterative checkpoints",
+            ),
+            (
+                a.page_server.is_some(),
+                "--page-server: krun-oci has no page server",
+            ),
+            (
+                a.status_fd.is_some(),
+                "--status-fd: krun-oci has no lazy restore",
+            ),
+        ]
+        .into_iter()
+        .find_map(|(set, why)| set.then_some(why))
+    })
 }
 
 pub fn checkpoint(ctx: &Context, a: &Args) -> Result<i32> {
@@ -237,30 +269,8 @@ pub struct RestoreArgs {
     /// Accepted: no pivot_root on the host either way.
     #[arg(long, overrides_with = "no_pivot")]
     pub no_pivot: bool,
-    /// Refused: established TCP connections are not carried.
-    #[arg(long, overrides_with = "tcp_established")]
-    pub tcp_established: bool,
-    /// Accepted: the VM carries its own sockets.
-    #[arg(long, overrides_with = "ext_unix_sk")]
-    pub ext_unix_sk: bool,
-    /// Refused: a terminal cannot be given back.
-    #[arg(long, overrides_with = "shell_job")]
-    pub shell_job: bool,
-    /// Accepted: file locks are the guest kernel's.
-    #[arg(long, overrides_with = "file_locks")]
-    pub file_locks: bool,
-    /// Accepted, ignored: the host cgroup is made anew.
-    #[arg(long)]
-    pub manage_cgroups_mode: Option<String>,
-    /// Accepted, ignored.
-    #[arg(long)]
-    pub empty_ns: Vec<String>,
-    /// Accepted, ignored.
-    #[arg(long, overrides_with = "auto_dedup")]
-    pub auto_dedup: bool,
-    /// Refused: no lazy restore.
-    #[arg(long, overrides_with = "lazy_pages")]
-    pub lazy_pages: bool,
+    #[command(flatten)]
+    pub criu: CriuFlags,
     /// Accepted, ignored: the VM is the boundary.
     #[arg(long)]
     pub lsm_profile: Option<String>,
@@ -319,15 +329,20 @@ fn read_record(image: &Path) -> Result<Record> {
 }
 
 pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<i32> {
-    let why = [
-        (a.tcp_established, "--tcp-established: established TCP connections are not carried across a krun-oci checkpoint"),
-        (a.shell_job, "--shell-job: a container with a terminal is never checkpointed"),
-        (a.console_socket.is_some(), "--console-socket: a container with a terminal is never checkpointed"),
-        (a.lazy_pages, "--lazy-pages: krun-oci has no lazy restore"),
-        (!a.detach, "restore without --detach: krun-oci restores detached only (as conmon asks)"),
-    ]
-    .into_iter()
-    .find_map(|(set, why)| set.then_some(why));
+    let why = a.criu.refused().or_else(|| {
+        [
+            (
+                a.console_socket.is_some(),
+                "--console-socket: a container with a terminal is never checkpointed",
+            ),
+            (
+                !a.detach,
+                "restore without --detach: krun-oci restores detached only (as conmon asks)",
+            ),
+        ]
+        .into_iter()
+        .find_map(|(set, why)| set.then_some(why))
+    });
     if let Some(why) = why {
         return Err(Error::Unsupported(why.into()));
     }
@@ -462,7 +477,7 @@ mod tests {
             "c1",
         ]);
         assert_eq!(a.image_path, PathBuf::from("/b/checkpoint"));
-        assert!(a.leave_running && a.file_locks);
+        assert!(a.leave_running && a.criu.file_locks);
         assert_eq!(a.container_id, "c1");
         assert_eq!(refused(&a), None);
         let a = parse(&["--tcp-established", "c1"]);
