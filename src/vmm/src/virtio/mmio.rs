@@ -318,6 +318,10 @@ impl MmioTransport {
     /// found activated, continuing from the captured queue indices; does
     /// nothing for any other.
     pub fn activate_restored(&mut self) -> Result<(), RestoreError> {
+        // Every restored device, activated or not: its interrupt, pending
+        // at the capture, raised again now that the vCPUs' and interrupt
+        // controllers' state is in place (see Interrupt::reassert).
+        self.interrupt.reassert();
         if !std::mem::take(&mut self.pending) {
             return Ok(());
         }

@@ -81,12 +81,20 @@ impl Interrupt {
     }
 
     /// Sets the status bits to a captured `status` (a restore, before the
-    /// vCPUs run) and, if any is set, raises the interrupt again: a driver
-    /// finds nothing to do on a spurious one, but would wait forever on a
-    /// lost one.
+    /// vCPUs run). The interrupt is raised again by [`Interrupt::reassert`]
+    /// once the vCPUs' and interrupt controllers' state is restored: raised
+    /// here, it would land in controllers that the restore then overwrites.
     pub fn restore_status(&self, status: u32) {
         self.status.store(status, Ordering::SeqCst);
-        if status != 0 {
+    }
+
+    /// Raises the interrupt again if a status bit is set (a restored
+    /// device, its interrupt controllers restored): a driver finds nothing
+    /// to do on a spurious one, but would wait forever on a lost one (a
+    /// capture can read a vCPU's LAPIC before a device's last interrupt
+    /// reaches it).
+    pub fn reassert(&self) {
+        if self.status() != 0 {
             let _ = self.evt.write(1);
         }
     }
