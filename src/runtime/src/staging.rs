@@ -8,8 +8,9 @@
 //! DIR/w            tmpfs, read-write, seen only by the host (MS_SHARED)
 //! DIR/s            a read-only bind of DIR/w, its peer: THE share
 //! DIR/w/ID/rootfs  the container's root filesystem, bind-mounted
-//! DIR/w/ID/mN      the source of the bundle's mounts[N], a directory or
-//!                  a single file, bind-mounted (read-only when the mount is)
+//! DIR/w/ID/mHASH   the source of one of the bundle's mounts (named by its
+//!                  destination: [`bind_name`]), a directory or a single
+//!                  file, bind-mounted (read-only when the mount is)
 //! ```
 //!
 //! What the guest can reach is exactly its containers' roots and volumes:
@@ -75,7 +76,8 @@ pub enum StagingError {
 /// A host path given to a container: its root or one bind mount's source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostBind {
-    /// The name in the container's directory of the share (`rootfs`, `m3`).
+    /// The name in the container's directory of the share (`rootfs`, or
+    /// [`bind_name`]'s).
     pub name: String,
     /// The config field it comes from, for errors (`root.path`,
     /// `mounts[3].source`).
@@ -101,9 +103,24 @@ pub fn root_path(id: &str) -> String {
     format!("{id}/rootfs")
 }
 
-/// Where the source of `mounts[index]` of container `id` is in the share.
-pub fn bind_path(id: &str, index: usize) -> String {
-    format!("{id}/m{index}")
+/// The name in the share of the source of the `nth` (from 0) mount of a
+/// container on `destination`. Named by destination, not by place in the
+/// mount list: a restored VM finds its binds again by these names, and an
+/// engine may list the same mounts in another order for the restore
+/// (podman's `restore --import` does).
+pub fn bind_name(destination: &str, nth: usize) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(destination.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    match nth {
+        0 => format!("m{hex}"),
+        n => format!("m{hex}-{n}"),
+    }
+}
+
+/// Where bind `name` ([`bind_name`]) of container `id` is in the share.
+pub fn bind_path(id: &str, name: &str) -> String {
+    format!("{id}/{name}")
 }
 
 /// A composed share. The value [`Staging::create`] returns owns it:

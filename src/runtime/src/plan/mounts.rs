@@ -194,7 +194,8 @@ fn id_maps(
 }
 
 /// The bundle's mounts as guest-init makes them; each bind mount's source
-/// goes into `binds`, to be bound into the VM's share as `ID/mN`.
+/// goes into `binds`, to be bound into the VM's share as `ID/`
+/// [`staging::bind_name`].
 pub(super) fn plan_mounts(
     spec: &Spec,
     id: &str,
@@ -203,6 +204,9 @@ pub(super) fn plan_mounts(
     problems: &mut Problems,
 ) -> Vec<MountSetup> {
     let mut out = Vec::new();
+    // Destinations bound so far: a second bind on one destination is named
+    // apart.
+    let mut seen_binds: Vec<&Path> = Vec::new();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let field = |f: &str| format!("mounts[{i}].{f}");
         let dest = m.destination();
@@ -261,8 +265,11 @@ pub(super) fn plan_mounts(
             }
             // Bound into the share on its own (symlinks resolved on the
             // host, as runc does): nothing else of its directory comes along.
+            let nth = seen_binds.iter().filter(|d| **d == dest).count();
+            seen_binds.push(dest);
+            let name = staging::bind_name(&dest.to_string_lossy(), nth);
             binds.push(HostBind {
-                name: format!("m{i}"),
+                name: name.clone(),
                 field: field("source"),
                 source: src,
                 readonly: opts.flags & libc::MS_RDONLY != 0,
@@ -271,7 +278,7 @@ pub(super) fn plan_mounts(
             });
             MountSource::Share {
                 tag: SHARE_TAG.to_string(),
-                path: staging::bind_path(id, i),
+                path: staging::bind_path(id, &name),
                 file: md.is_file(),
             }
         } else if GUEST_FILESYSTEMS.contains(&typ) {

@@ -179,13 +179,13 @@ fn mounts_become_guest_filesystems_and_shares() {
     let share = |dest: &str| match &m(dest).source {
         MountSource::Share { tag, path, file } => {
             assert_eq!(tag, SHARE_TAG);
-            assert_eq!(*path, format!("c1/m{}", index(dest)));
+            assert_eq!(*path, format!("c1/{}", staging::bind_name(dest, 0)));
             *file
         }
         other => panic!("{dest} is not a share: {other:?}"),
     };
     let bind = |dest: &str| {
-        let name = format!("m{}", index(dest));
+        let name = staging::bind_name(dest, 0);
         p.paths
             .binds
             .iter()
@@ -879,4 +879,30 @@ fn bad_device_rules_name_their_index() {
             .contains("c 1:3 rwm cannot be allowed inside the wider rule c *:* rw"),
         "{err}"
     );
+}
+
+/// A bind's name in the share follows its destination, not its place in
+/// the list: a restore's bundle may list the same mounts in another order.
+#[test]
+fn a_binds_name_in_the_share_follows_its_destination() {
+    let bind = |dest: &str| json!({"destination": dest, "type": "bind", "source": "volumes/data", "options": ["rbind"]});
+    let names = |mounts: Value| -> Vec<(String, String)> {
+        let p = plan_of("runc-spec", |c| c["mounts"] = mounts).unwrap();
+        p.setup
+            .mounts
+            .iter()
+            .filter_map(|m| match &m.source {
+                MountSource::Share { path, .. } => Some((m.destination.clone(), path.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut one = names(json!([bind("/a"), bind("/b"), bind("/a")]));
+    let mut other = names(json!([bind("/b"), bind("/a"), bind("/a")]));
+    assert_eq!(one.len(), 3);
+    // The two on /a are named apart, and each list names the same.
+    assert_ne!(one[0].1, one[2].1);
+    one.sort();
+    other.sort();
+    assert_eq!(one, other);
 }
