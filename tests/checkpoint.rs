@@ -19,13 +19,27 @@ fn builtin() -> bool {
 }
 
 /// A container that counts in its rootfs, a step every 50 ms, writing
-/// each number whole (a rename), so the host reads it at any time.
+/// each number whole (a rename), so the host reads it at any time, and
+/// appending it to `/held`, a file it holds open from the start.
 fn counter(sb: &Sandbox) -> TestBundle {
     sb.written_bundle(&[
         "sh",
         "-c",
-        "i=0; while :; do i=$((i+1)); echo $i > /count.new && mv /count.new /count; sleep 0.05; done",
+        "exec 3>>/held; i=0; while :; do i=$((i+1)); echo $i > /count.new && mv /count.new /count; echo $i >&3; sleep 0.05; done",
     ])
+}
+
+/// `/held` counts 1, 2, 3, ... with no gap and no new start, to at least
+/// `past`: the file the counter holds open was carried.
+#[track_caller]
+fn held_in_order(b: &TestBundle, past: u64) {
+    let text = std::fs::read_to_string(b.rootfs().join("held")).unwrap();
+    let mut want = 1;
+    for line in text.lines() {
+        assert_eq!(line, want.to_string(), "/held: {want} expected; {text}");
+        want += 1;
+    }
+    assert!(want > past, "/held stops at {}, not past {past}", want - 1);
 }
 
 fn count(b: &TestBundle) -> u64 {
@@ -207,6 +221,19 @@ fn a_checkpoint_leaves_the_container_running_or_stops_it() {
         "killed, as runc leaves it"
     );
     ok(krun(&sb, &["delete", "c2"]));
+    // A second root filesystem as the first stands now, for a second
+    // restore below (podman's `restore --import` gives a new one too).
+    let b2 = TestBundle {
+        dir: sb.path().join("bundle2"),
+        config: b.config.clone(),
+    };
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&b.dir)
+        .arg(&b2.dir)
+        .status()
+        .unwrap();
+    assert!(cp.success());
 
     // Restored from it, after the original is gone: the same process
     // counts on from where it stood, never from the start.
@@ -235,6 +262,7 @@ fn a_checkpoint_leaves_the_container_running_or_stops_it() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    held_in_order(&b, seen - 1);
     let log = std::fs::read_to_string(Path::new(&last).join("restore.log")).unwrap();
     assert!(log.contains("restored"), "{log}");
     // Restoring it again while it runs: refused, it exists.
@@ -251,6 +279,38 @@ fn a_checkpoint_leaves_the_container_running_or_stops_it() {
         ],
         "exists",
     );
+    // Under another name, onto the other root, while the first runs: a
+    // second container that counts on from the same point, in its own
+    // root, and that exec reaches.
+    let bundle2 = b2.dir.to_str().unwrap().to_string();
+    let pid2 = restore(&sb, &last, &bundle2, "c2b");
+    assert_eq!(status(&sb, "c2b"), "running");
+    let n2 = count(&b2);
+    assert!(n2 >= stopped, "the clone counted from the start: {n2}");
+    let n2 = counting_past(&b2, n2 + 5, "the restore under another name");
+    let o = krun(&sb, &["exec", "c2b", "cat", "/count"]);
+    assert_eq!(o.code, 0, "exec into the restored clone: {}", o.stderr);
+    let seen: u64 = o.stdout.trim().parse().unwrap();
+    assert!(seen >= n2, "exec saw {seen}, the host {n2}");
+    let first = counting_past(&b, seen.max(count(&b)), "the first, beside its clone");
+    held_in_order(&b, first - 1);
+    held_in_order(&b2, n2 - 1);
+    // The clone checkpoints and restores again, still by the VM's name.
+    let again = image(&sb, "again");
+    ok(krun(&sb, &["checkpoint", "--image-path", &again, "c2b"]));
+    wait_exit(pid2);
+    ok(krun(&sb, &["delete", "c2b"]));
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(&again).join("krun-checkpoint.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["state"]["id"], "c2b");
+    assert_eq!(record["state"]["guestId"], "c2");
+    let stood = count(&b2);
+    let pid2 = restore(&sb, &again, &bundle2, "c2c");
+    counting_past(&b2, stood + 5, "the clone's clone");
+    ok(krun(&sb, &["delete", "--force", "c2c"]));
+    wait_exit(pid2);
     ok(krun(&sb, &["delete", "--force", "c2"]));
     wait_exit(pid);
     sb.assert_clean();

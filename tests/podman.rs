@@ -1314,7 +1314,8 @@ fn namespaces_of_another_container_are_joined_in_its_vm() {
 /// `podman container checkpoint` and `restore` of a counter: with
 /// `--leave-running` it counts on; checkpointed, it stands still
 /// (exited); restored, the same process counts on from where it stood,
-/// never from the start. On the built-in VMM (the nested test host); on
+/// never from the start; exported, removed and imported (twice, once
+/// under another name) it counts on in each. On the built-in VMM (the nested test host); on
 /// QEMU podman's checkpoint fails with krun-oci's reason and the
 /// container counts on.
 #[test]
@@ -1329,7 +1330,8 @@ fn checkpoint_and_restore_continue_a_counter() {
     }
     pm.run_d(
         "ck",
-        &[],
+        // A smaller VM than the default: the export packs its memory.
+        &["--annotation", "io.krun-oci.memory_mib=128"],
         busybox(),
         &[
             "sh",
@@ -1387,6 +1389,37 @@ fn checkpoint_and_restore_continue_a_counter() {
         restored >= n,
         "the restored container counted from the start: {restored} after {n}"
     );
-    counting_past(restored + 5, "after the restore");
+    let n = counting_past(restored + 5, "after the restore");
+
+    // Exported and removed, then imported: a new container (a new root
+    // filesystem, mount list in another order, new conmon) counts on.
+    let id = pm.ok(&["inspect", "--format", "{{.Id}}", "ck"]);
+    let export = pm.path().join("ck.tar.gz");
+    let export_arg = format!("--export={}", export.display());
+    pm.ok(&["container", "checkpoint", &export_arg, "ck"]);
+    pm.ok(&["rm", "ck"]);
+    assert_ne!(pm.podman(&["inspect", "ck"]).code, 0, "ck was not removed");
+    let import_arg = format!("--import={}", export.display());
+    // Imported twice: under another name (a new id), and as it was. Both
+    // count on from where the export stood.
+    pm.ok(&["container", "restore", &import_arg, "--name", "ck2"]);
+    pm.ok(&["container", "restore", &import_arg]);
+    assert_eq!(
+        pm.ok(&["inspect", "--format", "{{.Id}}", "ck"]),
+        id,
+        "the import is the same container"
+    );
+    for name in ["ck2", "ck"] {
+        assert_eq!(pm.status(name), "running");
+        let o = pm.podman(&["exec", name, "cat", "/count"]);
+        let imported: u64 = o.stdout.trim().parse().unwrap_or_else(|_| panic!("{o:?}"));
+        assert!(
+            imported >= n,
+            "{name}, imported, counted from the start: {imported} after {n}"
+        );
+    }
+    counting_past(n + 10, "after the import");
+    pm.ok(&["stop", "ck2"]);
+    pm.ok(&["rm", "ck2"]);
     stop_rm_finish(pm, "ck");
 }

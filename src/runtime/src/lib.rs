@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod idmap;
 pub mod logging;
 pub mod monitor;
+pub mod mount_points;
 pub mod net;
 pub mod plan;
 pub mod pod;

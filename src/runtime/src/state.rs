@@ -162,6 +162,11 @@ pub struct State {
     /// its requests go to that VM's monitor, about its own stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<Member>,
+    /// The name its VM knows it by (its directory in the share, guest-init's
+    /// container), when that is not its id: it was restored from a
+    /// checkpoint of another container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_id: Option<String>,
 }
 
 /// Where a container in another container's VM is: the container whose

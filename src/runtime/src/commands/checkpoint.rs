@@ -348,15 +348,20 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<i32> {
     }
     let image = &a.image_path;
     let record = read_record(image)?;
-    // The VM's share holds each file under the container's id: its file
-    // server's state names them so.
-    if record.state.id != a.container_id {
-        return Err(Error::Unsupported(format!(
-            "the checkpoint in {} is of container {:?}: krun-oci restores it under that name only",
-            image.display(),
-            record.state.id
-        )));
-    }
+    // The VM knows the container by the checkpointed one's name (its
+    // share's directory, guest-init's container), whatever this one's is.
+    let guest_id = record
+        .state
+        .guest_id
+        .clone()
+        .unwrap_or_else(|| record.state.id.clone());
+    // A name in the share: the record may come from anywhere.
+    crate::state::validate_id(&guest_id).map_err(|e| {
+        Error::Invalid(format!(
+            "{}: the checkpointed container's name: {e}",
+            image.join(RECORD).display()
+        ))
+    })?;
     let snap_path = image.join(SNAPSHOT);
     let snap = OpenOptions::new()
         .read(true)
@@ -374,7 +379,14 @@ pub fn restore(ctx: &Context, a: &RestoreArgs) -> Result<i32> {
         container_id: a.container_id.clone(),
     };
     let started = Instant::now();
-    let restored = super::create::create_with(ctx, &create, Some(snap));
+    let restored = super::create::create_with(
+        ctx,
+        &create,
+        Some(super::create::RestoreFrom {
+            snapshot: snap,
+            guest_id,
+        }),
+    );
     let line = match &restored {
         Ok(_) => format!(
             "restore of {}: VM restored from {} in {} ms\n",

@@ -76,10 +76,34 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
 /// `create`, or with `restore` (a checkpoint's VM) `restore`: the same
 /// set-up, the VM restored instead of booted, and the container running
 /// when it returns.
+/// A restore's VM expects the mount points guest-init made in the root
+/// ([`crate::mount_points`]); an imported checkpoint's new root lacks them.
+fn restore_mount_points(launch: &Launch) -> Result<()> {
+    let Some(root) = launch.plan.paths.binds.first() else {
+        return Ok(());
+    };
+    if launch.plan.setup.root.readonly {
+        return Ok(());
+    }
+    let made = crate::mount_points::make(&root.source, &launch.plan.setup.mounts)
+        .context("restoring the container's mount points")?;
+    if !made.is_empty() {
+        tracing::debug!(container = %launch.id, ?made, "made mount points for the restore");
+    }
+    Ok(())
+}
+
+/// A checkpoint's VM for [`create_with`] to restore instead of booting one.
+pub(super) struct RestoreFrom {
+    pub snapshot: std::fs::File,
+    /// The name the VM knows the container by (the checkpointed one's).
+    pub guest_id: String,
+}
+
 pub(super) fn create_with(
     ctx: &Context,
     args: &liboci_cli::Create,
-    restore: Option<std::fs::File>,
+    restore: Option<RestoreFrom>,
 ) -> Result<i32> {
     let id = &args.container_id;
     refuse_preserved_fds(args.preserve_fds)?;
@@ -103,7 +127,12 @@ pub(super) fn create_with(
         ..ctx.clone()
     };
     let mut launch = launch(&ctx, id, bundle, stdio)?;
-    launch.restore = restore;
+    if let Some(r) = restore {
+        // The share is laid out as the VM knows it.
+        launch.plan.paths.id = r.guest_id;
+        restore_mount_points(&launch)?;
+        launch.restore = Some(r.snapshot);
+    }
     let cgroup = host_cgroup(&ctx, &mut launch)?;
     let spec = launch.bundle.spec.clone();
     let (mut ready_r, ready_w) = std::io::pipe().context("creating a pipe")?;

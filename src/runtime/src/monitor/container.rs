@@ -39,6 +39,11 @@ pub(super) struct Container {
 }
 
 impl Container {
+    /// The name the VM knows this container by ([`State::guest_id`]).
+    pub fn guest_id(&self) -> &str {
+        self.state.guest_id.as_deref().unwrap_or(&self.id)
+    }
+
     /// A container just created in its VM.
     pub fn new(
         state_dir: StateDir,

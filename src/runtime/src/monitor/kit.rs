@@ -90,6 +90,7 @@ impl Kit {
             network: None,
             cgroup: None,
             member: None,
+            guest_id: None,
         };
         let (host, guest) = UnixStream::pair().unwrap();
         guest

@@ -115,6 +115,9 @@ impl Monitor {
         };
         let mut state = creating(&id, &bundle);
         state.cgroup = plan.host_cgroup.clone();
+        if plan.paths.id != id {
+            state.guest_id = Some(plan.paths.id.clone());
+        }
         let net = carry_network(plan.netns.as_deref(), &mut state)?;
         state_dir.write(&state)?;
         // What the guest sees of the host: its root and volumes, composed
@@ -310,6 +313,7 @@ pub(crate) fn creating(id: &str, bundle: &Bundle) -> State {
         network: None,
         cgroup: None,
         member: None,
+        guest_id: None,
     }
 }
 

@@ -146,7 +146,7 @@ impl Container {
             }
         };
         let msg = ToGuest::Exec {
-            container: container.unwrap_or_else(|| self.id.clone()),
+            container: container.unwrap_or_else(|| self.guest_id().to_string()),
             process,
         };
         self.run_process(stream, msg, stdio, reply);
@@ -494,6 +494,23 @@ mod tests {
         assert!(matches!(msg, ToGuest::Exec { container, .. } if container == "c1"));
         assert!(k.c.streams.has_process(stream));
         assert!(r.try_recv().is_err(), "the client waits for the start");
+    }
+
+    #[test]
+    fn an_exec_in_a_container_restored_under_another_name_names_the_vms() {
+        let mut k = Kit::new();
+        k.c.state.guest_id = Some("checkpointed".into());
+        k.c.on_started();
+        let exec = Request::Exec {
+            process: Box::default(),
+            container: None,
+        };
+        let _reply = k.request_with(exec, fds(3));
+        let (_, msg) = k.guest_got();
+        assert!(
+            matches!(&msg, ToGuest::Exec { container, .. } if container == "checkpointed"),
+            "{msg:?}"
+        );
     }
 
     #[test]
