@@ -19,9 +19,11 @@
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Component, Path};
+use std::path::Path;
 
 use krun_proto::{MountSetup, MountSource};
+
+use crate::plan::host_cgroup::clean;
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{mkdirat, Mode};
@@ -39,16 +41,17 @@ pub fn make(root: &Path, mounts: &[MountSetup]) -> io::Result<Vec<String>> {
     .map_err(|e| io::Error::other(format!("opening {}: {e}", root.display())))?;
     let mut made = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
-        let dest = components(&m.destination);
-        if dest.is_empty() {
+        let dest = clean(&m.destination);
+        if dest.as_os_str().is_empty() {
             continue;
         }
-        let on_earlier = mounts[..i]
+        if mounts[..i]
             .iter()
-            .any(|e| dest.starts_with(&components(&e.destination)));
-        if on_earlier {
+            .any(|e| dest.starts_with(clean(&e.destination)))
+        {
             continue;
         }
+        let dest: Vec<&OsStr> = dest.iter().collect();
         let file = matches!(m.source, MountSource::Share { file: true, .. });
         let did = make_one(&root_fd, &dest, file).map_err(|e| {
             io::Error::new(
@@ -65,21 +68,6 @@ pub fn make(root: &Path, mounts: &[MountSetup]) -> io::Result<Vec<String>> {
         }
     }
     Ok(made)
-}
-
-/// `path`'s normal components, cleaned lexically as an absolute path.
-fn components(path: &str) -> Vec<&OsStr> {
-    let mut out = Vec::new();
-    for c in Path::new(path).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
 }
 
 /// Makes `dest` below `root` if it is missing; false if it was there, or
