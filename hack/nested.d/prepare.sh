@@ -8,6 +8,10 @@
 #                   (with their dependencies, in insmod order) and
 #                   hack/nested.d/init as /init
 #   kernel.version  the kernel's release string, for messages
+#   extra/          modules the test host does not load at boot, for a
+#                   command that needs them to insmod itself: each file
+#                   named in extra/load.list, in that order, unless
+#                   /sys/module has it (see extra_modules below)
 #
 # Cached under $KRUN_OCI_CACHE/nested/<key>, where key is a hash of every
 # input (kernel package and version, busybox version, module list, this
@@ -27,6 +31,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 # and krun-oci redirects a network namespace's frames with; overlay, for the
 # images of the podman and containerd suites' built-in VMM runs.
 modules=(irqbypass kvm kvm_amd fuse virtio virtio_ring virtio_pci_modern_dev virtio_pci virtiofs tun veth sch_ingress cls_u32 act_mirred overlay)
+# Modules loaded on demand, not at boot (each costs boot time, and most
+# runs need none): what CRIU needs to dump and restore a runc container
+# with a network namespace (hack/bench's checkpoint scenario): nf_tables
+# (criu's kernel probe creates a table), nft_compat and xt_mark (its
+# network lock, iptables over nftables), the socket diag modules (its
+# socket collection) and nf_conntrack_netlink (its conntrack dump).
+extra_modules=(nf_tables nft_compat xt_mark netlink_diag unix_diag inet_diag tcp_diag udp_diag af_packet_diag nf_conntrack_netlink)
 
 meta=linux-image-cloud-amd64
 init=$here/init
@@ -66,6 +77,7 @@ key=$( {
   echo "$pkg $ver"
   echo "busybox-static $bbver"
   echo "modules ${modules[*]}"
+  echo "extra ${extra_modules[*]}"
   cat "$0" "$init"
 } | sha256sum | cut -c1-16)
 out=$nested_cache/$key
@@ -117,6 +129,18 @@ for ko in "${kos[@]}"; do
   basename "$ko" >> "$ir/lib/modules/load.list"
 done
 (cd "$ir" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0) > "$out.tmp/initramfs.cpio"
+
+# The extra modules (those the boot list already has left out), flat, with
+# their insmod order.
+mapfile -t extra < <(modprobe -a -d "$work/kernel" -S "$kver" --show-depends "${extra_modules[@]}" \
+  | awk '$1 == "insmod" && !seen[$2]++ { print $2 }')
+mkdir -p "$out.tmp/extra"
+: > "$out.tmp/extra/load.list"
+for ko in "${extra[@]}"; do
+  [[ " ${kos[*]} " == *" $ko "* ]] && continue
+  cp "$ko" "$out.tmp/extra/"
+  basename "$ko" >> "$out.tmp/extra/load.list"
+done
 
 cp "$work/kernel/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
 echo "$kver" > "$out.tmp/kernel.version"
