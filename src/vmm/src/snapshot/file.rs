@@ -448,21 +448,66 @@ fn hash_rest<R: Read>(r: &mut R, blocks: &mut Blocks) -> std::io::Result<()> {
     }
 }
 
+/// lseek(2) of `file` to `at` with `whence` (SEEK_DATA, SEEK_HOLE): where
+/// it lands.
+fn seek(file: &File, at: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: lseek on a descriptor `file` keeps open; reads go by offset
+    // (pread), so moving its position is harmless.
+    let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// Holes of a snapshot's guest memory at least this long are mapped
+/// anonymous, not from the file ([`Loaded::map_memory`]); shorter ones
+/// stay in the file's mapping. This bounds the mappings a VMM makes: at
+/// most two per this many bytes of guest memory (a 4 GiB VM: 4,096; the
+/// default `vm.max_map_count` is 65,530).
+const ANON_HOLE: u64 = 2 << 20;
+
+/// The holes of `file` from offset `start` to `end` that are at least
+/// [`ANON_HOLE`] long, each cut inward to whole pages, as (offset,
+/// length). A file system that cannot say where its holes are, or whose
+/// answers make no progress, has none from there on.
+fn big_holes(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut holes = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Ok(hole) = seek(file, at, libc::SEEK_HOLE) else {
+            break;
+        };
+        if hole < at || hole >= end {
+            break;
+        }
+        let data = match seek(file, hole, libc::SEEK_DATA) {
+            Ok(d) => d.min(end),
+            // No data from here on.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+            Err(_) => break,
+        };
+        if data <= hole {
+            break;
+        }
+        if let Some(from) = align_up(hole) {
+            let to = data / PAGE * PAGE;
+            if to > from && to - from >= ANON_HOLE {
+                holes.push((from, to - from));
+            }
+        }
+        at = data;
+    }
+    holes
+}
+
 /// Feeds `file` from `blocks`' offset to `len` to `blocks`, reading only
 /// its data (SEEK_DATA, SEEK_HOLE); holes are zeros. A file system that
 /// cannot say where its holes are is read whole.
 fn hash_sparse(file: &File, len: u64, blocks: &mut Blocks) -> std::io::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    let seek = |at: u64, whence| {
-        // SAFETY: lseek on a descriptor `file` keeps open; reads go by
-        // offset (pread), so moving its position is harmless.
-        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    };
+    let seek = |at: u64, whence| seek(file, at, whence);
     let mut buf = vec![0u8; CHUNK];
     while blocks.at < len {
         let (data, hole) = match seek(blocks.at, libc::SEEK_DATA) {
@@ -591,6 +636,17 @@ impl Loaded {
     /// the VMM with SIGBUS): a template file is written once, under a
     /// fresh name, and never rewritten or truncated; it is removed only
     /// by unlinking, which mappings survive.
+    ///
+    /// The file's holes of at least [`ANON_HOLE`] (zero pages, most of a
+    /// template) are mapped anonymous instead: what the guest never wrote
+    /// there reads as the zero page, what it writes is its own, and the
+    /// file is never touched. From the file, each first fault on a hole
+    /// page, a write (copy-on-write reads the file's page first) as much
+    /// as a capture's read of every page, would put a page into the file:
+    /// on a tmpfs a page of the file itself, shared, never reclaimed and
+    /// charged to the faulting container's host cgroup, so that a clone
+    /// writing N MiB cost 2N and its first checkpoint grew the template
+    /// to the VM's size, past the cgroup's limit (the VMM OOM-killed).
     pub fn map_memory(&self) -> Result<GuestMemoryMmap<()>, SnapshotError> {
         let mut out = Vec::with_capacity(self.regions.len());
         let mut offset = self.memory_offset;
@@ -605,6 +661,12 @@ impl Loaded {
                 .with_file_offset(FileOffset::new(file, offset))
                 .build()
                 .map_err(SnapshotError::Map)?;
+            for (at, len) in big_holes(&self.file, offset, offset + r.len) {
+                anonymous_over(&mapping, at - offset, len).map_err(io(
+                    "mapping a hole of the guest memory anonymous",
+                    &self.path,
+                ))?;
+            }
             let region =
                 GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
                     SnapshotError::Invalid {
@@ -650,4 +712,39 @@ impl Loaded {
         }
         Ok(mem)
     }
+}
+
+/// Replaces `len` bytes of `mapping` from `start` on (whole pages, within
+/// it) with anonymous zero pages.
+fn anonymous_over(
+    mapping: &vm_memory::mmap::MmapRegion<()>,
+    start: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let inside = start
+        .checked_add(len)
+        .is_some_and(|end| end <= mapping.size() as u64);
+    if !inside || !start.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: [start, start + len) is whole pages inside `mapping` (checked
+    // above), a private mapping that this process just made and that
+    // nothing references yet (no vCPU runs, no device has it); MAP_FIXED
+    // replaces those pages, which read as zeros (a hole of the file),
+    // with anonymous pages, which read as zeros too; the region's own
+    // munmap at its drop covers them.
+    let p = unsafe {
+        libc::mmap(
+            mapping.as_ptr().add(start as usize).cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

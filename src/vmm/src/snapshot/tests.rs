@@ -114,6 +114,49 @@ fn a_private_mapping_never_writes_the_file() {
     );
 }
 
+/// What backs the host page of `addr` in `mem`: the path in
+/// /proc/self/maps, empty for an anonymous mapping.
+fn backing(mem: &vm_memory::GuestMemoryMmap<()>, addr: u64) -> String {
+    use vm_memory::GuestMemory;
+    let host = mem.get_host_address(GuestAddress(addr)).unwrap() as u64;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (start, end) = f.next().unwrap().split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        if (start..end).contains(&host) {
+            return f.nth(4).unwrap_or("").to_string();
+        }
+    }
+    panic!("{host:#x} is not mapped");
+}
+
+#[test]
+fn a_large_hole_is_mapped_anonymous_never_from_the_file() {
+    // 8 MiB of memory, one page of it written: the rest is a hole.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap");
+    let mem = crate::memory::create(8 << 20).unwrap();
+    mem.write_obj(0xfeed_f00du32, GuestAddress(0x2000)).unwrap();
+    let mut snap = snapshot(1);
+    snap.header.memory_size = 8 << 20;
+    snap.write(&path, &mem).unwrap();
+    let mapped = Snapshot::read(&path).unwrap().map_memory().unwrap();
+    // A fault there never puts a page into the file (on a tmpfs, one of
+    // the file's own, charged to whoever faulted).
+    assert_eq!(backing(&mapped, 0x2000), path.to_str().unwrap());
+    assert_eq!(backing(&mapped, 4 << 20), "");
+    assert_eq!(backing(&mapped, (8 << 20) - PAGE), "");
+    mapped.write_obj(7u32, GuestAddress(4 << 20)).unwrap();
+    assert_eq!(mapped.read_obj::<u32>(GuestAddress(4 << 20)).unwrap(), 7);
+    assert_eq!(mapped.read_obj::<u32>(GuestAddress(6 << 20)).unwrap(), 0);
+    assert_eq!(
+        mapped.read_obj::<u32>(GuestAddress(0x2000)).unwrap(),
+        0xfeed_f00d
+    );
+}
+
 #[test]
 fn an_existing_file_or_a_symlink_is_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();
