@@ -45,7 +45,9 @@
 #                modules the test host does not load at boot (see
 #                hack/nested.d/prepare.sh, extra_modules): loaded first.
 #                KRUN_OCI_BASE is not measured here. Writes
-#                checkpoint.tsv and checkpoint-logs/ to DIR.
+#                checkpoint.tsv and checkpoint-logs/ (each runtime's log;
+#                on a failure the image's dump.log/restore.log and the
+#                test host's dmesg) to DIR.
 
 all_scenarios+=(checkpoint)
 
@@ -439,11 +441,16 @@ ckpt_end() {
     # shellcheck disable=SC2086 # pids, one a word
     kill -KILL $left 2>/dev/null || true
   fi
-  # On a failure, what the runtimes wrote in the image directories.
+  # On a failure, what the runtimes wrote in the image directories, and
+  # the test host's kernel log (an OOM kill is only said there).
   if [ -n "$err" ]; then
     for p in "$img"-*/dump.log "$img"-*/restore.log; do
       [ -f "$p" ] && cp "$p" "$logs/$id.$(basename "$(dirname "$p")").$(basename "$p")"
     done
+    dmesg | tail -n 200 >"$logs/$id.dmesg" 2>/dev/null || true
+    if grep -q 'Killed process' "$logs/$id.dmesg"; then
+      err+=" [the test host's kernel killed: $(grep -o 'Killed process [0-9]* ([^)]*)' "$logs/$id.dmesg" | tail -n 1)]"
+    fi
   fi
   rm -rf "$img"-* "$b" "$fast/$id.pid" "$fast/$id.restored.pid"
   find "$logs" -name "$id.*" -empty -delete 2>/dev/null || true
