@@ -39,16 +39,14 @@ pub fn make(root: &Path, mounts: &[MountSetup]) -> io::Result<Vec<String>> {
         Mode::empty(),
     )
     .map_err(|e| io::Error::other(format!("opening {}: {e}", root.display())))?;
+    let cleaned: Vec<_> = mounts.iter().map(|m| clean(&m.destination)).collect();
     let mut made = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
-        let dest = clean(&m.destination);
+        let dest = &cleaned[i];
         if dest.as_os_str().is_empty() {
             continue;
         }
-        if mounts[..i]
-            .iter()
-            .any(|e| dest.starts_with(clean(&e.destination)))
-        {
+        if cleaned[..i].iter().any(|e| dest.starts_with(e)) {
             continue;
         }
         let dest: Vec<&OsStr> = dest.iter().collect();

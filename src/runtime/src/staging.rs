@@ -108,9 +108,9 @@ pub fn root_path(id: &str) -> String {
 /// mount list: a restored VM finds its binds again by these names, and an
 /// engine may list the same mounts in another order for the restore
 /// (podman's `restore --import` does).
-pub fn bind_name(destination: &str, nth: usize) -> String {
+pub fn bind_name(destination: &Path, nth: usize) -> String {
     use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(destination.as_bytes());
+    let hash = sha2::Sha256::digest(destination.as_os_str().as_bytes());
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
     match nth {
         0 => format!("m{hex}"),

@@ -73,9 +73,6 @@ pub fn create(ctx: &Context, args: &liboci_cli::Create) -> Result<i32> {
     create_with(ctx, args, None)
 }
 
-/// `create`, or with `restore` (a checkpoint's VM) `restore`: the same
-/// set-up, the VM restored instead of booted, and the container running
-/// when it returns.
 /// A restore's VM expects the mount points guest-init made in the root
 /// ([`crate::mount_points`]); an imported checkpoint's new root lacks them.
 fn restore_mount_points(launch: &Launch) -> Result<()> {
@@ -100,6 +97,9 @@ pub(super) struct RestoreFrom {
     pub guest_id: String,
 }
 
+/// `create`, or with `restore` (a checkpoint's VM) `restore`: the same
+/// set-up, the VM restored instead of booted, and the container running
+/// when it returns.
 pub(super) fn create_with(
     ctx: &Context,
     args: &liboci_cli::Create,

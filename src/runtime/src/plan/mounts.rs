@@ -206,7 +206,7 @@ pub(super) fn plan_mounts(
     let mut out = Vec::new();
     // Destinations bound so far: a second bind on one destination is named
     // apart.
-    let mut seen_binds: Vec<&Path> = Vec::new();
+    let mut seen_binds: std::collections::HashMap<&Path, usize> = Default::default();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let field = |f: &str| format!("mounts[{i}].{f}");
         let dest = m.destination();
@@ -265,9 +265,9 @@ pub(super) fn plan_mounts(
             }
             // Bound into the share on its own (symlinks resolved on the
             // host, as runc does): nothing else of its directory comes along.
-            let nth = seen_binds.iter().filter(|d| **d == dest).count();
-            seen_binds.push(dest);
-            let name = staging::bind_name(&dest.to_string_lossy(), nth);
+            let seen = seen_binds.entry(dest).or_default();
+            let name = staging::bind_name(dest, *seen);
+            *seen += 1;
             binds.push(HostBind {
                 name: name.clone(),
                 field: field("source"),

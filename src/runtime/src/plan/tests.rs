@@ -179,13 +179,16 @@ fn mounts_become_guest_filesystems_and_shares() {
     let share = |dest: &str| match &m(dest).source {
         MountSource::Share { tag, path, file } => {
             assert_eq!(tag, SHARE_TAG);
-            assert_eq!(*path, format!("c1/{}", staging::bind_name(dest, 0)));
+            assert_eq!(
+                *path,
+                format!("c1/{}", staging::bind_name(Path::new(dest), 0))
+            );
             *file
         }
         other => panic!("{dest} is not a share: {other:?}"),
     };
     let bind = |dest: &str| {
-        let name = staging::bind_name(dest, 0);
+        let name = staging::bind_name(Path::new(dest), 0);
         p.paths
             .binds
             .iter()
