@@ -415,6 +415,7 @@ fn serve() -> Result<VmExit, ProcessError> {
                 crate::snapshot::Verify::ShapeOnly,
             )
             .map_err(ProcessError::Template)?;
+            tracing::debug!(took = ?t0.elapsed(), "VMM: template state read");
             (vm::build(config, vm::Start::Restore(&loaded)), None)
         }
         Some(SnapshotIo::Capture {

@@ -126,8 +126,10 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         check_shape(&snap.header, &config)?;
     }
     raise_open_file_limit();
+    let started = std::time::Instant::now();
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     let vm = create_vm(&kvm)?;
+    let created = started.elapsed();
 
     let mem = match start {
         Start::Restore(loaded) => loaded.map_memory()?,
@@ -137,6 +139,7 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
     // SAFETY: `mem` is kept (cloned) by the vCPU threads and devices for
     // as long as the VM runs.
     unsafe { memory::register(&vm, &mem) }.map_err(kvm_call("registering guest memory"))?;
+    let mapped = started.elapsed();
 
     let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Device("stop event".into(), e))?;
     let control = Arc::new(Control::new(stop));
@@ -211,6 +214,7 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
         transports.push((base, t));
     }
     let bus = Arc::new(Bus::new(serial, transports));
+    let wired = started.elapsed();
 
     let entry = match restore {
         Some(_) => None,
@@ -240,6 +244,15 @@ pub fn build(config: VmConfig, start: Start) -> Result<Built, VmmError> {
             state.restore(&vm, vcpu)?;
         }
     }
+    // Cumulative, from the start of the build.
+    tracing::debug!(
+        restore = restore.is_some(),
+        ?created,
+        memory = ?mapped,
+        devices = ?wired,
+        vcpus = ?started.elapsed(),
+        "VMM: VM built"
+    );
     Built::assemble(&kvm, vm, mem, bus, control, fds)
 }
 
