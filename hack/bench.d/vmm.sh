@@ -133,12 +133,15 @@ report_vmm() {
   done
   awk -F'\t' 'NR > 1 && $4 != "ok" { printf "  failed: %s round %s: %s\n", $2, $1, $NF }' "$f"
   echo
-  echo "  guest starts: vCPU 0's first kvm_entry event. For the built-in VMM that is the kernel's"
-  echo "  PVH entry; QEMU's microvm first runs its qboot firmware, which loads the kernel, so that"
-  echo "  firmware time is guest time here. shutdown exit: the kvm_userspace_exit event with"
-  echo "  KVM_EXIT_SHUTDOWN (guest-init's reboot with reboot=t triple-faults). krun-oci exits: its"
-  echo "  main thread's sched_process_exit. VMM process exec: qemu's sched_process_exec (none"
-  echo "  for the built-in VMM: its vCPUs are threads of krun-oci). runtime log: the --debug"
+  echo "  guest starts: vCPU 0's first kvm_entry event. For the built-in VMM booting that is the"
+  echo "  kernel's PVH entry, from a template the restored guest's next instruction; QEMU's"
+  echo "  microvm first runs its qboot firmware, which loads the kernel, so that firmware time is"
+  echo "  guest time here. shutdown exit: the kvm_userspace_exit event with KVM_EXIT_SHUTDOWN"
+  echo "  (guest-init's reboot with reboot=t triple-faults). krun-oci exits: its main thread's"
+  echo "  sched_process_exit. VMM process exec: the sched_process_exec of qemu, or of the"
+  echo "  built-in VMM (krun-oci execs itself, /proc/self/exe). Every krun-oci build runs from a"
+  echo "  copy in the test host's tmpfs (over virtio-fs the test host rereads a binary at each"
+  echo "  exec: see vmm_inner); qemu runs from this machine's /usr. runtime log: the --debug"
   echo "  \"timings\" and \"VM stopped\" lines, on krun-oci's own clock, which starts in main(),"
   echo "  after the exec and the loading of the binary; guest clock zero = host_setup_ms +"
   echo "  vmm_start_ms, when the guest kernel's clock read 0 (kvm-clock set-up, early in boot)."
@@ -328,6 +331,17 @@ vmm_inner() {
   tr=/sys/kernel/tracing
   # Templates in the test host's own tmpfs (its /var is this machine's).
   export KRUN_OCI_TEMPLATE_DIR=/run/krun-oci-templates
+  # The builds too: the test host reaches this machine's files over
+  # virtio-fs, whose virtiofsd (--cache=auto) has the test host drop a
+  # file's pages at each open, so every exec of krun-oci (the runtime's,
+  # then the built-in VMM's) would read the binary through FUSE again:
+  # 0.8 s more per start under TCG, which no host with its own disk pays.
+  vmm_local_build "$krun" "${libdir:-$(dirname "$krun")/../lib/krun-oci}" /run/krun-oci-bench/build
+  krun=/run/krun-oci-bench/build/bin/krun-oci libdir=/run/krun-oci-bench/build/lib/krun-oci
+  if [ -n "$base" ]; then
+    vmm_local_build "$base/bin/krun-oci" "$base/lib/krun-oci" /run/krun-oci-bench/base
+    base=/run/krun-oci-bench/base
+  fi
   mkdir -p "$vwork"
   trap vmm_inner_cleanup EXIT
   vmm_trace_setup
@@ -357,6 +371,15 @@ vmm_rounds() {
   done
 }
 
+# vmm_local_build EXE LIBDIR DEST: a copy of a krun-oci build laid out as
+# target/dist (DEST/bin/krun-oci, DEST/lib/krun-oci/...).
+vmm_local_build() {
+  rm -rf "$3"
+  mkdir -p "$3/bin" "$3/lib/krun-oci"
+  cp "$1" "$3/bin/krun-oci"
+  cp -R "$2/." "$3/lib/krun-oci/"
+}
+
 vmm_inner_cleanup() {
   local p
   # Anything still running from our work folder (a VM of ours) goes.
@@ -367,7 +390,7 @@ vmm_inner_cleanup() {
   for p in vmmfirst vmmlast; do
     [ ! -d "$tr/instances/$p" ] || rmdir "$tr/instances/$p" 2>/dev/null || true
   done
-  rm -rf "$vwork"
+  rm -rf "$vwork" /run/krun-oci-bench
 }
 
 # Two trace instances on the mono clock: `first` keeps only the first events
@@ -461,7 +484,7 @@ vmm_overhead_once() {
       $1 == "L" && ev == "sched_process_exec:" {
         for (j = 1; j <= NF; j++) { if ($j ~ /^filename=/) fn = substr($j, 10); if ($j ~ /^pid=/) pid = substr($j, 5) }
         if (fn ~ /\/krun-oci$/ && exec == "") { exec = ts; kpid = pid }
-        if (fn ~ /qemu-system/ && qexec == "") qexec = ts
+        if ((fn ~ /qemu-system/ || fn == "/proc/self/exe") && qexec == "") qexec = ts
       }
       $1 == "L" && ev == "kvm_userspace_exit:" && shut == "" { shut = ts }
       $1 == "L" && ev == "sched_process_exit:" {
@@ -498,17 +521,23 @@ vmm_overhead_once() {
 # RAM being an anonymous mapping of the guest's size (the kernel merges it
 # with an adjacent anonymous mapping: up to 1 MiB more is allowed), a
 # memfd mapping of at least that size (QEMU's memory-backend-memfd), or the
-# private mapping of a VM template (KEY.snap) of that size (the built-in
-# VMM started from a template: the clean pages are the template file's,
-# in the page cache, shared by every clone; Pss divides them).
+# private mapping of a VM template (KEY.snap) from its lowest address on
+# for the guest's size (the built-in VMM started from a template: the
+# clean pages are the template file's, in the page cache, shared by every
+# clone, so Pss divides them; its large holes are anonymous mappings in
+# that range).
 vmm_smaps() {
+  local f=/proc/$1/smaps
   awk -v gk="$2" '
-    /^[0-9a-f]+-[0-9a-f]+ / { path = $6; for (i = 7; i <= NF; i++) path = path " " $i; guest = 0; next }
+    function hex(h,   i, n) { n = 0; for (i = 1; i <= length(h); i++) n = n * 16 + index("0123456789abcdef", substr(h, i, 1)) - 1; return n }
+    /^[0-9a-f]+-[0-9a-f]+ / { path = $6; for (i = 7; i <= NF; i++) path = path " " $i; split($1, a, "-"); start = hex(a[1]) }
+    FNR == NR { if (/^[0-9a-f]+-[0-9a-f]+ / && path ~ /\.snap( \(deleted\))?$/ && (base == "" || start < base)) base = start; next }
+    /^[0-9a-f]+-[0-9a-f]+ / { guest = 0; next }
     $1 == "Size:" { guest = (path == "" && $2 >= gk && $2 <= gk + 1024) || (path ~ /^\/memfd:/ && $2 >= gk) ||
-      (path ~ /\.snap( \(deleted\))?$/ && $2 >= gk && $2 <= gk + 1024) }
+      (base != "" && start >= base && start < base + gk * 1024) }
     $1 == "Pss:" { pss += $2; if (guest) gp += $2 }
     $1 == "Rss:" { if (guest) gr += $2 }
-    END { printf "%d %d %d\n", pss, gp, gr }' "/proc/$1/smaps"
+    END { printf "%d %d %d\n", pss, gp, gr }' "$f" "$f"
 }
 
 # vmm_tree PID: PID and its descendants.
