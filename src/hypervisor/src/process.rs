@@ -25,6 +25,9 @@ const LOG_FLUSH: Duration = Duration::from_secs(1);
 /// How long a capture may take: the VMM parks its vCPUs and devices
 /// within seconds or fails; writing guest memory takes the rest.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a VMM whose capture channel failed is given to end, so that
+/// its exit can be told rather than the channel's error.
+const VMM_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// What runs beside a VMM process and ends with it.
 pub trait Companions: Send {
@@ -128,6 +131,38 @@ impl VmProcess {
         exit
     }
 
+    /// Why a capture's channel failed: the VMM's end, when it ended (it
+    /// closes the channel as it goes, so it is given a moment), or `e`.
+    fn channel_failed(&mut self, e: std::io::Error) -> String {
+        let deadline = std::time::Instant::now() + VMM_EXIT_WAIT;
+        let exit = loop {
+            match self.try_wait() {
+                Ok(Some(exit)) => break Some(exit),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => break None,
+            }
+        };
+        match exit {
+            Some(VmExit::Killed { signal }) => format!(
+                "the VMM was killed by signal {signal} during the capture{}",
+                if signal == libc::SIGKILL {
+                    " (by the out-of-memory killer, if the container's memory limit was reached: \
+                     a capture's writes are charged to the container's cgroup, and pages \
+                     written into a tmpfs stay charged)"
+                } else {
+                    ""
+                }
+            ),
+            Some(VmExit::VmmFailed { code, detail }) => {
+                format!("the VMM exited with status {code} during the capture: {detail}")
+            }
+            Some(VmExit::GuestStopped) => "the VM stopped during the capture".into(),
+            None => format!("the VMM's capture channel: {e}"),
+        }
+    }
+
     fn signal(&self, sig: i32, what: &'static str) -> Result<(), Error> {
         let Some(child) = self.child.as_ref() else {
             return Err(Error::Control {
@@ -214,15 +249,18 @@ impl Vm for VmProcess {
         if self.exit.is_some() {
             return Err(Error::Capture("the VM is not running".into()));
         }
-        let failed = |e: std::io::Error| Error::Capture(format!("the VMM's channel: {e}"));
-        crate::capture::ask(channel.as_fd(), file.as_fd(), then).map_err(failed)?;
-        let child = self.child.as_mut();
-        let mut alive = child.map(|c| move || matches!(c.try_wait(), Ok(None)));
-        let answer = crate::capture::read_answer(channel.as_fd(), CAPTURE_TIMEOUT, || {
-            alive.as_mut().is_some_and(|f| f())
-        })
-        .map_err(failed)?;
-        answer.map_err(Error::Capture)
+        let asked = crate::capture::ask(channel.as_fd(), file.as_fd(), then);
+        let answer = asked.and_then(|()| {
+            let child = self.child.as_mut();
+            let mut alive = child.map(|c| move || matches!(c.try_wait(), Ok(None)));
+            crate::capture::read_answer(channel.as_fd(), CAPTURE_TIMEOUT, || {
+                alive.as_mut().is_some_and(|f| f())
+            })
+        });
+        match answer {
+            Ok(answer) => answer.map_err(Error::Capture),
+            Err(e) => Err(Error::Capture(self.channel_failed(e))),
+        }
     }
 
     fn kill(&mut self) {
@@ -272,6 +310,38 @@ mod tests {
             }
         );
         assert_eq!(vm.try_wait().unwrap(), Some(exit));
+    }
+
+    #[test]
+    fn a_vmm_that_dies_during_a_capture_is_reported_by_its_end() {
+        let (vm, _tmp) = vm_of("sleep 0.2; kill -9 $$");
+        let (ours, theirs) = crate::capture::channel().unwrap();
+        let mut vm = vm.with_capture_channel(ours);
+        // The VMM's end goes with it: here, at once.
+        drop(theirs);
+        let file = tempfile::tempfile().unwrap();
+        let err = vm.capture(&file, AfterCapture::GoOn).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the VMM was killed by signal 9 during the capture"),
+            "{err}"
+        );
+        assert_eq!(
+            vm.try_wait().unwrap(),
+            Some(VmExit::Killed {
+                signal: libc::SIGKILL
+            })
+        );
+        let (vm, _tmp) = vm_of("echo broken >&2; exit 4");
+        let (ours, theirs) = crate::capture::channel().unwrap();
+        let mut vm = vm.with_capture_channel(ours);
+        drop(theirs);
+        let err = vm.capture(&file, AfterCapture::End).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the VMM exited with status 4 during the capture: broken"),
+            "{err}"
+        );
     }
 
     #[test]
