@@ -572,17 +572,9 @@ fn rm_force_removes_a_running_container() {
         Duration::from_secs(5),
         "rm -f of a container that exits on SIGTERM",
     );
-    // Gone: once seen (with runc, podman 4.3 once still listed f for a
-    // moment after both removals had returned).
-    krun_e2e::process::poll(
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || match pm.podman(&["inspect", "f"]).code {
-            125 => Ok(()),
-            code => Err(code),
-        },
-        |code| format!("f is not gone 10 s after rm -f: inspect exits {code}"),
-    );
+    // By name: `podman inspect f` also finds an image or a container
+    // whose ID begins with f.
+    assert!(!pm.exists("f"), "f is gone");
     pm.finish();
 }
 

@@ -422,6 +422,14 @@ impl Podman {
         )
     }
 
+    /// Whether a container named `ctr` exists (by its whole name, never
+    /// an ID prefix).
+    pub fn exists(&self, ctr: &str) -> bool {
+        self.ok(&["ps", "-a", "--format", "{{.Names}}"])
+            .lines()
+            .any(|n| n.trim() == ctr)
+    }
+
     /// Waits until CTR exists and its status is `want`.
     #[track_caller]
     pub fn wait_for_status(&self, ctr: &str, want: &str, timeout: Duration) {
