@@ -6,14 +6,17 @@
 //! one), given [`HostResources`] in runc's order, joined, read for stats
 //! and removed leaf-first.
 //!
-//! Everything happens through cgroupfs, beneath each mount (see
-//! [`beneath`]): a path never climbs out of the hierarchy. A systemd path
-//! (`--systemd-cgroup`) is placed at its expanded slice path through
-//! cgroupfs too; no transient unit is asked of systemd over D-Bus.
+//! Everything in the files happens through cgroupfs, beneath each mount
+//! (see [`beneath`]): a path never climbs out of the hierarchy. A systemd
+//! path (`--systemd-cgroup`) is first asked of systemd as a transient
+//! unit over D-Bus ([`systemd`]), which makes the cgroup at the unit's
+//! place; the same limits then go through cgroupfs as for any cgroup.
 
 mod beneath;
+pub mod dbus;
 pub mod layout;
 mod resources;
+pub mod systemd;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +55,10 @@ pub struct HostResources {
 pub struct CgroupPaths {
     pub version: Version,
     pub hierarchies: Vec<CgroupPath>,
+    /// The systemd unit that holds it (`--systemd-cgroup`), to stop on
+    /// removal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<String>,
 }
 
 /// The container's cgroup in one hierarchy.
@@ -95,6 +102,13 @@ pub enum CgroupError {
     Path(#[from] crate::plan::host_cgroup::HostCgroupError),
     #[error("systemd not running on this host, cannot use systemd cgroups manager")]
     SystemdNotRunning,
+    #[error("systemd: {action} unit {unit}")]
+    Systemd {
+        action: &'static str,
+        unit: String,
+        #[source]
+        source: systemd::SystemdError,
+    },
     #[error("no cgroup hierarchy is mounted under /sys/fs/cgroup")]
     NoHierarchy,
     #[error("linux.cgroupsPath names the root cgroup, where no limit can be set: give the container a cgroup of its own")]
@@ -138,19 +152,61 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates the cgroup `at` on this host with `resources`; on failure
     /// nothing is left behind.
+    ///
+    /// A systemd cgroup is first started as a transient unit holding the
+    /// calling process (see [`systemd`]); the caller, once its children
+    /// are in, may leave ([`Cgroup::leave`]) before it removes the cgroup,
+    /// or it would be stopped with the unit.
     pub fn create(at: &HostCgroup, resources: &HostResources) -> Result<Cgroup, CgroupError> {
-        if matches!(at, HostCgroup::Systemd { .. }) && !Path::new(SYSTEMD_RUNNING).exists() {
+        let HostCgroup::Systemd { slice, unit, .. } = at else {
+            return Cgroup::create_in(&Layout::detect()?, at, resources);
+        };
+        if !Path::new(SYSTEMD_RUNNING).exists() {
             return Err(CgroupError::SystemdNotRunning);
         }
-        Cgroup::create_in(&Layout::detect()?, at, resources)
+        let layout = Layout::detect()?;
+        let mut cgroup = Cgroup::placed(&layout, at)?;
+        cgroup.paths.systemd_unit = Some(unit.clone());
+        let failed = |action, source| CgroupError::Systemd {
+            action,
+            unit: unit.clone(),
+            source,
+        };
+        let mut sd = systemd::Systemd::connect().map_err(|e| failed("connecting to ask for", e))?;
+        let v2 = layout.version == Version::V2;
+        if let Err(e) = sd.start(unit, slice, std::process::id(), resources, v2) {
+            // Whatever the unit got to: we step out of it before it is stopped.
+            let _ = cgroup.leave();
+            let _ = sd.stop(unit);
+            return Err(failed("starting", e));
+        }
+        let made = cgroup.make().and_then(|()| cgroup.update(resources));
+        if let Err(e) = made {
+            let _ = cgroup.leave();
+            let _ = cgroup.remove();
+            return Err(e);
+        }
+        Ok(cgroup)
     }
 
-    /// [`Cgroup::create`] on the hierarchies of `layout`.
+    /// [`Cgroup::create`] on the hierarchies of `layout`, through cgroupfs
+    /// alone (a systemd path too: no unit is asked for).
     pub fn create_in(
         layout: &Layout,
         at: &HostCgroup,
         resources: &HostResources,
     ) -> Result<Cgroup, CgroupError> {
+        let cgroup = Cgroup::placed(layout, at)?;
+        let made = cgroup.make().and_then(|()| cgroup.update(resources));
+        if let Err(e) = made {
+            let _ = cgroup.remove();
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    /// Where `at` is in each hierarchy of `layout`; nothing made yet.
+    fn placed(layout: &Layout, at: &HostCgroup) -> Result<Cgroup, CgroupError> {
         let resolved = layout.resolve(at);
         if resolved.iter().any(|(_, rel)| rel.as_os_str().is_empty()) {
             return Err(CgroupError::Root);
@@ -165,18 +221,13 @@ impl Cgroup {
                 origin: h.own,
             })
             .collect();
-        let cgroup = Cgroup {
+        Ok(Cgroup {
             paths: CgroupPaths {
                 version: layout.version,
                 hierarchies,
+                systemd_unit: None,
             },
-        };
-        let made = cgroup.make().and_then(|()| cgroup.update(resources));
-        if let Err(e) = made {
-            let _ = cgroup.remove();
-            return Err(e);
-        }
-        Ok(cgroup)
+        })
     }
 
     /// The cgroup recorded at `paths` (by [`Cgroup::paths`]).
@@ -223,9 +274,19 @@ impl Cgroup {
         })
     }
 
-    /// Sets `resources` (the ones given) in runc's order.
+    /// Sets `resources` (the ones given) in runc's order: on the systemd
+    /// unit first, if there is one, then in the files.
     pub fn update(&self, resources: &HostResources) -> Result<(), CgroupError> {
         let v2 = self.paths.version == Version::V2;
+        if let Some(unit) = &self.paths.systemd_unit {
+            systemd::Systemd::connect()
+                .and_then(|mut sd| sd.set(unit, resources, v2))
+                .map_err(|source| CgroupError::Systemd {
+                    action: "setting the limits of",
+                    unit: unit.clone(),
+                    source,
+                })?;
+        }
         self.each(|h, b| match (v2, h.unified) {
             (true, _) => resources::set_v2(b, &h.path, resources),
             (false, false) => resources::set_v1(b, h, resources),
@@ -294,10 +355,21 @@ impl Cgroup {
 
     /// Removes the cgroup (and any cgroup below it) in every hierarchy,
     /// waiting up to about a second for exiting processes to leave it; a
-    /// cgroup already gone is fine. Removes what it can and reports the
+    /// cgroup already gone is fine. A systemd unit is stopped first (which
+    /// kills what is left in it). Removes what it can and reports the
     /// first failure.
     pub fn remove(&self) -> Result<(), CgroupError> {
         let mut first = None;
+        if let Some(unit) = &self.paths.systemd_unit {
+            let stopped = systemd::Systemd::connect().and_then(|mut sd| sd.stop(unit));
+            if let Err(source) = stopped {
+                first = Some(CgroupError::Systemd {
+                    action: "stopping",
+                    unit: unit.clone(),
+                    source,
+                });
+            }
+        }
         for h in &self.paths.hierarchies {
             let result = Beneath::open(&h.mount).and_then(|b| remove_tree(&b, &h.path));
             if let Err(e) = result {

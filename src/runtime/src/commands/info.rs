@@ -135,7 +135,7 @@ pub fn features_json() -> serde_json::Value {
         "linux": {
             "namespaces": ["pid", "mount", "uts", "ipc", "network", "cgroup", "user"],
             "capabilities": caps::all().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-            "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false, "rdma": false },
+            "cgroup": { "v1": true, "v2": true, "systemd": true, "systemdUser": false, "rdma": false },
             "seccomp": { "enabled": false },
             "apparmor": { "enabled": false },
             "selinux": { "enabled": false },
@@ -148,7 +148,7 @@ pub fn features_json() -> serde_json::Value {
             "io.krun-oci.vcpus": "the VM's vCPUs (default: from the CPU quota or cpuset, else 1)",
             "io.krun-oci.memory_mib": "the VM's memory in MiB (default: the memory limit plus 64, else 512)",
             "io.krun-oci.host-cgroup": "the host processes of a container (monitor, VMM, QEMU, virtiofsd) run in the cgroup linux.cgroupsPath names, on cgroup v1 (hybrid too) and v2, limited to the VM's memory plus a fixed overhead, the CPU quota, shares and cpuset, and a pids limit of their own; the container's own limits apply in the guest",
-            "io.krun-oci.systemd-cgroup": "--systemd-cgroup: linux.cgroupsPath is slice:prefix:name, placed at the slice's path through cgroupfs (no transient unit is asked of systemd over D-Bus); refused where systemd is not running",
+            "io.krun-oci.systemd-cgroup": "--systemd-cgroup: linux.cgroupsPath is slice:prefix:name; the container's host processes run in the transient unit prefix-name.scope that systemd starts in the slice when asked over D-Bus (delegated, with the limits as unit properties), stopped by delete; refused where systemd is not running",
             "io.krun-oci.require_kvm": "true: refuse to run without hardware virtualization (no TCG fallback)",
             "io.krun-oci.template": "false: boot this container's VM cold; true (the default unless KRUN_OCI_TEMPLATES=0 or --no-template): on the built-in VMM, a container starts from a VM template built once per VM shape (vCPUs, memory, a network card or none)",
             "io.krun-oci.accelerator": match accel.accel {
