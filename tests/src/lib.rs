@@ -12,8 +12,9 @@
 //! [`bundle`] (a busybox rootfs and its config), [`dist`] (the binaries and
 //! VM assets under test), [`process`] (host processes and deadlines),
 //! [`lifecycle`] (the runtime-spec lifecycle by hand), [`podman`] (a
-//! private podman store), [`containerd`] (a private containerd and `ctr`)
-//! and [`cri`] (a CRI client). The suites are this crate's test targets
+//! private podman store), [`containerd`] (a private containerd and `ctr`),
+//! [`cri`] (a CRI client) and [`systemd`] (a real systemd in namespaces of
+//! its own, for `--systemd-cgroup`). The suites are this crate's test targets
 //! (tests/*.rs); `src/bin/cri-pod-start.rs` is a benchmark tool over the
 //! CRI client.
 
@@ -26,6 +27,7 @@ pub mod lifecycle;
 pub mod podman;
 pub mod process;
 pub mod sandbox;
+pub mod systemd;
 
 // What the suites use most, at the top, as `harness::NAME`.
 pub use bundle::{base_config, make_busybox_rootfs, HostVolumes, TestBundle};

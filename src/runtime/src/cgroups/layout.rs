@@ -114,12 +114,16 @@ impl Layout {
                 .strip_prefix(m.root)
                 .map(|p| clean(&p.to_string_lossy()))
                 .unwrap_or_default();
-            hierarchies.push(Hierarchy {
+            let h = Hierarchy {
                 controllers: controllers.clone(),
                 mount: root.join(below),
                 own,
                 unified,
-            });
+            };
+            // A later mount on the same point covers the earlier one
+            // (mountinfo lists them in the order they were made).
+            hierarchies.retain(|o: &Hierarchy| o.mount != h.mount);
+            hierarchies.push(h);
         }
         if hierarchies.is_empty() {
             return Err(CgroupError::NoHierarchy);
@@ -316,6 +320,20 @@ mod tests {
             v2.resolve(&sd)[0].1,
             Path::new("a.slice/a-b.slice/p-c1.scope")
         );
+    }
+
+    #[test]
+    fn a_mount_covered_by_a_later_one_on_the_same_point_is_not_used() {
+        // A cgroup namespace's view: the host's cgroup2 (its root above
+        // ours), a tmpfs over it, then a fresh cgroup2 of the namespace.
+        let mountinfo = "\
+107 106 0:27 /.. /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+123 107 0:36 / /sys/fs/cgroup rw,nosuid - tmpfs cover rw,mode=755
+124 123 0:27 / /sys/fs/cgroup rw,nosuid,nodev,noexec - cgroup2 cgroup2 rw
+";
+        let l = Layout::parse(mountinfo, "0::/commands\n", true, Path::new("/r")).unwrap();
+        assert_eq!(l.hierarchies.len(), 1);
+        assert_eq!(l.hierarchies[0].own, Path::new("commands"));
     }
 
     #[test]

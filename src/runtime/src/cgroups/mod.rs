@@ -182,8 +182,13 @@ impl Cgroup {
         }
         let made = cgroup.make().and_then(|()| cgroup.update(resources));
         if let Err(e) = made {
-            let _ = cgroup.leave();
-            let _ = cgroup.remove();
+            // Out of the unit before it is stopped, or stopping kills us.
+            if let Err(left) = cgroup.leave() {
+                tracing::warn!(error = %left, "leaving the cgroup");
+            }
+            if let Err(removed) = cgroup.remove() {
+                tracing::warn!(error = %removed, "removing the cgroup");
+            }
             return Err(e);
         }
         Ok(cgroup)

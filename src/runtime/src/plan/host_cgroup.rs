@@ -13,8 +13,8 @@
 //!   (`a-b.slice` is `/a.slice/a-b.slice`).
 //!
 //! Pure: which hierarchies exist and where the runtime's own cgroup is are
-//! the cgroup manager's business. Nothing uses it yet: it is the first
-//! step of host cgroups (issue #13).
+//! the cgroup manager's business ([`crate::cgroups`]), and so is asking
+//! systemd for the unit.
 
 use std::path::{Component, Path, PathBuf};
 
