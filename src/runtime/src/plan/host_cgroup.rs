@@ -47,6 +47,8 @@ pub enum HostCgroupError {
     SystemdFormat(String),
     #[error("invalid systemd slice name {0:?}")]
     Slice(String),
+    #[error("invalid systemd unit name {0:?}: at most 255 of A-Z a-z 0-9 : - _ . \\ @")]
+    Unit(String),
 }
 
 /// Reads `cgroups_path` (absent or empty: none given) for container `id`,
@@ -89,6 +91,12 @@ pub fn host_cgroup(
     } else {
         format!("{prefix}-{name}.scope")
     };
+    // systemd's own rule (unit_name_is_valid): also what keeps the unit,
+    // a path component below the slice, a single plain name.
+    let valid = |c: char| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c);
+    if unit.len() > 255 || !unit.chars().all(valid) || unit.starts_with('.') {
+        return Err(HostCgroupError::Unit(unit));
+    }
     Ok(HostCgroup::Systemd {
         slice_path: expand_slice(slice)?,
         slice: slice.to_string(),
@@ -210,6 +218,20 @@ mod tests {
             assert_eq!(e, HostCgroupError::SystemdFormat(bad.into()));
             assert!(e.to_string().contains("slice:prefix:name"), "{e}");
         }
+        // A unit systemd would refuse, or that would be more than one
+        // name below the slice, is refused before systemd is asked.
+        for (bad, unit) in [
+            ("machine.slice:p:../../etc", "p-../../etc.scope"),
+            ("machine.slice:p:../x.slice", "../x.slice"),
+            ("machine.slice:p:a b", "p-a b.scope"),
+            ("machine.slice:p:a\0b", "p-a\0b.scope"),
+            ("machine.slice::.slice", ".slice"),
+        ] {
+            let e = at(Some(bad)).unwrap_err();
+            assert_eq!(e, HostCgroupError::Unit(unit.into()), "{bad}");
+        }
+        let long = format!("machine.slice:p:{}", "x".repeat(250));
+        assert!(matches!(at(Some(&long)), Err(HostCgroupError::Unit(_))));
     }
 
     #[test]
