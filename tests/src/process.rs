@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,20 +36,7 @@ pub fn pipe_holders(inodes: &[u64]) -> Vec<String> {
             })
             .unwrap_or(false);
         if holds {
-            let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
-            let stat = read("stat");
-            let state = stat
-                .rsplit(") ")
-                .next()
-                .unwrap_or("")
-                .split(' ')
-                .next()
-                .unwrap_or("?");
-            out.push(format!(
-                "{pid} ({}) {state} {}",
-                read("comm").trim(),
-                read("wchan")
-            ));
+            out.push(describe(&e.path()));
         }
     }
     out
@@ -72,22 +60,67 @@ pub fn join_within<T>(handle: JoinHandle<T>, timeout: Duration, what: &str, inod
 }
 
 /// Processes whose command line mentions `needle`, as "pid: cmdline".
+/// A scan that blocks (reading a command line waits on the process's
+/// memory map lock, which a process stuck in the kernel can hold) is a
+/// panic after [`SCAN_LIMIT`] naming the process, not a hang.
+#[track_caller]
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                out.push(format!("{name}: {cmd}"));
+    processes_mentioning_within(needle, SCAN_LIMIT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// How long [`processes_mentioning`] may take.
+pub const SCAN_LIMIT: Duration = Duration::from_secs(30);
+
+/// [`processes_mentioning`], or, when the scan has not ended within
+/// `limit`, what it was blocked on.
+pub fn processes_mentioning_within(needle: &str, limit: Duration) -> Result<Vec<String>, String> {
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (needle, at) = (needle.to_string(), reading.clone());
+    std::thread::spawn(move || {
+        let me = std::process::id().to_string();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+                continue;
+            }
+            at.store(
+                name.parse().unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                if cmd.contains(&needle) {
+                    out.push(format!("{name}: {cmd}"));
+                }
             }
         }
-    }
-    out
+        let _ = tx.send(out);
+    });
+    rx.recv_timeout(limit).map_err(|_| {
+        let pid = reading.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "reading /proc/{pid}/cmdline blocked for {limit:?}: {}",
+            describe(Path::new(&format!("/proc/{pid}")))
+        )
+    })
+}
+
+/// "pid (comm) state wchan" of the process at `dir` (/proc/PID), read
+/// from files that take no lock of the process's memory.
+fn describe(dir: &Path) -> String {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let stat = read("stat");
+    let state = stat
+        .rsplit(") ")
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .next()
+        .unwrap_or("?");
+    let pid = dir.file_name().unwrap_or_default().to_string_lossy();
+    format!("{pid} ({}) {state} {}", read("comm").trim(), read("wchan"))
 }
 
 /// The QEMU processes among the processes that mention `needle` and
@@ -243,24 +276,35 @@ pub struct Finished {
 /// Waits up to `timeout` for `child`, whose stdout and stderr are piped,
 /// reading both to their end. `None` when it did not exit in time: then it
 /// is killed and reaped.
+///
+/// Once it has exited, its pipes get [`DRAIN`] to end (whatever inherited
+/// them must have exited or closed them by then); a pipe held open longer
+/// is a panic naming who holds it, not a hang.
+#[track_caller]
 pub fn finish(mut child: Child, timeout: Duration) -> Option<Finished> {
-    let out = read_to_end(child.stdout.take().unwrap());
-    let err = read_to_end(child.stderr.take().unwrap());
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let inodes = [pipe_inode(&stdout), pipe_inode(&stderr)];
+    let out = read_to_end(stdout);
+    let err = read_to_end(stderr);
     let Some(status) = wait_timeout(&mut child, timeout) else {
         let _ = child.kill();
         let _ = child.wait();
         return None;
     };
     let exited = Instant::now();
+    let what = format!("the output of a process that exited ({status})");
     Some(Finished {
         code: status
             .code()
             .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
+        stdout: join_within(out, DRAIN, &what, &inodes),
+        stderr: join_within(err, DRAIN, &what, &inodes),
         exited,
     })
 }
+
+/// How long a finished child's pipes may stay open (see [`finish`]).
+pub const DRAIN: Duration = Duration::from_secs(120);
 
 /// A thread that reads `r` to its end.
 fn read_to_end(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
