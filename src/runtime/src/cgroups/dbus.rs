@@ -660,13 +660,18 @@ impl Connection {
             args: vec![],
         };
         let mut pending = Vec::new();
+        // Pinged again after 2 ms, then ever less often: the unanswered
+        // first costs about as long as the peer takes to read a second.
+        let mut every = Duration::from_millis(2);
         loop {
             let serial = self.send(&ping)?;
             pending.push(serial);
-            let wait = (Instant::now() + Duration::from_millis(200)).min(deadline);
+            let wait = (Instant::now() + every).min(deadline);
             match self.reply_to(&pending, wait) {
                 Ok(_) => return Ok(()),
-                Err(DbusError::Timeout) if Instant::now() < deadline => continue,
+                Err(DbusError::Timeout) if Instant::now() < deadline => {
+                    every = (every * 2).min(Duration::from_millis(200));
+                }
                 Err(e) => return Err(e),
             }
         }

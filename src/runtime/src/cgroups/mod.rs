@@ -172,9 +172,18 @@ impl Cgroup {
             unit: unit.clone(),
             source,
         };
+        let t0 = std::time::Instant::now();
         let mut sd = systemd::Systemd::connect().map_err(|e| failed("connecting to ask for", e))?;
+        let connected = t0.elapsed();
         let v2 = layout.version == Version::V2;
-        if let Err(e) = sd.start(unit, slice, std::process::id(), resources, v2) {
+        let started = sd.start(unit, slice, std::process::id(), resources, v2);
+        tracing::debug!(
+            unit,
+            connect_ms = connected.as_secs_f64() * 1000.0,
+            start_ms = (t0.elapsed() - connected).as_secs_f64() * 1000.0,
+            "systemd unit asked for"
+        );
+        if let Err(e) = started {
             // Whatever the unit got to: we step out of it before it is stopped.
             let _ = cgroup.leave();
             let _ = sd.stop(unit);
