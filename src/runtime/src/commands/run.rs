@@ -1,7 +1,9 @@
 //! `krun-oci run`: create, start and wait for a container in the
-//! foreground. This process is the container's monitor; it exits with the
-//! workload's status (128+n for a signal, as `runc run` does) and removes
-//! the container's state when done.
+//! foreground. It exits with the workload's status (128+n for a signal, as
+//! `runc run` does) and the container's state is removed when done. The
+//! monitor is this process, or, where the host has a unified cgroup
+//! hierarchy, a child forked straight into the container's cgroup, which
+//! this process then joins and waits for (see `wait_for_monitor`).
 //!
 //! Like `create`'s monitor, it is confined (no_new_privs, the deny-list,
 //! the monitor's capabilities: [`krun_hypervisor::Confinement::monitor`])
@@ -41,12 +43,126 @@ pub fn run(ctx: &Context, args: &liboci_cli::Run) -> Result<i32> {
         )));
     }
     let mut launch = super::create::launch(ctx, id, bundle, stdio)?;
+    let cgroup = super::create::host_cgroup(ctx, &mut launch)?;
+    // Where there is a unified hierarchy (cgroup v2, or a hybrid host's
+    // `unified`), the monitor is a child forked straight into the cgroup
+    // there, as `create`'s is: moving this process in through
+    // `cgroup.procs` would wait for an RCU grace period (6-22 ms) before
+    // the VM could start. This process joins afterwards, while the
+    // monitor sets up, and waits for it, forwarding signals (see
+    // `wait_for_monitor`).
+    let into = match cgroup.cgroup() {
+        Some(cg) => cg.unified_dir()?,
+        None => None,
+    };
+    if let Some(dir) = into {
+        match super::create::fork_monitor(Some(&dir)).context("cannot fork the monitor")? {
+            (0, placed) => {
+                drop(dir);
+                // Killing `run` kills the monitor, as when it was one.
+                // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory effects.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                // The cgroup is the parent's to remove, once we are gone.
+                if let Some(cg) = cgroup.keep() {
+                    cg.join_self(placed)?;
+                }
+                return monitor(ctx, args, launch, held);
+            }
+            (pid, _) => {
+                drop(dir);
+                // The monitor owns the state directory now.
+                let mut launch = launch;
+                launch.state_dir.keep();
+                drop(launch);
+                return wait_for_monitor(pid, cgroup, held);
+            }
+        }
+    }
     // This process is the monitor: it joins the host cgroup, and leaves and
-    // removes it when `_cgroup` goes, on every way out.
-    let _cgroup = super::create::host_cgroup(ctx, &mut launch)?;
-    if let Some(cg) = _cgroup.cgroup() {
+    // removes it when `cgroup` goes, on every way out.
+    if let Some(cg) = cgroup.cgroup() {
         cg.join_self(false)?;
     }
+    let code = monitor(ctx, args, launch, held);
+    drop(cgroup);
+    code
+}
+
+/// Waits for the monitor `pid`, forked into `cgroup`, and returns the exit
+/// code it ended with (128+n for a signal). Meanwhile this process joins
+/// the cgroup too, confines itself as the monitor is confined, and
+/// forwards to the monitor each signal sent to it, but those the terminal
+/// sent (`SI_KERNEL`: the monitor, in the same process group, got them
+/// too). At the end it leaves and removes the cgroup.
+fn wait_for_monitor(
+    pid: libc::pid_t,
+    cgroup: crate::cgroups::Owned,
+    held: HeldSignals,
+) -> Result<i32> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let kill_monitor = || {
+        // SAFETY: kill has no memory effects; `pid` is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut st = 0;
+        // SAFETY: waitpid on our child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+    };
+    let mut set = held.0;
+    set.add(Signal::SIGCHLD);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(std::io::Error::from)
+        .context("blocking signals")?;
+    if let Some(cg) = cgroup.cgroup() {
+        if let Err(e) = cg.join_self(false) {
+            kill_monitor();
+            return Err(e.into());
+        }
+    }
+    if let Err(e) = super::create::confine_monitor() {
+        kill_monitor();
+        return Err(std::io::Error::other(format!("{e:#}"))).context("confining the runtime");
+    }
+    let ended = |st: i32| {
+        if libc::WIFEXITED(st) {
+            Some(libc::WEXITSTATUS(st))
+        } else if libc::WIFSIGNALED(st) {
+            Some(128 + libc::WTERMSIG(st))
+        } else {
+            None
+        }
+    };
+    let code = loop {
+        let mut st = 0;
+        // SAFETY: waitpid on our child, not blocking.
+        if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
+            if let Some(code) = ended(st) {
+                break code;
+            }
+        }
+        // SAFETY: an all-zero siginfo_t is valid for the kernel to fill.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let set_ref: &SigSet = &set;
+        // SAFETY: sigwaitinfo reads the set and writes `info`, both ours.
+        let sig = unsafe { libc::sigwaitinfo(set_ref.as_ref(), &mut info) };
+        if sig > 0 && sig != libc::SIGCHLD && info.si_code != libc::SI_KERNEL {
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    drop(cgroup);
+    Ok(code)
+}
+
+/// The container's life in the foreground, in the monitor (this process,
+/// or the child `run` forked): confinement, the VM, the hooks, the
+/// process's exit code.
+fn monitor(
+    ctx: &Context,
+    args: &liboci_cli::Run,
+    launch: crate::monitor::Launch,
+    held: HeldSignals,
+) -> Result<i32> {
+    let id = &args.container_id;
     super::create::confine_monitor()
         .map_err(|e| std::io::Error::other(format!("{e:#}")))
         .context("confining the runtime")?;
